@@ -1,0 +1,514 @@
+//! [`Client`]: one session with a tie server.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tie_layouts::abi::{
+    self, RequestHeader, ResponseFrame, ServerState, Status, MAX_OUTPUTS, REQUEST_HEADER_WORDS,
+    RESPONSE_WORDS,
+};
+use tie_layouts::hello::REPLY_ALLOW_NON_FINITE;
+use tie_layouts::ring::PushError;
+use tie_layouts::FeatureLayout;
+
+use crate::clock::monotonic_ns;
+use crate::error::{ConnectError, PredictError, ServerError, SubmitError};
+use crate::handshake::{handshake, HelloParams};
+use crate::segment::{RingEnds, Segment, Side};
+use crate::wait::WaitStrategy;
+
+/// Priority of a request: higher is served first by the batcher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u32)]
+pub enum Priority {
+    /// Background work.
+    Low = 0,
+    /// The default.
+    #[default]
+    Normal = 1,
+    /// Ahead of normal work.
+    High = 2,
+    /// Never waits for a batch to fill.
+    Critical = 3,
+}
+
+/// Id of a submitted request, unique within its session.
+pub type RequestId = u64;
+
+/// Options of [`Client::connect`]. `Default` gives 64-slot rings, busy-spin waiting and a 1 s
+/// timeout.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Model version to pin; `None` for the server's default (the highest).
+    pub version: Option<u32>,
+    /// The layout the client writes; checked against the model's at connect. `None` takes the
+    /// model's layout as it is (its feature count is still enforced).
+    pub layout: Option<FeatureLayout>,
+    /// Request ring slots (a power of two).
+    pub request_capacity: u32,
+    /// Response ring slots (a power of two): also the most requests in flight at once.
+    pub response_capacity: u32,
+    /// How `predict` waits.
+    pub wait: WaitStrategy,
+    /// How long `predict` waits for an answer.
+    pub timeout: Duration,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// Socket directory; `None` for `$TIE_SOCKET_DIR` or `/tmp/tie`.
+    pub socket_dir: Option<PathBuf>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            version: None,
+            layout: None,
+            request_capacity: 64,
+            response_capacity: 64,
+            wait: WaitStrategy::BusySpin,
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            socket_dir: None,
+        }
+    }
+}
+
+/// A response to one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Response {
+    /// The request's id.
+    pub request_id: RequestId,
+    /// OK, an error status from the server, or [`Status::DISCONNECTED`] made by the client.
+    pub status: Status,
+    /// Version of the model that answered (0 when none did).
+    pub model_version: u32,
+    /// Confidence of the prediction.
+    pub confidence: f32,
+    /// Status details (see [`Status`]).
+    pub detail_a: u32,
+    /// Second status detail.
+    pub detail_b: u32,
+    /// Server-side queueing time.
+    pub queue_ns: u64,
+    /// Server-side compute time of the batch.
+    pub compute_ns: u64,
+    output_count: u32,
+    outputs: [f32; MAX_OUTPUTS],
+}
+
+impl Response {
+    /// The output values (empty on error).
+    pub fn outputs(&self) -> &[f32] {
+        &self.outputs[..self.output_count as usize]
+    }
+
+    /// The error, if the status is not OK.
+    pub fn error(&self) -> Option<ServerError> {
+        (!self.status.is_ok()).then_some(ServerError {
+            status: self.status,
+            detail_a: self.detail_a,
+            detail_b: self.detail_b,
+        })
+    }
+
+    fn disconnected(request_id: RequestId) -> Self {
+        Self {
+            request_id,
+            status: Status::DISCONNECTED,
+            model_version: 0,
+            confidence: 0.0,
+            detail_a: 0,
+            detail_b: 0,
+            queue_ns: 0,
+            compute_ns: 0,
+            output_count: 0,
+            outputs: [0.0; MAX_OUTPUTS],
+        }
+    }
+
+    fn from_frame(frame: &ResponseFrame) -> Self {
+        let output_count = if frame.status == Status::OK.0 {
+            frame.output_count.min(MAX_OUTPUTS as u32)
+        } else {
+            0
+        };
+        Self {
+            request_id: frame.request_id,
+            status: Status(frame.status),
+            model_version: frame.model_version,
+            confidence: frame.confidence,
+            detail_a: frame.detail_a,
+            detail_b: frame.detail_b,
+            queue_ns: frame.queue_ns,
+            compute_ns: frame.compute_ns,
+            output_count,
+            outputs: frame.outputs,
+        }
+    }
+}
+
+/// A successful answer of [`Client::predict`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    /// The response it came in.
+    pub response: Response,
+    /// Nanoseconds from submit to the response being read.
+    pub round_trip_ns: u64,
+}
+
+impl Prediction {
+    /// The output values.
+    pub fn outputs(&self) -> &[f32] {
+        self.response.outputs()
+    }
+}
+
+/// A request sent and not yet answered.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    id: RequestId,
+    /// Given up by a `predict` that timed out: its answer is dropped, not returned by `poll`.
+    abandoned: bool,
+}
+
+/// How often an idle `poll` with requests in flight checks that the server is still there.
+const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A session with a tie server: submit feature frames, poll responses.
+///
+/// Not `Sync`: one thread drives a session (the rings are single-producer, single-consumer).
+/// Every submitted request gets exactly one [`Response`] from [`Client::poll`], in submission
+/// order; if the server goes away, the requests still in flight come back with
+/// [`Status::DISCONNECTED`].
+#[derive(Debug)]
+pub struct Client {
+    rings: RingEnds,
+    socket: UnixStream,
+    feature_count: u32,
+    output_count: u32,
+    model_version: u32,
+    layout_hash: u64,
+    /// The server's description of the model's backend (`<architecture> <device>`).
+    description: String,
+    allow_non_finite: bool,
+    /// Requests in flight in submission order; never more than the response ring holds.
+    pending: VecDeque<Pending>,
+    max_in_flight: usize,
+    next_seq: u64,
+    next_request_id: RequestId,
+    /// One request slot, reused for every frame.
+    frame: Vec<u64>,
+    wait: WaitStrategy,
+    timeout: Duration,
+    /// The server is gone or closed the session.
+    disconnected: bool,
+    last_liveness_check: Instant,
+}
+
+impl Client {
+    /// Opens a session with the server at `endpoint` for `model`.
+    ///
+    /// # Errors
+    /// [`ConnectError`]: the server is not running, the layout or ABI version differs, the
+    /// model is unknown, or the options are invalid.
+    pub fn connect(
+        endpoint: &str,
+        model: &str,
+        options: ConnectOptions,
+    ) -> Result<Self, ConnectError> {
+        let path = crate::endpoint::socket_path(options.socket_dir.as_deref(), endpoint)?;
+        for (what, capacity) in [
+            ("request_capacity", options.request_capacity),
+            ("response_capacity", options.response_capacity),
+        ] {
+            if !capacity.is_power_of_two() || capacity > abi::MAX_RING_CAPACITY {
+                return Err(ConnectError::InvalidOptions(format!(
+                    "{what} {capacity} is not a power of two in 1..={}",
+                    abi::MAX_RING_CAPACITY
+                )));
+            }
+        }
+        let layout_hash = options.layout.as_ref().map_or(0, FeatureLayout::hash);
+        let params = HelloParams {
+            model,
+            model_version: options.version.unwrap_or(0),
+            layout_hash,
+            request_capacity: options.request_capacity,
+            response_capacity: options.response_capacity,
+        };
+        let (socket, reply, fd) = handshake(&path, &params, options.connect_timeout)?;
+        let segment = Segment::open(fd, reply.segment_size)?;
+        let info = *segment.info();
+        if info.request_capacity != options.request_capacity
+            || info.response_capacity != options.response_capacity
+            || info.feature_count != reply.feature_count
+            || info.output_count != reply.output_count
+            || info.session_id != reply.session_id
+        {
+            return Err(ConnectError::BadReply("segment differs from the reply"));
+        }
+        if layout_hash != 0 && info.layout_hash != layout_hash {
+            return Err(ConnectError::LayoutMismatch {
+                ours: layout_hash,
+                theirs: info.layout_hash,
+            });
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| ConnectError::Io {
+                op: "set_nonblocking",
+                source,
+            })?;
+        let slot_words = segment.geometry().request_slot_size / 8;
+        Ok(Self {
+            rings: RingEnds::new(segment, Side::Client),
+            socket,
+            feature_count: info.feature_count,
+            output_count: info.output_count,
+            model_version: info.model_version,
+            layout_hash: info.layout_hash,
+            description: reply.message().to_string(),
+            allow_non_finite: reply.flags & REPLY_ALLOW_NON_FINITE != 0,
+            pending: VecDeque::with_capacity(info.response_capacity as usize),
+            max_in_flight: info.response_capacity as usize,
+            next_seq: 0,
+            next_request_id: 1,
+            frame: vec![0; slot_words],
+            wait: options.wait,
+            timeout: options.timeout,
+            disconnected: false,
+            last_liveness_check: Instant::now(),
+        })
+    }
+
+    /// Features every request must carry.
+    pub fn feature_count(&self) -> u32 {
+        self.feature_count
+    }
+
+    /// Output values of every prediction.
+    pub fn output_count(&self) -> u32 {
+        self.output_count
+    }
+
+    /// Version of the model serving this session.
+    pub fn model_version(&self) -> u32 {
+        self.model_version
+    }
+
+    /// Hash of the model's layout.
+    pub fn layout_hash(&self) -> u64 {
+        self.layout_hash
+    }
+
+    /// The server's description of what serves the model: `<architecture> <device>`, e.g.
+    /// `mlp cpu`.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Server-assigned session id.
+    pub fn session_id(&self) -> u64 {
+        self.rings.segment().info().session_id
+    }
+
+    /// Requests submitted and not yet returned by `poll`.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sends one request without waiting. Never blocks and never allocates.
+    ///
+    /// `deadline_ns` is a CLOCK_MONOTONIC time ([`crate::monotonic_ns`]) after which the server
+    /// answers `Timeout` instead of executing the request.
+    ///
+    /// # Errors
+    /// [`SubmitError`]: wrong feature count, a non-finite feature the layout does not allow,
+    /// too many requests in flight, or the server gone.
+    pub fn submit(
+        &mut self,
+        features: &[f32],
+        priority: Priority,
+        deadline_ns: Option<u64>,
+    ) -> Result<RequestId, SubmitError> {
+        if self.disconnected {
+            return Err(SubmitError::Disconnected);
+        }
+        if features.len() != self.feature_count as usize {
+            return Err(SubmitError::WrongFeatureCount {
+                expected: self.feature_count,
+                got: features.len(),
+            });
+        }
+        if !self.allow_non_finite {
+            if let Some(index) = features.iter().position(|f| !f.is_finite()) {
+                return Err(SubmitError::NonFinite {
+                    index: index as u32,
+                });
+            }
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err(SubmitError::QueueFull {
+                in_flight: self.pending.len() as u32,
+            });
+        }
+        let request_id = self.next_request_id;
+        let header = RequestHeader {
+            seq: self.next_seq,
+            request_id,
+            deadline_ns: deadline_ns.unwrap_or(0),
+            send_ts_ns: monotonic_ns(),
+            model_slot: 0,
+            priority: priority as u32,
+            feature_count: self.feature_count,
+            flags: 0,
+            reserved: [0; 2],
+        };
+        self.frame[..REQUEST_HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(
+            bytemuck::bytes_of(&header),
+        ));
+        let body: &mut [f32] = bytemuck::cast_slice_mut(&mut self.frame[REQUEST_HEADER_WORDS..]);
+        body[..features.len()].copy_from_slice(features);
+        let words = REQUEST_HEADER_WORDS + features.len().div_ceil(2);
+        match self.rings.try_push(&self.frame[..words]) {
+            Ok(()) => {}
+            Err(PushError::Full) => {
+                return Err(SubmitError::QueueFull {
+                    in_flight: self.pending.len() as u32,
+                })
+            }
+            Err(PushError::Corrupt(_)) => {
+                self.disconnected = true;
+                return Err(SubmitError::Disconnected);
+            }
+        }
+        self.rings.publish();
+        self.next_seq += 1;
+        self.next_request_id += 1;
+        self.pending.push_back(Pending {
+            id: request_id,
+            abandoned: false,
+        });
+        Ok(request_id)
+    }
+
+    /// Returns the next response, if one is ready. Never blocks and never allocates.
+    ///
+    /// When the server has gone away, each request still in flight is returned once with
+    /// [`Status::DISCONNECTED`].
+    pub fn poll(&mut self) -> Option<Response> {
+        loop {
+            let response = self.poll_any()?;
+            let position = self
+                .pending
+                .iter()
+                .position(|p| p.id == response.request_id);
+            match position {
+                Some(i) => {
+                    let pending = self.pending.remove(i).expect("index from position");
+                    if !pending.abandoned {
+                        return Some(response);
+                    }
+                }
+                // Not a request of ours in flight: a server fault. Drop it.
+                None => continue,
+            }
+        }
+    }
+
+    fn poll_any(&mut self) -> Option<Response> {
+        let mut words = [0u64; RESPONSE_WORDS];
+        match self.rings.try_pop(&mut words) {
+            Ok(true) => {
+                self.rings.release();
+                let frame: ResponseFrame = bytemuck::cast(words);
+                return Some(Response::from_frame(&frame));
+            }
+            Ok(false) => {}
+            Err(_) => self.disconnected = true,
+        }
+        if self.pending.is_empty() {
+            return None;
+        }
+        if !self.disconnected && self.last_liveness_check.elapsed() >= LIVENESS_CHECK_INTERVAL {
+            self.last_liveness_check = Instant::now();
+            self.disconnected = self.server_gone();
+            if self.disconnected {
+                // Responses pushed before the server left are visible now: answer from the
+                // ring first.
+                return self.poll_any();
+            }
+        }
+        if self.disconnected {
+            let pending = self.pending.front().expect("not empty");
+            return Some(Response::disconnected(pending.id));
+        }
+        None
+    }
+
+    /// Whether the server closed or faulted the session, or its socket hung up.
+    fn server_gone(&self) -> bool {
+        match self.rings.segment().server_state().0 {
+            Some(ServerState::Running) => {}
+            _ => return true,
+        }
+        let mut fds = [rustix::event::PollFd::new(
+            &self.socket,
+            rustix::event::PollFlags::IN | rustix::event::PollFlags::RDHUP,
+        )];
+        match rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default())) {
+            Ok(0) => false,
+            Ok(_) => {
+                let revents = fds[0].revents();
+                // The server never sends after the reply: readable means hung up.
+                !revents.is_empty()
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Sends one request and waits for its answer (with the wait strategy and timeout of the
+    /// connect options).
+    ///
+    /// # Errors
+    /// [`PredictError`]: the request was not sent, the server answered with an error, no
+    /// answer came in time, or `submit`ted requests are still in flight.
+    pub fn predict(&mut self, features: &[f32]) -> Result<Prediction, PredictError> {
+        let count = self.pending.iter().filter(|p| !p.abandoned).count();
+        if count > 0 {
+            return Err(PredictError::RequestsInFlight {
+                count: count as u32,
+            });
+        }
+        let started = Instant::now();
+        let sent_ns = monotonic_ns();
+        let id = self.submit(features, Priority::Normal, None)?;
+        loop {
+            if let Some(response) = self.poll() {
+                debug_assert_eq!(response.request_id, id);
+                if let Some(error) = response.error() {
+                    if error.status == Status::DISCONNECTED {
+                        return Err(PredictError::Submit(SubmitError::Disconnected));
+                    }
+                    return Err(PredictError::Server(error));
+                }
+                return Ok(Prediction {
+                    response,
+                    round_trip_ns: monotonic_ns().saturating_sub(sent_ns),
+                });
+            }
+            if started.elapsed() >= self.timeout {
+                if let Some(p) = self.pending.iter_mut().find(|p| p.id == id) {
+                    p.abandoned = true;
+                }
+                return Err(PredictError::Timeout {
+                    timeout_ms: self.timeout.as_millis() as u64,
+                });
+            }
+            self.wait.pause(started);
+        }
+    }
+}
+

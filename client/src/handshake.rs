@@ -1,0 +1,136 @@
+//! The client side of the session handshake: connect, send a hello, receive the reply and the
+//! segment's fd.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use bytemuck::Zeroable;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use tie_layouts::abi::ABI_VERSION;
+use tie_layouts::hello::{Hello, HelloReply, HelloStatus, HELLO_MAGIC, REPLY_MAGIC};
+
+use crate::error::ConnectError;
+
+/// What the client asks for.
+pub(crate) struct HelloParams<'a> {
+    pub model: &'a str,
+    pub model_version: u32,
+    pub layout_hash: u64,
+    pub request_capacity: u32,
+    pub response_capacity: u32,
+}
+
+/// Connects to `path`, performs the handshake and returns the socket (kept open: its hang-up
+/// tells each side the other is gone), the reply and the segment fd.
+pub(crate) fn handshake(
+    path: &Path,
+    params: &HelloParams<'_>,
+    timeout: Duration,
+) -> Result<(UnixStream, HelloReply, OwnedFd), ConnectError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ConnectError::PermissionDenied {
+            path: path.to_path_buf(),
+            source,
+        },
+        _ => ConnectError::ServerNotRunning {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let io = |op| move |source| ConnectError::Io { op, source };
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(io("set_read_timeout"))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(io("set_write_timeout"))?;
+
+    let mut hello = Hello::zeroed();
+    hello.magic = HELLO_MAGIC;
+    hello.abi_version = ABI_VERSION;
+    hello.layout_hash = params.layout_hash;
+    hello.model_version = params.model_version;
+    hello.request_capacity = params.request_capacity;
+    hello.response_capacity = params.response_capacity;
+    hello.client_pid = std::process::id();
+    if !hello.set_model_name(params.model) {
+        return Err(ConnectError::InvalidOptions(format!(
+            "model name {:?} is longer than {} bytes",
+            params.model,
+            tie_layouts::hello::MODEL_NAME_LEN - 1
+        )));
+    }
+    stream
+        .write_all(bytemuck::bytes_of(&hello))
+        .map_err(io("send hello"))?;
+
+    let mut reply = HelloReply::zeroed();
+    let mut fd = None;
+    let received = {
+        let bytes = bytemuck::bytes_of_mut(&mut reply);
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let msg = rustix::net::recvmsg(
+            &stream,
+            &mut [IoSliceMut::new(bytes)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(|e| ConnectError::Io {
+            op: "receive hello reply",
+            source: e.into(),
+        })?;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = message {
+                for received in fds {
+                    // Keep the first; any others are closed when dropped.
+                    fd.get_or_insert(received);
+                }
+            }
+        }
+        msg.bytes
+    };
+    if received == 0 {
+        return Err(ConnectError::BadReply("server closed the socket"));
+    }
+    if received < size_of::<HelloReply>() {
+        let rest = &mut bytemuck::bytes_of_mut(&mut reply)[received..];
+        stream
+            .read_exact(rest)
+            .map_err(io("receive hello reply"))?;
+    }
+    if reply.magic != REPLY_MAGIC {
+        return Err(ConnectError::BadReply("bad magic"));
+    }
+    let status = HelloStatus::from_code(reply.status).ok_or(ConnectError::BadReply("status"))?;
+    match status {
+        HelloStatus::Accepted => {}
+        HelloStatus::VersionMismatch => {
+            return Err(ConnectError::VersionMismatch {
+                ours: ABI_VERSION,
+                theirs: reply.abi_version,
+            })
+        }
+        HelloStatus::LayoutMismatch => {
+            return Err(ConnectError::LayoutMismatch {
+                ours: params.layout_hash,
+                theirs: reply.server_layout_hash,
+            })
+        }
+        status => {
+            return Err(ConnectError::Refused {
+                status,
+                message: reply.message().to_string(),
+            })
+        }
+    }
+    let fd = fd.ok_or(ConnectError::BadReply("no segment fd with an accepting reply"))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(io("set_read_timeout"))?;
+    Ok((stream, reply, fd))
+}

@@ -1,0 +1,402 @@
+//! A session segment mapped into this process: the header and the two rings.
+//!
+//! The server makes the segment ([`Segment::create`]: a sealed memfd) and passes its fd to the
+//! client, which maps it ([`Segment::open`]) and checks every field before use. Both ends see
+//! the mapping only as words read and written through atomics, so neither ever holds a
+//! reference into bytes the peer may change.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use bytemuck::Zeroable;
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::{MemfdFlags, SealFlags};
+use tie_layouts::abi::{
+    self, SegmentGeometry, SegmentInfo, ServerState, ABI_VERSION, READY, READY_OFFSET,
+    RESPONSE_WORDS, SEGMENT_MAGIC, SERVER_DETAIL_OFFSET, SERVER_STATE_OFFSET,
+};
+use tie_layouts::ring::{Consumer, Producer, PushError, RingCorrupt, RingView};
+use tie_layouts::sync::{AtomicU64, Ordering};
+
+/// Why a segment could not be made or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentOpenError {
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// Its error.
+        source: std::io::Error,
+    },
+    /// The fd's size is not what the server announced.
+    #[error("segment is {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        /// Announced.
+        expected: u64,
+        /// Found.
+        actual: u64,
+    },
+    /// The segment was not initialised (ready word not set).
+    #[error("segment is not ready")]
+    NotReady,
+    /// The header's magic is wrong.
+    #[error("segment magic {found:#x} is not tie's")]
+    BadMagic {
+        /// Found.
+        found: u64,
+    },
+    /// The server speaks another ABI version.
+    #[error("ABI version mismatch: ours {ours}, server's {theirs}")]
+    VersionMismatch {
+        /// This build's.
+        ours: u32,
+        /// The segment's.
+        theirs: u32,
+    },
+    /// The header's geometry is inconsistent.
+    #[error("segment geometry is inconsistent: {0}")]
+    BadGeometry(&'static str),
+}
+
+fn os(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> SegmentOpenError {
+    move |e| SegmentOpenError::Os {
+        op,
+        source: e.into(),
+    }
+}
+
+/// A mapped session segment.
+#[derive(Debug)]
+pub struct Segment {
+    map: MmapRaw,
+    fd: OwnedFd,
+    info: SegmentInfo,
+    geometry: SegmentGeometry,
+}
+
+impl Segment {
+    /// Makes a new segment for `info`'s geometry: a memfd sized and sealed against shrinking and
+    /// growing, mapped, fully initialised, then marked ready (Release).
+    ///
+    /// # Errors
+    /// [`SegmentOpenError::Os`] when a system call fails.
+    pub fn create(
+        geometry: SegmentGeometry,
+        info: SegmentInfo,
+    ) -> Result<Arc<Self>, SegmentOpenError> {
+        let fd = rustix::fs::memfd_create(
+            "tie-session",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(os("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, geometry.segment_size as u64).map_err(os("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(os("fcntl(F_ADD_SEALS)"))?;
+        let map = map(&fd, geometry.segment_size)?;
+        let segment = Self {
+            map,
+            fd,
+            info,
+            geometry,
+        };
+        // A new memfd reads as zeros: the ring indices start at 0 and need no store.
+        let info_words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(&info));
+        for (i, w) in info_words.iter().enumerate() {
+            // Relaxed: published by the Release store of the ready word below.
+            segment.words()[i].store(*w, Ordering::Relaxed);
+        }
+        segment.set_server_state(ServerState::Running, 0);
+        // SYNC(ready): Release pairs with the client's Acquire in `Segment::open`: the whole
+        // header is visible before the ready word.
+        segment.word(READY_OFFSET).store(READY, Ordering::Release);
+        Ok(Arc::new(segment))
+    }
+
+    /// Maps a segment received from the server and checks its header against what the
+    /// handshake announced.
+    ///
+    /// # Errors
+    /// [`SegmentOpenError`] when the fd's size, the ready word, the magic, the ABI version or
+    /// the geometry are not as expected.
+    pub fn open(fd: OwnedFd, expected_size: u64) -> Result<Arc<Self>, SegmentOpenError> {
+        let stat = rustix::fs::fstat(&fd).map_err(os("fstat"))?;
+        let actual = stat.st_size as u64;
+        if actual != expected_size || actual < abi::HEADER_SIZE as u64 {
+            return Err(SegmentOpenError::SizeMismatch {
+                expected: expected_size,
+                actual,
+            });
+        }
+        let map = map(&fd, actual as usize)?;
+        let mut segment = Self {
+            map,
+            fd,
+            info: SegmentInfo::zeroed(),
+            geometry: SegmentGeometry::new(1, 1, 1).expect("a valid geometry"),
+        };
+        // SYNC(ready): Acquire pairs with the server's Release in `Segment::create`.
+        if segment.word(READY_OFFSET).load(Ordering::Acquire) != READY {
+            return Err(SegmentOpenError::NotReady);
+        }
+        let mut info_words = [0u64; size_of::<SegmentInfo>() / 8];
+        for (dst, src) in info_words.iter_mut().zip(segment.words()) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        let info: SegmentInfo = bytemuck::cast(info_words);
+        if info.magic != SEGMENT_MAGIC {
+            return Err(SegmentOpenError::BadMagic { found: info.magic });
+        }
+        if info.abi_version != ABI_VERSION {
+            return Err(SegmentOpenError::VersionMismatch {
+                ours: ABI_VERSION,
+                theirs: info.abi_version,
+            });
+        }
+        let geometry = SegmentGeometry::new(
+            info.request_capacity,
+            info.response_capacity,
+            info.feature_count,
+        )
+        .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?;
+        if geometry.info(info.layout_hash, info.session_id, info.output_count, info.model_version)
+            != info
+        {
+            return Err(SegmentOpenError::BadGeometry("offsets or sizes"));
+        }
+        if geometry.segment_size as u64 != actual {
+            return Err(SegmentOpenError::BadGeometry("segment size"));
+        }
+        if info.output_count as usize > abi::MAX_OUTPUTS {
+            return Err(SegmentOpenError::BadGeometry("output count"));
+        }
+        segment.info = info;
+        segment.geometry = geometry;
+        Ok(Arc::new(segment))
+    }
+
+    /// The header, as written at creation (the server's copy on the server; the checked copy
+    /// on the client).
+    pub fn info(&self) -> &SegmentInfo {
+        &self.info
+    }
+
+    /// The segment's geometry.
+    pub fn geometry(&self) -> &SegmentGeometry {
+        &self.geometry
+    }
+
+    /// The memfd, to pass to the peer.
+    pub fn fd(&self) -> impl AsFd + '_ {
+        &self.fd
+    }
+
+    /// The server-state word and its detail, as they are now (`None` for a value the server
+    /// never writes).
+    pub fn server_state(&self) -> (Option<ServerState>, u64) {
+        // SYNC(state): Acquire pairs with the Release in `set_server_state`.
+        let state = self.word(SERVER_STATE_OFFSET).load(Ordering::Acquire);
+        let detail = self.word(SERVER_DETAIL_OFFSET).load(Ordering::Relaxed);
+        (ServerState::from_code(state), detail)
+    }
+
+    /// Sets the server-state word (server only).
+    pub fn set_server_state(&self, state: ServerState, detail: u64) {
+        // Relaxed: published by the Release store of the state word.
+        self.word(SERVER_DETAIL_OFFSET)
+            .store(detail, Ordering::Relaxed);
+        // SYNC(state): Release, so a client that sees Closing also sees every response pushed
+        // before it.
+        self.word(SERVER_STATE_OFFSET)
+            .store(state.code(), Ordering::Release);
+    }
+
+    /// The request ring.
+    pub fn request_ring(&self) -> RingView<'_> {
+        self.ring(
+            self.geometry.request_offset,
+            self.geometry.request_capacity,
+            self.geometry.request_slot_size / 8,
+        )
+    }
+
+    /// The response ring.
+    pub fn response_ring(&self) -> RingView<'_> {
+        self.ring(
+            self.geometry.response_offset,
+            self.geometry.response_capacity,
+            RESPONSE_WORDS,
+        )
+    }
+
+    fn ring(&self, offset: usize, capacity: u32, slot_words: usize) -> RingView<'_> {
+        let words = self.words();
+        let base = offset / 8;
+        let slots_start = base + abi::RING_INDEX_SIZE / 8;
+        let slots = &words[slots_start..slots_start + capacity as usize * slot_words];
+        RingView::new(
+            &words[base],
+            &words[base + abi::INDEX_SPACING / 8],
+            slots,
+            capacity,
+            slot_words,
+        )
+        .expect("geometry was checked")
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        &self.words()[offset / 8]
+    }
+
+    /// The whole segment as words.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is `segment_size` bytes (a multiple of 64), page-aligned, and
+        // lives as long as `self`. The peer may write any bytes at any time, and every bit
+        // pattern is a valid `AtomicU64`; all accesses through the slice are atomic, so the
+        // peer's writes are never a data race of ours. The memfd is sealed against shrinking,
+        // so the pages cannot go away under us.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.as_ptr() as *const AtomicU64,
+                self.map.len() / size_of::<u64>(),
+            )
+        }
+    }
+}
+
+fn map(fd: &OwnedFd, len: usize) -> Result<MmapRaw, SegmentOpenError> {
+    MmapOptions::new()
+        .len(len)
+        .map_raw(fd)
+        .map_err(|source| SegmentOpenError::Os {
+            op: "mmap",
+            source,
+        })
+}
+
+/// The two ring ends one side of a session holds, kept together with the segment they point
+/// into. `P` is the side's producer, `C` its consumer; their lifetimes are tied to the
+/// segment held here, and they never leave this struct.
+pub struct RingEnds {
+    // Field order is drop order: the ends go before the segment they point into.
+    producer: Producer<'static>,
+    consumer: Consumer<'static>,
+    segment: Arc<Segment>,
+}
+
+impl std::fmt::Debug for RingEnds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingEnds")
+            .field("producer", &self.producer)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which side of a session a [`RingEnds`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Produces requests, consumes responses.
+    Client,
+    /// Consumes requests, produces responses.
+    Server,
+}
+
+impl RingEnds {
+    /// The ends of `side` over `segment`'s rings, both starting at index 0.
+    pub fn new(segment: Arc<Segment>, side: Side) -> Self {
+        let (produce, consume) = match side {
+            Side::Client => (segment.request_ring(), segment.response_ring()),
+            Side::Server => (segment.response_ring(), segment.request_ring()),
+        };
+        // SAFETY: the views borrow the mapping owned by `segment`, which this struct holds in
+        // an `Arc` and drops after them (field order); the mapping's address never changes
+        // while it is alive. The 'static views never leave this struct: every method returns
+        // plain values.
+        let (produce, consume) = unsafe {
+            (
+                std::mem::transmute::<RingView<'_>, RingView<'static>>(produce),
+                std::mem::transmute::<RingView<'_>, RingView<'static>>(consume),
+            )
+        };
+        Self {
+            producer: Producer::new(produce),
+            consumer: Consumer::new(consume),
+            segment,
+        }
+    }
+
+    /// The segment.
+    pub fn segment(&self) -> &Arc<Segment> {
+        &self.segment
+    }
+
+    /// See [`Producer::try_push`].
+    ///
+    /// # Errors
+    /// As [`Producer::try_push`].
+    #[inline]
+    pub fn try_push(&mut self, words: &[u64]) -> Result<(), PushError> {
+        self.producer.try_push(words)
+    }
+
+    /// See [`Producer::publish`].
+    #[inline]
+    pub fn publish(&mut self) {
+        self.producer.publish();
+    }
+
+    /// See [`Producer::free_slots`].
+    ///
+    /// # Errors
+    /// As [`Producer::free_slots`].
+    #[inline]
+    pub fn free_slots(&mut self) -> Result<u64, RingCorrupt> {
+        self.producer.free_slots()
+    }
+
+    /// Frames this side has pushed.
+    #[inline]
+    pub fn pushed(&self) -> u64 {
+        self.producer.pushed()
+    }
+
+    /// Frames the peer has consumed of ours, reloading its index.
+    ///
+    /// # Errors
+    /// As [`Producer::consumed`].
+    #[inline]
+    pub fn peer_consumed(&mut self) -> Result<u64, RingCorrupt> {
+        self.producer.consumed()
+    }
+
+    /// See [`Consumer::try_pop`].
+    ///
+    /// # Errors
+    /// As [`Consumer::try_pop`].
+    #[inline]
+    pub fn try_pop(&mut self, out: &mut [u64]) -> Result<bool, RingCorrupt> {
+        self.consumer.try_pop(out)
+    }
+
+    /// See [`Consumer::available`].
+    ///
+    /// # Errors
+    /// As [`Consumer::available`].
+    #[inline]
+    pub fn available(&mut self) -> Result<u64, RingCorrupt> {
+        self.consumer.available()
+    }
+
+    /// See [`Consumer::release`].
+    #[inline]
+    pub fn release(&mut self) {
+        self.consumer.release();
+    }
+
+    /// Frames this side has popped.
+    #[inline]
+    pub fn popped(&self) -> u64 {
+        self.consumer.popped()
+    }
+}

@@ -1,0 +1,451 @@
+//! A single-producer/single-consumer ring over words of shared memory.
+//!
+//! The ring is a power-of-two number of slots of `slot_words` u64 words each, plus two indices,
+//! `tail` (written by the producer) and `head` (written by the consumer), each on its own pair of
+//! cache lines. Indices count pushes and pops from zero and wrap at 2^64; a slot is
+//! `index & (capacity - 1)`.
+//!
+//! The peer is another process and is not trusted:
+//! - every word of a slot is copied through an atomic load or store ([`AtomicU64`]), so a peer
+//!   writing while we read yields garbage values, never undefined behaviour; no `&T` into the
+//!   slots is ever formed;
+//! - the peer's index is checked on every load: a tail more than `capacity` ahead of our head (or
+//!   a head ahead of our tail) is [`RingCorrupt`], and nothing is read or written on its word.
+//!
+//! Each side keeps a cached copy of the peer's index and reloads it only when the cache says the
+//! ring is empty (consumer) or full (producer). Indices are published once per batch:
+//! [`Producer::try_push`] and [`Consumer::try_pop`] only move the local index, and
+//! [`Producer::publish`] / [`Consumer::release`] store it.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// The shared parts of one ring: its two indices and its slots.
+#[derive(Clone, Copy)]
+pub struct RingView<'a> {
+    tail: &'a AtomicU64,
+    head: &'a AtomicU64,
+    slots: &'a [AtomicU64],
+    /// A power of two.
+    capacity: u64,
+    slot_words: usize,
+}
+
+impl core::fmt::Debug for RingView<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RingView")
+            .field("capacity", &self.capacity)
+            .field("slot_words", &self.slot_words)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The peer's index is out of range: the ring can no longer be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingCorrupt {
+    /// Our own index.
+    pub ours: u64,
+    /// The peer's index as loaded.
+    pub theirs: u64,
+}
+
+impl core::fmt::Display for RingCorrupt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "ring index out of range: ours {} theirs {}",
+            self.ours, self.theirs
+        )
+    }
+}
+
+/// Why a push did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// Every slot holds an unconsumed frame.
+    Full,
+    /// The consumer's index is out of range.
+    Corrupt(RingCorrupt),
+}
+
+impl<'a> RingView<'a> {
+    /// A ring over `slots` (`capacity * slot_words` words) with the given indices.
+    ///
+    /// Returns `None` when `capacity` is not a power of two, `slot_words` is 0, or `slots` has
+    /// the wrong length.
+    pub fn new(
+        tail: &'a AtomicU64,
+        head: &'a AtomicU64,
+        slots: &'a [AtomicU64],
+        capacity: u32,
+        slot_words: usize,
+    ) -> Option<Self> {
+        if !capacity.is_power_of_two()
+            || slot_words == 0
+            || slots.len() != capacity as usize * slot_words
+        {
+            return None;
+        }
+        Some(Self {
+            tail,
+            head,
+            slots,
+            capacity: u64::from(capacity),
+            slot_words,
+        })
+    }
+
+    /// Slots of the ring.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Words of one slot.
+    pub fn slot_words(&self) -> usize {
+        self.slot_words
+    }
+
+    /// Both indices as they are now (tail, head), for observers that neither push nor pop.
+    ///
+    /// The values are whatever the two processes last stored and may be out of range.
+    pub fn load_indices(&self) -> (u64, u64) {
+        // SYNC(tail), SYNC(head): Acquire, so an observer that reads slots afterwards sees
+        // what the producer published up to this tail.
+        (
+            self.tail.load(Ordering::Acquire),
+            self.head.load(Ordering::Acquire),
+        )
+    }
+
+    /// Copies slot `index & mask` out, word by word, into `out` (at most one slot).
+    pub fn read_slot(&self, index: u64, out: &mut [u64]) {
+        let start = self.slot_start(index);
+        let n = out.len().min(self.slot_words);
+        for (dst, src) in out[..n].iter_mut().zip(&self.slots[start..start + n]) {
+            // Relaxed: the Acquire load of the index that made this slot readable orders it.
+            *dst = src.load(Ordering::Relaxed);
+        }
+    }
+
+    fn write_slot(&self, index: u64, words: &[u64]) {
+        let start = self.slot_start(index);
+        for (dst, src) in self.slots[start..start + words.len()].iter().zip(words) {
+            // Relaxed: the Release store of the tail that publishes this slot orders it.
+            dst.store(*src, Ordering::Relaxed);
+        }
+    }
+
+    fn slot_start(&self, index: u64) -> usize {
+        (index & (self.capacity - 1)) as usize * self.slot_words
+    }
+}
+
+/// The writing end of a ring.
+#[derive(Debug)]
+pub struct Producer<'a> {
+    ring: RingView<'a>,
+    /// Next index to write; published to the shared tail by [`Producer::publish`].
+    tail: u64,
+    /// Last consumer head we loaded; invariant: `tail - cached_head` in `0..=capacity`.
+    cached_head: u64,
+}
+
+impl<'a> Producer<'a> {
+    /// The producer of a ring that starts empty at index 0.
+    pub fn new(ring: RingView<'a>) -> Self {
+        Self {
+            ring,
+            tail: 0,
+            cached_head: 0,
+        }
+    }
+
+    /// Frames pushed so far (published or not).
+    pub fn pushed(&self) -> u64 {
+        self.tail
+    }
+
+    /// Slots free now, reloading the consumer's index.
+    ///
+    /// # Errors
+    /// [`RingCorrupt`] when the consumer's head is not within `capacity` behind our tail.
+    pub fn free_slots(&mut self) -> Result<u64, RingCorrupt> {
+        self.load_head()?;
+        Ok(self.ring.capacity - self.tail.wrapping_sub(self.cached_head))
+    }
+
+    /// Frames the consumer has taken, as last loaded.
+    pub fn consumed(&mut self) -> Result<u64, RingCorrupt> {
+        self.load_head()?;
+        Ok(self.cached_head)
+    }
+
+    fn load_head(&mut self) -> Result<(), RingCorrupt> {
+        // SYNC(head): Acquire pairs with the consumer's Release in `Consumer::release`: the
+        // consumer has finished copying every slot before `head`, so they may be overwritten.
+        let head = self.ring.head.load(Ordering::Acquire);
+        let used = self.tail.wrapping_sub(head);
+        if used > self.ring.capacity {
+            return Err(RingCorrupt {
+                ours: self.tail,
+                theirs: head,
+            });
+        }
+        self.cached_head = head;
+        Ok(())
+    }
+
+    /// Writes `words` (at most one slot; the rest of the slot keeps old bytes) into the next
+    /// slot without publishing it.
+    ///
+    /// # Errors
+    /// [`PushError::Full`] when no slot is free; [`PushError::Corrupt`] when the consumer's
+    /// index is out of range.
+    ///
+    /// # Panics
+    /// When `words` is longer than a slot.
+    pub fn try_push(&mut self, words: &[u64]) -> Result<(), PushError> {
+        assert!(words.len() <= self.ring.slot_words, "frame larger than a slot");
+        debug_assert!(self.tail.wrapping_sub(self.cached_head) <= self.ring.capacity);
+        if self.tail.wrapping_sub(self.cached_head) == self.ring.capacity {
+            self.load_head().map_err(PushError::Corrupt)?;
+            if self.tail.wrapping_sub(self.cached_head) == self.ring.capacity {
+                return Err(PushError::Full);
+            }
+        }
+        self.ring.write_slot(self.tail, words);
+        self.tail = self.tail.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Makes every frame pushed so far visible to the consumer.
+    pub fn publish(&mut self) {
+        // SYNC(tail): Release pairs with the consumer's Acquire in `Consumer::available`: the
+        // slot words stored before are visible to it once it sees this tail.
+        self.ring.tail.store(self.tail, Ordering::Release);
+    }
+
+    /// [`Producer::try_push`] then [`Producer::publish`].
+    ///
+    /// # Errors
+    /// As [`Producer::try_push`].
+    pub fn push(&mut self, words: &[u64]) -> Result<(), PushError> {
+        self.try_push(words)?;
+        self.publish();
+        Ok(())
+    }
+}
+
+/// The reading end of a ring.
+#[derive(Debug)]
+pub struct Consumer<'a> {
+    ring: RingView<'a>,
+    /// Next index to read; published to the shared head by [`Consumer::release`].
+    head: u64,
+    /// Last producer tail we loaded; invariant: `cached_tail - head` in `0..=capacity`.
+    cached_tail: u64,
+}
+
+impl<'a> Consumer<'a> {
+    /// The consumer of a ring that starts empty at index 0.
+    pub fn new(ring: RingView<'a>) -> Self {
+        Self {
+            ring,
+            head: 0,
+            cached_tail: 0,
+        }
+    }
+
+    /// Frames popped so far (released or not).
+    pub fn popped(&self) -> u64 {
+        self.head
+    }
+
+    /// Frames ready to pop, reloading the producer's index.
+    ///
+    /// # Errors
+    /// [`RingCorrupt`] when the producer's tail is behind our head or more than `capacity`
+    /// ahead of it.
+    pub fn available(&mut self) -> Result<u64, RingCorrupt> {
+        // SYNC(tail): Acquire pairs with the producer's Release in `Producer::publish`.
+        let tail = self.ring.tail.load(Ordering::Acquire);
+        let ready = tail.wrapping_sub(self.head);
+        if ready > self.ring.capacity {
+            return Err(RingCorrupt {
+                ours: self.head,
+                theirs: tail,
+            });
+        }
+        self.cached_tail = tail;
+        Ok(ready)
+    }
+
+    /// Copies the next frame into `out` (up to one slot) and moves past it, without releasing
+    /// the slot. Returns `false` when the ring is empty.
+    ///
+    /// # Errors
+    /// [`RingCorrupt`] when the producer's index is out of range.
+    pub fn try_pop(&mut self, out: &mut [u64]) -> Result<bool, RingCorrupt> {
+        debug_assert!(self.cached_tail.wrapping_sub(self.head) <= self.ring.capacity);
+        if self.cached_tail == self.head && self.available()? == 0 {
+            return Ok(false);
+        }
+        self.ring.read_slot(self.head, out);
+        self.head = self.head.wrapping_add(1);
+        Ok(true)
+    }
+
+    /// Hands every slot popped so far back to the producer.
+    pub fn release(&mut self) {
+        // SYNC(head): Release pairs with the producer's Acquire in `Producer::load_head`: our
+        // copies of the slots are complete before the producer may overwrite them.
+        self.ring.head.store(self.head, Ordering::Release);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    extern crate std;
+
+    struct Mem {
+        tail: AtomicU64,
+        head: AtomicU64,
+        slots: Vec<AtomicU64>,
+    }
+
+    fn mem(capacity: u32, slot_words: usize) -> Mem {
+        Mem {
+            tail: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            slots: (0..capacity as usize * slot_words)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn view(m: &Mem, capacity: u32, slot_words: usize) -> RingView<'_> {
+        RingView::new(&m.tail, &m.head, &m.slots, capacity, slot_words).unwrap()
+    }
+
+    #[test]
+    fn push_pop_in_order() {
+        let m = mem(4, 2);
+        let (mut p, mut c) = (Producer::new(view(&m, 4, 2)), Consumer::new(view(&m, 4, 2)));
+        let mut out = [0u64; 2];
+        assert!(!c.try_pop(&mut out).unwrap());
+        p.push(&[1, 2]).unwrap();
+        p.push(&[3, 4]).unwrap();
+        assert!(c.try_pop(&mut out).unwrap());
+        assert_eq!(out, [1, 2]);
+        assert!(c.try_pop(&mut out).unwrap());
+        assert_eq!(out, [3, 4]);
+        assert!(!c.try_pop(&mut out).unwrap());
+    }
+
+    #[test]
+    fn full_until_released() {
+        let m = mem(2, 1);
+        let (mut p, mut c) = (Producer::new(view(&m, 2, 1)), Consumer::new(view(&m, 2, 1)));
+        p.push(&[1]).unwrap();
+        p.push(&[2]).unwrap();
+        assert_eq!(p.push(&[3]), Err(PushError::Full));
+        let mut out = [0u64];
+        assert!(c.try_pop(&mut out).unwrap());
+        // Not released yet: the producer still sees the ring full.
+        assert_eq!(p.push(&[3]), Err(PushError::Full));
+        c.release();
+        p.push(&[3]).unwrap();
+        assert_eq!(p.free_slots().unwrap(), 0);
+    }
+
+    #[test]
+    fn unpublished_frames_are_invisible() {
+        let m = mem(4, 1);
+        let (mut p, mut c) = (Producer::new(view(&m, 4, 1)), Consumer::new(view(&m, 4, 1)));
+        p.try_push(&[9]).unwrap();
+        assert_eq!(c.available().unwrap(), 0);
+        p.publish();
+        assert_eq!(c.available().unwrap(), 1);
+    }
+
+    #[test]
+    fn wraps_around_many_times() {
+        let rounds = if cfg!(miri) { 50 } else { 10_000 };
+        let m = mem(4, 3);
+        let (mut p, mut c) = (Producer::new(view(&m, 4, 3)), Consumer::new(view(&m, 4, 3)));
+        let mut out = [0u64; 3];
+        let mut next = 0u64;
+        for i in 0..rounds {
+            let n = i % 4 + 1;
+            for k in 0..n {
+                p.try_push(&[i, k, i ^ k]).unwrap();
+            }
+            p.publish();
+            for k in 0..n {
+                assert!(c.try_pop(&mut out).unwrap());
+                assert_eq!(out, [i, k, i ^ k]);
+                next += 1;
+            }
+            c.release();
+        }
+        assert_eq!(c.popped(), next);
+    }
+
+    #[test]
+    fn wraps_at_the_end_of_the_index_space() {
+        let m = mem(4, 1);
+        m.tail.store(u64::MAX - 1, Ordering::Relaxed);
+        m.head.store(u64::MAX - 1, Ordering::Relaxed);
+        let mut p = Producer {
+            ring: view(&m, 4, 1),
+            tail: u64::MAX - 1,
+            cached_head: u64::MAX - 1,
+        };
+        let mut c = Consumer {
+            ring: view(&m, 4, 1),
+            head: u64::MAX - 1,
+            cached_tail: u64::MAX - 1,
+        };
+        for v in 0..3 {
+            p.push(&[v]).unwrap();
+        }
+        let mut out = [0u64];
+        for v in 0..3 {
+            assert!(c.try_pop(&mut out).unwrap());
+            assert_eq!(out[0], v);
+        }
+        assert_eq!(c.popped(), 1);
+    }
+
+    #[test]
+    fn corrupt_tail_is_refused() {
+        let m = mem(4, 1);
+        let mut c = Consumer::new(view(&m, 4, 1));
+        m.tail.store(5, Ordering::Relaxed);
+        assert_eq!(c.available(), Err(RingCorrupt { ours: 0, theirs: 5 }));
+        m.tail.store(u64::MAX, Ordering::Relaxed);
+        let mut out = [0u64];
+        assert!(c.try_pop(&mut out).is_err());
+    }
+
+    #[test]
+    fn corrupt_head_is_refused() {
+        let m = mem(2, 1);
+        let mut p = Producer::new(view(&m, 2, 1));
+        p.push(&[1]).unwrap();
+        p.push(&[2]).unwrap();
+        m.head.store(7, Ordering::Relaxed);
+        assert!(matches!(p.push(&[3]), Err(PushError::Corrupt(_))));
+        assert!(p.free_slots().is_err());
+    }
+
+    #[test]
+    fn view_checks_its_geometry() {
+        let m = mem(4, 2);
+        assert!(RingView::new(&m.tail, &m.head, &m.slots, 3, 2).is_none());
+        assert!(RingView::new(&m.tail, &m.head, &m.slots, 4, 3).is_none());
+        assert!(RingView::new(&m.tail, &m.head, &m.slots, 4, 0).is_none());
+    }
+}

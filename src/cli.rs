@@ -1,0 +1,274 @@
+//! The `tie` command line: `tie serve` and `tie predict`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tie_client::{Client, ConnectOptions, PredictError, Response, Status, WaitStrategy};
+
+use crate::api::{
+    InferenceError, InferenceMetrics, InferenceResponse, ModelInferenceMetadata, Prediction,
+};
+use crate::config::ServiceConfig;
+use crate::repository::{load_repository, LoadOptions};
+use crate::server::Server;
+
+/// tie: a low-latency inference server for trading processes on the same host.
+#[derive(Debug, Parser)]
+#[command(name = "tie", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Send one request through the shared-memory client and print the spec's
+    /// InferenceResponse as JSON.
+    Predict(PredictArgs),
+}
+
+/// `tie serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Service config (TOML); every key has a default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model repository (overrides `server.model_repository`).
+    #[arg(long)]
+    pub model_repository: Option<PathBuf>,
+    /// Endpoint name (overrides `server.endpoint`).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// HTTP control-plane address (overrides `server.http_addr`; the HTTP API is not served yet).
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Socket directory (overrides `server.socket_dir`).
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
+}
+
+/// `tie predict`.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// Endpoint name of the server.
+    #[arg(long, default_value = "tie")]
+    pub endpoint: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Model version (default: the server's default for the model).
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Comma-separated feature values, e.g. `0.1,-0.2,3`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub features: String,
+    /// Socket directory (default: `$TIE_SOCKET_DIR` or /tmp/tie).
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+/// Parses the command line and runs it.
+///
+/// # Errors
+/// Whatever stopped the command, for `main` to print.
+pub fn run() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Predict(args) => predict(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServiceConfig::load(args.config.as_deref())?;
+    if let Some(r) = args.model_repository {
+        config.server.model_repository = r;
+    }
+    if let Some(e) = args.endpoint {
+        config.server.endpoint = e;
+    }
+    if let Some(a) = args.http_addr {
+        config.server.http_addr = Some(a);
+    }
+    if let Some(d) = args.socket_dir {
+        config.server.socket_dir = Some(d);
+    }
+    crate::logging::init(config.server.log_format);
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let options = LoadOptions {
+        layouts_dir: config.server.layouts_dir.clone(),
+        max_batch_size: config.batch_processing.max_batch_size,
+        warmup_requests: config.model_deployment.warmup_requests,
+    };
+    let models = load_repository(&config.server.model_repository, &options)?;
+    let server = Server::start(&config, models)?;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!("shutting down");
+    server.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `0.1,-0.2,3` (spaces allowed around values).
+fn parse_features(text: &str) -> anyhow::Result<Vec<f32>> {
+    text.split(',')
+        .enumerate()
+        .map(|(i, v)| {
+            v.trim()
+                .parse::<f32>()
+                .with_context(|| format!("feature {i} ({:?}) is not a number", v.trim()))
+        })
+        .collect()
+}
+
+fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
+    let features = parse_features(&args.features)?;
+    let options = ConnectOptions {
+        version: args.version,
+        socket_dir: args.socket_dir,
+        timeout: Duration::from_millis(args.timeout_ms),
+        wait: WaitStrategy::SpinThenYield {
+            spin: Duration::from_micros(100),
+        },
+        request_capacity: 1,
+        response_capacity: 1,
+        ..ConnectOptions::default()
+    };
+    let mut client = Client::connect(&args.endpoint, &args.model, options)?;
+    let result = client.predict(&features);
+    let (architecture, device) = {
+        let mut parts = client.description().split_whitespace();
+        (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        )
+    };
+    let metadata = |rows: usize| ModelInferenceMetadata {
+        model_name: args.model.clone(),
+        model_version: client.model_version().to_string(),
+        architecture: architecture.clone(),
+        input_shape: vec![rows as u32, client.feature_count()],
+        output_shape: vec![rows as u32, client.output_count()],
+        inference_device: device.clone(),
+        batch_size_used: rows,
+    };
+    match result {
+        Ok(p) => {
+            let now = chrono::Utc::now();
+            let total_ms = p.round_trip_ns as f32 / 1e6;
+            let r: &Response = &p.response;
+            let response = InferenceResponse {
+                request_id: r.request_id.to_string(),
+                predictions: p
+                    .outputs()
+                    .iter()
+                    .map(|&value| Prediction {
+                        value,
+                        confidence: crate::server::confidence(value),
+                        timestamp: now,
+                        feature_contributions: None,
+                    })
+                    .collect(),
+                model_metadata: metadata(1),
+                performance_metrics: InferenceMetrics {
+                    preprocessing_time_ms: Some(r.queue_ns as f32 / 1e6),
+                    inference_time_ms: Some(r.compute_ns as f32 / 1e6),
+                    postprocessing_time_ms: None,
+                    total_time_ms: total_ms,
+                    gpu_utilization: None,
+                    memory_used_mb: None,
+                    throughput_samples_per_sec: if total_ms > 0.0 { 1e3 / total_ms } else { 0.0 },
+                },
+                error: None,
+            };
+            println!("{}", serde_json::to_string_pretty(&response)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let error = to_inference_error(&e, &args.model);
+            eprintln!("error: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn to_inference_error(e: &PredictError, model: &str) -> InferenceError {
+    use tie_client::SubmitError;
+    match e {
+        PredictError::Submit(SubmitError::WrongFeatureCount { expected, got }) => {
+            InferenceError::InvalidInputShape {
+                expected: *expected as usize,
+                actual: *got,
+            }
+        }
+        PredictError::Submit(SubmitError::Disconnected) => InferenceError::Disconnected {
+            message: e.to_string(),
+        },
+        PredictError::Submit(_) | PredictError::RequestsInFlight { .. } => {
+            InferenceError::Rejected {
+                message: e.to_string(),
+            }
+        }
+        PredictError::Timeout { .. } => InferenceError::Timeout {
+            message: e.to_string(),
+        },
+        PredictError::Server(s) => match s.status {
+            Status::MODEL_NOT_FOUND => InferenceError::ModelNotFound {
+                model_name: model.into(),
+            },
+            Status::INVALID_INPUT_SHAPE => InferenceError::InvalidInputShape {
+                expected: s.detail_a as usize,
+                actual: s.detail_b as usize,
+            },
+            Status::EXECUTION_FAILED => InferenceError::ExecutionFailed {
+                model_name: model.into(),
+            },
+            Status::OUT_OF_MEMORY => InferenceError::OutOfMemory {
+                requested_mb: s.detail_a as usize,
+            },
+            Status::BATCH_PROCESSING_ERROR => InferenceError::BatchProcessingError {
+                operation: s.to_string(),
+            },
+            Status::BACKEND_ERROR => InferenceError::TensorRTError { error: s.to_string() },
+            Status::TIMEOUT => InferenceError::Timeout { message: s.to_string() },
+            Status::QUEUE_FULL => InferenceError::QueueFull { message: s.to_string() },
+            Status::DISCONNECTED => InferenceError::Disconnected { message: s.to_string() },
+            _ => InferenceError::Rejected { message: s.to_string() },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_features_parse_with_or_without_equals() {
+        for argv in [
+            vec!["tie", "predict", "--model", "m", "--features", "-0.5,0.25,-3"],
+            vec!["tie", "predict", "--model", "m", "--features=-0.5,0.25,-3"],
+        ] {
+            let Command::Predict(p) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not predict");
+            };
+            assert_eq!(parse_features(&p.features).unwrap(), vec![-0.5, 0.25, -3.0]);
+        }
+        assert!(parse_features("1,x").is_err());
+    }
+}

@@ -1,0 +1,424 @@
+//! Service configuration: a TOML file with the spec's sections plus `[server]`.
+//!
+//! Every key has a default, so an empty file (or none) is a valid configuration; an unknown
+//! section or key is an error naming it. Keys of the spec that later parts of the server use
+//! (GPU, thresholds, model management) are read and checked now so a config written today
+//! keeps working.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigLoadError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid, or has an unknown key (the message names it).
+    #[error("invalid config {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error, naming the key and its position.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of its range.
+    #[error("invalid config: {key} = {value}: {why}")]
+    Invalid {
+        /// The key, `section.key`.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        why: &'static str,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// tie's own settings: endpoint, repository, threads.
+    pub server: ServerSection,
+    /// The spec's `[tensorrt_inference_engine]`.
+    pub tensorrt_inference_engine: EngineSection,
+    /// The spec's `[model_deployment]`.
+    pub model_deployment: ModelDeploymentSection,
+    /// The spec's `[batch_processing]`.
+    pub batch_processing: BatchProcessingSection,
+    /// The spec's `[performance_thresholds]`.
+    pub performance_thresholds: PerformanceThresholdsSection,
+    /// The spec's `[gpu_config]`.
+    pub gpu_config: GpuConfigSection,
+}
+
+/// How an idle poller waits for work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleStrategy {
+    /// Spin forever: lowest latency, one core per poller.
+    #[default]
+    Spin,
+    /// Spin for `idle_spin_us`, then yield between scans.
+    SpinYield,
+    /// Spin for `idle_spin_us`, then sleep `idle_park_us` between scans.
+    SpinPark,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[server]`: tie's own settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Endpoint name; the socket is `<socket_dir>/<endpoint>.sock`.
+    pub endpoint: String,
+    /// Socket directory; unset: `$TIE_SOCKET_DIR`, else `/tmp/tie`.
+    pub socket_dir: Option<PathBuf>,
+    /// Model repository (`<name>/<version>/model.onnx`, optional `<name>/config.toml`).
+    pub model_repository: PathBuf,
+    /// Directory of feature layout files named by model configs.
+    pub layouts_dir: PathBuf,
+    /// HTTP control-plane address; unset: 127.0.0.1 and `[tensorrt_inference_engine].port`.
+    pub http_addr: Option<SocketAddr>,
+    /// Cores to pin poller threads to, one thread per core; empty: one unpinned poller.
+    pub poller_cores: Vec<usize>,
+    /// How an idle poller waits.
+    pub idle: IdleStrategy,
+    /// Microseconds an idle poller spins before yielding or parking.
+    pub idle_spin_us: u64,
+    /// Microseconds a parked poller sleeps between scans.
+    pub idle_park_us: u64,
+    /// Most sessions open at once.
+    pub max_sessions: u32,
+    /// A group whose members may connect besides the server's own user.
+    pub allowed_gid: Option<u32>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            endpoint: "tie".into(),
+            socket_dir: None,
+            model_repository: "models".into(),
+            layouts_dir: "layouts/features".into(),
+            http_addr: None,
+            poller_cores: Vec::new(),
+            idle: IdleStrategy::Spin,
+            idle_spin_us: 100,
+            idle_park_us: 50,
+            max_sessions: 1024,
+            allowed_gid: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[tensorrt_inference_engine]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Service name, in logs.
+    pub service_name: String,
+    /// HTTP port when `server.http_addr` is unset.
+    pub port: u16,
+    /// Threads of the HTTP runtime.
+    pub worker_threads: u32,
+    /// Most HTTP requests in progress at once.
+    pub max_concurrent_requests: u32,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            service_name: "tie".into(),
+            port: 8087,
+            worker_threads: 4,
+            max_concurrent_requests: 1000,
+        }
+    }
+}
+
+/// `[model_deployment]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelDeploymentSection {
+    /// Most models per GPU.
+    pub max_models_per_gpu: u32,
+    /// Fraction of a GPU's memory one model may use.
+    pub memory_fraction_per_model: f32,
+    /// Inferences run on each model at load, before it serves.
+    pub warmup_requests: u32,
+    /// Hours unused after which a model is unloaded.
+    pub auto_unload_unused_hours: u32,
+    /// Seconds between health checks.
+    pub health_check_interval_sec: u32,
+}
+
+impl Default for ModelDeploymentSection {
+    fn default() -> Self {
+        Self {
+            max_models_per_gpu: 4,
+            memory_fraction_per_model: 0.25,
+            warmup_requests: 10,
+            auto_unload_unused_hours: 24,
+            health_check_interval_sec: 30,
+        }
+    }
+}
+
+/// `[batch_processing]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchProcessingSection {
+    /// Most requests in one batch.
+    pub max_batch_size: u32,
+    /// The spec's batch timeout in milliseconds (superseded by `batch_timeout_us`).
+    pub batch_timeout_ms: Option<u64>,
+    /// Longest a request waits for its batch to fill, in microseconds.
+    pub batch_timeout_us: Option<u64>,
+    /// Fewest requests worth a batch before the timeout.
+    pub min_batch_size: u32,
+    /// Size batches by queue pressure.
+    pub enable_dynamic_batching: bool,
+    /// Serve higher priorities first.
+    pub priority_based_batching: bool,
+}
+
+impl Default for BatchProcessingSection {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 64,
+            batch_timeout_ms: None,
+            batch_timeout_us: None,
+            min_batch_size: 4,
+            enable_dynamic_batching: true,
+            priority_based_batching: true,
+        }
+    }
+}
+
+/// `[performance_thresholds]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerformanceThresholdsSection {
+    /// Latency above which an alert fires (ms).
+    pub max_latency_ms: f32,
+    /// Error rate above which an alert fires.
+    pub max_error_rate: f32,
+    /// Throughput below which an alert fires.
+    pub min_throughput_rps: f32,
+    /// Memory above which an alert fires (MB).
+    pub max_memory_usage_mb: f32,
+    /// GPU utilisation below which an alert fires.
+    pub min_gpu_utilization: f32,
+}
+
+impl Default for PerformanceThresholdsSection {
+    fn default() -> Self {
+        Self {
+            max_latency_ms: 20.0,
+            max_error_rate: 0.01,
+            min_throughput_rps: 100.0,
+            max_memory_usage_mb: 4096.0,
+            min_gpu_utilization: 0.7,
+        }
+    }
+}
+
+/// `[gpu_config]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfigSection {
+    /// GPUs to use.
+    pub device_ids: Vec<u32>,
+    /// Device memory pool (MB).
+    pub memory_pool_size_mb: u32,
+    /// Capture executions as CUDA graphs.
+    pub enable_cuda_graphs: bool,
+    /// The spec's engine profiling switch.
+    pub enable_tensorrt_profiling: bool,
+}
+
+impl Default for GpuConfigSection {
+    fn default() -> Self {
+        Self {
+            device_ids: vec![0],
+            memory_pool_size_mb: 8192,
+            enable_cuda_graphs: true,
+            enable_tensorrt_profiling: false,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Reads `path`, or the defaults when `None`.
+    ///
+    /// # Errors
+    /// [`ConfigLoadError`] for an unreadable file, invalid TOML, an unknown key or a value out
+    /// of range.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigLoadError> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
+                        path: path.into(),
+                        source,
+                    })?;
+                Self::parse(&text).map_err(|source| ConfigLoadError::Parse {
+                    path: path.into(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation of ranges).
+    ///
+    /// # Errors
+    /// The TOML error, naming an unknown key.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks the values' ranges.
+    ///
+    /// # Errors
+    /// [`ConfigLoadError::Invalid`] naming the first key out of range.
+    pub fn validate(&self) -> Result<(), ConfigLoadError> {
+        let b = &self.batch_processing;
+        if b.max_batch_size == 0 || b.max_batch_size > 65_536 {
+            return Err(ConfigLoadError::Invalid {
+                key: "batch_processing.max_batch_size",
+                value: b.max_batch_size.to_string(),
+                why: "must be in 1..=65536",
+            });
+        }
+        if self.server.max_sessions == 0 {
+            return Err(ConfigLoadError::Invalid {
+                key: "server.max_sessions",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        for &core in &self.server.poller_cores {
+            if !cores.iter().any(|c| c.id == core) {
+                return Err(ConfigLoadError::Invalid {
+                    key: "server.poller_cores",
+                    value: core.to_string(),
+                    why: "no such core on this host",
+                });
+            }
+        }
+        let f = self.model_deployment.memory_fraction_per_model;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(ConfigLoadError::Invalid {
+                key: "model_deployment.memory_fraction_per_model",
+                value: f.to_string(),
+                why: "must be in (0, 1]",
+            });
+        }
+        Ok(())
+    }
+
+    /// The HTTP address: `server.http_addr`, else 127.0.0.1 on the engine's port.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.server.http_addr.unwrap_or_else(|| {
+            SocketAddr::from(([127, 0, 0, 1], self.tensorrt_inference_engine.port))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_the_spec_defaults() {
+        let c = ServiceConfig::parse("").unwrap();
+        assert_eq!(c.batch_processing.max_batch_size, 64);
+        assert_eq!(c.tensorrt_inference_engine.port, 8087);
+        assert_eq!(c.http_addr().to_string(), "127.0.0.1:8087");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_spec_example_parses() {
+        let text = r#"
+[tensorrt_inference_engine]
+service_name = "tensorrt-inference-engine"
+port = 8087
+worker_threads = 4
+max_concurrent_requests = 1000
+
+[model_deployment]
+max_models_per_gpu = 4
+memory_fraction_per_model = 0.25
+warmup_requests = 10
+auto_unload_unused_hours = 24
+health_check_interval_sec = 30
+
+[batch_processing]
+max_batch_size = 64
+batch_timeout_ms = 50
+min_batch_size = 4
+enable_dynamic_batching = true
+priority_based_batching = true
+
+[performance_thresholds]
+max_latency_ms = 20.0
+max_error_rate = 0.01
+min_throughput_rps = 100.0
+max_memory_usage_mb = 4096.0
+min_gpu_utilization = 0.7
+
+[gpu_config]
+device_ids = [0, 1]
+memory_pool_size_mb = 8192
+enable_cuda_graphs = true
+enable_tensorrt_profiling = false
+"#;
+        let c = ServiceConfig::parse(text).unwrap();
+        assert_eq!(c.gpu_config.device_ids, vec![0, 1]);
+        assert_eq!(c.batch_processing.batch_timeout_ms, Some(50));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = ServiceConfig::parse("[batch_processing]\nmax_batch_sise = 3\n").unwrap_err();
+        assert!(e.to_string().contains("max_batch_sise"), "{e}");
+        let e = ServiceConfig::parse("[nonsense]\n").unwrap_err();
+        assert!(e.to_string().contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let c = ServiceConfig::parse("[batch_processing]\nmax_batch_size = 0\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = ServiceConfig::parse("[server]\npoller_cores = [100000]\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! tie: a low-latency inference server for trading processes on the same host.
+//!
+//! Clients (`tie-client`) write feature frames into shared-memory rings; the server's pollers
+//! ([`server`]) validate them, batch them per model and run them on a [`backend::Backend`],
+//! then write predictions back. Models come from a Triton-style repository ([`repository`]);
+//! the service is configured by a TOML file ([`config`]).
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod repository;
+pub mod server;

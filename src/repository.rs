@@ -1,0 +1,343 @@
+//! The model repository: `<repo>/<name>/<version>/model.onnx`, an optional
+//! `<repo>/<name>/config.toml`, and loading of what it holds.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use tie_layouts::abi::MAX_OUTPUTS;
+use tie_layouts::FeatureLayout;
+
+use crate::backend::{self, Backend, BackendLoadError, CpuEngine};
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// A GPU when one is usable and the graph is supported there, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A GPU (refused by builds without GPU support).
+    Cuda,
+}
+
+/// `<repo>/<name>/config.toml`; every key optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Layout file (without `.toml`) in the server's layouts directory; unset: features named
+    /// `f0..fN` from the model's input width.
+    pub layout: Option<String>,
+    /// Where the model runs.
+    pub backend: BackendChoice,
+    /// Which CPU engine runs it.
+    pub cpu_engine: CpuEngine,
+    /// Most requests in one batch (default: `[batch_processing].max_batch_size`).
+    pub max_batch_size: Option<u32>,
+    /// Version served to clients that name none (default: the highest).
+    pub default_version: Option<u32>,
+}
+
+/// Why the repository or a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryLoadError {
+    /// A directory or file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A model's config is invalid.
+    #[error("invalid model config {}: {source}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The error, naming an unknown key.
+        source: Box<toml::de::Error>,
+    },
+    /// A model's layout could not be read.
+    #[error("model {model}: layout {layout:?}: {source}")]
+    Layout {
+        /// The model.
+        model: String,
+        /// The layout named.
+        layout: String,
+        /// The error.
+        source: tie_layouts::LayoutError,
+    },
+    /// The layout's feature count differs from the model's input width.
+    #[error("model {model}: layout {layout:?} has {layout_features} features, the model reads {input_width}")]
+    LayoutWidth {
+        /// The model.
+        model: String,
+        /// The layout.
+        layout: String,
+        /// Its count.
+        layout_features: usize,
+        /// The model's width.
+        input_width: usize,
+    },
+    /// The backend could not load the model.
+    #[error("model {model} version {version}: {source}")]
+    Backend {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// The error.
+        source: BackendLoadError,
+    },
+    /// The model produces more values per row than a response frame carries.
+    #[error("model {model} version {version} outputs {outputs} values per row; a response carries at most {MAX_OUTPUTS}")]
+    TooManyOutputs {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// Its width.
+        outputs: usize,
+    },
+    /// The config asks for something this build cannot do.
+    #[error("model {model}: {why}")]
+    Unsupported {
+        /// The model.
+        model: String,
+        /// What and why.
+        why: String,
+    },
+    /// The repository holds no model.
+    #[error("no model in repository {}", path.display())]
+    Empty {
+        /// The repository.
+        path: PathBuf,
+    },
+}
+
+/// A model version loaded and warmed up.
+pub struct LoadedModel {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// Whether clients that name no version get this one.
+    pub is_default: bool,
+    /// The layout clients write.
+    pub layout: FeatureLayout,
+    /// Its hash.
+    pub layout_hash: u64,
+    /// Most requests in one batch.
+    pub max_batch_size: usize,
+    /// What runs it.
+    pub backend: Arc<dyn Backend>,
+    /// The file it came from.
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("engine", &self.backend.info().engine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// `name:version`, the key of the model in logs and metrics.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.name, self.version)
+    }
+
+    /// Features per row.
+    pub fn input_width(&self) -> usize {
+        self.backend.info().io.input_width
+    }
+
+    /// Values per row.
+    pub fn output_width(&self) -> usize {
+        self.backend.info().io.output_width
+    }
+}
+
+/// What loading needs besides the repository path.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory of layout files.
+    pub layouts_dir: PathBuf,
+    /// Default batch limit.
+    pub max_batch_size: u32,
+    /// Warmup inferences per model.
+    pub warmup_requests: u32,
+}
+
+fn read_dir(path: &Path) -> Result<Vec<PathBuf>, RepositoryLoadError> {
+    let io = |source| RepositoryLoadError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    Ok(entries)
+}
+
+/// Loads every version of every model in `repo`.
+///
+/// # Errors
+/// [`RepositoryLoadError`] for the first model that cannot be loaded, or an empty repository.
+pub fn load_repository(
+    repo: &Path,
+    options: &LoadOptions,
+) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
+    let mut models = Vec::new();
+    for dir in read_dir(repo)? {
+        if !dir.is_dir() {
+            continue;
+        }
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let mut versions: Vec<(u32, PathBuf)> = read_dir(&dir)?
+            .into_iter()
+            .filter_map(|p| {
+                let v = p.file_name()?.to_str()?.parse::<u32>().ok()?;
+                let file = p.join("model.onnx");
+                (v > 0 && file.is_file()).then_some((v, file))
+            })
+            .collect();
+        if versions.is_empty() {
+            tracing::debug!(dir = %dir.display(), "no <version>/model.onnx, skipped");
+            continue;
+        }
+        versions.sort();
+        let config = read_model_config(&dir)?;
+        let default_version = config
+            .default_version
+            .unwrap_or_else(|| versions.last().expect("not empty").0);
+        if !versions.iter().any(|(v, _)| *v == default_version) {
+            return Err(RepositoryLoadError::Unsupported {
+                model: name,
+                why: format!("default_version {default_version} is not in the repository"),
+            });
+        }
+        for (version, file) in versions {
+            models.push(load_model(&name, version, &file, &config, default_version == version, options)?);
+        }
+    }
+    if models.is_empty() {
+        return Err(RepositoryLoadError::Empty { path: repo.into() });
+    }
+    Ok(models)
+}
+
+fn read_model_config(dir: &Path) -> Result<ModelConfig, RepositoryLoadError> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(ModelConfig::default());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| RepositoryLoadError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| RepositoryLoadError::Config {
+        path,
+        source: Box::new(source),
+    })
+}
+
+fn load_model(
+    name: &str,
+    version: u32,
+    file: &Path,
+    config: &ModelConfig,
+    is_default: bool,
+    options: &LoadOptions,
+) -> Result<LoadedModel, RepositoryLoadError> {
+    if config.backend == BackendChoice::Cuda {
+        return Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: "backend = \"cuda\" but this build has no GPU backend".into(),
+        });
+    }
+    let started = Instant::now();
+    let backend = backend::load_cpu(file, config.cpu_engine).map_err(|source| {
+        RepositoryLoadError::Backend {
+            model: name.into(),
+            version,
+            source,
+        }
+    })?;
+    let io = backend.info().io.clone();
+    if io.output_width > MAX_OUTPUTS {
+        return Err(RepositoryLoadError::TooManyOutputs {
+            model: name.into(),
+            version,
+            outputs: io.output_width,
+        });
+    }
+    let layout = match &config.layout {
+        Some(layout) => {
+            let path = options.layouts_dir.join(format!("{layout}.toml"));
+            let l = FeatureLayout::from_file(&path).map_err(|source| RepositoryLoadError::Layout {
+                model: name.into(),
+                layout: layout.clone(),
+                source,
+            })?;
+            if l.features.len() != io.input_width {
+                return Err(RepositoryLoadError::LayoutWidth {
+                    model: name.into(),
+                    layout: layout.clone(),
+                    layout_features: l.features.len(),
+                    input_width: io.input_width,
+                });
+            }
+            l
+        }
+        None => FeatureLayout::positional(name, io.input_width as u32),
+    };
+    let max_batch_size = config.max_batch_size.unwrap_or(options.max_batch_size).max(1) as usize;
+    warmup(backend.as_ref(), options.warmup_requests).map_err(|e| RepositoryLoadError::Backend {
+        model: name.into(),
+        version,
+        source: BackendLoadError::Tract(format!("warmup failed: {e}")),
+    })?;
+    tracing::info!(
+        model = name,
+        version,
+        engine = backend.info().engine,
+        inputs = io.input_width,
+        outputs = io.output_width,
+        layout = %layout.name,
+        default = is_default,
+        load_ms = started.elapsed().as_secs_f64() * 1e3,
+        "model loaded"
+    );
+    Ok(LoadedModel {
+        name: name.into(),
+        version,
+        is_default,
+        layout_hash: layout.hash(),
+        layout,
+        max_batch_size,
+        backend,
+        path: file.into(),
+    })
+}
+
+fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), backend::BackendError> {
+    let io = &backend.info().io;
+    let input = vec![0.0f32; io.input_width];
+    let mut output = vec![0.0f32; io.output_width];
+    for _ in 0..requests {
+        backend.run_batch(&input, 1, &mut output)?;
+    }
+    Ok(())
+}

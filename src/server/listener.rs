@@ -1,0 +1,308 @@
+//! `listener_task`: accepts connections, performs handshakes, watches session sockets.
+
+use std::io::{IoSlice, Read};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use bytemuck::Zeroable;
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tie_client::segment::Segment;
+use tie_layouts::abi::{SegmentGeometry, ABI_VERSION};
+use tie_layouts::hello::{
+    Hello, HelloReply, HelloStatus, HELLO_MAGIC, REPLY_ALLOW_NON_FINITE, REPLY_MAGIC,
+};
+
+use super::worker::NewSession;
+use super::{ServerStartError, SessionLink};
+use crate::repository::LoadedModel;
+
+/// How long a connecting client has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the listener wakes to check for shutdown and faulted sessions.
+const TICK: Duration = Duration::from_millis(50);
+
+pub(super) struct ListenerContext {
+    pub listener: UnixListener,
+    pub models: Arc<[LoadedModel]>,
+    pub workers: Vec<mpsc::Sender<NewSession>>,
+    pub stopping: Arc<AtomicBool>,
+    pub allowed_gid: Option<u32>,
+    pub max_sessions: usize,
+}
+
+/// Open sessions' sockets, closed when dropped.
+pub(super) type Sessions = Vec<(Arc<SessionLink>, UnixStream)>;
+
+/// Binds the endpoint's socket, removing a stale one left by a server that is gone.
+pub(super) fn bind(path: &Path, allowed_gid: Option<u32>) -> Result<UnixListener, ServerStartError> {
+    let listen_err = |source| ServerStartError::Listen {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerStartError::AlreadyRunning { path: path.into() });
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    let mode = match allowed_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(listen_err)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    Ok(listener)
+}
+
+pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
+    let mut sessions: Sessions = Vec::new();
+    let next_id = AtomicU64::new(1);
+    while !ctx.stopping.load(Ordering::SeqCst) {
+        let hung_up = {
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(sessions.len() + 1);
+            fds.push(PollFd::new(&ctx.listener, PollFlags::IN));
+            for (_, s) in &sessions {
+                fds.push(PollFd::new(s, PollFlags::IN | PollFlags::RDHUP));
+            }
+            let timeout = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: TICK.as_nanos() as _,
+            };
+            if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
+                continue;
+            }
+            let accept = !fds[0].revents().is_empty();
+            let hung: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
+            (accept, hung)
+        };
+        let (accept, hung) = hung_up;
+        // Clients never send after the hello: a readable session socket has hung up.
+        let mut i = 0;
+        sessions.retain(|(link, _)| {
+            let gone = hung[i] || link.dead.load(Ordering::SeqCst);
+            i += 1;
+            if gone {
+                link.dead.store(true, Ordering::SeqCst);
+                tracing::info!(session = link.id, "session closed");
+            }
+            !gone
+        });
+        if accept {
+            loop {
+                match ctx.listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Some(s) = handshake(&ctx, stream, &next_id, sessions.len()) {
+                            sessions.push(s);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    sessions
+}
+
+fn refuse(stream: &UnixStream, status: HelloStatus, message: &str, model_hash: u64, hello: &Hello) {
+    let mut reply = HelloReply::zeroed();
+    reply.magic = REPLY_MAGIC;
+    reply.status = status.code();
+    reply.abi_version = ABI_VERSION;
+    reply.server_layout_hash = model_hash;
+    reply.client_layout_hash = hello.layout_hash;
+    reply.set_message(message);
+    let _ = rustix::net::send(stream, bytemuck::bytes_of(&reply), SendFlags::NOSIGNAL);
+}
+
+fn handshake(
+    ctx: &ListenerContext,
+    mut stream: UnixStream,
+    next_id: &AtomicU64,
+    open: usize,
+) -> Option<(Arc<SessionLink>, UnixStream)> {
+    // The hello is read blocking, bounded by HELLO_TIMEOUT.
+    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
+        return None;
+    }
+    let mut hello = Hello::zeroed();
+    if let Err(e) = stream.read_exact(bytemuck::bytes_of_mut(&mut hello)) {
+        tracing::warn!(error = %e, "no hello from a connecting client");
+        return None;
+    }
+    let cred = match rustix::net::sockopt::socket_peercred(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials");
+            return None;
+        }
+    };
+    let our_uid = rustix::process::geteuid();
+    let allowed = cred.uid == our_uid
+        || ctx
+            .allowed_gid
+            .is_some_and(|g| cred.gid.as_raw() == g || peer_in_group(cred.pid, g));
+    if !allowed {
+        tracing::warn!(pid = cred.pid.as_raw_nonzero().get(), uid = cred.uid.as_raw(), "connection refused: credentials not allowed");
+        refuse(&stream, HelloStatus::PermissionDenied, "this user may not connect to the server", 0, &hello);
+        return None;
+    }
+    if hello.magic != HELLO_MAGIC {
+        refuse(&stream, HelloStatus::BadRequest, "bad hello magic", 0, &hello);
+        return None;
+    }
+    if hello.abi_version != ABI_VERSION {
+        let msg = format!("ABI version mismatch: server {ABI_VERSION}, client {}", hello.abi_version);
+        refuse(&stream, HelloStatus::VersionMismatch, &msg, 0, &hello);
+        return None;
+    }
+    let Some(name) = hello.model_name() else {
+        refuse(&stream, HelloStatus::BadRequest, "invalid model name", 0, &hello);
+        return None;
+    };
+    let found = ctx.models.iter().position(|m| {
+        m.name == name
+            && if hello.model_version == 0 {
+                m.is_default
+            } else {
+                m.version == hello.model_version
+            }
+    });
+    let Some(model_index) = found else {
+        let mut served: Vec<String> = ctx.models.iter().map(LoadedModel::key).collect();
+        served.dedup();
+        let version = match hello.model_version {
+            0 => String::new(),
+            v => format!(" version {v}"),
+        };
+        let msg = format!("model {name}{version} is not served; served: {}", served.join(", "));
+        tracing::info!(model = name, version = hello.model_version, "session refused: unknown model");
+        refuse(&stream, HelloStatus::ModelNotFound, &msg, 0, &hello);
+        return None;
+    };
+    let model = &ctx.models[model_index];
+    if hello.layout_hash != 0 && hello.layout_hash != model.layout_hash {
+        let msg = format!(
+            "layout mismatch: client {:#018x}, model {} layout {:?} {:#018x}",
+            hello.layout_hash,
+            model.key(),
+            model.layout.name,
+            model.layout_hash
+        );
+        tracing::info!(model = %model.key(), client = hello.layout_hash, server = model.layout_hash, "session refused: layout mismatch");
+        refuse(&stream, HelloStatus::LayoutMismatch, &msg, model.layout_hash, &hello);
+        return None;
+    }
+    let geometry = match SegmentGeometry::new(
+        hello.request_capacity,
+        hello.response_capacity,
+        model.input_width() as u32,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            refuse(&stream, HelloStatus::BadRequest, &e.to_string(), model.layout_hash, &hello);
+            return None;
+        }
+    };
+    if open >= ctx.max_sessions {
+        let msg = format!("the server holds its maximum of {} sessions", ctx.max_sessions);
+        refuse(&stream, HelloStatus::TooManySessions, &msg, model.layout_hash, &hello);
+        return None;
+    }
+    let id = next_id.fetch_add(1, Ordering::Relaxed);
+    let info = geometry.info(model.layout_hash, id, model.output_width() as u32, model.version);
+    let segment = match Segment::create(geometry, info) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create a session segment");
+            refuse(&stream, HelloStatus::Internal, &e.to_string(), model.layout_hash, &hello);
+            return None;
+        }
+    };
+    let mut reply = HelloReply::zeroed();
+    reply.magic = REPLY_MAGIC;
+    reply.status = HelloStatus::Accepted.code();
+    reply.abi_version = ABI_VERSION;
+    reply.server_layout_hash = model.layout_hash;
+    reply.client_layout_hash = hello.layout_hash;
+    reply.segment_size = geometry.segment_size as u64;
+    reply.session_id = id;
+    reply.model_version = model.version;
+    reply.feature_count = model.input_width() as u32;
+    reply.output_count = model.output_width() as u32;
+    reply.flags = if model.layout.allow_non_finite { REPLY_ALLOW_NON_FINITE } else { 0 };
+    let info = model.backend.info();
+    reply.set_message(&format!("{} {}", info.architecture, info.device));
+    let sent = {
+        let fd = segment.fd();
+        let fds = [fd.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(bytemuck::bytes_of(&reply))],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+    };
+    match sent {
+        Ok(n) if n == size_of::<HelloReply>() => {}
+        Ok(_) | Err(_) => {
+            tracing::warn!(session = id, "client left during the handshake");
+            return None;
+        }
+    }
+    let link = Arc::new(SessionLink {
+        id,
+        dead: AtomicBool::new(false),
+    });
+    let worker = model_index % ctx.workers.len();
+    let new = NewSession {
+        link: link.clone(),
+        segment,
+        model: model_index,
+    };
+    if ctx.workers[worker].send(new).is_err() {
+        return None;
+    }
+    if stream.set_nonblocking(true).is_err() {
+        return None;
+    }
+    tracing::info!(
+        session = id,
+        pid = cred.pid.as_raw_nonzero().get(),
+        uid = cred.uid.as_raw(),
+        model = %model.key(),
+        request_capacity = hello.request_capacity,
+        response_capacity = hello.response_capacity,
+        "session opened"
+    );
+    Some((link, stream))
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups (from /proc).
+fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero()));
+    status.is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+    })
+}

@@ -1,0 +1,155 @@
+//! The data plane: a listener that opens sessions, and pollers that serve them.
+//!
+//! - [`listener`]: binds the endpoint's socket, performs handshakes (credentials, model,
+//!   layout, ring sizes), creates each session's sealed segment and passes its fd; watches
+//!   every session socket and marks a session dead when its client hangs up.
+//! - [`worker`]: poller threads (pinned when configured) that drain request rings, validate
+//!   frames, batch them per model, run the backend and write responses. Every accepted frame
+//!   gets exactly one response, in order per session.
+//!
+//! [`Server::start`] starts both; [`Server::shutdown`] stops them gracefully: frames already in
+//! the rings are answered, sessions are marked closing, then the sockets close.
+
+mod listener;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use crate::config::ServiceConfig;
+use crate::repository::LoadedModel;
+
+pub use worker::{confidence, IdlePolicy, WorkerStats};
+
+/// State shared by the listener and a poller for one session.
+#[derive(Debug)]
+pub(crate) struct SessionLink {
+    pub id: u64,
+    /// Set by the listener when the client hangs up, or by a poller that faulted the session.
+    pub dead: AtomicBool,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerStartError {
+    /// The endpoint's socket could not be set up.
+    #[error("cannot listen on {}: {source}", path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another server answers on the endpoint.
+    #[error("another tie server is already listening on {}", path.display())]
+    AlreadyRunning {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The endpoint name is invalid.
+    #[error(transparent)]
+    Endpoint(#[from] tie_client::endpoint::EndpointNameError),
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running server.
+pub struct Server {
+    stopping: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<WorkerStats>>,
+    listener: Option<JoinHandle<listener::Sessions>>,
+    socket_path: PathBuf,
+}
+
+impl Server {
+    /// Starts the listener and the pollers for `models`.
+    ///
+    /// # Errors
+    /// [`ServerStartError`] when the socket cannot be bound (or another server holds it) or a
+    /// thread cannot start.
+    pub fn start(config: &ServiceConfig, models: Vec<LoadedModel>) -> Result<Self, ServerStartError> {
+        let models: Arc<[LoadedModel]> = models.into();
+        let socket_path = tie_client::endpoint::socket_path(
+            config.server.socket_dir.as_deref(),
+            &config.server.endpoint,
+        )?;
+        let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+
+        let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
+            vec![None]
+        } else {
+            config.server.poller_cores.iter().map(|&c| Some(c)).collect()
+        };
+        let idle = IdlePolicy::from_config(&config.server);
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for (i, core) in cores.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            senders.push(tx);
+            let ctx = worker::WorkerContext {
+                index: i,
+                core,
+                models: models.clone(),
+                new_sessions: rx,
+                stopping: stopping.clone(),
+                idle,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("tie-poller-{i}"))
+                .spawn(move || worker::poller_task(ctx))
+                .map_err(ServerStartError::Thread)?;
+            workers.push(handle);
+        }
+        let ctx = listener::ListenerContext {
+            listener: listen,
+            models,
+            workers: senders,
+            stopping: stopping.clone(),
+            allowed_gid: config.server.allowed_gid,
+            max_sessions: config.server.max_sessions as usize,
+        };
+        let listener = std::thread::Builder::new()
+            .name("tie-listener".into())
+            .spawn(move || listener::listener_task(ctx))
+            .map_err(ServerStartError::Thread)?;
+        tracing::info!(socket = %socket_path.display(), pollers = workers.len(), "serving");
+        Ok(Self {
+            stopping,
+            workers,
+            listener: Some(listener),
+            socket_path,
+        })
+    }
+
+    /// The endpoint's socket path.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket_path
+    }
+
+    /// Stops accepting, answers every frame already submitted, marks sessions closing, then
+    /// closes their sockets and removes the endpoint's socket file.
+    pub fn shutdown(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for w in self.workers.drain(..) {
+            match w.join() {
+                Ok(stats) => tracing::info!(
+                    requests = stats.requests,
+                    responses = stats.responses,
+                    batches = stats.batches,
+                    "poller stopped"
+                ),
+                Err(_) => tracing::error!("a poller panicked"),
+            }
+        }
+        if let Some(l) = self.listener.take() {
+            // The sessions' sockets close here, after every response was written.
+            drop(l.join());
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("server stopped");
+    }
+}

@@ -245,11 +245,21 @@ fn to_inference_error(e: &PredictError, model: &str) -> InferenceError {
             Status::BATCH_PROCESSING_ERROR => InferenceError::BatchProcessingError {
                 operation: s.to_string(),
             },
-            Status::BACKEND_ERROR => InferenceError::TensorRTError { error: s.to_string() },
-            Status::TIMEOUT => InferenceError::Timeout { message: s.to_string() },
-            Status::QUEUE_FULL => InferenceError::QueueFull { message: s.to_string() },
-            Status::DISCONNECTED => InferenceError::Disconnected { message: s.to_string() },
-            _ => InferenceError::Rejected { message: s.to_string() },
+            Status::BACKEND_ERROR => InferenceError::TensorRTError {
+                error: s.to_string(),
+            },
+            Status::TIMEOUT => InferenceError::Timeout {
+                message: s.to_string(),
+            },
+            Status::QUEUE_FULL => InferenceError::QueueFull {
+                message: s.to_string(),
+            },
+            Status::DISCONNECTED => InferenceError::Disconnected {
+                message: s.to_string(),
+            },
+            _ => InferenceError::Rejected {
+                message: s.to_string(),
+            },
         },
     }
 }
@@ -261,7 +271,14 @@ mod tests {
     #[test]
     fn negative_features_parse_with_or_without_equals() {
         for argv in [
-            vec!["tie", "predict", "--model", "m", "--features", "-0.5,0.25,-3"],
+            vec![
+                "tie",
+                "predict",
+                "--model",
+                "m",
+                "--features",
+                "-0.5,0.25,-3",
+            ],
             vec!["tie", "predict", "--model", "m", "--features=-0.5,0.25,-3"],
         ] {
             let Command::Predict(p) = Cli::try_parse_from(argv).unwrap().command else {

@@ -280,11 +280,10 @@ impl ServiceConfig {
         let config = match path {
             None => Self::default(),
             Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
-                        path: path.into(),
-                        source,
-                    })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
+                    path: path.into(),
+                    source,
+                })?;
                 Self::parse(&text).map_err(|source| ConfigLoadError::Parse {
                     path: path.into(),
                     source: Box::new(source),

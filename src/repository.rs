@@ -204,7 +204,11 @@ pub fn load_repository(
         if !dir.is_dir() {
             continue;
         }
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         let mut versions: Vec<(u32, PathBuf)> = read_dir(&dir)?
             .into_iter()
             .filter_map(|p| {
@@ -229,7 +233,14 @@ pub fn load_repository(
             });
         }
         for (version, file) in versions {
-            models.push(load_model(&name, version, &file, &config, default_version == version, options)?);
+            models.push(load_model(
+                &name,
+                version,
+                &file,
+                &config,
+                default_version == version,
+                options,
+            )?);
         }
     }
     if models.is_empty() {
@@ -286,11 +297,12 @@ fn load_model(
     let layout = match &config.layout {
         Some(layout) => {
             let path = options.layouts_dir.join(format!("{layout}.toml"));
-            let l = FeatureLayout::from_file(&path).map_err(|source| RepositoryLoadError::Layout {
-                model: name.into(),
-                layout: layout.clone(),
-                source,
-            })?;
+            let l =
+                FeatureLayout::from_file(&path).map_err(|source| RepositoryLoadError::Layout {
+                    model: name.into(),
+                    layout: layout.clone(),
+                    source,
+                })?;
             if l.features.len() != io.input_width {
                 return Err(RepositoryLoadError::LayoutWidth {
                     model: name.into(),
@@ -303,11 +315,16 @@ fn load_model(
         }
         None => FeatureLayout::positional(name, io.input_width as u32),
     };
-    let max_batch_size = config.max_batch_size.unwrap_or(options.max_batch_size).max(1) as usize;
-    warmup(backend.as_ref(), options.warmup_requests).map_err(|e| RepositoryLoadError::Backend {
-        model: name.into(),
-        version,
-        source: BackendLoadError::Tract(format!("warmup failed: {e}")),
+    let max_batch_size = config
+        .max_batch_size
+        .unwrap_or(options.max_batch_size)
+        .max(1) as usize;
+    warmup(backend.as_ref(), options.warmup_requests).map_err(|e| {
+        RepositoryLoadError::Backend {
+            model: name.into(),
+            version,
+            source: BackendLoadError::Tract(format!("warmup failed: {e}")),
+        }
     })?;
     tracing::info!(
         model = name,

@@ -314,6 +314,55 @@ impl Client {
         self.rings.segment().info().session_id
     }
 
+    /// The session's segment, for tools and tests that look at (or deliberately corrupt) the
+    /// shared memory. Writing to it can only harm this session.
+    pub fn segment(&self) -> &std::sync::Arc<Segment> {
+        self.rings.segment()
+    }
+
+    /// Pushes a frame as given, with no checks, and expects a response to `request_id`:
+    /// for tests of the server's validation. Takes the next sequence number's place.
+    ///
+    /// # Errors
+    /// [`SubmitError::QueueFull`] when the ring is full or too many requests are in flight,
+    /// [`SubmitError::Disconnected`] when the server is gone.
+    #[doc(hidden)]
+    pub fn submit_raw(&mut self, words: &[u64], request_id: RequestId) -> Result<(), SubmitError> {
+        if self.disconnected {
+            return Err(SubmitError::Disconnected);
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err(SubmitError::QueueFull {
+                in_flight: self.pending.len() as u32,
+            });
+        }
+        match self.rings.try_push(words) {
+            Ok(()) => {}
+            Err(PushError::Full) => {
+                return Err(SubmitError::QueueFull {
+                    in_flight: self.pending.len() as u32,
+                })
+            }
+            Err(PushError::Corrupt(_)) => {
+                self.disconnected = true;
+                return Err(SubmitError::Disconnected);
+            }
+        }
+        self.rings.publish();
+        self.next_seq += 1;
+        self.pending.push_back(Pending {
+            id: request_id,
+            abandoned: false,
+        });
+        Ok(())
+    }
+
+    /// The sequence number the next frame must carry.
+    #[doc(hidden)]
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Requests submitted and not yet returned by `poll`.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -366,9 +415,8 @@ impl Client {
             flags: 0,
             reserved: [0; 2],
         };
-        self.frame[..REQUEST_HEADER_WORDS].copy_from_slice(bytemuck::cast_slice(
-            bytemuck::bytes_of(&header),
-        ));
+        self.frame[..REQUEST_HEADER_WORDS]
+            .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
         let body: &mut [f32] = bytemuck::cast_slice_mut(&mut self.frame[REQUEST_HEADER_WORDS..]);
         body[..features.len()].copy_from_slice(features);
         let words = REQUEST_HEADER_WORDS + features.len().div_ceil(2);
@@ -511,4 +559,3 @@ impl Client {
         }
     }
 }
-

@@ -33,7 +33,9 @@ pub enum ConnectError {
     #[error("invalid connect options: {0}")]
     InvalidOptions(String),
     /// The client's layout differs from the model's.
-    #[error("layout mismatch: client layout hash {ours:#018x}, model's layout hash {theirs:#018x}")]
+    #[error(
+        "layout mismatch: client layout hash {ours:#018x}, model's layout hash {theirs:#018x}"
+    )]
     LayoutMismatch {
         /// The client's hash.
         ours: u64,

@@ -99,9 +99,7 @@ pub(crate) fn handshake(
     }
     if received < size_of::<HelloReply>() {
         let rest = &mut bytemuck::bytes_of_mut(&mut reply)[received..];
-        stream
-            .read_exact(rest)
-            .map_err(io("receive hello reply"))?;
+        stream.read_exact(rest).map_err(io("receive hello reply"))?;
     }
     if reply.magic != REPLY_MAGIC {
         return Err(ConnectError::BadReply("bad magic"));
@@ -128,7 +126,9 @@ pub(crate) fn handshake(
             })
         }
     }
-    let fd = fd.ok_or(ConnectError::BadReply("no segment fd with an accepting reply"))?;
+    let fd = fd.ok_or(ConnectError::BadReply(
+        "no segment fd with an accepting reply",
+    ))?;
     stream
         .set_read_timeout(None)
         .map_err(io("set_read_timeout"))?;

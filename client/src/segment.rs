@@ -159,8 +159,12 @@ impl Segment {
             info.feature_count,
         )
         .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?;
-        if geometry.info(info.layout_hash, info.session_id, info.output_count, info.model_version)
-            != info
+        if geometry.info(
+            info.layout_hash,
+            info.session_id,
+            info.output_count,
+            info.model_version,
+        ) != info
         {
             return Err(SegmentOpenError::BadGeometry("offsets or sizes"));
         }
@@ -268,10 +272,7 @@ fn map(fd: &OwnedFd, len: usize) -> Result<MmapRaw, SegmentOpenError> {
     MmapOptions::new()
         .len(len)
         .map_raw(fd)
-        .map_err(|source| SegmentOpenError::Os {
-            op: "mmap",
-            source,
-        })
+        .map_err(|source| SegmentOpenError::Os { op: "mmap", source })
 }
 
 /// The two ring ends one side of a session holds, kept together with the segment they point

@@ -408,7 +408,10 @@ impl core::fmt::Display for GeometryError {
                 "ring capacity {capacity} is not a power of two in 1..={MAX_RING_CAPACITY}"
             ),
             Self::BadFeatureCount { feature_count } => {
-                write!(f, "feature count {feature_count} is not in 1..={MAX_FEATURES}")
+                write!(
+                    f,
+                    "feature count {feature_count} is not in 1..={MAX_FEATURES}"
+                )
             }
         }
     }

@@ -57,7 +57,9 @@ pub enum LayoutError {
 impl std::fmt::Display for LayoutError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Io { path, source } => write!(f, "cannot read layout {}: {source}", path.display()),
+            Self::Io { path, source } => {
+                write!(f, "cannot read layout {}: {source}", path.display())
+            }
             Self::Parse(e) => write!(f, "invalid layout: {e}"),
             Self::UnsupportedDtype(d) => write!(f, "unsupported layout dtype {d:?} (only \"f32\")"),
             Self::BadFeatures(why) => write!(f, "invalid layout features: {why}"),
@@ -118,7 +120,9 @@ impl FeatureLayout {
                 return Err(LayoutError::BadFeatures("an empty feature name".into()));
             }
             if !seen.insert(f.as_str()) {
-                return Err(LayoutError::BadFeatures(std::format!("{f:?} appears twice")));
+                return Err(LayoutError::BadFeatures(std::format!(
+                    "{f:?} appears twice"
+                )));
             }
         }
         Ok(())
@@ -152,15 +156,24 @@ mod tests {
 
     #[test]
     fn hash_depends_on_order_not_name() {
-        let a = FeatureLayout::from_toml(r#"name="a"
+        let a = FeatureLayout::from_toml(
+            r#"name="a"
 dtype="f32"
-features=["x","y"]"#).unwrap();
-        let b = FeatureLayout::from_toml(r#"name="b"
+features=["x","y"]"#,
+        )
+        .unwrap();
+        let b = FeatureLayout::from_toml(
+            r#"name="b"
 dtype="f32"
-features=["x","y"]"#).unwrap();
-        let c = FeatureLayout::from_toml(r#"name="a"
+features=["x","y"]"#,
+        )
+        .unwrap();
+        let c = FeatureLayout::from_toml(
+            r#"name="a"
 dtype="f32"
-features=["y","x"]"#).unwrap();
+features=["y","x"]"#,
+        )
+        .unwrap();
         assert_eq!(a.hash(), b.hash());
         assert_ne!(a.hash(), c.hash());
         assert_ne!(a.hash(), FeatureLayout::positional("p", 2).hash());
@@ -169,28 +182,36 @@ features=["y","x"]"#).unwrap();
     #[test]
     fn bad_layouts_are_refused() {
         assert!(matches!(
-            FeatureLayout::from_toml(r#"name="a"
+            FeatureLayout::from_toml(
+                r#"name="a"
 dtype="f16"
-features=["x"]"#),
+features=["x"]"#
+            ),
             Err(LayoutError::UnsupportedDtype(_))
         ));
         assert!(matches!(
-            FeatureLayout::from_toml(r#"name="a"
+            FeatureLayout::from_toml(
+                r#"name="a"
 dtype="f32"
-features=[]"#),
+features=[]"#
+            ),
             Err(LayoutError::BadFeatures(_))
         ));
         assert!(matches!(
-            FeatureLayout::from_toml(r#"name="a"
+            FeatureLayout::from_toml(
+                r#"name="a"
 dtype="f32"
-features=["x","x"]"#),
+features=["x","x"]"#
+            ),
             Err(LayoutError::BadFeatures(_))
         ));
         assert!(matches!(
-            FeatureLayout::from_toml(r#"name="a"
+            FeatureLayout::from_toml(
+                r#"name="a"
 dtype="f32"
 features=["x"]
-extra=1"#),
+extra=1"#
+            ),
             Err(LayoutError::Parse(_))
         ));
     }

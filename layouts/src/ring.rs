@@ -204,7 +204,10 @@ impl<'a> Producer<'a> {
     /// # Panics
     /// When `words` is longer than a slot.
     pub fn try_push(&mut self, words: &[u64]) -> Result<(), PushError> {
-        assert!(words.len() <= self.ring.slot_words, "frame larger than a slot");
+        assert!(
+            words.len() <= self.ring.slot_words,
+            "frame larger than a slot"
+        );
         debug_assert!(self.tail.wrapping_sub(self.cached_head) <= self.ring.capacity);
         if self.tail.wrapping_sub(self.cached_head) == self.ring.capacity {
             self.load_head().map_err(PushError::Corrupt)?;

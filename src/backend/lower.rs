@@ -139,7 +139,12 @@ fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
 }
 
 /// A per-output vector from a constant that broadcasts over `[batch, width]`.
-fn broadcast_row(dims: &[usize], data: &[f32], width: usize, what: &str) -> Result<Vec<f32>, LowerError> {
+fn broadcast_row(
+    dims: &[usize],
+    data: &[f32],
+    width: usize,
+    what: &str,
+) -> Result<Vec<f32>, LowerError> {
     let n = data.len();
     let row_shaped = match dims {
         [] | [1] | [1, 1] => true,
@@ -147,9 +152,15 @@ fn broadcast_row(dims: &[usize], data: &[f32], width: usize, what: &str) -> Resu
         _ => false,
     };
     if !row_shaped {
-        return err(format!("{what} constant of shape {dims:?} does not broadcast over width {width}"));
+        return err(format!(
+            "{what} constant of shape {dims:?} does not broadcast over width {width}"
+        ));
     }
-    Ok(if n == 1 { vec![data[0]; width] } else { data.to_vec() })
+    Ok(if n == 1 {
+        vec![data[0]; width]
+    } else {
+        data.to_vec()
+    })
 }
 
 struct Chain<'a> {
@@ -197,7 +208,10 @@ impl<'a> Chain<'a> {
     }
 
     /// The constant operand of a binary op whose other operand is the current value.
-    fn binary_constant(&self, node: &NodeProto) -> Result<(bool, Vec<usize>, Vec<f32>), LowerError> {
+    fn binary_constant(
+        &self,
+        node: &NodeProto,
+    ) -> Result<(bool, Vec<usize>, Vec<f32>), LowerError> {
         match node.input.as_slice() {
             [a, b] if *a == self.current => self.constant(b).map(|(d, v)| (true, d, v)),
             [a, b] if *b == self.current => self.constant(a).map(|(d, v)| (false, d, v)),
@@ -228,12 +242,19 @@ impl<'a> Chain<'a> {
                 let trans_b = attr_i(node, "transB", 0) != 0;
                 let (inputs, outputs) = if trans_b { (c, r) } else { (r, c) };
                 if inputs != self.width {
-                    return err(format!("Gemm expects {inputs} inputs, the chain has {}", self.width));
+                    return err(format!(
+                        "Gemm expects {inputs} inputs, the chain has {}",
+                        self.width
+                    ));
                 }
                 let mut w = vec![0.0f32; inputs * outputs];
                 for i in 0..inputs {
                     for j in 0..outputs {
-                        let v = if trans_b { b[j * inputs + i] } else { b[i * outputs + j] };
+                        let v = if trans_b {
+                            b[j * inputs + i]
+                        } else {
+                            b[i * outputs + j]
+                        };
                         w[i * outputs + j] = alpha * v;
                     }
                 }
@@ -255,7 +276,10 @@ impl<'a> Chain<'a> {
                     return err("MatMul weights are not 2-D");
                 };
                 if inputs != self.width {
-                    return err(format!("MatMul expects {inputs} inputs, the chain has {}", self.width));
+                    return err(format!(
+                        "MatMul expects {inputs} inputs, the chain has {}",
+                        self.width
+                    ));
                 }
                 self.dense(b, outputs, vec![0.0; outputs]);
             }
@@ -304,7 +328,9 @@ impl<'a> Chain<'a> {
                 }
             }
             "Relu" => self.activation(Activation::Relu, op)?,
-            "LeakyRelu" => self.activation(Activation::LeakyRelu(attr_f(node, "alpha", 0.01)), op)?,
+            "LeakyRelu" => {
+                self.activation(Activation::LeakyRelu(attr_f(node, "alpha", 0.01)), op)?
+            }
             "Sigmoid" => self.activation(Activation::Sigmoid, op)?,
             "Tanh" => self.activation(Activation::Tanh, op)?,
             "Identity" | "Dropout" => {}
@@ -336,9 +362,16 @@ fn scale_columns(layer: &mut Dense, s: &[f32]) {
 /// # Errors
 /// [`LowerError`] naming the first op or tensor outside the MLP set.
 pub fn lower_mlp(proto: &ModelProto, io: &ModelIo) -> Result<MlpPlan, LowerError> {
-    let graph: &GraphProto = proto.graph.as_ref().ok_or_else(|| LowerError("no graph".into()))?;
+    let graph: &GraphProto = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| LowerError("no graph".into()))?;
     let mut chain = Chain {
-        constants: graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect(),
+        constants: graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect(),
         current: io.input_name.clone(),
         width: io.input_width,
         layers: Vec::new(),

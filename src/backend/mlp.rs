@@ -103,7 +103,11 @@ impl MlpPlan {
                 let w = &layer.weights[i * layer.outputs..(i + 1) * layer.outputs];
                 for (o, &wij) in out.iter_mut().zip(w) {
                     // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
-                    *o = if FMA { xi.mul_add(wij, *o) } else { xi * wij + *o };
+                    *o = if FMA {
+                        xi.mul_add(wij, *o)
+                    } else {
+                        xi * wij + *o
+                    };
                 }
             }
             layer.activation.apply(out);

@@ -127,12 +127,13 @@ pub enum BackendLoadError {
 /// cannot run it.
 pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, BackendLoadError> {
     use tract_onnx::prelude::Framework;
-    let proto = tract_onnx::onnx()
-        .proto_model_for_path(path)
-        .map_err(|e| BackendLoadError::Read {
-            path: path.to_path_buf(),
-            message: format!("{e:#}"),
-        })?;
+    let proto =
+        tract_onnx::onnx()
+            .proto_model_for_path(path)
+            .map_err(|e| BackendLoadError::Read {
+                path: path.to_path_buf(),
+                message: format!("{e:#}"),
+            })?;
     let io = lower::model_io(&proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,

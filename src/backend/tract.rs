@@ -30,7 +30,10 @@ impl TractBackend {
         model
             .set_input_fact(
                 0,
-                InferenceFact::dt_shape(f32::datum_type(), tvec!(batch.to_dim(), io.input_width.to_dim())),
+                InferenceFact::dt_shape(
+                    f32::datum_type(),
+                    tvec!(batch.to_dim(), io.input_width.to_dim()),
+                ),
             )
             .map_err(tract_err)?;
         let typed = model.into_optimized().map_err(tract_err)?;

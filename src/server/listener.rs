@@ -40,7 +40,10 @@ pub(super) struct ListenerContext {
 pub(super) type Sessions = Vec<(Arc<SessionLink>, UnixStream)>;
 
 /// Binds the endpoint's socket, removing a stale one left by a server that is gone.
-pub(super) fn bind(path: &Path, allowed_gid: Option<u32>) -> Result<UnixListener, ServerStartError> {
+pub(super) fn bind(
+    path: &Path,
+    allowed_gid: Option<u32>,
+) -> Result<UnixListener, ServerStartError> {
     let listen_err = |source| ServerStartError::Listen {
         path: path.into(),
         source,
@@ -138,7 +141,9 @@ fn handshake(
     open: usize,
 ) -> Option<(Arc<SessionLink>, UnixStream)> {
     // The hello is read blocking, bounded by HELLO_TIMEOUT.
-    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(HELLO_TIMEOUT)).is_err()
+    {
         return None;
     }
     let mut hello = Hello::zeroed();
@@ -159,21 +164,46 @@ fn handshake(
             .allowed_gid
             .is_some_and(|g| cred.gid.as_raw() == g || peer_in_group(cred.pid, g));
     if !allowed {
-        tracing::warn!(pid = cred.pid.as_raw_nonzero().get(), uid = cred.uid.as_raw(), "connection refused: credentials not allowed");
-        refuse(&stream, HelloStatus::PermissionDenied, "this user may not connect to the server", 0, &hello);
+        tracing::warn!(
+            pid = cred.pid.as_raw_nonzero().get(),
+            uid = cred.uid.as_raw(),
+            "connection refused: credentials not allowed"
+        );
+        refuse(
+            &stream,
+            HelloStatus::PermissionDenied,
+            "this user may not connect to the server",
+            0,
+            &hello,
+        );
         return None;
     }
     if hello.magic != HELLO_MAGIC {
-        refuse(&stream, HelloStatus::BadRequest, "bad hello magic", 0, &hello);
+        refuse(
+            &stream,
+            HelloStatus::BadRequest,
+            "bad hello magic",
+            0,
+            &hello,
+        );
         return None;
     }
     if hello.abi_version != ABI_VERSION {
-        let msg = format!("ABI version mismatch: server {ABI_VERSION}, client {}", hello.abi_version);
+        let msg = format!(
+            "ABI version mismatch: server {ABI_VERSION}, client {}",
+            hello.abi_version
+        );
         refuse(&stream, HelloStatus::VersionMismatch, &msg, 0, &hello);
         return None;
     }
     let Some(name) = hello.model_name() else {
-        refuse(&stream, HelloStatus::BadRequest, "invalid model name", 0, &hello);
+        refuse(
+            &stream,
+            HelloStatus::BadRequest,
+            "invalid model name",
+            0,
+            &hello,
+        );
         return None;
     };
     let found = ctx.models.iter().position(|m| {
@@ -191,8 +221,15 @@ fn handshake(
             0 => String::new(),
             v => format!(" version {v}"),
         };
-        let msg = format!("model {name}{version} is not served; served: {}", served.join(", "));
-        tracing::info!(model = name, version = hello.model_version, "session refused: unknown model");
+        let msg = format!(
+            "model {name}{version} is not served; served: {}",
+            served.join(", ")
+        );
+        tracing::info!(
+            model = name,
+            version = hello.model_version,
+            "session refused: unknown model"
+        );
         refuse(&stream, HelloStatus::ModelNotFound, &msg, 0, &hello);
         return None;
     };
@@ -206,7 +243,13 @@ fn handshake(
             model.layout_hash
         );
         tracing::info!(model = %model.key(), client = hello.layout_hash, server = model.layout_hash, "session refused: layout mismatch");
-        refuse(&stream, HelloStatus::LayoutMismatch, &msg, model.layout_hash, &hello);
+        refuse(
+            &stream,
+            HelloStatus::LayoutMismatch,
+            &msg,
+            model.layout_hash,
+            &hello,
+        );
         return None;
     }
     let geometry = match SegmentGeometry::new(
@@ -216,22 +259,48 @@ fn handshake(
     ) {
         Ok(g) => g,
         Err(e) => {
-            refuse(&stream, HelloStatus::BadRequest, &e.to_string(), model.layout_hash, &hello);
+            refuse(
+                &stream,
+                HelloStatus::BadRequest,
+                &e.to_string(),
+                model.layout_hash,
+                &hello,
+            );
             return None;
         }
     };
     if open >= ctx.max_sessions {
-        let msg = format!("the server holds its maximum of {} sessions", ctx.max_sessions);
-        refuse(&stream, HelloStatus::TooManySessions, &msg, model.layout_hash, &hello);
+        let msg = format!(
+            "the server holds its maximum of {} sessions",
+            ctx.max_sessions
+        );
+        refuse(
+            &stream,
+            HelloStatus::TooManySessions,
+            &msg,
+            model.layout_hash,
+            &hello,
+        );
         return None;
     }
     let id = next_id.fetch_add(1, Ordering::Relaxed);
-    let info = geometry.info(model.layout_hash, id, model.output_width() as u32, model.version);
+    let info = geometry.info(
+        model.layout_hash,
+        id,
+        model.output_width() as u32,
+        model.version,
+    );
     let segment = match Segment::create(geometry, info) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot create a session segment");
-            refuse(&stream, HelloStatus::Internal, &e.to_string(), model.layout_hash, &hello);
+            refuse(
+                &stream,
+                HelloStatus::Internal,
+                &e.to_string(),
+                model.layout_hash,
+                &hello,
+            );
             return None;
         }
     };
@@ -246,7 +315,11 @@ fn handshake(
     reply.model_version = model.version;
     reply.feature_count = model.input_width() as u32;
     reply.output_count = model.output_width() as u32;
-    reply.flags = if model.layout.allow_non_finite { REPLY_ALLOW_NON_FINITE } else { 0 };
+    reply.flags = if model.layout.allow_non_finite {
+        REPLY_ALLOW_NON_FINITE
+    } else {
+        0
+    };
     let info = model.backend.info();
     reply.set_message(&format!("{} {}", info.architecture, info.device));
     let sent = {

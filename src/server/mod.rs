@@ -70,7 +70,10 @@ impl Server {
     /// # Errors
     /// [`ServerStartError`] when the socket cannot be bound (or another server holds it) or a
     /// thread cannot start.
-    pub fn start(config: &ServiceConfig, models: Vec<LoadedModel>) -> Result<Self, ServerStartError> {
+    pub fn start(
+        config: &ServiceConfig,
+        models: Vec<LoadedModel>,
+    ) -> Result<Self, ServerStartError> {
         let models: Arc<[LoadedModel]> = models.into();
         let socket_path = tie_client::endpoint::socket_path(
             config.server.socket_dir.as_deref(),
@@ -82,7 +85,12 @@ impl Server {
         let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
             vec![None]
         } else {
-            config.server.poller_cores.iter().map(|&c| Some(c)).collect()
+            config
+                .server
+                .poller_cores
+                .iter()
+                .map(|&c| Some(c))
+                .collect()
         };
         let idle = IdlePolicy::from_config(&config.server);
         let mut senders = Vec::new();

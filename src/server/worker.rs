@@ -123,7 +123,11 @@ struct Batch {
 
 impl Batch {
     fn new(model: &LoadedModel) -> Self {
-        let (w, o, n) = (model.input_width(), model.output_width(), model.max_batch_size);
+        let (w, o, n) = (
+            model.input_width(),
+            model.output_width(),
+            model.max_batch_size,
+        );
         Self {
             entries: Vec::with_capacity(n * 2),
             input: vec![0.0; n * w],
@@ -258,7 +262,14 @@ impl Poller {
                     return taken;
                 }
             }
-            let entry = validate(s, frame, batch, i, now, self.models[s.model].layout.allow_non_finite);
+            let entry = validate(
+                s,
+                frame,
+                batch,
+                i,
+                now,
+                self.models[s.model].layout.allow_non_finite,
+            );
             batch.entries.push(entry);
             s.accepted += 1;
             credits -= 1;
@@ -351,7 +362,10 @@ impl Poller {
                 }
                 // Credits make this impossible for a client that follows the protocol.
                 Err(PushError::Full) => {
-                    tracing::warn!(session = s.link.id, "response ring full: client broke the credit rule");
+                    tracing::warn!(
+                        session = s.link.id,
+                        "response ring full: client broke the credit rule"
+                    );
                     fault(s, FaultReason::ResponseIndexCorrupt);
                 }
                 Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
@@ -363,7 +377,8 @@ impl Poller {
     /// Drops sessions that are dead (hung up or faulted); their segments unmap here.
     fn reap(&mut self) {
         let before = self.sessions.len();
-        self.sessions.retain(|s| !s.link.dead.load(Ordering::Relaxed));
+        self.sessions
+            .retain(|s| !s.link.dead.load(Ordering::Relaxed));
         if self.sessions.len() != before {
             self.start = 0;
         }
@@ -372,7 +387,11 @@ impl Poller {
 
 fn fault(s: &mut WorkerSession, reason: FaultReason) {
     if !s.link.dead.swap(true, Ordering::SeqCst) {
-        tracing::warn!(session = s.link.id, ?reason, "session faulted: protocol violation");
+        tracing::warn!(
+            session = s.link.id,
+            ?reason,
+            "session faulted: protocol violation"
+        );
         s.rings
             .segment()
             .set_server_state(ServerState::Faulted, reason.code());
@@ -388,7 +407,8 @@ fn validate(
     now: u64,
     allow_non_finite: bool,
 ) -> Entry {
-    let header: RequestHeader = bytemuck::pod_read_unaligned(bytemuck::cast_slice(&frame[..REQUEST_HEADER_WORDS]));
+    let header: RequestHeader =
+        bytemuck::pod_read_unaligned(bytemuck::cast_slice(&frame[..REQUEST_HEADER_WORDS]));
     let mut entry = Entry {
         session,
         request_id: header.request_id,
@@ -408,21 +428,46 @@ fn validate(
         e.detail_b = b;
     };
     if header.seq != expected_seq {
-        reject(&mut entry, Status::REJECTED, RejectReason::BadSequence as u32, expected_seq as u32);
+        reject(
+            &mut entry,
+            Status::REJECTED,
+            RejectReason::BadSequence as u32,
+            expected_seq as u32,
+        );
     } else if header.model_slot != 0 {
         reject(&mut entry, Status::MODEL_NOT_FOUND, header.model_slot, 0);
     } else if header.feature_count as usize != s.feature_count {
-        reject(&mut entry, Status::INVALID_INPUT_SHAPE, s.feature_count as u32, header.feature_count);
+        reject(
+            &mut entry,
+            Status::INVALID_INPUT_SHAPE,
+            s.feature_count as u32,
+            header.feature_count,
+        );
     } else if header.priority > 3 {
-        reject(&mut entry, Status::REJECTED, RejectReason::BadPriority as u32, header.priority);
+        reject(
+            &mut entry,
+            Status::REJECTED,
+            RejectReason::BadPriority as u32,
+            header.priority,
+        );
     } else if header.flags != 0 || header.reserved != [0; 2] {
-        reject(&mut entry, Status::REJECTED, RejectReason::BadReserved as u32, 0);
+        reject(
+            &mut entry,
+            Status::REJECTED,
+            RejectReason::BadReserved as u32,
+            0,
+        );
     } else {
         let features: &[f32] = bytemuck::cast_slice(&frame[REQUEST_HEADER_WORDS..]);
         let features = &features[..s.feature_count];
         match features.iter().position(|f| !f.is_finite()) {
             Some(i) if !allow_non_finite => {
-                reject(&mut entry, Status::REJECTED, RejectReason::NonFinite as u32, i as u32);
+                reject(
+                    &mut entry,
+                    Status::REJECTED,
+                    RejectReason::NonFinite as u32,
+                    i as u32,
+                );
             }
             _ => {
                 let row = batch.rows;
@@ -441,7 +486,9 @@ fn compact(batch: &mut Batch) {
     let mut next = 0;
     for e in batch.entries.iter_mut().filter(|e| e.status.is_ok()) {
         if e.row != next {
-            batch.input.copy_within(e.row * w..(e.row + 1) * w, next * w);
+            batch
+                .input
+                .copy_within(e.row * w..(e.row + 1) * w, next * w);
             e.row = next;
         }
         next += 1;

@@ -1,0 +1,216 @@
+//! Test support: a real `tie serve` process in its own socket directory, and child client
+//! processes (this test binary re-run with a role in its environment).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tie_client::{ConnectOptions, WaitStrategy};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh directory under the system temp dir, removed by the caller or left for inspection.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tie-test-{}-{}-{tag}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `tie serve` process.
+pub struct TestServer {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub endpoint: String,
+}
+
+/// Config for tests: pollers sleep when idle so many processes share two cores.
+pub const TEST_CONFIG: &str = r#"
+[server]
+idle = "spin-park"
+idle_spin_us = 50
+idle_park_us = 20
+[model_deployment]
+warmup_requests = 2
+"#;
+
+impl TestServer {
+    pub fn start() -> Self {
+        Self::start_with(TEST_CONFIG, &root().join("models"))
+    }
+
+    pub fn start_with(config: &str, repository: &Path) -> Self {
+        let dir = scratch_dir("server");
+        let config_path = dir.join("tie.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let stderr = std::fs::File::create(dir.join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(root())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .arg("--model-repository")
+            .arg(repository)
+            .args(["--endpoint", "test"])
+            .arg("--socket-dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start tie serve");
+        let server = Self {
+            child,
+            dir,
+            endpoint: "test".into(),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let socket = self.dir.join("test.sock");
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "server did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Connect options for this server: its socket directory, spin-then-yield waiting.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            socket_dir: Some(self.dir.clone()),
+            wait: WaitStrategy::SpinThenYield {
+                spin: Duration::from_micros(20),
+            },
+            timeout: Duration::from_secs(10),
+            ..ConnectOptions::default()
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY-free: plain kill(2) through the `kill` command keeps the tests free of libc.
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then wait for the exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        self.signal(15);
+        self.child.wait().unwrap().success()
+    }
+
+    /// File descriptors of the server that are session segments.
+    pub fn segment_fds(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return 0;
+        };
+        entries
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.to_string_lossy().contains("tie-session"))
+            .count()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `f` holds, for at most `limit`; returns whether it did.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// Expected outputs of a model, as committed by `models/generate.py`.
+#[derive(serde::Deserialize)]
+pub struct Fixture {
+    pub model: String,
+    pub version: u32,
+    pub inputs: Vec<Vec<f32>>,
+    pub outputs: Vec<Vec<f32>>,
+}
+
+pub fn fixture(name: &str) -> Fixture {
+    let path = root()
+        .join("tests/fixtures/expected")
+        .join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// All fixtures.
+pub fn fixtures() -> Vec<Fixture> {
+    let mut names: Vec<String> = std::fs::read_dir(root().join("tests/fixtures/expected"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names.iter().map(|n| fixture(n)).collect()
+}
+
+/// Relative error with a floor of 1 on the scale: |a - b| / max(|b|, 1).
+pub fn rel_err(a: f32, b: f32) -> f32 {
+    (a - b).abs() / b.abs().max(1.0)
+}
+
+/// Re-runs this test binary as a child process running the `#[ignore]`d test `entry` with
+/// `TIE_CHILD_ROLE=role`.
+pub fn spawn_child(entry: &str, role: &str, envs: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        entry,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("TIE_CHILD_ROLE", role)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn child client")
+}

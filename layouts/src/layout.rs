@@ -47,7 +47,7 @@ pub enum LayoutError {
         source: std::io::Error,
     },
     /// The TOML is invalid or has unknown keys.
-    Parse(toml::de::Error),
+    Parse(std::boxed::Box<toml::de::Error>),
     /// The dtype is not `f32`.
     UnsupportedDtype(String),
     /// No features, too many, or a name is empty or repeated.
@@ -76,7 +76,7 @@ impl FeatureLayout {
     /// [`LayoutError`] for invalid TOML, unknown keys, a dtype other than `f32`, no features,
     /// more than [`crate::abi::MAX_FEATURES`], or an empty or repeated name.
     pub fn from_toml(text: &str) -> Result<Self, LayoutError> {
-        let layout: Self = toml::from_str(text).map_err(LayoutError::Parse)?;
+        let layout: Self = toml::from_str(text).map_err(|e| LayoutError::Parse(e.into()))?;
         layout.check()?;
         Ok(layout)
     }

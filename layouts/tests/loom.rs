@@ -1,6 +1,11 @@
 //! Loom models of the ring protocol: every interleaving of one producer and one consumer.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p tie-layouts --test loom --release`.
+//!
+//! Weakening the tail's Release/Acquire pair makes every model here fail (checked by hand).
+//! The head's pair (slot reuse) is modelled by `slot_is_not_reused_before_release`, but loom
+//! does not model load buffering, so a weakened head load is not caught: that edge rests on the
+//! reasoning in `ring.rs`.
 #![cfg(loom)]
 
 use loom::sync::Arc;

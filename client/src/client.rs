@@ -141,8 +141,8 @@ impl Response {
             confidence: frame.confidence,
             detail_a: frame.detail_a,
             detail_b: frame.detail_b,
-            queue_ns: frame.queue_ns,
-            compute_ns: frame.compute_ns,
+            queue_ns: u64::from(frame.queue_ns),
+            compute_ns: u64::from(frame.compute_ns),
             output_count,
             outputs: frame.outputs,
         }
@@ -424,13 +424,12 @@ impl Client {
             priority: priority as u32,
             feature_count: self.feature_count,
             flags: 0,
-            reserved: [0; 2],
         };
         self.frame[..REQUEST_HEADER_WORDS]
             .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
         let body: &mut [f32] = bytemuck::cast_slice_mut(&mut self.frame[REQUEST_HEADER_WORDS..]);
         body[..features.len()].copy_from_slice(features);
-        let words = REQUEST_HEADER_WORDS + features.len().div_ceil(2);
+        let words = abi::request_words(self.feature_count);
         match self.rings.try_push(&self.frame[..words]) {
             Ok(()) => {}
             Err(PushError::Full) => {
@@ -479,7 +478,15 @@ impl Client {
 
     fn poll_any(&mut self) -> Option<Response> {
         let mut words = [0u64; RESPONSE_WORDS];
-        match self.rings.try_pop(&mut words) {
+        // Only the header and this model's outputs are read: for up to 4 outputs, one line.
+        let read = &mut words[..abi::response_words(self.output_count)];
+        // Responses come in submission order: the next one carries the oldest pending id as
+        // its stamp, so it can be taken before the server publishes its tail.
+        let popped = match self.pending.front() {
+            Some(p) => self.rings.try_pop_stamped(p.id, read),
+            None => self.rings.try_pop(read),
+        };
+        match popped {
             Ok(true) => {
                 self.rings.release();
                 let frame: ResponseFrame = bytemuck::cast(words);
@@ -492,11 +499,11 @@ impl Client {
             return None;
         }
         self.empty_polls += 1;
-        if !self.disconnected
-            && self.empty_polls >= POLLS_PER_CLOCK_CHECK
-            && self.last_liveness_check.elapsed() >= LIVENESS_CHECK_INTERVAL
-        {
+        if !self.disconnected && self.empty_polls >= POLLS_PER_CLOCK_CHECK {
             self.empty_polls = 0;
+            if self.last_liveness_check.elapsed() < LIVENESS_CHECK_INTERVAL {
+                return None;
+            }
             self.last_liveness_check = Instant::now();
             self.disconnected = self.server_gone();
             if self.disconnected {

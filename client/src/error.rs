@@ -161,7 +161,7 @@ impl std::fmt::Display for ServerError {
                 }
                 Some(RejectReason::BadPriority) => write!(f, "rejected: bad priority {b}"),
                 Some(RejectReason::BadReserved) => {
-                    write!(f, "rejected: flags or reserved words are not zero")
+                    write!(f, "rejected: flags are not zero")
                 }
                 None => write!(f, "rejected (reason {a}, detail {b})"),
             },

@@ -100,7 +100,10 @@ impl Segment {
             info,
             geometry,
         };
-        // A new memfd reads as zeros: the ring indices start at 0 and need no store.
+        // A new memfd reads as zeros: the ring indices start at 0 and need no store. Slots start
+        // with a stamp no frame carries, so an unwritten slot never passes for a frame.
+        segment.request_ring().clear_stamps(abi::EMPTY_STAMP);
+        segment.response_ring().clear_stamps(abi::EMPTY_STAMP);
         let info_words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(&info));
         for (i, w) in info_words.iter().enumerate() {
             // Relaxed: published by the Release store of the ready word below.
@@ -378,6 +381,15 @@ impl RingEnds {
     #[inline]
     pub fn try_pop(&mut self, out: &mut [u64]) -> Result<bool, RingCorrupt> {
         self.consumer.try_pop(out)
+    }
+
+    /// See [`Consumer::try_pop_stamped`].
+    ///
+    /// # Errors
+    /// As [`Consumer::try_pop_stamped`].
+    #[inline]
+    pub fn try_pop_stamped(&mut self, stamp: u64, out: &mut [u64]) -> Result<bool, RingCorrupt> {
+        self.consumer.try_pop_stamped(stamp, out)
     }
 
     /// See [`Consumer::available`].

@@ -22,6 +22,10 @@ pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"TIESEG\0\x01");
 pub const ABI_VERSION: u32 = 1;
 /// Value of the ready word once the server has initialised the whole segment.
 pub const READY: u64 = u64::from_le_bytes(*b"READY\0\0\0");
+/// First word of every slot of a new segment: no frame carries it (a request's first word is
+/// its sequence number, a response's its request id), so an unwritten slot never passes for a
+/// frame (see [`crate::ring`]'s "Stamps").
+pub const EMPTY_STAMP: u64 = u64::MAX;
 /// A cache line on the platforms tie runs on.
 pub const CACHE_LINE: usize = 64;
 /// Spacing of the two indices of a ring: two cache lines, so adjacent-line prefetch does not
@@ -70,7 +74,7 @@ pub struct SegmentInfo {
     pub response_offset: u64,
     /// Slots of the request ring (a power of two).
     pub request_capacity: u32,
-    /// Bytes of one request slot: 64 header bytes plus the features, padded to cache lines.
+    /// Bytes of one request slot: the 48-byte header and the features, padded to cache lines.
     pub request_slot_size: u32,
     /// Slots of the response ring (a power of two).
     pub response_capacity: u32,
@@ -111,10 +115,12 @@ const _: () = {
 };
 
 /// Header of a request frame; the frame's features (f32) follow it in the same slot.
+///
+/// 48 bytes, so that a frame of up to 4 features fits one cache line with its header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RequestHeader {
-    /// Per-session sequence number: 0, 1, 2, ... in submission order.
+    /// Per-session sequence number: 0, 1, 2, ... in submission order. The slot's stamp.
     pub seq: u64,
     /// Client-chosen id, echoed in the response.
     pub request_id: u64,
@@ -130,12 +136,10 @@ pub struct RequestHeader {
     pub feature_count: u32,
     /// Zero.
     pub flags: u32,
-    /// Zero.
-    pub reserved: [u64; 2],
 }
 
 const _: () = {
-    assert!(size_of::<RequestHeader>() == 64);
+    assert!(size_of::<RequestHeader>() == 48);
     assert!(offset_of!(RequestHeader, seq) == 0);
     assert!(offset_of!(RequestHeader, request_id) == 8);
     assert!(offset_of!(RequestHeader, deadline_ns) == 16);
@@ -144,14 +148,17 @@ const _: () = {
     assert!(offset_of!(RequestHeader, priority) == 36);
     assert!(offset_of!(RequestHeader, feature_count) == 40);
     assert!(offset_of!(RequestHeader, flags) == 44);
-    assert!(offset_of!(RequestHeader, reserved) == 48);
 };
 
 /// A response frame: one per accepted request.
+///
+/// The header is 48 bytes, so a response of up to 4 outputs fits one cache line; a writer
+/// writes, and a reader reads, only the words up to the last output (see
+/// [`response_words`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
 pub struct ResponseFrame {
-    /// The request's id.
+    /// The request's id. The slot's stamp.
     pub request_id: u64,
     /// The request's sequence number.
     pub seq: u64,
@@ -167,14 +174,14 @@ pub struct ResponseFrame {
     pub confidence: f32,
     /// Second status detail.
     pub detail_b: u32,
-    /// Nanoseconds from the server accepting the frame to its batch starting.
-    pub queue_ns: u64,
-    /// Nanoseconds the batch that held the request took to compute.
-    pub compute_ns: u64,
-    /// Zero.
-    pub reserved: u64,
+    /// Nanoseconds from the server accepting the frame to its batch starting (saturated).
+    pub queue_ns: u32,
+    /// Nanoseconds the batch that held the request took to compute (saturated).
+    pub compute_ns: u32,
     /// Output values, row-major, `output_count` of them valid.
     pub outputs: [f32; MAX_OUTPUTS],
+    /// Zero.
+    pub reserved: [u64; 2],
 }
 
 const _: () = {
@@ -188,21 +195,40 @@ const _: () = {
     assert!(offset_of!(ResponseFrame, confidence) == 32);
     assert!(offset_of!(ResponseFrame, detail_b) == 36);
     assert!(offset_of!(ResponseFrame, queue_ns) == 40);
-    assert!(offset_of!(ResponseFrame, compute_ns) == 48);
-    assert!(offset_of!(ResponseFrame, reserved) == 56);
-    assert!(offset_of!(ResponseFrame, outputs) == 64);
+    assert!(offset_of!(ResponseFrame, compute_ns) == 44);
+    assert!(offset_of!(ResponseFrame, outputs) == 48);
+    assert!(offset_of!(ResponseFrame, reserved) == 112);
 };
+
+/// Words (u64) of a response header.
+pub const RESPONSE_HEADER_WORDS: usize = offset_of!(ResponseFrame, outputs) / 8;
+
+/// Words of a response frame that matter for `output_count` outputs: the header and the
+/// outputs, rounded up to a word.
+pub const fn response_words(output_count: u32) -> usize {
+    let outputs = if output_count as usize > MAX_OUTPUTS {
+        MAX_OUTPUTS
+    } else {
+        output_count as usize
+    };
+    RESPONSE_HEADER_WORDS + outputs.div_ceil(2)
+}
 
 /// Words (u64) of a response slot.
 pub const RESPONSE_WORDS: usize = size_of::<ResponseFrame>() / 8;
 /// Words (u64) of a request header.
 pub const REQUEST_HEADER_WORDS: usize = size_of::<RequestHeader>() / 8;
 
-/// Bytes of a request slot carrying `feature_count` features: the header, then the features
-/// padded to a whole cache line.
+/// Bytes of a request slot carrying `feature_count` features: the header and the features,
+/// padded to whole cache lines.
 pub const fn request_slot_size(feature_count: u32) -> usize {
-    let features = feature_count as usize * 4;
-    size_of::<RequestHeader>() + features.div_ceil(CACHE_LINE) * CACHE_LINE
+    let bytes = size_of::<RequestHeader>() + feature_count as usize * 4;
+    bytes.div_ceil(CACHE_LINE) * CACHE_LINE
+}
+
+/// Words of a request frame carrying `feature_count` features (header and features).
+pub const fn request_words(feature_count: u32) -> usize {
+    REQUEST_HEADER_WORDS + (feature_count as usize).div_ceil(2)
 }
 
 /// Status of a response, as the `status` word of a [`ResponseFrame`].
@@ -285,7 +311,7 @@ pub enum RejectReason {
     BadSequence = 2,
     /// The priority is not 0..=3; `detail_b` is the value given.
     BadPriority = 3,
-    /// Flags or reserved words are not zero.
+    /// Flags are not zero.
     BadReserved = 4,
 }
 
@@ -499,10 +525,15 @@ mod tests {
 
     #[test]
     fn slot_sizes_are_whole_cache_lines() {
-        assert_eq!(request_slot_size(1), 128);
-        assert_eq!(request_slot_size(16), 128);
-        assert_eq!(request_slot_size(17), 192);
-        assert_eq!(request_slot_size(64), 64 + 256);
+        assert_eq!(request_slot_size(1), 64);
+        assert_eq!(request_slot_size(4), 64);
+        assert_eq!(request_slot_size(5), 128);
+        assert_eq!(request_slot_size(64), 320);
+        assert_eq!(request_words(4), 8);
+        assert_eq!(request_words(3), 8);
+        assert_eq!(response_words(1), 7);
+        assert_eq!(response_words(4), 8);
+        assert_eq!(response_words(99), 14);
     }
 
     #[test]
@@ -510,6 +541,7 @@ mod tests {
         let g = SegmentGeometry::new(8, 16, 64).unwrap();
         assert_eq!(g.request_offset, 256);
         assert_eq!(g.response_offset, 256 + 256 + 8 * 320);
+        assert_eq!(SegmentGeometry::new(8, 8, 4).unwrap().request_slot_size, 64);
         assert_eq!(g.segment_size, g.response_offset + 256 + 16 * 128);
         assert_eq!(g.segment_size % 64, 0);
     }

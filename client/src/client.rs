@@ -573,7 +573,7 @@ impl Client {
             }
             spins = spins.wrapping_add(1);
             // The clock is read every 64 empty polls, not on every spin.
-            if spins % 64 == 0 && started.elapsed() >= self.timeout {
+            if spins.is_multiple_of(64) && started.elapsed() >= self.timeout {
                 if let Some(p) = self.pending.iter_mut().find(|p| p.id == id) {
                     p.abandoned = true;
                 }

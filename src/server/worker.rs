@@ -170,7 +170,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     loop {
         let stopping = ctx.stopping.load(Ordering::Relaxed);
         // New sessions are picked up every 64 rounds: a few microseconds at most.
-        if round % 64 == 0 {
+        if round.is_multiple_of(64) {
             while let Ok(new) = ctx.new_sessions.try_recv() {
                 p.adopt(new);
             }

@@ -25,7 +25,7 @@ fn mem(capacity: u32, slot_words: usize) -> Mem {
 
 fn bench_ring(c: &mut Criterion) {
     let slot_words = request_slot_size(64) / 8; // a 64-feature request frame
-    let frame_words = 8 + 32;
+    let frame_words = tie_client::layouts::abi::request_words(64);
     let m = mem(1024, slot_words);
     let view = RingView::new(&m.tail, &m.head, &m.slots, 1024, slot_words).unwrap();
     let mut p = Producer::new(view);

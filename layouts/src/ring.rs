@@ -267,7 +267,13 @@ pub struct Consumer<'a> {
     /// Last producer tail we loaded. Invariant: `cached_tail - head` in `0..=capacity`, or
     /// `head` ahead of it by frames taken on their stamp before the tail covered them.
     cached_tail: u64,
+    /// Stamp checks that found no frame, for spacing out tail loads.
+    stamp_misses: u32,
 }
+
+/// A stamped pop that finds no frame loads the tail once in this many tries (a frame whose
+/// stamp is not the expected one still arrives, a little later).
+const STAMP_MISSES_PER_TAIL_LOAD: u32 = 64;
 
 impl<'a> Consumer<'a> {
     /// The consumer of a ring that starts empty at index 0.
@@ -276,6 +282,7 @@ impl<'a> Consumer<'a> {
             ring,
             head: 0,
             cached_tail: 0,
+            stamp_misses: 0,
         }
     }
 
@@ -340,8 +347,14 @@ impl<'a> Consumer<'a> {
         if self.cached_ready() == 0 {
             let start = self.ring.slot_start(self.head);
             // SYNC(stamp): Acquire pairs with the producer's Release in `RingView::write_slot`.
-            if self.ring.slots[start].load(Ordering::Acquire) != stamp && self.available()? == 0 {
-                return Ok(false);
+            if self.ring.slots[start].load(Ordering::Acquire) != stamp {
+                // The tail is looked at only every STAMP_MISSES_PER_TAIL_LOAD misses: loading
+                // it on every spin would pull the producer's index line away from it while it
+                // publishes, slowing the very frame we wait for.
+                self.stamp_misses = self.stamp_misses.wrapping_add(1);
+                if self.stamp_misses % STAMP_MISSES_PER_TAIL_LOAD != 0 || self.available()? == 0 {
+                    return Ok(false);
+                }
             }
         }
         self.ring.read_slot(self.head, out);
@@ -462,6 +475,7 @@ mod tests {
             ring: view(&m, 4, 1),
             head: u64::MAX - 1,
             cached_tail: u64::MAX - 1,
+            stamp_misses: 0,
         };
         for v in 0..3 {
             p.push(&[v]).unwrap();
@@ -496,7 +510,9 @@ mod tests {
         assert!(!c.try_pop_stamped(10, &mut out).unwrap());
         p.try_push(&[10, 1]).unwrap(); // not published
         assert!(!c.try_pop(&mut out).unwrap());
-        assert!(!c.try_pop_stamped(11, &mut out).unwrap(), "wrong stamp");
+        for _ in 0..2 * STAMP_MISSES_PER_TAIL_LOAD {
+            assert!(!c.try_pop_stamped(11, &mut out).unwrap(), "wrong stamp");
+        }
         assert!(c.try_pop_stamped(10, &mut out).unwrap());
         assert_eq!(out, [10, 1]);
         c.release();

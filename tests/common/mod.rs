@@ -120,6 +120,24 @@ impl TestServer {
         assert!(status.success());
     }
 
+    /// SIGSTOP, returning once every thread of the server is stopped.
+    pub fn pause(&self) {
+        self.signal(19);
+        let stopped = eventually(Duration::from_secs(5), || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+                return false;
+            };
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                .all(|stat| {
+                    // The state follows the command name in parentheses.
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T'))
+                })
+        });
+        assert!(stopped, "server did not stop");
+    }
+
     /// SIGTERM, then wait for the exit; returns whether it exited successfully.
     pub fn stop(&mut self) -> bool {
         self.signal(15);

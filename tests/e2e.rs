@@ -393,7 +393,12 @@ fn a_stopped_server_answers_what_it_accepted_then_disconnects() {
     server.signal(18); // SIGCONT
     for (id, expected) in ids.iter().zip(&f.outputs) {
         let r = wait_response(&mut client);
-        assert_eq!((r.request_id, r.status), (*id, Status::OK));
+        assert_eq!(
+            (r.request_id, r.status),
+            (*id, Status::OK),
+            "{}",
+            server.log()
+        );
         assert!(rel_err(r.outputs()[0], expected[0]) <= 1e-5);
     }
     assert!(server.child.wait().unwrap().success());

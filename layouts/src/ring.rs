@@ -352,7 +352,9 @@ impl<'a> Consumer<'a> {
                 // it on every spin would pull the producer's index line away from it while it
                 // publishes, slowing the very frame we wait for.
                 self.stamp_misses = self.stamp_misses.wrapping_add(1);
-                if self.stamp_misses % STAMP_MISSES_PER_TAIL_LOAD != 0 || self.available()? == 0 {
+                if !self.stamp_misses.is_multiple_of(STAMP_MISSES_PER_TAIL_LOAD)
+                    || self.available()? == 0
+                {
                     return Ok(false);
                 }
             }

@@ -58,7 +58,10 @@ pub enum ServerStartError {
 
 /// A running server.
 pub struct Server {
+    /// Tells the pollers to answer what they hold and stop.
     stopping: Arc<AtomicBool>,
+    /// Tells the listener to stop accepting.
+    listener_stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<WorkerStats>>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
@@ -112,11 +115,12 @@ impl Server {
                 .map_err(ServerStartError::Thread)?;
             workers.push(handle);
         }
+        let listener_stopping = Arc::new(AtomicBool::new(false));
         let ctx = listener::ListenerContext {
             listener: listen,
             models,
             workers: senders,
-            stopping: stopping.clone(),
+            stopping: listener_stopping.clone(),
             allowed_gid: config.server.allowed_gid,
             max_sessions: config.server.max_sessions as usize,
         };
@@ -127,6 +131,7 @@ impl Server {
         tracing::info!(socket = %socket_path.display(), pollers = workers.len(), "serving");
         Ok(Self {
             stopping,
+            listener_stopping,
             workers,
             listener: Some(listener),
             socket_path,
@@ -141,6 +146,18 @@ impl Server {
     /// Stops accepting, answers every frame already submitted, marks sessions closing, then
     /// closes their sockets and removes the endpoint's socket file.
     pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.listener.is_none() && self.workers.is_empty() {
+            return;
+        }
+        // First no new session, then the pollers answer every frame already in the rings and
+        // mark their sessions closing, then the sockets close.
+        self.listener_stopping.store(true, Ordering::SeqCst);
+        let sessions = self.listener.take().map(|l| l.join());
+        let _ = std::fs::remove_file(&self.socket_path);
         self.stopping.store(true, Ordering::SeqCst);
         for w in self.workers.drain(..) {
             match w.join() {
@@ -153,11 +170,15 @@ impl Server {
                 Err(_) => tracing::error!("a poller panicked"),
             }
         }
-        if let Some(l) = self.listener.take() {
-            // The sessions' sockets close here, after every response was written.
-            drop(l.join());
-        }
-        let _ = std::fs::remove_file(&self.socket_path);
+        // The sessions' sockets close here, after every response was written.
+        drop(sessions);
         tracing::info!("server stopped");
+    }
+}
+
+impl Drop for Server {
+    /// A server dropped without [`Server::shutdown`] stops the same way.
+    fn drop(&mut self) {
+        self.stop();
     }
 }

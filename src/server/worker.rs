@@ -169,8 +169,10 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     let mut round = 0u32;
     loop {
         let stopping = ctx.stopping.load(Ordering::Relaxed);
-        // New sessions are picked up every 64 rounds: a few microseconds at most.
-        if round.is_multiple_of(64) {
+        // New sessions are picked up on every idle round, and every 64 busy ones (a few
+        // microseconds at most), keeping the channel off the busy path. A stopping poller
+        // takes them all first, so that what their clients already sent is answered.
+        if idle_since.is_some() || stopping || round.is_multiple_of(64) {
             while let Ok(new) = ctx.new_sessions.try_recv() {
                 p.adopt(new);
             }

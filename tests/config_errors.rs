@@ -1,0 +1,98 @@
+//! `tie serve` refuses bad configuration with an error naming what is wrong, and logs as JSON
+//! when asked.
+
+mod common;
+
+use std::process::Command;
+
+use common::{root, scratch_dir, TestServer};
+
+/// Runs `tie serve` expecting it to fail at start-up; returns its stderr.
+fn serve_fails(config: &str, repository: &std::path::Path) -> String {
+    let dir = scratch_dir("bad-config");
+    let config_path = dir.join("tie.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .arg("--model-repository")
+        .arg(repository)
+        .arg("--socket-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "tie serve started with a bad config");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A repository holding one copy of the mlp64 model, with `config` as its config.toml.
+fn repository_with(config: &str) -> std::path::PathBuf {
+    let repo = scratch_dir("repo");
+    let version = repo.join("m/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(
+        root().join("models/mlp64/1/model.onnx"),
+        version.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(repo.join("m/config.toml"), config).unwrap();
+    repo
+}
+
+#[test]
+fn unknown_service_config_keys_are_named() {
+    let err = serve_fails(
+        "[batch_processing]\nmax_batch_sise = 8\n",
+        &root().join("models"),
+    );
+    assert!(err.contains("max_batch_sise"), "{err}");
+    let err = serve_fails("[server]\npoller_cores = [4096]\n", &root().join("models"));
+    assert!(
+        err.contains("server.poller_cores") && err.contains("4096"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_model_configs_are_named() {
+    let err = serve_fails("", &repository_with("layuot = \"mlp64\"\n"));
+    assert!(err.contains("layuot"), "{err}");
+    // A layout whose width differs from the model's input.
+    let repo = repository_with("layout = \"narrow\"\n");
+    let layouts = scratch_dir("layouts");
+    std::fs::write(
+        layouts.join("narrow.toml"),
+        "name = \"narrow\"\ndtype = \"f32\"\nfeatures = [\"a\", \"b\"]\n",
+    )
+    .unwrap();
+    let config = format!("[server]\nlayouts_dir = {:?}\n", layouts.to_str().unwrap());
+    let err = serve_fails(&config, &repo);
+    assert!(err.contains("has 2 features, the model reads 64"), "{err}");
+    // A layout that does not exist.
+    let err = serve_fails("", &repository_with("layout = \"missing\"\n"));
+    assert!(err.contains("missing"), "{err}");
+    // An ONNX file that is not one.
+    let repo = repository_with("");
+    std::fs::write(repo.join("m/1/model.onnx"), b"not a model").unwrap();
+    let err = serve_fails("", &repo);
+    assert!(err.contains("model.onnx"), "{err}");
+    // An empty repository.
+    let err = serve_fails("", &scratch_dir("empty"));
+    assert!(err.contains("no model"), "{err}");
+}
+
+#[test]
+fn logs_are_json_when_configured() {
+    let config = format!(
+        "{}\nlog_format = \"json\"\n",
+        common::TEST_CONFIG.replace("[model_deployment]\nwarmup_requests = 2\n", "")
+    );
+    let config = format!("{config}[model_deployment]\nwarmup_requests = 2\n");
+    let server = TestServer::start_with(&config, &root().join("models"));
+    let log = server.log();
+    let first = log.lines().next().expect("a log line");
+    let line: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["level"], "INFO");
+}

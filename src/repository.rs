@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Deserialize;
-use tie_layouts::abi::MAX_OUTPUTS;
+use tie_layouts::abi::{MAX_FEATURES, MAX_OUTPUTS};
 use tie_layouts::FeatureLayout;
 
 use crate::backend::{self, Backend, BackendLoadError, CpuEngine};
@@ -94,7 +94,7 @@ pub enum RepositoryLoadError {
         source: BackendLoadError,
     },
     /// The model produces more values per row than a response frame carries.
-    #[error("model {model} version {version} outputs {outputs} values per row; a response carries at most {MAX_OUTPUTS}")]
+    #[error("model {model} version {version} outputs {outputs} values per row; a response carries 1 to {MAX_OUTPUTS}")]
     TooManyOutputs {
         /// The model.
         model: String,
@@ -287,7 +287,16 @@ fn load_model(
         }
     })?;
     let io = backend.info().io.clone();
-    if io.output_width > MAX_OUTPUTS {
+    if io.input_width > MAX_FEATURES as usize {
+        return Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: format!(
+                "the model reads {} features; a request frame carries at most {MAX_FEATURES}",
+                io.input_width
+            ),
+        });
+    }
+    if io.output_width == 0 || io.output_width > MAX_OUTPUTS {
         return Err(RepositoryLoadError::TooManyOutputs {
             model: name.into(),
             version,

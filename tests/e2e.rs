@@ -256,12 +256,13 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
         );
         assert!(r.outputs().is_empty());
     }
-    // A sequence number out of order is rejected, and the next frame is judged from it.
+    // A sequence number out of order is rejected; the server counts frames, so the next
+    // frame is judged by its position, not by the bad number.
+    let expected_seq = client.next_seq();
     let h = RequestHeader {
-        seq: client.next_seq() + 5,
+        seq: expected_seq + 5,
         ..header(&client, 107)
     };
-    let expected_seq = client.next_seq();
     let words = raw_frame(&client, h, &f.inputs[0]);
     client.submit_raw(&words, 107).unwrap();
     let r = wait_response(&mut client);
@@ -279,6 +280,11 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
     };
     let words = raw_frame(&client, h, &f.inputs[0]);
     client.submit_raw(&words, 108).unwrap();
+    let r = wait_response(&mut client);
+    assert_eq!(r.status, Status::REJECTED);
+    let h = header(&client, 109);
+    let words = raw_frame(&client, h, &f.inputs[0]);
+    client.submit_raw(&words, 109).unwrap();
     let r = wait_response(&mut client);
     assert_eq!(r.status, Status::OK);
     assert!(rel_err(r.outputs()[0], f.outputs[0][0]) <= 1e-5);
@@ -543,4 +549,56 @@ fn child_client() {
         }
         other => panic!("unknown role {other}"),
     }
+}
+
+#[test]
+fn a_slow_or_silent_connection_does_not_hold_up_others() {
+    use std::io::Write;
+    let server = TestServer::start();
+    let f = fixture("mlp64_v1");
+    let socket = server.dir.join("test.sock");
+    // One connection that never sends, one that trickles a byte, one with garbage.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut trickle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    trickle.write_all(b"T").unwrap();
+    let mut garbage = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    garbage.write_all(&[0xAB; 128]).unwrap();
+    let mut client = connect(&server, "mlp64", None);
+    for (row, expected) in f.inputs.iter().zip(&f.outputs) {
+        let p = client.predict(row).unwrap();
+        assert!(rel_err(p.outputs()[0], expected[0]) <= 1e-5);
+    }
+    // The garbage hello was answered with a refusal and closed.
+    let mut reply = [0u8; 256];
+    let n = std::io::Read::read(&mut garbage, &mut reply).unwrap();
+    assert_eq!(n, 256);
+    let reply: tie_client::layouts::HelloReply = bytemuck::pod_read_unaligned(&reply);
+    assert_eq!(
+        reply.status,
+        tie_client::layouts::HelloStatus::BadRequest.code()
+    );
+    assert!(reply.message().contains("magic"), "{}", reply.message());
+}
+
+#[test]
+fn shutdown_completes_while_a_client_keeps_sending() {
+    let mut server = TestServer::start();
+    let mut child = spawn_child(
+        "child_client",
+        "stream",
+        &[("TIE_SOCKET_DIR", server.dir.to_string_lossy().into_owned())],
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("streaming session"))));
+    server.signal(15);
+    let exited = eventually(Duration::from_secs(10), || {
+        matches!(server.child.try_wait(), Ok(Some(_)))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        exited,
+        "server did not stop under load; log:\n{}",
+        server.log()
+    );
 }

@@ -31,16 +31,7 @@ pub(crate) fn handshake(
     params: &HelloParams<'_>,
     timeout: Duration,
 ) -> Result<(UnixStream, HelloReply, OwnedFd), ConnectError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::PermissionDenied => ConnectError::PermissionDenied {
-            path: path.to_path_buf(),
-            source,
-        },
-        _ => ConnectError::ServerNotRunning {
-            path: path.to_path_buf(),
-            source,
-        },
-    })?;
+    let mut stream = connect(path, timeout)?;
     let io = |op| move |source| ConnectError::Io { op, source };
     stream
         .set_read_timeout(Some(timeout))
@@ -133,4 +124,60 @@ pub(crate) fn handshake(
         .set_read_timeout(None)
         .map_err(io("set_read_timeout"))?;
     Ok((stream, reply, fd))
+}
+
+/// Connects within `timeout`: a server whose backlog is full makes a non-blocking connect
+/// fail with EAGAIN, so it is retried until the timeout instead of blocking for ever.
+fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectError> {
+    use rustix::io::Errno;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let os = |op: &'static str| {
+        move |e: Errno| ConnectError::Io {
+            op,
+            source: e.into(),
+        }
+    };
+    let addr = SocketAddrUnix::new(path).map_err(os("socket path"))?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(os("socket"))?;
+    let started = std::time::Instant::now();
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(Errno::AGAIN | Errno::INTR) if started.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(Errno::AGAIN) => {
+                return Err(ConnectError::Io {
+                    op: "connect (the server accepts no connection)",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })
+            }
+            Err(e @ (Errno::ACCESS | Errno::PERM)) => {
+                return Err(ConnectError::PermissionDenied {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })
+            }
+            Err(e) => {
+                return Err(ConnectError::ServerNotRunning {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    let stream = UnixStream::from(OwnedFd::from(fd));
+    stream
+        .set_nonblocking(false)
+        .map_err(|source| ConnectError::Io {
+            op: "set_nonblocking",
+            source,
+        })?;
+    Ok(stream)
 }

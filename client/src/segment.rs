@@ -37,6 +37,9 @@ pub enum SegmentOpenError {
         /// Found.
         actual: u64,
     },
+    /// The segment's fd is not sealed against shrinking and growing.
+    #[error("segment is not sealed against resizing")]
+    NotSealed,
     /// The segment was not initialised (ready word not set).
     #[error("segment is not ready")]
     NotReady,
@@ -130,6 +133,11 @@ impl Segment {
                 expected: expected_size,
                 actual,
             });
+        }
+        // The mapping is only safe to read while it cannot shrink under us.
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(os("fcntl(F_GET_SEALS)"))?;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
+            return Err(SegmentOpenError::NotSealed);
         }
         let map = map(&fd, actual as usize)?;
         let mut segment = Self {
@@ -260,8 +268,9 @@ impl Segment {
         // SAFETY: the mapping is `segment_size` bytes (a multiple of 64), page-aligned, and
         // lives as long as `self`. The peer may write any bytes at any time, and every bit
         // pattern is a valid `AtomicU64`; all accesses through the slice are atomic, so the
-        // peer's writes are never a data race of ours. The memfd is sealed against shrinking,
-        // so the pages cannot go away under us.
+        // peer's writes are never a data race of ours. The memfd is sealed against shrinking
+        // (the server seals it in `create`; `open` refuses an fd without the seals), so the
+        // pages cannot go away under us.
         unsafe {
             std::slice::from_raw_parts(
                 self.map.as_ptr() as *const AtomicU64,

@@ -302,7 +302,10 @@ impl<'a> Consumer<'a> {
         // The tail never moves back, and never more than `capacity` past our head (which may
         // lead the last tail by frames taken on their stamp).
         let progress = tail.wrapping_sub(self.cached_tail);
-        let limit = self.head.wrapping_sub(self.cached_tail) + self.ring.capacity;
+        let limit = self
+            .head
+            .wrapping_sub(self.cached_tail)
+            .wrapping_add(self.ring.capacity);
         if progress > limit {
             return Err(RingCorrupt {
                 ours: self.head,

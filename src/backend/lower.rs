@@ -187,7 +187,15 @@ impl<'a> Chain<'a> {
         }
     }
 
-    fn dense(&mut self, weights_in_out: Vec<f32>, outputs: usize, bias: Vec<f32>) {
+    fn dense(
+        &mut self,
+        weights_in_out: Vec<f32>,
+        outputs: usize,
+        bias: Vec<f32>,
+    ) -> Result<(), LowerError> {
+        if outputs == 0 {
+            return err("a dense layer with no outputs");
+        }
         self.layers.push(Dense {
             inputs: self.width,
             outputs,
@@ -196,6 +204,7 @@ impl<'a> Chain<'a> {
             activation: Activation::Identity,
         });
         self.width = outputs;
+        Ok(())
     }
 
     fn activation(&mut self, act: Activation, op: &str) -> Result<(), LowerError> {
@@ -268,7 +277,7 @@ impl<'a> Chain<'a> {
                     }
                     None => vec![0.0; outputs],
                 };
-                self.dense(w, outputs, bias);
+                self.dense(w, outputs, bias)?;
             }
             "MatMul" => {
                 let (dims, b) = self.constant(node.input.get(1).map_or("", String::as_str))?;
@@ -281,7 +290,7 @@ impl<'a> Chain<'a> {
                         self.width
                     ));
                 }
-                self.dense(b, outputs, vec![0.0; outputs]);
+                self.dense(b, outputs, vec![0.0; outputs])?;
             }
             "Add" | "Sub" | "Mul" | "Div" => {
                 let (current_first, dims, c) = self.binary_constant(node)?;
@@ -300,7 +309,9 @@ impl<'a> Chain<'a> {
                 }
             }
             "BatchNormalization" => {
-                if node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty()) {
+                if attr_i(node, "training_mode", 0) != 0
+                    || (node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty()))
+                {
                     return err("BatchNormalization in training mode");
                 }
                 let eps = attr_f(node, "epsilon", 1e-5);

@@ -62,7 +62,7 @@ pub struct MlpPlan {
     pub input_width: usize,
     /// The layers in order.
     pub layers: Vec<Dense>,
-    /// An activation applied to the input when there are no layers.
+    /// An activation applied to the input before the first layer.
     pub input_activation: Activation,
 }
 
@@ -92,6 +92,7 @@ impl MlpPlan {
         let last = self.layers.len() - 1;
         let (mut cur, mut next) = (a, b);
         cur[..x.len()].copy_from_slice(x);
+        self.input_activation.apply(&mut cur[..x.len()]);
         for (k, layer) in self.layers.iter().enumerate() {
             let out = if k == last {
                 &mut y[..layer.outputs]
@@ -267,6 +268,25 @@ mod tests {
         b.run_batch(&[1.0, 2.0, 1.0, 2.0], 2, &mut out).unwrap();
         assert_eq!(out, [14.0, 14.0]);
         assert!(b.run_batch(&[1.0], 1, &mut out).is_err());
+    }
+
+    #[test]
+    fn an_input_activation_applies_before_the_first_layer() {
+        let plan = MlpPlan {
+            input_width: 2,
+            input_activation: Activation::Relu,
+            layers: vec![Dense {
+                inputs: 2,
+                outputs: 1,
+                weights: vec![1.0, 1.0],
+                bias: vec![0.0],
+                activation: Activation::Identity,
+            }],
+        };
+        let b = MlpBackend::new(io(2, 1), plan);
+        let mut out = [0.0f32];
+        b.run_batch(&[-3.0, 2.0], 1, &mut out).unwrap();
+        assert_eq!(out, [2.0]);
     }
 
     #[test]

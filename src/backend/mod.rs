@@ -147,7 +147,11 @@ pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, Back
         },
     };
     Ok(match mlp {
-        Some(plan) => Arc::new(MlpBackend::new(io, plan)),
+        Some(plan) => {
+            let mut io = io;
+            io.output_width = plan.output_width();
+            Arc::new(MlpBackend::new(io, plan))
+        }
         None => Arc::new(TractBackend::new(&proto, io)?),
     })
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use std::time::Instant;
 
 use bytemuck::Zeroable;
 use rustix::event::{PollFd, PollFlags};
@@ -70,28 +71,52 @@ pub(super) fn bind(
     Ok(listener)
 }
 
+/// Connections whose hello is still arriving, at most this many at once (more are closed).
+const MAX_HANDSHAKES: usize = 64;
+
+/// A connection whose hello has not fully arrived.
+struct Handshake {
+    stream: UnixStream,
+    hello: Hello,
+    received: usize,
+    deadline: Instant,
+}
+
 pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     let mut sessions: Sessions = Vec::new();
+    let mut handshakes: Vec<Handshake> = Vec::new();
     let next_id = AtomicU64::new(1);
     while !ctx.stopping.load(Ordering::SeqCst) {
-        let hung_up = {
-            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(sessions.len() + 1);
+        let now = Instant::now();
+        let wait = handshakes
+            .iter()
+            .map(|h| h.deadline.saturating_duration_since(now))
+            .fold(TICK, Duration::min);
+        let (accept, hung, hello_ready) = {
+            let mut fds: Vec<PollFd<'_>> =
+                Vec::with_capacity(1 + sessions.len() + handshakes.len());
             fds.push(PollFd::new(&ctx.listener, PollFlags::IN));
             for (_, s) in &sessions {
                 fds.push(PollFd::new(s, PollFlags::IN | PollFlags::RDHUP));
             }
+            for h in &handshakes {
+                fds.push(PollFd::new(&h.stream, PollFlags::IN | PollFlags::RDHUP));
+            }
             let timeout = rustix::time::Timespec {
                 tv_sec: 0,
-                tv_nsec: TICK.as_nanos() as _,
+                tv_nsec: wait.as_nanos() as _,
             };
             if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
                 continue;
             }
-            let accept = !fds[0].revents().is_empty();
-            let hung: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
-            (accept, hung)
+            let ready = |f: &PollFd<'_>| !f.revents().is_empty();
+            let n = sessions.len();
+            (
+                ready(&fds[0]),
+                fds[1..1 + n].iter().map(ready).collect::<Vec<_>>(),
+                fds[1 + n..].iter().map(ready).collect::<Vec<_>>(),
+            )
         };
-        let (accept, hung) = hung_up;
         // Clients never send after the hello: a readable session socket has hung up.
         let mut i = 0;
         sessions.retain(|(link, _)| {
@@ -103,12 +128,48 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
             }
             !gone
         });
+        // Hellos: read what has arrived; a complete one opens (or refuses) a session.
+        let now = Instant::now();
+        let mut waiting = Vec::with_capacity(handshakes.len());
+        for (mut h, readable) in handshakes.drain(..).zip(hello_ready) {
+            if readable {
+                let buf = &mut bytemuck::bytes_of_mut(&mut h.hello)[h.received..];
+                match h.stream.read(buf) {
+                    Ok(0) => continue,
+                    Ok(n) => h.received += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => continue,
+                }
+            }
+            if h.received == size_of::<Hello>() {
+                if let Some(s) = open_session(&ctx, h.stream, &h.hello, &next_id, sessions.len()) {
+                    sessions.push(s);
+                }
+            } else if now >= h.deadline {
+                tracing::warn!("a connecting client sent no complete hello in time");
+            } else {
+                waiting.push(h);
+            }
+        }
+        handshakes = waiting;
         if accept {
             loop {
                 match ctx.listener.accept() {
                     Ok((stream, _)) => {
-                        if let Some(s) = handshake(&ctx, stream, &next_id, sessions.len()) {
-                            sessions.push(s);
+                        if handshakes.len() >= MAX_HANDSHAKES {
+                            tracing::warn!(
+                                limit = MAX_HANDSHAKES,
+                                "too many handshakes in progress: connection closed"
+                            );
+                            continue;
+                        }
+                        if stream.set_nonblocking(true).is_ok() {
+                            handshakes.push(Handshake {
+                                stream,
+                                hello: Hello::zeroed(),
+                                received: 0,
+                                deadline: Instant::now() + HELLO_TIMEOUT,
+                            });
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -134,23 +195,15 @@ fn refuse(stream: &UnixStream, status: HelloStatus, message: &str, model_hash: u
     let _ = rustix::net::send(stream, bytemuck::bytes_of(&reply), SendFlags::NOSIGNAL);
 }
 
-fn handshake(
+/// Checks a complete hello and opens the session, or sends the refusal.
+fn open_session(
     ctx: &ListenerContext,
-    mut stream: UnixStream,
+    stream: UnixStream,
+    hello: &Hello,
     next_id: &AtomicU64,
     open: usize,
 ) -> Option<(Arc<SessionLink>, UnixStream)> {
-    // The hello is read blocking, bounded by HELLO_TIMEOUT.
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(HELLO_TIMEOUT)).is_err()
-    {
-        return None;
-    }
-    let mut hello = Hello::zeroed();
-    if let Err(e) = stream.read_exact(bytemuck::bytes_of_mut(&mut hello)) {
-        tracing::warn!(error = %e, "no hello from a connecting client");
-        return None;
-    }
+    let hello = *hello;
     let cred = match rustix::net::sockopt::socket_peercred(&stream) {
         Ok(c) => c,
         Err(e) => {
@@ -353,9 +406,6 @@ fn handshake(
         model: model_index,
     };
     if ctx.workers[worker].send(new).is_err() {
-        return None;
-    }
-    if stream.set_nonblocking(true).is_err() {
         return None;
     }
     tracing::info!(

@@ -98,6 +98,9 @@ struct WorkerSession {
     consumed: u64,
     /// Responses pushed and not yet published.
     unpublished: bool,
+    /// Once the server stops: frames popped plus those the tail showed then. Nothing past it
+    /// is read, so a client that keeps sending cannot hold the shutdown up.
+    stop_at: Option<u64>,
 }
 
 /// One entry of a batch: a frame accepted, with its outcome so far.
@@ -181,6 +184,9 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
             }
         }
         round = round.wrapping_add(1);
+        if stopping {
+            p.fix_stop_points();
+        }
         let accepted = p.scan();
         p.run_batches();
         p.reap();
@@ -197,6 +203,23 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
     }
     p.stats
+}
+
+impl Drop for Poller {
+    /// A poller that panics faults its sessions, so their clients see `Disconnected` at once
+    /// instead of waiting on a server that will never answer.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                sessions = self.sessions.len(),
+                "poller panicked: faulting its sessions"
+            );
+            for s in &mut self.sessions {
+                s.link.dead.store(true, Ordering::SeqCst);
+                s.rings.segment().set_server_state(ServerState::Faulted, 0);
+            }
+        }
+    }
 }
 
 struct Poller {
@@ -228,7 +251,17 @@ impl Poller {
             accepted: 0,
             consumed: 0,
             unpublished: false,
+            stop_at: None,
         });
+    }
+
+    /// Bounds what each session may still send once the server stops (see `stop_at`).
+    fn fix_stop_points(&mut self) {
+        for s in self.sessions.iter_mut().filter(|s| s.stop_at.is_none()) {
+            // A corrupt tail leaves nothing more to read.
+            let ready = s.rings.available().unwrap_or(0);
+            s.stop_at = Some(s.rings.popped() + ready);
+        }
     }
 
     /// Reads frames from every session into the batches; returns how many were accepted.
@@ -266,10 +299,14 @@ impl Poller {
             }
         }
         // Invariant: accepted - consumed in 0..=response_capacity (consumed <= pushed <= accepted).
-        let mut credits = s.response_capacity - (s.accepted - s.consumed);
+        let credits = s.response_capacity - (s.accepted - s.consumed);
         let mut taken = 0;
         let mut now = 0;
         let frame = &mut self.frame[..s.slot_words];
+        let mut credits = match s.stop_at {
+            Some(end) => credits.min(end - s.rings.popped()),
+            None => credits,
+        };
         while credits > 0 && !batch.full() {
             // The next frame's first word is its sequence number: take it by its stamp.
             match s.rings.try_pop_stamped(s.expected_seq, frame) {
@@ -443,8 +480,10 @@ fn validate(
         detail_b: 0,
         row: 0,
     };
+    // The expected number counts frames: a client's bad number is not adopted, so it cannot
+    // steer the stamp the next frame is taken by.
     let expected_seq = s.expected_seq;
-    s.expected_seq = header.seq.wrapping_add(1);
+    s.expected_seq = expected_seq.wrapping_add(1);
     let reject = |e: &mut Entry, status: Status, a: u32, b: u32| {
         e.status = status;
         e.detail_a = a;

@@ -172,7 +172,7 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectError> {
             }
         }
     }
-    let stream = UnixStream::from(OwnedFd::from(fd));
+    let stream = UnixStream::from(fd);
     stream
         .set_nonblocking(false)
         .map_err(|source| ConnectError::Io {

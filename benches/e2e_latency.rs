@@ -47,8 +47,9 @@ fn main() {
     config.server.idle = IdleStrategy::Spin;
     let options = LoadOptions {
         layouts_dir: root.join("layouts/features"),
-        max_batch_size: 64,
+        batching: config.batch_processing.clone(),
         warmup_requests: 100,
+        profile_iterations: 20,
     };
     let models: Vec<_> = load_repository(&root.join("models"), &options)
         .expect("load models")

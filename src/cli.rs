@@ -112,8 +112,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let options = LoadOptions {
         layouts_dir: config.server.layouts_dir.clone(),
-        max_batch_size: config.batch_processing.max_batch_size,
+        batching: config.batch_processing.clone(),
         warmup_requests: config.model_deployment.warmup_requests,
+        profile_iterations: config.model_deployment.profile_iterations,
     };
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;

@@ -172,6 +172,8 @@ pub struct ModelDeploymentSection {
     pub auto_unload_unused_hours: u32,
     /// Seconds between health checks.
     pub health_check_interval_sec: u32,
+    /// Timed runs per batch size when a model is profiled at load; 0 skips profiling.
+    pub profile_iterations: u32,
 }
 
 impl Default for ModelDeploymentSection {
@@ -182,6 +184,7 @@ impl Default for ModelDeploymentSection {
             warmup_requests: 10,
             auto_unload_unused_hours: 24,
             health_check_interval_sec: 30,
+            profile_iterations: 20,
         }
     }
 }
@@ -202,6 +205,12 @@ pub struct BatchProcessingSection {
     pub enable_dynamic_batching: bool,
     /// Serve higher priorities first.
     pub priority_based_batching: bool,
+    /// Batch sizes the backend runs; a batch is padded up to the next one. Empty: any size.
+    pub allowed_batch_sizes: Vec<u32>,
+    /// Most requests queued per priority and model; more get `QueueFull`.
+    pub max_queue_size: u32,
+    /// A waiting request gains one priority level per this many microseconds.
+    pub aging_us: u64,
 }
 
 impl Default for BatchProcessingSection {
@@ -213,6 +222,9 @@ impl Default for BatchProcessingSection {
             min_batch_size: 4,
             enable_dynamic_batching: true,
             priority_based_batching: true,
+            allowed_batch_sizes: Vec::new(),
+            max_queue_size: 1024,
+            aging_us: 1000,
         }
     }
 }
@@ -320,6 +332,24 @@ impl ServiceConfig {
                 key: "server.max_sessions",
                 value: "0".into(),
                 why: "must be at least 1",
+            });
+        }
+        if b.max_queue_size == 0 || b.max_queue_size > 1 << 20 {
+            return Err(ConfigLoadError::Invalid {
+                key: "batch_processing.max_queue_size",
+                value: b.max_queue_size.to_string(),
+                why: "must be in 1..=1048576",
+            });
+        }
+        if let Some(&bad) = b
+            .allowed_batch_sizes
+            .iter()
+            .find(|&&s| s == 0 || s > b.max_batch_size)
+        {
+            return Err(ConfigLoadError::Invalid {
+                key: "batch_processing.allowed_batch_sizes",
+                value: bad.to_string(),
+                why: "every size must be in 1..=max_batch_size",
             });
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();

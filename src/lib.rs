@@ -8,8 +8,10 @@
 
 pub mod api;
 pub mod backend;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod profile;
 pub mod repository;
 pub mod server;

@@ -11,6 +11,9 @@ use tie_layouts::abi::{MAX_FEATURES, MAX_OUTPUTS};
 use tie_layouts::FeatureLayout;
 
 use crate::backend::{self, Backend, BackendLoadError, CpuEngine};
+use crate::batch::BatchConfig;
+use crate::config::BatchProcessingSection;
+use crate::profile::ModelProfile;
 
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -38,6 +41,12 @@ pub struct ModelConfig {
     pub cpu_engine: CpuEngine,
     /// Most requests in one batch (default: `[batch_processing].max_batch_size`).
     pub max_batch_size: Option<u32>,
+    /// Batch timeout in microseconds (default: `[batch_processing]`'s).
+    pub batch_timeout_us: Option<u64>,
+    /// Batch sizes the backend runs (default: `[batch_processing]`'s).
+    pub allowed_batch_sizes: Option<Vec<u32>>,
+    /// Most requests queued per priority (default: `[batch_processing]`'s).
+    pub max_queue_size: Option<u32>,
     /// Version served to clients that name none (default: the highest).
     pub default_version: Option<u32>,
 }
@@ -131,8 +140,10 @@ pub struct LoadedModel {
     pub layout: FeatureLayout,
     /// Its hash.
     pub layout_hash: u64,
-    /// Most requests in one batch.
-    pub max_batch_size: usize,
+    /// How its requests are batched.
+    pub batch: BatchConfig,
+    /// Its measured batch timings, when profiled at load.
+    pub profile: Option<ModelProfile>,
     /// What runs it.
     pub backend: Arc<dyn Backend>,
     /// The file it came from.
@@ -171,10 +182,12 @@ impl LoadedModel {
 pub struct LoadOptions {
     /// Directory of layout files.
     pub layouts_dir: PathBuf,
-    /// Default batch limit.
-    pub max_batch_size: u32,
+    /// Batching defaults.
+    pub batching: BatchProcessingSection,
     /// Warmup inferences per model.
     pub warmup_requests: u32,
+    /// Timed runs per batch size when profiling; 0 skips profiling.
+    pub profile_iterations: u32,
 }
 
 fn read_dir(path: &Path) -> Result<Vec<PathBuf>, RepositoryLoadError> {
@@ -324,10 +337,7 @@ fn load_model(
         }
         None => FeatureLayout::positional(name, io.input_width as u32),
     };
-    let max_batch_size = config
-        .max_batch_size
-        .unwrap_or(options.max_batch_size)
-        .max(1) as usize;
+    let batch = BatchConfig::resolve(&options.batching, config);
     warmup(backend.as_ref(), options.warmup_requests).map_err(|e| {
         RepositoryLoadError::Backend {
             model: name.into(),
@@ -335,6 +345,18 @@ fn load_model(
             source: BackendLoadError::Tract(format!("warmup failed: {e}")),
         }
     })?;
+    let profile = match options.profile_iterations {
+        0 => None,
+        n => Some(
+            ModelProfile::measure(backend.as_ref(), &batch, n).map_err(|e| {
+                RepositoryLoadError::Backend {
+                    model: name.into(),
+                    version,
+                    source: BackendLoadError::Tract(format!("profiling failed: {e}")),
+                }
+            })?,
+        ),
+    };
     tracing::info!(
         model = name,
         version,
@@ -343,6 +365,7 @@ fn load_model(
         outputs = io.output_width,
         layout = %layout.name,
         default = is_default,
+        optimal_batch_size = profile.as_ref().map(|p| p.optimal_batch_size),
         load_ms = started.elapsed().as_secs_f64() * 1e3,
         "model loaded"
     );
@@ -352,7 +375,8 @@ fn load_model(
         is_default,
         layout_hash: layout.hash(),
         layout,
-        max_batch_size,
+        batch,
+        profile,
         backend,
         path: file.into(),
     })

@@ -84,11 +84,7 @@ fn bad_model_configs_are_named() {
 
 #[test]
 fn logs_are_json_when_configured() {
-    let config = format!(
-        "{}\nlog_format = \"json\"\n",
-        common::TEST_CONFIG.replace("[model_deployment]\nwarmup_requests = 2\n", "")
-    );
-    let config = format!("{config}[model_deployment]\nwarmup_requests = 2\n");
+    let config = common::TEST_CONFIG.replace("[server]\n", "[server]\nlog_format = \"json\"\n");
     let server = TestServer::start_with(&config, &root().join("models"));
     let log = server.log();
     let first = log.lines().next().expect("a log line");

@@ -1,9 +1,11 @@
-//! `poller_task`: drains request rings, batches per model, runs backends, writes responses.
+//! `poller_task`: drains request rings into per-model batch queues, runs the batches the
+//! policy asks for, writes responses.
 //!
 //! One loop does everything for its sessions, with no hand-off between threads on the hot
-//! path: scan every session's request ring, validate each frame (a bad one becomes an error
-//! entry of the batch, so responses stay in order), run each model's batch, write the
-//! responses and publish each touched ring once.
+//! path: scan every session's request ring and validate each frame (a bad one is queued as an
+//! answered request, so responses stay in order), ask each model's [`BatchQueue`] for answers
+//! that need no batch and for a batch to run, run it, write the responses and publish each
+//! touched ring once.
 //!
 //! Credits: a session may have at most as many requests accepted and not yet consumed as its
 //! response ring holds. A client that stops reading responses stops being read from; its
@@ -22,6 +24,7 @@ use tie_layouts::abi::{
 use tie_layouts::ring::PushError;
 
 use super::SessionLink;
+use crate::batch::{BatchQueue, Decision, Outcome, Request, Taken};
 use crate::config::{IdleStrategy, ServerSection};
 use crate::repository::LoadedModel;
 
@@ -53,13 +56,24 @@ impl IdlePolicy {
         }
     }
 
-    fn pause(&self, idle_since: Instant) {
+    /// Waits once; never sleeps past `wake_ns` (a batch waiting for its timeout).
+    fn pause(&self, idle_since: Instant, wake_ns: Option<u64>) {
         match self.strategy {
             // No PAUSE: it costs tens of nanoseconds of reaction time on recent x86 cores.
             IdleStrategy::Spin => {}
             _ if idle_since.elapsed() < self.spin => std::hint::spin_loop(),
             IdleStrategy::SpinYield => std::thread::yield_now(),
-            IdleStrategy::SpinPark => std::thread::sleep(self.park),
+            IdleStrategy::SpinPark => {
+                let park = match wake_ns {
+                    Some(t) => {
+                        Duration::from_nanos(t.saturating_sub(monotonic_ns())).min(self.park)
+                    }
+                    None => self.park,
+                };
+                if !park.is_zero() {
+                    std::thread::sleep(park);
+                }
+            }
         }
     }
 }
@@ -103,50 +117,45 @@ struct WorkerSession {
     stop_at: Option<u64>,
 }
 
-/// One entry of a batch: a frame accepted, with its outcome so far.
-struct Entry {
+/// What the poller keeps of a queued request.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    /// Session slot.
     session: usize,
     request_id: u64,
     seq: u64,
-    deadline_ns: u64,
-    accepted_ns: u64,
+    /// OK, or the error it was answered with when read.
     status: Status,
     detail_a: u32,
     detail_b: u32,
-    /// Row in the batch input (valid when the status is OK).
-    row: usize,
 }
 
-struct Batch {
-    entries: Vec<Entry>,
+/// Per-model state of a poller.
+struct ModelLane {
+    queue: BatchQueue<Item>,
     input: Vec<f32>,
     output: Vec<f32>,
-    rows: usize,
-    max_rows: usize,
-    width: usize,
-    out_width: usize,
+    /// Estimated compute time of a full batch (for deadlines): profiled, then measured.
+    batch_compute_ns: u64,
 }
 
-impl Batch {
+impl ModelLane {
     fn new(model: &LoadedModel) -> Self {
-        let (w, o, n) = (
-            model.input_width(),
-            model.output_width(),
-            model.max_batch_size,
-        );
-        Self {
-            entries: Vec::with_capacity(n * 2),
-            input: vec![0.0; n * w],
-            output: vec![0.0; n * o],
-            rows: 0,
-            max_rows: n,
-            width: w,
-            out_width: o,
+        let largest = model.batch.largest_batch();
+        let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
+        if let Some(p) = &model.profile {
+            queue.set_optimal_batch_size(p.optimal_batch_size);
         }
-    }
-
-    fn full(&self) -> bool {
-        self.rows >= self.max_rows
+        let batch_compute_ns = model
+            .profile
+            .as_ref()
+            .map_or(0, |p| p.compute_ns(queue.full_size()));
+        Self {
+            queue,
+            input: vec![0.0; largest * model.input_width()],
+            output: vec![0.0; largest * model.output_width()],
+            batch_compute_ns,
+        }
     }
 }
 
@@ -162,12 +171,12 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         }
     }
     let mut p = Poller {
-        batches: ctx.models.iter().map(Batch::new).collect(),
+        lanes: ctx.models.iter().map(ModelLane::new).collect(),
         models: ctx.models.clone(),
         sessions: Vec::new(),
         frame: Vec::new(),
+        taken: Vec::new(),
         stats: WorkerStats::default(),
-        start: 0,
     };
     let mut idle_since: Option<Instant> = None;
     let mut round = 0u32;
@@ -188,18 +197,19 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
             p.fix_stop_points();
         }
         let accepted = p.scan();
-        p.run_batches();
+        let (answered, wake_ns) = p.run_lanes(stopping);
         p.reap();
-        if accepted > 0 {
+        if accepted > 0 || answered > 0 {
             idle_since = None;
-        } else if stopping {
-            // Every frame submitted before the stop is answered: the rings are empty now.
+        } else if stopping && p.lanes.iter().all(|l| l.queue.is_empty()) {
+            // Every frame submitted before the stop is answered: rings and queues are empty.
             break;
         } else {
-            ctx.idle.pause(*idle_since.get_or_insert_with(Instant::now));
+            ctx.idle
+                .pause(*idle_since.get_or_insert_with(Instant::now), wake_ns);
         }
     }
-    for s in &p.sessions {
+    for s in p.sessions.iter().flatten() {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
     }
     p.stats
@@ -214,7 +224,7 @@ impl Drop for Poller {
                 sessions = self.sessions.len(),
                 "poller panicked: faulting its sessions"
             );
-            for s in &mut self.sessions {
+            for s in self.sessions.iter_mut().flatten() {
                 s.link.dead.store(true, Ordering::SeqCst);
                 s.rings.segment().set_server_state(ServerState::Faulted, 0);
             }
@@ -224,13 +234,14 @@ impl Drop for Poller {
 
 struct Poller {
     models: Arc<[LoadedModel]>,
-    batches: Vec<Batch>,
-    sessions: Vec<WorkerSession>,
+    lanes: Vec<ModelLane>,
+    /// Sessions by slot; a slot is reused once its session is gone.
+    sessions: Vec<Option<WorkerSession>>,
     /// One request slot of the largest session, reused for every frame.
     frame: Vec<u64>,
+    /// Requests leaving a queue, reused.
+    taken: Vec<Taken<Item>>,
     stats: WorkerStats,
-    /// Session the next scan starts at, for fairness when batches fill up.
-    start: usize,
 }
 
 impl Poller {
@@ -240,7 +251,7 @@ impl Poller {
         if self.frame.len() < slot_words {
             self.frame.resize(slot_words, 0);
         }
-        self.sessions.push(WorkerSession {
+        let session = WorkerSession {
             link: new.link,
             rings: RingEnds::new(new.segment, Side::Server),
             model: new.model,
@@ -252,39 +263,41 @@ impl Poller {
             consumed: 0,
             unpublished: false,
             stop_at: None,
-        });
+        };
+        match self.sessions.iter().position(Option::is_none) {
+            Some(slot) => self.sessions[slot] = Some(session),
+            None => self.sessions.push(Some(session)),
+        }
     }
 
     /// Bounds what each session may still send once the server stops (see `stop_at`).
     fn fix_stop_points(&mut self) {
-        for s in self.sessions.iter_mut().filter(|s| s.stop_at.is_none()) {
+        for s in self
+            .sessions
+            .iter_mut()
+            .flatten()
+            .filter(|s| s.stop_at.is_none())
+        {
             // A corrupt tail leaves nothing more to read.
             let ready = s.rings.available().unwrap_or(0);
             s.stop_at = Some(s.rings.popped() + ready);
         }
     }
 
-    /// Reads frames from every session into the batches; returns how many were accepted.
+    /// Reads frames from every session into the queues; returns how many were accepted.
     fn scan(&mut self) -> usize {
-        let n = self.sessions.len();
         let mut accepted = 0;
-        for k in 0..n {
-            let i = (self.start + k) % n;
-            accepted += self.drain_session(i);
-        }
-        if n > 0 {
-            self.start = (self.start + 1) % n;
+        for slot in 0..self.sessions.len() {
+            accepted += self.drain_session(slot);
         }
         accepted
     }
 
-    fn drain_session(&mut self, i: usize) -> usize {
-        let s = &mut self.sessions[i];
-        if s.link.dead.load(Ordering::Relaxed) {
+    fn drain_session(&mut self, slot: usize) -> usize {
+        let Some(s) = self.sessions[slot].as_mut() else {
             return 0;
-        }
-        let batch = &mut self.batches[s.model];
-        if batch.full() {
+        };
+        if s.link.dead.load(Ordering::Relaxed) {
             return 0;
         }
         // The client's response head is reloaded only when the cached one leaves no credit, so
@@ -300,14 +313,16 @@ impl Poller {
         }
         // Invariant: accepted - consumed in 0..=response_capacity (consumed <= pushed <= accepted).
         let credits = s.response_capacity - (s.accepted - s.consumed);
-        let mut taken = 0;
-        let mut now = 0;
-        let frame = &mut self.frame[..s.slot_words];
         let mut credits = match s.stop_at {
             Some(end) => credits.min(end - s.rings.popped()),
             None => credits,
         };
-        while credits > 0 && !batch.full() {
+        let lane = &mut self.lanes[s.model];
+        let allow_non_finite = self.models[s.model].layout.allow_non_finite;
+        let mut taken = 0;
+        let mut now = 0;
+        let frame = &mut self.frame[..s.slot_words];
+        while credits > 0 {
             // The next frame's first word is its sequence number: take it by its stamp.
             match s.rings.try_pop_stamped(s.expected_seq, frame) {
                 Ok(true) => {}
@@ -320,15 +335,18 @@ impl Poller {
             if now == 0 {
                 now = monotonic_ns();
             }
-            let entry = validate(
-                s,
-                frame,
-                batch,
-                i,
-                now,
-                self.models[s.model].layout.allow_non_finite,
-            );
-            batch.entries.push(entry);
+            let (request, features) = validate(s, frame, slot, now, allow_non_finite);
+            match features {
+                Some(features) => {
+                    if let Err(full) = lane.queue.push(request, features) {
+                        let mut request = request;
+                        request.item.status = Status::QUEUE_FULL;
+                        request.item.detail_a = full.limit.min(u32::MAX as usize) as u32;
+                        lane.queue.push_resolved(request);
+                    }
+                }
+                None => lane.queue.push_resolved(request),
+            }
             s.accepted += 1;
             credits -= 1;
             taken += 1;
@@ -340,76 +358,105 @@ impl Poller {
         taken
     }
 
-    /// Runs every model's batch and writes the responses.
-    fn run_batches(&mut self) {
-        for m in 0..self.batches.len() {
-            if self.batches[m].entries.is_empty() {
+    /// Answers what needs no batch and runs the batches the policy asks for. Returns the
+    /// responses written and the earliest time a waiting batch must be looked at again.
+    fn run_lanes(&mut self, stopping: bool) -> (usize, Option<u64>) {
+        let mut answered = 0;
+        let mut wake: Option<u64> = None;
+        for m in 0..self.lanes.len() {
+            if self.lanes[m].queue.is_empty() {
                 continue;
             }
-            self.run_batch(m);
+            let now = monotonic_ns();
+            self.taken.clear();
+            self.lanes[m].queue.take_resolved(now, &mut self.taken);
+            answered += self.respond(m, now, 0);
+            let lane = &mut self.lanes[m];
+            match lane.queue.decide(now, lane.batch_compute_ns) {
+                Decision::Idle => {}
+                // A stopping server does not wait for batches to fill.
+                Decision::WaitUntil(t) if !stopping => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Decision::WaitUntil(_) | Decision::Run => answered += self.run_batch(m, now),
+            }
         }
-        for s in &mut self.sessions {
+        for s in self.sessions.iter_mut().flatten() {
             if s.unpublished {
                 s.rings.publish();
                 s.unpublished = false;
             }
         }
+        (answered, wake)
     }
 
-    fn run_batch(&mut self, m: usize) {
+    fn run_batch(&mut self, m: usize, started_ns: u64) -> usize {
         let model = &self.models[m];
-        let batch = &mut self.batches[m];
-        let started_ns = monotonic_ns();
-        // Deadlines: a request already late is answered Timeout and not executed.
-        let mut late = 0;
-        for e in &mut batch.entries {
-            if e.status.is_ok() && e.deadline_ns != 0 && started_ns > e.deadline_ns {
-                e.status = Status::TIMEOUT;
-                e.detail_a = (started_ns - e.deadline_ns).min(u64::from(u32::MAX)) as u32;
-                late += 1;
-            }
-        }
-        if late > 0 {
-            compact(batch);
-        }
+        let lane = &mut self.lanes[m];
+        self.taken.clear();
+        let (rows, padded) = lane
+            .queue
+            .take(started_ns, &mut lane.input, &mut self.taken);
         let mut compute_ns = 0;
-        if batch.rows > 0 {
-            let rows = batch.rows;
+        if rows > 0 {
             let result = model.backend.run_batch(
-                &batch.input[..rows * batch.width],
-                rows,
-                &mut batch.output[..rows * batch.out_width],
+                &lane.input[..padded * model.input_width()],
+                padded,
+                &mut lane.output[..padded * model.output_width()],
             );
             compute_ns = monotonic_ns() - started_ns;
             self.stats.batches += 1;
+            // The deadline estimate follows what batches really take (EMA, 1/8 weight).
+            lane.batch_compute_ns =
+                lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
             if let Err(e) = result {
                 tracing::error!(model = %model.key(), rows, error = %e, "batch failed");
-                for e in batch.entries.iter_mut().filter(|e| e.status.is_ok()) {
-                    e.status = Status::EXECUTION_FAILED;
+                for t in self.taken.iter_mut() {
+                    if let Outcome::Execute { .. } = t.outcome {
+                        t.outcome = Outcome::Resolved;
+                        t.request.item.status = Status::EXECUTION_FAILED;
+                    }
                 }
             }
         }
-        let ow = batch.out_width;
+        self.respond(m, started_ns, compute_ns)
+    }
+
+    /// Writes a response for every request in `self.taken`, in order.
+    fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64) -> usize {
+        let model = &self.models[m];
+        let lane = &self.lanes[m];
+        let ow = model.output_width();
         let response_words = abi::response_words(ow as u32);
-        for e in batch.entries.drain(..) {
+        let mut written = 0;
+        for t in &self.taken {
+            let item = &t.request.item;
             let mut frame = ResponseFrame {
-                request_id: e.request_id,
-                seq: e.seq,
-                status: e.status.0,
+                request_id: item.request_id,
+                seq: item.seq,
+                status: item.status.0,
                 model_version: model.version,
-                detail_a: e.detail_a,
-                detail_b: e.detail_b,
-                queue_ns: saturate_u32(started_ns.saturating_sub(e.accepted_ns)),
-                compute_ns: saturate_u32(compute_ns),
+                detail_a: item.detail_a,
+                detail_b: item.detail_b,
+                queue_ns: saturate_u32(started_ns.saturating_sub(t.request.arrival_ns)),
                 ..ResponseFrame::default()
             };
-            if e.status.is_ok() {
-                let out = &batch.output[e.row * ow..(e.row + 1) * ow];
-                frame.output_count = ow as u32;
-                frame.outputs[..ow.min(MAX_OUTPUTS)].copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
-                frame.confidence = confidence(out[0]);
+            match t.outcome {
+                Outcome::Execute { row } => {
+                    let out = &lane.output[row * ow..(row + 1) * ow];
+                    frame.output_count = ow as u32;
+                    frame.outputs[..ow.min(MAX_OUTPUTS)]
+                        .copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
+                    frame.confidence = confidence(out[0]);
+                    frame.compute_ns = saturate_u32(compute_ns);
+                }
+                Outcome::TimedOut { late_ns } => {
+                    frame.status = Status::TIMEOUT.0;
+                    frame.detail_a = saturate_u32(late_ns);
+                }
+                Outcome::Resolved => {}
             }
-            let s = &mut self.sessions[e.session];
+            let Some(s) = self.sessions[item.session].as_mut() else {
+                continue;
+            };
             if s.link.dead.load(Ordering::Relaxed) {
                 continue;
             }
@@ -418,7 +465,7 @@ impl Poller {
             match s.rings.try_push(&words[..response_words]) {
                 Ok(()) => {
                     s.unpublished = true;
-                    self.stats.responses += 1;
+                    written += 1;
                 }
                 // Credits make this impossible for a client that follows the protocol.
                 Err(PushError::Full) => {
@@ -431,16 +478,21 @@ impl Poller {
                 Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
             }
         }
-        batch.rows = 0;
+        self.stats.responses += written as u64;
+        written
     }
 
-    /// Drops sessions that are dead (hung up or faulted); their segments unmap here.
+    /// Drops sessions that are dead (hung up or faulted) with their queued requests; their
+    /// segments unmap here.
     fn reap(&mut self) {
-        let before = self.sessions.len();
-        self.sessions
-            .retain(|s| !s.link.dead.load(Ordering::Relaxed));
-        if self.sessions.len() != before {
-            self.start = 0;
+        for slot in 0..self.sessions.len() {
+            let dead = self.sessions[slot]
+                .as_ref()
+                .is_some_and(|s| s.link.dead.load(Ordering::Relaxed));
+            if dead {
+                let s = self.sessions[slot].take().expect("checked");
+                self.lanes[s.model].queue.remove_session(slot);
+            }
         }
     }
 }
@@ -458,106 +510,75 @@ fn fault(s: &mut WorkerSession, reason: FaultReason) {
     }
 }
 
-/// Checks a frame; an accepted one has its features copied into the batch.
-fn validate(
+/// Checks a frame: the request to queue, with its features when it is to be executed (else
+/// its item carries the error it is answered with).
+fn validate<'f>(
     s: &mut WorkerSession,
-    frame: &[u64],
-    batch: &mut Batch,
-    session: usize,
+    frame: &'f [u64],
+    slot: usize,
     now: u64,
     allow_non_finite: bool,
-) -> Entry {
+) -> (Request<Item>, Option<&'f [f32]>) {
     let header: RequestHeader =
         bytemuck::pod_read_unaligned(bytemuck::cast_slice(&frame[..REQUEST_HEADER_WORDS]));
-    let mut entry = Entry {
-        session,
-        request_id: header.request_id,
-        seq: header.seq,
+    let mut request = Request {
+        item: Item {
+            session: slot,
+            request_id: header.request_id,
+            seq: header.seq,
+            status: Status::OK,
+            detail_a: 0,
+            detail_b: 0,
+        },
+        session: slot,
+        priority: header.priority.min(3) as u8,
+        arrival_ns: now,
         deadline_ns: header.deadline_ns,
-        accepted_ns: now,
-        status: Status::OK,
-        detail_a: 0,
-        detail_b: 0,
-        row: 0,
     };
     // The expected number counts frames: a client's bad number is not adopted, so it cannot
     // steer the stamp the next frame is taken by.
     let expected_seq = s.expected_seq;
     s.expected_seq = expected_seq.wrapping_add(1);
-    let reject = |e: &mut Entry, status: Status, a: u32, b: u32| {
-        e.status = status;
-        e.detail_a = a;
-        e.detail_b = b;
+    let mut reject = |status: Status, a: u32, b: u32| {
+        request.item.status = status;
+        request.item.detail_a = a;
+        request.item.detail_b = b;
     };
     if header.seq != expected_seq {
         reject(
-            &mut entry,
             Status::REJECTED,
             RejectReason::BadSequence as u32,
             expected_seq as u32,
         );
     } else if header.model_slot != 0 {
-        reject(&mut entry, Status::MODEL_NOT_FOUND, header.model_slot, 0);
+        reject(Status::MODEL_NOT_FOUND, header.model_slot, 0);
     } else if header.feature_count as usize != s.feature_count {
         reject(
-            &mut entry,
             Status::INVALID_INPUT_SHAPE,
             s.feature_count as u32,
             header.feature_count,
         );
     } else if header.priority > 3 {
         reject(
-            &mut entry,
             Status::REJECTED,
             RejectReason::BadPriority as u32,
             header.priority,
         );
     } else if header.flags != 0 {
-        reject(
-            &mut entry,
-            Status::REJECTED,
-            RejectReason::BadReserved as u32,
-            0,
-        );
+        reject(Status::REJECTED, RejectReason::BadReserved as u32, 0);
     } else {
         let features: &[f32] = bytemuck::cast_slice(&frame[REQUEST_HEADER_WORDS..]);
         let features = &features[..s.feature_count];
         match features.iter().position(|f| !f.is_finite()) {
             Some(i) if !allow_non_finite => {
-                reject(
-                    &mut entry,
-                    Status::REJECTED,
-                    RejectReason::NonFinite as u32,
-                    i as u32,
-                );
+                reject(Status::REJECTED, RejectReason::NonFinite as u32, i as u32);
             }
-            _ => {
-                let row = batch.rows;
-                batch.input[row * batch.width..(row + 1) * batch.width].copy_from_slice(features);
-                entry.row = row;
-                batch.rows += 1;
-            }
+            _ => return (request, Some(features)),
         }
     }
-    entry
+    (request, None)
 }
 
 fn saturate_u32(ns: u64) -> u32 {
     ns.min(u64::from(u32::MAX)) as u32
-}
-
-/// Removes the rows of entries no longer OK, keeping the others in order.
-fn compact(batch: &mut Batch) {
-    let w = batch.width;
-    let mut next = 0;
-    for e in batch.entries.iter_mut().filter(|e| e.status.is_ok()) {
-        if e.row != next {
-            batch
-                .input
-                .copy_within(e.row * w..(e.row + 1) * w, next * w);
-            e.row = next;
-        }
-        next += 1;
-    }
-    batch.rows = next;
 }

@@ -43,6 +43,7 @@ idle_spin_us = 50
 idle_park_us = 20
 [model_deployment]
 warmup_requests = 2
+profile_iterations = 3
 "#;
 
 impl TestServer {

@@ -1,0 +1,97 @@
+//! [`BatchConfig`]: the batching policy of one model, resolved from `[batch_processing]` and
+//! the model's own config.
+#![forbid(unsafe_code)]
+
+use crate::config::BatchProcessingSection;
+use crate::repository::ModelConfig;
+
+/// Number of priorities (Low, Normal, High, Critical).
+pub const PRIORITIES: usize = 4;
+/// The Critical priority.
+pub const CRITICAL: u8 = 3;
+
+/// How one model's requests are batched. Times in nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most requests in one batch.
+    pub max_batch_size: usize,
+    /// Longest the oldest request waits for its batch to fill; 0: never wait.
+    pub batch_timeout_ns: u64,
+    /// Requests worth a batch under the spec's sizing heuristic.
+    pub min_batch_size: usize,
+    /// Size batches by the model's profile (its optimal batch size) once it has one.
+    pub enable_dynamic_batching: bool,
+    /// Serve higher priorities first (with aging); off: oldest first.
+    pub priority_based_batching: bool,
+    /// Batch sizes the backend runs (sorted); a batch is padded up to the next one. Empty: any.
+    pub allowed_batch_sizes: Vec<usize>,
+    /// Most requests queued per priority (Low, Normal, High, Critical); more get `QueueFull`.
+    pub max_queue_size: [usize; PRIORITIES],
+    /// A waiting request gains one priority level per this many nanoseconds (starvation bound).
+    pub aging_ns: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self::resolve(&BatchProcessingSection::default(), &ModelConfig::default())
+    }
+}
+
+impl BatchConfig {
+    /// The model's policy: its overrides over the service's defaults.
+    pub fn resolve(defaults: &BatchProcessingSection, model: &ModelConfig) -> Self {
+        let max_batch_size = model
+            .max_batch_size
+            .unwrap_or(defaults.max_batch_size)
+            .max(1) as usize;
+        let timeout_us = model
+            .batch_timeout_us
+            .or(defaults.batch_timeout_us)
+            .or(defaults.batch_timeout_ms.map(|ms| ms * 1000))
+            .unwrap_or(DEFAULT_BATCH_TIMEOUT_US);
+        let mut allowed: Vec<usize> = model
+            .allowed_batch_sizes
+            .clone()
+            .unwrap_or_else(|| defaults.allowed_batch_sizes.clone())
+            .into_iter()
+            .map(|s| s as usize)
+            .filter(|&s| s >= 1 && s <= max_batch_size)
+            .collect();
+        allowed.sort_unstable();
+        allowed.dedup();
+        let per_priority = model.max_queue_size.unwrap_or(defaults.max_queue_size) as usize;
+        Self {
+            max_batch_size,
+            batch_timeout_ns: timeout_us * 1000,
+            min_batch_size: (defaults.min_batch_size.max(1) as usize).min(max_batch_size),
+            enable_dynamic_batching: defaults.enable_dynamic_batching,
+            priority_based_batching: defaults.priority_based_batching,
+            allowed_batch_sizes: allowed,
+            max_queue_size: [per_priority.max(1); PRIORITIES],
+            aging_ns: defaults.aging_us.max(1) * 1000,
+        }
+    }
+
+    /// The largest batch this policy forms: `max_batch_size`, or the largest allowed size.
+    pub fn largest_batch(&self) -> usize {
+        self.allowed_batch_sizes
+            .last()
+            .copied()
+            .unwrap_or(self.max_batch_size)
+            .min(self.max_batch_size)
+    }
+
+    /// Rows the backend runs for a batch of `rows` requests: the next allowed size up.
+    pub fn padded_rows(&self, rows: usize) -> usize {
+        self.allowed_batch_sizes
+            .iter()
+            .copied()
+            .find(|&s| s >= rows)
+            .unwrap_or(rows)
+    }
+}
+
+/// Batch timeout when the config names none, in microseconds: 0, greedy batching (whatever
+/// is queued runs as soon as the poller gets to it, so a lone request never waits and batches
+/// grow with the load).
+pub const DEFAULT_BATCH_TIMEOUT_US: u64 = 0;

@@ -57,23 +57,29 @@ fn main() {
         .filter(|m| m.name == "identity" || m.name == "mlp64")
         .collect();
 
-    // Bare compute of one row on the backend, same thread, for reference.
+    // Bare compute on the backend, same thread, for reference: batch 1, and larger batches
+    // (per batch) for the MLP.
     for m in &models {
         let io = &m.backend.info().io;
-        let input = vec![0.25f32; io.input_width];
-        let mut output = vec![0.0f32; io.output_width];
-        let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
-        for i in 0..iters.min(100_000) + 1000 {
-            let t = Instant::now();
-            m.backend.run_batch(&input, 1, &mut output).unwrap();
-            if i >= 1000 {
-                h.record(t.elapsed().as_nanos().max(1) as u64).unwrap();
+        let sizes: &[usize] = if m.name == "mlp64" {
+            &[1, 4, 16, 64]
+        } else {
+            &[1]
+        };
+        for &rows in sizes {
+            let input = vec![0.25f32; rows * io.input_width];
+            let mut output = vec![0.0f32; rows * io.output_width];
+            let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
+            for i in 0..(iters / rows).min(100_000) + 1000 {
+                let t = Instant::now();
+                m.backend.run_batch(&input, rows, &mut output).unwrap();
+                if i >= 1000 {
+                    h.record(t.elapsed().as_nanos().max(1) as u64).unwrap();
+                }
             }
+            let engine = m.backend.info().engine;
+            report(&format!("backend {} ({engine}) batch {rows}", m.name), &h);
         }
-        report(
-            &format!("backend {} ({}) batch 1", m.name, m.backend.info().engine),
-            &h,
-        );
     }
 
     let server = Server::start(&config, models).expect("start server");

@@ -18,6 +18,10 @@ fn check(backend: &dyn Backend, inputs: &[Vec<f32>], outputs: &[Vec<f32>], what:
             assert!(rel_err(*a, *b) <= 1e-5, "{what} batched: {a} vs {b}");
         }
     }
+    // An odd count: a block of four rows and a single one.
+    let mut out5 = vec![0.0f32; 5 * ow];
+    backend.run_batch(&flat[..5 * iw], 5, &mut out5).unwrap();
+    assert_eq!(&out5[..], &out[..5 * ow], "{what}: 5 rows differ from 8");
     for (row, expected) in inputs.iter().zip(outputs) {
         let mut out = vec![0.0f32; ow];
         backend.run_batch(row, 1, &mut out).unwrap();

@@ -81,38 +81,29 @@ impl MlpPlan {
             .unwrap_or(1)
     }
 
-    /// Runs one row; `a` and `b` are scratch of at least the widest layer.
+    /// Runs `R` rows (row `r` of the input at `input[r * input_width..]`) through every layer;
+    /// `a` and `b` are scratch of at least `R * widest`.
     #[inline(always)]
-    fn run_row<const FMA: bool>(&self, x: &[f32], y: &mut [f32], a: &mut [f32], b: &mut [f32]) {
-        if self.layers.is_empty() {
-            y.copy_from_slice(x);
-            self.input_activation.apply(y);
-            return;
+    fn run_block<const R: usize, const FMA: bool>(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+    ) {
+        let (iw, ow, stride) = (self.input_width, self.output_width(), self.widest());
+        for r in 0..R {
+            let row = &mut a[r * stride..r * stride + iw];
+            row.copy_from_slice(&input[r * iw..(r + 1) * iw]);
+            self.input_activation.apply(row);
         }
-        let last = self.layers.len() - 1;
         let (mut cur, mut next) = (a, b);
-        cur[..x.len()].copy_from_slice(x);
-        self.input_activation.apply(&mut cur[..x.len()]);
-        for (k, layer) in self.layers.iter().enumerate() {
-            let out = if k == last {
-                &mut y[..layer.outputs]
-            } else {
-                &mut next[..layer.outputs]
-            };
-            out.copy_from_slice(&layer.bias);
-            for (i, &xi) in cur[..layer.inputs].iter().enumerate() {
-                let w = &layer.weights[i * layer.outputs..(i + 1) * layer.outputs];
-                for (o, &wij) in out.iter_mut().zip(w) {
-                    // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
-                    *o = if FMA {
-                        xi.mul_add(wij, *o)
-                    } else {
-                        xi * wij + *o
-                    };
-                }
-            }
-            layer.activation.apply(out);
+        for layer in &self.layers {
+            dense::<R, FMA>(layer, cur, stride, next, stride);
             std::mem::swap(&mut cur, &mut next);
+        }
+        for r in 0..R {
+            output[r * ow..(r + 1) * ow].copy_from_slice(&cur[r * stride..r * stride + ow]);
         }
     }
 
@@ -125,13 +116,15 @@ impl MlpPlan {
         s: &mut Scratch,
     ) {
         let (iw, ow) = (self.input_width, self.output_width());
-        for r in 0..rows {
-            self.run_row::<FMA>(
-                &input[r * iw..(r + 1) * iw],
-                &mut output[r * ow..(r + 1) * ow],
-                &mut s.a,
-                &mut s.b,
-            );
+        let mut r = 0;
+        // Four rows at a time share every weight load; the rest one by one.
+        while r + 4 <= rows {
+            self.run_block::<4, FMA>(&input[r * iw..], &mut output[r * ow..], &mut s.a, &mut s.b);
+            r += 4;
+        }
+        while r < rows {
+            self.run_block::<1, FMA>(&input[r * iw..], &mut output[r * ow..], &mut s.a, &mut s.b);
+            r += 1;
         }
     }
 
@@ -150,6 +143,85 @@ impl MlpPlan {
             return;
         }
         self.run_rows_generic::<false>(input, rows, output, s);
+    }
+}
+
+/// `y = act(x W + b)` for `R` rows (`x` rows `xs` apart, `y` rows `ys` apart): output columns
+/// in register blocks (64 wide for one row, 16 wide for four), each accumulated over all
+/// inputs, so every weight load serves `R` rows and the accumulators stay in registers.
+#[inline(always)]
+fn dense<const R: usize, const FMA: bool>(
+    layer: &Dense,
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    let mut jb = 0;
+    if R == 1 {
+        while jb + 64 <= layer.outputs {
+            block::<R, 64, FMA>(layer, x, xs, y, ys, jb);
+            jb += 64;
+        }
+    }
+    while jb + 16 <= layer.outputs {
+        block::<R, 16, FMA>(layer, x, xs, y, ys, jb);
+        jb += 16;
+    }
+    // The last columns (fewer than 16): dot products with eight partial sums.
+    for j in jb..layer.outputs {
+        for r in 0..R {
+            let xr = &x[r * xs..r * xs + layer.inputs];
+            let mut partial = [0.0f32; 8];
+            for (i, &xi) in xr.iter().enumerate() {
+                let w = layer.weights[i * layer.outputs + j];
+                partial[i % 8] = if FMA {
+                    xi.mul_add(w, partial[i % 8])
+                } else {
+                    xi * w + partial[i % 8]
+                };
+            }
+            y[r * ys + j] = layer.bias[j] + partial.iter().sum::<f32>();
+        }
+    }
+    for r in 0..R {
+        layer
+            .activation
+            .apply(&mut y[r * ys..r * ys + layer.outputs]);
+    }
+}
+
+#[inline(always)]
+fn block<const R: usize, const W: usize, const FMA: bool>(
+    layer: &Dense,
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+    ys: usize,
+    jb: usize,
+) {
+    let mut acc = [[0.0f32; W]; R];
+    for row in acc.iter_mut() {
+        row.copy_from_slice(&layer.bias[jb..jb + W]);
+    }
+    for i in 0..layer.inputs {
+        let w: &[f32; W] = layer.weights[i * layer.outputs + jb..i * layer.outputs + jb + W]
+            .try_into()
+            .expect("W columns");
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xv = x[r * xs + i];
+            for k in 0..W {
+                // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
+                row[k] = if FMA {
+                    xv.mul_add(w[k], row[k])
+                } else {
+                    xv * w[k] + row[k]
+                };
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        y[r * ys + jb..r * ys + jb + W].copy_from_slice(row);
     }
 }
 
@@ -183,8 +255,8 @@ impl MlpBackend {
             },
             plan,
             scratch: Mutex::new(Scratch {
-                a: vec![0.0; widest],
-                b: vec![0.0; widest],
+                a: vec![0.0; 4 * widest],
+                b: vec![0.0; 4 * widest],
                 avx2,
             }),
         }

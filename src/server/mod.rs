@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use crate::config::ServiceConfig;
 use crate::repository::LoadedModel;
 
-pub use worker::{confidence, IdlePolicy, WorkerStats};
+pub use worker::{confidence, IdlePolicy, SharedStats, WorkerStats};
 
 /// State shared by the listener and a poller for one session.
 #[derive(Debug)]
@@ -63,6 +63,7 @@ pub struct Server {
     /// Tells the listener to stop accepting.
     listener_stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<WorkerStats>>,
+    stats: Vec<Arc<SharedStats>>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
 }
@@ -98,9 +99,12 @@ impl Server {
         let idle = IdlePolicy::from_config(&config.server);
         let mut senders = Vec::new();
         let mut workers = Vec::new();
+        let mut stats = Vec::new();
         for (i, core) in cores.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             senders.push(tx);
+            let shared = Arc::new(SharedStats::default());
+            stats.push(shared.clone());
             let ctx = worker::WorkerContext {
                 index: i,
                 core,
@@ -108,6 +112,7 @@ impl Server {
                 new_sessions: rx,
                 stopping: stopping.clone(),
                 idle,
+                shared,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("tie-poller-{i}"))
@@ -133,9 +138,23 @@ impl Server {
             stopping,
             listener_stopping,
             workers,
+            stats,
             listener: Some(listener),
             socket_path,
         })
+    }
+
+    /// Counters of all pollers, summed (as of each poller's last busy round).
+    pub fn stats(&self) -> WorkerStats {
+        self.stats
+            .iter()
+            .map(|s| s.load())
+            .fold(WorkerStats::default(), |a, b| WorkerStats {
+                requests: a.requests + b.requests,
+                responses: a.responses + b.responses,
+                batches: a.batches + b.batches,
+                rows: a.rows + b.rows,
+            })
     }
 
     /// The endpoint's socket path.

@@ -79,7 +79,7 @@ impl IdlePolicy {
 }
 
 /// Counters of one poller, reported when it stops.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerStats {
     /// Frames accepted.
     pub requests: u64,
@@ -87,6 +87,37 @@ pub struct WorkerStats {
     pub responses: u64,
     /// Batches run.
     pub batches: u64,
+    /// Rows executed in those batches (padding excluded).
+    pub rows: u64,
+}
+
+/// A poller's counters as others can read them while it runs (stored once per round).
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    requests: std::sync::atomic::AtomicU64,
+    responses: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+impl SharedStats {
+    fn store(&self, s: &WorkerStats) {
+        // Relaxed: independent counters for observers; nothing is ordered by them.
+        self.requests.store(s.requests, Ordering::Relaxed);
+        self.responses.store(s.responses, Ordering::Relaxed);
+        self.batches.store(s.batches, Ordering::Relaxed);
+        self.rows.store(s.rows, Ordering::Relaxed);
+    }
+
+    /// The counters as last stored.
+    pub fn load(&self) -> WorkerStats {
+        WorkerStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            responses: self.responses.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+        }
+    }
 }
 
 pub(super) struct WorkerContext {
@@ -96,6 +127,7 @@ pub(super) struct WorkerContext {
     pub new_sessions: mpsc::Receiver<NewSession>,
     pub stopping: Arc<AtomicBool>,
     pub idle: IdlePolicy,
+    pub shared: Arc<SharedStats>,
 }
 
 struct WorkerSession {
@@ -199,6 +231,9 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         let accepted = p.scan();
         let (answered, wake_ns) = p.run_lanes(stopping);
         p.reap();
+        if accepted > 0 || answered > 0 {
+            ctx.shared.store(&p.stats);
+        }
         if accepted > 0 || answered > 0 {
             idle_since = None;
         } else if stopping && p.lanes.iter().all(|l| l.queue.is_empty()) {
@@ -404,6 +439,7 @@ impl Poller {
             );
             compute_ns = monotonic_ns() - started_ns;
             self.stats.batches += 1;
+            self.stats.rows += rows as u64;
             // The deadline estimate follows what batches really take (EMA, 1/8 weight).
             lane.batch_compute_ns =
                 lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;

@@ -110,7 +110,7 @@ fn main() {
                 })
                 .collect();
             let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
-            let (mut ok, mut errors) = (0u64, 0u64);
+            let (mut ok, mut failed, mut unsent) = (0u64, 0u64, 0u64);
             for child in children {
                 let out = child.wait_with_output().unwrap();
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -120,8 +120,9 @@ fn main() {
                     .unwrap_or_else(|| panic!("client: {text}"));
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 ok += fields[1].parse::<u64>().unwrap();
-                errors += fields[2].parse::<u64>().unwrap();
-                let bytes = decode_hex(fields[3]);
+                failed += fields[2].parse::<u64>().unwrap();
+                unsent += fields[3].parse::<u64>().unwrap();
+                let bytes = decode_hex(fields[4]);
                 let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
                 merged.add(&h).unwrap();
             }
@@ -130,7 +131,7 @@ fn main() {
             let rows_per_batch =
                 (after.rows - before.rows) as f64 / (after.batches - before.batches).max(1) as f64;
             println!(
-                "{:<22} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>7.1}",
+                "{:<22} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>8} {:>7.1}",
                 name,
                 rate,
                 achieved,
@@ -138,7 +139,8 @@ fn main() {
                 merged.value_at_quantile(0.99) as f64 / 1e3,
                 merged.value_at_quantile(0.999) as f64 / 1e3,
                 merged.max() as f64 / 1e3,
-                errors,
+                failed,
+                unsent,
                 rows_per_batch,
             );
             std::io::stdout().flush().unwrap();
@@ -181,7 +183,7 @@ fn client() {
     // Scheduled send times of the requests in flight, in order.
     let mut scheduled = std::collections::VecDeque::with_capacity(1024);
     let start = monotonic_ns() + 10_000_000;
-    let (mut sent, mut ok, mut errors) = (0u64, 0u64, 0u64);
+    let (mut sent, mut ok, mut failed) = (0u64, 0u64, 0u64);
     let deadline = start + point_ms * 1_000_000 + 5_000_000_000;
     while (sent < total || !scheduled.is_empty()) && monotonic_ns() < deadline {
         let now = monotonic_ns();
@@ -202,14 +204,15 @@ fn client() {
             if r.status.is_ok() {
                 ok += 1;
             } else {
-                errors += 1;
+                failed += 1;
             }
         }
     }
-    errors += scheduled.len() as u64 + (total - sent);
+    // Requests not sent, or not answered, by the end of the point (5 s after it).
+    let unsent = scheduled.len() as u64 + (total - sent);
     let mut bytes = Vec::new();
     V2Serializer::new().serialize(&h, &mut bytes).unwrap();
-    println!("RESULT {ok} {errors} {}", encode_hex(&bytes));
+    println!("RESULT {ok} {failed} {unsent} {}", encode_hex(&bytes));
 }
 
 fn encode_hex(bytes: &[u8]) -> String {

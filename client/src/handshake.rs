@@ -31,6 +31,39 @@ pub(crate) fn handshake(
     params: &HelloParams<'_>,
     timeout: Duration,
 ) -> Result<(UnixStream, HelloReply, OwnedFd), ConnectError> {
+    let mut hello = Hello::zeroed();
+    hello.layout_hash = params.layout_hash;
+    hello.model_version = params.model_version;
+    hello.request_capacity = params.request_capacity;
+    hello.response_capacity = params.response_capacity;
+    if !hello.set_model_name(params.model) {
+        return Err(ConnectError::InvalidOptions(format!(
+            "model name {:?} is longer than {} bytes",
+            params.model,
+            tie_layouts::hello::MODEL_NAME_LEN - 1
+        )));
+    }
+    let (stream, reply, fd) = exchange_hello(path, hello, timeout, params.layout_hash)?;
+    let fd = fd.ok_or(ConnectError::BadReply(
+        "no segment fd with an accepting reply",
+    ))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|source| ConnectError::Io {
+            op: "set_read_timeout",
+            source,
+        })?;
+    Ok((stream, reply, fd))
+}
+
+/// Connects, sends `hello` (magic, ABI version and pid filled in), and reads an accepting
+/// reply with the fd that came with it, if any. The socket keeps `timeout` for reads.
+pub(crate) fn exchange_hello(
+    path: &Path,
+    mut hello: Hello,
+    timeout: Duration,
+    layout_hash: u64,
+) -> Result<(UnixStream, HelloReply, Option<OwnedFd>), ConnectError> {
     let mut stream = connect(path, timeout)?;
     let io = |op| move |source| ConnectError::Io { op, source };
     stream
@@ -39,46 +72,66 @@ pub(crate) fn handshake(
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io("set_write_timeout"))?;
-
-    let mut hello = Hello::zeroed();
     hello.magic = HELLO_MAGIC;
     hello.abi_version = ABI_VERSION;
-    hello.layout_hash = params.layout_hash;
-    hello.model_version = params.model_version;
-    hello.request_capacity = params.request_capacity;
-    hello.response_capacity = params.response_capacity;
     hello.client_pid = std::process::id();
-    if !hello.set_model_name(params.model) {
-        return Err(ConnectError::InvalidOptions(format!(
-            "model name {:?} is longer than {} bytes",
-            params.model,
-            tie_layouts::hello::MODEL_NAME_LEN - 1
-        )));
-    }
     stream
         .write_all(bytemuck::bytes_of(&hello))
         .map_err(io("send hello"))?;
-
     let mut reply = HelloReply::zeroed();
+    let fd = receive_with_fd(
+        &mut stream,
+        bytemuck::bytes_of_mut(&mut reply),
+        "receive hello reply",
+    )?;
+    if reply.magic != REPLY_MAGIC {
+        return Err(ConnectError::BadReply("bad magic"));
+    }
+    let status = HelloStatus::from_code(reply.status).ok_or(ConnectError::BadReply("status"))?;
+    match status {
+        HelloStatus::Accepted => Ok((stream, reply, fd)),
+        HelloStatus::VersionMismatch => Err(ConnectError::VersionMismatch {
+            ours: ABI_VERSION,
+            theirs: reply.abi_version,
+        }),
+        HelloStatus::LayoutMismatch => Err(ConnectError::LayoutMismatch {
+            ours: layout_hash,
+            theirs: reply.server_layout_hash,
+        }),
+        HelloStatus::PermissionDenied => Err(ConnectError::PermissionDenied {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, reply.message()),
+        }),
+        status => Err(ConnectError::Refused {
+            status,
+            message: reply.message().to_string(),
+        }),
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, keeping the first fd passed with them (others are closed).
+pub(crate) fn receive_with_fd(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    op: &'static str,
+) -> Result<Option<OwnedFd>, ConnectError> {
     let mut fd = None;
     let received = {
-        let bytes = bytemuck::bytes_of_mut(&mut reply);
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let msg = rustix::net::recvmsg(
-            &stream,
-            &mut [IoSliceMut::new(bytes)],
+            &*stream,
+            &mut [IoSliceMut::new(buf)],
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         )
         .map_err(|e| ConnectError::Io {
-            op: "receive hello reply",
+            op,
             source: e.into(),
         })?;
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
                 for received in fds {
-                    // Keep the first; any others are closed when dropped.
                     fd.get_or_insert(received);
                 }
             }
@@ -88,42 +141,12 @@ pub(crate) fn handshake(
     if received == 0 {
         return Err(ConnectError::BadReply("server closed the socket"));
     }
-    if received < size_of::<HelloReply>() {
-        let rest = &mut bytemuck::bytes_of_mut(&mut reply)[received..];
-        stream.read_exact(rest).map_err(io("receive hello reply"))?;
+    if received < buf.len() {
+        stream
+            .read_exact(&mut buf[received..])
+            .map_err(|source| ConnectError::Io { op, source })?;
     }
-    if reply.magic != REPLY_MAGIC {
-        return Err(ConnectError::BadReply("bad magic"));
-    }
-    let status = HelloStatus::from_code(reply.status).ok_or(ConnectError::BadReply("status"))?;
-    match status {
-        HelloStatus::Accepted => {}
-        HelloStatus::VersionMismatch => {
-            return Err(ConnectError::VersionMismatch {
-                ours: ABI_VERSION,
-                theirs: reply.abi_version,
-            })
-        }
-        HelloStatus::LayoutMismatch => {
-            return Err(ConnectError::LayoutMismatch {
-                ours: params.layout_hash,
-                theirs: reply.server_layout_hash,
-            })
-        }
-        status => {
-            return Err(ConnectError::Refused {
-                status,
-                message: reply.message().to_string(),
-            })
-        }
-    }
-    let fd = fd.ok_or(ConnectError::BadReply(
-        "no segment fd with an accepting reply",
-    ))?;
-    stream
-        .set_read_timeout(None)
-        .map_err(io("set_read_timeout"))?;
-    Ok((stream, reply, fd))
+    Ok(fd)
 }
 
 /// Connects within `timeout`: a server whose backlog is full makes a non-blocking connect

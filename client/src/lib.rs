@@ -27,6 +27,7 @@ pub mod clock;
 pub mod endpoint;
 mod error;
 mod handshake;
+pub mod inspect;
 pub mod segment;
 mod wait;
 

@@ -146,45 +146,7 @@ impl Segment {
             info: SegmentInfo::zeroed(),
             geometry: SegmentGeometry::new(1, 1, 1).expect("a valid geometry"),
         };
-        // SYNC(ready): Acquire pairs with the server's Release in `Segment::create`.
-        if segment.word(READY_OFFSET).load(Ordering::Acquire) != READY {
-            return Err(SegmentOpenError::NotReady);
-        }
-        let mut info_words = [0u64; size_of::<SegmentInfo>() / 8];
-        for (dst, src) in info_words.iter_mut().zip(segment.words()) {
-            *dst = src.load(Ordering::Relaxed);
-        }
-        let info: SegmentInfo = bytemuck::cast(info_words);
-        if info.magic != SEGMENT_MAGIC {
-            return Err(SegmentOpenError::BadMagic { found: info.magic });
-        }
-        if info.abi_version != ABI_VERSION {
-            return Err(SegmentOpenError::VersionMismatch {
-                ours: ABI_VERSION,
-                theirs: info.abi_version,
-            });
-        }
-        let geometry = SegmentGeometry::new(
-            info.request_capacity,
-            info.response_capacity,
-            info.feature_count,
-        )
-        .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?;
-        if geometry.info(
-            info.layout_hash,
-            info.session_id,
-            info.output_count,
-            info.model_version,
-        ) != info
-        {
-            return Err(SegmentOpenError::BadGeometry("offsets or sizes"));
-        }
-        if geometry.segment_size as u64 != actual {
-            return Err(SegmentOpenError::BadGeometry("segment size"));
-        }
-        if info.output_count as usize > abi::MAX_OUTPUTS {
-            return Err(SegmentOpenError::BadGeometry("output count"));
-        }
+        let (info, geometry) = check_header(segment.words(), actual)?;
         segment.info = info;
         segment.geometry = geometry;
         Ok(Arc::new(segment))
@@ -245,18 +207,21 @@ impl Segment {
     }
 
     fn ring(&self, offset: usize, capacity: u32, slot_words: usize) -> RingView<'_> {
-        let words = self.words();
-        let base = offset / 8;
-        let slots_start = base + abi::RING_INDEX_SIZE / 8;
-        let slots = &words[slots_start..slots_start + capacity as usize * slot_words];
-        RingView::new(
-            &words[base],
-            &words[base + abi::INDEX_SPACING / 8],
-            slots,
-            capacity,
-            slot_words,
-        )
-        .expect("geometry was checked")
+        ring_at(self.words(), offset, capacity, slot_words)
+    }
+
+    /// Stores the server's error counter (observers read it).
+    pub fn set_server_errors(&self, errors: u64) {
+        // Relaxed: a statistic; nothing is ordered by it.
+        self.word(abi::SERVER_ERRORS_OFFSET)
+            .store(errors, Ordering::Relaxed);
+    }
+
+    /// Stores the client's ring-full counter (observers read it).
+    pub fn set_client_queue_full(&self, count: u64) {
+        // Relaxed: a statistic; nothing is ordered by it.
+        self.word(abi::CLIENT_QUEUE_FULL_OFFSET)
+            .store(count, Ordering::Relaxed);
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
@@ -278,6 +243,74 @@ impl Segment {
             )
         }
     }
+}
+
+/// Checks a mapped segment's header: ready word, magic, ABI version, and that the geometry
+/// recomputed from the capacities and feature count matches every offset and `actual` size.
+pub(crate) fn check_header(
+    words: &[AtomicU64],
+    actual: u64,
+) -> Result<(SegmentInfo, SegmentGeometry), SegmentOpenError> {
+    // SYNC(ready): Acquire pairs with the server's Release in `Segment::create`.
+    if words[READY_OFFSET / 8].load(Ordering::Acquire) != READY {
+        return Err(SegmentOpenError::NotReady);
+    }
+    let mut info_words = [0u64; size_of::<SegmentInfo>() / 8];
+    for (dst, src) in info_words.iter_mut().zip(words) {
+        *dst = src.load(Ordering::Relaxed);
+    }
+    let info: SegmentInfo = bytemuck::cast(info_words);
+    if info.magic != SEGMENT_MAGIC {
+        return Err(SegmentOpenError::BadMagic { found: info.magic });
+    }
+    if info.abi_version != ABI_VERSION {
+        return Err(SegmentOpenError::VersionMismatch {
+            ours: ABI_VERSION,
+            theirs: info.abi_version,
+        });
+    }
+    let geometry = SegmentGeometry::new(
+        info.request_capacity,
+        info.response_capacity,
+        info.feature_count,
+    )
+    .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?;
+    if geometry.info(
+        info.layout_hash,
+        info.session_id,
+        info.output_count,
+        info.model_version,
+    ) != info
+    {
+        return Err(SegmentOpenError::BadGeometry("offsets or sizes"));
+    }
+    if geometry.segment_size as u64 != actual {
+        return Err(SegmentOpenError::BadGeometry("segment size"));
+    }
+    if info.output_count as usize > abi::MAX_OUTPUTS {
+        return Err(SegmentOpenError::BadGeometry("output count"));
+    }
+    Ok((info, geometry))
+}
+
+/// The ring at `offset` of a segment's words.
+pub(crate) fn ring_at(
+    words: &[AtomicU64],
+    offset: usize,
+    capacity: u32,
+    slot_words: usize,
+) -> RingView<'_> {
+    let base = offset / 8;
+    let slots_start = base + abi::RING_INDEX_SIZE / 8;
+    let slots = &words[slots_start..slots_start + capacity as usize * slot_words];
+    RingView::new(
+        &words[base],
+        &words[base + abi::INDEX_SPACING / 8],
+        slots,
+        capacity,
+        slot_words,
+    )
+    .expect("geometry was checked")
 }
 
 fn map(fd: &OwnedFd, len: usize) -> Result<MmapRaw, SegmentOpenError> {

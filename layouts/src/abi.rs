@@ -46,6 +46,12 @@ pub const READY_OFFSET: usize = 128;
 pub const SERVER_STATE_OFFSET: usize = 136;
 /// Byte offset of the server-state detail word (u64: the reason of a fault).
 pub const SERVER_DETAIL_OFFSET: usize = 144;
+/// Byte offset of the server's error counter (u64: responses sent with an error status),
+/// for observers.
+pub const SERVER_ERRORS_OFFSET: usize = 152;
+/// Byte offset of the client's ring-full counter (u64: submits refused because the rings were
+/// full), written by the client for observers; the server never reads it.
+pub const CLIENT_QUEUE_FULL_OFFSET: usize = 160;
 /// Bytes of a ring's index block: tail at 0, head at [`INDEX_SPACING`].
 pub const RING_INDEX_SIZE: usize = 2 * INDEX_SPACING;
 
@@ -112,6 +118,7 @@ const _: () = {
     assert!(offset_of!(SegmentInfo, max_outputs) == 84);
     assert!(offset_of!(SegmentInfo, reserved) == 88);
     assert!(size_of::<SegmentInfo>() <= READY_OFFSET);
+    assert!(CLIENT_QUEUE_FULL_OFFSET + 8 <= HEADER_SIZE);
 };
 
 /// Header of a request frame; the frame's features (f32) follow it in the same slot.

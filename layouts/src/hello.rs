@@ -13,6 +13,10 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"TIEHELLO");
 pub const REPLY_MAGIC: u64 = u64::from_le_bytes(*b"TIEREPLY");
 /// Bytes of a model name in a hello.
 pub const MODEL_NAME_LEN: usize = 64;
+/// [`Hello::flags`] bit: the peer is an inspector. The server answers with a [`HelloReply`]
+/// whose `session_id` holds the number of sessions N, then N [`SessionRecord`]s, each sent
+/// with a read-only fd of that session's segment; then it closes the connection.
+pub const HELLO_FLAG_INSPECT: u32 = 1;
 /// [`HelloReply::flags`] bit: the model's layout accepts NaN and infinite features.
 pub const REPLY_ALLOW_NON_FINITE: u32 = 1;
 /// Bytes of the message in a reply.
@@ -154,6 +158,69 @@ impl HelloReply {
         }
         self.message = [0; MESSAGE_LEN];
         self.message[..end].copy_from_slice(&message.as_bytes()[..end]);
+    }
+}
+
+/// What an inspector learns of one session (sent with a read-only fd of its segment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionRecord {
+    /// Server-assigned session id.
+    pub session_id: u64,
+    /// When the session opened, nanoseconds since the Unix epoch.
+    pub connected_unix_ns: u64,
+    /// Bytes of the segment.
+    pub segment_size: u64,
+    /// The client's pid (from SO_PEERCRED).
+    pub client_pid: u32,
+    /// The client's uid.
+    pub client_uid: u32,
+    /// Version of the model serving the session.
+    pub model_version: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Model name, UTF-8, NUL-padded.
+    pub model_name: [u8; 64],
+    /// Layout name, UTF-8, NUL-padded.
+    pub layout_name: [u8; 64],
+    /// The client's process name (`/proc/<pid>/comm`), NUL-padded.
+    pub process_name: [u8; 32],
+    /// Zero.
+    pub reserved2: [u64; 7],
+}
+
+const _: () = {
+    assert!(size_of::<SessionRecord>() == 256);
+    assert!(offset_of!(SessionRecord, session_id) == 0);
+    assert!(offset_of!(SessionRecord, connected_unix_ns) == 8);
+    assert!(offset_of!(SessionRecord, segment_size) == 16);
+    assert!(offset_of!(SessionRecord, client_pid) == 24);
+    assert!(offset_of!(SessionRecord, client_uid) == 28);
+    assert!(offset_of!(SessionRecord, model_version) == 32);
+    assert!(offset_of!(SessionRecord, reserved) == 36);
+    assert!(offset_of!(SessionRecord, model_name) == 40);
+    assert!(offset_of!(SessionRecord, layout_name) == 104);
+    assert!(offset_of!(SessionRecord, process_name) == 168);
+    assert!(offset_of!(SessionRecord, reserved2) == 200);
+};
+
+/// Copies `text` NUL-padded into `field`, cut on a character boundary to leave one NUL.
+pub fn write_name(field: &mut [u8], text: &str) {
+    let mut end = text.len().min(field.len().saturating_sub(1));
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    field.fill(0);
+    field[..end].copy_from_slice(&text.as_bytes()[..end]);
+}
+
+/// The text of a NUL-padded field, cut at the first NUL or invalid UTF-8.
+pub fn read_name(field: &[u8]) -> &str {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    match core::str::from_utf8(&field[..end]) {
+        Ok(s) => s,
+        // The prefix up to the error is valid UTF-8 by definition of `valid_up_to`.
+        Err(e) => core::str::from_utf8(&field[..e.valid_up_to()]).unwrap_or(""),
     }
 }
 

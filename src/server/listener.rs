@@ -1,7 +1,7 @@
 //! `listener_task`: accepts connections, performs handshakes, watches session sockets.
 
 use std::io::{IoSlice, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -16,7 +16,8 @@ use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tie_client::segment::Segment;
 use tie_layouts::abi::{SegmentGeometry, ABI_VERSION};
 use tie_layouts::hello::{
-    Hello, HelloReply, HelloStatus, HELLO_MAGIC, REPLY_ALLOW_NON_FINITE, REPLY_MAGIC,
+    write_name, Hello, HelloReply, HelloStatus, SessionRecord, HELLO_FLAG_INSPECT, HELLO_MAGIC,
+    REPLY_ALLOW_NON_FINITE, REPLY_MAGIC,
 };
 
 use super::worker::NewSession;
@@ -37,8 +38,17 @@ pub(super) struct ListenerContext {
     pub max_sessions: usize,
 }
 
-/// Open sessions' sockets, closed when dropped.
-pub(super) type Sessions = Vec<(Arc<SessionLink>, UnixStream)>;
+/// An open session as the listener keeps it: its socket (closed when dropped), its segment
+/// and what an inspector is told of it.
+pub(super) struct OpenSession {
+    link: Arc<SessionLink>,
+    socket: UnixStream,
+    segment: Arc<Segment>,
+    record: SessionRecord,
+}
+
+/// Open sessions.
+pub(super) type Sessions = Vec<OpenSession>;
 
 /// Binds the endpoint's socket, removing a stale one left by a server that is gone.
 pub(super) fn bind(
@@ -96,8 +106,8 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
             let mut fds: Vec<PollFd<'_>> =
                 Vec::with_capacity(1 + sessions.len() + handshakes.len());
             fds.push(PollFd::new(&ctx.listener, PollFlags::IN));
-            for (_, s) in &sessions {
-                fds.push(PollFd::new(s, PollFlags::IN | PollFlags::RDHUP));
+            for s in &sessions {
+                fds.push(PollFd::new(&s.socket, PollFlags::IN | PollFlags::RDHUP));
             }
             for h in &handshakes {
                 fds.push(PollFd::new(&h.stream, PollFlags::IN | PollFlags::RDHUP));
@@ -119,7 +129,7 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
         };
         // Clients never send after the hello: a readable session socket has hung up.
         let mut i = 0;
-        sessions.retain(|(link, _)| {
+        sessions.retain(|OpenSession { link, .. }| {
             let gone = hung[i] || link.dead.load(Ordering::SeqCst);
             i += 1;
             if gone {
@@ -142,7 +152,7 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
                 }
             }
             if h.received == size_of::<Hello>() {
-                if let Some(s) = open_session(&ctx, h.stream, &h.hello, &next_id, sessions.len()) {
+                if let Some(s) = open_session(&ctx, h.stream, &h.hello, &next_id, &sessions) {
                     sessions.push(s);
                 }
             } else if now >= h.deadline {
@@ -201,9 +211,10 @@ fn open_session(
     stream: UnixStream,
     hello: &Hello,
     next_id: &AtomicU64,
-    open: usize,
-) -> Option<(Arc<SessionLink>, UnixStream)> {
+    sessions: &Sessions,
+) -> Option<OpenSession> {
     let hello = *hello;
+    let open = sessions.len();
     let cred = match rustix::net::sockopt::socket_peercred(&stream) {
         Ok(c) => c,
         Err(e) => {
@@ -247,6 +258,15 @@ fn open_session(
             hello.abi_version
         );
         refuse(&stream, HelloStatus::VersionMismatch, &msg, 0, &hello);
+        return None;
+    }
+    if hello.flags == HELLO_FLAG_INSPECT {
+        serve_inspector(stream, &hello, sessions);
+        return None;
+    }
+    if hello.flags != 0 {
+        let msg = format!("unknown hello flags {:#x}", hello.flags);
+        refuse(&stream, HelloStatus::BadRequest, &msg, 0, &hello);
         return None;
     }
     let Some(name) = hello.model_name() else {
@@ -400,9 +420,23 @@ fn open_session(
         dead: AtomicBool::new(false),
     });
     let worker = model_index % ctx.workers.len();
+    let mut record = SessionRecord::zeroed();
+    record.session_id = id;
+    record.connected_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    record.segment_size = geometry.segment_size as u64;
+    record.client_pid = cred.pid.as_raw_nonzero().get() as u32;
+    record.client_uid = cred.uid.as_raw();
+    record.model_version = model.version;
+    write_name(&mut record.model_name, &model.name);
+    write_name(&mut record.layout_name, &model.layout.name);
+    let comm =
+        std::fs::read_to_string(format!("/proc/{}/comm", record.client_pid)).unwrap_or_default();
+    write_name(&mut record.process_name, comm.trim_end());
     let new = NewSession {
         link: link.clone(),
-        segment,
+        segment: segment.clone(),
         model: model_index,
     };
     if ctx.workers[worker].send(new).is_err() {
@@ -417,7 +451,60 @@ fn open_session(
         response_capacity = hello.response_capacity,
         "session opened"
     );
-    Some((link, stream))
+    Some(OpenSession {
+        link,
+        socket: stream,
+        segment,
+        record,
+    })
+}
+
+/// Answers an inspector: the session count, then each session's record with a read-only fd
+/// of its segment (the memfd reopened through /proc with O_RDONLY, so it can only be mapped
+/// read-only).
+fn serve_inspector(stream: UnixStream, hello: &Hello, sessions: &Sessions) {
+    let io_timeout = Some(HELLO_TIMEOUT);
+    if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(io_timeout).is_err() {
+        return;
+    }
+    let mut reply = HelloReply::zeroed();
+    reply.magic = REPLY_MAGIC;
+    reply.status = HelloStatus::Accepted.code();
+    reply.abi_version = ABI_VERSION;
+    reply.client_layout_hash = hello.layout_hash;
+    reply.session_id = sessions.len() as u64;
+    reply.set_message("inspector");
+    if rustix::net::send(&stream, bytemuck::bytes_of(&reply), SendFlags::NOSIGNAL).is_err() {
+        return;
+    }
+    for s in sessions {
+        let path = format!("/proc/self/fd/{}", s.segment.fd().as_fd().as_raw_fd());
+        let read_only = match rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(session = s.link.id, error = %e, "cannot reopen a segment read-only");
+                return;
+            }
+        };
+        let fds = [read_only.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        let sent = rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(bytemuck::bytes_of(&s.record))],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        );
+        if !matches!(sent, Ok(n) if n == size_of::<SessionRecord>()) {
+            return;
+        }
+    }
+    tracing::info!(sessions = sessions.len(), "inspector served");
 }
 
 /// Whether process `pid` has `gid` among its supplementary groups (from /proc).

@@ -160,6 +160,8 @@ struct WorkerSession {
     consumed: u64,
     /// Responses pushed and not yet published.
     unpublished: bool,
+    /// Responses sent with an error status (mirrored into the segment for observers).
+    errors: u64,
     /// Once the server stops: frames popped plus those the tail showed then. Nothing past it
     /// is read, so a client that keeps sending cannot hold the shutdown up.
     stop_at: Option<u64>,
@@ -319,6 +321,7 @@ impl Poller {
             accepted: 0,
             consumed: 0,
             unpublished: false,
+            errors: 0,
             stop_at: None,
         };
         match self.sessions.iter().position(Option::is_none) {
@@ -524,6 +527,10 @@ impl Poller {
                 Ok(()) => {
                     s.unpublished = true;
                     written += 1;
+                    if frame.status != Status::OK.0 {
+                        s.errors += 1;
+                        s.rings.segment().set_server_errors(s.errors);
+                    }
                 }
                 // Credits make this impossible for a client that follows the protocol.
                 Err(PushError::Full) => {

@@ -125,6 +125,16 @@ pub fn ring_bar(r: &RingState, width: usize) -> String {
     )
 }
 
+/// How long ago, as `1h02m`, `3m05s` or `42s`.
+pub fn age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 fn rate(r: Option<f64>) -> String {
     r.map_or("-".into(), |r| format!("{r:.0}/s"))
 }
@@ -189,6 +199,7 @@ fn render_table(frame: &mut Frame<'_>, area: ratatui::layout::Rect, app: &App) {
                 s.process.clone(),
                 format!("{}:{}", s.model, s.model_version),
                 s.layout.clone(),
+                age(app.snapshot.taken_unix_s - s.connected_unix_s),
                 s.state.clone(),
                 ring_bar(&s.requests, 8),
                 ring_bar(&s.responses, 8),
@@ -211,6 +222,7 @@ fn render_table(frame: &mut Frame<'_>, area: ratatui::layout::Rect, app: &App) {
         Constraint::Length(14),
         Constraint::Length(12),
         Constraint::Length(10),
+        Constraint::Length(9),
         Constraint::Length(8),
         Constraint::Length(18),
         Constraint::Length(18),

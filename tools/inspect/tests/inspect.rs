@@ -182,6 +182,35 @@ fn clear_messages_when_it_cannot_attach() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no tie server is running"), "{err}");
+
+    // Another user: the socket (mode 0600) refuses it.
+    if rustix_euid_is_root() && Command::new("runuser").arg("--help").output().is_ok() {
+        let server = start_server(&dir);
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(env!("CARGO_BIN_EXE_tie-inspect"))
+            .args(["--endpoint", "insp", "--once", "--socket-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("permission denied"), "{err}");
+        server.shutdown();
+    } else {
+        eprintln!("skipped the other-user check: needs root and runuser");
+    }
+}
+
+fn rustix_euid_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+            .unwrap_or(false)
+    })
 }
 
 fn known_snapshot() -> Snapshot {
@@ -192,7 +221,7 @@ fn known_snapshot() -> Snapshot {
         model: model.into(),
         model_version: 1,
         layout: "mlp64".into(),
-        connected_unix_s: 0.0,
+        connected_unix_s: 1000.0 - 125.0,
         state: "running".into(),
         requests: RingState {
             head: 10,
@@ -214,7 +243,7 @@ fn known_snapshot() -> Snapshot {
         lag_us: lag,
     };
     Snapshot {
-        taken_unix_s: 0.0,
+        taken_unix_s: 1000.0,
         sessions: vec![
             session(1, "mlp64", 8, None),
             session(2, "multi", 4, Some(12.5)),
@@ -245,6 +274,7 @@ fn renders_a_known_state() {
     assert!(text.contains("[####....] 4/8"), "{text}");
     assert!(text.contains("[##......] 2/8"), "{text}");
     assert!(text.contains("1000/s") && text.contains("12.5"), "{text}");
+    assert!(text.contains("2m05s"), "connected since: {text}");
     // Sorting by lag puts session 2 first; filtering keeps only matching models.
     app.sort = app.sort.next();
     assert_eq!(app.selected_id(), Some(2));

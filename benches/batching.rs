@@ -83,9 +83,9 @@ fn main() {
         config.server.idle = IdleStrategy::Spin;
         let options = LoadOptions {
             layouts_dir: root.join("layouts/features"),
-            batching: config.batch_processing.clone(),
             warmup_requests: 100,
             profile_iterations: 20,
+            ..LoadOptions::from_config(&config)
         };
         let models: Vec<_> = load_repository(&root.join("models"), &options)
             .unwrap()

@@ -4,30 +4,13 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use tie_client::layouts::abi::request_slot_size;
-use tie_client::layouts::ring::{Consumer, Producer, RingView};
-use tie_client::layouts::sync::AtomicU64;
-
-struct Mem {
-    tail: AtomicU64,
-    head: AtomicU64,
-    slots: Vec<AtomicU64>,
-}
-
-fn mem(capacity: u32, slot_words: usize) -> Mem {
-    Mem {
-        tail: AtomicU64::new(0),
-        head: AtomicU64::new(0),
-        slots: (0..capacity as usize * slot_words)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-    }
-}
+use tie_client::layouts::ring::{Consumer, HeapRing, Producer};
 
 fn bench_ring(c: &mut Criterion) {
     let slot_words = request_slot_size(64) / 8; // a 64-feature request frame
     let frame_words = tie_client::layouts::abi::request_words(64);
-    let m = mem(1024, slot_words);
-    let view = RingView::new(&m.tail, &m.head, &m.slots, 1024, slot_words).unwrap();
+    let ring = HeapRing::new(1024, slot_words);
+    let view = ring.view();
     let mut p = Producer::new(view);
     let mut q = Consumer::new(view);
     let frame: Vec<u64> = (0..frame_words as u64).collect();

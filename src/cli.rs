@@ -110,12 +110,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    let options = LoadOptions {
-        layouts_dir: config.server.layouts_dir.clone(),
-        batching: config.batch_processing.clone(),
-        warmup_requests: config.model_deployment.warmup_requests,
-        profile_iterations: config.model_deployment.profile_iterations,
-    };
+    let options = LoadOptions::from_config(&config);
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
     while !stop.load(Ordering::SeqCst) {

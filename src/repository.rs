@@ -190,6 +190,18 @@ pub struct LoadOptions {
     pub profile_iterations: u32,
 }
 
+impl LoadOptions {
+    /// The options a service config asks for.
+    pub fn from_config(config: &crate::config::ServiceConfig) -> Self {
+        Self {
+            layouts_dir: config.server.layouts_dir.clone(),
+            batching: config.batch_processing.clone(),
+            warmup_requests: config.model_deployment.warmup_requests,
+            profile_iterations: config.model_deployment.profile_iterations,
+        }
+    }
+}
+
 fn read_dir(path: &Path) -> Result<Vec<PathBuf>, RepositoryLoadError> {
     let io = |source| RepositoryLoadError::Io {
         path: path.into(),

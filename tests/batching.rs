@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fixture, rel_err, root, spawn_child, TestServer};
-use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Response, Status};
+use common::{fixture, rel_err, responses, root, spawn_child, TestServer};
+use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status};
 
 /// A server whose `[batch_processing]` section is `batching`.
 fn server_with(batching: &str) -> TestServer {
@@ -21,25 +21,6 @@ fn connect(server: &TestServer) -> Client {
         ..server.options()
     };
     Client::connect(&server.endpoint, "mlp64", options).unwrap()
-}
-
-fn collect(client: &mut Client, n: usize) -> Vec<Response> {
-    let started = std::time::Instant::now();
-    let mut got = Vec::with_capacity(n);
-    while got.len() < n {
-        match client.poll() {
-            Some(r) => got.push(r),
-            None => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "responses missing"
-                );
-                std::thread::yield_now();
-            }
-        }
-    }
-    assert_eq!(client.poll(), None, "an extra response");
-    got
 }
 
 #[test]
@@ -60,8 +41,8 @@ fn critical_requests_overtake_a_backlog() {
         .submit(&f.inputs[0], Priority::Critical, None)
         .unwrap();
     server.signal(18); // SIGCONT: both sessions are read in one scan
-    let low = collect(&mut backlog, 64);
-    let crit = collect(&mut urgent, 1);
+    let low = responses(&mut backlog, 64);
+    let crit = responses(&mut urgent, 1);
     assert_eq!(crit[0].request_id, critical);
     assert_eq!(crit[0].status, Status::OK);
     assert_eq!(
@@ -92,7 +73,7 @@ fn a_batch_waits_for_its_timeout_but_critical_does_not() {
     let f = fixture("mlp64_v1");
     let mut client = connect(&server);
     client.submit(&f.inputs[0], Priority::Normal, None).unwrap();
-    let normal = collect(&mut client, 1);
+    let normal = responses(&mut client, 1);
     assert_eq!(normal[0].status, Status::OK);
     assert!(
         normal[0].queue_ns >= 20_000_000,
@@ -102,7 +83,7 @@ fn a_batch_waits_for_its_timeout_but_critical_does_not() {
     client
         .submit(&f.inputs[0], Priority::Critical, None)
         .unwrap();
-    let critical = collect(&mut client, 1);
+    let critical = responses(&mut client, 1);
     assert!(
         critical[0].queue_ns < 20_000_000,
         "critical waited {} ns",
@@ -131,7 +112,7 @@ fn requests_past_their_deadline_time_out_and_others_run() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(5));
     server.signal(18);
-    let got = collect(&mut client, 5);
+    let got = responses(&mut client, 5);
     for (r, id) in got.iter().zip(&late) {
         assert_eq!(
             (r.request_id, r.status),
@@ -160,7 +141,7 @@ fn a_full_queue_answers_queue_full_in_order() {
         })
         .collect();
     server.signal(18);
-    let got = collect(&mut client, 16);
+    let got = responses(&mut client, 16);
     assert_eq!(got.iter().map(|r| r.request_id).collect::<Vec<_>>(), ids);
     let statuses: Vec<Status> = got.iter().map(|r| r.status).collect();
     assert_eq!(&statuses[..4], &[Status::OK; 4]);
@@ -271,9 +252,9 @@ fn the_server_counts_timeouts_rejections_and_executions_per_priority() {
     config.server.idle = tie::config::IdleStrategy::SpinPark;
     let options = LoadOptions {
         layouts_dir: root().join("layouts/features"),
-        batching: config.batch_processing.clone(),
         warmup_requests: 1,
         profile_iterations: 0,
+        ..LoadOptions::from_config(&config)
     };
     let models: Vec<_> = load_repository(&root().join("models"), &options)
         .unwrap()
@@ -294,7 +275,7 @@ fn the_server_counts_timeouts_rejections_and_executions_per_priority() {
     // One Normal request waits for the 300 ms timeout; the next finds its queue full.
     client.submit(&f.inputs[1], Priority::Normal, None).unwrap();
     client.submit(&f.inputs[2], Priority::Normal, None).unwrap();
-    let got = collect(&mut client, 3);
+    let got = responses(&mut client, 3);
     let statuses: Vec<Status> = got.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [Status::TIMEOUT, Status::OK, Status::QUEUE_FULL]);
     assert!(got[1].queue_ns >= 300_000_000);

@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use common::{eventually, fixture, fixtures, rel_err, spawn_child, TestServer};
+use common::{eventually, fixture, fixtures, next_response, rel_err, spawn_child, TestServer};
 use tie_client::layouts::abi::{RejectReason, RequestHeader, REQUEST_HEADER_WORDS};
 use tie_client::layouts::FeatureLayout;
 use tie_client::{
@@ -153,17 +153,6 @@ fn raw_frame(client: &Client, header: RequestHeader, features: &[f32]) -> Vec<u6
     words
 }
 
-fn wait_response(client: &mut Client) -> tie_client::Response {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(r) = client.poll() {
-            return r;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "no response");
-        std::thread::yield_now();
-    }
-}
-
 #[test]
 fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
     let server = TestServer::start();
@@ -249,7 +238,7 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
         let id = h.request_id;
         let words = raw_frame(&client, h, features);
         client.submit_raw(&words, id).unwrap();
-        let r = wait_response(&mut client);
+        let r = next_response(&mut client);
         assert_eq!(
             (r.request_id, r.status, r.detail_a, r.detail_b),
             (id, *status, *a, *b)
@@ -265,7 +254,7 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
     };
     let words = raw_frame(&client, h, &f.inputs[0]);
     client.submit_raw(&words, 107).unwrap();
-    let r = wait_response(&mut client);
+    let r = next_response(&mut client);
     assert_eq!(
         (r.status, r.detail_a, r.detail_b),
         (
@@ -280,12 +269,12 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
     };
     let words = raw_frame(&client, h, &f.inputs[0]);
     client.submit_raw(&words, 108).unwrap();
-    let r = wait_response(&mut client);
+    let r = next_response(&mut client);
     assert_eq!(r.status, Status::REJECTED);
     let h = header(&client, 109);
     let words = raw_frame(&client, h, &f.inputs[0]);
     client.submit_raw(&words, 109).unwrap();
-    let r = wait_response(&mut client);
+    let r = next_response(&mut client);
     assert_eq!(r.status, Status::OK);
     assert!(rel_err(r.outputs()[0], f.outputs[0][0]) <= 1e-5);
 }
@@ -372,7 +361,7 @@ fn a_killed_server_turns_pending_requests_into_disconnected() {
     server.signal(9);
     let mut answered = Vec::new();
     while answered.len() < ids.len() {
-        let r = wait_response(&mut client);
+        let r = next_response(&mut client);
         assert_eq!(r.status, Status::DISCONNECTED);
         answered.push(r.request_id);
     }
@@ -398,7 +387,7 @@ fn a_stopped_server_answers_what_it_accepted_then_disconnects() {
     server.signal(15); // SIGTERM, handled once it runs again
     server.signal(18); // SIGCONT
     for (id, expected) in ids.iter().zip(&f.outputs) {
-        let r = wait_response(&mut client);
+        let r = next_response(&mut client);
         assert_eq!(
             (r.request_id, r.status),
             (*id, Status::OK),

@@ -159,6 +159,63 @@ impl<'a> RingView<'a> {
     }
 }
 
+/// Ring memory on the heap, for tests, benchmarks and models of the protocol (a session's
+/// rings live in its shared segment instead).
+#[cfg(feature = "std")]
+pub struct HeapRing {
+    tail: AtomicU64,
+    head: AtomicU64,
+    slots: std::vec::Vec<AtomicU64>,
+    capacity: u32,
+    slot_words: usize,
+}
+
+#[cfg(feature = "std")]
+impl HeapRing {
+    /// A zeroed ring of `capacity` slots of `slot_words` words.
+    ///
+    /// # Panics
+    /// When `capacity` is not a power of two or `slot_words` is 0.
+    pub fn new(capacity: u32, slot_words: usize) -> Self {
+        let ring = Self {
+            tail: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            slots: (0..capacity as usize * slot_words)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            capacity,
+            slot_words,
+        };
+        assert!(ring.try_view().is_some(), "invalid ring geometry");
+        ring
+    }
+
+    fn try_view(&self) -> Option<RingView<'_>> {
+        RingView::new(
+            &self.tail,
+            &self.head,
+            &self.slots,
+            self.capacity,
+            self.slot_words,
+        )
+    }
+
+    /// The ring.
+    pub fn view(&self) -> RingView<'_> {
+        self.try_view().expect("checked in new")
+    }
+
+    /// The tail index word, for tests that play a misbehaving producer.
+    pub fn tail_word(&self) -> &AtomicU64 {
+        &self.tail
+    }
+
+    /// The head index word, for tests that play a misbehaving consumer.
+    pub fn head_word(&self) -> &AtomicU64 {
+        &self.head
+    }
+}
+
 /// The writing end of a ring.
 #[derive(Debug)]
 pub struct Producer<'a> {
@@ -382,30 +439,14 @@ mod tests {
 
     extern crate std;
 
-    struct Mem {
-        tail: AtomicU64,
-        head: AtomicU64,
-        slots: Vec<AtomicU64>,
-    }
-
-    fn mem(capacity: u32, slot_words: usize) -> Mem {
-        Mem {
-            tail: AtomicU64::new(0),
-            head: AtomicU64::new(0),
-            slots: (0..capacity as usize * slot_words)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-        }
-    }
-
-    fn view(m: &Mem, capacity: u32, slot_words: usize) -> RingView<'_> {
-        RingView::new(&m.tail, &m.head, &m.slots, capacity, slot_words).unwrap()
+    fn mem(capacity: u32, slot_words: usize) -> HeapRing {
+        HeapRing::new(capacity, slot_words)
     }
 
     #[test]
     fn push_pop_in_order() {
         let m = mem(4, 2);
-        let (mut p, mut c) = (Producer::new(view(&m, 4, 2)), Consumer::new(view(&m, 4, 2)));
+        let (mut p, mut c) = (Producer::new(m.view()), Consumer::new(m.view()));
         let mut out = [0u64; 2];
         assert!(!c.try_pop(&mut out).unwrap());
         p.push(&[1, 2]).unwrap();
@@ -420,7 +461,7 @@ mod tests {
     #[test]
     fn full_until_released() {
         let m = mem(2, 1);
-        let (mut p, mut c) = (Producer::new(view(&m, 2, 1)), Consumer::new(view(&m, 2, 1)));
+        let (mut p, mut c) = (Producer::new(m.view()), Consumer::new(m.view()));
         p.push(&[1]).unwrap();
         p.push(&[2]).unwrap();
         assert_eq!(p.push(&[3]), Err(PushError::Full));
@@ -436,7 +477,7 @@ mod tests {
     #[test]
     fn unpublished_frames_are_invisible() {
         let m = mem(4, 1);
-        let (mut p, mut c) = (Producer::new(view(&m, 4, 1)), Consumer::new(view(&m, 4, 1)));
+        let (mut p, mut c) = (Producer::new(m.view()), Consumer::new(m.view()));
         p.try_push(&[9]).unwrap();
         assert_eq!(c.available().unwrap(), 0);
         p.publish();
@@ -447,7 +488,7 @@ mod tests {
     fn wraps_around_many_times() {
         let rounds = if cfg!(miri) { 50 } else { 10_000 };
         let m = mem(4, 3);
-        let (mut p, mut c) = (Producer::new(view(&m, 4, 3)), Consumer::new(view(&m, 4, 3)));
+        let (mut p, mut c) = (Producer::new(m.view()), Consumer::new(m.view()));
         let mut out = [0u64; 3];
         let mut next = 0u64;
         for i in 0..rounds {
@@ -469,15 +510,15 @@ mod tests {
     #[test]
     fn wraps_at_the_end_of_the_index_space() {
         let m = mem(4, 1);
-        m.tail.store(u64::MAX - 1, Ordering::Relaxed);
-        m.head.store(u64::MAX - 1, Ordering::Relaxed);
+        m.tail_word().store(u64::MAX - 1, Ordering::Relaxed);
+        m.head_word().store(u64::MAX - 1, Ordering::Relaxed);
         let mut p = Producer {
-            ring: view(&m, 4, 1),
+            ring: m.view(),
             tail: u64::MAX - 1,
             cached_head: u64::MAX - 1,
         };
         let mut c = Consumer {
-            ring: view(&m, 4, 1),
+            ring: m.view(),
             head: u64::MAX - 1,
             cached_tail: u64::MAX - 1,
             stamp_misses: 0,
@@ -496,11 +537,11 @@ mod tests {
     #[test]
     fn corrupt_tail_is_refused() {
         let m = mem(4, 1);
-        let mut c = Consumer::new(view(&m, 4, 1));
-        m.tail.store(5, Ordering::Relaxed);
+        let mut c = Consumer::new(m.view());
+        m.tail_word().store(5, Ordering::Relaxed);
         assert_eq!(c.available(), Err(RingCorrupt { ours: 0, theirs: 5 }));
         // Moving back is corruption too.
-        m.tail.store(u64::MAX, Ordering::Relaxed);
+        m.tail_word().store(u64::MAX, Ordering::Relaxed);
         let mut out = [0u64];
         assert!(c.try_pop(&mut out).is_err());
     }
@@ -508,7 +549,7 @@ mod tests {
     #[test]
     fn stamped_frames_are_taken_before_the_tail_moves() {
         let m = mem(2, 2);
-        let ring = view(&m, 2, 2);
+        let ring = m.view();
         ring.clear_stamps(u64::MAX);
         let (mut p, mut c) = (Producer::new(ring), Consumer::new(ring));
         let mut out = [0u64; 2];
@@ -533,17 +574,17 @@ mod tests {
         assert!(c.try_pop(&mut out).unwrap());
         assert_eq!(out, [12, 3]);
         // A tail behind the last one loaded is corrupt.
-        m.tail.store(1, Ordering::Relaxed);
+        m.tail_word().store(1, Ordering::Relaxed);
         assert!(c.available().is_err());
     }
 
     #[test]
     fn corrupt_head_is_refused() {
         let m = mem(2, 1);
-        let mut p = Producer::new(view(&m, 2, 1));
+        let mut p = Producer::new(m.view());
         p.push(&[1]).unwrap();
         p.push(&[2]).unwrap();
-        m.head.store(7, Ordering::Relaxed);
+        m.head_word().store(7, Ordering::Relaxed);
         assert!(matches!(p.push(&[3]), Err(PushError::Corrupt(_))));
         assert!(p.free_slots().is_err());
     }
@@ -551,8 +592,11 @@ mod tests {
     #[test]
     fn view_checks_its_geometry() {
         let m = mem(4, 2);
-        assert!(RingView::new(&m.tail, &m.head, &m.slots, 3, 2).is_none());
-        assert!(RingView::new(&m.tail, &m.head, &m.slots, 4, 3).is_none());
-        assert!(RingView::new(&m.tail, &m.head, &m.slots, 4, 0).is_none());
+        let slots: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+        let (t, h) = (m.tail_word(), m.head_word());
+        assert!(RingView::new(t, h, &slots, 3, 2).is_none());
+        assert!(RingView::new(t, h, &slots, 4, 3).is_none());
+        assert!(RingView::new(t, h, &slots, 4, 0).is_none());
+        assert!(RingView::new(t, h, &slots, 4, 2).is_some());
     }
 }

@@ -10,29 +10,11 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use tie_layouts::ring::{Consumer, Producer, PushError, RingView};
-use tie_layouts::sync::{spin_hint, AtomicU64};
+use tie_layouts::ring::{Consumer, HeapRing, Producer, PushError};
+use tie_layouts::sync::spin_hint;
 
-struct Mem {
-    tail: AtomicU64,
-    head: AtomicU64,
-    slots: Vec<AtomicU64>,
-}
-
-impl Mem {
-    fn new(capacity: u32, slot_words: usize) -> Arc<Self> {
-        Arc::new(Self {
-            tail: AtomicU64::new(0),
-            head: AtomicU64::new(0),
-            slots: (0..capacity as usize * slot_words)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-        })
-    }
-
-    fn view(&self, capacity: u32, slot_words: usize) -> RingView<'_> {
-        RingView::new(&self.tail, &self.head, &self.slots, capacity, slot_words).unwrap()
-    }
+fn ring(capacity: u32, slot_words: usize) -> Arc<HeapRing> {
+    Arc::new(HeapRing::new(capacity, slot_words))
 }
 
 /// Frames pushed into a ring smaller than their number arrive whole and in order, across
@@ -41,10 +23,10 @@ impl Mem {
 fn frames_arrive_whole_and_in_order() {
     loom::model(|| {
         const FRAMES: u64 = 3;
-        let mem = Mem::new(2, 2);
+        let mem = ring(2, 2);
         let producer_mem = mem.clone();
         let producer = thread::spawn(move || {
-            let mut p = Producer::new(producer_mem.view(2, 2));
+            let mut p = Producer::new(producer_mem.view());
             for i in 0..FRAMES {
                 loop {
                     match p.push(&[i, !i]) {
@@ -55,7 +37,7 @@ fn frames_arrive_whole_and_in_order() {
                 }
             }
         });
-        let mut c = Consumer::new(mem.view(2, 2));
+        let mut c = Consumer::new(mem.view());
         let mut out = [0u64; 2];
         for i in 0..FRAMES {
             while !c.try_pop(&mut out).unwrap() {
@@ -72,15 +54,15 @@ fn frames_arrive_whole_and_in_order() {
 #[test]
 fn a_published_batch_is_seen_whole() {
     loom::model(|| {
-        let mem = Mem::new(4, 1);
+        let mem = ring(4, 1);
         let producer_mem = mem.clone();
         let producer = thread::spawn(move || {
-            let mut p = Producer::new(producer_mem.view(4, 1));
+            let mut p = Producer::new(producer_mem.view());
             p.try_push(&[10]).unwrap();
             p.try_push(&[11]).unwrap();
             p.publish();
         });
-        let mut c = Consumer::new(mem.view(4, 1));
+        let mut c = Consumer::new(mem.view());
         let n = c.available().unwrap();
         assert!(n == 0 || n == 2, "saw {n} frames of a batch of 2");
         let mut out = [0u64];
@@ -96,10 +78,10 @@ fn a_published_batch_is_seen_whole() {
 #[test]
 fn slot_is_not_reused_before_release() {
     loom::model(|| {
-        let mem = Mem::new(1, 2);
+        let mem = ring(1, 2);
         let consumer_mem = mem.clone();
         let consumer = thread::spawn(move || {
-            let mut c = Consumer::new(consumer_mem.view(1, 2));
+            let mut c = Consumer::new(consumer_mem.view());
             let mut out = [0u64; 2];
             for i in 0..2u64 {
                 while !c.try_pop(&mut out).unwrap() {
@@ -109,7 +91,7 @@ fn slot_is_not_reused_before_release() {
                 c.release();
             }
         });
-        let mut p = Producer::new(mem.view(1, 2));
+        let mut p = Producer::new(mem.view());
         for i in 0..2u64 {
             while p.push(&[i, i]).is_err() {
                 spin_hint();
@@ -124,11 +106,11 @@ fn slot_is_not_reused_before_release() {
 fn stamped_frames_arrive_whole_and_in_order() {
     loom::model(|| {
         const FRAMES: u64 = 3;
-        let mem = Mem::new(2, 2);
-        mem.view(2, 2).clear_stamps(u64::MAX);
+        let mem = ring(2, 2);
+        mem.view().clear_stamps(u64::MAX);
         let producer_mem = mem.clone();
         let producer = thread::spawn(move || {
-            let mut p = Producer::new(producer_mem.view(2, 2));
+            let mut p = Producer::new(producer_mem.view());
             for i in 0..FRAMES {
                 loop {
                     // Pushed, published only every other frame: the consumer goes by stamps.
@@ -144,7 +126,7 @@ fn stamped_frames_arrive_whole_and_in_order() {
             }
             p.publish();
         });
-        let mut c = Consumer::new(mem.view(2, 2));
+        let mut c = Consumer::new(mem.view());
         let mut out = [0u64; 2];
         for i in 0..FRAMES {
             while !c.try_pop_stamped(i, &mut out).unwrap() {

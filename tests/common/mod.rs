@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tie_client::{ConnectOptions, WaitStrategy};
+use tie_client::{Client, ConnectOptions, Response, WaitStrategy};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -232,4 +232,23 @@ pub fn spawn_child(entry: &str, role: &str, envs: &[(&str, String)]) -> Child {
         cmd.env(k, v);
     }
     cmd.spawn().expect("spawn child client")
+}
+
+/// The next response of `client`, waiting up to 20 s.
+pub fn next_response(client: &mut Client) -> Response {
+    let started = Instant::now();
+    loop {
+        if let Some(r) = client.poll() {
+            return r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no response");
+        std::thread::yield_now();
+    }
+}
+
+/// The next `n` responses of `client`, checking that no extra one follows.
+pub fn responses(client: &mut Client, n: usize) -> Vec<Response> {
+    let got: Vec<Response> = (0..n).map(|_| next_response(client)).collect();
+    assert_eq!(client.poll(), None, "an extra response");
+    got
 }

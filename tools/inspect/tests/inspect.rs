@@ -33,9 +33,9 @@ fn start_server(dir: &Path) -> Server {
     config.server.idle = tie::config::IdleStrategy::SpinPark;
     let options = LoadOptions {
         layouts_dir: root().join("layouts/features"),
-        batching: config.batch_processing.clone(),
         warmup_requests: 1,
         profile_iterations: 0,
+        ..LoadOptions::from_config(&config)
     };
     let models: Vec<_> = load_repository(&root().join("models"), &options)
         .unwrap()

@@ -38,8 +38,8 @@ pub struct ModelProfile {
 }
 
 impl ModelProfile {
-    /// Runs each batch size the policy can form (powers of two and the allowed sizes, up to
-    /// the largest batch) `iterations` times on zeros and keeps the percentiles.
+    /// Runs each batch size the backend will run (the allowed sizes, or powers of two up to the
+    /// largest batch) `iterations` times on zeros and keeps the percentiles.
     ///
     /// # Errors
     /// The backend's error, if a run fails.
@@ -49,11 +49,15 @@ impl ModelProfile {
         iterations: u32,
     ) -> Result<Self, BackendError> {
         let largest = batch.largest_batch();
-        let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |s| Some(s * 2))
-            .take_while(|&s| s <= largest)
-            .chain(batch.allowed_batch_sizes.iter().copied())
-            .chain([largest])
-            .collect();
+        // With allowed sizes, only those ever run (batches are padded up to them).
+        let mut sizes: Vec<usize> = if batch.allowed_batch_sizes.is_empty() {
+            std::iter::successors(Some(1usize), |s| Some(s * 2))
+                .take_while(|&s| s <= largest)
+                .chain([largest])
+                .collect()
+        } else {
+            batch.allowed_batch_sizes.clone()
+        };
         sizes.sort_unstable();
         sizes.dedup();
         let io = &backend.info().io;

@@ -349,7 +349,12 @@ fn load_model(
         }
         None => FeatureLayout::positional(name, io.input_width as u32),
     };
-    let batch = BatchConfig::resolve(&options.batching, config);
+    let batch = BatchConfig::resolve(&options.batching, config).map_err(|why| {
+        RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why,
+        }
+    })?;
     warmup(backend.as_ref(), options.warmup_requests).map_err(|e| {
         RepositoryLoadError::Backend {
             model: name.into(),

@@ -77,6 +77,14 @@ fn bad_model_configs_are_named() {
     std::fs::write(repo.join("m/1/model.onnx"), b"not a model").unwrap();
     let err = serve_fails("", &repo);
     assert!(err.contains("model.onnx"), "{err}");
+    // Batching overrides out of range.
+    let err = serve_fails("", &repository_with("max_queue_size = 2000000000\n"));
+    assert!(err.contains("max_queue_size = 2000000000"), "{err}");
+    let err = serve_fails(
+        "",
+        &repository_with("max_batch_size = 8\nallowed_batch_sizes = [4, 16]\n"),
+    );
+    assert!(err.contains("allowed_batch_sizes holds 16"), "{err}");
     // An empty repository.
     let err = serve_fails("", &scratch_dir("empty"));
     assert!(err.contains("no model"), "{err}");

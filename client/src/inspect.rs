@@ -24,7 +24,7 @@ use crate::handshake::{exchange_hello, receive_with_fd};
 use crate::segment::{check_header, ring_at, SegmentOpenError};
 
 /// Most sessions an inspection returns.
-pub const MAX_INSPECTED: u64 = 4096;
+pub const MAX_INSPECTED: u64 = 1 << 20;
 
 /// One open session of the server, as an inspector sees it.
 #[derive(Debug)]
@@ -143,9 +143,11 @@ impl SegmentView {
 
 /// Asks the server at `endpoint` for every open session, mapped read-only.
 ///
+/// Sessions whose segment header their client has overwritten are left out.
+///
 /// # Errors
-/// [`ConnectError`]: the server is not running, this user may not inspect it, it speaks another
-/// ABI version, or a segment is unusable.
+/// [`ConnectError`]: the server is not running, this user may not inspect it, or it speaks
+/// another ABI version.
 pub fn inspect(
     endpoint: &str,
     socket_dir: Option<&Path>,
@@ -170,8 +172,10 @@ pub fn inspect(
         .ok_or(ConnectError::BadReply(
             "a session record without its segment",
         ))?;
-        let segment = SegmentView::open(&fd, record.segment_size)?;
-        sessions.push(InspectedSession { record, segment });
+        // A segment its client has scribbled over is skipped: it must not hide the others.
+        if let Ok(segment) = SegmentView::open(&fd, record.segment_size) {
+            sessions.push(InspectedSession { record, segment });
+        }
     }
     Ok(sessions)
 }

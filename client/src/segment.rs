@@ -93,6 +93,10 @@ impl Segment {
             MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )
         .map_err(os("memfd_create"))?;
+        // A memfd's inode starts at mode 0777: anyone holding an fd of it could reopen it
+        // writable through /proc. 0600 keeps reopening to the server's own user (the client
+        // has its writable fd, an inspector of another uid only its read-only one).
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600)).map_err(os("fchmod"))?;
         rustix::fs::ftruncate(&fd, geometry.segment_size as u64).map_err(os("ftruncate"))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(os("fcntl(F_ADD_SEALS)"))?;

@@ -34,42 +34,66 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self::resolve(&BatchProcessingSection::default(), &ModelConfig::default())
+            .expect("the defaults are in range")
     }
 }
 
 impl BatchConfig {
     /// The model's policy: its overrides over the service's defaults.
-    pub fn resolve(defaults: &BatchProcessingSection, model: &ModelConfig) -> Self {
-        let max_batch_size = model
-            .max_batch_size
-            .unwrap_or(defaults.max_batch_size)
-            .max(1) as usize;
+    ///
+    /// # Errors
+    /// A message naming the key when a value is out of range: `max_batch_size` in
+    /// 1..=65536, `max_queue_size` in 1..=1048576, every allowed batch size in
+    /// 1..=`max_batch_size`, the batch timeout at most 60 s.
+    pub fn resolve(defaults: &BatchProcessingSection, model: &ModelConfig) -> Result<Self, String> {
+        let max_batch_size = model.max_batch_size.unwrap_or(defaults.max_batch_size);
+        if !(1..=65_536).contains(&max_batch_size) {
+            return Err(format!(
+                "max_batch_size = {max_batch_size}: must be in 1..=65536"
+            ));
+        }
+        let max_batch_size = max_batch_size as usize;
         let timeout_us = model
             .batch_timeout_us
             .or(defaults.batch_timeout_us)
-            .or(defaults.batch_timeout_ms.map(|ms| ms * 1000))
+            .or(defaults.batch_timeout_ms.map(|ms| ms.saturating_mul(1000)))
             .unwrap_or(DEFAULT_BATCH_TIMEOUT_US);
-        let mut allowed: Vec<usize> = model
+        if timeout_us > 60_000_000 {
+            return Err(format!(
+                "batch timeout {timeout_us} us: must be at most 60 s"
+            ));
+        }
+        let mut allowed: Vec<usize> = Vec::new();
+        for size in model
             .allowed_batch_sizes
             .clone()
             .unwrap_or_else(|| defaults.allowed_batch_sizes.clone())
-            .into_iter()
-            .map(|s| s as usize)
-            .filter(|&s| s >= 1 && s <= max_batch_size)
-            .collect();
+        {
+            if size == 0 || size as usize > max_batch_size {
+                return Err(format!(
+                    "allowed_batch_sizes holds {size}: every size must be in 1..={max_batch_size}"
+                ));
+            }
+            allowed.push(size as usize);
+        }
         allowed.sort_unstable();
         allowed.dedup();
-        let per_priority = model.max_queue_size.unwrap_or(defaults.max_queue_size) as usize;
-        Self {
+        let per_priority = model.max_queue_size.unwrap_or(defaults.max_queue_size);
+        if !(1..=1 << 20).contains(&per_priority) {
+            return Err(format!(
+                "max_queue_size = {per_priority}: must be in 1..=1048576"
+            ));
+        }
+        Ok(Self {
             max_batch_size,
             batch_timeout_ns: timeout_us * 1000,
             min_batch_size: (defaults.min_batch_size.max(1) as usize).min(max_batch_size),
             enable_dynamic_batching: defaults.enable_dynamic_batching,
             priority_based_batching: defaults.priority_based_batching,
             allowed_batch_sizes: allowed,
-            max_queue_size: [per_priority.max(1); PRIORITIES],
-            aging_ns: defaults.aging_us.max(1) * 1000,
-        }
+            max_queue_size: [per_priority as usize; PRIORITIES],
+            aging_ns: defaults.aging_us.clamp(1, 3_600_000_000) * 1000,
+        })
     }
 
     /// The largest batch this policy forms: `max_batch_size`, or the largest allowed size.

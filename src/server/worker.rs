@@ -70,13 +70,24 @@ impl IdlePolicy {
                     }
                     None => self.park,
                 };
-                if !park.is_zero() {
+                // A sleep lasts at least the timer slack (~50 us): a shorter wait (for a batch
+                // that must start soon) is spun, so the batch does not start late.
+                if wake_ns.is_none() || park >= SLEEP_FLOOR {
                     std::thread::sleep(park);
+                } else {
+                    std::hint::spin_loop();
                 }
             }
         }
     }
 }
+
+/// How long a stopping poller waits for clients to make room for the answers to frames they
+/// sent before the stop.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Shortest wait for a batch that a parked poller sleeps for (shorter ones are spun).
+const SLEEP_FLOOR: Duration = Duration::from_micros(60);
 
 /// Counters of one poller, reported when it stops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,6 +240,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         stats: WorkerStats::default(),
     };
     let mut idle_since: Option<Instant> = None;
+    let mut stop_started: Option<Instant> = None;
     let mut round = 0u32;
     loop {
         let stopping = ctx.stopping.load(Ordering::Relaxed);
@@ -260,8 +272,13 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         }
         if accepted > 0 || answered > 0 {
             idle_since = None;
-        } else if stopping && p.lanes.iter().all(|l| l.queue.is_empty()) {
-            // Every frame submitted before the stop is answered: rings and queues are empty.
+        } else if stopping
+            && p.lanes.iter().all(|l| l.queue.is_empty())
+            && (!p.frames_before_stop_unread()
+                || stop_started.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE)
+        {
+            // Every frame submitted before the stop is answered, or its client has not read
+            // its responses (no credit to read more) for the whole grace period.
             break;
         } else {
             ctx.idle
@@ -342,6 +359,14 @@ impl Poller {
             let ready = s.rings.available().unwrap_or(0);
             s.stop_at = Some(s.rings.popped() + ready);
         }
+    }
+
+    /// Whether a live session still holds frames sent before the stop (see `stop_at`).
+    fn frames_before_stop_unread(&self) -> bool {
+        self.sessions.iter().flatten().any(|s| {
+            !s.link.dead.load(Ordering::Relaxed)
+                && s.stop_at.is_some_and(|end| s.rings.popped() < end)
+        })
     }
 
     /// Reads frames from every session into the queues; returns how many were accepted.

@@ -13,6 +13,9 @@ use tie_inspect::snapshot::{recent_frames, Snapshot};
 use tie_inspect::view::{render, App};
 use tie_layouts::FeatureLayout;
 
+/// How often the live view asks the server for its sessions again.
+const REATTACH: Duration = Duration::from_secs(2);
+
 /// Live view of a running tie server's session rings.
 #[derive(Debug, Parser)]
 #[command(name = "tie-inspect", version, about)]
@@ -90,6 +93,7 @@ fn live(args: &Args, mut sessions: Vec<InspectedSession>) -> anyhow::Result<()> 
     let mut terminal = ratatui::init();
     let result = (|| -> anyhow::Result<()> {
         let mut taken_at = Instant::now();
+        let mut attached_at = Instant::now();
         let mut app = App::new(Snapshot::take(&sessions, None));
         let refresh = Duration::from_millis(args.refresh_ms.max(20));
         loop {
@@ -131,9 +135,13 @@ fn live(args: &Args, mut sessions: Vec<InspectedSession>) -> anyhow::Result<()> 
                 }
             }
             if taken_at.elapsed() >= refresh && !app.paused {
-                // New sessions appear and closed ones go: attach again each refresh.
-                if let Ok(fresh) = attach(args) {
-                    sessions = fresh;
+                // New sessions appear and closed ones go: attach again every few seconds (each
+                // attach costs the server's listener a /proc open and a send per session).
+                if attached_at.elapsed() >= REATTACH {
+                    if let Ok(fresh) = attach(args) {
+                        sessions = fresh;
+                    }
+                    attached_at = Instant::now();
                 }
                 app.snapshot = Snapshot::take(&sessions, Some((&app.snapshot, taken_at)));
                 taken_at = Instant::now();

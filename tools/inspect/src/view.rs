@@ -178,6 +178,7 @@ fn render_table(frame: &mut Frame<'_>, area: ratatui::layout::Rect, app: &App) {
         "process",
         "model",
         "layout",
+        "since",
         "state",
         "requests",
         "responses",

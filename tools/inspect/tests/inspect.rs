@@ -275,6 +275,17 @@ fn renders_a_known_state() {
     assert!(text.contains("[##......] 2/8"), "{text}");
     assert!(text.contains("1000/s") && text.contains("12.5"), "{text}");
     assert!(text.contains("2m05s"), "connected since: {text}");
+    // Every header stands over its column.
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().find(|l| l.contains("session pid")).unwrap();
+    let row = lines.iter().find(|l| l.contains("multi:1")).unwrap();
+    for (label, cell) in [("since", "2m05s"), ("state", "running"), ("lag us", "12.5")] {
+        assert_eq!(
+            header.find(label),
+            row.find(cell),
+            "{label} is not over {cell}:\n{text}"
+        );
+    }
     // Sorting by lag puts session 2 first; filtering keeps only matching models.
     app.sort = app.sort.next();
     assert_eq!(app.selected_id(), Some(2));

@@ -1,7 +1,7 @@
 //! `listener_task`: accepts connections, performs handshakes, watches session sockets.
 
 use std::io::{IoSlice, Read};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -36,6 +36,8 @@ pub(super) struct ListenerContext {
     pub stopping: Arc<AtomicBool>,
     pub allowed_gid: Option<u32>,
     pub max_sessions: usize,
+    /// Inspectors being served.
+    pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -261,7 +263,7 @@ fn open_session(
         return None;
     }
     if hello.flags == HELLO_FLAG_INSPECT {
-        serve_inspector(stream, &hello, sessions);
+        serve_inspector(ctx, stream, &hello, sessions);
         return None;
     }
     if hello.flags != 0 {
@@ -459,44 +461,78 @@ fn open_session(
     })
 }
 
+/// Inspectors served at once; more are refused.
+const MAX_INSPECTORS: usize = 4;
+
 /// Answers an inspector: the session count, then each session's record with a read-only fd
 /// of its segment (the memfd reopened through /proc with O_RDONLY, so it can only be mapped
-/// read-only).
-fn serve_inspector(stream: UnixStream, hello: &Hello, sessions: &Sessions) {
-    let io_timeout = Some(HELLO_TIMEOUT);
-    if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(io_timeout).is_err() {
+/// read-only). The fds are opened here; the sending happens on a thread of its own, so a slow
+/// inspector never holds up handshakes and hang-ups.
+fn serve_inspector(ctx: &ListenerContext, stream: UnixStream, hello: &Hello, sessions: &Sessions) {
+    if ctx.inspectors.load(Ordering::SeqCst) >= MAX_INSPECTORS {
+        let msg = format!("{MAX_INSPECTORS} inspectors are being served; try again");
+        refuse(&stream, HelloStatus::TooManySessions, &msg, 0, hello);
         return;
+    }
+    let mut items = Vec::with_capacity(sessions.len());
+    for s in sessions {
+        let path = format!("/proc/self/fd/{}", s.segment.fd().as_fd().as_raw_fd());
+        match rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => items.push((s.record, fd)),
+            Err(e) => {
+                tracing::warn!(session = s.link.id, error = %e, "cannot reopen a segment read-only");
+                refuse(
+                    &stream,
+                    HelloStatus::Internal,
+                    "cannot reopen a segment",
+                    0,
+                    hello,
+                );
+                return;
+            }
+        }
     }
     let mut reply = HelloReply::zeroed();
     reply.magic = REPLY_MAGIC;
     reply.status = HelloStatus::Accepted.code();
     reply.abi_version = ABI_VERSION;
     reply.client_layout_hash = hello.layout_hash;
-    reply.session_id = sessions.len() as u64;
+    reply.session_id = items.len() as u64;
     reply.set_message("inspector");
-    if rustix::net::send(&stream, bytemuck::bytes_of(&reply), SendFlags::NOSIGNAL).is_err() {
+    let active = ctx.inspectors.clone();
+    active.fetch_add(1, Ordering::SeqCst);
+    let spawned = std::thread::Builder::new()
+        .name("tie-inspector".into())
+        .spawn(move || {
+            send_inspection(&stream, &reply, &items);
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        ctx.inspectors.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn send_inspection(stream: &UnixStream, reply: &HelloReply, items: &[(SessionRecord, OwnedFd)]) {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_write_timeout(Some(HELLO_TIMEOUT)).is_err()
+    {
         return;
     }
-    for s in sessions {
-        let path = format!("/proc/self/fd/{}", s.segment.fd().as_fd().as_raw_fd());
-        let read_only = match rustix::fs::open(
-            path.as_str(),
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(session = s.link.id, error = %e, "cannot reopen a segment read-only");
-                return;
-            }
-        };
-        let fds = [read_only.as_fd()];
+    if rustix::net::send(stream, bytemuck::bytes_of(reply), SendFlags::NOSIGNAL).is_err() {
+        return;
+    }
+    for (record, fd) in items {
+        let fds = [fd.as_fd()];
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         control.push(SendAncillaryMessage::ScmRights(&fds));
         let sent = rustix::net::sendmsg(
-            &stream,
-            &[IoSlice::new(bytemuck::bytes_of(&s.record))],
+            stream,
+            &[IoSlice::new(bytemuck::bytes_of(record))],
             &mut control,
             SendFlags::NOSIGNAL,
         );
@@ -504,7 +540,7 @@ fn serve_inspector(stream: UnixStream, hello: &Hello, sessions: &Sessions) {
             return;
         }
     }
-    tracing::info!(sessions = sessions.len(), "inspector served");
+    tracing::debug!(sessions = items.len(), "inspector served");
 }
 
 /// Whether process `pid` has `gid` among its supplementary groups (from /proc).

@@ -130,6 +130,7 @@ impl Server {
             stopping: listener_stopping.clone(),
             allowed_gid: config.server.allowed_gid,
             max_sessions: config.server.max_sessions as usize,
+            inspectors: Arc::default(),
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())

@@ -21,7 +21,7 @@ use tie_layouts::sync::{AtomicU64, Ordering};
 
 use crate::error::ConnectError;
 use crate::handshake::{exchange_hello, receive_with_fd};
-use crate::segment::{check_header, ring_at, SegmentOpenError};
+use crate::segment::{check_header, checked_size, ring_at, SegmentOpenError};
 
 /// Most sessions an inspection returns.
 pub const MAX_INSPECTED: u64 = 1 << 20;
@@ -49,17 +49,7 @@ impl SegmentView {
     /// # Errors
     /// [`SegmentOpenError`] when the size, ready word, magic, ABI version or geometry is off.
     pub fn open(fd: &OwnedFd, expected_size: u64) -> Result<Self, SegmentOpenError> {
-        let stat = rustix::fs::fstat(fd).map_err(|e| SegmentOpenError::Os {
-            op: "fstat",
-            source: e.into(),
-        })?;
-        let actual = stat.st_size as u64;
-        if actual != expected_size || actual < abi::HEADER_SIZE as u64 {
-            return Err(SegmentOpenError::SizeMismatch {
-                expected: expected_size,
-                actual,
-            });
-        }
+        let actual = checked_size(fd, expected_size)?;
         let map = MmapOptions::new()
             .len(actual as usize)
             .map_raw_read_only(fd)

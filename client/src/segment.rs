@@ -130,14 +130,7 @@ impl Segment {
     /// [`SegmentOpenError`] when the fd's size, the ready word, the magic, the ABI version or
     /// the geometry are not as expected.
     pub fn open(fd: OwnedFd, expected_size: u64) -> Result<Arc<Self>, SegmentOpenError> {
-        let stat = rustix::fs::fstat(&fd).map_err(os("fstat"))?;
-        let actual = stat.st_size as u64;
-        if actual != expected_size || actual < abi::HEADER_SIZE as u64 {
-            return Err(SegmentOpenError::SizeMismatch {
-                expected: expected_size,
-                actual,
-            });
-        }
+        let actual = checked_size(&fd, expected_size)?;
         // The mapping is only safe to read while it cannot shrink under us.
         let seals = rustix::fs::fcntl_get_seals(&fd).map_err(os("fcntl(F_GET_SEALS)"))?;
         if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
@@ -247,6 +240,19 @@ impl Segment {
             )
         }
     }
+}
+
+/// The size of a segment's fd, checked against the size the server announced.
+pub(crate) fn checked_size(fd: &OwnedFd, expected_size: u64) -> Result<u64, SegmentOpenError> {
+    let stat = rustix::fs::fstat(fd).map_err(os("fstat"))?;
+    let actual = stat.st_size as u64;
+    if actual != expected_size || actual < abi::HEADER_SIZE as u64 {
+        return Err(SegmentOpenError::SizeMismatch {
+            expected: expected_size,
+            actual,
+        });
+    }
+    Ok(actual)
 }
 
 /// Checks a mapped segment's header: ready word, magic, ABI version, and that the geometry

@@ -136,28 +136,22 @@ const _: () = {
 impl HelloReply {
     /// The message, cut at the first NUL; invalid UTF-8 is cut where it starts.
     pub fn message(&self) -> &str {
-        let end = self
-            .message
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(MESSAGE_LEN);
-        match core::str::from_utf8(&self.message[..end]) {
-            Ok(s) => s,
-            Err(e) => {
-                // The prefix up to the error is valid UTF-8 by definition of `valid_up_to`.
-                core::str::from_utf8(&self.message[..e.valid_up_to()]).unwrap_or("")
-            }
-        }
+        read_name(&self.message)
     }
 
     /// Stores `message`, cut to fit on a character boundary.
     pub fn set_message(&mut self, message: &str) {
-        let mut end = message.len().min(MESSAGE_LEN - 1);
-        while !message.is_char_boundary(end) {
-            end -= 1;
+        write_name(&mut self.message, message);
+    }
+
+    /// A reply with the magic, this ABI version and `status`; everything else zero.
+    pub fn new(status: HelloStatus) -> Self {
+        Self {
+            magic: REPLY_MAGIC,
+            status: status.code(),
+            abi_version: crate::abi::ABI_VERSION,
+            ..Self::zeroed()
         }
-        self.message = [0; MESSAGE_LEN];
-        self.message[..end].copy_from_slice(&message.as_bytes()[..end]);
     }
 }
 

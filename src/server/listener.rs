@@ -1,7 +1,7 @@
 //! `listener_task`: accepts connections, performs handshakes, watches session sockets.
 
 use std::io::{IoSlice, Read};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -17,7 +17,7 @@ use tie_client::segment::Segment;
 use tie_layouts::abi::{SegmentGeometry, ABI_VERSION};
 use tie_layouts::hello::{
     write_name, Hello, HelloReply, HelloStatus, SessionRecord, HELLO_FLAG_INSPECT, HELLO_MAGIC,
-    REPLY_ALLOW_NON_FINITE, REPLY_MAGIC,
+    REPLY_ALLOW_NON_FINITE,
 };
 
 use super::worker::NewSession;
@@ -197,10 +197,7 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
 }
 
 fn refuse(stream: &UnixStream, status: HelloStatus, message: &str, model_hash: u64, hello: &Hello) {
-    let mut reply = HelloReply::zeroed();
-    reply.magic = REPLY_MAGIC;
-    reply.status = status.code();
-    reply.abi_version = ABI_VERSION;
+    let mut reply = HelloReply::new(status);
     reply.server_layout_hash = model_hash;
     reply.client_layout_hash = hello.layout_hash;
     reply.set_message(message);
@@ -379,10 +376,7 @@ fn open_session(
             return None;
         }
     };
-    let mut reply = HelloReply::zeroed();
-    reply.magic = REPLY_MAGIC;
-    reply.status = HelloStatus::Accepted.code();
-    reply.abi_version = ABI_VERSION;
+    let mut reply = HelloReply::new(HelloStatus::Accepted);
     reply.server_layout_hash = model.layout_hash;
     reply.client_layout_hash = hello.layout_hash;
     reply.segment_size = geometry.segment_size as u64;
@@ -397,25 +391,10 @@ fn open_session(
     };
     let info = model.backend.info();
     reply.set_message(&format!("{} {}", info.architecture, info.device));
-    let sent = {
-        let fd = segment.fd();
-        let fds = [fd.as_fd()];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        control.push(SendAncillaryMessage::ScmRights(&fds));
-        rustix::net::sendmsg(
-            &stream,
-            &[IoSlice::new(bytemuck::bytes_of(&reply))],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )
-    };
-    match sent {
-        Ok(n) if n == size_of::<HelloReply>() => {}
-        Ok(_) | Err(_) => {
-            tracing::warn!(session = id, "client left during the handshake");
-            return None;
-        }
+    let sent = send_with_fd(&stream, bytemuck::bytes_of(&reply), segment.fd().as_fd());
+    if !sent {
+        tracing::warn!(session = id, "client left during the handshake");
+        return None;
     }
     let link = Arc::new(SessionLink {
         id,
@@ -496,10 +475,7 @@ fn serve_inspector(ctx: &ListenerContext, stream: UnixStream, hello: &Hello, ses
             }
         }
     }
-    let mut reply = HelloReply::zeroed();
-    reply.magic = REPLY_MAGIC;
-    reply.status = HelloStatus::Accepted.code();
-    reply.abi_version = ABI_VERSION;
+    let mut reply = HelloReply::new(HelloStatus::Accepted);
     reply.client_layout_hash = hello.layout_hash;
     reply.session_id = items.len() as u64;
     reply.set_message("inspector");
@@ -526,21 +502,26 @@ fn send_inspection(stream: &UnixStream, reply: &HelloReply, items: &[(SessionRec
         return;
     }
     for (record, fd) in items {
-        let fds = [fd.as_fd()];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        control.push(SendAncillaryMessage::ScmRights(&fds));
-        let sent = rustix::net::sendmsg(
-            stream,
-            &[IoSlice::new(bytemuck::bytes_of(record))],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        );
-        if !matches!(sent, Ok(n) if n == size_of::<SessionRecord>()) {
+        if !send_with_fd(stream, bytemuck::bytes_of(record), fd.as_fd()) {
             return;
         }
     }
     tracing::debug!(sessions = items.len(), "inspector served");
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS); whether all of them went.
+fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> bool {
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    );
+    matches!(sent, Ok(n) if n == bytes.len())
 }
 
 /// Whether process `pid` has `gid` among its supplementary groups (from /proc).

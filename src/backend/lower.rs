@@ -4,7 +4,7 @@
 //! An MLP-shaped graph is a single chain from the input to the output of these ops:
 //! `Gemm`, `MatMul` (constant right operand), `Add`/`Sub`/`Mul`/`Div` by a constant (folded into
 //! the preceding layer), `BatchNormalization` (folded into the preceding layer), `Relu`,
-//! `LeakyRelu`, `Sigmoid`, `Tanh` (fused into the preceding layer), `Identity`, `Dropout` and
+//! `LeakyRelu`, `Sigmoid`, `Tanh`, `Gelu` (fused into the preceding layer), `Identity`, `Dropout` and
 //! `Flatten` of a `[batch, n]` value (no-ops). Anything else is served by tract.
 
 use std::collections::HashMap;
@@ -344,6 +344,23 @@ impl<'a> Chain<'a> {
             }
             "Sigmoid" => self.activation(Activation::Sigmoid, op)?,
             "Tanh" => self.activation(Activation::Tanh, op)?,
+            "Gelu" => {
+                let approximate = node
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "approximate")
+                    .map_or(&b"none"[..], |a| a.s.as_slice());
+                match approximate {
+                    b"none" => self.activation(Activation::Gelu, op)?,
+                    b"tanh" => self.activation(Activation::GeluTanh, op)?,
+                    other => {
+                        return err(format!(
+                            "Gelu with approximate = {:?}",
+                            String::from_utf8_lossy(other)
+                        ))
+                    }
+                }
+            }
             "Identity" | "Dropout" => {}
             "Flatten" => {
                 if attr_i(node, "axis", 1) != 1 {

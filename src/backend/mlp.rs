@@ -22,6 +22,10 @@ pub enum Activation {
     Sigmoid,
     /// tanh(x).
     Tanh,
+    /// x/2 (1 + erf(x / sqrt 2)) (ONNX `Gelu`).
+    Gelu,
+    /// x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (ONNX `Gelu` with `approximate = "tanh"`).
+    GeluTanh,
 }
 
 impl Activation {
@@ -35,6 +39,13 @@ impl Activation {
                 .for_each(|x| *x = if *x >= 0.0 { *x } else { a * *x }),
             Self::Sigmoid => v.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
             Self::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
+            Self::Gelu => v.iter_mut().for_each(|x| {
+                *x = 0.5 * *x * (1.0 + libm::erff(*x * std::f32::consts::FRAC_1_SQRT_2))
+            }),
+            Self::GeluTanh => v.iter_mut().for_each(|x| {
+                let inner = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
+                *x = 0.5 * *x * (1.0 + inner.tanh());
+            }),
         }
     }
 }
@@ -72,7 +83,8 @@ impl MlpPlan {
         self.layers.last().map_or(self.input_width, |l| l.outputs)
     }
 
-    fn widest(&self) -> usize {
+    /// The widest activation: the input or a layer's output.
+    pub fn widest(&self) -> usize {
         self.layers
             .iter()
             .map(|l| l.outputs)
@@ -261,6 +273,7 @@ impl MlpBackend {
                 architecture: "mlp".into(),
                 device: "cpu".into(),
                 engine: "cpu-mlp",
+                device_memory_bytes: None,
             },
             plan,
             scratch: Mutex::new(Scratch {
@@ -289,15 +302,7 @@ impl Backend for MlpBackend {
         output: &mut [f32],
     ) -> Result<(), BackendError> {
         let (iw, ow) = (self.plan.input_width, self.plan.output_width());
-        if input.len() != rows * iw || output.len() < rows * ow {
-            return Err(BackendError::Shape(format!(
-                "{rows} rows need {} inputs and {} outputs, got {} and {}",
-                rows * iw,
-                rows * ow,
-                input.len(),
-                output.len()
-            )));
-        }
+        super::check_shape(input, rows, output, iw, ow)?;
         let mut scratch = self
             .scratch
             .lock()
@@ -378,5 +383,16 @@ mod tests {
         let mut v = [0.0f32];
         Activation::Sigmoid.apply(&mut v);
         assert_eq!(v, [0.5]);
+        // Reference values from torch.nn.functional.gelu (exact and tanh).
+        let mut v = [-1.0f32, 0.5, 2.0];
+        Activation::Gelu.apply(&mut v);
+        for (a, b) in v.iter().zip([-0.158_655_26, 0.345_731_14, 1.954_499_7]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let mut v = [-1.0f32, 0.5, 2.0];
+        Activation::GeluTanh.apply(&mut v);
+        for (a, b) in v.iter().zip([-0.158_808, 0.345_714, 1.954_597_7]) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 }

@@ -39,7 +39,7 @@ pub struct ModelProfile {
 
 impl ModelProfile {
     /// Runs each batch size the backend will run (the allowed sizes, or powers of two up to the
-    /// largest batch) `iterations` times on zeros and keeps the percentiles.
+    /// largest batch) `iterations` times on fixed non-zero inputs and keeps the percentiles.
     ///
     /// # Errors
     /// The backend's error, if a run fails.
@@ -48,24 +48,31 @@ impl ModelProfile {
         batch: &BatchConfig,
         iterations: u32,
     ) -> Result<Self, BackendError> {
+        Self::measure_with_progress(backend, batch, iterations, &mut |_, _| {})
+    }
+
+    /// [`measure`](Self::measure), calling `progress(done, of)` before each batch size.
+    ///
+    /// # Errors
+    /// The backend's error, if a run fails.
+    pub fn measure_with_progress(
+        backend: &dyn Backend,
+        batch: &BatchConfig,
+        iterations: u32,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, BackendError> {
         let largest = batch.largest_batch();
-        // With allowed sizes, only those ever run (batches are padded up to them).
-        let mut sizes: Vec<usize> = if batch.allowed_batch_sizes.is_empty() {
-            std::iter::successors(Some(1usize), |s| Some(s * 2))
-                .take_while(|&s| s <= largest)
-                .chain([largest])
-                .collect()
-        } else {
-            batch.allowed_batch_sizes.clone()
-        };
-        sizes.sort_unstable();
-        sizes.dedup();
+        let sizes = batch.run_sizes();
         let io = &backend.info().io;
-        let input = vec![0.0f32; largest * io.input_width];
+        // Not zeros: they can run faster than real data.
+        let input: Vec<f32> = (0..largest * io.input_width)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect();
         let mut output = vec![0.0f32; largest * io.output_width];
         let mut timings = Vec::with_capacity(sizes.len());
         let mut samples = Vec::with_capacity(iterations as usize);
-        for &rows in &sizes {
+        for (done, &rows) in sizes.iter().enumerate() {
+            progress(done, sizes.len());
             let (input, output) = (
                 &input[..rows * io.input_width],
                 &mut output[..rows * io.output_width],

@@ -96,6 +96,24 @@ impl BatchConfig {
         })
     }
 
+    /// The batch sizes a backend is given, ascending: the allowed sizes, or powers of two up to
+    /// the largest batch and the largest batch itself.
+    pub fn run_sizes(&self) -> Vec<usize> {
+        let largest = self.largest_batch();
+        // With allowed sizes, only those ever run (batches are padded up to them).
+        let mut sizes: Vec<usize> = if self.allowed_batch_sizes.is_empty() {
+            std::iter::successors(Some(1usize), |s| Some(s * 2))
+                .take_while(|&s| s <= largest)
+                .chain([largest])
+                .collect()
+        } else {
+            self.allowed_batch_sizes.clone()
+        };
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
+
     /// The largest batch this policy forms: `max_batch_size`, or the largest allowed size.
     pub fn largest_batch(&self) -> usize {
         self.allowed_batch_sizes

@@ -49,7 +49,8 @@ fn main() {
         layouts_dir: root.join("layouts/features"),
         warmup_requests: 100,
         profile_iterations: 20,
-        ..LoadOptions::from_config(&config)
+        // The CPU path, on any machine (benches/gpu.rs measures the GPU).
+        ..LoadOptions::from_config_with(&config, tie::gpu::Gpus::none("the CPU benchmark"))
     };
     let models: Vec<_> = load_repository(&root.join("models"), &options)
         .expect("load models")

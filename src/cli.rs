@@ -1,4 +1,4 @@
-//! The `tie` command line: `tie serve` and `tie predict`.
+//! The `tie` command line: `tie serve`, `tie predict` and `tie devices`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -35,6 +35,16 @@ pub enum Command {
     /// Send one request through the shared-memory client and print the spec's
     /// InferenceResponse as JSON.
     Predict(PredictArgs),
+    /// Say which GPUs the server would use (or why none), with NVML's figures, as JSON.
+    Devices(DevicesArgs),
+}
+
+/// `tie devices`.
+#[derive(Debug, clap::Args)]
+pub struct DevicesArgs {
+    /// Service config (TOML), for `[gpu_config]`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// `tie serve`.
@@ -88,7 +98,39 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Predict(args) => predict(args),
+        Command::Devices(args) => devices(args),
     }
+}
+
+fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {
+    let config = ServiceConfig::load(args.config.as_deref())?;
+    let gpus = crate::gpu::Gpus::probe(&config);
+    #[allow(unused_mut)]
+    let mut devices = Vec::<serde_json::Value>::new();
+    #[cfg(feature = "cuda")]
+    if let crate::gpu::Gpus::Available(rt) = &gpus {
+        for d in rt.devices() {
+            devices.push(serde_json::json!({
+                "ordinal": d.ordinal(),
+                "name": d.name(),
+                "arch": d.arch(),
+                "memory_mb": d.total_bytes() >> 20,
+            }));
+        }
+    }
+    let (nvml, nvml_error) = match crate::gpu::figures() {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(e)),
+    };
+    let report = serde_json::json!({
+        "gpu_usable": gpus.unavailable().is_none(),
+        "reason": gpus.unavailable(),
+        "devices": devices,
+        "nvml": nvml,
+        "nvml_error": nvml_error,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -111,6 +153,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
     let options = LoadOptions::from_config(&config);
+    options.gpus.log();
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
     while !stop.load(Ordering::SeqCst) {

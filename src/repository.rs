@@ -10,9 +10,10 @@ use serde::Deserialize;
 use tie_layouts::abi::{MAX_FEATURES, MAX_OUTPUTS};
 use tie_layouts::FeatureLayout;
 
-use crate::backend::{self, Backend, BackendLoadError, CpuEngine};
+use crate::backend::{self, Backend, BackendLoadError, CpuEngine, Precision};
 use crate::batch::BatchConfig;
 use crate::config::BatchProcessingSection;
+use crate::gpu::Gpus;
 use crate::profile::ModelProfile;
 
 /// Where a model runs.
@@ -39,6 +40,8 @@ pub struct ModelConfig {
     pub backend: BackendChoice,
     /// Which CPU engine runs it.
     pub cpu_engine: CpuEngine,
+    /// Arithmetic on the GPU (`fp32`, `tf32`, `fp16`, `bf16`); the CPU computes in f32.
+    pub precision: Precision,
     /// Most requests in one batch (default: `[batch_processing].max_batch_size`).
     pub max_batch_size: Option<u32>,
     /// Batch timeout in microseconds (default: `[batch_processing]`'s).
@@ -120,6 +123,20 @@ pub enum RepositoryLoadError {
         /// What and why.
         why: String,
     },
+    /// No GPU has room for the model (the spec's `OutOfMemory`); the server serves the others.
+    #[error(
+        "model {model} version {version}: GPU out of memory: requested {requested_mb}MB ({why})"
+    )]
+    OutOfMemory {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// Device memory one instance needs.
+        requested_mb: usize,
+        /// The limit it hit.
+        why: String,
+    },
     /// The repository holds no model.
     #[error("no model in repository {}", path.display())]
     Empty {
@@ -188,12 +205,20 @@ pub struct LoadOptions {
     pub warmup_requests: u32,
     /// Timed runs per batch size when profiling; 0 skips profiling.
     pub profile_iterations: u32,
+    /// The GPUs models may run on.
+    pub gpus: Gpus,
 }
 
 impl LoadOptions {
-    /// The options a service config asks for.
+    /// The options a service config asks for, with its GPUs opened (see [`Gpus::probe`]).
     pub fn from_config(config: &crate::config::ServiceConfig) -> Self {
+        Self::from_config_with(config, Gpus::probe(config))
+    }
+
+    /// The options a service config asks for, with `gpus`.
+    pub fn from_config_with(config: &crate::config::ServiceConfig, gpus: Gpus) -> Self {
         Self {
+            gpus,
             layouts_dir: config.server.layouts_dir.clone(),
             batching: config.batch_processing.clone(),
             warmup_requests: config.model_deployment.warmup_requests,
@@ -225,6 +250,7 @@ pub fn load_repository(
     options: &LoadOptions,
 ) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
     let mut models = Vec::new();
+    let mut refused = None;
     for dir in read_dir(repo)? {
         if !dir.is_dir() {
             continue;
@@ -258,18 +284,27 @@ pub fn load_repository(
             });
         }
         for (version, file) in versions {
-            models.push(load_model(
+            match load_model(
                 &name,
                 version,
                 &file,
                 &config,
                 default_version == version,
                 options,
-            )?);
+            ) {
+                Ok(m) => models.push(m),
+                // A model that does not fit is refused; the others are served.
+                Err(e @ RepositoryLoadError::OutOfMemory { .. }) => {
+                    tracing::error!(error = %e, "model refused");
+                    refused = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     if models.is_empty() {
-        return Err(RepositoryLoadError::Empty { path: repo.into() });
+        // Every model refused: say why rather than "empty".
+        return Err(refused.unwrap_or_else(|| RepositoryLoadError::Empty { path: repo.into() }));
     }
     Ok(models)
 }
@@ -297,20 +332,40 @@ fn load_model(
     is_default: bool,
     options: &LoadOptions,
 ) -> Result<LoadedModel, RepositoryLoadError> {
-    if config.backend == BackendChoice::Cuda {
-        return Err(RepositoryLoadError::Unsupported {
-            model: name.into(),
-            why: "backend = \"cuda\" but this build has no GPU backend".into(),
-        });
-    }
     let started = Instant::now();
-    let backend = backend::load_cpu(file, config.cpu_engine).map_err(|source| {
-        RepositoryLoadError::Backend {
+    let progress = Progress::new(name, version);
+    progress.show("loading", None);
+    let batch = BatchConfig::resolve(&options.batching, config).map_err(|why| {
+        RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why,
+        }
+    })?;
+    let cpu = || {
+        backend::load_cpu(file, config.cpu_engine).map_err(|source| RepositoryLoadError::Backend {
             model: name.into(),
             version,
             source,
+        })
+    };
+    let backend = match (config.backend, options.gpus.unavailable()) {
+        (BackendChoice::Cpu, _) => cpu()?,
+        (BackendChoice::Cuda, Some(why)) => {
+            return Err(RepositoryLoadError::Unsupported {
+                model: name.into(),
+                why: format!("backend = \"cuda\" but no GPU is usable: {why}"),
+            })
         }
-    })?;
+        (BackendChoice::Auto, Some(_)) => cpu()?,
+        (choice, None) => match load_gpu(name, version, file, config, &batch, options) {
+            Ok(b) => b,
+            Err(e) if choice == BackendChoice::Auto => {
+                tracing::info!(model = name, version, reason = %e, "served on the CPU");
+                cpu()?
+            }
+            Err(e) => return Err(e),
+        },
+    };
     let io = backend.info().io.clone();
     if io.input_width > MAX_FEATURES as usize {
         return Err(RepositoryLoadError::Unsupported {
@@ -349,12 +404,7 @@ fn load_model(
         }
         None => FeatureLayout::positional(name, io.input_width as u32),
     };
-    let batch = BatchConfig::resolve(&options.batching, config).map_err(|why| {
-        RepositoryLoadError::Unsupported {
-            model: name.into(),
-            why,
-        }
-    })?;
+    progress.show("warming up", None);
     warmup(backend.as_ref(), options.warmup_requests).map_err(|e| {
         RepositoryLoadError::Backend {
             model: name.into(),
@@ -365,15 +415,17 @@ fn load_model(
     let profile = match options.profile_iterations {
         0 => None,
         n => Some(
-            ModelProfile::measure(backend.as_ref(), &batch, n).map_err(|e| {
-                RepositoryLoadError::Backend {
-                    model: name.into(),
-                    version,
-                    source: BackendLoadError::Tract(format!("profiling failed: {e}")),
-                }
+            ModelProfile::measure_with_progress(backend.as_ref(), &batch, n, &mut |done, of| {
+                progress.show("profiling batch sizes", Some((done, of)))
+            })
+            .map_err(|e| RepositoryLoadError::Backend {
+                model: name.into(),
+                version,
+                source: BackendLoadError::Tract(format!("profiling failed: {e}")),
             })?,
         ),
     };
+    progress.finish();
     tracing::info!(
         model = name,
         version,
@@ -397,6 +449,117 @@ fn load_model(
         backend,
         path: file.into(),
     })
+}
+
+/// The model on the GPUs of `options`; errors say why it cannot run there.
+#[cfg(feature = "cuda")]
+fn load_gpu(
+    name: &str,
+    version: u32,
+    file: &Path,
+    config: &ModelConfig,
+    batch: &BatchConfig,
+    options: &LoadOptions,
+) -> Result<Arc<dyn Backend>, RepositoryLoadError> {
+    use backend::cuda::{CudaBackend, CudaLoadError};
+    let Gpus::Available(runtime) = &options.gpus else {
+        unreachable!("called only with GPUs");
+    };
+    let backend_err = |source| RepositoryLoadError::Backend {
+        model: name.into(),
+        version,
+        source,
+    };
+    let (io, plan) = backend::read_mlp(file).map_err(backend_err)?;
+    let plan = plan.map_err(|e| RepositoryLoadError::Unsupported {
+        model: name.into(),
+        why: format!("the GPU backend runs MLP-shaped graphs only: {e}"),
+    })?;
+    if plan.layers.is_empty() {
+        return Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: "the graph has no layer: nothing for a GPU to compute".into(),
+        });
+    }
+    match CudaBackend::load(runtime, io, &plan, config.precision, &batch.run_sizes()) {
+        Ok(b) => {
+            tracing::info!(
+                model = name,
+                version,
+                devices = %b.info().device,
+                precision = b.precision().name(),
+                engines = ?b
+                    .engines()
+                    .iter()
+                    .map(|(s, e, ns)| format!("{s}:{e}@{:.1}us", *ns as f64 / 1e3))
+                    .collect::<Vec<_>>(),
+                "model built on the GPU"
+            );
+            Ok(Arc::new(b))
+        }
+        Err(CudaLoadError::OutOfMemory(e)) => Err(RepositoryLoadError::OutOfMemory {
+            model: name.into(),
+            version,
+            requested_mb: e.requested_mb,
+            why: e.why,
+        }),
+        Err(CudaLoadError::Cuda(message)) => Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: format!("GPU: {message}"),
+        }),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_gpu(
+    _: &str,
+    _: u32,
+    _: &Path,
+    _: &ModelConfig,
+    _: &BatchConfig,
+    _: &LoadOptions,
+) -> Result<Arc<dyn Backend>, RepositoryLoadError> {
+    unreachable!("without the `cuda` feature no GPU is ever available")
+}
+
+/// Load progress of one model: a bar redrawn in place on a terminal, log lines otherwise (one
+/// per stage, none per step).
+struct Progress {
+    label: String,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(name: &str, version: u32) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            label: format!("{name}:{version}"),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, stage: &str, step: Option<(usize, usize)>) {
+        if self.terminal {
+            use std::io::Write;
+            let (done, of) = step.unwrap_or((0, 1));
+            let filled = 20 * done / of.max(1);
+            let bar: String = (0..20)
+                .map(|i| if i < filled { '#' } else { '.' })
+                .collect();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{} [{bar}] {stage} {done}/{of}", self.label);
+            let _ = err.flush();
+        } else if step.is_none_or(|(done, _)| done == 0) {
+            tracing::info!(model = %self.label, "{stage}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
+            use std::io::Write;
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
+    }
 }
 
 fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), backend::BackendError> {

@@ -100,3 +100,48 @@ fn logs_are_json_when_configured() {
         serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert_eq!(line["level"], "INFO");
 }
+
+/// `tie devices`' report where no GPU is usable; `None` (after saying so) where one is.
+fn no_gpu_report() -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("devices")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if report["gpu_usable"] == true {
+        println!("SKIPPED: a GPU is usable here (the GPU tests cover that case)");
+        return None;
+    }
+    Some(report)
+}
+
+#[test]
+fn a_cuda_model_without_a_usable_gpu_names_the_reason() {
+    let Some(report) = no_gpu_report() else {
+        return;
+    };
+    let err = serve_fails("", &repository_with("backend = \"cuda\"\n"));
+    assert!(
+        err.contains("backend = \"cuda\" but no GPU is usable"),
+        "{err}"
+    );
+    assert!(err.contains(report["reason"].as_str().unwrap()), "{err}");
+    // A precision that does not exist is named.
+    let err = serve_fails("", &repository_with("precision = \"fp8\"\n"));
+    assert!(err.contains("fp8"), "{err}");
+}
+
+#[test]
+fn with_no_gpu_an_auto_model_is_served_on_the_cpu_and_the_reason_logged_once() {
+    if no_gpu_report().is_none() {
+        return;
+    }
+    let mut server = TestServer::start_with(
+        common::TEST_CONFIG,
+        &repository_with("backend = \"auto\"\nprecision = \"fp16\"\n"),
+    );
+    server.stop();
+    let log = server.log();
+    assert_eq!(log.matches("no usable GPU").count(), 1, "{log}");
+    assert!(log.contains("engine=\"cpu-mlp\""), "{log}");
+}

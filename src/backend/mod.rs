@@ -5,6 +5,8 @@
 //! specialised path for MLP-shaped ONNX graphs ([`MlpPlan`], lowered by [`lower_mlp`]), and
 //! [`TractBackend`], which runs any graph tract can. [`load_cpu`] picks between them.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod lower;
 mod mlp;
 mod tract;
@@ -39,8 +41,51 @@ pub struct BackendInfo {
     pub architecture: String,
     /// Where it runs (`cpu`).
     pub device: String,
-    /// Backend name (`cpu-mlp`, `cpu-tract`).
+    /// Backend name (`cpu-mlp`, `cpu-tract`, `cuda`).
     pub engine: &'static str,
+    /// Device memory the model holds (all its GPU instances); `None` on the CPU.
+    pub device_memory_bytes: Option<u64>,
+}
+
+/// Arithmetic of a model on the GPU (the CPU backends compute in f32 whatever is asked).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 weights and arithmetic, no TF32 (the CPU's result up to summation order).
+    #[default]
+    Fp32,
+    /// f32 storage; matrix products may round their operands to TF32 (10-bit mantissa).
+    Tf32,
+    /// f16 weights and activations between layers, f32 accumulation.
+    Fp16,
+    /// bf16 weights and activations between layers, f32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes of one stored weight or activation.
+    pub fn storage_bytes(self) -> usize {
+        if self.is_16bit() {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Whether weights are stored in 16 bits.
+    pub fn is_16bit(self) -> bool {
+        matches!(self, Self::Fp16 | Self::Bf16)
+    }
+
+    /// Name as written in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Tf32 => "tf32",
+            Self::Fp16 => "fp16",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Health of a backend.
@@ -78,6 +123,30 @@ pub trait Backend: Send + Sync {
     /// [`BackendError`] when the shapes are wrong or the engine fails.
     fn run_batch(&self, input: &[f32], rows: usize, output: &mut [f32])
         -> Result<(), BackendError>;
+
+    /// Runs a batch whose rows `gather` writes straight into the backend's input staging
+    /// memory (pinned host memory on a GPU, so a batch is copied once, from the rings to where
+    /// the copy engine reads it). `gather` gets room for `scratch.len() / input_width` rows,
+    /// writes its rows from the start and returns how many; `output` receives them as in
+    /// [`run_batch`](Self::run_batch). Returns the row count.
+    ///
+    /// The default gathers into `scratch` and calls `run_batch`.
+    ///
+    /// # Errors
+    /// As [`run_batch`](Self::run_batch).
+    fn run_gathered(
+        &self,
+        gather: &mut dyn FnMut(&mut [f32]) -> usize,
+        scratch: &mut [f32],
+        output: &mut [f32],
+    ) -> Result<usize, BackendError> {
+        let rows = gather(scratch);
+        if rows > 0 {
+            let iw = self.info().io.input_width;
+            self.run_batch(&scratch[..rows * iw], rows, output)?;
+        }
+        Ok(rows)
+    }
 
     /// Whether the backend can serve.
     fn health(&self) -> BackendHealth {
@@ -120,20 +189,60 @@ pub enum BackendLoadError {
     Tract(String),
 }
 
+fn read_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, BackendLoadError> {
+    use tract_onnx::prelude::Framework;
+    tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| BackendLoadError::Read {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })
+}
+
+/// Checks that `input` holds `rows` rows of `iw` values and `output` room for `rows` of `ow`.
+///
+/// # Errors
+/// [`BackendError::Shape`] saying what was expected.
+pub fn check_shape(
+    input: &[f32],
+    rows: usize,
+    output: &[f32],
+    iw: usize,
+    ow: usize,
+) -> Result<(), BackendError> {
+    if input.len() != rows * iw || output.len() < rows * ow {
+        return Err(BackendError::Shape(format!(
+            "{rows} rows need {} inputs and {} outputs, got {} and {}",
+            rows * iw,
+            rows * ow,
+            input.len(),
+            output.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads an ONNX file: its I/O and, when it is MLP-shaped, its [`MlpPlan`] (else why not).
+///
+/// # Errors
+/// [`BackendLoadError`] when the file cannot be read or its I/O is unsupported.
+pub fn read_mlp(path: &Path) -> Result<(ModelIo, Result<MlpPlan, LowerError>), BackendLoadError> {
+    let proto = read_proto(path)?;
+    let mut io = lower::model_io(&proto)?;
+    let plan = lower_mlp(&proto, &io);
+    if let Ok(plan) = &plan {
+        io.output_width = plan.output_width();
+    }
+    Ok((io, plan))
+}
+
 /// Loads an ONNX file on the CPU with the engine asked for.
 ///
 /// # Errors
 /// [`BackendLoadError`] when the file cannot be read, its I/O is unsupported, or the engine
 /// cannot run it.
 pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, BackendLoadError> {
-    use tract_onnx::prelude::Framework;
-    let proto =
-        tract_onnx::onnx()
-            .proto_model_for_path(path)
-            .map_err(|e| BackendLoadError::Read {
-                path: path.to_path_buf(),
-                message: format!("{e:#}"),
-            })?;
+    let proto = read_proto(path)?;
     let io = lower::model_io(&proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,

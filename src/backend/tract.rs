@@ -63,6 +63,7 @@ impl TractBackend {
                 architecture: "onnx-graph".into(),
                 device: "cpu".into(),
                 engine: "cpu-tract",
+                device_memory_bytes: None,
             },
             state: Mutex::new(state),
         })
@@ -81,15 +82,7 @@ impl Backend for TractBackend {
         output: &mut [f32],
     ) -> Result<(), BackendError> {
         let (iw, ow) = (self.info.io.input_width, self.info.io.output_width);
-        if input.len() != rows * iw || output.len() < rows * ow {
-            return Err(BackendError::Shape(format!(
-                "{rows} rows need {} inputs and {} outputs, got {} and {}",
-                rows * iw,
-                rows * ow,
-                input.len(),
-                output.len()
-            )));
-        }
+        super::check_shape(input, rows, output, iw, ow)?;
         let exec = |e: TractError| BackendError::Execution(format!("{e:#}"));
         let tensor = Tensor::from_shape(&[rows, iw], input).map_err(exec)?;
         let mut state = self

@@ -477,16 +477,36 @@ impl Poller {
         let model = &self.models[m];
         let lane = &mut self.lanes[m];
         self.taken.clear();
-        let (rows, padded) = lane
-            .queue
-            .take(started_ns, &mut lane.input, &mut self.taken);
+        let ModelLane {
+            queue,
+            input,
+            output,
+            ..
+        } = lane;
+        let taken = &mut self.taken;
+        let mut rows = 0;
+        let mut gathered = false;
+        // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
+        let result = model.backend.run_gathered(
+            &mut |staging| {
+                gathered = true;
+                let (r, padded) = queue.take(started_ns, staging, taken);
+                rows = r;
+                if r == 0 {
+                    0
+                } else {
+                    padded
+                }
+            },
+            input,
+            output,
+        );
+        if result.is_err() && !gathered {
+            // The backend failed before taking the batch: take it here, to answer it.
+            rows = queue.take(started_ns, input, taken).0;
+        }
         let mut compute_ns = 0;
         if rows > 0 {
-            let result = model.backend.run_batch(
-                &lane.input[..padded * model.input_width()],
-                padded,
-                &mut lane.output[..padded * model.output_width()],
-            );
             compute_ns = monotonic_ns() - started_ns;
             self.stats.batches += 1;
             self.stats.rows += rows as u64;

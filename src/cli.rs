@@ -1,4 +1,4 @@
-//! The `tie` command line: `tie serve`, `tie predict` and `tie devices`.
+//! The `tie` command line: `tie serve`, `tie predict`, `tie devices` and `tie doctor`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -37,6 +37,20 @@ pub enum Command {
     Predict(PredictArgs),
     /// Say which GPUs the server would use (or why none), with NVML's figures, as JSON.
     Devices(DevicesArgs),
+    /// Check this host against the deployment guide (deploy/README.md): what is fine, what is
+    /// not, and the fix.
+    Doctor(DoctorArgs),
+}
+
+/// `tie doctor`.
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// Service config (TOML): the poller cores and GPUs to check.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `tie devices`.
@@ -99,7 +113,29 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::Predict(args) => predict(args),
         Command::Devices(args) => devices(args),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let config = ServiceConfig::load(args.config.as_deref())?;
+    let checks = crate::doctor::run(&config);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            let verdict = match c.verdict {
+                crate::doctor::Verdict::Ok => "ok",
+                crate::doctor::Verdict::Warn => "WARN",
+                crate::doctor::Verdict::Unknown => "??",
+            };
+            println!("{verdict:<5} {:<30} {}", c.name, c.value);
+            if !c.fix.is_empty() {
+                println!("      fix: {}", c.fix);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn devices(args: DevicesArgs) -> anyhow::Result<ExitCode> {

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod gpu;
 pub mod logging;
 pub mod profile;

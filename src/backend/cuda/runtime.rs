@@ -32,6 +32,8 @@ pub struct GpuDevice {
     name: String,
     arch: String,
     total_bytes: u64,
+    /// PCI address (`0000:3b:00.0`), if the driver reports it.
+    pci: Option<String>,
     ledger: Mutex<Ledger>,
 }
 
@@ -74,6 +76,18 @@ impl GpuDevice {
     /// Device memory.
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
+    }
+
+    /// PCI address (`0000:3b:00.0`).
+    pub fn pci_address(&self) -> Option<&str> {
+        self.pci.as_deref()
+    }
+
+    /// NUMA node of the GPU's PCI device (`None` where the host has one node or does not say).
+    pub fn numa_node(&self) -> Option<i64> {
+        let path = format!("/sys/bus/pci/devices/{}/numa_node", self.pci.as_ref()?);
+        let node: i64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        (node >= 0).then_some(node)
     }
 
     /// Bytes booked by loaded models.
@@ -241,7 +255,17 @@ fn open(ordinal: usize) -> Result<GpuDevice, String> {
         tracing::debug!(device = ordinal, error = %e, "cannot set spin scheduling");
     }
     let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let pci = match (
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID),
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID),
+    ) {
+        (Ok(domain), Ok(bus), Ok(dev)) => Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.0")),
+        _ => None,
+    };
     Ok(GpuDevice {
+        pci,
         ordinal,
         name: ctx.name().map_err(|e| e.to_string())?,
         arch: format!("sm_{major}{minor}"),

@@ -1,0 +1,332 @@
+//! `tie doctor`: checks the host against the deployment guide (deploy/README.md) and says what
+//! is fine, what is not, and the fix. Every value is read from the kernel's files (or the
+//! driver); one that cannot be read is reported as unknown, never guessed.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::ServiceConfig;
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// As the guide recommends.
+    Ok,
+    /// Works, but costs latency or predictability.
+    Warn,
+    /// Cannot be read on this host.
+    Unknown,
+}
+
+/// One check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// What was read.
+    pub value: String,
+    /// What to do about a warning (empty when fine).
+    pub fix: String,
+}
+
+fn read(path: impl AsRef<Path>) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Parses a kernel CPU list (`0-3,8,10-11`).
+pub fn parse_cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    cpus.extend(a..=b);
+                }
+            }
+            None => cpus.extend(part.parse::<usize>().ok()),
+        }
+    }
+    cpus
+}
+
+fn check(name: &'static str, verdict: Verdict, value: impl Into<String>, fix: &str) -> Check {
+    Check {
+        name,
+        verdict,
+        value: value.into(),
+        fix: if verdict == Verdict::Ok {
+            String::new()
+        } else {
+            fix.to_string()
+        },
+    }
+}
+
+/// Runs every check for a server configured by `config`.
+pub fn run(config: &ServiceConfig) -> Vec<Check> {
+    let pinned = &config.server.poller_cores;
+    let mut out = Vec::new();
+    let cpu = Path::new("/sys/devices/system/cpu");
+
+    // Isolated cores: the pollers' cores should be isolated from the scheduler.
+    let isolated = read(cpu.join("isolated")).map(|l| parse_cpu_list(&l));
+    out.push(match (&isolated, pinned.is_empty()) {
+        (None, _) => check("isolated cores", Verdict::Unknown, "unreadable", ""),
+        (Some(_), true) => check(
+            "isolated cores",
+            Verdict::Warn,
+            "server.poller_cores is empty (pollers unpinned)",
+            "pin the pollers: server.poller_cores = [..] on isolated cores",
+        ),
+        (Some(iso), false) => {
+            let missing: Vec<usize> = pinned.iter().filter(|c| !iso.contains(c)).copied().collect();
+            let value = format!("isolated {iso:?}, poller cores {pinned:?}");
+            if missing.is_empty() {
+                check("isolated cores", Verdict::Ok, value, "")
+            } else {
+                check(
+                    "isolated cores",
+                    Verdict::Warn,
+                    value,
+                    "boot with isolcpus=<poller cores> nohz_full=<same> rcu_nocbs=<same> (deploy/README.md)",
+                )
+            }
+        }
+    });
+
+    // Tickless and RCU callbacks off the poller cores.
+    let cmdline = read("/proc/cmdline").unwrap_or_default();
+    let nohz = read(cpu.join("nohz_full"))
+        .filter(|s| !s.is_empty() && s != "(null)")
+        .map(|l| parse_cpu_list(&l))
+        .unwrap_or_default();
+    let rcu = cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("rcu_nocbs="));
+    let covered = !pinned.is_empty() && pinned.iter().all(|c| nohz.contains(c));
+    out.push(check(
+        "nohz_full / rcu_nocbs",
+        if covered && rcu {
+            Verdict::Ok
+        } else {
+            Verdict::Warn
+        },
+        format!(
+            "nohz_full {nohz:?}, rcu_nocbs {}",
+            if rcu { "set" } else { "not set" }
+        ),
+        "add nohz_full=<poller cores> rcu_nocbs=<poller cores> to the kernel command line",
+    ));
+
+    // CPU frequency governor of the pinned cores (all cores when none are pinned).
+    let cores: Vec<usize> = if pinned.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        pinned.clone()
+    };
+    let governors: Vec<String> = cores
+        .iter()
+        .filter_map(|c| read(cpu.join(format!("cpu{c}/cpufreq/scaling_governor"))))
+        .collect();
+    out.push(if governors.is_empty() {
+        check(
+            "CPU governor",
+            Verdict::Unknown,
+            "no cpufreq (a VM, or the BIOS controls frequency)",
+            "",
+        )
+    } else if governors.iter().all(|g| g == "performance") {
+        check("CPU governor", Verdict::Ok, "performance", "")
+    } else {
+        let mut g = governors.clone();
+        g.dedup();
+        check(
+            "CPU governor",
+            Verdict::Warn,
+            g.join(","),
+            "cpupower frequency-set -g performance (or the governor in deploy/README.md)",
+        )
+    });
+
+    // Transparent huge pages: khugepaged compaction stalls; madvise or never.
+    out.push(match read("/sys/kernel/mm/transparent_hugepage/enabled") {
+        None => check("transparent huge pages", Verdict::Unknown, "unreadable", ""),
+        Some(v) => {
+            let mode = v
+                .split_whitespace()
+                .find(|w| w.starts_with('['))
+                .unwrap_or(&v)
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
+            if mode == "always" {
+                check(
+                    "transparent huge pages",
+                    Verdict::Warn,
+                    mode,
+                    "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled",
+                )
+            } else {
+                check("transparent huge pages", Verdict::Ok, mode, "")
+            }
+        }
+    });
+
+    // Huge pages reserved for segments.
+    let meminfo = read("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    out.push(
+        match (field("HugePages_Total:"), field("HugePages_Free:")) {
+            (Some(total), Some(free)) if total > 0 => check(
+                "huge pages",
+                Verdict::Ok,
+                format!("{free} of {total} free"),
+                "",
+            ),
+            (Some(_), Some(_)) => check(
+                "huge pages",
+                Verdict::Warn,
+                "none reserved",
+                "reserve some: sysctl vm.nr_hugepages=<n> (deploy/README.md)",
+            ),
+            _ => check("huge pages", Verdict::Unknown, "unreadable", ""),
+        },
+    );
+
+    // Locked-memory limit (pinned staging buffers, mlock).
+    let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+    out.push(match memlock.current {
+        None => check("memlock limit", Verdict::Ok, "unlimited", ""),
+        Some(bytes) if bytes >= 1 << 30 => check(
+            "memlock limit",
+            Verdict::Ok,
+            format!("{} MB", bytes >> 20),
+            "",
+        ),
+        Some(bytes) => check(
+            "memlock limit",
+            Verdict::Warn,
+            format!("{} MB", bytes >> 20),
+            "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited",
+        ),
+    });
+
+    // Clock source: the TSC is the cheapest clock read.
+    out.push(
+        match read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
+            None => check("clock source", Verdict::Unknown, "unreadable", ""),
+            Some(c) if c == "tsc" => check("clock source", Verdict::Ok, c, ""),
+            Some(c) => check(
+                "clock source",
+                Verdict::Warn,
+                c,
+                "use the TSC: clocksource=tsc tsc=reliable on the kernel command line (if the TSC is invariant)",
+            ),
+        },
+    );
+
+    // SMT siblings of the poller cores: a busy sibling steals the core's pipeline.
+    if !pinned.is_empty() {
+        let mut shared = Vec::new();
+        for &c in pinned {
+            if let Some(list) = read(cpu.join(format!("cpu{c}/topology/thread_siblings_list"))) {
+                let siblings: Vec<usize> = parse_cpu_list(&list)
+                    .into_iter()
+                    .filter(|s| *s != c)
+                    .collect();
+                if !siblings.is_empty() {
+                    shared.push(format!("{c}:{siblings:?}"));
+                }
+            }
+        }
+        out.push(if shared.is_empty() {
+            check("SMT siblings of poller cores", Verdict::Ok, "none", "")
+        } else {
+            check(
+                "SMT siblings of poller cores",
+                Verdict::Warn,
+                shared.join(" "),
+                "keep the siblings idle (isolate them too and pin nothing there) or turn SMT off",
+            )
+        });
+    }
+
+    // GPUs: present, and their NUMA node against the poller cores'.
+    let gpus = crate::gpu::Gpus::probe(config);
+    out.push(match gpus.unavailable() {
+        Some(why) => check(
+            "GPU",
+            Verdict::Warn,
+            format!("none usable: {why}"),
+            "models run on the CPU; install the NVIDIA driver for GPU serving",
+        ),
+        None => gpu_check(&gpus, pinned),
+    });
+    out
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(gpus: &crate::gpu::Gpus, pinned: &[usize]) -> Check {
+    let crate::gpu::Gpus::Available(rt) = gpus else {
+        unreachable!("called with GPUs");
+    };
+    let mut value = Vec::new();
+    let mut far = false;
+    for d in rt.devices() {
+        let node = d.numa_node();
+        let cores_node: Vec<Option<i64>> = pinned.iter().map(|c| cpu_numa_node(*c)).collect();
+        if let Some(n) = node {
+            far |= cores_node.iter().any(|c| c.is_some_and(|c| c != n));
+        }
+        value.push(format!(
+            "{} ({}) on NUMA node {}",
+            d.ordinal(),
+            d.name(),
+            node.map_or("unknown".to_string(), |n| n.to_string())
+        ));
+    }
+    check(
+        "GPU",
+        if far { Verdict::Warn } else { Verdict::Ok },
+        value.join(", "),
+        "pin the pollers to cores of the GPU's NUMA node (server.poller_cores)",
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: &crate::gpu::Gpus, _: &[usize]) -> Check {
+    unreachable!("without the `cuda` feature no GPU is ever available")
+}
+
+/// The NUMA node of a CPU, from sysfs.
+#[cfg(feature = "cuda")]
+fn cpu_numa_node(cpu: usize) -> Option<i64> {
+    let dir = std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}")).ok()?;
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .find_map(|n| n.strip_prefix("node").and_then(|v| v.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(parse_cpu_list(""), Vec::<usize>::new());
+        assert_eq!(parse_cpu_list("5"), vec![5]);
+    }
+}

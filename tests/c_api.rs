@@ -53,9 +53,8 @@ fn fixture_rows(dir: &Path) -> PathBuf {
     path
 }
 
-#[test]
-fn the_c_conformance_program_passes_against_a_server() {
-    let dir = scratch_dir("capi-c");
+/// Compiles the conformance program, linked statically.
+fn conformance_program(dir: &Path) -> PathBuf {
     let lib = library_dir();
     let exe = dir.join("conformance");
     let include = root().join("capi/include");
@@ -82,6 +81,13 @@ fn the_c_conformance_program_passes_against_a_server() {
         ],
         &exe,
     );
+    exe
+}
+
+#[test]
+fn the_c_conformance_program_passes_against_a_server() {
+    let dir = scratch_dir("capi-c");
+    let exe = conformance_program(&dir);
     let server = TestServer::start();
     let rows = fixture_rows(&dir);
     let out = Command::new(&exe)
@@ -97,6 +103,43 @@ fn the_c_conformance_program_passes_against_a_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.starts_with("ok: "), "{stdout}");
+}
+
+#[test]
+fn through_the_c_api_a_dead_server_answers_pending_requests_disconnected() {
+    use std::io::{BufRead, Write};
+    let dir = scratch_dir("capi-disconnect");
+    let exe = conformance_program(&dir);
+    let mut server = TestServer::start();
+    let rows = fixture_rows(&dir);
+    let mut child = Command::new(&exe)
+        .arg(server.options().socket_dir.unwrap())
+        .arg(&server.endpoint)
+        .arg(&rows)
+        .arg("disconnect")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    // Stopped: the request stays in the ring, unanswered.
+    server.pause();
+    writeln!(stdin).unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "submitted");
+    // SIGKILL, then reap it.
+    server.signal(9);
+    let _ = server.stop();
+    writeln!(stdin).unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success() && line.starts_with("ok: "), "{line}");
 }
 
 #[test]

@@ -1,10 +1,15 @@
 /* Conformance checks of the tie C API against a running server serving the example model
  * mlp64 (64 features, 1 output).
  *
- *   conformance SOCKET_DIR ENDPOINT FIXTURE_ROWS
+ *   conformance SOCKET_DIR ENDPOINT FIXTURE_ROWS [disconnect]
  *
  * FIXTURE_ROWS: a text file, one row per line: 64 features then the expected output,
- * separated by spaces. Exits 0 and prints "ok: N checks" when every check passes. */
+ * separated by spaces. Exits 0 and prints "ok: N checks" when every check passes.
+ *
+ * With "disconnect", the server's loss is checked instead, in steps driven by the caller: the
+ * program connects and prints "connected"; after a line on stdin (the caller has stopped the
+ * server) it submits a request and prints "submitted"; after another line (the caller has
+ * killed the server) it expects that request back as DISCONNECTED and later submits refused. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,9 +38,40 @@ static int close_to(float a, float b) {
   return fabsf(a - b) / scale <= 1e-5f;
 }
 
+static void wait_line(void) {
+  char line[16];
+  if (!fgets(line, sizeof line, stdin)) exit(3);
+}
+
+static int disconnect(TieClient *client, const float *row) {
+  printf("connected\n");
+  fflush(stdout);
+  wait_line();
+  uint64_t id;
+  TieResult r = tie_submit(client, row, FEATURES, 1, 0, &id);
+  CHECK(r == TIE_OK, "submit to a stopped server: %d", r);
+  printf("submitted\n");
+  fflush(stdout);
+  wait_line();
+  TieResponse resp;
+  uint64_t give_up = tie_monotonic_ns() + 5000000000ull;
+  int p;
+  while ((p = tie_poll(client, &resp)) == 0) CHECK(tie_monotonic_ns() < give_up, "no answer in 5 s");
+  CHECK(p == 1 && resp.request_id == id, "poll: %d", p);
+  CHECK(strcmp(tie_status_name(resp.status), "DISCONNECTED") == 0, "status %s",
+        tie_status_name(resp.status));
+  r = tie_submit(client, row, FEATURES, 1, 0, NULL);
+  CHECK(r == TIE_ERR_DISCONNECTED, "submit after the server died: %d", r);
+  r = tie_predict(client, row, FEATURES, &resp);
+  CHECK(r == TIE_ERR_DISCONNECTED, "predict after the server died: %d", r);
+  tie_client_free(client);
+  printf("ok: %d checks\n", checks);
+  return 0;
+}
+
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s SOCKET_DIR ENDPOINT FIXTURE_ROWS\n", argv[0]);
+  if (argc != 4 && !(argc == 5 && strcmp(argv[4], "disconnect") == 0)) {
+    fprintf(stderr, "usage: %s SOCKET_DIR ENDPOINT FIXTURE_ROWS [disconnect]\n", argv[0]);
     return 2;
   }
   static float rows[MAX_ROWS][FEATURES];
@@ -62,7 +98,13 @@ int main(int argc, char **argv) {
 
   /* An unknown model is refused, with a message. */
   TieClient *client = NULL;
-  TieResult r = tie_connect(argv[2], "no-such-model", &options, &client);
+  TieResult r;
+  if (argc == 5) {
+    r = tie_connect(argv[2], "mlp64", &options, &client);
+    CHECK(r == TIE_OK, "connect: %d", r);
+    return disconnect(client, rows[0]);
+  }
+  r = tie_connect(argv[2], "no-such-model", &options, &client);
   CHECK(r == TIE_ERR_REFUSED, "unknown model: %d", r);
   CHECK(strlen(tie_last_error()) > 0, "no message for the refusal");
 

@@ -117,6 +117,33 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Warns about poller cores on another NUMA node than a GPU in use.
+fn warn_far_pollers(config: &ServiceConfig, gpus: &crate::gpu::Gpus) {
+    #[cfg(feature = "cuda")]
+    if let crate::gpu::Gpus::Available(rt) = gpus {
+        for d in rt.devices() {
+            let Some(gpu_node) = d.numa_node() else {
+                continue;
+            };
+            for &core in &config.server.poller_cores {
+                if let Some(node) = crate::doctor::cpu_numa_node(core) {
+                    if node != gpu_node {
+                        tracing::warn!(
+                            core,
+                            core_node = node,
+                            gpu = d.ordinal(),
+                            gpu_node,
+                            "poller core is on another NUMA node than the GPU: pick cores of the GPU's node"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (config, gpus);
+}
+
 fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let config = ServiceConfig::load(args.config.as_deref())?;
     let checks = crate::doctor::run(&config);
@@ -188,8 +215,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    if config.server.lock_memory {
+        use rustix::mm::{mlockall, MlockAllFlags};
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).with_context(|| {
+            "server.lock_memory = true but mlockall failed: raise the locked-memory limit \
+             (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)"
+        })?;
+        tracing::info!("all memory locked (mlockall)");
+    }
     let options = LoadOptions::from_config(&config);
     options.gpus.log();
+    warn_far_pollers(&config, &options.gpus);
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
     while !stop.load(Ordering::SeqCst) {

@@ -112,6 +112,9 @@ pub struct ServerSection {
     pub allowed_gid: Option<u32>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Lock all of the server's memory, present and future (`mlockall`), so no page of a ring,
+    /// a staging buffer or the code is ever paged out; start-up fails if it cannot.
+    pub lock_memory: bool,
 }
 
 impl Default for ServerSection {
@@ -129,6 +132,7 @@ impl Default for ServerSection {
             max_sessions: 1024,
             allowed_gid: None,
             log_format: LogFormat::Text,
+            lock_memory: false,
         }
     }
 }

@@ -311,8 +311,7 @@ fn gpu_check(_: &crate::gpu::Gpus, _: &[usize]) -> Check {
 }
 
 /// The NUMA node of a CPU, from sysfs.
-#[cfg(feature = "cuda")]
-fn cpu_numa_node(cpu: usize) -> Option<i64> {
+pub fn cpu_numa_node(cpu: usize) -> Option<i64> {
     let dir = std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}")).ok()?;
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))

@@ -145,3 +145,43 @@ fn with_no_gpu_an_auto_model_is_served_on_the_cpu_and_the_reason_logged_once() {
     assert_eq!(log.matches("no usable GPU").count(), 1, "{log}");
     assert!(log.contains("engine=\"cpu-mlp\""), "{log}");
 }
+
+#[test]
+fn lock_memory_locks_the_servers_memory_or_fails_naming_the_limit() {
+    let config = common::TEST_CONFIG.replacen("[server]\n", "[server]\nlock_memory = true\n", 1);
+    assert!(config.contains("lock_memory"));
+    let dir = scratch_dir("mlock");
+    let config_path = dir.join("tie.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .arg("--socket-dir")
+        .arg(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Either it locks its memory (root, or a high enough limit) and serves, or it refuses to
+    // start and says which limit to raise.
+    let locked = common::eventually(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmLck:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .is_some_and(|kb| kb > 0)
+    });
+    if locked {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        assert!(child.wait().unwrap().success());
+    } else {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "neither locked nor refused: {err}");
+        assert!(err.contains("LimitMEMLOCK"), "{err}");
+    }
+}

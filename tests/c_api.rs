@@ -91,6 +91,7 @@ fn the_c_conformance_program_passes_against_a_server() {
     let server = TestServer::start();
     let rows = fixture_rows(&dir);
     let out = Command::new(&exe)
+        .current_dir(root())
         .arg(server.options().socket_dir.unwrap())
         .arg(&server.endpoint)
         .arg(&rows)

@@ -3,6 +3,8 @@
  *
  *   conformance SOCKET_DIR ENDPOINT FIXTURE_ROWS [disconnect]
  *
+ * Run from the repository root (it reads layouts/features/).
+ *
  * FIXTURE_ROWS: a text file, one row per line: 64 features then the expected output,
  * separated by spaces. Exits 0 and prints "ok: N checks" when every check passes.
  *
@@ -108,6 +110,16 @@ int main(int argc, char **argv) {
   CHECK(r == TIE_ERR_REFUSED, "unknown model: %d", r);
   CHECK(strlen(tie_last_error()) > 0, "no message for the refusal");
 
+  /* A layout that is not the model's (two features swapped) is refused, naming both hashes;
+   * the model's own layout is accepted. */
+  options.layout_file = "layouts/features/mlp64_reordered.toml";
+  r = tie_connect(argv[2], "mlp64", &options, &client);
+  CHECK(r == TIE_ERR_REFUSED, "reordered layout: %d", r);
+  CHECK(strstr(tie_last_error(), "layout") != NULL, "message: %s", tie_last_error());
+  options.layout_file = "layouts/features/no-such-layout.toml";
+  r = tie_connect(argv[2], "mlp64", &options, &client);
+  CHECK(r == TIE_ERR_INVALID_ARGUMENT, "missing layout file: %d", r);
+  options.layout_file = "layouts/features/mlp64.toml";
   r = tie_connect(argv[2], "mlp64", &options, &client);
   CHECK(r == TIE_OK, "connect: %d", r);
   CHECK(tie_feature_count(client) == FEATURES, "feature count %u", tie_feature_count(client));

@@ -58,6 +58,9 @@ typedef struct TieConnectOptions {
   uint64_t connect_timeout_ms;
   // Socket directory; NULL: `$TIE_SOCKET_DIR`, else /tmp/tie.
   const char *socket_dir;
+  // Feature layout file (TOML) the client writes; checked against the model's at connect
+  // (a mismatch is `TIE_ERR_REFUSED`, naming both hashes). NULL: the model's layout.
+  const char *layout_file;
 } TieConnectOptions;
 
 // A response to one request.
@@ -94,7 +97,7 @@ extern "C" {
 //
 // # Safety
 // `endpoint` and `model` are NUL-terminated strings; `options` is NULL or points to a
-// `TieConnectOptions` (whose `socket_dir` is NULL or NUL-terminated); `out` is a valid
+// `TieConnectOptions` (whose strings are NULL or NUL-terminated); `out` is a valid
 // pointer. On success `*out` holds a client to free with `tie_client_free`.
 enum TieResult tie_connect(const char *endpoint,
                            const char *model,

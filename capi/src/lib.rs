@@ -16,6 +16,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tie_client::layouts::FeatureLayout;
 use tie_client::{
     Client, ConnectError, ConnectOptions, PredictError, Priority, Response, Status, SubmitError,
 };
@@ -71,6 +72,9 @@ pub struct TieConnectOptions {
     pub connect_timeout_ms: u64,
     /// Socket directory; NULL: `$TIE_SOCKET_DIR`, else /tmp/tie.
     pub socket_dir: *const c_char,
+    /// Feature layout file (TOML) the client writes; checked against the model's at connect
+    /// (a mismatch is `TIE_ERR_REFUSED`, naming both hashes). NULL: the model's layout.
+    pub layout_file: *const c_char,
 }
 
 /// A response to one request.
@@ -164,7 +168,7 @@ unsafe fn string<'a>(s: *const c_char, what: &str) -> Result<Option<&'a str>, Ti
 ///
 /// # Safety
 /// `endpoint` and `model` are NUL-terminated strings; `options` is NULL or points to a
-/// `TieConnectOptions` (whose `socket_dir` is NULL or NUL-terminated); `out` is a valid
+/// `TieConnectOptions` (whose strings are NULL or NUL-terminated); `out` is a valid
 /// pointer. On success `*out` holds a client to free with `tie_client_free`.
 #[no_mangle]
 pub unsafe extern "C" fn tie_connect(
@@ -208,6 +212,20 @@ pub unsafe extern "C" fn tie_connect(
         // SAFETY: per the contract.
         match unsafe { string(c.socket_dir, "socket_dir") } {
             Ok(dir) => o.socket_dir = dir.map(PathBuf::from),
+            Err(e) => return e,
+        }
+        // SAFETY: per the contract.
+        match unsafe { string(c.layout_file, "layout_file") } {
+            Ok(None) => {}
+            Ok(Some(path)) => match FeatureLayout::from_file(std::path::Path::new(path)) {
+                Ok(layout) => o.layout = Some(layout),
+                Err(e) => {
+                    return fail(
+                        TieResult::TieErrInvalidArgument,
+                        format!("layout file {path}: {e}"),
+                    )
+                }
+            },
             Err(e) => return e,
         }
     }

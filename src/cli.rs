@@ -217,6 +217,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if config.server.lock_memory {
         use rustix::mm::{mlockall, MlockAllFlags};
+        // Every later mapping (segments, stacks, GPU staging) counts against a finite limit and
+        // would fail mid-service: refuse to start instead (root is exempt: CAP_IPC_LOCK).
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+        if let (Some(bytes), false) = (limit, rustix::process::geteuid().is_root()) {
+            anyhow::bail!(
+                "server.lock_memory = true needs an unlimited locked-memory limit, this one is {} MB \
+                 (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)",
+                bytes >> 20
+            );
+        }
         mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).with_context(|| {
             "server.lock_memory = true but mlockall failed: raise the locked-memory limit \
              (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)"

@@ -356,9 +356,19 @@ impl ServiceConfig {
                 why: "every size must be in 1..=max_batch_size",
             });
         }
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        // The host's online CPUs, not this process's affinity: cores isolated with isolcpus
+        // are outside a shell's affinity and are exactly where pollers belong.
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .map(|l| crate::doctor::parse_cpu_list(&l))
+            .unwrap_or_else(|_| {
+                core_affinity::get_core_ids()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.id)
+                    .collect()
+            });
         for &core in &self.server.poller_cores {
-            if !cores.iter().any(|c| c.id == core) {
+            if !online.contains(&core) {
                 return Err(ConfigLoadError::Invalid {
                     key: "server.poller_cores",
                     value: core.to_string(),

@@ -101,33 +101,24 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
         }
     });
 
-    // Tickless and RCU callbacks off the poller cores.
-    let cmdline = read("/proc/cmdline").unwrap_or_default();
+    // Tickless poller cores (the kernel also moves RCU callbacks off nohz_full cores).
     let nohz = read(cpu.join("nohz_full"))
         .filter(|s| !s.is_empty() && s != "(null)")
         .map(|l| parse_cpu_list(&l))
         .unwrap_or_default();
-    let rcu = cmdline
-        .split_whitespace()
-        .any(|w| w.starts_with("rcu_nocbs="));
     let covered = !pinned.is_empty() && pinned.iter().all(|c| nohz.contains(c));
     out.push(check(
-        "nohz_full / rcu_nocbs",
-        if covered && rcu {
-            Verdict::Ok
-        } else {
-            Verdict::Warn
-        },
-        format!(
-            "nohz_full {nohz:?}, rcu_nocbs {}",
-            if rcu { "set" } else { "not set" }
-        ),
-        "add nohz_full=<poller cores> rcu_nocbs=<poller cores> to the kernel command line",
+        "nohz_full",
+        if covered { Verdict::Ok } else { Verdict::Warn },
+        format!("nohz_full {nohz:?}, poller cores {pinned:?}"),
+        "add nohz_full=<poller cores> (and rcu_nocbs=<same>) to the kernel command line",
     ));
 
     // CPU frequency governor of the pinned cores (all cores when none are pinned).
     let cores: Vec<usize> = if pinned.is_empty() {
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+        read(cpu.join("online"))
+            .map(|l| parse_cpu_list(&l))
+            .unwrap_or_default()
     } else {
         pinned.clone()
     };
@@ -146,6 +137,7 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
         check("CPU governor", Verdict::Ok, "performance", "")
     } else {
         let mut g = governors.clone();
+        g.sort();
         g.dedup();
         check(
             "CPU governor",
@@ -178,45 +170,13 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
         }
     });
 
-    // Huge pages reserved for segments.
-    let meminfo = read("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    out.push(
-        match (field("HugePages_Total:"), field("HugePages_Free:")) {
-            (Some(total), Some(free)) if total > 0 => check(
-                "huge pages",
-                Verdict::Ok,
-                format!("{free} of {total} free"),
-                "",
-            ),
-            (Some(_), Some(_)) => check(
-                "huge pages",
-                Verdict::Warn,
-                "none reserved",
-                "reserve some: sysctl vm.nr_hugepages=<n> (deploy/README.md)",
-            ),
-            _ => check("huge pages", Verdict::Unknown, "unreadable", ""),
-        },
-    );
-
-    // Locked-memory limit (pinned staging buffers, mlock).
+    // Locked-memory limit of this process (the unit's LimitMEMLOCK applies to the server):
+    // `server.lock_memory` needs it unlimited.
     let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
     out.push(match memlock.current {
-        None => check("memlock limit", Verdict::Ok, "unlimited", ""),
-        Some(bytes) if bytes >= 1 << 30 => check(
-            "memlock limit",
-            Verdict::Ok,
-            format!("{} MB", bytes >> 20),
-            "",
-        ),
+        None => check("memlock limit (this process)", Verdict::Ok, "unlimited", ""),
         Some(bytes) => check(
-            "memlock limit",
+            "memlock limit (this process)",
             Verdict::Warn,
             format!("{} MB", bytes >> 20),
             "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited",
@@ -227,12 +187,13 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
     out.push(
         match read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
             None => check("clock source", Verdict::Unknown, "unreadable", ""),
-            Some(c) if c == "tsc" => check("clock source", Verdict::Ok, c, ""),
+            // kvm-clock is read through the vDSO too: the TSC's equal inside a VM.
+            Some(c) if c == "tsc" || c == "kvm-clock" => check("clock source", Verdict::Ok, c, ""),
             Some(c) => check(
                 "clock source",
                 Verdict::Warn,
                 c,
-                "use the TSC: clocksource=tsc tsc=reliable on the kernel command line (if the TSC is invariant)",
+                "use the TSC: clocksource=tsc on the kernel command line, on bare metal with an invariant TSC (constant_tsc nonstop_tsc in /proc/cpuinfo)",
             ),
         },
     );
@@ -270,7 +231,7 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
             "GPU",
             Verdict::Warn,
             format!("none usable: {why}"),
-            "models run on the CPU; install the NVIDIA driver for GPU serving",
+            "models run on the CPU; for GPU serving install the NVIDIA driver, or see why the device is not usable (tie devices)",
         ),
         None => gpu_check(&gpus, pinned),
     });

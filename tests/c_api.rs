@@ -17,7 +17,9 @@ fn library_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    for dir in [deps.parent().unwrap().to_path_buf(), deps.clone()] {
+    // deps/ first: cargo copies the libraries up to target/<profile>/ only when tie-capi is
+    // built by name, so a copy there may be stale.
+    for dir in [deps.clone(), deps.parent().unwrap().to_path_buf()] {
         if dir.join("libtie_c.a").is_file() && dir.join("libtie_c.so").is_file() {
             return dir;
         }

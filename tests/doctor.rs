@@ -33,6 +33,7 @@ fn read(path: &str) -> Option<String> {
 
 #[test]
 fn doctor_reports_the_hosts_real_values() {
+    // Core 0 exists on every host (poller cores are checked against the online CPUs).
     let out = doctor("[server]\npoller_cores = [0]\n", true);
     let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let get = |name: &str| {
@@ -55,7 +56,11 @@ fn doctor_reports_the_hosts_real_values() {
     if let Some(source) = read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
         let c = get("clock source");
         assert_eq!(c["value"], source.as_str());
-        assert_eq!(c["verdict"] == "ok", source == "tsc", "{c}");
+        assert_eq!(
+            c["verdict"] == "ok",
+            source == "tsc" || source == "kvm-clock",
+            "{c}"
+        );
     }
     if let Some(thp) = read("/sys/kernel/mm/transparent_hugepage/enabled") {
         let c = get("transparent huge pages");
@@ -69,22 +74,13 @@ fn doctor_reports_the_hosts_real_values() {
         let core0_isolated = tie::doctor::parse_cpu_list(&isolated).contains(&0);
         assert_eq!(c["verdict"] == "ok", core0_isolated, "{c} vs {isolated:?}");
     }
-    let meminfo = read("/proc/meminfo").unwrap();
-    let total: u64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("HugePages_Total:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(get("huge pages")["verdict"] == "ok", total > 0);
     // The memlock limit, as the shell sees it.
     let ulimit = Command::new("sh")
         .args(["-c", "ulimit -l"])
         .output()
         .unwrap();
     let ulimit = String::from_utf8_lossy(&ulimit.stdout).trim().to_string();
-    let c = get("memlock limit");
+    let c = get("memlock limit (this process)");
     if ulimit == "unlimited" {
         assert_eq!(c["value"], "unlimited");
     } else {

@@ -153,10 +153,14 @@ int main(int argc, char **argv) {
     r = tie_submit(client, rows[0], FEATURES, 1, 0, NULL);
     CHECK(r == TIE_ERR_QUEUE_FULL, "ninth submit: %d", r);
   }
+  uint64_t give_up = tie_monotonic_ns() + 5000000000ull;
   for (int got = 0; got < sent;) {
     int p = tie_poll(client, &resp);
     CHECK(p >= 0, "poll: %d", p);
-    if (p == 0) continue;
+    if (p == 0) {
+      CHECK(tie_monotonic_ns() < give_up, "no answer in 5 s");
+      continue;
+    }
     CHECK(resp.request_id == ids[got], "order: %llu vs %llu", (unsigned long long)resp.request_id,
           (unsigned long long)ids[got]);
     CHECK(close_to(resp.outputs[0], expected[got]), "pipelined row %d", got);
@@ -181,8 +185,10 @@ int main(int argc, char **argv) {
   uint64_t id;
   r = tie_submit(client, rows[0], FEATURES, 1, tie_monotonic_ns() - 1, &id);
   CHECK(r == TIE_OK, "submit with a past deadline: %d", r);
-  while ((r = (TieResult)tie_poll(client, &resp)) == 0) {
-  }
+  int p;
+  give_up = tie_monotonic_ns() + 5000000000ull;
+  while ((p = tie_poll(client, &resp)) == 0) CHECK(tie_monotonic_ns() < give_up, "no answer in 5 s");
+  CHECK(p == 1, "poll: %d", p);
   CHECK(resp.request_id == id && strcmp(tie_status_name(resp.status), "TIMEOUT") == 0,
         "past deadline: %s", tie_status_name(resp.status));
 

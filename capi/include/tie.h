@@ -98,7 +98,8 @@ extern "C" {
 // # Safety
 // `endpoint` and `model` are NUL-terminated strings; `options` is NULL or points to a
 // `TieConnectOptions` (whose strings are NULL or NUL-terminated); `out` is a valid
-// pointer. On success `*out` holds a client to free with `tie_client_free`.
+// pointer. On success `*out` holds a client to free with `tie_client_free`; on failure it
+// is set to NULL.
 enum TieResult tie_connect(const char *endpoint,
                            const char *model,
                            const struct TieConnectOptions *options,
@@ -128,7 +129,8 @@ uint32_t tie_output_count(const struct TieClient *client);
 // `client` is NULL or a live client.
 uint32_t tie_model_version(const struct TieClient *client);
 
-// Requests submitted and not yet returned by `tie_poll`.
+// Requests submitted and not yet answered (including one a timed-out `tie_predict` gave up
+// on, until its answer arrives and is dropped).
 //
 // # Safety
 // `client` is NULL or a live client.
@@ -157,8 +159,8 @@ enum TieResult tie_submit(struct TieClient *client,
 int32_t tie_poll(struct TieClient *client, struct TieResponse *out);
 
 // Sends one request and waits for its answer (as the client was configured: busy-spin, up to
-// `timeout_us`). On `TIE_OK` and on `TIE_ERR_SERVER` (an error status) `out` holds the
-// response.
+// `timeout_us`). On `TIE_OK` `out` holds the response; on `TIE_ERR_SERVER` (an error status)
+// and `TIE_ERR_DISCONNECTED` it holds the status and its details, the other fields zero.
 //
 // # Safety
 // `client` is a live client; `features` points to `count` floats; `out` is valid.

@@ -116,7 +116,8 @@ thread_local! {
 
 fn fail(code: TieResult, message: impl std::fmt::Display) -> TieResult {
     let text = CString::new(message.to_string().replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+    // `try_with`: during thread teardown the message is dropped rather than aborting.
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = text);
     code
 }
 
@@ -169,7 +170,8 @@ unsafe fn string<'a>(s: *const c_char, what: &str) -> Result<Option<&'a str>, Ti
 /// # Safety
 /// `endpoint` and `model` are NUL-terminated strings; `options` is NULL or points to a
 /// `TieConnectOptions` (whose strings are NULL or NUL-terminated); `out` is a valid
-/// pointer. On success `*out` holds a client to free with `tie_client_free`.
+/// pointer. On success `*out` holds a client to free with `tie_client_free`; on failure it
+/// is set to NULL.
 #[no_mangle]
 pub unsafe extern "C" fn tie_connect(
     endpoint: *const c_char,
@@ -180,6 +182,8 @@ pub unsafe extern "C" fn tie_connect(
     if out.is_null() {
         return fail(TieResult::TieErrInvalidArgument, "out is NULL");
     }
+    // SAFETY: `out` is valid per the contract.
+    unsafe { *out = std::ptr::null_mut() };
     // SAFETY: per the contract.
     let (endpoint, model) = match unsafe { (string(endpoint, "endpoint"), string(model, "model")) }
     {
@@ -304,7 +308,8 @@ pub unsafe extern "C" fn tie_model_version(client: *const TieClient) -> u32 {
     unsafe { client.as_ref() }.map_or(0, |c| c.inner.model_version())
 }
 
-/// Requests submitted and not yet returned by `tie_poll`.
+/// Requests submitted and not yet answered (including one a timed-out `tie_predict` gave up
+/// on, until its answer arrives and is dropped).
 ///
 /// # Safety
 /// `client` is NULL or a live client.
@@ -395,8 +400,8 @@ pub unsafe extern "C" fn tie_poll(client: *mut TieClient, out: *mut TieResponse)
 }
 
 /// Sends one request and waits for its answer (as the client was configured: busy-spin, up to
-/// `timeout_us`). On `TIE_OK` and on `TIE_ERR_SERVER` (an error status) `out` holds the
-/// response.
+/// `timeout_us`). On `TIE_OK` `out` holds the response; on `TIE_ERR_SERVER` (an error status)
+/// and `TIE_ERR_DISCONNECTED` it holds the status and its details, the other fields zero.
 ///
 /// # Safety
 /// `client` is a live client; `features` points to `count` floats; `out` is valid.
@@ -429,6 +434,7 @@ pub unsafe extern "C" fn tie_predict(
                 PredictError::Timeout { .. } => TieResult::TieErrTimeout,
                 PredictError::RequestsInFlight { .. } => TieResult::TieErrRequestsInFlight,
                 PredictError::Server(s) => {
+                    // `ServerError` carries the status and details only.
                     let r = TieResponse {
                         request_id: 0,
                         status: s.status.0,

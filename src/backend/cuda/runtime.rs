@@ -250,10 +250,10 @@ fn open(ordinal: usize) -> Result<GpuDevice, String> {
     // graphs.
     // SAFETY: called before any buffer or stream of this context exists.
     unsafe { ctx.disable_event_tracking() };
-    // The poller waits for each batch: spinning answers fastest (it owns its core anyway).
-    if let Err(e) = ctx.set_flags(cudarc::driver::sys::CUctx_flags::CU_CTX_SCHED_SPIN) {
-        tracing::debug!(device = ordinal, error = %e, "cannot set spin scheduling");
-    }
+    // No scheduling flags are set: the primary context is shared by every runtime of the
+    // process, and changing its flags while other threads run work in it is not safe (a
+    // concurrent test run failed with a launch failure while every probe did); tie waits for
+    // its batches by spinning on `cuStreamQuery` itself.
     let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
     use cudarc::driver::sys::CUdevice_attribute as A;
     let pci = match (

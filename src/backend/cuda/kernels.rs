@@ -25,14 +25,9 @@ const PREFETCH_REGISTERS: usize = 96;
 
 /// Bytes of shared memory a block of `mlp_r{rows}` needs.
 pub fn fused_shared_bytes(plan: &MlpPlan, rows: usize) -> usize {
-    let widest = widest(plan);
+    let widest = plan.widest();
     // Two activation buffers and the partial sums of a split layer (at most THREADS per row).
     (2 * rows * widest + rows * THREADS as usize) * 4
-}
-
-/// The widest activation of the plan.
-pub fn widest(plan: &MlpPlan) -> usize {
-    plan.widest()
 }
 
 /// The C type weights are stored in.
@@ -116,7 +111,7 @@ pub fn source(plan: &MlpPlan, precision: Precision, rows: &[usize]) -> String {
     let mut s = String::from(PRELUDE);
     let wt = storage_type(precision);
     let sfx = suffix(precision);
-    let widest = widest(plan);
+    let widest = plan.widest();
     let (w_off, _) = weight_offsets(plan, precision);
     let (b_off, _) = bias_offsets(plan);
     let t = THREADS as usize;

@@ -356,14 +356,7 @@ impl CudaBackend {
     /// Takes a device's instance out of rotation, as a failure does (operators draining a
     /// GPU; tests of the failover). Returns whether the model had an instance there.
     pub fn take_out_of_rotation(&self, ordinal: usize) -> bool {
-        let mut found = false;
-        for i in &self.instances {
-            if i.device.ordinal() == ordinal {
-                i.healthy.store(false, Ordering::Relaxed);
-                found = true;
-            }
-        }
-        found
+        self.set_on_device(ordinal, |i| &i.healthy, false)
     }
 
     /// Makes the next batch on a device's instance fail as a broken device would, after its
@@ -371,12 +364,25 @@ impl CudaBackend {
     /// whether the model had an instance there.
     #[doc(hidden)]
     pub fn inject_failure(&self, ordinal: usize) -> bool {
+        self.set_on_device(ordinal, |i| &i.inject_failure, true)
+    }
+
+    /// Stores `value` into the `flag` of every instance on device `ordinal`; whether there was
+    /// one.
+    fn set_on_device(
+        &self,
+        ordinal: usize,
+        flag: fn(&Instance) -> &AtomicBool,
+        value: bool,
+    ) -> bool {
         let mut found = false;
-        for i in &self.instances {
-            if i.device.ordinal() == ordinal {
-                i.inject_failure.store(true, Ordering::Relaxed);
-                found = true;
-            }
+        for i in self
+            .instances
+            .iter()
+            .filter(|i| i.device.ordinal() == ordinal)
+        {
+            flag(i).store(value, Ordering::Relaxed);
+            found = true;
         }
         found
     }
@@ -678,7 +684,7 @@ pub fn instance_bytes(
 ) -> usize {
     let (_, weights) = kernels::weight_offsets(plan, precision);
     let (_, biases) = kernels::bias_offsets(plan);
-    let widest = kernels::widest(plan);
+    let widest = plan.widest();
     let io = largest * (plan.input_width + plan.output_width()) * 4;
     let act = 2 * largest * widest * precision.storage_bytes();
     let workspace = if cublaslt { WORKSPACE_BYTES } else { 0 };
@@ -761,7 +767,7 @@ fn build_instance(
 
     let largest = *buckets.last().expect("not empty");
     let (iw, ow) = (plan.input_width, plan.output_width());
-    let widest = kernels::widest(plan);
+    let widest = plan.widest();
     let elem = precision.storage_bytes();
     let alloc = |bytes| DeviceBuffer::new(bytes).map_err(oom_or(bytes));
     let (w_off, w_len) = kernels::weight_offsets(plan, precision);

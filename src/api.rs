@@ -1,11 +1,11 @@
-//! The spec's JSON types, as the CLI and (later) the HTTP API print them.
+//! The spec's JSON types, as the CLI and the HTTP API (see [`crate::http`]) read and print them.
 #![forbid(unsafe_code)]
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The spec's `InferenceResponse`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceResponse {
     /// The request's id.
     pub request_id: String,
@@ -20,7 +20,7 @@ pub struct InferenceResponse {
 }
 
 /// The spec's `Prediction`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
     /// The value.
     pub value: f32,
@@ -33,7 +33,7 @@ pub struct Prediction {
 }
 
 /// The spec's `ModelInferenceMetadata`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInferenceMetadata {
     /// Model name.
     pub model_name: String,
@@ -53,7 +53,7 @@ pub struct ModelInferenceMetadata {
 
 /// The spec's `InferenceMetrics`. A figure that was not measured is absent (`null`), never
 /// made up.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceMetrics {
     /// Server time from accepting the frame to its batch starting (validation and queueing).
     pub preprocessing_time_ms: Option<f32>,
@@ -72,7 +72,7 @@ pub struct InferenceMetrics {
 }
 
 /// The spec's `InferenceError` kinds, plus the data plane's own.
-#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
 #[serde(tag = "kind")]
 pub enum InferenceError {
     /// Unknown model.
@@ -137,4 +137,222 @@ pub enum InferenceError {
         /// Details.
         message: String,
     },
+    /// The model is loading, or failed its last health check.
+    #[error("Model not ready: {model_name}: {reason}")]
+    NotReady {
+        /// The model (empty while the server is still loading).
+        model_name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP request is malformed (bad JSON, a wrong type, a missing field, a bad value).
+    #[error("Invalid request: {message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+    },
+    /// The request is too large.
+    #[error("Payload too large: {message}")]
+    PayloadTooLarge {
+        /// The limit.
+        message: String,
+    },
+    /// The operation is disabled on this server.
+    #[error("Forbidden: {message}")]
+    Forbidden {
+        /// Why.
+        message: String,
+    },
+}
+
+impl InferenceError {
+    /// The kind's name (the `kind` field of its JSON).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ModelNotFound { .. } => "ModelNotFound",
+            Self::InvalidInputShape { .. } => "InvalidInputShape",
+            Self::ExecutionFailed { .. } => "ExecutionFailed",
+            Self::OutOfMemory { .. } => "OutOfMemory",
+            Self::BatchProcessingError { .. } => "BatchProcessingError",
+            Self::TensorRTError { .. } => "TensorRTError",
+            Self::Timeout { .. } => "Timeout",
+            Self::QueueFull { .. } => "QueueFull",
+            Self::Rejected { .. } => "Rejected",
+            Self::Disconnected { .. } => "Disconnected",
+            Self::NotReady { .. } => "NotReady",
+            Self::InvalidRequest { .. } => "InvalidRequest",
+            Self::PayloadTooLarge { .. } => "PayloadTooLarge",
+            Self::Forbidden { .. } => "Forbidden",
+        }
+    }
+
+    /// The HTTP status the control plane answers it with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::InvalidInputShape { .. }
+            | Self::Rejected { .. }
+            | Self::InvalidRequest { .. } => 400,
+            Self::Forbidden { .. } => 403,
+            Self::ModelNotFound { .. } => 404,
+            Self::PayloadTooLarge { .. } => 413,
+            Self::QueueFull { .. } => 429,
+            Self::NotReady { .. } | Self::Disconnected { .. } => 503,
+            Self::Timeout { .. } => 504,
+            Self::ExecutionFailed { .. }
+            | Self::OutOfMemory { .. }
+            | Self::BatchProcessingError { .. }
+            | Self::TensorRTError { .. } => 500,
+        }
+    }
+}
+
+/// The spec's `RequestPriority`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum RequestPriority {
+    /// Batched last.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Before Normal.
+    High,
+    /// First; never waits for a batch to fill.
+    Critical,
+}
+
+/// The spec's `StrategyContext` (routing by strategy comes with the router; a request that
+/// carries one is refused until then rather than silently served by the named model).
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StrategyContext {
+    /// The strategy.
+    pub strategy_name: String,
+    /// A model among the strategy's targets.
+    pub model_routing_hint: Option<String>,
+    /// Per-feature weights.
+    pub feature_weights: Option<std::collections::HashMap<String, f32>>,
+    /// An ensemble to run.
+    #[schema(value_type = Option<Object>)]
+    pub ensemble_config: Option<serde_json::Value>,
+}
+
+/// The spec's `InferenceRequest`: `batch_size` rows of features, row-major.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InferenceRequest {
+    /// Echoed in the response.
+    pub request_id: String,
+    /// The model.
+    pub model_name: String,
+    /// A version number; `None`: the model's default version.
+    pub model_version: Option<String>,
+    /// `batch_size × features` values, row-major, in the layout's order.
+    pub input_features: Vec<f32>,
+    /// The layout's feature names, to check the order; empty: not checked.
+    #[serde(default)]
+    pub feature_names: Vec<String>,
+    /// Rows.
+    pub batch_size: usize,
+    /// Priority in the batcher.
+    #[serde(default)]
+    pub priority: RequestPriority,
+    /// The answer is useless after this long: the server answers `Timeout` (504) instead of
+    /// executing it late. `None`: no deadline (the wait is bounded by the server's 1 s).
+    pub timeout_ms: Option<u64>,
+    /// Routing by strategy (not available yet: refused).
+    pub strategy_context: Option<StrategyContext>,
+}
+
+/// The spec's `TensorSpec`, for what a loaded model reads and writes.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TensorSpec {
+    /// The graph's tensor name.
+    pub name: String,
+    /// `Float32`.
+    pub data_type: String,
+    /// `[-1, width]`: any batch size.
+    pub shape: Vec<i32>,
+    /// Whether the batch dimension is dynamic (always).
+    pub is_dynamic: bool,
+    /// `[1, width]`.
+    pub min_shape: Option<Vec<i32>>,
+    /// `[largest batch, width]`.
+    pub max_shape: Option<Vec<i32>>,
+}
+
+/// The spec's `ModelPerformanceProfile`, measured at load (batch 1 percentiles, best
+/// throughput over the batch sizes profiled). A figure not measured is absent.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelPerformanceProfile {
+    /// Not measured by the profiler (it keeps percentiles): absent.
+    pub avg_inference_time_ms: Option<f32>,
+    /// Batch 1, median.
+    pub p50_inference_time_ms: Option<f32>,
+    /// Batch 1, 95th percentile.
+    pub p95_inference_time_ms: Option<f32>,
+    /// Batch 1, 99th percentile.
+    pub p99_inference_time_ms: Option<f32>,
+    /// Largest batch the batcher forms.
+    pub max_batch_size: u32,
+    /// Smallest batch within 5% of the best throughput.
+    pub optimal_batch_size: Option<u32>,
+    /// Device memory the model holds; absent on the CPU.
+    pub memory_usage_mb: Option<f32>,
+    /// NVML utilisation of its GPUs at the last monitor tick; absent on the CPU or without
+    /// NVML.
+    pub gpu_utilization: Option<f32>,
+    /// Best rows per second over the batch sizes profiled.
+    pub throughput_samples_per_sec: Option<f32>,
+}
+
+/// One loaded model, as `GET /api/v1/internal/inference/models/loaded` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LoadedModelInfo {
+    /// `name:version`.
+    pub model_key: String,
+    /// Name.
+    pub model_name: String,
+    /// Version.
+    pub version: String,
+    /// Whether requests that name no version get this one.
+    pub is_default: bool,
+    /// `mlp` or `onnx-graph`.
+    pub architecture: String,
+    /// `cpu` or `cuda:N[,cuda:M]`.
+    pub inference_device: String,
+    /// Backend engine (`cpu-mlp`, `cpu-tract`, `cuda`).
+    pub engine: String,
+    /// The input.
+    pub input_specs: Vec<TensorSpec>,
+    /// The output.
+    pub output_specs: Vec<TensorSpec>,
+    /// The feature layout clients write.
+    pub layout: String,
+    /// Its hash (hex), as clients check it.
+    pub layout_hash: String,
+    /// Its feature names, in order.
+    pub feature_names: Vec<String>,
+    /// Measured at load.
+    pub performance_profile: ModelPerformanceProfile,
+    /// When it finished loading.
+    pub load_timestamp: DateTime<Utc>,
+    /// When it last accepted a request (absent: never).
+    pub last_used: Option<DateTime<Utc>>,
+    /// Requests accepted.
+    pub usage_count: u64,
+    /// Whether it passed its last health check.
+    pub ready: bool,
+    /// Why not, when not ready.
+    pub not_ready_reason: Option<String>,
+    /// Health checks run and failed.
+    pub health_checks: u64,
+    /// Of which failed.
+    pub health_check_failures: u64,
+}
+
+/// An error answer of the control plane.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error, tagged by `kind`.
+    pub error: InferenceError,
+    /// Its message.
+    pub message: String,
 }

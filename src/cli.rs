@@ -1,4 +1,5 @@
-//! The `tie` command line: `tie serve`, `tie predict`, `tie devices` and `tie doctor`.
+//! The `tie` command line: `tie serve`, `tie predict`, `tie report`, `tie devices` and
+//! `tie doctor`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -40,6 +41,22 @@ pub enum Command {
     /// Check this host against the deployment guide (deploy/README.md): what is fine, what is
     /// not, and the fix.
     Doctor(DoctorArgs),
+    /// Print percentile tables and distributions from HdrHistogram interval logs (`.hlog`).
+    Report(ReportArgs),
+}
+
+/// `tie report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// `.hlog` files (the server's `[monitoring] hlog_dir`, or any HdrHistogram interval log).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Values in the logs are in this unit per microsecond (1000 for nanoseconds).
+    #[arg(long, default_value_t = 1000.0)]
+    pub units_per_us: f64,
+    /// Print only the percentile table, not the distribution.
+    #[arg(long)]
+    pub summary: bool,
 }
 
 /// `tie doctor`.
@@ -73,7 +90,7 @@ pub struct ServeArgs {
     /// Endpoint name (overrides `server.endpoint`).
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// HTTP control-plane address (overrides `server.http_addr`; the HTTP API is not served yet).
+    /// HTTP control-plane address (overrides `server.http_addr`; port 0 picks a free one, logged).
     #[arg(long)]
     pub http_addr: Option<std::net::SocketAddr>,
     /// Socket directory (overrides `server.socket_dir`).
@@ -114,6 +131,25 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Predict(args) => predict(args),
         Command::Devices(args) => devices(args),
         Command::Doctor(args) => doctor(args),
+        Command::Report(args) => {
+            let mut out = String::new();
+            for file in &args.files {
+                let text = std::fs::read(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let log = crate::report::read_hlog(&text).with_context(|| {
+                    format!("{} is not an HdrHistogram interval log", file.display())
+                })?;
+                crate::report::write_report(
+                    &mut out,
+                    &file.display().to_string(),
+                    &log,
+                    args.units_per_us,
+                    !args.summary,
+                );
+            }
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -233,15 +269,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })?;
         tracing::info!("all memory locked (mlockall)");
     }
+    // The control plane first: /health/live answers while the models load.
+    let http = crate::http::HttpServer::start(&config).with_context(|| {
+        format!(
+            "cannot serve the HTTP control plane on {} (set server.http_addr or --http-addr)",
+            config.http_addr()
+        )
+    })?;
     let options = LoadOptions::from_config(&config);
     options.gpus.log();
     warn_far_pollers(&config, &options.gpus);
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
+    http.serve(server.models().clone(), server.monitor().clone());
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!("shutting down");
+    // No new HTTP request, and its sessions close, before the data plane stops.
+    http.shutdown();
     server.shutdown();
     Ok(ExitCode::SUCCESS)
 }

@@ -58,6 +58,31 @@ pub struct ServiceConfig {
     pub performance_thresholds: PerformanceThresholdsSection,
     /// The spec's `[gpu_config]`.
     pub gpu_config: GpuConfigSection,
+    /// tie's `[monitoring]`: monitor interval, interval logs, alert webhook.
+    pub monitoring: MonitoringSection,
+}
+
+/// `[monitoring]`: the performance monitor's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringSection {
+    /// Milliseconds between two monitor ticks: rates, the latency EMA and alerts are
+    /// evaluated, and an interval is written to the `.hlog` files.
+    pub interval_ms: u64,
+    /// Directory for HdrHistogram interval logs (`<name>.v<version>.hlog`); unset: none.
+    pub hlog_dir: Option<PathBuf>,
+    /// URL (`http://`) that alert transitions are POSTed to as JSON; unset: none.
+    pub alert_webhook: Option<String>,
+}
+
+impl Default for MonitoringSection {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1000,
+            hlog_dir: None,
+            alert_webhook: None,
+        }
+    }
 }
 
 /// How an idle poller waits for work.
@@ -115,6 +140,9 @@ pub struct ServerSection {
     /// Lock all of the server's memory, present and future (`mlockall`), so no page of a ring,
     /// a staging buffer or the code is ever paged out; start-up fails if it cannot.
     pub lock_memory: bool,
+    /// Allow faults to be injected into models through the HTTP API (drills and tests; never
+    /// on a production server).
+    pub fault_injection: bool,
 }
 
 impl Default for ServerSection {
@@ -133,6 +161,7 @@ impl Default for ServerSection {
             allowed_gid: None,
             log_format: LogFormat::Text,
             lock_memory: false,
+            fault_injection: false,
         }
     }
 }
@@ -375,6 +404,38 @@ impl ServiceConfig {
                     why: "no such core on this host",
                 });
             }
+        }
+        if self.monitoring.interval_ms < 10 {
+            return Err(ConfigLoadError::Invalid {
+                key: "monitoring.interval_ms",
+                value: self.monitoring.interval_ms.to_string(),
+                why: "must be at least 10",
+            });
+        }
+        if let Some(url) = &self.monitoring.alert_webhook {
+            if !url.starts_with("http://") {
+                return Err(ConfigLoadError::Invalid {
+                    key: "monitoring.alert_webhook",
+                    value: url.clone(),
+                    why: "must be an http:// URL (this build has no TLS)",
+                });
+            }
+        }
+        if self.model_deployment.health_check_interval_sec == 0 {
+            return Err(ConfigLoadError::Invalid {
+                key: "model_deployment.health_check_interval_sec",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        if self.tensorrt_inference_engine.max_concurrent_requests == 0
+            || self.tensorrt_inference_engine.worker_threads == 0
+        {
+            return Err(ConfigLoadError::Invalid {
+                key: "tensorrt_inference_engine.max_concurrent_requests",
+                value: "0".into(),
+                why: "max_concurrent_requests and worker_threads must be at least 1",
+            });
         }
         let f = self.model_deployment.memory_fraction_per_model;
         if !(f > 0.0 && f <= 1.0) {

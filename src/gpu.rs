@@ -102,6 +102,8 @@ pub struct GpuFigures {
     pub index: u32,
     /// Product name.
     pub name: Option<String>,
+    /// PCI bus id (`domain:bus:device.function`).
+    pub pci_bus_id: Option<String>,
     /// Percent of the last sample period a kernel ran.
     pub utilization_pct: Option<u32>,
     /// Device memory in use (all processes).
@@ -145,6 +147,7 @@ pub fn figures() -> Result<Vec<GpuFigures>, String> {
                     GpuFigures {
                         index,
                         name: d.name().ok(),
+                        pci_bus_id: d.pci_info().ok().map(|p| p.bus_id),
                         utilization_pct: d.utilization_rates().ok().map(|u| u.gpu),
                         memory_used_mb: memory.as_ref().map(|m| m.used >> 20),
                         memory_total_mb: memory.as_ref().map(|m| m.total >> 20),

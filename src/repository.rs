@@ -165,6 +165,12 @@ pub struct LoadedModel {
     pub backend: Arc<dyn Backend>,
     /// The file it came from.
     pub path: PathBuf,
+    /// Its readiness and canary (see [`crate::health`]).
+    pub health: Arc<crate::health::ModelHealth>,
+    /// The switch of its injected fault, when `server.fault_injection` is on.
+    pub fault: Option<Arc<crate::health::FaultSwitch>>,
+    /// When it finished loading.
+    pub loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -207,6 +213,8 @@ pub struct LoadOptions {
     pub profile_iterations: u32,
     /// The GPUs models may run on.
     pub gpus: Gpus,
+    /// Put a [`crate::health::FaultSwitch`] in front of every backend.
+    pub fault_injection: bool,
 }
 
 impl LoadOptions {
@@ -223,6 +231,7 @@ impl LoadOptions {
             batching: config.batch_processing.clone(),
             warmup_requests: config.model_deployment.warmup_requests,
             profile_iterations: config.model_deployment.profile_iterations,
+            fault_injection: config.server.fault_injection,
         }
     }
 }
@@ -412,6 +421,13 @@ fn load_model(
             source: BackendLoadError::Tract(format!("warmup failed: {e}")),
         }
     })?;
+    let canary = crate::health::Canary::record(backend.as_ref()).map_err(|e| {
+        RepositoryLoadError::Backend {
+            model: name.into(),
+            version,
+            source: BackendLoadError::Tract(format!("canary inference failed: {e}")),
+        }
+    })?;
     let profile = match options.profile_iterations {
         0 => None,
         n => Some(
@@ -438,6 +454,12 @@ fn load_model(
         load_ms = started.elapsed().as_secs_f64() * 1e3,
         "model loaded"
     );
+    let (backend, fault) = if options.fault_injection {
+        let (b, switch) = crate::health::Faulty::wrap(backend);
+        (b, Some(switch))
+    } else {
+        (backend, None)
+    };
     Ok(LoadedModel {
         name: name.into(),
         version,
@@ -448,6 +470,9 @@ fn load_model(
         profile,
         backend,
         path: file.into(),
+        health: Arc::new(crate::health::ModelHealth::new(canary)),
+        fault,
+        loaded_at: chrono::Utc::now(),
     })
 }
 

@@ -222,16 +222,6 @@ fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
             RejectReason::BadPriority as u32,
             9,
         ),
-        (
-            Box::new(move |c| RequestHeader {
-                flags: 1,
-                ..header(c, 106)
-            }),
-            f.inputs[0].clone(),
-            Status::REJECTED,
-            RejectReason::BadReserved as u32,
-            0,
-        ),
     ];
     for (make, features, status, a, b) in &cases {
         let h = make(&client);

@@ -83,7 +83,7 @@ typedef struct TieResponse {
   uint64_t queue_ns;
   // Server-side compute time of the batch.
   uint64_t compute_ns;
-  // Submit to response read, for `tie_predict`; 0 from `tie_poll`.
+  // Submit to response read, measured by the client; 0 for `DISCONNECTED`.
   uint64_t round_trip_ns;
   // The outputs (the first `output_count` are set).
   float outputs[TIE_MAX_OUTPUTS];

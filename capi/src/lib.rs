@@ -99,7 +99,7 @@ pub struct TieResponse {
     pub queue_ns: u64,
     /// Server-side compute time of the batch.
     pub compute_ns: u64,
-    /// Submit to response read, for `tie_predict`; 0 from `tie_poll`.
+    /// Submit to response read, measured by the client; 0 for `DISCONNECTED`.
     pub round_trip_ns: u64,
     /// The outputs (the first `output_count` are set).
     pub outputs: [f32; TIE_MAX_OUTPUTS],
@@ -121,7 +121,7 @@ fn fail(code: TieResult, message: impl std::fmt::Display) -> TieResult {
     code
 }
 
-fn from_response(r: &Response, round_trip_ns: u64) -> TieResponse {
+fn from_response(r: &Response) -> TieResponse {
     let mut outputs = [0.0f32; TIE_MAX_OUTPUTS];
     let values = r.outputs();
     outputs[..values.len()].copy_from_slice(values);
@@ -135,7 +135,7 @@ fn from_response(r: &Response, round_trip_ns: u64) -> TieResponse {
         detail_b: r.detail_b,
         queue_ns: r.queue_ns,
         compute_ns: r.compute_ns,
-        round_trip_ns,
+        round_trip_ns: r.round_trip_ns,
         outputs,
     }
 }
@@ -392,7 +392,7 @@ pub unsafe extern "C" fn tie_poll(client: *mut TieClient, out: *mut TieResponse)
     match c.poll() {
         Some(r) => {
             // SAFETY: valid per the contract.
-            unsafe { *out = from_response(&r, 0) };
+            unsafe { *out = from_response(&r) };
             1
         }
         None => 0,
@@ -425,7 +425,7 @@ pub unsafe extern "C" fn tie_predict(
     match c.predict(features) {
         Ok(p) => {
             // SAFETY: valid per the contract.
-            unsafe { *out = from_response(&p.response, p.round_trip_ns) };
+            unsafe { *out = from_response(&p.response) };
             TieResult::TieOk
         }
         Err(e) => {
@@ -483,6 +483,7 @@ pub extern "C" fn tie_status_name(status: u32) -> *const c_char {
         Status::TIMEOUT => c"TIMEOUT",
         Status::QUEUE_FULL => c"QUEUE_FULL",
         Status::REJECTED => c"REJECTED",
+        Status::NOT_READY => c"NOT_READY",
         Status::DISCONNECTED => c"DISCONNECTED",
         _ => c"UNKNOWN",
     };

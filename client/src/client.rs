@@ -94,6 +94,9 @@ pub struct Response {
     pub queue_ns: u64,
     /// Server-side compute time of the batch.
     pub compute_ns: u64,
+    /// From submit to this response being read, measured by the client (CLOCK_MONOTONIC);
+    /// 0 for a response made by the client ([`Status::DISCONNECTED`]).
+    pub round_trip_ns: u64,
     output_count: u32,
     outputs: [f32; MAX_OUTPUTS],
 }
@@ -123,6 +126,7 @@ impl Response {
             detail_b: 0,
             queue_ns: 0,
             compute_ns: 0,
+            round_trip_ns: 0,
             output_count: 0,
             outputs: [0.0; MAX_OUTPUTS],
         }
@@ -143,6 +147,7 @@ impl Response {
             detail_b: frame.detail_b,
             queue_ns: u64::from(frame.queue_ns),
             compute_ns: u64::from(frame.compute_ns),
+            round_trip_ns: 0,
             output_count,
             outputs: frame.outputs,
         }
@@ -169,6 +174,8 @@ impl Prediction {
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     id: RequestId,
+    /// CLOCK_MONOTONIC ns at submit.
+    sent_ns: u64,
     /// Given up by a `predict` that timed out: its answer is dropped, not returned by `poll`.
     abandoned: bool,
 }
@@ -207,8 +214,8 @@ pub struct Client {
     timeout: Duration,
     /// The server is gone or closed the session.
     disconnected: bool,
-    /// Send time of the last submitted request (CLOCK_MONOTONIC ns).
-    last_send_ns: u64,
+    /// Round trip of the latest response read and not yet reported in a frame (ns, 0: none).
+    unreported_round_trip_ns: u32,
     /// Submits refused because the rings were full.
     queue_full_count: u64,
     /// Empty polls with requests in flight since the last liveness check.
@@ -289,7 +296,7 @@ impl Client {
             timeout: options.timeout,
             disconnected: false,
             empty_polls: 0,
-            last_send_ns: 0,
+            unreported_round_trip_ns: 0,
             queue_full_count: 0,
             last_liveness_check: Instant::now(),
         })
@@ -364,6 +371,7 @@ impl Client {
         self.next_seq += 1;
         self.pending.push_back(Pending {
             id: request_id,
+            sent_ns: monotonic_ns(),
             abandoned: false,
         });
         Ok(())
@@ -415,7 +423,6 @@ impl Client {
         }
         let request_id = self.next_request_id;
         let now_ns = monotonic_ns();
-        self.last_send_ns = now_ns;
         let header = RequestHeader {
             seq: self.next_seq,
             request_id,
@@ -424,7 +431,7 @@ impl Client {
             model_slot: 0,
             priority: priority as u32,
             feature_count: self.feature_count,
-            flags: 0,
+            reported_round_trip_ns: self.unreported_round_trip_ns,
         };
         self.frame[..REQUEST_HEADER_WORDS]
             .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
@@ -442,8 +449,10 @@ impl Client {
         self.rings.publish();
         self.next_seq += 1;
         self.next_request_id += 1;
+        self.unreported_round_trip_ns = 0;
         self.pending.push_back(Pending {
             id: request_id,
+            sent_ns: now_ns,
             abandoned: false,
         });
         Ok(request_id)
@@ -474,6 +483,12 @@ impl Client {
             match position {
                 Some(i) => {
                     let pending = self.pending.remove(i).expect("index from position");
+                    let mut response = response;
+                    if response.status != Status::DISCONNECTED {
+                        response.round_trip_ns = monotonic_ns().saturating_sub(pending.sent_ns);
+                        self.unreported_round_trip_ns =
+                            response.round_trip_ns.clamp(1, u64::from(u32::MAX)) as u32;
+                    }
                     if !pending.abandoned {
                         return Some(response);
                     }
@@ -562,7 +577,6 @@ impl Client {
             });
         }
         let id = self.submit(features, Priority::Normal, None)?;
-        let sent_ns = self.last_send_ns;
         let started = Instant::now();
         let mut spins = 0u32;
         loop {
@@ -575,8 +589,8 @@ impl Client {
                     return Err(PredictError::Server(error));
                 }
                 return Ok(Prediction {
+                    round_trip_ns: response.round_trip_ns,
                     response,
-                    round_trip_ns: monotonic_ns().saturating_sub(sent_ns),
                 });
             }
             spins = spins.wrapping_add(1);

@@ -152,6 +152,7 @@ impl std::fmt::Display for ServerError {
             Status::BACKEND_ERROR => write!(f, "backend error"),
             Status::TIMEOUT => write!(f, "deadline passed before execution ({a} ns late)"),
             Status::QUEUE_FULL => write!(f, "server queue full (limit {a})"),
+            Status::NOT_READY => write!(f, "model not ready: it failed its last health check"),
             Status::REJECTED => match RejectReason::from_code(a) {
                 Some(RejectReason::NonFinite) => {
                     write!(f, "rejected: feature {b} is not finite")

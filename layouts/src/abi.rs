@@ -19,7 +19,7 @@ use core::mem::{offset_of, size_of};
 /// First word of every segment: `b"TIESEG\0\x01"` read as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"TIESEG\0\x01");
 /// Version of this ABI (segment, frames, handshake). Bumped on any incompatible change.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// Value of the ready word once the server has initialised the whole segment.
 pub const READY: u64 = u64::from_le_bytes(*b"READY\0\0\0");
 /// First word of every slot of a new segment: no frame carries it (a request's first word is
@@ -141,8 +141,10 @@ pub struct RequestHeader {
     pub priority: u32,
     /// Features that follow the header; must equal the layout's count.
     pub feature_count: u32,
-    /// Zero.
-    pub flags: u32,
+    /// The round trip (ns, saturated) the client measured for the latest response it read
+    /// since its previous frame; 0 for none. The server records it as the session's
+    /// end-to-end latency, so that figure needs no traffic of its own.
+    pub reported_round_trip_ns: u32,
 }
 
 const _: () = {
@@ -154,7 +156,7 @@ const _: () = {
     assert!(offset_of!(RequestHeader, model_slot) == 32);
     assert!(offset_of!(RequestHeader, priority) == 36);
     assert!(offset_of!(RequestHeader, feature_count) == 40);
-    assert!(offset_of!(RequestHeader, flags) == 44);
+    assert!(offset_of!(RequestHeader, reported_round_trip_ns) == 44);
 };
 
 /// A response frame: one per accepted request.
@@ -255,6 +257,7 @@ pub const fn request_words(feature_count: u32) -> usize {
 /// | 7 | Timeout | ns late (saturated) | |
 /// | 8 | QueueFull | queue limit | |
 /// | 9 | Rejected | a [`RejectReason`] | reason detail |
+/// | 10 | NotReady (the model failed its health check) | | |
 /// | 100 | Disconnected (made by the client, never sent) | | |
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -281,6 +284,8 @@ impl Status {
     pub const QUEUE_FULL: Status = Status(8);
     /// The frame was malformed; see [`RejectReason`].
     pub const REJECTED: Status = Status(9);
+    /// The model failed its last health check and serves no request until it passes again.
+    pub const NOT_READY: Status = Status(10);
     /// The server went away before answering (made by the client for its pending requests).
     pub const DISCONNECTED: Status = Status(100);
 
@@ -302,6 +307,7 @@ impl Status {
             7 => "Timeout",
             8 => "QueueFull",
             9 => "Rejected",
+            10 => "NotReady",
             100 => "Disconnected",
             _ => return None,
         })
@@ -318,7 +324,7 @@ pub enum RejectReason {
     BadSequence = 2,
     /// The priority is not 0..=3; `detail_b` is the value given.
     BadPriority = 3,
-    /// Flags are not zero.
+    /// A reserved field is not zero (ABI version 1's `flags`; not sent since version 2).
     BadReserved = 4,
 }
 

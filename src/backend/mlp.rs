@@ -274,6 +274,7 @@ impl MlpBackend {
                 device: "cpu".into(),
                 engine: "cpu-mlp",
                 device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
             },
             plan,
             scratch: Mutex::new(Scratch {

@@ -45,6 +45,8 @@ pub struct BackendInfo {
     pub engine: &'static str,
     /// Device memory the model holds (all its GPU instances); `None` on the CPU.
     pub device_memory_bytes: Option<u64>,
+    /// PCI bus ids of the GPUs it runs on (empty on the CPU), to match NVML's figures.
+    pub pci_bus_ids: Vec<String>,
 }
 
 /// Arithmetic of a model on the GPU (the CPU backends compute in f32 whatever is asked).

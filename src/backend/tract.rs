@@ -64,6 +64,7 @@ impl TractBackend {
                 device: "cpu".into(),
                 engine: "cpu-tract",
                 device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
             },
             state: Mutex::new(state),
         })

@@ -7,8 +7,10 @@
 //!   frames, batch them per model, run the backend and write responses. Every accepted frame
 //!   gets exactly one response, in order per session.
 //!
-//! [`Server::start`] starts both; [`Server::shutdown`] stops them gracefully: frames already in
-//! the rings are answered, sessions are marked closing, then the sockets close.
+//! [`Server::start`] starts both, with the performance monitor's thread ([`crate::monitor`])
+//! and the health monitor's ([`crate::health`]); [`Server::shutdown`] stops them gracefully:
+//! frames already in the rings are answered, sessions are marked closing, then the sockets
+//! close.
 
 mod listener;
 mod worker;
@@ -19,6 +21,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use crate::config::ServiceConfig;
+use crate::monitor::{ModelEntry, Monitor};
 use crate::repository::LoadedModel;
 
 pub use worker::{confidence, IdlePolicy, SharedStats, WorkerStats};
@@ -67,6 +70,10 @@ pub struct Server {
     models: Arc<[LoadedModel]>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
+    monitor: Arc<Monitor>,
+    /// Stops the monitor and health threads.
+    background_stopping: Arc<AtomicBool>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -86,6 +93,18 @@ impl Server {
         )?;
         let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
         let all_models = models.clone();
+        let monitor = Arc::new(Monitor::new(
+            models
+                .iter()
+                .map(|m| ModelEntry {
+                    key: m.key(),
+                    device_memory_bytes: m.backend.info().device_memory_bytes,
+                    pci_bus_ids: m.backend.info().pci_bus_ids.clone(),
+                })
+                .collect(),
+            config.performance_thresholds.clone(),
+            config.monitoring.clone(),
+        ));
         let stopping = Arc::new(AtomicBool::new(false));
 
         let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
@@ -115,6 +134,7 @@ impl Server {
                 stopping: stopping.clone(),
                 idle,
                 shared,
+                monitor: monitor.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("tie-poller-{i}"))
@@ -136,6 +156,25 @@ impl Server {
             .name("tie-listener".into())
             .spawn(move || listener::listener_task(ctx))
             .map_err(ServerStartError::Thread)?;
+        let background_stopping = Arc::new(AtomicBool::new(false));
+        let mut background = Vec::new();
+        let (m, stop) = (monitor.clone(), background_stopping.clone());
+        background.push(
+            std::thread::Builder::new()
+                .name("tie-monitor".into())
+                .spawn(move || crate::monitor::monitor_task(m, stop))
+                .map_err(ServerStartError::Thread)?,
+        );
+        let (m, stop) = (all_models.clone(), background_stopping.clone());
+        let every = std::time::Duration::from_secs(u64::from(
+            config.model_deployment.health_check_interval_sec,
+        ));
+        background.push(
+            std::thread::Builder::new()
+                .name("tie-health".into())
+                .spawn(move || crate::health::health_task(m, every, stop))
+                .map_err(ServerStartError::Thread)?,
+        );
         tracing::info!(socket = %socket_path.display(), pollers = workers.len(), "serving");
         Ok(Self {
             stopping,
@@ -145,7 +184,20 @@ impl Server {
             models: all_models,
             listener: Some(listener),
             socket_path,
+            monitor,
+            background_stopping,
+            background,
         })
+    }
+
+    /// The performance monitor.
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
+    }
+
+    /// The models served, in the order the monitor indexes them.
+    pub fn models(&self) -> &Arc<[LoadedModel]> {
+        &self.models
     }
 
     /// Counters of all pollers, summed (as of each poller's last busy round).
@@ -214,6 +266,10 @@ impl Server {
         }
         // The sessions' sockets close here, after every response was written.
         drop(sessions);
+        self.background_stopping.store(true, Ordering::SeqCst);
+        for b in self.background.drain(..) {
+            let _ = b.join();
+        }
         tracing::info!("server stopped");
     }
 }

@@ -26,6 +26,7 @@ use tie_layouts::ring::PushError;
 use super::SessionLink;
 use crate::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
 use crate::config::{IdleStrategy, ServerSection};
+use crate::monitor::{Monitor, Recorder, Stage};
 use crate::repository::LoadedModel;
 
 /// A session handed from the listener to a poller.
@@ -155,6 +156,7 @@ pub(super) struct WorkerContext {
     pub stopping: Arc<AtomicBool>,
     pub idle: IdlePolicy,
     pub shared: Arc<SharedStats>,
+    pub monitor: Arc<Monitor>,
 }
 
 struct WorkerSession {
@@ -198,10 +200,12 @@ struct ModelLane {
     output: Vec<f32>,
     /// Estimated compute time of a full batch (for deadlines): profiled, then measured.
     batch_compute_ns: u64,
+    /// This poller's figures of the model, for the performance monitor.
+    rec: Recorder,
 }
 
 impl ModelLane {
-    fn new(model: &LoadedModel) -> Self {
+    fn new(model: &LoadedModel, rec: Recorder) -> Self {
         let largest = model.batch.largest_batch();
         let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
         if let Some(p) = &model.profile {
@@ -216,6 +220,7 @@ impl ModelLane {
             input: vec![0.0; largest * model.input_width()],
             output: vec![0.0; largest * model.output_width()],
             batch_compute_ns,
+            rec,
         }
     }
 }
@@ -232,7 +237,12 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         }
     }
     let mut p = Poller {
-        lanes: ctx.models.iter().map(ModelLane::new).collect(),
+        lanes: ctx
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ModelLane::new(m, ctx.monitor.recorder(i)))
+            .collect(),
         models: ctx.models.clone(),
         sessions: Vec::new(),
         frame: Vec::new(),
@@ -265,10 +275,17 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
             ctx.shared.store(&p.stats);
             if round.is_multiple_of(256) {
                 ctx.shared.store_batch(&p.lanes);
+                p.flush_metrics(crate::monitor::FLUSH_NS);
             }
-        } else if idle_since.is_none() {
-            // Going idle: the batch counters are current for readers.
-            ctx.shared.store_batch(&p.lanes);
+        } else {
+            if idle_since.is_none() {
+                // Going idle: the batch counters are current for readers.
+                ctx.shared.store_batch(&p.lanes);
+            }
+            // Idle: figures reach the monitor soon (one flag per model while nothing is new).
+            if p.lanes.iter().any(|l| l.rec.is_dirty()) {
+                p.flush_metrics(crate::monitor::IDLE_FLUSH_NS);
+            }
         }
         if accepted > 0 || answered > 0 {
             idle_since = None;
@@ -288,6 +305,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     for s in p.sessions.iter().flatten() {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
     }
+    p.flush_metrics(0);
     p.stats
 }
 
@@ -321,6 +339,14 @@ struct Poller {
 }
 
 impl Poller {
+    /// Hands each model's figures to the monitor (see [`Recorder::flush`]).
+    fn flush_metrics(&mut self, min_age_ns: u64) {
+        let now = monotonic_ns();
+        for lane in &mut self.lanes {
+            lane.rec.flush(now, min_age_ns);
+        }
+    }
+
     fn adopt(&mut self, new: NewSession) {
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
@@ -404,6 +430,7 @@ impl Poller {
         };
         let lane = &mut self.lanes[s.model];
         let allow_non_finite = self.models[s.model].layout.allow_non_finite;
+        let ready = self.models[s.model].health.is_ready();
         let mut taken = 0;
         let mut now = 0;
         let frame = &mut self.frame[..s.slot_words];
@@ -420,8 +447,19 @@ impl Poller {
             if now == 0 {
                 now = monotonic_ns();
             }
-            let (request, features) = validate(s, frame, slot, now, allow_non_finite);
+            let (mut request, features, reported_ns) =
+                validate(s, frame, slot, now, allow_non_finite);
+            let sample = lane.rec.sample();
+            sample.requests += 1;
+            if reported_ns > 0 {
+                sample.record(Stage::EndToEnd, u64::from(reported_ns));
+            }
             match features {
+                // A model that failed its health check executes nothing until it passes.
+                Some(_) if !ready => {
+                    request.item.status = Status::NOT_READY;
+                    lane.queue.push_resolved(request);
+                }
                 Some(features) => {
                     if let Err(full) = lane.queue.push(request, features) {
                         let mut request = request;
@@ -486,11 +524,13 @@ impl Poller {
         let taken = &mut self.taken;
         let mut rows = 0;
         let mut gathered = false;
+        let mut gathered_ns = 0;
         // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
         let result = model.backend.run_gathered(
             &mut |staging| {
                 gathered = true;
                 let (r, padded) = queue.take(started_ns, staging, taken);
+                gathered_ns = monotonic_ns();
                 rows = r;
                 if r == 0 {
                     0
@@ -507,9 +547,19 @@ impl Poller {
         }
         let mut compute_ns = 0;
         if rows > 0 {
-            compute_ns = monotonic_ns() - started_ns;
+            let done_ns = monotonic_ns();
+            compute_ns = done_ns - started_ns;
             self.stats.batches += 1;
             self.stats.rows += rows as u64;
+            let sample = lane.rec.sample();
+            sample.batches += 1;
+            sample.rows += rows as u64;
+            if gathered {
+                sample.record(Stage::Gather, gathered_ns.saturating_sub(started_ns));
+                if result.is_ok() {
+                    sample.record(Stage::Execute, done_ns.saturating_sub(gathered_ns));
+                }
+            }
             // The deadline estimate follows what batches really take (EMA, 1/8 weight).
             lane.batch_compute_ns =
                 lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
@@ -529,7 +579,13 @@ impl Poller {
     /// Writes a response for every request in `self.taken`, in order.
     fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64) -> usize {
         let model = &self.models[m];
-        let lane = &self.lanes[m];
+        let lane = &mut self.lanes[m];
+        let now_ns = if self.taken.is_empty() {
+            0
+        } else {
+            monotonic_ns()
+        };
+        let sample = lane.rec.sample();
         let ow = model.output_width();
         let response_words = abi::response_words(ow as u32);
         let mut written = 0;
@@ -547,6 +603,10 @@ impl Poller {
             };
             match t.outcome {
                 Outcome::Execute { row } => {
+                    let queue_ns = started_ns.saturating_sub(t.request.arrival_ns);
+                    sample.record(Stage::Queue, queue_ns);
+                    sample.record(Stage::Compute, compute_ns);
+                    sample.record(Stage::Total, now_ns.saturating_sub(t.request.arrival_ns));
                     let out = &lane.output[row * ow..(row + 1) * ow];
                     frame.output_count = ow as u32;
                     frame.outputs[..ow.min(MAX_OUTPUTS)]
@@ -560,6 +620,7 @@ impl Poller {
                 }
                 Outcome::Resolved => {}
             }
+            sample.respond(Status(frame.status));
             let Some(s) = self.sessions[item.session].as_mut() else {
                 continue;
             };
@@ -622,13 +683,14 @@ fn fault(s: &mut WorkerSession, reason: FaultReason) {
 
 /// Checks a frame: the request to queue, with its features when it is to be executed (else
 /// its item carries the error it is answered with).
+/// Also returns the round trip the client reported in the frame (0: none).
 fn validate<'f>(
     s: &mut WorkerSession,
     frame: &'f [u64],
     slot: usize,
     now: u64,
     allow_non_finite: bool,
-) -> (Request<Item>, Option<&'f [f32]>) {
+) -> (Request<Item>, Option<&'f [f32]>, u32) {
     let header: RequestHeader =
         bytemuck::pod_read_unaligned(bytemuck::cast_slice(&frame[..REQUEST_HEADER_WORDS]));
     let mut request = Request {
@@ -674,8 +736,6 @@ fn validate<'f>(
             RejectReason::BadPriority as u32,
             header.priority,
         );
-    } else if header.flags != 0 {
-        reject(Status::REJECTED, RejectReason::BadReserved as u32, 0);
     } else {
         let features: &[f32] = bytemuck::cast_slice(&frame[REQUEST_HEADER_WORDS..]);
         let features = &features[..s.feature_count];
@@ -683,10 +743,10 @@ fn validate<'f>(
             Some(i) if !allow_non_finite => {
                 reject(Status::REJECTED, RejectReason::NonFinite as u32, i as u32);
             }
-            _ => return (request, Some(features)),
+            _ => return (request, Some(features), header.reported_round_trip_ns),
         }
     }
-    (request, None)
+    (request, None, header.reported_round_trip_ns)
 }
 
 fn saturate_u32(ns: u64) -> u32 {

@@ -63,6 +63,8 @@ impl TestServer {
             .arg("--model-repository")
             .arg(repository)
             .args(["--endpoint", "test"])
+            // Tests run many servers at once: each takes a free port (logged).
+            .args(["--http-addr", "127.0.0.1:0"])
             .arg("--socket-dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -89,6 +91,21 @@ impl TestServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `http://127.0.0.1:PORT` of the control plane (from the server's log).
+    pub fn http(&self) -> String {
+        const MARK: &str = "HTTP control plane listening addr=";
+        let mut found = None;
+        let seen = eventually(Duration::from_secs(30), || {
+            found = self.log().lines().find_map(|l| {
+                let at = l.find(MARK)?;
+                Some(l[at + MARK.len()..].split_whitespace().next()?.to_string())
+            });
+            found.is_some()
+        });
+        assert!(seen, "no HTTP address in the log:\n{}", self.log());
+        format!("http://{}", found.unwrap())
     }
 
     pub fn pid(&self) -> i32 {

@@ -318,6 +318,10 @@ impl CudaBackend {
                 device: devices.join(","),
                 engine: "cuda",
                 device_memory_bytes: Some(bytes as u64 * instances.len() as u64),
+                pci_bus_ids: instances
+                    .iter()
+                    .filter_map(|i| i.device.pci_address().map(str::to_string))
+                    .collect(),
             },
             plan_shape: (plan.input_width, plan.output_width()),
             precision,

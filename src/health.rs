@@ -1,0 +1,325 @@
+//! The health monitor: every `health_check_interval_sec` each model runs a canary inference and
+//! compares it with the answer it gave at load, and its backend reports its own health. A model
+//! that fails is marked not ready: its requests are answered `NotReady` (status 10) and
+//! `/health/ready` says so, until a check passes again. Changes are logged.
+//!
+//! [`FaultSwitch`] makes a model's backend fail or corrupt its outputs on demand, for drills
+//! and tests; it is installed only when `server.fault_injection = true`.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{Backend, BackendError, BackendHealth, BackendInfo};
+
+/// A model's readiness, as the pollers and the control plane read it.
+#[derive(Debug)]
+pub struct ModelHealth {
+    ready: AtomicBool,
+    /// Why the model is not ready (empty while ready).
+    reason: Mutex<String>,
+    /// Checks run and failed.
+    checks: AtomicU64,
+    failures: AtomicU64,
+    canary: Canary,
+}
+
+/// A fixed input and the output the model gave for it when it was loaded.
+#[derive(Clone, Debug)]
+pub struct Canary {
+    /// One row of features.
+    pub input: Vec<f32>,
+    /// The model's output for it at load.
+    pub expected: Vec<f32>,
+}
+
+impl Canary {
+    /// Runs the canary input through `backend` and records its answer.
+    ///
+    /// # Errors
+    /// The backend's error.
+    pub fn record(backend: &dyn Backend) -> Result<Self, BackendError> {
+        let io = &backend.info().io;
+        // Fixed, non-zero, varied values in -1..1 (a zero input hides a wrong weight).
+        let input: Vec<f32> = (0..io.input_width)
+            .map(|i| ((i as f32 * 0.618_034 + 0.1).fract() * 2.0 - 1.0) * 0.9)
+            .collect();
+        let mut expected = vec![0.0; io.output_width];
+        backend.run_batch(&input, 1, &mut expected)?;
+        Ok(Self { input, expected })
+    }
+
+    /// Runs the canary again; `Err` says how the answer differs.
+    fn check(&self, backend: &dyn Backend) -> Result<(), String> {
+        let mut output = vec![0.0; self.expected.len()];
+        backend
+            .run_batch(&self.input, 1, &mut output)
+            .map_err(|e| format!("canary inference failed: {e}"))?;
+        for (i, (got, want)) in output.iter().zip(&self.expected).enumerate() {
+            // The same engine on the same input gives the same answer; the margin covers a
+            // GPU engine re-chosen with another summation order.
+            if !(got - want).abs().le(&(1e-3 * want.abs().max(1.0))) {
+                return Err(format!("canary output {i} is {got}, it was {want} at load"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelHealth {
+    /// A ready model with its canary.
+    pub fn new(canary: Canary) -> Self {
+        Self {
+            ready: AtomicBool::new(true),
+            reason: Mutex::new(String::new()),
+            checks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            canary,
+        }
+    }
+
+    /// Whether the model serves requests.
+    #[inline]
+    pub fn is_ready(&self) -> bool {
+        // Relaxed: a flag read once per session scan; a change is seen on a later scan.
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Why it is not ready (`None` while ready).
+    pub fn reason(&self) -> Option<String> {
+        let reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        (!self.is_ready()).then(|| reason.clone())
+    }
+
+    /// Checks run, and how many failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.checks.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The canary input and the output recorded at load.
+    pub fn canary(&self) -> &Canary {
+        &self.canary
+    }
+
+    /// Runs one check of `backend` and updates readiness; logs a change. Returns readiness.
+    pub fn check(&self, key: &str, backend: &dyn Backend) -> bool {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let verdict = match backend.health() {
+            BackendHealth::Unhealthy(why) => Err(format!("backend unhealthy: {why}")),
+            BackendHealth::Healthy => self.canary.check(backend),
+        };
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let was_ready = self.ready.load(Ordering::Relaxed);
+        match verdict {
+            Ok(()) => {
+                if !was_ready {
+                    tracing::info!(model = key, "health check passed: model ready again");
+                }
+                reason.clear();
+                self.ready.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(why) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if was_ready || *reason != why {
+                    tracing::error!(model = key, reason = %why, "health check failed: model not ready");
+                }
+                *reason = why;
+                self.ready.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+/// Runs the health checks of `models` every `interval` until `stop` is set.
+pub fn health_task(
+    models: Arc<[crate::repository::LoadedModel]>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let mut next = std::time::Instant::now() + interval;
+    while !stop.load(Ordering::Relaxed) {
+        // Short sleeps, so a stop is seen quickly.
+        std::thread::sleep(Duration::from_millis(20).min(interval));
+        if std::time::Instant::now() < next {
+            continue;
+        }
+        next += interval;
+        for m in models.iter() {
+            m.health.check(&m.key(), m.backend.as_ref());
+        }
+    }
+}
+
+/// What an injected fault does to a model's batches.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultMode {
+    /// No fault.
+    None,
+    /// Every batch fails (`ExecutionFailed`).
+    Fail,
+    /// Every batch succeeds with every output shifted by 1.0.
+    Corrupt,
+}
+
+/// The switch of a model's injected fault.
+#[derive(Debug, Default)]
+pub struct FaultSwitch(AtomicU8);
+
+impl FaultSwitch {
+    /// Sets the fault.
+    pub fn set(&self, mode: FaultMode) {
+        self.0.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// The fault in effect.
+    pub fn get(&self) -> FaultMode {
+        match self.0.load(Ordering::Relaxed) {
+            1 => FaultMode::Fail,
+            2 => FaultMode::Corrupt,
+            _ => FaultMode::None,
+        }
+    }
+}
+
+/// A backend with a [`FaultSwitch`] in front of it.
+pub struct Faulty {
+    inner: Arc<dyn Backend>,
+    switch: Arc<FaultSwitch>,
+}
+
+impl Faulty {
+    /// Wraps `inner`; returns the wrapper and its switch.
+    pub fn wrap(inner: Arc<dyn Backend>) -> (Arc<dyn Backend>, Arc<FaultSwitch>) {
+        let switch = Arc::new(FaultSwitch::default());
+        (
+            Arc::new(Self {
+                inner,
+                switch: switch.clone(),
+            }),
+            switch,
+        )
+    }
+
+    fn after(
+        &self,
+        result: Result<(), BackendError>,
+        output: &mut [f32],
+        values: usize,
+    ) -> Result<(), BackendError> {
+        result?;
+        match self.switch.get() {
+            FaultMode::None => Ok(()),
+            FaultMode::Fail => Err(BackendError::Execution("injected fault".into())),
+            FaultMode::Corrupt => {
+                for v in &mut output[..values] {
+                    *v += 1.0;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Backend for Faulty {
+    fn info(&self) -> &BackendInfo {
+        self.inner.info()
+    }
+
+    fn run_batch(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let result = self.inner.run_batch(input, rows, output);
+        self.after(result, output, rows * self.info().io.output_width)
+    }
+
+    fn run_gathered(
+        &self,
+        gather: &mut dyn FnMut(&mut [f32]) -> usize,
+        scratch: &mut [f32],
+        output: &mut [f32],
+    ) -> Result<usize, BackendError> {
+        let result = self.inner.run_gathered(gather, scratch, output);
+        let rows = *result.as_ref().unwrap_or(&0);
+        let width = self.info().io.output_width;
+        self.after(result.map(|_| ()), output, (rows * width).min(output.len()))
+            .map(|()| rows)
+    }
+
+    fn health(&self) -> BackendHealth {
+        self.inner.health()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Double(BackendInfo);
+
+    impl Backend for Double {
+        fn info(&self) -> &BackendInfo {
+            &self.0
+        }
+        fn run_batch(
+            &self,
+            input: &[f32],
+            rows: usize,
+            output: &mut [f32],
+        ) -> Result<(), BackendError> {
+            for r in 0..rows {
+                output[r] = input[r * self.0.io.input_width] * 2.0;
+            }
+            Ok(())
+        }
+    }
+
+    fn double() -> Arc<dyn Backend> {
+        Arc::new(Double(BackendInfo {
+            io: crate::backend::ModelIo {
+                input_name: "x".into(),
+                input_width: 3,
+                output_name: "y".into(),
+                output_width: 1,
+            },
+            architecture: "test".into(),
+            device: "cpu".into(),
+            engine: "test",
+            device_memory_bytes: None,
+            pci_bus_ids: Vec::new(),
+        }))
+    }
+
+    #[test]
+    fn a_canary_that_changes_or_fails_makes_the_model_not_ready_until_it_passes() {
+        let (backend, switch) = Faulty::wrap(double());
+        let health = ModelHealth::new(Canary::record(backend.as_ref()).unwrap());
+        assert!(health.check("m:1", backend.as_ref()));
+        switch.set(FaultMode::Corrupt);
+        assert!(!health.check("m:1", backend.as_ref()));
+        assert!(!health.is_ready());
+        assert!(
+            health.reason().unwrap().contains("canary output 0"),
+            "{:?}",
+            health.reason()
+        );
+        switch.set(FaultMode::Fail);
+        assert!(!health.check("m:1", backend.as_ref()));
+        assert!(health.reason().unwrap().contains("injected fault"));
+        switch.set(FaultMode::None);
+        assert!(health.check("m:1", backend.as_ref()));
+        assert!(health.is_ready() && health.reason().is_none());
+        assert_eq!(health.counts(), (4, 2));
+    }
+}

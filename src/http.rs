@@ -43,8 +43,13 @@ pub const MAX_BATCH_REQUESTS: usize = 1024;
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 /// How long a request with no `timeout_ms` may wait for its answer.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(1);
-/// Sessions kept open per model for HTTP requests.
-const SESSIONS_KEPT: usize = 16;
+/// Largest `timeout_ms` accepted.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Most rows in one request.
+pub const MAX_ROWS: usize = 4096;
+/// Sessions the control plane opens per model at most (they count against
+/// `server.max_sessions`, which trading clients share); a request waits for a free one.
+pub const SESSIONS_PER_MODEL: usize = 4;
 /// Ring size of those sessions: rows of one request in flight at once.
 const SESSION_RING: u32 = 256;
 
@@ -105,6 +110,8 @@ pub struct Serving {
     monitor: Arc<Monitor>,
     /// Idle sessions per model.
     pools: Vec<Mutex<Vec<Client>>>,
+    /// Sessions per model that may be in use: [`SESSIONS_PER_MODEL`] permits each.
+    session_permits: Vec<Arc<tokio::sync::Semaphore>>,
     endpoint: String,
     socket_dir: Option<std::path::PathBuf>,
 }
@@ -112,7 +119,7 @@ pub struct Serving {
 /// The control plane's state.
 pub struct HttpState {
     serving: OnceLock<Arc<Serving>>,
-    limit: tokio::sync::Semaphore,
+    limit: Arc<tokio::sync::Semaphore>,
     counters: HttpCounters,
     fault_injection: bool,
     endpoint: String,
@@ -120,6 +127,16 @@ pub struct HttpState {
 }
 
 impl HttpState {
+    /// A permit of `max_concurrent_requests`, or `QueueFull`.
+    fn limit_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, InferenceError> {
+        self.limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferenceError::QueueFull {
+                message: "too many HTTP requests in progress (max_concurrent_requests)".into(),
+            })
+    }
+
     fn serving(&self) -> Result<&Arc<Serving>, ApiError> {
         self.serving.get().ok_or_else(|| {
             ApiError(InferenceError::NotReady {
@@ -156,7 +173,9 @@ impl HttpServer {
         let addr = listener.local_addr()?;
         let state = Arc::new(HttpState {
             serving: OnceLock::new(),
-            limit: tokio::sync::Semaphore::new(engine.max_concurrent_requests as usize),
+            limit: Arc::new(tokio::sync::Semaphore::new(
+                engine.max_concurrent_requests as usize,
+            )),
             counters: HttpCounters::default(),
             fault_injection: config.server.fault_injection,
             endpoint: config.server.endpoint.clone(),
@@ -195,10 +214,15 @@ impl HttpServer {
     /// Starts serving `models` (the server's, indexed like `monitor`'s).
     pub fn serve(&self, models: Arc<[LoadedModel]>, monitor: Arc<Monitor>) {
         let pools = models.iter().map(|_| Mutex::new(Vec::new())).collect();
+        let session_permits = models
+            .iter()
+            .map(|_| Arc::new(tokio::sync::Semaphore::new(SESSIONS_PER_MODEL)))
+            .collect();
         let _ = self.state.serving.set(Arc::new(Serving {
             models,
             monitor,
             pools,
+            session_permits,
             endpoint: self.state.endpoint.clone(),
             socket_dir: self.state.socket_dir.clone(),
         }));
@@ -265,6 +289,7 @@ fn router(state: Arc<HttpState>) -> Router {
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
@@ -318,6 +343,18 @@ async fn no_route(req: Request) -> Response {
     response
 }
 
+async fn wrong_method(req: Request) -> Response {
+    let body = serde_json::json!({
+        "error": {"kind": "MethodNotAllowed"},
+        "message": format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    });
+    let mut response = (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response();
+    response
+        .extensions_mut()
+        .insert(CountedKind("MethodNotAllowed"));
+    response
+}
+
 /// Wraps a handler's result: errors become counted error responses.
 fn answer<T: IntoResponse>(result: Result<T, ApiError>) -> Response {
     match result {
@@ -367,7 +404,7 @@ impl Serving {
 
     /// A model by key `name:version`, or `name` for its default version.
     fn by_key(&self, key: &str) -> Result<usize, InferenceError> {
-        match key.split_once(':') {
+        match key.rsplit_once(':') {
             Some((name, version)) => self.resolve(name, Some(version)),
             None => self.resolve(key, None),
         }
@@ -400,7 +437,7 @@ impl Serving {
 
     fn give_back(&self, index: usize, client: Client) {
         let mut pool = self.pools[index].lock().unwrap_or_else(|e| e.into_inner());
-        if client.in_flight() == 0 && pool.len() < SESSIONS_KEPT {
+        if client.in_flight() == 0 && pool.len() < SESSIONS_PER_MODEL {
             pool.push(client);
         }
     }
@@ -418,7 +455,7 @@ impl Serving {
     ) -> Result<Vec<tie_client::Response>, InferenceError> {
         let mut client = self.take_client(index)?;
         let width = client.feature_count() as usize;
-        let mut responses = Vec::with_capacity(rows);
+        let mut responses = Vec::with_capacity(rows.min(SESSION_RING as usize));
         let mut next = 0;
         let mut idle_polls = 0u32;
         while responses.len() < rows {
@@ -430,6 +467,19 @@ impl Serving {
                 ) {
                     Ok(_) => next += 1,
                     Err(SubmitError::QueueFull { .. }) => break,
+                    // A pooled session the server closed: once, on a fresh one.
+                    Err(SubmitError::Disconnected) if next == 0 && responses.is_empty() => {
+                        client = self.take_client(index)?;
+                        if client
+                            .submit(&features[..width], priority, deadline_ns)
+                            .is_err()
+                        {
+                            return Err(InferenceError::Disconnected {
+                                message: "the session closed (is the server stopping?)".into(),
+                            });
+                        }
+                        next = 1;
+                    }
                     Err(SubmitError::Disconnected) => {
                         return Err(InferenceError::Disconnected {
                             message: "the session closed (is the server stopping?)".into(),
@@ -445,6 +495,10 @@ impl Serving {
             }
             match client.poll() {
                 Some(r) => {
+                    if r.status == Status::DISCONNECTED {
+                        // Not pooled again: the session is gone.
+                        return Ok(finish_without(responses, r, rows));
+                    }
                     responses.push(r);
                     idle_polls = 0;
                 }
@@ -460,10 +514,12 @@ impl Serving {
                             ),
                         });
                     }
-                    if idle_polls > 1024 {
-                        std::thread::sleep(Duration::from_micros(20));
+                    // A short spin for a fast answer, then sleeps: HTTP is not the latency path
+                    // and these threads must not take CPU from the pollers.
+                    if idle_polls > 256 {
+                        std::thread::sleep(Duration::from_micros(50));
                     } else {
-                        std::thread::yield_now();
+                        std::hint::spin_loop();
                     }
                 }
             }
@@ -471,6 +527,17 @@ impl Serving {
         self.give_back(index, client);
         Ok(responses)
     }
+}
+
+/// The answers of a request whose session went away at `gone`: what came, then `gone`'s
+/// status for the rest (the caller reports the first error).
+fn finish_without(
+    mut responses: Vec<tie_client::Response>,
+    gone: tie_client::Response,
+    rows: usize,
+) -> Vec<tie_client::Response> {
+    responses.resize(rows, gone);
+    responses
 }
 
 /// The error of a row's status.
@@ -526,9 +593,14 @@ async fn run_request(
     let model = &serving.models[index];
     let width = model.input_width();
     let rows = request.batch_size;
-    if rows == 0 {
+    if rows == 0 || rows > MAX_ROWS {
         return Err(InferenceError::InvalidRequest {
-            message: "batch_size must be at least 1".into(),
+            message: format!("batch_size must be in 1..={MAX_ROWS}, not {rows}"),
+        });
+    }
+    if request.timeout_ms.is_some_and(|ms| ms > MAX_TIMEOUT_MS) {
+        return Err(InferenceError::InvalidRequest {
+            message: format!("timeout_ms must be at most {MAX_TIMEOUT_MS}"),
         });
     }
     let expected = rows.saturating_mul(width);
@@ -565,8 +637,22 @@ async fn run_request(
     let wait_until = Instant::now() + wait + Duration::from_millis(100);
     let prio = priority(request.priority);
     let features = request.input_features;
+    // A session of the model's budget, waited for until the request's own time is up.
+    let permits = serving.session_permits[index].clone();
+    let session = tokio::time::timeout_at(wait_until.into(), permits.acquire_owned())
+        .await
+        .map_err(|_| InferenceError::QueueFull {
+            message: format!(
+                "all {SESSIONS_PER_MODEL} HTTP sessions of {} stayed busy",
+                model.key()
+            ),
+        })?
+        .map_err(|_| InferenceError::Disconnected {
+            message: "the server is stopping".into(),
+        })?;
     let s = serving.clone();
     let responses = tokio::task::spawn_blocking(move || {
+        let _session = session;
         s.execute(index, &features, rows, prio, deadline_ns, wait_until)
     })
     .await
@@ -645,11 +731,7 @@ async fn predict(
         async {
             let ApiJson(request) = body?;
             let serving = state.serving()?.clone();
-            let _permit = state.limit.try_acquire().map_err(|_| {
-                ApiError(InferenceError::QueueFull {
-                    message: "too many HTTP requests in progress (max_concurrent_requests)".into(),
-                })
-            })?;
+            let _permit = state.limit_permit()?;
             Ok(Json(run_request(serving, request).await?))
         }
         .await,
@@ -684,17 +766,19 @@ async fn batch_predict(
                 }));
             }
             let serving = state.serving()?.clone();
-            let _permit = state.limit.try_acquire().map_err(|_| {
-                ApiError(InferenceError::QueueFull {
-                    message: "too many HTTP requests in progress (max_concurrent_requests)".into(),
-                })
-            })?;
+            // Each request of the batch holds a permit of max_concurrent_requests while it runs;
+            // one that finds none is answered QueueFull.
             let tasks: Vec<_> = requests
                 .into_iter()
                 .map(|r| {
                     let serving = serving.clone();
                     let skeleton = failed_response(&serving, &r);
-                    (skeleton, tokio::spawn(run_request(serving, r)))
+                    let permit = state.limit_permit();
+                    let task = tokio::spawn(async move {
+                        let _permit = permit?;
+                        run_request(serving, r).await
+                    });
+                    (skeleton, task)
                 })
                 .collect();
             let mut out = Vec::with_capacity(tasks.len());
@@ -880,12 +964,12 @@ async fn inject_fault(
     body: Result<ApiJson<FaultRequest>, ApiError>,
 ) -> Response {
     answer((|| {
-        let ApiJson(fault) = body?;
         if !state.fault_injection {
             return Err(ApiError(InferenceError::Forbidden {
                 message: "fault injection is disabled (server.fault_injection = false)".into(),
             }));
         }
+        let ApiJson(fault) = body?;
         let serving = state.serving()?;
         let index = serving.by_key(&model_key)?;
         let m = &serving.models[index];

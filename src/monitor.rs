@@ -44,12 +44,11 @@ use crate::config::{MonitoringSection, PerformanceThresholdsSection};
 
 /// Largest value a histogram holds (60 s in ns); larger ones are recorded as this.
 pub const MAX_NS: u64 = 60_000_000_000;
-/// Significant digits of every histogram.
-pub const SIGFIG: u8 = 3;
+/// Significant digits of every histogram: values within 1% (a histogram is 30 KB, a
+/// [`Sample`] 180 KB; a poller holds at most three samples per model).
+pub const SIGFIG: u8 = 2;
 /// How often a busy poller hands its samples over.
 pub const FLUSH_NS: u64 = 50_000_000;
-/// How soon after its last hand-over an idle poller hands over what it recorded since.
-pub const IDLE_FLUSH_NS: u64 = 2_000_000;
 /// Status codes counted one by one (0..=10); others are counted as the last.
 pub const STATUS_SLOTS: usize = 12;
 
@@ -114,7 +113,13 @@ pub struct Sample {
     pub batches: u64,
     /// Rows run (padding excluded).
     pub rows: u64,
+    /// Values recorded with [`later`](Self::later) and not yet in `hist`: (value, count,
+    /// stage).
+    pending: Vec<(u64, u32, u8)>,
 }
+
+/// Values a sample keeps for later before it records them itself.
+const PENDING: usize = 256;
 
 impl Default for Sample {
     fn default() -> Self {
@@ -124,6 +129,7 @@ impl Default for Sample {
             requests: 0,
             batches: 0,
             rows: 0,
+            pending: Vec::with_capacity(PENDING),
         }
     }
 }
@@ -142,6 +148,23 @@ impl Sample {
         let _ = self.hist[stage as usize].record_n(ns.clamp(1, MAX_NS), n);
     }
 
+    /// Keeps `ns` (`n` times) for `stage`, to be recorded by [`settle`](Self::settle): a
+    /// store now, the histogram's work when the poller is idle. Never allocates.
+    #[inline]
+    pub fn later(&mut self, stage: Stage, ns: u64, n: u32) {
+        if self.pending.len() == PENDING {
+            self.settle();
+        }
+        self.pending.push((ns, n, stage as u8));
+    }
+
+    /// Records the values kept by [`later`](Self::later).
+    pub fn settle(&mut self) {
+        for (ns, n, stage) in self.pending.drain(..) {
+            let _ = self.hist[usize::from(stage)].record_n(ns.clamp(1, MAX_NS), u64::from(n));
+        }
+    }
+
     /// Counts one response with `status`.
     #[inline]
     pub fn respond(&mut self, status: Status) {
@@ -154,6 +177,7 @@ impl Sample {
             && self.batches == 0
             && self.responses.iter().all(|&r| r == 0)
             && self.hist.iter().all(|h| h.is_empty())
+            && self.pending.is_empty()
     }
 
     fn add(&mut self, other: &Sample) {
@@ -225,6 +249,7 @@ impl Recorder {
         if !self.dirty || now_ns.saturating_sub(self.flushed_ns) < min_age_ns {
             return;
         }
+        self.sample.settle();
         let fresh = match self.reserve.take() {
             Some(f) => f,
             None => match self.exchange.spare.try_lock() {
@@ -237,6 +262,7 @@ impl Recorder {
         };
         let full = std::mem::replace(&mut self.sample, fresh);
         match self.exchange.filled.try_lock() {
+            // (see `finish` for the hand-over that waits)
             // The vector has room for every sample of this exchange: no allocation.
             Ok(mut filled) => {
                 filled.push(full);
@@ -248,6 +274,18 @@ impl Recorder {
                 let fresh = std::mem::replace(&mut self.sample, full);
                 self.reserve = Some(fresh);
             }
+        }
+    }
+}
+
+impl Recorder {
+    /// Hands what is left to the monitor, waiting for its locks: for a poller that stops.
+    pub fn finish(&mut self) {
+        if self.dirty {
+            self.sample.settle();
+            let full = std::mem::take(&mut self.sample);
+            lock(&self.exchange.filled).push(full);
+            self.dirty = false;
         }
     }
 }
@@ -305,6 +343,9 @@ pub struct Alert {
     /// When it was raised.
     pub since: DateTime<Utc>,
 }
+
+/// Monitor intervals without a measurement after which an alert clears.
+pub const STALE_INTERVALS: u32 = 10;
 
 /// Hysteresis of alerts: a raised alert clears once its value is back past the threshold by
 /// this fraction of it.
@@ -373,7 +414,9 @@ impl StageSummary {
 pub struct ModelPerformanceMetrics {
     /// `name:version`.
     pub model_key: String,
-    /// Responses sent (every accepted request gets one).
+    /// Frames accepted (ring and HTTP rows).
+    pub accepted_requests: u64,
+    /// Responses written (every accepted request gets one while its client is there).
     pub total_requests: u64,
     /// Predictions.
     pub successful_requests: u64,
@@ -386,18 +429,19 @@ pub struct ModelPerformanceMetrics {
     /// Error responses by kind.
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Server-side total latency, EMA with weight 0.1 per request (the spec's rule; applied
-    /// per monitor interval as if each request had the interval's mean).
-    pub avg_latency_ms: f32,
+    /// per monitor interval as if each request had the interval's mean). Absent until a
+    /// request completed, as are the percentiles.
+    pub avg_latency_ms: Option<f32>,
     /// Server-side total latency percentiles.
-    pub p50_latency_ms: f32,
+    pub p50_latency_ms: Option<f32>,
     /// 95th percentile.
-    pub p95_latency_ms: f32,
+    pub p95_latency_ms: Option<f32>,
     /// 99th percentile.
-    pub p99_latency_ms: f32,
+    pub p99_latency_ms: Option<f32>,
     /// 99.9th percentile.
-    pub p99_9_latency_ms: f32,
+    pub p99_9_latency_ms: Option<f32>,
     /// Largest.
-    pub max_latency_ms: f32,
+    pub max_latency_ms: Option<f32>,
     /// Predictions per second in the last monitor interval.
     pub throughput_rps: f32,
     /// `failed_requests / total_requests` (the spec's, since start).
@@ -435,6 +479,8 @@ pub struct ModelEntry {
 #[derive(Debug)]
 struct ModelState {
     entry: ModelEntry,
+    /// Per alert kind: monitor intervals in a row without a measurement.
+    unmeasured: [u32; 5],
     total: Sample,
     interval: Sample,
     ema_ms: Option<f64>,
@@ -462,6 +508,8 @@ pub struct AlertEvent {
     pub threshold: f32,
     /// When.
     pub timestamp: DateTime<Utc>,
+    /// Why it cleared, when not by its value.
+    pub note: Option<&'static str>,
 }
 
 /// Counts of control-plane errors by kind, each counted once where its response is made.
@@ -536,6 +584,7 @@ impl Monitor {
                 .map(|entry| {
                     Mutex::new(ModelState {
                         entry,
+                        unmeasured: [0; 5],
                         total: Sample::default(),
                         interval: Sample::default(),
                         ema_ms: None,
@@ -666,8 +715,14 @@ impl Monitor {
             s.gpu_utilization = gpus.and_then(|g| gpu_utilization(&s.entry.pci_bus_ids, g));
             let busy = s.interval.requests > 0;
             let t = &self.thresholds;
+            // A value is measured only in an interval that had what it is about; the EMA is
+            // a latency only while requests complete.
             let values = [
-                (s.ema_ms.map(|v| v as f32), t.max_latency_ms, true),
+                (
+                    s.ema_ms.map(|v| v as f32).filter(|_| !total.is_empty()),
+                    t.max_latency_ms,
+                    true,
+                ),
                 (
                     s.recent_error_rate.filter(|_| answered > 0),
                     t.max_error_rate,
@@ -694,16 +749,25 @@ impl Monitor {
             let now = Utc::now();
             for (i, (value, threshold, upper)) in values.into_iter().enumerate() {
                 let active = s.alerts[i].is_some();
-                let next = alert_state(active, value, threshold, upper);
+                s.unmeasured[i] = if value.is_some() {
+                    0
+                } else {
+                    s.unmeasured[i].saturating_add(1)
+                };
+                // An alert whose value goes unmeasured (no traffic) for a while is over: a
+                // quiet model is not a slow one.
+                let stale = active && s.unmeasured[i] >= STALE_INTERVALS;
+                let next = !stale && alert_state(active, value, threshold, upper);
                 let kind = ALERT_KINDS[i];
                 if next != active {
                     let event = AlertEvent {
-                        model_key: s.entry.key.clone(),
+                        model_key: label(&s.entry.key).clone(),
                         state: if next { "raised" } else { "cleared" },
                         kind,
                         value: value.unwrap_or_default(),
                         threshold,
                         timestamp: now,
+                        note: stale.then_some("no measurement for a while"),
                     };
                     events.push(event);
                 }
@@ -755,7 +819,7 @@ impl Monitor {
             let _ = writeln!(
                 out,
                 "tie_model_ready{{model=\"{}\"}} {}",
-                s.entry.key,
+                label(&s.entry.key),
                 u8::from(ready(i))
             );
         }
@@ -764,7 +828,8 @@ impl Monitor {
             let _ = writeln!(
                 out,
                 "tie_requests_total{{model=\"{}\"}} {}",
-                s.entry.key, s.total.requests
+                label(&s.entry.key),
+                s.total.requests
             );
         }
         family(
@@ -780,7 +845,7 @@ impl Monitor {
                     let _ = writeln!(
                         out,
                         "tie_responses_total{{model=\"{}\",status=\"{name}\"}} {n}",
-                        s.entry.key
+                        label(&s.entry.key)
                     );
                 }
             }
@@ -790,7 +855,8 @@ impl Monitor {
             let _ = writeln!(
                 out,
                 "tie_batches_total{{model=\"{}\"}} {}",
-                s.entry.key, s.total.batches
+                label(&s.entry.key),
+                s.total.batches
             );
         }
         family(
@@ -803,7 +869,8 @@ impl Monitor {
             let _ = writeln!(
                 out,
                 "tie_batch_rows_total{{model=\"{}\"}} {}",
-                s.entry.key, s.total.rows
+                label(&s.entry.key),
+                s.total.rows
             );
         }
         family(
@@ -815,7 +882,11 @@ impl Monitor {
         for s in &states {
             for stage in Stage::ALL {
                 let h = &s.total.hist[stage as usize];
-                let labels = format!("model=\"{}\",stage=\"{}\"", s.entry.key, stage.name());
+                let labels = format!(
+                    "model=\"{}\",stage=\"{}\"",
+                    label(&s.entry.key),
+                    stage.name()
+                );
                 for q in [0.5, 0.9, 0.99, 0.999] {
                     let v = if h.is_empty() {
                         f64::NAN
@@ -840,7 +911,7 @@ impl Monitor {
                 let _ = writeln!(
                     out,
                     "tie_latency_avg_seconds{{model=\"{}\"}} {}",
-                    s.entry.key,
+                    label(&s.entry.key),
                     ema / 1e3
                 );
             }
@@ -855,7 +926,8 @@ impl Monitor {
             let _ = writeln!(
                 out,
                 "tie_throughput_rps{{model=\"{}\"}} {}",
-                s.entry.key, s.throughput_rps
+                label(&s.entry.key),
+                s.throughput_rps
             );
         }
         family(
@@ -866,7 +938,11 @@ impl Monitor {
         );
         for s in &states {
             if let Some(r) = s.recent_error_rate {
-                let _ = writeln!(out, "tie_error_rate{{model=\"{}\"}} {r}", s.entry.key);
+                let _ = writeln!(
+                    out,
+                    "tie_error_rate{{model=\"{}\"}} {r}",
+                    label(&s.entry.key)
+                );
             }
         }
         family(
@@ -880,7 +956,7 @@ impl Monitor {
                 let _ = writeln!(
                     out,
                     "tie_model_memory_bytes{{model=\"{}\"}} {b}",
-                    s.entry.key
+                    label(&s.entry.key)
                 );
             }
         }
@@ -895,7 +971,7 @@ impl Monitor {
                 let _ = writeln!(
                     out,
                     "tie_model_gpu_utilization_ratio{{model=\"{}\"}} {u}",
-                    s.entry.key
+                    label(&s.entry.key)
                 );
             }
         }
@@ -910,7 +986,7 @@ impl Monitor {
                 let _ = writeln!(
                     out,
                     "tie_alert{{model=\"{}\",kind=\"{}\"}} {}",
-                    s.entry.key,
+                    label(&s.entry.key),
                     kind.name(),
                     u8::from(s.alerts[i].is_some())
                 );
@@ -951,6 +1027,7 @@ impl Monitor {
 impl Sample {
     /// Empties the sample, keeping its allocations.
     pub fn reset_in_place(&mut self) {
+        self.pending.clear();
         for h in &mut self.hist {
             h.reset();
         }
@@ -964,13 +1041,7 @@ impl Sample {
 fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
     let t = &s.total;
     let total = &t.hist[Stage::Total as usize];
-    let q = |p: f64| {
-        if total.is_empty() {
-            0.0
-        } else {
-            total.value_at_quantile(p) as f32 / 1e6
-        }
-    };
+    let q = |p: f64| (!total.is_empty()).then(|| total.value_at_quantile(p) as f32 / 1e6);
     let answered = t.total_responses();
     let errors_by_kind = t
         .responses
@@ -982,6 +1053,7 @@ fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
         .collect();
     ModelPerformanceMetrics {
         model_key: s.entry.key.clone(),
+        accepted_requests: t.requests,
         total_requests: answered,
         successful_requests: t.responses[0],
         failed_requests: t.failures(),
@@ -989,16 +1061,12 @@ fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
         rejections: t.responses[Status::QUEUE_FULL.0 as usize]
             + t.responses[Status::REJECTED.0 as usize],
         errors_by_kind,
-        avg_latency_ms: s.ema_ms.unwrap_or(0.0) as f32,
+        avg_latency_ms: s.ema_ms.map(|v| v as f32),
         p50_latency_ms: q(0.5),
         p95_latency_ms: q(0.95),
         p99_latency_ms: q(0.99),
         p99_9_latency_ms: q(0.999),
-        max_latency_ms: if total.is_empty() {
-            0.0
-        } else {
-            total.max() as f32 / 1e6
-        },
+        max_latency_ms: (!total.is_empty()).then(|| total.max() as f32 / 1e6),
         throughput_rps: s.throughput_rps,
         error_rate: if answered == 0 {
             0.0
@@ -1025,6 +1093,13 @@ fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
         alerts: s.alerts.iter().flatten().cloned().collect(),
         last_updated: s.last_updated,
     }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `domain:bus:device.function` as numbers, for comparing NVML's and CUDA's spellings.
@@ -1168,12 +1243,17 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
             )
             .ok()
     });
+    let webhook = settings.alert_webhook.clone().and_then(webhook_sender);
     let mut last = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(10).min(interval));
-        if last.elapsed() < interval {
-            continue;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if !stopping {
+            std::thread::sleep(Duration::from_millis(10).min(interval));
+            if last.elapsed() < interval {
+                continue;
+            }
         }
+        // A stopping server's last interval (the pollers have stopped) is ticked too.
         let elapsed = last.elapsed();
         last = Instant::now();
         let gpus = if on_gpu {
@@ -1206,16 +1286,22 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
                     "performance alert cleared"
                 );
             }
-            if let Some(url) = settings.alert_webhook.clone() {
-                post_webhook(url, e);
+            if let Some(tx) = &webhook {
+                if tx.try_send(e).is_err() {
+                    tracing::warn!("alert webhook backlog full: an alert event was not posted");
+                }
             }
+        }
+        if stopping {
+            break;
         }
     }
 }
 
-/// Posts an alert transition as JSON to `url` from a thread of its own (a slow receiver holds
-/// nothing up); failures are logged.
-fn post_webhook(url: String, event: AlertEvent) {
+/// A thread that POSTs alert transitions as JSON to `url`, in order, so a slow receiver holds
+/// up nothing else; failures are logged. `None` (logged) when the thread cannot start.
+fn webhook_sender(url: String) -> Option<std::sync::mpsc::SyncSender<AlertEvent>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<AlertEvent>(256);
     let spawned = std::thread::Builder::new()
         .name("tie-webhook".into())
         .spawn(move || {
@@ -1223,17 +1309,23 @@ fn post_webhook(url: String, event: AlertEvent) {
                 .timeout_global(Some(Duration::from_secs(5)))
                 .build()
                 .into();
-            let body = serde_json::to_vec(&event).unwrap_or_default();
-            let sent = agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .send(&body[..]);
-            if let Err(e) = sent {
-                tracing::warn!(url = %url, error = %e, "alert webhook failed");
+            for event in rx {
+                let body = serde_json::to_vec(&event).unwrap_or_default();
+                let sent = agent
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .send(&body[..]);
+                if let Err(e) = sent {
+                    tracing::warn!(url = %url, error = %e, "alert webhook failed");
+                }
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the alert webhook thread");
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the alert webhook thread");
+            None
+        }
     }
 }
 
@@ -1289,8 +1381,8 @@ mod tests {
         assert_eq!(m.errors_by_kind.get("Timeout"), Some(&10));
         assert_eq!(m.stages["total"].count, 10);
         assert!(
-            (m.max_latency_ms - 0.010).abs() < 1e-4,
-            "{}",
+            (m.max_latency_ms.unwrap() - 0.010).abs() < 1e-4,
+            "{:?}",
             m.max_latency_ms
         );
     }

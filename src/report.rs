@@ -57,6 +57,11 @@ pub enum ReportError {
 /// # Errors
 /// [`ReportError`] for a malformed line or histogram, or a log without intervals.
 pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, ReportError> {
+    // A log being written may end in a partial line: it is left for the next read.
+    let bytes = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..=end],
+        None => &bytes[..0],
+    };
     let mut summary = HlogSummary::default();
     let mut deserializer = Deserializer::new();
     let mut spans: BTreeMap<String, (Duration, Duration)> = BTreeMap::new();

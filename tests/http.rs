@@ -278,9 +278,21 @@ min_throughput_rps = 0.0
     r["batch_size"] = json!(0);
     expect_error(400, "InvalidRequest", post(&predict, &r));
     r["batch_size"] = json!(1_000_000_000u64);
+    expect_error(400, "InvalidRequest", post(&predict, &r));
+    r["batch_size"] = json!(2);
     expect_error(400, "InvalidInputShape", post(&predict, &r));
     r["batch_size"] = json!("one");
     expect_error(400, "InvalidRequest", post(&predict, &r));
+    r["batch_size"] = json!(5000);
+    expect_error(400, "InvalidRequest", post(&predict, &r));
+    let mut r = request("mlp64", None, &mlp.inputs[..1]);
+    r["timeout_ms"] = json!(u64::MAX);
+    expect_error(400, "InvalidRequest", post(&predict, &r));
+    let (code, body) = get(&predict);
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (405, Some("MethodNotAllowed"))
+    );
     let mut r = request("mlp64", None, &mlp.inputs[..1]);
     r["feature_names"] = json!(["a"]);
     expect_error(400, "InvalidRequest", post(&predict, &r));
@@ -340,9 +352,31 @@ min_throughput_rps = 0.0
     assert_eq!(perf["model_key"], "mlp64:1");
     assert_eq!(perf["stages"]["compute"]["count"], 2);
     assert!(perf["p99_latency_ms"].as_f64().unwrap() > 0.0);
-    assert!(perf["gpu_utilization"].is_null() && perf["memory_usage_mb"].is_null());
-    let (_, perf) = get(&format!("{api}/performance/identity:1"));
-    assert_eq!(perf["errors_by_kind"]["ExecutionFailed"], 1, "{perf}");
+    // Device memory is the model's on a GPU, absent on the CPU (never a made-up figure).
+    let (_, loaded) = get(&format!("{api}/models/loaded"));
+    let device = loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model_key"] == "mlp64:1")
+        .unwrap()["inference_device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if device.starts_with("cuda") {
+        assert!(perf["memory_usage_mb"].as_f64().unwrap() > 0.0, "{perf}");
+    } else {
+        assert!(perf["gpu_utilization"].is_null() && perf["memory_usage_mb"].is_null());
+    }
+    // The last requests were identity's: once they are in, so is everything before.
+    let identity = || get(&format!("{api}/performance/identity:1")).1;
+    assert!(
+        eventually(Duration::from_secs(5), || identity()["successful_requests"]
+            == 2),
+        "{}",
+        identity()
+    );
+    assert_eq!(identity()["errors_by_kind"]["ExecutionFailed"], 1);
     let scrape = metrics(&base);
     for (kind, n) in errors.borrow().iter() {
         assert_eq!(
@@ -535,39 +569,43 @@ min_gpu_utilization = 0.0
     let base = server.http();
     let api = format!("{base}{API}");
     let mlp = fixture("mlp64_v1");
-    let mut client = Client::connect("test", "mlp64", server.options()).unwrap();
     // Traffic over several monitor intervals: the latency threshold (1 ns) is crossed once.
-    for i in 0..300 {
-        client.predict(&mlp.inputs[i % mlp.inputs.len()]).unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    let raised = |r: &Vec<String>| {
-        r.iter()
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, inputs, options) = (stop.clone(), mlp.inputs.clone(), server.options());
+        std::thread::spawn(move || {
+            let mut client = Client::connect("test", "mlp64", options).unwrap();
+            let mut sent = 0u64;
+            while sent < 100 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .predict(&inputs[sent as usize % inputs.len()])
+                    .unwrap();
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            sent
+        })
+    };
+    let events = |state: &str| {
+        received
+            .lock()
+            .unwrap()
+            .iter()
             .filter(|b| {
-                b.contains("\"raised\"") && b.contains("\"latency\"") && b.contains("mlp64:1")
+                b.contains(&format!("\"{state}\""))
+                    && b.contains("\"latency\"")
+                    && b.contains("mlp64:1")
             })
             .count()
     };
     assert!(
-        eventually(Duration::from_secs(5), || raised(&received.lock().unwrap())
-            == 1),
+        eventually(Duration::from_secs(5), || events("raised") == 1),
         "webhook got {:?}\n{}",
         received.lock().unwrap(),
         server.log()
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        received.lock().unwrap().len(),
-        1,
-        "{:?}",
-        received.lock().unwrap()
-    );
-    assert_eq!(
-        server.log().matches("performance alert raised").count(),
-        1,
-        "{}",
-        server.log()
-    );
+    // While the traffic goes on, the alert stays raised: one event, one warning.
+    std::thread::sleep(Duration::from_millis(300));
     let scrape = metrics(&base);
     assert_eq!(
         sample(
@@ -585,9 +623,44 @@ min_gpu_utilization = 0.0
         ),
         Some(0.0)
     );
+    let (_, perf) = get(&format!("{api}/performance/mlp64:1"));
+    assert_eq!(perf["alerts"][0]["kind"], "latency", "{perf}");
+    assert_eq!(
+        received.lock().unwrap().len(),
+        1,
+        "{:?}",
+        received.lock().unwrap()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    // Once the model is quiet for STALE_INTERVALS, the alert clears (a quiet model is not a
+    // slow one).
+    assert!(
+        eventually(Duration::from_secs(5), || events("cleared") == 1),
+        "webhook got {:?}",
+        received.lock().unwrap()
+    );
+    assert_eq!(
+        received.lock().unwrap().len(),
+        2,
+        "{:?}",
+        received.lock().unwrap()
+    );
+    let log = server.log();
+    assert_eq!(log.matches("performance alert raised").count(), 1, "{log}");
+    assert_eq!(log.matches("performance alert cleared").count(), 1, "{log}");
+    let scrape = metrics(&base);
+    assert_eq!(
+        sample(
+            &scrape,
+            "tie_alert",
+            &[("model", "mlp64:1"), ("kind", "latency")]
+        ),
+        Some(0.0)
+    );
     assert_eq!(
         sample(&scrape, "tie_requests_total", &[("model", "mlp64:1")]),
-        Some(300.0)
+        Some(sent as f64)
     );
     // Each frame reports the round trip of the response before it.
     assert_eq!(
@@ -596,11 +669,11 @@ min_gpu_utilization = 0.0
             "tie_latency_seconds_count",
             &[("model", "mlp64:1"), ("stage", "end_to_end")]
         ),
-        Some(299.0)
+        Some(sent as f64 - 1.0)
     );
     let (_, perf) = get(&format!("{api}/performance/mlp64:1"));
-    assert_eq!(perf["alerts"][0]["kind"], "latency", "{perf}");
-    assert_eq!(perf["total_requests"], 300);
+    assert_eq!(perf["total_requests"], sent);
+    assert_eq!(perf["accepted_requests"], sent);
 
     // The interval log holds every request, and `tie report` reads it.
     let hlog = dir.join("mlp64.v1.hlog");
@@ -610,12 +683,11 @@ min_gpu_utilization = 0.0
             .arg(&hlog)
             .output()
             .unwrap();
-        assert!(
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
             out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+            text + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let count_of = |text: &str, tag: &str| -> Option<u64> {
         text.lines()
@@ -626,16 +698,18 @@ min_gpu_utilization = 0.0
             .ok()
     };
     assert!(
-        eventually(Duration::from_secs(5), || count_of(&report(), "total")
-            == Some(300)),
-        "{}",
+        eventually(Duration::from_secs(5), || count_of(&report().1, "total")
+            == Some(sent)),
+        "{:?}",
         report()
     );
-    let text = report();
-    assert_eq!(count_of(&text, "end_to_end"), Some(299), "{text}");
+    let (ok, text) = report();
+    assert!(ok, "{text}");
+    assert_eq!(count_of(&text, "end_to_end"), Some(sent - 1), "{text}");
     assert!(text.contains("total percentile distribution"), "{text}");
 
     // A canary that no longer matches turns the model not ready, and back.
+    let mut client = Client::connect("test", "mlp64", server.options()).unwrap();
     let ready = || get(&format!("{base}/health/ready"));
     assert_eq!(ready().0, 200);
     assert_eq!(

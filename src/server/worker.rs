@@ -83,6 +83,12 @@ impl IdlePolicy {
     }
 }
 
+/// How long a poller stays idle before it hands its figures to the monitor.
+const IDLE_FLUSH: Duration = Duration::from_millis(1);
+
+/// One batch in this many has its gather and execute stages timed.
+pub const GATHER_SAMPLING: u64 = 8;
+
 /// How long a stopping poller waits for clients to make room for the answers to frames they
 /// sent before the stop.
 const STOP_GRACE: Duration = Duration::from_secs(1);
@@ -202,6 +208,8 @@ struct ModelLane {
     batch_compute_ns: u64,
     /// This poller's figures of the model, for the performance monitor.
     rec: Recorder,
+    /// Batches run, for sampling the gather and execute stages.
+    batches_run: u64,
 }
 
 impl ModelLane {
@@ -221,6 +229,7 @@ impl ModelLane {
             output: vec![0.0; largest * model.output_width()],
             batch_compute_ns,
             rec,
+            batches_run: 0,
         }
     }
 }
@@ -252,6 +261,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     let mut idle_since: Option<Instant> = None;
     let mut stop_started: Option<Instant> = None;
     let mut round = 0u32;
+    let mut idle_rounds = 0u32;
     loop {
         let stopping = ctx.stopping.load(Ordering::Relaxed);
         // New sessions are picked up every 64 rounds (a few microseconds when spinning),
@@ -277,14 +287,28 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
                 ctx.shared.store_batch(&p.lanes);
                 p.flush_metrics(crate::monitor::FLUSH_NS);
             }
+            idle_rounds = 0;
         } else {
             if idle_since.is_none() {
-                // Going idle: the batch counters are current for readers.
+                // Going idle: the batch counters are current for readers, and the latencies
+                // kept during the busy rounds go into their histograms (off the path of the
+                // requests just answered).
                 ctx.shared.store_batch(&p.lanes);
+                for lane in &mut p.lanes {
+                    if lane.rec.is_dirty() {
+                        lane.rec.sample().settle();
+                    }
+                }
             }
-            // Idle: figures reach the monitor soon (one flag per model while nothing is new).
-            if p.lanes.iter().any(|l| l.rec.is_dirty()) {
-                p.flush_metrics(crate::monitor::IDLE_FLUSH_NS);
+            // Idle for a while (checked on one idle round in 256, so a request arriving
+            // between two of a client's finds no clock read in its way): the figures reach the
+            // monitor.
+            idle_rounds = idle_rounds.wrapping_add(1);
+            if idle_rounds.is_multiple_of(256)
+                && idle_since.is_some_and(|t| t.elapsed() >= IDLE_FLUSH)
+                && p.lanes.iter().any(|l| l.rec.is_dirty())
+            {
+                p.flush_metrics(0);
             }
         }
         if accepted > 0 || answered > 0 {
@@ -305,7 +329,10 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     for s in p.sessions.iter().flatten() {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
     }
-    p.flush_metrics(0);
+    // The last figures reach the monitor, waiting for its locks if need be.
+    for lane in &mut p.lanes {
+        lane.rec.finish();
+    }
     p.stats
 }
 
@@ -452,7 +479,7 @@ impl Poller {
             let sample = lane.rec.sample();
             sample.requests += 1;
             if reported_ns > 0 {
-                sample.record(Stage::EndToEnd, u64::from(reported_ns));
+                sample.later(Stage::EndToEnd, u64::from(reported_ns), 1);
             }
             match features {
                 // A model that failed its health check executes nothing until it passes.
@@ -493,7 +520,7 @@ impl Poller {
             let now = monotonic_ns();
             self.taken.clear();
             self.lanes[m].queue.take_resolved(now, &mut self.taken);
-            answered += self.respond(m, now, 0);
+            answered += self.respond(m, now, 0, now);
             let lane = &mut self.lanes[m];
             match lane.queue.decide(now, lane.batch_compute_ns) {
                 Decision::Idle => {}
@@ -524,13 +551,19 @@ impl Poller {
         let taken = &mut self.taken;
         let mut rows = 0;
         let mut gathered = false;
+        // The gather and execute stages are timed on one batch in GATHER_SAMPLING (a clock read
+        // each): the other stages are timed on every request.
+        lane.batches_run = lane.batches_run.wrapping_add(1);
+        let time_stages = lane.batches_run.is_multiple_of(GATHER_SAMPLING);
         let mut gathered_ns = 0;
         // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
         let result = model.backend.run_gathered(
             &mut |staging| {
                 gathered = true;
                 let (r, padded) = queue.take(started_ns, staging, taken);
-                gathered_ns = monotonic_ns();
+                if time_stages {
+                    gathered_ns = monotonic_ns();
+                }
                 rows = r;
                 if r == 0 {
                     0
@@ -546,18 +579,19 @@ impl Poller {
             rows = queue.take(started_ns, input, taken).0;
         }
         let mut compute_ns = 0;
+        let mut done_ns = started_ns;
         if rows > 0 {
-            let done_ns = monotonic_ns();
+            done_ns = monotonic_ns();
             compute_ns = done_ns - started_ns;
             self.stats.batches += 1;
             self.stats.rows += rows as u64;
             let sample = lane.rec.sample();
             sample.batches += 1;
             sample.rows += rows as u64;
-            if gathered {
-                sample.record(Stage::Gather, gathered_ns.saturating_sub(started_ns));
+            if gathered && time_stages {
+                sample.later(Stage::Gather, gathered_ns.saturating_sub(started_ns), 1);
                 if result.is_ok() {
-                    sample.record(Stage::Execute, done_ns.saturating_sub(gathered_ns));
+                    sample.later(Stage::Execute, done_ns.saturating_sub(gathered_ns), 1);
                 }
             }
             // The deadline estimate follows what batches really take (EMA, 1/8 weight).
@@ -573,19 +607,19 @@ impl Poller {
                 }
             }
         }
-        self.respond(m, started_ns, compute_ns)
+        self.respond(m, started_ns, compute_ns, done_ns)
     }
 
-    /// Writes a response for every request in `self.taken`, in order.
-    fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64) -> usize {
+    /// Writes a response for every request in `self.taken`, in order; `now_ns` is when their
+    /// outputs (or errors) were ready.
+    fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64, now_ns: u64) -> usize {
+        if self.taken.is_empty() {
+            return 0;
+        }
         let model = &self.models[m];
         let lane = &mut self.lanes[m];
-        let now_ns = if self.taken.is_empty() {
-            0
-        } else {
-            monotonic_ns()
-        };
         let sample = lane.rec.sample();
+        let mut executed = 0;
         let ow = model.output_width();
         let response_words = abi::response_words(ow as u32);
         let mut written = 0;
@@ -604,9 +638,9 @@ impl Poller {
             match t.outcome {
                 Outcome::Execute { row } => {
                     let queue_ns = started_ns.saturating_sub(t.request.arrival_ns);
-                    sample.record(Stage::Queue, queue_ns);
-                    sample.record(Stage::Compute, compute_ns);
-                    sample.record(Stage::Total, now_ns.saturating_sub(t.request.arrival_ns));
+                    sample.later(Stage::Queue, queue_ns, 1);
+                    sample.later(Stage::Total, now_ns.saturating_sub(t.request.arrival_ns), 1);
+                    executed += 1;
                     let out = &lane.output[row * ow..(row + 1) * ow];
                     frame.output_count = ow as u32;
                     frame.outputs[..ow.min(MAX_OUTPUTS)]
@@ -620,7 +654,6 @@ impl Poller {
                 }
                 Outcome::Resolved => {}
             }
-            sample.respond(Status(frame.status));
             let Some(s) = self.sessions[item.session].as_mut() else {
                 continue;
             };
@@ -633,6 +666,7 @@ impl Poller {
                 Ok(()) => {
                     s.unpublished = true;
                     written += 1;
+                    sample.respond(Status(frame.status));
                     if frame.status != Status::OK.0 {
                         s.errors += 1;
                         s.rings.segment().set_server_errors(s.errors);
@@ -648,6 +682,9 @@ impl Poller {
                 }
                 Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
             }
+        }
+        if executed > 0 {
+            sample.later(Stage::Compute, compute_ns, executed);
         }
         self.stats.responses += written as u64;
         written

@@ -470,6 +470,13 @@ mod tests {
     }
 
     #[test]
+    fn the_deployment_example_parses() {
+        let c = ServiceConfig::parse(include_str!("../deploy/tie.example.toml")).unwrap();
+        assert_eq!(c.monitoring.hlog_dir.as_deref(), Some(Path::new("/var/log/tie")));
+        assert_eq!(c.server.poller_cores, [2, 3]);
+    }
+
+    #[test]
     fn the_spec_example_parses() {
         let text = r#"
 [tensorrt_inference_engine]

@@ -143,6 +143,10 @@ pub struct ServerSection {
     /// Allow faults to be injected into models through the HTTP API (drills and tests; never
     /// on a production server).
     pub fault_injection: bool,
+    /// Place session segments on 2 MB huge pages (hugetlbfs): no TLB misses on the rings. Needs
+    /// one free huge page per session (`vm.nr_hugepages`); start-up fails if none is free, and a
+    /// session that finds none later gets ordinary pages (logged).
+    pub huge_pages: bool,
 }
 
 impl Default for ServerSection {
@@ -162,6 +166,7 @@ impl Default for ServerSection {
             log_format: LogFormat::Text,
             lock_memory: false,
             fault_injection: false,
+            huge_pages: false,
         }
     }
 }
@@ -472,7 +477,10 @@ mod tests {
     #[test]
     fn the_deployment_example_parses() {
         let c = ServiceConfig::parse(include_str!("../deploy/tie.example.toml")).unwrap();
-        assert_eq!(c.monitoring.hlog_dir.as_deref(), Some(Path::new("/var/log/tie")));
+        assert_eq!(
+            c.monitoring.hlog_dir.as_deref(),
+            Some(Path::new("/var/log/tie"))
+        );
         assert_eq!(c.server.poller_cores, [2, 3]);
     }
 

@@ -170,6 +170,26 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
         }
     });
 
+    // 2 MB huge pages for session segments (`server.huge_pages`): one free page per session.
+    let huge = Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
+    let free = read(huge.join("free_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    let total = read(huge.join("nr_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    out.push(match (config.server.huge_pages, free, total) {
+        (false, _, _) => check(
+            "huge pages for segments",
+            Verdict::Ok,
+            "not used (server.huge_pages = false)",
+            "",
+        ),
+        (true, Some(free), Some(total)) => check(
+            "huge pages for segments",
+            if free >= 1 { Verdict::Ok } else { Verdict::Warn },
+            format!("{free} of {total} 2 MB pages free"),
+            "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)",
+        ),
+        (true, _, _) => check("huge pages for segments", Verdict::Unknown, "unreadable", ""),
+    });
+
     // Locked-memory limit of this process (the unit's LimitMEMLOCK applies to the server):
     // `server.lock_memory` needs it unlimited.
     let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);

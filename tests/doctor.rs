@@ -53,6 +53,27 @@ fn doctor_reports_the_hosts_real_values() {
             "{c}"
         );
     }
+    assert_eq!(
+        get("huge pages for segments")["value"],
+        "not used (server.huge_pages = false)"
+    );
+    let out = doctor("[server]\nhuge_pages = true\n", true);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let c = checks
+        .iter()
+        .find(|c| c["name"] == "huge pages for segments")
+        .unwrap();
+    if let (Some(free), Some(total)) = (
+        read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"),
+        read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
+    ) {
+        assert_eq!(
+            c["value"],
+            format!("{free} of {total} 2 MB pages free"),
+            "{c}"
+        );
+        assert_eq!(c["verdict"] == "ok", free != "0", "{c}");
+    }
     if let Some(source) = read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
         let c = get("clock source");
         assert_eq!(c["value"], source.as_str());

@@ -88,11 +88,25 @@ impl Segment {
         geometry: SegmentGeometry,
         info: SegmentInfo,
     ) -> Result<Arc<Self>, SegmentOpenError> {
-        let fd = rustix::fs::memfd_create(
-            "tie-session",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(os("memfd_create"))?;
+        Self::create_in(geometry, info, false)
+    }
+
+    /// [`create`](Self::create), on 2 MB huge pages (hugetlbfs) when `huge_pages` is set:
+    /// `geometry` must then be padded to [`abi::HUGE_PAGE_SIZE`], and the host must have a free
+    /// huge page per 2 MB (`vm.nr_hugepages`), else this fails (`ENOMEM` from `mmap`).
+    ///
+    /// # Errors
+    /// [`SegmentOpenError::Os`] when a system call fails.
+    pub fn create_in(
+        geometry: SegmentGeometry,
+        info: SegmentInfo,
+        huge_pages: bool,
+    ) -> Result<Arc<Self>, SegmentOpenError> {
+        let mut flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+        if huge_pages {
+            flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+        }
+        let fd = rustix::fs::memfd_create("tie-session", flags).map_err(os("memfd_create"))?;
         // A memfd's inode starts at mode 0777: anyone holding an fd of it could reopen it
         // writable through /proc. 0600 keeps reopening to the server's own user (the client
         // has its writable fd, an inspector of another uid only its read-only one).
@@ -227,7 +241,7 @@ impl Segment {
 
     /// The whole segment as words.
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is `segment_size` bytes (a multiple of 64), page-aligned, and
+        // SAFETY: the mapping is `segment_size` bytes (a multiple of 8), page-aligned, and
         // lives as long as `self`. The peer may write any bytes at any time, and every bit
         // pattern is a valid `AtomicU64`; all accesses through the slice are atomic, so the
         // peer's writes are never a data race of ours. The memfd is sealed against shrinking
@@ -279,12 +293,15 @@ pub(crate) fn check_header(
             theirs: info.abi_version,
         });
     }
+    // The server may pad the segment past its rings (to a multiple of its page size).
     let geometry = SegmentGeometry::new(
         info.request_capacity,
         info.response_capacity,
         info.feature_count,
     )
-    .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?;
+    .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?
+    .with_size(usize::try_from(info.segment_size).unwrap_or(0))
+    .ok_or(SegmentOpenError::BadGeometry("segment size"))?;
     if geometry.info(
         info.layout_hash,
         info.session_id,

@@ -37,6 +37,9 @@ pub const MAX_OUTPUTS: usize = 16;
 pub const MAX_FEATURES: u32 = 4096;
 /// Largest ring a session may ask for (slots).
 pub const MAX_RING_CAPACITY: u32 = 1 << 16;
+/// Size of the huge pages a server may place segments on (`server.huge_pages`); such a
+/// segment's size is a multiple of it.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// Bytes of the segment header: [`SegmentInfo`], then the control words.
 pub const HEADER_SIZE: usize = 256;
@@ -420,7 +423,8 @@ pub struct SegmentGeometry {
     pub request_offset: usize,
     /// Byte offset of the response ring's index block.
     pub response_offset: usize,
-    /// Total bytes.
+    /// Total bytes: the rings' end, or more (a multiple of the page size the server placed
+    /// the segment on); the bytes past the rings are unused.
     pub segment_size: usize,
 }
 
@@ -457,6 +461,28 @@ impl core::fmt::Display for GeometryError {
 }
 
 impl SegmentGeometry {
+    /// Bytes the header and the rings take (`segment_size` of an unpadded segment).
+    pub const fn rings_end(&self) -> usize {
+        self.response_offset
+            + RING_INDEX_SIZE
+            + self.response_capacity as usize * size_of::<ResponseFrame>()
+    }
+
+    /// The same layout in a segment of `size` bytes, or `None` when the rings do not fit.
+    pub const fn with_size(mut self, size: usize) -> Option<Self> {
+        if size < self.rings_end() {
+            return None;
+        }
+        self.segment_size = size;
+        Some(self)
+    }
+
+    /// The same layout in a segment padded to a multiple of `page` bytes (a power of two).
+    pub const fn padded_to(mut self, page: usize) -> Self {
+        self.segment_size = self.rings_end().div_ceil(page) * page;
+        self
+    }
+
     /// Lays out a segment.
     ///
     /// # Errors

@@ -38,6 +38,8 @@ pub(super) struct ListenerContext {
     pub max_sessions: usize,
     /// Inspectors being served.
     pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
+    /// Place segments on 2 MB huge pages (`server.huge_pages`).
+    pub huge_pages: bool,
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -356,13 +358,33 @@ fn open_session(
         return None;
     }
     let id = next_id.fetch_add(1, Ordering::Relaxed);
-    let info = geometry.info(
-        model.layout_hash,
-        id,
-        model.output_width() as u32,
-        model.version,
-    );
-    let segment = match Segment::create(geometry, info) {
+    let info_for = |g: &SegmentGeometry| {
+        g.info(
+            model.layout_hash,
+            id,
+            model.output_width() as u32,
+            model.version,
+        )
+    };
+    let mut geometry = geometry;
+    let mut created = None;
+    if ctx.huge_pages {
+        let huge = geometry.padded_to(tie_client::layouts::abi::HUGE_PAGE_SIZE);
+        match Segment::create_in(huge, info_for(&huge), true) {
+            Ok(s) => {
+                geometry = huge;
+                created = Some(Ok(s));
+            }
+            // Served on ordinary pages rather than refused: the session works, a little slower.
+            Err(e) => tracing::warn!(
+                session = id,
+                error = %e,
+                "no huge page for a session segment (vm.nr_hugepages): ordinary pages used"
+            ),
+        }
+    }
+    let created = created.unwrap_or_else(|| Segment::create(geometry, info_for(&geometry)));
+    let segment = match created {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot create a session segment");

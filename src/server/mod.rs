@@ -57,6 +57,20 @@ pub enum ServerStartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// `server.huge_pages` is set and no segment can be placed on huge pages.
+    #[error("server.huge_pages = true but a session segment cannot be placed on 2 MB huge pages ({0}): reserve them with vm.nr_hugepages (one per session), or set huge_pages = false")]
+    HugePages(String),
+}
+
+/// Whether a segment can be made on huge pages: one is made and dropped.
+fn huge_pages_usable() -> Result<(), String> {
+    use tie_client::layouts::abi::{SegmentGeometry, HUGE_PAGE_SIZE};
+    let geometry = SegmentGeometry::new(1, 1, 1)
+        .map_err(|e| e.to_string())?
+        .padded_to(HUGE_PAGE_SIZE);
+    tie_client::segment::Segment::create_in(geometry, geometry.info(0, 0, 1, 0), true)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// A running server.
@@ -91,6 +105,9 @@ impl Server {
             config.server.socket_dir.as_deref(),
             &config.server.endpoint,
         )?;
+        if config.server.huge_pages {
+            huge_pages_usable().map_err(ServerStartError::HugePages)?;
+        }
         let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
         let all_models = models.clone();
         let monitor = Arc::new(Monitor::new(
@@ -151,6 +168,7 @@ impl Server {
             allowed_gid: config.server.allowed_gid,
             max_sessions: config.server.max_sessions as usize,
             inspectors: Arc::default(),
+            huge_pages: config.server.huge_pages,
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())

@@ -411,12 +411,17 @@ impl Serving {
     }
 
     fn take_client(&self, index: usize) -> Result<Client, InferenceError> {
-        if let Some(c) = self.pools[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-        {
-            return Ok(c);
+        // Pooled sessions the server closed meanwhile are dropped.
+        loop {
+            let pooled = self.pools[index]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            match pooled {
+                Some(c) if c.is_connected() => return Ok(c),
+                Some(_) => {}
+                None => break,
+            }
         }
         let model = &self.models[index];
         let options = ConnectOptions {
@@ -773,9 +778,20 @@ async fn batch_predict(
                 .map(|r| {
                     let serving = serving.clone();
                     let skeleton = failed_response(&serving, &r);
-                    let permit = state.limit_permit();
+                    let limit = state.limit.clone();
                     let task = tokio::spawn(async move {
-                        let _permit = permit?;
+                        // Items of a batch wait their turn (up to the default wait) rather than
+                        // failing while their own batch holds the permits.
+                        let _permit = tokio::time::timeout(DEFAULT_WAIT, limit.acquire_owned())
+                            .await
+                            .map_err(|_| InferenceError::QueueFull {
+                                message:
+                                    "too many HTTP requests in progress (max_concurrent_requests)"
+                                        .into(),
+                            })?
+                            .map_err(|_| InferenceError::Disconnected {
+                                message: "the server is stopping".into(),
+                            })?;
                         run_request(serving, r).await
                     });
                     (skeleton, task)

@@ -118,8 +118,9 @@ pub struct Sample {
     pending: Vec<(u64, u32, u8)>,
 }
 
-/// Values a sample keeps for later before it records them itself.
-const PENDING: usize = 256;
+/// Values a sample keeps for later before it records them itself (a poller settles them after
+/// publishing once half are taken, so this is a last resort).
+const PENDING: usize = 2048;
 
 impl Default for Sample {
     fn default() -> Self {
@@ -158,6 +159,12 @@ impl Sample {
         self.pending.push((ns, n, stage as u8));
     }
 
+    /// Whether half the room for kept values is taken.
+    #[inline]
+    pub fn half_full(&self) -> bool {
+        self.pending.len() >= PENDING / 2
+    }
+
     /// Records the values kept by [`later`](Self::later).
     pub fn settle(&mut self) {
         for (ns, n, stage) in self.pending.drain(..) {
@@ -181,6 +188,10 @@ impl Sample {
     }
 
     fn add(&mut self, other: &Sample) {
+        debug_assert!(
+            other.pending.is_empty(),
+            "a sample is settled before it is merged"
+        );
         for (h, o) in self.hist.iter_mut().zip(&other.hist) {
             // Same bounds on both sides: cannot fail.
             let _ = h.add(o);
@@ -761,7 +772,7 @@ impl Monitor {
                 let kind = ALERT_KINDS[i];
                 if next != active {
                     let event = AlertEvent {
-                        model_key: label(&s.entry.key).clone(),
+                        model_key: s.entry.key.clone(),
                         state: if next { "raised" } else { "cleared" },
                         kind,
                         value: value.unwrap_or_default(),
@@ -770,6 +781,10 @@ impl Monitor {
                         note: stale.then_some("no measurement for a while"),
                     };
                     events.push(event);
+                }
+                if stale && kind == AlertKind::Latency {
+                    // The EMA of a burst long past says nothing of the next request.
+                    s.ema_ms = None;
                 }
                 if next {
                     let since = s.alerts[i].as_ref().map_or(now, |a| a.since);
@@ -1286,9 +1301,15 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
                     "performance alert cleared"
                 );
             }
-            if let Some(tx) = &webhook {
-                if tx.try_send(e).is_err() {
-                    tracing::warn!("alert webhook backlog full: an alert event was not posted");
+            if let Some((tx, _)) = &webhook {
+                match tx.try_send(e) {
+                    Ok(()) => {}
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                        tracing::warn!("alert webhook backlog full: an alert event was not posted")
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                        tracing::warn!("alert webhook thread gone: an alert event was not posted")
+                    }
                 }
             }
         }
@@ -1296,11 +1317,24 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
             break;
         }
     }
+    // The last events are posted before the server exits (for at most 2 s).
+    if let Some((tx, handle)) = webhook {
+        drop(tx);
+        let until = Instant::now() + Duration::from_secs(2);
+        while !handle.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// A thread that POSTs alert transitions as JSON to `url`, in order, so a slow receiver holds
 /// up nothing else; failures are logged. `None` (logged) when the thread cannot start.
-fn webhook_sender(url: String) -> Option<std::sync::mpsc::SyncSender<AlertEvent>> {
+fn webhook_sender(
+    url: String,
+) -> Option<(
+    std::sync::mpsc::SyncSender<AlertEvent>,
+    std::thread::JoinHandle<()>,
+)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<AlertEvent>(256);
     let spawned = std::thread::Builder::new()
         .name("tie-webhook".into())
@@ -1321,7 +1355,7 @@ fn webhook_sender(url: String) -> Option<std::sync::mpsc::SyncSender<AlertEvent>
             }
         });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(handle) => Some((tx, handle)),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the alert webhook thread");
             None

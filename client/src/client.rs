@@ -542,6 +542,12 @@ impl Client {
         None
     }
 
+    /// Whether the session still stands: the server has not closed or faulted it and its socket
+    /// is open. A system call; for pools of idle sessions, not for the hot path.
+    pub fn is_connected(&self) -> bool {
+        !self.disconnected && !self.server_gone()
+    }
+
     /// Whether the server closed or faulted the session, or its socket hung up.
     fn server_gone(&self) -> bool {
         match self.rings.segment().server_state().0 {

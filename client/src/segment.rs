@@ -112,6 +112,17 @@ impl Segment {
         // has its writable fd, an inspector of another uid only its read-only one).
         rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600)).map_err(os("fchmod"))?;
         rustix::fs::ftruncate(&fd, geometry.segment_size as u64).map_err(os("ftruncate"))?;
+        if huge_pages {
+            // Huge pages are taken now, so a short pool is an error here (and the caller's
+            // fallback) rather than a SIGBUS at the first touch.
+            rustix::fs::fallocate(
+                &fd,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                geometry.segment_size as u64,
+            )
+            .map_err(os("fallocate"))?;
+        }
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(os("fcntl(F_ADD_SEALS)"))?;
         let map = map(&fd, geometry.segment_size)?;
@@ -302,6 +313,13 @@ pub(crate) fn check_header(
     .map_err(|_| SegmentOpenError::BadGeometry("ring sizes or feature count"))?
     .with_size(usize::try_from(info.segment_size).unwrap_or(0))
     .ok_or(SegmentOpenError::BadGeometry("segment size"))?;
+    // The rings' end, or that rounded up to huge pages: nothing larger is mapped.
+    let end = geometry.rings_end();
+    if geometry.segment_size != end
+        && geometry.segment_size != end.next_multiple_of(abi::HUGE_PAGE_SIZE)
+    {
+        return Err(SegmentOpenError::BadGeometry("segment size"));
+    }
     if geometry.info(
         info.layout_hash,
         info.session_id,

@@ -376,11 +376,20 @@ fn open_session(
                 created = Some(Ok(s));
             }
             // Served on ordinary pages rather than refused: the session works, a little slower.
-            Err(e) => tracing::warn!(
-                session = id,
-                error = %e,
-                "no huge page for a session segment (vm.nr_hugepages): ordinary pages used"
-            ),
+            // Logged once a minute at most.
+            Err(e) => {
+                static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+                let now = tie_client::monotonic_ns();
+                let last = LAST_WARNED.load(Ordering::Relaxed);
+                if last == 0 || now.saturating_sub(last) >= 60_000_000_000 {
+                    LAST_WARNED.store(now, Ordering::Relaxed);
+                    tracing::warn!(
+                        session = id,
+                        error = %e,
+                        "no huge page for a session segment (vm.nr_hugepages): ordinary pages used"
+                    );
+                }
+            }
         }
     }
     let created = created.unwrap_or_else(|| Segment::create(geometry, info_for(&geometry)));

@@ -48,7 +48,8 @@ pub enum Command {
 /// `tie report`.
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
-    /// `.hlog` files (the server's `[monitoring] hlog_dir`, or any HdrHistogram interval log).
+    /// `.hlog` files (the server's `[monitoring] hlog_dir`, tie-loadgen's, or any HdrHistogram
+    /// interval log), and tie-loadgen's `summary.json` and `sweep.json` files.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Values in the logs are in this unit per microsecond (1000 for nanoseconds).
@@ -57,6 +58,10 @@ pub struct ReportArgs {
     /// Print only the percentile table, not the distribution.
     #[arg(long)]
     pub summary: bool,
+    /// Draw the latency percentile distributions (and the sweeps' latency against
+    /// throughput) into this PNG.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
 }
 
 /// `tie doctor`.
@@ -131,26 +136,43 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Predict(args) => predict(args),
         Command::Devices(args) => devices(args),
         Command::Doctor(args) => doctor(args),
-        Command::Report(args) => {
-            let mut out = String::new();
-            for file in &args.files {
-                let text = std::fs::read(file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                let log = crate::report::read_hlog(&text).with_context(|| {
-                    format!("{} is not an HdrHistogram interval log", file.display())
-                })?;
-                crate::report::write_report(
-                    &mut out,
-                    &file.display().to_string(),
-                    &log,
-                    args.units_per_us,
-                    !args.summary,
-                );
-            }
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Report(args) => report(args),
     }
+}
+
+fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let mut out = String::new();
+    let mut logs = Vec::new();
+    let mut sweeps = Vec::new();
+    for file in &args.files {
+        let text =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let name = file.display().to_string();
+        if file.extension().is_some_and(|e| e == "json") {
+            // A tie-loadgen summary or sweep.
+            if let Ok(sweep) = serde_json::from_slice::<crate::report::Sweep>(&text) {
+                crate::report::write_sweep(&mut out, &name, &sweep);
+                sweeps.push((name, sweep));
+            } else {
+                let summary: crate::loadgen::Summary =
+                    serde_json::from_slice(&text).with_context(|| {
+                        format!("{name} is neither a tie-loadgen summary nor a sweep")
+                    })?;
+                crate::report::write_summary(&mut out, &name, &summary);
+            }
+            continue;
+        }
+        let log = crate::report::read_hlog(&text)
+            .with_context(|| format!("{name} is not an HdrHistogram interval log"))?;
+        crate::report::write_report(&mut out, &name, &log, args.units_per_us, !args.summary);
+        logs.push((name, log));
+    }
+    print!("{out}");
+    if let Some(chart) = &args.chart {
+        crate::report::draw_chart(chart, &logs, &sweeps, args.units_per_us)?;
+        println!("chart: {}", chart.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Warns about poller cores on another NUMA node than a GPU in use.

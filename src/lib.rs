@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod gpu;
 pub mod health;
 pub mod http;
+pub mod loadgen;
 pub mod logging;
 pub mod monitor;
 pub mod profile;

@@ -15,9 +15,11 @@
 # GPU MLP batch 1 and throughput at batch 64/256 (bench gpu, when a GPU is usable), and an
 # open-loop sweep with tie-loadgen against a served model (latency-throughput knee).
 set -u
+cd "$(dirname "$0")/.."
 out=${1:-bench-out}
 mkdir -p "$out"
-anchors=${ANCHORS:-.anchors}
+out=$(realpath "$out")
+anchors=$(realpath "${ANCHORS:-.anchors}")
 client_core=${CLIENT_CORE:-0}
 server_core=${SERVER_CORE:-1}
 date=$(date -u +%Y-%m-%d)
@@ -54,36 +56,46 @@ fi
 # Anchor: ping-pong between the two cores, before and after the latency runs.
 pingpong() {
   if [ -f "$anchors/pingpong.c" ]; then
-    gcc -O2 -o "$out/pp" "$anchors/pingpong.c" -lpthread 2>/dev/null && "$out/pp" 1000000 "$client_core" "$server_core" | tail -1
+    gcc -O2 -o "$out/pp" "$anchors/pingpong.c" -lpthread 2>/dev/null && "$out/pp" 1000000 "$client_core" "$server_core" | tail -1 \
+      || echo "pingpong: not measured (build or run failed)"
   else
     echo "pingpong: not measured ($anchors/pingpong.c missing)"
   fi
 }
 pp_before=$(pingpong)
-(cd "$root" && ITERS=${ITERS:-300000} CLIENT_CORE=$client_core SERVER_CORE=$server_core "$e2e" --bench) > "$out/e2e_latency.txt" 2>"$out/e2e_latency.err"
+(cd "$root" && ITERS=${ITERS:-300000} CLIENT_CORE=$client_core SERVER_CORE=$server_core "$e2e" --bench) > "$out/e2e_latency.txt" 2>"$out/e2e_latency.err" \
+  || echo "e2e_latency failed: see $out/e2e_latency.err" >> "$out/e2e_latency.txt"
 pp_after=$(pingpong)
 
 gpu_lines="GPU: not measured (no usable GPU)"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  (cd "$root" && ITERS=${GPU_ITERS:-50000} "$gpu" --bench) > "$out/gpu.txt" 2>"$out/gpu.err"
-  gpu_lines=$(grep -E "^(backend gpu64 batch (1|64|256) |backend wide16 batch (64|256) |e2e )" "$out/gpu.txt")
+  (cd "$root" && ITERS=${GPU_ITERS:-50000} CLIENT_CORE=$client_core SERVER_CORE=$server_core "$gpu" --bench) > "$out/gpu.txt" 2>"$out/gpu.err" \
+    || echo "GPU bench failed: see $out/gpu.err" >> "$out/gpu.txt"
+  gpu_lines=$(grep -E -A1 "^(e2e )" "$out/gpu.txt"; grep -E "^(backend gpu64 batch (1|64|256) |backend wide16 batch (64|256) )|failed|SKIP" "$out/gpu.txt")
+  [ -n "$gpu_lines" ] || gpu_lines="GPU: not measured (see $out/gpu.txt)"
   if [ -f "$anchors/graph_floor.cu" ] && command -v nvcc >/dev/null; then
-    (cd "$out" && nvcc -O2 -arch=sm_90 -o gf "$root/$anchors/graph_floor.cu" 2>/dev/null && taskset -c "$server_core" ./gf) > "$out/anchor-graph.txt" 2>&1
+    (cd "$out" && nvcc -O2 -arch=sm_90 -o gf "$anchors/graph_floor.cu" 2>/dev/null && taskset -c "$server_core" ./gf) > "$out/anchor-graph.txt" 2>&1
   fi
   if [ -f "$anchors/gpu_mlp_anchor.py" ]; then
     (N=3000 timeout 200 python3 "$anchors/gpu_mlp_anchor.py") > "$out/anchor-torch.txt" 2>&1
   fi
 fi
 
-# Open-loop sweep against a served model (the CPU backend unless a GPU is usable).
+# Open-loop sweep against a served mlp64 (the CPU backend unless a GPU is usable).
 sock=$(mktemp -d)
+mkdir -p "$sock/models" && ln -s "$root/models/mlp64" "$sock/models/mlp64"
 printf '[server]\npoller_cores = [%s]\n' "$server_core" > "$out/serve.toml"
-"$tie_bin" serve --config "$out/serve.toml" --model-repository "$root/models" --socket-dir "$sock" \
+"$tie_bin" serve --config "$out/serve.toml" --model-repository "$sock/models" --socket-dir "$sock" \
   --endpoint suite --http-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
 serve_pid=$!
-for _ in $(seq 1 100); do [ -S "$sock/suite.sock" ] && break; sleep 0.2; done
-"$loadgen" sweep --endpoint suite --socket-dir "$sock" --model mlp64 --rates ${SWEEP_RATES:-1000,5000,20000,50000,100000} \
-  --p99-bound-us ${SWEEP_P99_US:-200} --duration ${SWEEP_SECONDS:-3} --warmup 0.5 --cores "$client_core" --out "$out/sweep" > "$out/sweep.txt" 2>&1
+for _ in $(seq 1 300); do [ -S "$sock/suite.sock" ] && break; kill -0 $serve_pid 2>/dev/null || break; sleep 0.2; done
+if [ -S "$sock/suite.sock" ]; then
+  "$loadgen" sweep --endpoint suite --socket-dir "$sock" --model mlp64 --rates "${SWEEP_RATES:-1000,5000,20000,50000,100000}" \
+    --p99-bound-us "${SWEEP_P99_US:-200}" --duration "${SWEEP_SECONDS:-3}" --warmup 0.5 --cores "$client_core" --out "$out/sweep" > "$out/sweep.txt" 2>&1 \
+    || echo "sweep failed" >> "$out/sweep.txt"
+else
+  echo "sweep: not measured (the server did not start: see $out/serve.log)" > "$out/sweep.txt"
+fi
 kill -TERM $serve_pid; wait $serve_pid 2>/dev/null
 "$tie_bin" report "$out/sweep/sweep.json" --chart "$out/sweep.png" >> "$out/sweep.txt" 2>&1
 

@@ -64,25 +64,32 @@ pub struct WorkerSpec {
     pub out_dir: PathBuf,
     /// Seed of the random rows.
     pub seed: u64,
+    /// Ring slots of the session (`None`: room for 2 s of the rate, or the concurrency).
+    pub capacity: Option<u32>,
 }
 
 /// What a worker reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerResult {
-    /// Base64 of the V2-deflate latency histogram (answers with a prediction).
+    /// Base64 of the V2-deflate latency histogram: every request scheduled after the warm-up,
+    /// answered or not (see [`Summary`]).
     pub histogram: String,
-    /// Requests sent.
+    /// Base64 of the histogram of send lags: how late past its schedule each request went out.
+    pub send_lag: String,
+    /// Requests sent (by the end of the load).
     pub sent: u64,
-    /// Predictions received (recorded or in the warm-up).
+    /// Predictions after the warm-up.
     pub ok: u64,
-    /// Error answers by status name.
+    /// Predictions read within the load window (after the warm-up, before the end).
+    pub ok_in_window: u64,
+    /// Error answers after the warm-up, by status name.
     pub errors: BTreeMap<String, u64>,
-    /// Requests never sent because the run ended first (the session full all along).
+    /// Requests never sent (the session full, or the server gone, until the end).
     pub unsent: u64,
-    /// Requests whose answer did not come within 5 s after the end.
+    /// Requests sent and never answered (5 s after the end, or the server gone).
     pub unanswered: u64,
-    /// Largest delay of a send past its schedule (ns).
-    pub max_send_lag_ns: u64,
+    /// The server went away during the run.
+    pub disconnected: bool,
     /// Seconds from the first schedule to the last answer.
     pub elapsed_s: f64,
 }
@@ -100,11 +107,14 @@ pub struct Summary {
     pub offered_rps: f64,
     /// Requests sent per second of load.
     pub sent_rps: f64,
-    /// Predictions per second of load (after the warm-up).
+    /// Predictions read per second within the load window (after the warm-up, before the
+    /// end): a backlog drained after the end does not count.
     pub achieved_rps: f64,
     /// Seconds of load.
     pub duration_s: f64,
-    /// Latencies recorded.
+    /// Latencies recorded: every request scheduled after the warm-up, answered (prediction or
+    /// error) from its schedule to its answer, unanswered or unsent as from its schedule to
+    /// when the run gave up on it (a lower bound).
     pub count: u64,
     /// Median (µs).
     pub p50_us: f64,
@@ -122,12 +132,19 @@ pub struct Summary {
     pub mean_us: f64,
     /// Requests sent.
     pub sent: u64,
-    /// Error answers by kind.
+    /// Predictions after the warm-up.
+    pub ok: u64,
+    /// Error answers after the warm-up, by kind.
     pub errors: BTreeMap<String, u64>,
-    /// Requests never sent, and sent but never answered.
+    /// Requests never sent (see [`WorkerResult::unsent`]).
     pub unsent: u64,
-    /// See [`WorkerResult::unanswered`].
+    /// Requests sent and never answered (see [`WorkerResult::unanswered`]).
     pub unanswered: u64,
+    /// A worker's server went away.
+    pub disconnected: bool,
+    /// 99th percentile of the sends' delay past their schedule (µs): the generator's own
+    /// lateness, included in the latencies (they are timed from the schedule).
+    pub send_lag_p99_us: f64,
     /// Largest delay of a send past its schedule (µs).
     pub max_send_lag_us: f64,
     /// The interval logs, one per worker.
@@ -177,6 +194,12 @@ pub fn read_rows(path: &Path, width: usize) -> anyhow::Result<Vec<Vec<f32>>> {
             .map(|v| v.trim().parse::<f32>())
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
+        anyhow::ensure!(
+            row.iter().all(|v| v.is_finite()),
+            "{}:{}: a value is not finite",
+            path.display(),
+            n + 1
+        );
         anyhow::ensure!(
             row.len() == width,
             "{}:{}: {} values, the model reads {width}",
@@ -242,7 +265,8 @@ impl IntervalLog {
             .unwrap_or_default()
             .as_secs_f64();
         // The monotonic start maps to wall time through the current offset between the clocks.
-        let base = now - (monotonic_ns().saturating_sub(base_ns)) as f64 / 1e9;
+        // (`base_ns` may still be ahead: the offset is signed.)
+        let base = now - (monotonic_ns() as f64 - base_ns as f64) / 1e9;
         writeln!(
             file,
             "#[Logged by tie-loadgen; latency from the scheduled send, ns]"
@@ -293,11 +317,11 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
             eprintln!("worker {}: cannot pin to core {core}", spec.index);
         }
     }
-    let capacity = match spec.rate {
+    let capacity = spec.capacity.unwrap_or(match spec.rate {
         // Room for 2 s of load in flight (a stalled server), within the ring limit.
         Some(rate) => ((rate * 2.0) as u32).clamp(64, 1 << 16).next_power_of_two(),
         None => spec.concurrency.clamp(1, 1 << 16).next_power_of_two(),
-    };
+    });
     let options = ConnectOptions {
         version: spec.version,
         socket_dir: spec.socket_dir.clone(),
@@ -309,66 +333,98 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
     let width = client.feature_count() as usize;
     let rows = match &spec.features_file {
         Some(path) => read_rows(path, width)?,
-        None => random_rows(width, spec.seed ^ spec.index as u64),
+        None => random_rows(
+            width,
+            spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (spec.index as u64 + 1),
+        ),
     };
     let mut log = IntervalLog::create(
         &spec.out_dir.join(format!("worker-{}.hlog", spec.index)),
         spec.start_ns,
     )?;
     let mut total = histogram();
+    let mut lag = histogram();
     let mut result = WorkerResult::default();
     let start = spec.start_ns;
     let end = start + (spec.duration_s * 1e9) as u64;
     let record_from = start + (spec.warmup_s * 1e9) as u64;
     let drain_until = end + 5_000_000_000;
-    // The schedule (open loop) or the submit time (closed loop) of each request in flight.
-    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // Request id and schedule (open loop) or submit time (closed loop) of each one in flight;
+    // answers come back in submission order.
+    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
     let count = spec.rate.map(|r| (r * spec.duration_s).round() as u64);
+    let scheduled_at = |i: u64| start + (i as f64 * 1e9 / spec.rate.unwrap_or(1.0)) as u64;
     let mut next: u64 = 0;
+    if monotonic_ns() > start {
+        eprintln!(
+            "worker {}: ready after the common start: its first sends are late",
+            spec.index
+        );
+    }
     while monotonic_ns() < start {
         std::hint::spin_loop();
     }
+    let record = |h: &mut Histogram<u64>, ns: u64| {
+        let _ = h.record(ns.clamp(1, MAX_NS));
+    };
     loop {
         let now = monotonic_ns();
         // Send what is due.
-        loop {
-            let due = match (spec.rate, count) {
-                (Some(rate), Some(count)) if next < count => {
-                    let at = start + (next as f64 * 1e9 / rate) as u64;
-                    (at <= now).then_some(at)
-                }
-                (None, _) if now < end && (in_flight.len() as u32) < spec.concurrency => Some(now),
+        while !result.disconnected {
+            let due = match count {
+                Some(count) if next < count => Some(scheduled_at(next)).filter(|&at| at <= now),
+                None if now < end && (in_flight.len() as u32) < spec.concurrency => Some(now),
                 _ => None,
             };
             let Some(scheduled) = due else { break };
             let deadline = spec.deadline_us.map(|us| scheduled + us * 1000);
             let row = &rows[next as usize % rows.len()];
             match client.submit(row, priority_of(next, &spec.priorities), deadline) {
-                Ok(_) => {
-                    result.max_send_lag_ns =
-                        result.max_send_lag_ns.max(now.saturating_sub(scheduled));
-                    in_flight.push_back(scheduled);
-                    result.sent += 1;
+                Ok(id) => {
+                    if scheduled >= record_from {
+                        record(&mut lag, now.saturating_sub(scheduled));
+                    }
+                    in_flight.push_back((id, scheduled));
+                    if now <= end {
+                        result.sent += 1;
+                    }
                     next += 1;
                 }
                 // The session is full: sent when an answer makes room, still timed from its
                 // schedule.
                 Err(SubmitError::QueueFull { .. }) => break,
+                // The server went away: the rest of the schedule is never sent.
+                Err(SubmitError::Disconnected) => result.disconnected = true,
                 Err(e) => anyhow::bail!("worker {}: submit failed: {e}", spec.index),
             }
         }
         // Take every answer there is.
         while let Some(r) = client.poll() {
             let read = monotonic_ns();
-            let sent_at = in_flight
-                .pop_front()
-                .expect("an answer per request in flight");
+            let Some((id, sent_at)) = in_flight.pop_front() else {
+                anyhow::bail!("worker {}: an answer with no request in flight", spec.index);
+            };
+            anyhow::ensure!(
+                r.request_id == id,
+                "worker {}: answer to {} where {id} was due",
+                spec.index,
+                r.request_id
+            );
+            if r.status == Status::DISCONNECTED {
+                result.disconnected = true;
+                in_flight.push_front((id, sent_at));
+                break;
+            }
+            if sent_at < record_from {
+                continue;
+            }
+            let ns = read.saturating_sub(sent_at);
+            record(&mut total, ns);
+            record(&mut log.interval, ns);
             if r.status == Status::OK {
                 result.ok += 1;
-                if sent_at >= record_from {
-                    let ns = read.saturating_sub(sent_at).clamp(1, MAX_NS);
-                    let _ = total.record(ns);
-                    let _ = log.interval.record(ns);
+                if read <= end {
+                    result.ok_in_window += 1;
                 }
             } else {
                 let name = r.status.name().unwrap_or("Unknown").to_string();
@@ -381,20 +437,32 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
             Some(count) => next >= count,
             None => now >= end,
         };
-        if all_sent && in_flight.is_empty() {
-            break;
-        }
-        if now >= drain_until {
+        if (all_sent && in_flight.is_empty()) || result.disconnected || now >= drain_until {
+            // What is left is recorded from its schedule to now: a lower bound of its latency.
+            for &(_, sent_at) in &in_flight {
+                if sent_at >= record_from {
+                    record(&mut total, now.saturating_sub(sent_at));
+                }
+            }
             result.unanswered = in_flight.len() as u64;
-            result.unsent = count.map_or(0, |c| c - next);
+            if let Some(count) = count {
+                for i in next..count {
+                    let at = scheduled_at(i);
+                    if at >= record_from {
+                        record(&mut total, now.saturating_sub(at).max(1));
+                    }
+                }
+                result.unsent = count - next;
+            }
             break;
         }
-        // Sleep when the next send is far; spin close to it (sends on time to the µs).
-        if let (Some(rate), Some(count)) = (spec.rate, count) {
+        // An unpinned worker sleeps when the next send is far; a pinned one spins (a late
+        // wake-up would be charged to the server: latencies are timed from the schedule).
+        if let (None, Some(count)) = (spec.core, count) {
             if next < count && in_flight.is_empty() {
-                let at = start + (next as f64 * 1e9 / rate) as u64;
-                if at > now + 200_000 {
-                    std::thread::sleep(Duration::from_nanos(at - now - 100_000));
+                let at = scheduled_at(next);
+                if at > now + 1_000_000 {
+                    std::thread::sleep(Duration::from_nanos(at - now - 500_000));
                 }
             }
         }
@@ -404,6 +472,7 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
     log.file.flush()?;
     result.elapsed_s = monotonic_ns().saturating_sub(start) as f64 / 1e9;
     result.histogram = encode(&total);
+    result.send_lag = encode(&lag);
     Ok(result)
 }
 
@@ -429,8 +498,18 @@ pub struct RunSpec {
 pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(&spec.worker.out_dir)?;
     // Time for every worker to start and connect before the common start.
-    let start_ns = monotonic_ns() + 300_000_000;
-    let mut children = Vec::new();
+    let start_ns = monotonic_ns() + 500_000_000 + 50_000_000 * spec.workers as u64;
+    // Workers left running by an error are killed, not left loading the server.
+    struct Children(Vec<std::process::Child>);
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut children = Children(Vec::new());
     for index in 0..spec.workers {
         let mut w = spec.worker.clone();
         w.index = index;
@@ -442,16 +521,20 @@ pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
             .env("TIE_LOADGEN_WORKER", serde_json::to_string(&w)?)
             .stdout(std::process::Stdio::piped())
             .spawn()?;
-        children.push(child);
+        children.0.push(child);
     }
     let mut results = Vec::new();
-    for (i, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(out.status.success(), "worker {i} failed ({})", out.status);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
+    for i in 0..children.0.len() {
+        let mut stdout = String::new();
+        if let Some(mut out) = children.0[i].stdout.take() {
+            std::io::Read::read_to_string(&mut out, &mut stdout)?;
+        }
+        let status = children.0[i].wait()?;
+        anyhow::ensure!(status.success(), "worker {i} failed ({status})");
+        let line = stdout.lines().last().unwrap_or_default();
         results.push(serde_json::from_str::<WorkerResult>(line)?);
     }
+    children.0.clear();
     let summary = summarise(spec, &results)?;
     std::fs::write(
         spec.worker.out_dir.join("summary.json"),
@@ -462,6 +545,7 @@ pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
 
 fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary> {
     let mut total = histogram();
+    let mut lag = histogram();
     let mut s = Summary {
         mode: if spec.total_rate.is_some() {
             "open"
@@ -475,31 +559,41 @@ fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary
         duration_s: spec.worker.duration_s,
         ..Summary::default()
     };
+    let mut ok_in_window = 0;
     for r in results {
-        total
-            .add(decode(&r.histogram)?)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let merge = |into: &mut Histogram<u64>, text: &str| -> anyhow::Result<()> {
+            into.add(decode(text)?)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        };
+        merge(&mut total, &r.histogram)?;
+        merge(&mut lag, &r.send_lag)?;
         s.sent += r.sent;
+        s.ok += r.ok;
+        ok_in_window += r.ok_in_window;
         s.unsent += r.unsent;
         s.unanswered += r.unanswered;
-        s.max_send_lag_us = s.max_send_lag_us.max(r.max_send_lag_ns as f64 / 1e3);
+        s.disconnected |= r.disconnected;
         for (k, n) in &r.errors {
             *s.errors.entry(k.clone()).or_default() += n;
         }
     }
-    let us = |q: f64| total.value_at_quantile(q) as f64 / 1e3;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
     let loaded = (spec.worker.duration_s - spec.worker.warmup_s).max(1e-9);
     s.sent_rps = s.sent as f64 / spec.worker.duration_s.max(1e-9);
-    s.achieved_rps = total.len() as f64 / loaded;
+    s.achieved_rps = ok_in_window as f64 / loaded;
     s.count = total.len();
     if !total.is_empty() {
-        s.p50_us = us(0.5);
-        s.p90_us = us(0.9);
-        s.p99_us = us(0.99);
-        s.p99_9_us = us(0.999);
-        s.p99_99_us = us(0.9999);
+        s.p50_us = us(&total, 0.5);
+        s.p90_us = us(&total, 0.9);
+        s.p99_us = us(&total, 0.99);
+        s.p99_9_us = us(&total, 0.999);
+        s.p99_99_us = us(&total, 0.9999);
         s.max_us = total.max() as f64 / 1e3;
         s.mean_us = total.mean() / 1e3;
+    }
+    if !lag.is_empty() {
+        s.send_lag_p99_us = us(&lag, 0.99);
+        s.max_send_lag_us = lag.max() as f64 / 1e3;
     }
     s.hlogs = (0..spec.workers)
         .map(|i| spec.worker.out_dir.join(format!("worker-{i}.hlog")))
@@ -536,6 +630,9 @@ pub struct SweepReport {
     pub points: Vec<SweepPoint>,
     /// The highest rate sustained before the first that was not (`None`: not even the first).
     pub knee_rps: Option<f64>,
+    /// Whether a rate was not sustained (else the knee is only known to be above the last
+    /// rate tried).
+    pub crossed: bool,
 }
 
 /// Runs `spec` at each of `rates` in turn (each in a subdirectory `rate-<r>`) until one is not
@@ -549,17 +646,43 @@ pub fn sweep(
     rates: &[f64],
     p99_bound_us: f64,
 ) -> anyhow::Result<SweepReport> {
+    anyhow::ensure!(
+        rates.windows(2).all(|w| w[0] < w[1]) && rates.iter().all(|&r| r > 0.0),
+        "sweep rates must be positive and ascending"
+    );
     let mut report = SweepReport {
         p99_bound_us,
         points: Vec::new(),
         knee_rps: None,
+        crossed: false,
     };
     for &rate in rates {
         let mut s = spec.clone();
         s.total_rate = Some(rate);
         s.worker.out_dir = spec.worker.out_dir.join(format!("rate-{rate}"));
-        let summary = run(exe, &s)?;
-        let failures = summary.errors.values().sum::<u64>() + summary.unsent + summary.unanswered;
+        let summary = match run(exe, &s) {
+            Ok(summary) => summary,
+            // A run that fails (its workers could not connect) is the end of the sweep, and
+            // the points so far are kept.
+            Err(e) => {
+                eprintln!("rate {rate}/s failed: {e:#}");
+                report.crossed = true;
+                report.points.push(SweepPoint {
+                    offered_rps: rate,
+                    achieved_rps: 0.0,
+                    p50_us: 0.0,
+                    p99_us: 0.0,
+                    p99_9_us: 0.0,
+                    failures: 1,
+                    sustained: false,
+                });
+                break;
+            }
+        };
+        let failures = summary.errors.values().sum::<u64>()
+            + summary.unsent
+            + summary.unanswered
+            + u64::from(summary.disconnected);
         let sustained = summary.count > 0
             && summary.p99_us <= p99_bound_us
             && failures == 0
@@ -574,6 +697,7 @@ pub fn sweep(
             sustained,
         });
         if !sustained {
+            report.crossed = true;
             break;
         }
         report.knee_rps = Some(rate);

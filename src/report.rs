@@ -234,7 +234,8 @@ pub fn write_sweep(out: &mut String, name: &str, sweep: &Sweep) {
         );
     }
     let _ = match sweep.knee_rps {
-        Some(r) => writeln!(out, "  highest sustained rate: {r:.0}/s"),
+        Some(r) if sweep.crossed => writeln!(out, "  highest sustained rate: {r:.0}/s"),
+        Some(r) => writeln!(out, "  every rate sustained: the knee is above {r:.0}/s"),
         None => writeln!(out, "  no rate sustained"),
     };
 }
@@ -243,9 +244,10 @@ pub fn write_sweep(out: &mut String, name: &str, sweep: &Sweep) {
 pub fn write_summary(out: &mut String, name: &str, s: &crate::loadgen::Summary) {
     let _ = writeln!(
         out,
-        "{name}: {} loop, {} workers, offered {:.0}/s, achieved {:.0}/s, {} latencies: p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}",
-        s.mode, s.workers, s.offered_rps, s.achieved_rps, s.count, s.p50_us, s.p90_us, s.p99_us,
-        s.p99_9_us, s.p99_99_us, s.max_us, s.errors
+        "{name}: {} loop, {} workers, offered {:.0}/s, sent {:.0}/s, achieved {:.0}/s, {} latencies: p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}, unsent {}, unanswered {}, send lag p99 {:.2} max {:.2} µs",
+        s.mode, s.workers, s.offered_rps, s.sent_rps, s.achieved_rps, s.count, s.p50_us, s.p90_us,
+        s.p99_us, s.p99_9_us, s.p99_99_us, s.max_us, s.errors, s.unsent, s.unanswered,
+        s.send_lag_p99_us, s.max_send_lag_us
     );
 }
 

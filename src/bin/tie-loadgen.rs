@@ -82,6 +82,10 @@ struct Load {
     /// Seed of the random rows.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Ring slots of each worker's session (default: 2 s of its rate, or its concurrency);
+    /// fewer make sends wait for answers, still timed from their schedule.
+    #[arg(long, hide = true)]
+    capacity: Option<u32>,
 }
 
 impl Load {
@@ -91,6 +95,11 @@ impl Load {
             "give --rate (open loop) or --concurrency (closed loop)"
         );
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(
+            self.concurrency != Some(0),
+            "--concurrency must be at least 1"
+        );
+        anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
         anyhow::ensure!(
             self.duration > self.warmup,
             "--duration must exceed --warmup"
@@ -116,6 +125,7 @@ impl Load {
                 features_file: self.features.clone(),
                 out_dir: self.out.clone(),
                 seed: self.seed,
+                capacity: self.capacity,
             },
             workers: self.workers,
             cores: self.cores.clone(),
@@ -145,9 +155,10 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Run(load) => {
             let s = loadgen::run(&exe, &load.spec()?)?;
             println!(
-                "{} {} workers: offered {:.0}/s, sent {:.0}/s, achieved {:.0}/s; p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}, unsent {}, unanswered {}",
+                "{} {} workers: offered {:.0}/s, sent {:.0}/s, achieved {:.0}/s; p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}, unsent {}, unanswered {}; send lag p99 {:.2} max {:.2} µs",
                 s.mode, s.workers, s.offered_rps, s.sent_rps, s.achieved_rps, s.p50_us, s.p90_us,
-                s.p99_us, s.p99_9_us, s.p99_99_us, s.max_us, s.errors, s.unsent, s.unanswered
+                s.p99_us, s.p99_9_us, s.p99_99_us, s.max_us, s.errors, s.unsent, s.unanswered,
+                s.send_lag_p99_us, s.max_send_lag_us
             );
             println!("{}", load.out.join("summary.json").display());
         }
@@ -171,7 +182,12 @@ fn run() -> anyhow::Result<ExitCode> {
                 );
             }
             match report.knee_rps {
-                Some(r) => println!("highest rate with p99 <= {p99_bound_us} µs: {r:.0}/s"),
+                Some(r) if report.crossed => {
+                    println!("highest rate with p99 <= {p99_bound_us} µs: {r:.0}/s")
+                }
+                Some(r) => {
+                    println!("every rate kept p99 <= {p99_bound_us} µs: the knee is above {r:.0}/s")
+                }
                 None => println!("no rate kept p99 <= {p99_bound_us} µs"),
             }
             println!("{}", load.out.join("sweep.json").display());

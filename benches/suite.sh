@@ -97,7 +97,9 @@ else
   echo "sweep: not measured (the server did not start: see $out/serve.log)" > "$out/sweep.txt"
 fi
 kill -TERM $serve_pid; wait $serve_pid 2>/dev/null
-"$tie_bin" report "$out/sweep/sweep.json" --chart "$out/sweep.png" >> "$out/sweep.txt" 2>&1
+# The chart: each rate's latency by percentile (its first worker's log), and the sweep.
+"$tie_bin" report --summary "$out/sweep/sweep.json" "$out"/sweep/rate-*/worker-0.hlog --chart "$out/sweep.png" \
+  | grep -v "^  " >> "$out/sweep.txt" 2>&1
 
 {
   echo '```text'

@@ -293,81 +293,93 @@ pub fn draw_chart(
     REGISTERED.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
-    let height = if sweeps.is_empty() { 600 } else { 1100 };
+    anyhow::ensure!(
+        !logs.is_empty() || !sweeps.is_empty(),
+        "nothing to draw: give .hlog files or a sweep.json"
+    );
+    // A panel for the percentiles when there are logs, one for the sweeps when there are any.
+    let height = match (logs.is_empty(), sweeps.is_empty()) {
+        (false, false) => 1100,
+        _ => 560,
+    };
     let root = BitMapBackend::new(path, (1200, height)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (top, bottom) = if sweeps.is_empty() {
-        (root.clone(), None)
-    } else {
-        let (a, b) = root.split_vertically(560);
-        (a, Some(b))
+    let (top, bottom) = match (logs.is_empty(), sweeps.is_empty()) {
+        (false, true) => (Some(root.clone()), None),
+        (true, false) => (None, Some(root.clone())),
+        _ => {
+            let (a, b) = root.split_vertically(560);
+            (Some(a), Some(b))
+        }
     };
-    // Percentile axis: x = log10(1 / (1 - q)), 0 (p0) to 5 (p99.999).
     const NINES: f64 = 5.0;
     // Series are named by the last two parts of their path (directory and file).
     let short = |name: &str| {
         let parts: Vec<&str> = name.rsplit('/').take(2).collect();
         parts.into_iter().rev().collect::<Vec<_>>().join("/")
     };
-    let series: Vec<(String, &Histogram<u64>)> = logs
-        .iter()
-        .flat_map(|(name, log)| {
-            log.tags.iter().map(move |(tag, t)| {
-                let name = short(name);
-                let label = if tag.is_empty() {
-                    name
-                } else {
-                    format!("{name} {tag}")
-                };
-                (label, &t.histogram)
-            })
-        })
-        .collect();
-    let y_max = series
-        .iter()
-        .map(|(_, h)| h.value_at_quantile(1.0 - 10f64.powf(-NINES)) as f64 / units_per_us)
-        .fold(1e-3, f64::max);
-    let mut chart = ChartBuilder::on(&top)
-        .caption("Latency by percentile", ("sans-serif", 24))
-        .margin(20)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..NINES, 0.0..y_max * 1.1)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("percentile")
-        .y_desc("latency (µs)")
-        .x_labels(6)
-        .x_label_formatter(&|x| {
-            let q = 100.0 * (1.0 - 10f64.powf(-x));
-            match x.round() as i32 {
-                0 => "0%".into(),
-                n => format!("{q:.*}%", (n - 2).max(0) as usize),
-            }
-        })
-        .label_style(("sans-serif", 16))
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (i, (label, h)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = (0..=500)
-            .map(|k| {
-                let x = NINES * k as f64 / 500.0;
-                let q = 1.0 - 10f64.powf(-x);
-                (x, h.value_at_quantile(q) as f64 / units_per_us)
+    if let Some(top) = &top {
+        // Percentile axis: x = log10(1 / (1 - q)), 0 (p0) to 5 (p99.999).
+        let series: Vec<(String, &Histogram<u64>)> = logs
+            .iter()
+            .flat_map(|(name, log)| {
+                log.tags.iter().map(move |(tag, t)| {
+                    let name = short(name);
+                    let label = if tag.is_empty() {
+                        name
+                    } else {
+                        format!("{name} {tag}")
+                    };
+                    (label, &t.histogram)
+                })
             })
             .collect();
+        let y_max = series
+            .iter()
+            .map(|(_, h)| h.value_at_quantile(1.0 - 10f64.powf(-NINES)) as f64 / units_per_us)
+            .fold(1e-3, f64::max);
+        let mut chart = ChartBuilder::on(top)
+            .caption("Latency by percentile", ("sans-serif", 24))
+            .margin(20)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0.0..NINES, 0.0..y_max * 1.1)
+            .map_err(|e| err(&e))?;
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("latency (µs)")
+            .x_labels(6)
+            .x_label_formatter(&|x| {
+                let q = 100.0 * (1.0 - 10f64.powf(-x));
+                match x.round() as i32 {
+                    0 => "0%".into(),
+                    n => format!("{q:.*}%", (n - 2).max(0) as usize),
+                }
+            })
+            .label_style(("sans-serif", 16))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (label, h)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points: Vec<(f64, f64)> = (0..=500)
+                .map(|k| {
+                    let x = NINES * k as f64 / 500.0;
+                    let q = 1.0 - 10f64.powf(-x);
+                    (x, h.value_at_quantile(q) as f64 / units_per_us)
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        draw_legend(&mut chart).map_err(|e| err(&e))?;
     }
-    draw_legend(&mut chart).map_err(|e| err(&e))?;
     if let Some(bottom) = bottom {
         let x_max = sweeps
             .iter()

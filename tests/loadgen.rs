@@ -286,4 +286,20 @@ fn a_sweep_stops_at_the_first_rate_over_the_bound() {
     assert_eq!(report["crossed"], true);
     assert_eq!(report["points"].as_array().unwrap().len(), 1);
     assert_eq!(report["points"][0]["sustained"], false);
+    // A sweep alone draws only its panel.
+    let chart = out.join("sweep-only.png");
+    let drawn = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("report")
+        .arg(out.join("sweep.json"))
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    assert!(
+        drawn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drawn.stderr)
+    );
+    let png = std::fs::read(&chart).unwrap();
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 560);
 }

@@ -20,8 +20,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
-use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status, SubmitError};
@@ -234,19 +232,8 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid bounds")
 }
 
-fn encode(h: &Histogram<u64>) -> String {
-    let mut buf = Vec::new();
-    V2DeflateSerializer::new()
-        .serialize(h, &mut buf)
-        .expect("serialising into memory");
-    base64::engine::general_purpose::STANDARD.encode(buf)
-}
-
 fn decode(text: &str) -> anyhow::Result<Histogram<u64>> {
-    let raw = base64::engine::general_purpose::STANDARD.decode(text)?;
-    Deserializer::new()
-        .deserialize(&mut &raw[..])
-        .map_err(|e| anyhow::anyhow!("bad histogram: {e:?}"))
+    crate::report::decode_histogram(text).map_err(|e| anyhow::anyhow!("bad histogram: {e}"))
 }
 
 /// The interval log of a worker: one `latency` interval a second.
@@ -267,16 +254,10 @@ impl IntervalLog {
         // The monotonic start maps to wall time through the current offset between the clocks.
         // (`base_ns` may still be ahead: the offset is signed.)
         let base = now - (monotonic_ns() as f64 - base_ns as f64) / 1e9;
-        writeln!(
-            file,
-            "#[Logged by tie-loadgen; latency from the scheduled send, ns]"
-        )?;
-        writeln!(file, "#[StartTime: {base:.3} (seconds since epoch)]")?;
-        writeln!(file, "#[BaseTime: {base:.3} (seconds since epoch)]")?;
-        writeln!(file, "#[Histogram log format version 1.3]")?;
-        writeln!(
-            file,
-            "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\""
+        crate::report::write_hlog_header(
+            &mut file,
+            "Logged by tie-loadgen; latency from the scheduled send, ns",
+            base,
         )?;
         Ok(Self {
             file,
@@ -294,11 +275,12 @@ impl IntervalLog {
         if !self.interval.is_empty() {
             let start = self.interval_start_ns.saturating_sub(self.base_ns) as f64 / 1e9;
             let length = now_ns.saturating_sub(self.interval_start_ns) as f64 / 1e9;
-            writeln!(
-                self.file,
-                "Tag=latency,{start:.3},{length:.3},{:.3},{}",
-                self.interval.max() as f64,
-                encode(&self.interval)
+            crate::report::write_hlog_interval(
+                &mut self.file,
+                "latency",
+                start,
+                length,
+                &self.interval,
             )?;
             self.interval.reset();
         }
@@ -471,8 +453,8 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
     log.roll(monotonic_ns(), true)?;
     log.file.flush()?;
     result.elapsed_s = monotonic_ns().saturating_sub(start) as f64 / 1e9;
-    result.histogram = encode(&total);
-    result.send_lag = encode(&lag);
+    result.histogram = crate::report::encode_histogram(&total);
+    result.send_lag = crate::report::encode_histogram(&lag);
     Ok(result)
 }
 

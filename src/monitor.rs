@@ -1150,10 +1150,7 @@ fn gpu_utilization(bus_ids: &[String], gpus: &[crate::gpu::GpuFigures]) -> Optio
 /// Interval logs: one `.hlog` per model, one tagged histogram per stage and interval.
 pub struct HlogFiles {
     files: Vec<std::io::BufWriter<std::fs::File>>,
-    serializer: hdrhistogram::serialization::V2DeflateSerializer,
     base: SystemTime,
-    buf: Vec<u8>,
-    text: String,
 }
 
 impl HlogFiles {
@@ -1174,25 +1171,15 @@ impl HlogFiles {
         for key in keys {
             let path = hlog_path(dir, key);
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            writeln!(
-                f,
-                "#[Logged by tie {} for model {key}; values in nanoseconds]",
+            let comment = format!(
+                "Logged by tie {} for model {key}; values in nanoseconds",
                 env!("CARGO_PKG_VERSION")
-            )?;
-            writeln!(f, "#[StartTime: {secs:.3} (seconds since epoch)]")?;
-            writeln!(f, "#[BaseTime: {secs:.3} (seconds since epoch)]")?;
-            writeln!(f, "#[Histogram log format version 1.3]")?;
-            writeln!(f, "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"")?;
+            );
+            crate::report::write_hlog_header(&mut f, &comment, secs)?;
             f.flush()?;
             files.push(f);
         }
-        Ok(Self {
-            files,
-            serializer: hdrhistogram::serialization::V2DeflateSerializer::new(),
-            base,
-            buf: Vec::new(),
-            text: String::new(),
-        })
+        Ok(Self { files, base })
     }
 
     /// Appends model `index`'s interval that ended now and lasted `length`: one line per stage
@@ -1206,8 +1193,6 @@ impl HlogFiles {
         sample: &Sample,
         length: Duration,
     ) -> std::io::Result<()> {
-        use base64::Engine as _;
-        use hdrhistogram::serialization::Serializer as _;
         use std::io::Write;
         let end = SystemTime::now()
             .duration_since(self.base)
@@ -1219,20 +1204,12 @@ impl HlogFiles {
             if h.is_empty() {
                 continue;
             }
-            self.buf.clear();
-            self.text.clear();
-            self.serializer
-                .serialize(h, &mut self.buf)
-                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-            base64::engine::general_purpose::STANDARD.encode_string(&self.buf, &mut self.text);
-            writeln!(
+            crate::report::write_hlog_interval(
                 f,
-                "Tag={},{:.3},{:.3},{:.3},{}",
                 stage.name(),
                 start.as_secs_f64(),
                 length.as_secs_f64(),
-                h.max() as f64,
-                self.text
+                h,
             )?;
         }
         f.flush()
@@ -1249,8 +1226,9 @@ pub fn hlog_path(dir: &std::path::Path, key: &str) -> PathBuf {
 pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let settings = monitor.settings().clone();
     let interval = Duration::from_millis(settings.interval_ms.max(10));
-    let keys: Vec<String> = monitor.entries().into_iter().map(|e| e.key).collect();
-    let on_gpu = monitor.entries().iter().any(|e| !e.pci_bus_ids.is_empty());
+    let entries = monitor.entries();
+    let on_gpu = entries.iter().any(|e| !e.pci_bus_ids.is_empty());
+    let keys: Vec<String> = entries.into_iter().map(|e| e.key).collect();
     let mut hlog = settings.hlog_dir.as_ref().and_then(|dir| {
         HlogFiles::create(dir, &keys)
             .inspect_err(

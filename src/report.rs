@@ -63,7 +63,6 @@ pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, ReportError> {
         None => &bytes[..0],
     };
     let mut summary = HlogSummary::default();
-    let mut deserializer = Deserializer::new();
     let mut spans: BTreeMap<String, (Duration, Duration)> = BTreeMap::new();
     let mut index = 0;
     for entry in IntervalLogIterator::new(bytes) {
@@ -76,12 +75,7 @@ pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, ReportError> {
             continue;
         };
         let bad = |why: String| ReportError::Histogram { index, why };
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(interval.encoded_histogram())
-            .map_err(|e| bad(format!("base64: {e}")))?;
-        let h: Histogram<u64> = deserializer
-            .deserialize(&mut &raw[..])
-            .map_err(|e| bad(format!("{e:?}")))?;
+        let h = decode_histogram(interval.encoded_histogram()).map_err(bad)?;
         let tag = interval.tag().map_or("", |t| t.as_str()).to_string();
         let start = interval.start_timestamp();
         let end = start + interval.duration();
@@ -122,6 +116,70 @@ pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, ReportError> {
         }
     }
     Ok(summary)
+}
+
+/// A histogram as an interval log line holds it: V2 with deflate, then base64.
+pub fn encode_histogram(h: &Histogram<u64>) -> String {
+    use hdrhistogram::serialization::Serializer as _;
+    let mut buf = Vec::new();
+    hdrhistogram::serialization::V2DeflateSerializer::new()
+        .serialize(h, &mut buf)
+        .expect("serialising into memory");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+/// The histogram of an interval log line's last field (see [`encode_histogram`]).
+///
+/// # Errors
+/// Not base64, or not an encoded histogram.
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("base64: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut &raw[..])
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Writes the standard header of an interval log: `comment`, the start and base time
+/// (seconds since the epoch: interval start times count from it), the format version and
+/// the legend.
+///
+/// # Errors
+/// Writing failed.
+pub fn write_hlog_header(
+    w: &mut impl std::io::Write,
+    comment: &str,
+    base_secs: f64,
+) -> std::io::Result<()> {
+    writeln!(w, "#[{comment}]")?;
+    writeln!(w, "#[StartTime: {base_secs:.3} (seconds since epoch)]")?;
+    writeln!(w, "#[BaseTime: {base_secs:.3} (seconds since epoch)]")?;
+    writeln!(w, "#[Histogram log format version 1.3]")?;
+    writeln!(
+        w,
+        "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\""
+    )
+}
+
+/// Writes one interval of an interval log: `h`, tagged `tag`, starting `start_secs` after the
+/// base time and lasting `length_secs`.
+///
+/// # Errors
+/// Writing failed.
+pub fn write_hlog_interval(
+    w: &mut impl std::io::Write,
+    tag: &str,
+    start_secs: f64,
+    length_secs: f64,
+    h: &Histogram<u64>,
+) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "Tag={tag},{start_secs:.3},{length_secs:.3},{:.3},{}",
+        h.max() as f64,
+        encode_histogram(h)
+    )
 }
 
 /// Percentiles of the percentile table.

@@ -166,6 +166,42 @@ pub enum InferenceError {
 }
 
 impl InferenceError {
+    /// The error of a response's status: `model` is the model the error names,
+    /// `not_ready_reason` says why it is not ready (for `NotReady`).
+    pub fn from_server(
+        e: &tie_client::ServerError,
+        model: &str,
+        not_ready_reason: impl FnOnce() -> String,
+    ) -> Self {
+        use tie_client::Status;
+        let message = e.to_string();
+        match e.status {
+            Status::MODEL_NOT_FOUND => Self::ModelNotFound {
+                model_name: model.into(),
+            },
+            Status::INVALID_INPUT_SHAPE => Self::InvalidInputShape {
+                expected: e.detail_a as usize,
+                actual: e.detail_b as usize,
+            },
+            Status::EXECUTION_FAILED => Self::ExecutionFailed {
+                model_name: model.into(),
+            },
+            Status::OUT_OF_MEMORY => Self::OutOfMemory {
+                requested_mb: e.detail_a as usize,
+            },
+            Status::BATCH_PROCESSING_ERROR => Self::BatchProcessingError { operation: message },
+            Status::BACKEND_ERROR => Self::TensorRTError { error: message },
+            Status::TIMEOUT => Self::Timeout { message },
+            Status::QUEUE_FULL => Self::QueueFull { message },
+            Status::NOT_READY => Self::NotReady {
+                model_name: model.into(),
+                reason: not_ready_reason(),
+            },
+            Status::DISCONNECTED => Self::Disconnected { message },
+            _ => Self::Rejected { message },
+        }
+    }
+
     /// The kind's name (the `kind` field of its JSON).
     pub fn kind(&self) -> &'static str {
         match self {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tie_client::{Client, ConnectOptions, PredictError, Response, Status, WaitStrategy};
+use tie_client::{Client, ConnectOptions, PredictError, Response, WaitStrategy};
 
 use crate::api::{
     InferenceError, InferenceMetrics, InferenceResponse, ModelInferenceMetadata, Prediction,
@@ -417,39 +417,9 @@ fn to_inference_error(e: &PredictError, model: &str) -> InferenceError {
         PredictError::Timeout { .. } => InferenceError::Timeout {
             message: e.to_string(),
         },
-        PredictError::Server(s) => match s.status {
-            Status::MODEL_NOT_FOUND => InferenceError::ModelNotFound {
-                model_name: model.into(),
-            },
-            Status::INVALID_INPUT_SHAPE => InferenceError::InvalidInputShape {
-                expected: s.detail_a as usize,
-                actual: s.detail_b as usize,
-            },
-            Status::EXECUTION_FAILED => InferenceError::ExecutionFailed {
-                model_name: model.into(),
-            },
-            Status::OUT_OF_MEMORY => InferenceError::OutOfMemory {
-                requested_mb: s.detail_a as usize,
-            },
-            Status::BATCH_PROCESSING_ERROR => InferenceError::BatchProcessingError {
-                operation: s.to_string(),
-            },
-            Status::BACKEND_ERROR => InferenceError::TensorRTError {
-                error: s.to_string(),
-            },
-            Status::TIMEOUT => InferenceError::Timeout {
-                message: s.to_string(),
-            },
-            Status::QUEUE_FULL => InferenceError::QueueFull {
-                message: s.to_string(),
-            },
-            Status::DISCONNECTED => InferenceError::Disconnected {
-                message: s.to_string(),
-            },
-            _ => InferenceError::Rejected {
-                message: s.to_string(),
-            },
-        },
+        PredictError::Server(s) => {
+            InferenceError::from_server(s, model, || "it failed its last health check".into())
+        }
     }
 }
 

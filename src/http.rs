@@ -545,42 +545,6 @@ fn finish_without(
     responses
 }
 
-/// The error of a row's status.
-fn status_error(model: &LoadedModel, r: &tie_client::Response) -> InferenceError {
-    let e = r.error().expect("an error status");
-    let message = e.to_string();
-    match r.status {
-        Status::MODEL_NOT_FOUND => InferenceError::ModelNotFound {
-            model_name: model.key(),
-        },
-        Status::INVALID_INPUT_SHAPE => InferenceError::InvalidInputShape {
-            expected: r.detail_a as usize,
-            actual: r.detail_b as usize,
-        },
-        Status::EXECUTION_FAILED => InferenceError::ExecutionFailed {
-            model_name: model.key(),
-        },
-        Status::OUT_OF_MEMORY => InferenceError::OutOfMemory {
-            requested_mb: r.detail_a as usize,
-        },
-        Status::BATCH_PROCESSING_ERROR => {
-            InferenceError::BatchProcessingError { operation: message }
-        }
-        Status::BACKEND_ERROR => InferenceError::TensorRTError { error: message },
-        Status::TIMEOUT => InferenceError::Timeout { message },
-        Status::QUEUE_FULL => InferenceError::QueueFull { message },
-        Status::NOT_READY => InferenceError::NotReady {
-            model_name: model.key(),
-            reason: model
-                .health
-                .reason()
-                .unwrap_or_else(|| "it failed its health check".into()),
-        },
-        Status::DISCONNECTED => InferenceError::Disconnected { message },
-        _ => InferenceError::Rejected { message },
-    }
-}
-
 /// Runs one request end to end.
 async fn run_request(
     serving: Arc<Serving>,
@@ -665,7 +629,13 @@ async fn run_request(
         operation: format!("request task failed: {e}"),
     })??;
     if let Some(bad) = responses.iter().find(|r| !r.status.is_ok()) {
-        return Err(status_error(model, bad));
+        let error = bad.error().expect("an error status");
+        return Err(InferenceError::from_server(&error, &model.key(), || {
+            model
+                .health
+                .reason()
+                .unwrap_or_else(|| "it failed its health check".into())
+        }));
     }
     let now = Utc::now();
     let predictions = responses

@@ -163,6 +163,26 @@ pub enum InferenceError {
         /// Why.
         message: String,
     },
+    /// A model version could not be loaded from the repository (the versions serving go on).
+    #[error("Model load failed: {model_name}: {message}")]
+    LoadFailed {
+        /// The model.
+        model_name: String,
+        /// Why.
+        message: String,
+    },
+    /// The endpoint needs the server's bearer token (`server.api_token_file`).
+    #[error("Unauthorized: {message}")]
+    Unauthorized {
+        /// Why.
+        message: String,
+    },
+    /// The change conflicts with what is serving (the versions serving go on).
+    #[error("Conflict: {message}")]
+    Conflict {
+        /// Why.
+        message: String,
+    },
 }
 
 impl InferenceError {
@@ -219,6 +239,9 @@ impl InferenceError {
             Self::InvalidRequest { .. } => "InvalidRequest",
             Self::PayloadTooLarge { .. } => "PayloadTooLarge",
             Self::Forbidden { .. } => "Forbidden",
+            Self::LoadFailed { .. } => "LoadFailed",
+            Self::Conflict { .. } => "Conflict",
+            Self::Unauthorized { .. } => "Unauthorized",
         }
     }
 
@@ -228,8 +251,11 @@ impl InferenceError {
             Self::InvalidInputShape { .. }
             | Self::Rejected { .. }
             | Self::InvalidRequest { .. } => 400,
+            Self::Unauthorized { .. } => 401,
             Self::Forbidden { .. } => 403,
             Self::ModelNotFound { .. } => 404,
+            Self::Conflict { .. } => 409,
+            Self::LoadFailed { .. } => 422,
             Self::PayloadTooLarge { .. } => 413,
             Self::QueueFull { .. } => 429,
             Self::NotReady { .. } | Self::Disconnected { .. } => 503,
@@ -382,6 +408,12 @@ pub struct LoadedModelInfo {
     pub health_checks: u64,
     /// Of which failed.
     pub health_check_failures: u64,
+    /// The model's labels that name this version.
+    pub labels: Vec<String>,
+    /// SHA-256 of the file it was loaded from (hex).
+    pub checksum: String,
+    /// How long loading took (build, warmup, canary, profile), in milliseconds.
+    pub load_time_ms: f64,
 }
 
 /// An error answer of the control plane.

@@ -43,6 +43,47 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Print percentile tables and distributions from HdrHistogram interval logs (`.hlog`).
     Report(ReportArgs),
+    /// Reload models from the repository on a running server (through its HTTP control
+    /// plane): new versions are built and warmed before sessions switch; a failure changes
+    /// nothing. Prints what changed as JSON.
+    Reload(ReloadArgs),
+    /// Unload a model version (`name:version`) or every version of a model (`name`) on a
+    /// running server.
+    Unload(UnloadArgs),
+}
+
+/// How to reach a running server's control plane.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The server's config (TOML): its `server.http_addr` and `server.api_token_file`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The control plane's address (overrides the config's).
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+/// `tie reload`.
+#[derive(Debug, clap::Args)]
+pub struct ReloadArgs {
+    /// Only this model (default: the whole repository; new models load, removed ones unload).
+    pub model: Option<String>,
+    /// Also load this version of the model (one its version policy allows).
+    #[arg(long, requires = "model")]
+    pub version: Option<u32>,
+    /// The server.
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// `tie unload`.
+#[derive(Debug, clap::Args)]
+pub struct UnloadArgs {
+    /// `name:version` (a label accepted), or `name` for every version.
+    pub key: String,
+    /// The server.
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// `tie report`.
@@ -133,6 +174,15 @@ pub struct PredictArgs {
 pub fn run() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Reload(args) => {
+            let path = match (&args.model, args.version) {
+                (None, _) => "models/reload".to_string(),
+                (Some(m), None) => format!("models/{m}/load"),
+                (Some(m), Some(v)) => format!("models/{m}/load?version={v}"),
+            };
+            control(&args.control, &path)
+        }
+        Command::Unload(args) => control(&args.control, &format!("models/{}/unload", args.key)),
         Command::Predict(args) => predict(args),
         Command::Devices(args) => devices(args),
         Command::Doctor(args) => doctor(args),
@@ -303,7 +353,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     warn_far_pollers(&config, &options.gpus);
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
-    http.serve(server.models().clone(), server.monitor().clone());
+    let manager = std::sync::Arc::new(crate::manager::ModelManager::new(
+        server.models().clone(),
+        config.server.model_repository.clone(),
+        options,
+    ));
+    http.serve(manager);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -312,6 +367,46 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     http.shutdown();
     server.shutdown();
     Ok(ExitCode::SUCCESS)
+}
+
+/// POSTs to the control plane's `path` (under the API prefix) and prints the answer; a refusal
+/// is printed and fails the command.
+fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode> {
+    let mut config = ServiceConfig::load(args.config.as_deref())?;
+    if let Some(a) = args.http_addr {
+        config.server.http_addr = Some(a);
+    }
+    let url = format!(
+        "http://{}/api/v1/internal/inference/{path}",
+        config.http_addr()
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        // Loading and warming up a model takes a while.
+        .timeout_global(Some(Duration::from_secs(600)))
+        .build()
+        .into();
+    let mut request = agent.post(&url);
+    if let Some(file) = &config.server.api_token_file {
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("server.api_token_file {}", file.display()))?;
+        request = request.header("Authorization", &format!("Bearer {}", token.trim()));
+    }
+    let mut response = request
+        .send_empty()
+        .with_context(|| format!("cannot reach the server's control plane at {url}"))?;
+    let code = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .context("reading the control plane's answer")?;
+    if code == 200 {
+        println!("{body}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("refused ({code}): {body}");
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// Parses `0.1,-0.2,3` (spaces allowed around values).

@@ -147,6 +147,10 @@ pub struct ServerSection {
     /// one free huge page per session (`vm.nr_hugepages`); start-up fails if none is free, and a
     /// session that finds none later gets ordinary pages (logged).
     pub huge_pages: bool,
+    /// A file holding a bearer token: when set, the state-changing HTTP endpoints (load,
+    /// unload, reload, fault injection) need `Authorization: Bearer <token>`. Unset: they are
+    /// open to whoever reaches the listener (loopback by default).
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -167,6 +171,7 @@ impl Default for ServerSection {
             lock_memory: false,
             fault_injection: false,
             huge_pages: false,
+            api_token_file: None,
         }
     }
 }

@@ -143,11 +143,7 @@ impl ModelHealth {
 }
 
 /// Runs the health checks of `models` every `interval` until `stop` is set.
-pub fn health_task(
-    models: Arc<[crate::repository::LoadedModel]>,
-    interval: Duration,
-    stop: Arc<AtomicBool>,
-) {
+pub fn health_task(models: Arc<crate::manager::Models>, interval: Duration, stop: Arc<AtomicBool>) {
     let mut next = std::time::Instant::now() + interval;
     while !stop.load(Ordering::Relaxed) {
         // Short sleeps, so a stop is seen quickly.
@@ -156,7 +152,8 @@ pub fn health_task(
             continue;
         }
         next += interval;
-        for m in models.iter() {
+        // The models loaded now (a version loaded meanwhile is checked from its first interval).
+        for (_, m) in models.snapshot().loaded() {
             m.health.check(&m.key(), m.backend.as_ref());
         }
     }

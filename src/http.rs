@@ -11,6 +11,7 @@
 //! `/health/ready` says 503 until every model has loaded, warmed up and passed its canary.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -32,8 +33,9 @@ use crate::api::{
 };
 use crate::config::ServiceConfig;
 use crate::health::FaultMode;
+use crate::manager::{ChangeError, ChangeReport, ModelManager, ModelSet, Models};
 use crate::monitor::{HttpCounters, ModelPerformanceMetrics, Monitor};
-use crate::repository::LoadedModel;
+use crate::repository::{LoadedModel, RepositoryLoadError};
 
 /// Base path of the spec's API.
 pub const API: &str = "/api/v1/internal/inference";
@@ -106,14 +108,30 @@ where
 
 /// What the control plane serves once the models are loaded.
 pub struct Serving {
-    models: Arc<[LoadedModel]>,
+    models: Arc<Models>,
+    manager: Arc<ModelManager>,
     monitor: Arc<Monitor>,
-    /// Idle sessions per model.
-    pools: Vec<Mutex<Vec<Client>>>,
-    /// Sessions per model that may be in use: [`SESSIONS_PER_MODEL`] permits each.
-    session_permits: Vec<Arc<tokio::sync::Semaphore>>,
+    /// Per model name and pinned version (`None`: sessions that follow the default version):
+    /// idle sessions, and [`SESSIONS_PER_MODEL`] permits for sessions in use.
+    pools: Mutex<HashMap<PoolKey, Pool>>,
     endpoint: String,
     socket_dir: Option<std::path::PathBuf>,
+}
+
+/// A pool's model name and pinned version.
+type PoolKey = (String, Option<u32>);
+
+/// Sessions of one model (and version) for HTTP requests.
+struct Pool {
+    idle: Vec<Client>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A request's target: its model as resolved now, and the pool its rows go through.
+#[derive(Clone)]
+struct Target {
+    model: Arc<LoadedModel>,
+    pool: PoolKey,
 }
 
 /// The control plane's state.
@@ -124,9 +142,40 @@ pub struct HttpState {
     fault_injection: bool,
     endpoint: String,
     socket_dir: Option<std::path::PathBuf>,
+    /// `server.api_token_file`'s token.
+    api_token: Option<String>,
 }
 
 impl HttpState {
+    /// Whether `headers` carry the bearer token the state-changing endpoints need (always,
+    /// when no token is configured).
+    fn authorize(&self, headers: &axum::http::HeaderMap) -> Result<(), InferenceError> {
+        let Some(token) = &self.api_token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compared in time independent of where they differ.
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            tracing::warn!("state-changing request refused: missing or wrong bearer token");
+            Err(InferenceError::Unauthorized {
+                message: "this endpoint needs the server's bearer token (Authorization: Bearer …)"
+                    .into(),
+            })
+        }
+    }
+
     /// A permit of `max_concurrent_requests`, or `QueueFull`.
     fn limit_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, InferenceError> {
         self.limit
@@ -168,6 +217,25 @@ impl HttpServer {
             .thread_name("tie-http")
             .enable_all()
             .build()?;
+        let api_token = match &config.server.api_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("server.api_token_file {}: {e}", path.display()),
+                    )
+                })?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("server.api_token_file {} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+        };
         let listener = std::net::TcpListener::bind(config.http_addr())?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -180,6 +248,7 @@ impl HttpServer {
             fault_injection: config.server.fault_injection,
             endpoint: config.server.endpoint.clone(),
             socket_dir: config.server.socket_dir.clone(),
+            api_token,
         });
         let app = router(state.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -211,18 +280,14 @@ impl HttpServer {
         self.addr
     }
 
-    /// Starts serving `models` (the server's, indexed like `monitor`'s).
-    pub fn serve(&self, models: Arc<[LoadedModel]>, monitor: Arc<Monitor>) {
-        let pools = models.iter().map(|_| Mutex::new(Vec::new())).collect();
-        let session_permits = models
-            .iter()
-            .map(|_| Arc::new(tokio::sync::Semaphore::new(SESSIONS_PER_MODEL)))
-            .collect();
+    /// Starts serving the models of `manager` (the server's).
+    pub fn serve(&self, manager: Arc<ModelManager>) {
+        let models = manager.models().clone();
         let _ = self.state.serving.set(Arc::new(Serving {
+            monitor: models.monitor().clone(),
             models,
-            monitor,
-            pools,
-            session_permits,
+            manager,
+            pools: Mutex::new(HashMap::new()),
             endpoint: self.state.endpoint.clone(),
             socket_dir: self.state.socket_dir.clone(),
         }));
@@ -261,13 +326,16 @@ impl Drop for HttpServer {
         batch_predict,
         loaded_models,
         model_performance,
+        reload_models,
+        load_model,
+        unload_model,
         inject_fault,
         openapi_json,
         live,
         ready,
         metrics
     ),
-    components(schemas(ErrorBody, FaultRequest, ReadyReport, ModelReadiness))
+    components(schemas(ErrorBody, FaultRequest, ReadyReport, ModelReadiness, ChangeReport))
 )]
 pub struct ApiDoc;
 
@@ -283,6 +351,15 @@ fn router(state: Arc<HttpState>) -> Router {
         .route(
             &format!("{API}/models/{{model_key}}/fault"),
             post(inject_fault),
+        )
+        .route(&format!("{API}/models/reload"), post(reload_models))
+        .route(
+            &format!("{API}/models/{{model_name}}/load"),
+            post(load_model),
+        )
+        .route(
+            &format!("{API}/models/{{model_key}}/unload"),
+            post(unload_model),
         )
         .route(&format!("{API}/openapi.json"), get(openapi_json))
         .route("/health/live", get(live))
@@ -373,77 +450,101 @@ fn priority(p: RequestPriority) -> Priority {
 }
 
 impl Serving {
-    /// The model a name and optional version string name.
-    fn resolve(&self, name: &str, version: Option<&str>) -> Result<usize, InferenceError> {
+    /// The model a name and optional version (a number or a label) name.
+    fn resolve(&self, name: &str, version: Option<&str>) -> Result<Target, InferenceError> {
+        let set = self.models.snapshot();
         let not_found = || InferenceError::ModelNotFound {
             model_name: match version {
                 Some(v) => format!("{name}:{v}"),
                 None => name.to_string(),
             },
         };
-        match version {
-            None => self
-                .models
-                .iter()
-                .position(|m| m.name == name && m.is_default)
-                .ok_or_else(not_found),
-            Some(v) => {
-                let v: u32 = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| InferenceError::InvalidRequest {
-                        message: format!("model_version {v:?} is not a version number"),
-                    })?;
-                self.models
-                    .iter()
-                    .position(|m| m.name == name && m.version == v)
-                    .ok_or_else(not_found)
-            }
-        }
+        let pinned = match version {
+            None => None,
+            Some(v) => Some(set.version_named(name, v.trim()).ok_or_else(|| {
+                if v.trim().chars().all(|c| c.is_ascii_digit()) {
+                    not_found()
+                } else {
+                    InferenceError::ModelNotFound {
+                        model_name: format!(
+                            "{name}:{v} (neither a version number nor a label of {name})"
+                        ),
+                    }
+                }
+            })?),
+        };
+        let slot = set.resolve(name, pinned).ok_or_else(not_found)?;
+        Ok(Target {
+            model: set.get(slot).expect("resolved").clone(),
+            pool: (name.to_string(), pinned),
+        })
     }
 
-    /// A model by key `name:version`, or `name` for its default version.
-    fn by_key(&self, key: &str) -> Result<usize, InferenceError> {
+    /// A model by key `name:version` (or label), or `name` for its default version.
+    fn by_key(&self, key: &str) -> Result<Target, InferenceError> {
         match key.rsplit_once(':') {
             Some((name, version)) => self.resolve(name, Some(version)),
             None => self.resolve(key, None),
         }
     }
 
-    fn take_client(&self, index: usize) -> Result<Client, InferenceError> {
+    fn permits(&self, key: &PoolKey) -> Arc<tokio::sync::Semaphore> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| Pool {
+                idle: Vec::new(),
+                permits: Arc::new(tokio::sync::Semaphore::new(SESSIONS_PER_MODEL)),
+            })
+            .permits
+            .clone()
+    }
+
+    fn take_client(&self, target: &Target) -> Result<Client, InferenceError> {
         // Pooled sessions the server closed meanwhile are dropped.
         loop {
-            let pooled = self.pools[index]
+            let pooled = self
+                .pools
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .pop();
+                .get_mut(&target.pool)
+                .and_then(|p| p.idle.pop());
             match pooled {
                 Some(c) if c.is_connected() => return Ok(c),
                 Some(_) => {}
                 None => break,
             }
         }
-        let model = &self.models[index];
+        let (name, version) = &target.pool;
         let options = ConnectOptions {
-            version: Some(model.version),
+            version: *version,
             socket_dir: self.socket_dir.clone(),
             request_capacity: SESSION_RING,
             response_capacity: SESSION_RING,
             connect_timeout: Duration::from_secs(1),
             ..ConnectOptions::default()
         };
-        Client::connect(&self.endpoint, &model.name, options).map_err(|e| {
-            InferenceError::NotReady {
-                model_name: model.key(),
+        Client::connect(&self.endpoint, name, options).map_err(|e| match e {
+            // Unloaded since the request was resolved.
+            tie_client::ConnectError::Refused {
+                status: tie_client::layouts::hello::HelloStatus::ModelNotFound,
+                ..
+            } => InferenceError::ModelNotFound {
+                model_name: target.model.key(),
+            },
+            e => InferenceError::NotReady {
+                model_name: target.model.key(),
                 reason: format!("cannot open a session: {e}"),
-            }
+            },
         })
     }
 
-    fn give_back(&self, index: usize, client: Client) {
-        let mut pool = self.pools[index].lock().unwrap_or_else(|e| e.into_inner());
-        if client.in_flight() == 0 && pool.len() < SESSIONS_PER_MODEL {
-            pool.push(client);
+    fn give_back(&self, key: &PoolKey, client: Client) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get_mut(key) {
+            if client.in_flight() == 0 && pool.idle.len() < SESSIONS_PER_MODEL {
+                pool.idle.push(client);
+            }
         }
     }
 
@@ -451,14 +552,14 @@ impl Serving {
     /// order. Blocking.
     fn execute(
         &self,
-        index: usize,
+        target: &Target,
         features: &[f32],
         rows: usize,
         priority: Priority,
         deadline_ns: Option<u64>,
         wait_until: Instant,
     ) -> Result<Vec<tie_client::Response>, InferenceError> {
-        let mut client = self.take_client(index)?;
+        let mut client = self.take_client(target)?;
         let width = client.feature_count() as usize;
         let mut responses = Vec::with_capacity(rows.min(SESSION_RING as usize));
         let mut next = 0;
@@ -474,7 +575,7 @@ impl Serving {
                     Err(SubmitError::QueueFull { .. }) => break,
                     // A pooled session the server closed: once, on a fresh one.
                     Err(SubmitError::Disconnected) if next == 0 && responses.is_empty() => {
-                        client = self.take_client(index)?;
+                        client = self.take_client(target)?;
                         if client
                             .submit(&features[..width], priority, deadline_ns)
                             .is_err()
@@ -529,7 +630,7 @@ impl Serving {
                 }
             }
         }
-        self.give_back(index, client);
+        self.give_back(&target.pool, client);
         Ok(responses)
     }
 }
@@ -558,8 +659,8 @@ async fn run_request(
                 .into(),
         });
     }
-    let index = serving.resolve(&request.model_name, request.model_version.as_deref())?;
-    let model = &serving.models[index];
+    let target = serving.resolve(&request.model_name, request.model_version.as_deref())?;
+    let model = &target.model;
     let width = model.input_width();
     let rows = request.batch_size;
     if rows == 0 || rows > MAX_ROWS {
@@ -607,7 +708,7 @@ async fn run_request(
     let prio = priority(request.priority);
     let features = request.input_features;
     // A session of the model's budget, waited for until the request's own time is up.
-    let permits = serving.session_permits[index].clone();
+    let permits = serving.permits(&target.pool);
     let session = tokio::time::timeout_at(wait_until.into(), permits.acquire_owned())
         .await
         .map_err(|_| InferenceError::QueueFull {
@@ -620,9 +721,10 @@ async fn run_request(
             message: "the server is stopping".into(),
         })?;
     let s = serving.clone();
+    let t = target.clone();
     let responses = tokio::task::spawn_blocking(move || {
         let _session = session;
-        s.execute(index, &features, rows, prio, deadline_ns, wait_until)
+        s.execute(&t, &features, rows, prio, deadline_ns, wait_until)
     })
     .await
     .map_err(|e| InferenceError::BatchProcessingError {
@@ -650,13 +752,31 @@ async fn run_request(
         .collect();
     let ms = |ns: u64| ns as f32 / 1e6;
     let total_ms = started.elapsed().as_secs_f32() * 1e3;
+    // The version that answered: a request that named none follows the default, which a
+    // reload may move between two of its rows (then both are named, in order).
+    let mut versions: Vec<u32> = responses.iter().map(|r| r.model_version).collect();
+    versions.dedup();
+    let model = match versions.as_slice() {
+        [v] if *v != model.version => {
+            let set = serving.models.snapshot();
+            set.resolve(&model.name, Some(*v))
+                .and_then(|slot| set.get(slot).cloned())
+                .unwrap_or_else(|| model.clone())
+        }
+        _ => model.clone(),
+    };
+    let model_version = versions
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let info = model.backend.info();
     Ok(InferenceResponse {
         request_id: request.request_id,
         predictions,
         model_metadata: ModelInferenceMetadata {
             model_name: model.name.clone(),
-            model_version: model.version.to_string(),
+            model_version,
             architecture: info.architecture.clone(),
             input_shape: vec![rows as u32, width as u32],
             output_shape: vec![rows as u32, model.output_width() as u32],
@@ -668,7 +788,7 @@ async fn run_request(
             inference_time_ms: responses.iter().map(|r| ms(r.compute_ns)).reduce(f32::max),
             postprocessing_time_ms: None,
             total_time_ms: total_ms,
-            gpu_utilization: serving.monitor.gpu_utilization(index),
+            gpu_utilization: serving.monitor.gpu_utilization(model.monitor_index),
             memory_used_mb: info
                 .device_memory_bytes
                 .map(|b| (b as f64 / 1048576.0) as f32),
@@ -791,10 +911,10 @@ async fn batch_predict(
 
 /// The answer to a failed request of a batch: its id and what is known of its model.
 fn failed_response(serving: &Serving, r: &InferenceRequest) -> InferenceResponse {
-    let model = serving
+    let target = serving
         .resolve(&r.model_name, r.model_version.as_deref())
-        .ok()
-        .map(|i| &serving.models[i]);
+        .ok();
+    let model = target.as_ref().map(|t| &t.model);
     InferenceResponse {
         request_id: r.request_id.clone(),
         predictions: Vec::new(),
@@ -834,17 +954,17 @@ fn failed_response(serving: &Serving, r: &InferenceRequest) -> InferenceResponse
 )]
 async fn loaded_models(State(state): State<Arc<HttpState>>) -> Response {
     answer(state.serving().map(|serving| {
-        let list: Vec<LoadedModelInfo> = serving
-            .models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| model_info(serving, i, m))
+        let set = serving.models.snapshot();
+        let list: Vec<LoadedModelInfo> = set
+            .loaded()
+            .into_iter()
+            .map(|(i, m)| model_info(serving, &set, i, m))
             .collect();
         Json(list)
     }))
 }
 
-fn model_info(serving: &Serving, index: usize, m: &LoadedModel) -> LoadedModelInfo {
+fn model_info(serving: &Serving, set: &ModelSet, index: usize, m: &LoadedModel) -> LoadedModelInfo {
     let info = m.backend.info();
     let largest = m.batch.largest_batch() as i32;
     let spec = |name: &str, width: usize| TensorSpec {
@@ -860,13 +980,13 @@ fn model_info(serving: &Serving, index: usize, m: &LoadedModel) -> LoadedModelIn
         .as_ref()
         .and_then(|p| p.timings.iter().find(|t| t.batch_size == 1));
     let ms = |ns: u64| ns as f32 / 1e6;
-    let metrics = serving.monitor.metrics(index);
+    let metrics = serving.monitor.metrics(m.monitor_index);
     let (checks, failures) = m.health.counts();
     LoadedModelInfo {
         model_key: m.key(),
         model_name: m.name.clone(),
         version: m.version.to_string(),
-        is_default: m.is_default,
+        is_default: set.is_default(index),
         architecture: info.architecture.clone(),
         inference_device: info.device.clone(),
         engine: info.engine.to_string(),
@@ -892,12 +1012,20 @@ fn model_info(serving: &Serving, index: usize, m: &LoadedModel) -> LoadedModelIn
             }),
         },
         load_timestamp: m.loaded_at,
-        last_used: serving.monitor.last_request(index),
+        last_used: serving.monitor.last_request(m.monitor_index),
         usage_count: metrics.total_requests,
         ready: m.health.is_ready(),
         not_ready_reason: m.health.reason(),
         health_checks: checks,
         health_check_failures: failures,
+        labels: set
+            .labels(&m.name)
+            .into_iter()
+            .filter(|(_, v)| *v == m.version)
+            .map(|(l, _)| l)
+            .collect(),
+        checksum: m.checksum.clone(),
+        load_time_ms: m.load_time.as_secs_f64() * 1e3,
     }
 }
 
@@ -919,8 +1047,8 @@ async fn model_performance(
 ) -> Response {
     answer((|| {
         let serving = state.serving()?;
-        let index = serving.by_key(&model_key)?;
-        Ok(Json(serving.monitor.metrics(index)))
+        let target = serving.by_key(&model_key)?;
+        Ok(Json(serving.monitor.metrics(target.model.monitor_index)))
     })())
 }
 
@@ -947,9 +1075,11 @@ pub struct FaultRequest {
 async fn inject_fault(
     State(state): State<Arc<HttpState>>,
     Path(model_key): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<ApiJson<FaultRequest>, ApiError>,
 ) -> Response {
     answer((|| {
+        state.authorize(&headers)?;
         if !state.fault_injection {
             return Err(ApiError(InferenceError::Forbidden {
                 message: "fault injection is disabled (server.fault_injection = false)".into(),
@@ -957,8 +1087,7 @@ async fn inject_fault(
         }
         let ApiJson(fault) = body?;
         let serving = state.serving()?;
-        let index = serving.by_key(&model_key)?;
-        let m = &serving.models[index];
+        let m = serving.by_key(&model_key)?.model;
         let switch = m.fault.as_ref().ok_or_else(|| InferenceError::Forbidden {
             message: format!("{} was loaded without fault injection", m.key()),
         })?;
@@ -966,6 +1095,132 @@ async fn inject_fault(
         tracing::warn!(model = %m.key(), mode = ?fault.mode, "fault injected");
         Ok(Json(fault))
     })())
+}
+
+/// The error of a refused change (nothing changed; the versions serving go on).
+fn change_error(e: ChangeError, model: &str) -> InferenceError {
+    match e {
+        ChangeError::Load(RepositoryLoadError::UnknownModel { model, .. }) => {
+            InferenceError::ModelNotFound { model_name: model }
+        }
+        ChangeError::NotLoaded(key) => InferenceError::ModelNotFound { model_name: key },
+        e @ ChangeError::LayoutChange { .. } => InferenceError::Conflict {
+            message: e.to_string(),
+        },
+        ChangeError::Load(e) => InferenceError::LoadFailed {
+            model_name: model.into(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Runs a change of the model set off the async threads (loading takes seconds).
+async fn change(
+    state: &HttpState,
+    headers: &axum::http::HeaderMap,
+    model: &str,
+    f: impl FnOnce(&ModelManager) -> Result<ChangeReport, ChangeError> + Send + 'static,
+) -> Result<Json<ChangeReport>, ApiError> {
+    state.authorize(headers)?;
+    let manager = state.serving()?.manager.clone();
+    let report = tokio::task::spawn_blocking(move || f(&manager))
+        .await
+        .map_err(|e| InferenceError::BatchProcessingError {
+            operation: format!("model change task failed: {e}"),
+        })?;
+    match report {
+        Ok(r) => Ok(Json(r)),
+        Err(e) => {
+            tracing::error!(model, error = %e, "model change refused; the versions serving go on");
+            Err(ApiError(change_error(e, model)))
+        }
+    }
+}
+
+/// Reloads the whole repository: every model's versions as its config's policy asks (new
+/// ones built and warmed before anything switches), new models loaded, models whose
+/// directory is gone unloaded. A failure changes nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/internal/inference/models/reload",
+    responses(
+        (status = 200, description = "Reloaded", body = ChangeReport),
+        (status = 401, description = "Bearer token missing or wrong", body = ErrorBody),
+        (status = 409, description = "A new default changes the layout of sessions following it", body = ErrorBody),
+        (status = 422, description = "A version failed to load; nothing changed", body = ErrorBody)
+    )
+)]
+async fn reload_models(
+    State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    answer(change(&state, &headers, "", |m| m.reload_all()).await)
+}
+
+/// Which version to load.
+#[derive(Clone, Copy, Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct LoadQuery {
+    /// A version the model's policy allows (default: reload the model as its policy says).
+    pub version: Option<u32>,
+}
+
+/// Loads or reloads one model from the repository (its config read again); the new versions
+/// are built and warmed before sessions switch to them. A failure changes nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/internal/inference/models/{model_name}/load",
+    params(("model_name" = String, Path, description = "The model's directory in the repository"), LoadQuery),
+    responses(
+        (status = 200, description = "Loaded", body = ChangeReport),
+        (status = 401, description = "Bearer token missing or wrong", body = ErrorBody),
+        (status = 404, description = "No such model in the repository", body = ErrorBody),
+        (status = 409, description = "The new default changes the layout of sessions following it", body = ErrorBody),
+        (status = 422, description = "A version failed to load; nothing changed", body = ErrorBody)
+    )
+)]
+async fn load_model(
+    State(state): State<Arc<HttpState>>,
+    Path(model_name): Path<String>,
+    headers: axum::http::HeaderMap,
+    query: Result<axum::extract::Query<LoadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let version = match query {
+        Ok(q) => q.version,
+        Err(e) => {
+            return answer::<Json<ChangeReport>>(Err(ApiError(InferenceError::InvalidRequest {
+                message: e.body_text(),
+            })))
+        }
+    };
+    let name = model_name.clone();
+    answer(
+        change(&state, &headers, &model_name, move |m| {
+            m.reload(&name, version)
+        })
+        .await,
+    )
+}
+
+/// Unloads a version (`name:version`, a label accepted) or every version of a model (`name`).
+/// Sessions following the model's default move to its next default; sessions pinned to it
+/// have their requests answered, then close.
+#[utoipa::path(
+    post,
+    path = "/api/v1/internal/inference/models/{model_key}/unload",
+    params(("model_key" = String, Path, description = "name:version, or name for every version")),
+    responses(
+        (status = 200, description = "Unloaded", body = ChangeReport),
+        (status = 401, description = "Bearer token missing or wrong", body = ErrorBody),
+        (status = 404, description = "Not loaded", body = ErrorBody)
+    )
+)]
+async fn unload_model(
+    State(state): State<Arc<HttpState>>,
+    Path(model_key): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let key = model_key.clone();
+    answer(change(&state, &headers, &model_key, move |m| m.unload(&key)).await)
 }
 
 /// This document.
@@ -1026,8 +1281,10 @@ async fn ready(State(state): State<Arc<HttpState>>) -> Response {
         Some(s) => {
             let models: Vec<ModelReadiness> = s
                 .models
-                .iter()
-                .map(|m| ModelReadiness {
+                .snapshot()
+                .loaded()
+                .into_iter()
+                .map(|(_, m)| ModelReadiness {
                     model_key: m.key(),
                     ready: m.health.is_ready(),
                     reason: m.health.reason(),
@@ -1057,9 +1314,14 @@ async fn ready(State(state): State<Arc<HttpState>>) -> Response {
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
     let mut out = String::new();
     if let Some(s) = state.serving.get() {
-        let models = s.models.clone();
+        let set = s.models.snapshot();
+        let ready: HashMap<usize, bool> = set
+            .loaded()
+            .into_iter()
+            .map(|(_, m)| (m.monitor_index, m.health.is_ready()))
+            .collect();
         s.monitor
-            .prometheus(&|i| models[i].health.is_ready(), &mut out);
+            .prometheus(&|i| ready.get(&i).copied().unwrap_or(false), &mut out);
     }
     state.counters.prometheus(&mut out);
     (

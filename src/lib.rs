@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod loadgen;
 pub mod logging;
+pub mod manager;
 pub mod monitor;
 pub mod profile;
 pub mod report;

@@ -502,6 +502,8 @@ struct ModelState {
     last_updated: DateTime<Utc>,
     /// Last time a request was accepted (for idle models).
     last_request: Option<DateTime<Utc>>,
+    /// Unloaded: no longer exposed, ticked or logged.
+    retired: bool,
 }
 
 /// A transition of an alert, for the log and the webhook.
@@ -572,7 +574,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The performance monitor of a server.
 #[derive(Debug)]
 pub struct Monitor {
-    models: Vec<Mutex<ModelState>>,
+    /// By slot of the server's model set; append-only (an unloaded model is retired).
+    models: std::sync::RwLock<Vec<Arc<Mutex<ModelState>>>>,
     exchanges: Mutex<Vec<Arc<Exchange>>>,
     thresholds: PerformanceThresholdsSection,
     settings: MonitoringSection,
@@ -582,38 +585,64 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// A monitor for `models` (indexed like the server's model list).
+    /// A monitor for `models` (indexed like the server's model set; more are added with
+    /// [`Monitor::add`]).
     pub fn new(
         models: Vec<ModelEntry>,
         thresholds: PerformanceThresholdsSection,
         settings: MonitoringSection,
     ) -> Self {
-        let now = Utc::now();
-        Self {
-            models: models
-                .into_iter()
-                .map(|entry| {
-                    Mutex::new(ModelState {
-                        entry,
-                        unmeasured: [0; 5],
-                        total: Sample::default(),
-                        interval: Sample::default(),
-                        ema_ms: None,
-                        throughput_rps: 0.0,
-                        recent_error_rate: None,
-                        gpu_utilization: None,
-                        alerts: Default::default(),
-                        last_updated: now,
-                        last_request: None,
-                    })
-                })
-                .collect(),
+        let monitor = Self {
+            models: Default::default(),
             exchanges: Mutex::new(Vec::new()),
             thresholds,
             settings,
             started: SystemTime::now(),
             alert_events: AtomicU64::new(0),
+        };
+        for entry in models {
+            monitor.add(entry);
         }
+        monitor
+    }
+
+    /// Adds a model; returns its index (the next slot).
+    pub fn add(&self, entry: ModelEntry) -> usize {
+        let state = ModelState {
+            entry,
+            unmeasured: [0; 5],
+            total: Sample::default(),
+            interval: Sample::default(),
+            ema_ms: None,
+            throughput_rps: 0.0,
+            recent_error_rate: None,
+            gpu_utilization: None,
+            alerts: Default::default(),
+            last_updated: Utc::now(),
+            last_request: None,
+            retired: false,
+        };
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        models.push(Arc::new(Mutex::new(state)));
+        models.len() - 1
+    }
+
+    /// Takes model `index` out of the exposition and the ticks (it was unloaded). Its alerts
+    /// end with it.
+    pub fn retire(&self, index: usize) {
+        self.collect();
+        lock(&self.model(index)).retired = true;
+    }
+
+    fn model(&self, index: usize) -> Arc<Mutex<ModelState>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner())[index].clone()
+    }
+
+    fn all(&self) -> Vec<Arc<Mutex<ModelState>>> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A recorder for model `model` of a new poller.
@@ -647,7 +676,8 @@ impl Monitor {
                 continue;
             }
             {
-                let mut state = lock(&self.models[ex.model]);
+                let model = self.model(ex.model);
+                let mut state = lock(&model);
                 for s in &taken {
                     state.total.add(s);
                     state.interval.add(s);
@@ -666,12 +696,12 @@ impl Monitor {
 
     /// Number of models.
     pub fn len(&self) -> usize {
-        self.models.len()
+        self.models.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Whether there is no model.
     pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
+        self.len() == 0
     }
 
     /// Alert transitions so far.
@@ -682,7 +712,8 @@ impl Monitor {
     /// The figures of model `index` (after merging what the pollers handed over).
     pub fn metrics(&self, index: usize) -> ModelPerformanceMetrics {
         self.collect();
-        let state = lock(&self.models[index]);
+        let model = self.model(index);
+        let state = lock(&model);
         metrics_of(&state)
     }
 
@@ -703,9 +734,12 @@ impl Monitor {
         self.collect();
         let mut events = Vec::new();
         let secs = elapsed.as_secs_f64().max(1e-9);
-        for (index, m) in self.models.iter().enumerate() {
+        for (index, m) in self.all().iter().enumerate() {
             let mut state = lock(m);
             let s = &mut *state;
+            if s.retired {
+                continue;
+            }
             let answered = s.interval.total_responses();
             let ok = s.interval.responses[0];
             s.throughput_rps = (ok as f64 / secs) as f32;
@@ -811,7 +845,14 @@ impl Monitor {
     /// `ready(i)` is model `i`'s readiness.
     pub fn prometheus(&self, ready: &dyn Fn(usize) -> bool, out: &mut String) {
         self.collect();
-        let states: Vec<_> = self.models.iter().map(|m| lock(m)).collect();
+        let all = self.all();
+        // Unloaded models leave the exposition (their counters end with them).
+        let (indices, states): (Vec<usize>, Vec<_>) = all
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, lock(m)))
+            .filter(|(_, s)| !s.retired)
+            .unzip();
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
@@ -830,7 +871,7 @@ impl Monitor {
             "gauge",
             "1 when the model passed its last health check.",
         );
-        for (i, s) in states.iter().enumerate() {
+        for (&i, s) in indices.iter().zip(&states) {
             let _ = writeln!(
                 out,
                 "tie_model_ready{{model=\"{}\"}} {}",
@@ -1024,18 +1065,18 @@ impl Monitor {
 
     /// The model entries, indexed like the server's models.
     pub fn entries(&self) -> Vec<ModelEntry> {
-        self.models.iter().map(|m| lock(m).entry.clone()).collect()
+        self.all().iter().map(|m| lock(m).entry.clone()).collect()
     }
 
     /// NVML utilisation (0..1) of model `index`'s GPUs at the last tick.
     pub fn gpu_utilization(&self, index: usize) -> Option<f32> {
-        lock(&self.models[index]).gpu_utilization
+        lock(&self.model(index)).gpu_utilization
     }
 
     /// When model `index` last accepted a request.
     pub fn last_request(&self, index: usize) -> Option<DateTime<Utc>> {
         self.collect();
-        lock(&self.models[index]).last_request
+        lock(&self.model(index)).last_request
     }
 }
 
@@ -1147,9 +1188,11 @@ fn gpu_utilization(bus_ids: &[String], gpus: &[crate::gpu::GpuFigures]) -> Optio
     (!values.is_empty()).then(|| values.iter().sum::<f32>() / values.len() as f32)
 }
 
-/// Interval logs: one `.hlog` per model, one tagged histogram per stage and interval.
+/// Interval logs: one `.hlog` per model key, one tagged histogram per stage and interval. A
+/// model loaded again (after an unload) goes on in the same file.
 pub struct HlogFiles {
-    files: Vec<std::io::BufWriter<std::fs::File>>,
+    dir: PathBuf,
+    files: BTreeMap<String, std::io::BufWriter<std::fs::File>>,
     base: SystemTime,
 }
 
@@ -1160,45 +1203,55 @@ impl HlogFiles {
     /// # Errors
     /// The directory or a file cannot be created.
     pub fn create(dir: &std::path::Path, keys: &[String]) -> std::io::Result<Self> {
-        use std::io::Write;
         std::fs::create_dir_all(dir)?;
-        let base = SystemTime::now();
-        let secs = base
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let mut files = Vec::new();
+        let mut files = Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            base: SystemTime::now(),
+        };
         for key in keys {
-            let path = hlog_path(dir, key);
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let comment = format!(
-                "Logged by tie {} for model {key}; values in nanoseconds",
-                env!("CARGO_PKG_VERSION")
-            );
-            crate::report::write_hlog_header(&mut f, &comment, secs)?;
-            f.flush()?;
-            files.push(f);
+            files.open(key)?;
         }
-        Ok(Self { files, base })
+        Ok(files)
     }
 
-    /// Appends model `index`'s interval that ended now and lasted `length`: one line per stage
+    /// The file of `key`, created with its header the first time.
+    fn open(&mut self, key: &str) -> std::io::Result<&mut std::io::BufWriter<std::fs::File>> {
+        use std::collections::btree_map::Entry;
+        use std::io::Write;
+        match self.files.entry(key.to_string()) {
+            Entry::Occupied(f) => Ok(f.into_mut()),
+            Entry::Vacant(slot) => {
+                let path = hlog_path(&self.dir, key);
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                let secs = self
+                    .base
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                let comment = format!(
+                    "Logged by tie {} for model {key}; values in nanoseconds",
+                    env!("CARGO_PKG_VERSION")
+                );
+                crate::report::write_hlog_header(&mut f, &comment, secs)?;
+                f.flush()?;
+                Ok(slot.insert(f))
+            }
+        }
+    }
+
+    /// Appends model `key`'s interval that ended now and lasted `length`: one line per stage
     /// that recorded something.
     ///
     /// # Errors
     /// Writing failed.
-    pub fn write(
-        &mut self,
-        index: usize,
-        sample: &Sample,
-        length: Duration,
-    ) -> std::io::Result<()> {
+    pub fn write(&mut self, key: &str, sample: &Sample, length: Duration) -> std::io::Result<()> {
         use std::io::Write;
         let end = SystemTime::now()
             .duration_since(self.base)
             .unwrap_or_default();
         let start = end.saturating_sub(length);
-        let f = &mut self.files[index];
+        let f = self.open(key)?;
         for stage in Stage::ALL {
             let h = &sample.hist[stage as usize];
             if h.is_empty() {
@@ -1226,9 +1279,7 @@ pub fn hlog_path(dir: &std::path::Path, key: &str) -> PathBuf {
 pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let settings = monitor.settings().clone();
     let interval = Duration::from_millis(settings.interval_ms.max(10));
-    let entries = monitor.entries();
-    let on_gpu = entries.iter().any(|e| !e.pci_bus_ids.is_empty());
-    let keys: Vec<String> = entries.into_iter().map(|e| e.key).collect();
+    let keys: Vec<String> = monitor.entries().into_iter().map(|e| e.key).collect();
     let mut hlog = settings.hlog_dir.as_ref().and_then(|dir| {
         HlogFiles::create(dir, &keys)
             .inspect_err(
@@ -1249,6 +1300,9 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
         // A stopping server's last interval (the pollers have stopped) is ticked too.
         let elapsed = last.elapsed();
         last = Instant::now();
+        // Models come and go: the entries are read again each interval.
+        let entries = monitor.entries();
+        let on_gpu = entries.iter().any(|e| !e.pci_bus_ids.is_empty());
         let gpus = if on_gpu {
             crate::gpu::figures().ok()
         } else {
@@ -1256,7 +1310,10 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
         };
         let events = monitor.tick(elapsed, gpus.as_deref(), &mut |i, sample| {
             if let Some(h) = hlog.as_mut() {
-                if let Err(e) = h.write(i, sample, elapsed) {
+                let Some(entry) = entries.get(i) else {
+                    return;
+                };
+                if let Err(e) = h.write(&entry.key, sample, elapsed) {
                     tracing::error!(error = %e, "interval log write failed");
                 }
             }

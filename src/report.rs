@@ -522,11 +522,11 @@ mod tests {
         for i in 1..=1000u64 {
             sample.record(Stage::Total, i * 1000);
         }
-        files.write(0, &sample, Duration::from_secs(1)).unwrap();
+        files.write("m:1", &sample, Duration::from_secs(1)).unwrap();
         sample.reset_in_place();
         sample.record_n(Stage::Total, 5_000_000, 10);
         sample.record(Stage::Queue, 42);
-        files.write(0, &sample, Duration::from_secs(1)).unwrap();
+        files.write("m:1", &sample, Duration::from_secs(1)).unwrap();
         drop(files);
         let bytes = std::fs::read(crate::monitor::hlog_path(&dir, "m:1")).unwrap();
         let log = read_hlog(&bytes).unwrap();

@@ -30,7 +30,7 @@ pub enum BackendChoice {
 }
 
 /// `<repo>/<name>/config.toml`; every key optional.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Layout file (without `.toml`) in the server's layouts directory; unset: features named
@@ -50,8 +50,69 @@ pub struct ModelConfig {
     pub allowed_batch_sizes: Option<Vec<u32>>,
     /// Most requests queued per priority (default: `[batch_processing]`'s).
     pub max_queue_size: Option<u32>,
-    /// Version served to clients that name none (default: the highest).
+    /// Version served to clients that name none (default: the highest loaded).
     pub default_version: Option<u32>,
+    /// Which versions of the repository are loaded (default: all).
+    pub versions: VersionPolicy,
+    /// Names for versions (`stable = 3`, `canary = 4`), accepted wherever a version is.
+    pub labels: std::collections::BTreeMap<String, u32>,
+}
+
+impl ModelConfig {
+    /// Whether a version built with `self` is built the same with `other`: the keys that shape
+    /// the instance (layout, backend, engine, precision, batching) are equal; which versions
+    /// are loaded, the default and labels do not matter.
+    pub fn builds_like(&self, other: &Self) -> bool {
+        let shape = |c: &Self| Self {
+            default_version: None,
+            versions: VersionPolicy::All,
+            labels: Default::default(),
+            ..c.clone()
+        };
+        shape(self) == shape(other)
+    }
+}
+
+/// Which versions of a model the server loads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionPolicy {
+    /// Every version in the repository (`versions = "all"`).
+    #[default]
+    All,
+    /// The N highest (`versions = { latest = 2 }`).
+    Latest(u32),
+    /// These (`versions = { specific = [3, 5] }`); each must be in the repository.
+    Specific(Vec<u32>),
+}
+
+impl VersionPolicy {
+    /// The versions of `present` (ascending) this policy picks.
+    fn pick(&self, present: &[u32]) -> Result<Vec<u32>, String> {
+        match self {
+            Self::All => Ok(present.to_vec()),
+            Self::Latest(0) => Err("versions = { latest = 0 } loads nothing".into()),
+            Self::Latest(n) => Ok(present[present.len().saturating_sub(*n as usize)..].to_vec()),
+            Self::Specific(wanted) => {
+                let mut picked = Vec::new();
+                for v in wanted {
+                    if !present.contains(v) {
+                        return Err(format!(
+                            "versions = {{ specific = {wanted:?} }} names version {v}, which is not in the repository"
+                        ));
+                    }
+                    if !picked.contains(v) {
+                        picked.push(*v);
+                    }
+                }
+                picked.sort_unstable();
+                if picked.is_empty() {
+                    return Err("versions = { specific = [] } loads nothing".into());
+                }
+                Ok(picked)
+            }
+        }
+    }
 }
 
 /// Why the repository or a model could not be loaded.
@@ -143,6 +204,26 @@ pub enum RepositoryLoadError {
         /// The repository.
         path: PathBuf,
     },
+    /// The repository has no model of that name (or none with a `<version>/model.onnx`).
+    #[error("no model {model} in repository {}", path.display())]
+    UnknownModel {
+        /// The model.
+        model: String,
+        /// The repository.
+        path: PathBuf,
+    },
+    /// The model file is not the one its checksum file names, or changed while loading.
+    #[error("model {model} version {version}: {}: {why}", path.display())]
+    Integrity {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
 }
 
 /// A model version loaded and warmed up.
@@ -171,6 +252,16 @@ pub struct LoadedModel {
     pub fault: Option<Arc<crate::health::FaultSwitch>>,
     /// When it finished loading.
     pub loaded_at: chrono::DateTime<chrono::Utc>,
+    /// How long loading took (build, warmup, canary, profile).
+    pub load_time: std::time::Duration,
+    /// SHA-256 of the file, as loaded (hex).
+    pub checksum: String,
+    /// The model's labels (`stable = 3`) from its config when this version was loaded.
+    pub labels: std::collections::BTreeMap<String, u32>,
+    /// The model config it was built with.
+    pub config: ModelConfig,
+    /// Its index in the performance monitor (set when it joins the server's model set).
+    pub monitor_index: usize,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -250,7 +341,118 @@ fn read_dir(path: &Path) -> Result<Vec<PathBuf>, RepositoryLoadError> {
     Ok(entries)
 }
 
-/// Loads every version of every model in `repo`.
+/// What the repository holds of one model and which of its versions its config asks for.
+#[derive(Clone, Debug)]
+pub struct ModelPlan {
+    /// The model's name (its directory).
+    pub name: String,
+    /// Its config (`config.toml`, or the defaults).
+    pub config: ModelConfig,
+    /// The versions to load, ascending, with their files.
+    pub versions: Vec<(u32, PathBuf)>,
+    /// The version served to clients that name none.
+    pub default_version: u32,
+}
+
+impl ModelPlan {
+    /// The file of `version`, when the plan loads it.
+    pub fn file(&self, version: u32) -> Option<&Path> {
+        self.versions
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, f)| f.as_path())
+    }
+}
+
+/// Reads model `name` of `repo`: its versions, its config, which versions it loads.
+///
+/// # Errors
+/// [`RepositoryLoadError::UnknownModel`] when the repository has no version of it; an invalid
+/// config or version policy.
+pub fn plan_model(repo: &Path, name: &str) -> Result<ModelPlan, RepositoryLoadError> {
+    let unknown = || RepositoryLoadError::UnknownModel {
+        model: name.into(),
+        path: repo.into(),
+    };
+    // A name is one directory of the repository, never a path.
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+        return Err(unknown());
+    }
+    let dir = repo.join(name);
+    if !dir.is_dir() {
+        return Err(unknown());
+    }
+    let mut present: Vec<(u32, PathBuf)> = read_dir(&dir)?
+        .into_iter()
+        .filter_map(|p| {
+            let v = p.file_name()?.to_str()?.parse::<u32>().ok()?;
+            let file = p.join("model.onnx");
+            (v > 0 && file.is_file()).then_some((v, file))
+        })
+        .collect();
+    if present.is_empty() {
+        return Err(unknown());
+    }
+    present.sort();
+    let config = read_model_config(&dir)?;
+    let unsupported = |why: String| RepositoryLoadError::Unsupported {
+        model: name.into(),
+        why,
+    };
+    let numbers: Vec<u32> = present.iter().map(|(v, _)| *v).collect();
+    let picked = config.versions.pick(&numbers).map_err(unsupported)?;
+    let versions: Vec<(u32, PathBuf)> = present
+        .into_iter()
+        .filter(|(v, _)| picked.contains(v))
+        .collect();
+    let default_version = config
+        .default_version
+        .unwrap_or_else(|| versions.last().expect("a policy picks one at least").0);
+    if !versions.iter().any(|(v, _)| *v == default_version) {
+        return Err(unsupported(format!(
+            "default_version {default_version} is not among the versions loaded ({picked:?})"
+        )));
+    }
+    for (label, v) in &config.labels {
+        if !versions.iter().any(|(loaded, _)| loaded == v) {
+            return Err(unsupported(format!(
+                "label {label:?} names version {v}, which is not among the versions loaded ({picked:?})"
+            )));
+        }
+    }
+    Ok(ModelPlan {
+        name: name.into(),
+        config,
+        versions,
+        default_version,
+    })
+}
+
+/// The plans of every model of `repo` (directories with at least one `<version>/model.onnx`).
+///
+/// # Errors
+/// The repository cannot be read, or a model's config is invalid.
+pub fn plan_repository(repo: &Path) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
+    let mut plans = Vec::new();
+    for dir in read_dir(repo)? {
+        if !dir.is_dir() {
+            continue;
+        }
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        match plan_model(repo, name) {
+            Ok(plan) => plans.push(plan),
+            Err(RepositoryLoadError::UnknownModel { .. }) => {
+                tracing::debug!(dir = %dir.display(), "no <version>/model.onnx, skipped");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(plans)
+}
+
+/// Loads every version of every model in `repo` that its version policy picks.
 ///
 /// # Errors
 /// [`RepositoryLoadError`] for the first model that cannot be loaded, or an empty repository.
@@ -260,47 +462,9 @@ pub fn load_repository(
 ) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
     let mut models = Vec::new();
     let mut refused = None;
-    for dir in read_dir(repo)? {
-        if !dir.is_dir() {
-            continue;
-        }
-        let name = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
-        let mut versions: Vec<(u32, PathBuf)> = read_dir(&dir)?
-            .into_iter()
-            .filter_map(|p| {
-                let v = p.file_name()?.to_str()?.parse::<u32>().ok()?;
-                let file = p.join("model.onnx");
-                (v > 0 && file.is_file()).then_some((v, file))
-            })
-            .collect();
-        if versions.is_empty() {
-            tracing::debug!(dir = %dir.display(), "no <version>/model.onnx, skipped");
-            continue;
-        }
-        versions.sort();
-        let config = read_model_config(&dir)?;
-        let default_version = config
-            .default_version
-            .unwrap_or_else(|| versions.last().expect("not empty").0);
-        if !versions.iter().any(|(v, _)| *v == default_version) {
-            return Err(RepositoryLoadError::Unsupported {
-                model: name,
-                why: format!("default_version {default_version} is not in the repository"),
-            });
-        }
-        for (version, file) in versions {
-            match load_model(
-                &name,
-                version,
-                &file,
-                &config,
-                default_version == version,
-                options,
-            ) {
+    for plan in plan_repository(repo)? {
+        for (version, _) in &plan.versions {
+            match load_version(&plan, *version, options) {
                 Ok(m) => models.push(m),
                 // A model that does not fit is refused; the others are served.
                 Err(e @ RepositoryLoadError::OutOfMemory { .. }) => {
@@ -316,6 +480,84 @@ pub fn load_repository(
         return Err(refused.unwrap_or_else(|| RepositoryLoadError::Empty { path: repo.into() }));
     }
     Ok(models)
+}
+
+/// Loads version `version` of `plan`: checked against its checksum file when it has one,
+/// built, warmed up, its canary recorded and, when configured, profiled. Nothing is shared
+/// with a version already serving, so a failure leaves that one as it was.
+///
+/// # Errors
+/// [`RepositoryLoadError`]: a version the plan does not load, a corrupt or changed file, a
+/// backend or warmup failure.
+pub fn load_version(
+    plan: &ModelPlan,
+    version: u32,
+    options: &LoadOptions,
+) -> Result<LoadedModel, RepositoryLoadError> {
+    let Some(file) = plan.file(version) else {
+        return Err(RepositoryLoadError::Unsupported {
+            model: plan.name.clone(),
+            why: format!(
+                "version {version} is not one the model's version policy loads ({:?})",
+                plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>()
+            ),
+        });
+    };
+    let integrity = |why: String| RepositoryLoadError::Integrity {
+        model: plan.name.clone(),
+        version,
+        path: file.into(),
+        why,
+    };
+    let checksum = sha256_file(file)?;
+    let sum_file = file.with_extension("onnx.sha256");
+    if sum_file.exists() {
+        let text =
+            std::fs::read_to_string(&sum_file).map_err(|source| RepositoryLoadError::Io {
+                path: sum_file.clone(),
+                source,
+            })?;
+        // `sha256sum`'s format: the hex digest, then optionally the file name.
+        let expected = text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if expected != checksum {
+            return Err(integrity(format!(
+                "SHA-256 {checksum} differs from {expected} in {} (a truncated or corrupt file)",
+                sum_file.display()
+            )));
+        }
+    }
+    let mut model = load_model(
+        &plan.name,
+        version,
+        file,
+        &plan.config,
+        version == plan.default_version,
+        options,
+    )?;
+    // The file read at the start is the one that was built.
+    let after = sha256_file(file)?;
+    if after != checksum {
+        return Err(integrity(
+            "the file changed while it was loading; load it again once it is written".into(),
+        ));
+    }
+    model.checksum = checksum;
+    Ok(model)
+}
+
+/// SHA-256 of a file, hex.
+pub(crate) fn sha256_file(path: &Path) -> Result<String, RepositoryLoadError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|source| RepositoryLoadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn read_model_config(dir: &Path) -> Result<ModelConfig, RepositoryLoadError> {
@@ -473,6 +715,11 @@ fn load_model(
         health: Arc::new(crate::health::ModelHealth::new(canary)),
         fault,
         loaded_at: chrono::Utc::now(),
+        load_time: started.elapsed(),
+        checksum: String::new(),
+        labels: config.labels.clone(),
+        config: config.clone(),
+        monitor_index: usize::MAX,
     })
 }
 

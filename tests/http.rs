@@ -9,54 +9,9 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, fixture, root, TestServer};
+use common::{eventually, fixture, get, post, root, send, TestServer};
 use serde_json::{json, Value};
 use tie_client::{Client, Status};
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into()
-}
-
-fn send(method: &str, url: &str, body: Option<&[u8]>) -> (u16, String) {
-    let agent = agent();
-    let response = match (method, body) {
-        ("GET", _) => agent.get(url).call(),
-        (_, Some(b)) => agent
-            .post(url)
-            .header("content-type", "application/json")
-            .send(b),
-        (_, None) => agent.post(url).send_empty(),
-    };
-    let mut response = response.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let code = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_string()
-        .unwrap();
-    (code, text)
-}
-
-fn get(url: &str) -> (u16, Value) {
-    let (code, text) = send("GET", url, None);
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn post(url: &str, body: &Value) -> (u16, Value) {
-    let (code, text) = send("POST", url, Some(body.to_string().as_bytes()));
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
-    )
-}
 
 /// POSTs headers announcing a 9 MB body, and only its first bytes: the server answers at once
 /// (a client that sent the whole body could see its connection reset before the answer).
@@ -257,9 +212,10 @@ min_throughput_rps = 0.0
         "ModelNotFound",
         post(&predict, &request("mlp64", Some("99"), &mlp.inputs[..1])),
     );
+    // Neither a version number nor one of the model's labels.
     expect_error(
-        400,
-        "InvalidRequest",
+        404,
+        "ModelNotFound",
         post(&predict, &request("mlp64", Some("x"), &mlp.inputs[..1])),
     );
     let body = expect_error(

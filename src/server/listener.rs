@@ -22,6 +22,7 @@ use tie_layouts::hello::{
 
 use super::worker::NewSession;
 use super::{ServerStartError, SessionLink};
+use crate::manager::Models;
 use crate::repository::LoadedModel;
 
 /// How long a connecting client has to send its hello.
@@ -31,7 +32,7 @@ const TICK: Duration = Duration::from_millis(50);
 
 pub(super) struct ListenerContext {
     pub listener: UnixListener,
-    pub models: Arc<[LoadedModel]>,
+    pub models: Arc<Models>,
     pub workers: Vec<mpsc::Sender<NewSession>>,
     pub stopping: Arc<AtomicBool>,
     pub allowed_gid: Option<u32>,
@@ -280,17 +281,10 @@ fn open_session(
         );
         return None;
     };
-    let found = ctx.models.iter().position(|m| {
-        m.name == name
-            && if hello.model_version == 0 {
-                m.is_default
-            } else {
-                m.version == hello.model_version
-            }
-    });
-    let Some(model_index) = found else {
-        let mut served: Vec<String> = ctx.models.iter().map(LoadedModel::key).collect();
-        served.dedup();
+    let set = ctx.models.snapshot();
+    let version = (hello.model_version != 0).then_some(hello.model_version);
+    let Some(model_index) = set.resolve(name, version) else {
+        let served = set.keys();
         let version = match hello.model_version {
             0 => String::new(),
             v => format!(" version {v}"),
@@ -307,7 +301,7 @@ fn open_session(
         refuse(&stream, HelloStatus::ModelNotFound, &msg, 0, &hello);
         return None;
     };
-    let model = &ctx.models[model_index];
+    let model: &LoadedModel = set.get(model_index).expect("resolved");
     if hello.layout_hash != 0 && hello.layout_hash != model.layout_hash {
         let msg = format!(
             "layout mismatch: client {:#018x}, model {} layout {:?} {:#018x}",
@@ -450,6 +444,7 @@ fn open_session(
         link: link.clone(),
         segment: segment.clone(),
         model: model_index,
+        follows_default: version.is_none(),
     };
     if ctx.workers[worker].send(new).is_err() {
         return None;

@@ -21,7 +21,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use crate::config::ServiceConfig;
-use crate::monitor::{ModelEntry, Monitor};
+use crate::manager::Models;
+use crate::monitor::Monitor;
 use crate::repository::LoadedModel;
 
 pub use worker::{confidence, IdlePolicy, SharedStats, WorkerStats};
@@ -81,7 +82,7 @@ pub struct Server {
     listener_stopping: Arc<AtomicBool>,
     workers: Vec<JoinHandle<WorkerStats>>,
     stats: Vec<Arc<SharedStats>>,
-    models: Arc<[LoadedModel]>,
+    models: Arc<Models>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
     monitor: Arc<Monitor>,
@@ -100,7 +101,6 @@ impl Server {
         config: &ServiceConfig,
         models: Vec<LoadedModel>,
     ) -> Result<Self, ServerStartError> {
-        let models: Arc<[LoadedModel]> = models.into();
         let socket_path = tie_client::endpoint::socket_path(
             config.server.socket_dir.as_deref(),
             &config.server.endpoint,
@@ -109,19 +109,13 @@ impl Server {
             huge_pages_usable().map_err(ServerStartError::HugePages)?;
         }
         let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
-        let all_models = models.clone();
         let monitor = Arc::new(Monitor::new(
-            models
-                .iter()
-                .map(|m| ModelEntry {
-                    key: m.key(),
-                    device_memory_bytes: m.backend.info().device_memory_bytes,
-                    pci_bus_ids: m.backend.info().pci_bus_ids.clone(),
-                })
-                .collect(),
+            Vec::new(),
             config.performance_thresholds.clone(),
             config.monitoring.clone(),
         ));
+        let models = Arc::new(Models::new(models, monitor.clone()));
+        let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
 
         let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
@@ -213,8 +207,9 @@ impl Server {
         &self.monitor
     }
 
-    /// The models served, in the order the monitor indexes them.
-    pub fn models(&self) -> &Arc<[LoadedModel]> {
+    /// The models served (slots as the monitor indexes them); a
+    /// [`crate::manager::ModelManager`] changes them while the server runs.
+    pub fn models(&self) -> &Arc<Models> {
         &self.models
     }
 
@@ -234,7 +229,8 @@ impl Server {
     /// Batch counters per model (`name:version`), summed over pollers: timeouts, rejections,
     /// executed requests and their queueing time per priority, batches and rows.
     pub fn batch_stats(&self) -> Vec<(String, crate::batch::BatchStats)> {
-        let mut total: Vec<crate::batch::BatchStats> = vec![Default::default(); self.models.len()];
+        let set = self.models.snapshot();
+        let mut total: Vec<crate::batch::BatchStats> = vec![Default::default(); set.slots()];
         for shared in &self.stats {
             for (t, s) in total.iter_mut().zip(shared.load_batch()) {
                 for p in 0..crate::batch::PRIORITIES {
@@ -247,7 +243,11 @@ impl Server {
                 t.padded_rows += s.padded_rows;
             }
         }
-        self.models.iter().map(|m| m.key()).zip(total).collect()
+        total
+            .into_iter()
+            .enumerate()
+            .filter_map(|(slot, t)| Some((set.get(slot)?.key(), t)))
+            .collect()
     }
 
     /// The endpoint's socket path.

@@ -26,6 +26,7 @@ use tie_layouts::ring::PushError;
 use super::SessionLink;
 use crate::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
 use crate::config::{IdleStrategy, ServerSection};
+use crate::manager::{ModelSet, Models};
 use crate::monitor::{Monitor, Recorder, Stage};
 use crate::repository::LoadedModel;
 
@@ -33,7 +34,10 @@ use crate::repository::LoadedModel;
 pub(crate) struct NewSession {
     pub link: Arc<SessionLink>,
     pub segment: Arc<Segment>,
+    /// The slot of the version it is bound to.
     pub model: usize,
+    /// The client named no version: the session follows its model's default.
+    pub follows_default: bool,
 }
 
 /// How an idle poller waits.
@@ -131,10 +135,14 @@ impl SharedStats {
     }
 
     /// Copies the lanes' batch counters, unless a reader holds them (then next time).
-    fn store_batch(&self, lanes: &[ModelLane]) {
+    fn store_batch(&self, lanes: &[Option<ModelLane>]) {
         if let Ok(mut stats) = self.batch.try_lock() {
             stats.clear();
-            stats.extend(lanes.iter().map(|l| l.queue.stats().clone()));
+            stats.extend(lanes.iter().map(|l| {
+                l.as_ref()
+                    .map(|l| l.queue.stats().clone())
+                    .unwrap_or_default()
+            }));
         }
     }
 
@@ -157,7 +165,7 @@ impl SharedStats {
 pub(super) struct WorkerContext {
     pub index: usize,
     pub core: Option<usize>,
-    pub models: Arc<[LoadedModel]>,
+    pub models: Arc<Models>,
     pub new_sessions: mpsc::Receiver<NewSession>,
     pub stopping: Arc<AtomicBool>,
     pub idle: IdlePolicy,
@@ -168,7 +176,14 @@ pub(super) struct WorkerContext {
 struct WorkerSession {
     link: Arc<SessionLink>,
     rings: RingEnds,
+    /// The slot of the version its frames go to.
     model: usize,
+    /// It follows its model's default version (the client named none).
+    follows_default: bool,
+    /// Where it goes once every request it sent to `model` is answered: the model set changed.
+    switch: Option<Switch>,
+    /// Responses written.
+    responded: u64,
     slot_words: usize,
     feature_count: usize,
     response_capacity: u64,
@@ -186,6 +201,16 @@ struct WorkerSession {
     stop_at: Option<u64>,
 }
 
+/// Where a session goes when its model leaves the set or its default changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// To the version in this slot (same layout).
+    To(usize),
+    /// Nowhere: the session closes (its version was unloaded, or the new default reads
+    /// another layout).
+    Close,
+}
+
 /// What the poller keeps of a queued request.
 #[derive(Clone, Copy, Debug)]
 struct Item {
@@ -201,6 +226,8 @@ struct Item {
 
 /// Per-model state of a poller.
 struct ModelLane {
+    /// The version it runs (held until the lane is dropped).
+    model: Arc<LoadedModel>,
     queue: BatchQueue<Item>,
     input: Vec<f32>,
     output: Vec<f32>,
@@ -213,7 +240,7 @@ struct ModelLane {
 }
 
 impl ModelLane {
-    fn new(model: &LoadedModel, rec: Recorder) -> Self {
+    fn new(model: Arc<LoadedModel>, rec: Recorder) -> Self {
         let largest = model.batch.largest_batch();
         let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
         if let Some(p) = &model.profile {
@@ -224,9 +251,10 @@ impl ModelLane {
             .as_ref()
             .map_or(0, |p| p.compute_ns(queue.full_size()));
         Self {
-            queue,
             input: vec![0.0; largest * model.input_width()],
             output: vec![0.0; largest * model.output_width()],
+            model,
+            queue,
             batch_compute_ns,
             rec,
             batches_run: 0,
@@ -246,13 +274,12 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         }
     }
     let mut p = Poller {
-        lanes: ctx
-            .models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| ModelLane::new(m, ctx.monitor.recorder(i)))
-            .collect(),
+        lanes: Vec::new(),
+        set: ctx.models.snapshot(),
+        generation: ctx.models.generation(),
         models: ctx.models.clone(),
+        monitor: ctx.monitor.clone(),
+        retiring: false,
         sessions: Vec::new(),
         frame: Vec::new(),
         taken: Vec::new(),
@@ -270,8 +297,13 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         // clients already sent is answered.
         let parked = ctx.idle.strategy != IdleStrategy::Spin && idle_since.is_some();
         if stopping || parked || round.is_multiple_of(64) {
+            // A change of the model set (load, reload, unload) moves or closes sessions.
+            p.refresh();
             while let Ok(new) = ctx.new_sessions.try_recv() {
                 p.adopt(new);
+            }
+            if p.retiring {
+                p.retire_lanes();
             }
         }
         round = round.wrapping_add(1);
@@ -294,7 +326,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
                 // kept during the busy rounds go into their histograms (off the path of the
                 // requests just answered).
                 ctx.shared.store_batch(&p.lanes);
-                for lane in &mut p.lanes {
+                for lane in p.lanes.iter_mut().flatten() {
                     if lane.rec.is_dirty() {
                         lane.rec.sample().settle();
                     }
@@ -308,7 +340,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
             // next to the wait.)
             if (ctx.idle.strategy != IdleStrategy::Spin || idle_rounds.is_multiple_of(256))
                 && idle_since.is_some_and(|t| t.elapsed() >= IDLE_FLUSH)
-                && p.lanes.iter().any(|l| l.rec.is_dirty())
+                && p.lanes.iter().flatten().any(|l| l.rec.is_dirty())
             {
                 p.flush_metrics(0);
             }
@@ -316,7 +348,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         if accepted > 0 || answered > 0 {
             idle_since = None;
         } else if stopping
-            && p.lanes.iter().all(|l| l.queue.is_empty())
+            && p.lanes.iter().flatten().all(|l| l.queue.is_empty())
             && (!p.frames_before_stop_unread()
                 || stop_started.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE)
         {
@@ -332,7 +364,7 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
     }
     // The last figures reach the monitor, waiting for its locks if need be.
-    for lane in &mut p.lanes {
+    for lane in p.lanes.iter_mut().flatten() {
         lane.rec.finish();
     }
     p.stats
@@ -356,8 +388,17 @@ impl Drop for Poller {
 }
 
 struct Poller {
-    models: Arc<[LoadedModel]>,
-    lanes: Vec<ModelLane>,
+    models: Arc<Models>,
+    /// The model set as this poller last read it.
+    set: Arc<ModelSet>,
+    /// Its generation.
+    generation: u64,
+    monitor: Arc<Monitor>,
+    /// By slot; created when a session is bound to the slot, dropped once the slot left the
+    /// set and nothing is queued or bound there.
+    lanes: Vec<Option<ModelLane>>,
+    /// Some lane's slot left the set: see `retire_lanes`.
+    retiring: bool,
     /// Sessions by slot; a slot is reused once its session is gone.
     sessions: Vec<Option<WorkerSession>>,
     /// One request slot of the largest session, reused for every frame.
@@ -371,12 +412,92 @@ impl Poller {
     /// Hands each model's figures to the monitor (see [`Recorder::flush`]).
     fn flush_metrics(&mut self, min_age_ns: u64) {
         let now = monotonic_ns();
-        for lane in &mut self.lanes {
+        for lane in self.lanes.iter_mut().flatten() {
             lane.rec.flush(now, min_age_ns);
         }
     }
 
+    /// Reads the model set again when it changed, and decides where each session goes.
+    fn refresh(&mut self) {
+        let generation = self.models.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        self.set = self.models.snapshot();
+        for slot in 0..self.sessions.len() {
+            let switch = match self.sessions[slot].as_ref() {
+                Some(s) => self.switch_of(s),
+                None => continue,
+            };
+            self.sessions[slot].as_mut().expect("checked").switch = switch;
+        }
+        self.retiring = true;
+    }
+
+    /// Where session `s` must go in the current set, if anywhere.
+    fn switch_of(&self, s: &WorkerSession) -> Option<Switch> {
+        let bound = self.lanes.get(s.model)?.as_ref()?;
+        if !s.follows_default {
+            return self.set.get(s.model).is_none().then_some(Switch::Close);
+        }
+        match self.set.resolve(&bound.model.name, None) {
+            Some(slot) if slot == s.model => None,
+            Some(slot) => {
+                let next = self.set.get(slot).expect("resolved");
+                Some(if next.layout_hash == bound.model.layout_hash {
+                    Switch::To(slot)
+                } else {
+                    Switch::Close
+                })
+            }
+            None => Some(Switch::Close),
+        }
+    }
+
+    /// The lane of `slot`, created for `model` when there is none.
+    fn ensure_lane(&mut self, slot: usize, model: &Arc<LoadedModel>) {
+        if self.lanes.len() <= slot {
+            self.lanes.resize_with(slot + 1, || None);
+        }
+        if self.lanes[slot].is_none() {
+            let rec = self.monitor.recorder(model.monitor_index);
+            self.lanes[slot] = Some(ModelLane::new(model.clone(), rec));
+        }
+    }
+
+    /// Drops the lanes of slots that left the set once nothing is queued or bound there; the
+    /// instance is freed when the last holder lets go.
+    fn retire_lanes(&mut self) {
+        let mut waiting = false;
+        for slot in 0..self.lanes.len() {
+            let Some(lane) = self.lanes[slot].as_mut() else {
+                continue;
+            };
+            if self.set.get(slot).is_some() {
+                continue;
+            }
+            let bound = self.sessions.iter().flatten().any(|s| s.model == slot);
+            if bound || !lane.queue.is_empty() {
+                waiting = true;
+                continue;
+            }
+            lane.rec.finish();
+            self.lanes[slot] = None;
+        }
+        self.retiring = waiting;
+    }
+
     fn adopt(&mut self, new: NewSession) {
+        // The listener read the set before it sent the session: this poller's must be as new.
+        self.refresh();
+        let Some(model) = self.set.get(new.model).cloned() else {
+            // Unloaded meanwhile: the client sees the session close before it sent anything.
+            new.segment.set_server_state(ServerState::Closing, 0);
+            new.link.dead.store(true, Ordering::SeqCst);
+            return;
+        };
+        self.ensure_lane(new.model, &model);
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
         if self.frame.len() < slot_words {
@@ -386,6 +507,9 @@ impl Poller {
             link: new.link,
             rings: RingEnds::new(new.segment, Side::Server),
             model: new.model,
+            follows_default: new.follows_default,
+            switch: None,
+            responded: 0,
             slot_words,
             feature_count: info.feature_count as usize,
             response_capacity: u64::from(info.response_capacity),
@@ -399,6 +523,50 @@ impl Poller {
         match self.sessions.iter().position(Option::is_none) {
             Some(slot) => self.sessions[slot] = Some(session),
             None => self.sessions.push(Some(session)),
+        }
+    }
+
+    /// Moves session `slot` where the model set sends it, once every request it sent to its
+    /// current version is answered. Returns whether it may be read now.
+    fn settle_switch(&mut self, slot: usize) -> bool {
+        let Some(s) = self.sessions[slot].as_mut() else {
+            return false;
+        };
+        let Some(switch) = s.switch else {
+            return true;
+        };
+        // Nothing more is read from it until its requests to the old version are answered:
+        // its responses stay in order and switch version at one point.
+        if s.accepted != s.responded {
+            return false;
+        }
+        s.switch = None;
+        match switch {
+            Switch::To(next) => {
+                tracing::info!(
+                    session = s.link.id,
+                    from = s.model,
+                    to = next,
+                    "session moved to the new default version"
+                );
+                s.model = next;
+                let model = self
+                    .set
+                    .get(next)
+                    .cloned()
+                    .expect("switches name loaded slots");
+                self.ensure_lane(next, &model);
+                true
+            }
+            Switch::Close => {
+                tracing::info!(
+                    session = s.link.id,
+                    "session closed: its model version was unloaded"
+                );
+                s.rings.segment().set_server_state(ServerState::Closing, 0);
+                s.link.dead.store(true, Ordering::SeqCst);
+                false
+            }
         }
     }
 
@@ -434,6 +602,9 @@ impl Poller {
     }
 
     fn drain_session(&mut self, slot: usize) -> usize {
+        if !self.settle_switch(slot) {
+            return 0;
+        }
         let Some(s) = self.sessions[slot].as_mut() else {
             return 0;
         };
@@ -457,9 +628,11 @@ impl Poller {
             Some(end) => credits.min(end - s.rings.popped()),
             None => credits,
         };
-        let lane = &mut self.lanes[s.model];
-        let allow_non_finite = self.models[s.model].layout.allow_non_finite;
-        let ready = self.models[s.model].health.is_ready();
+        let lane = self.lanes[s.model]
+            .as_mut()
+            .expect("a bound session has a lane");
+        let allow_non_finite = lane.model.layout.allow_non_finite;
+        let ready = lane.model.health.is_ready();
         let mut taken = 0;
         let mut now = 0;
         let frame = &mut self.frame[..s.slot_words];
@@ -516,14 +689,17 @@ impl Poller {
         let mut answered = 0;
         let mut wake: Option<u64> = None;
         for m in 0..self.lanes.len() {
-            if self.lanes[m].queue.is_empty() {
+            let Some(lane) = self.lanes[m].as_mut() else {
+                continue;
+            };
+            if lane.queue.is_empty() {
                 continue;
             }
             let now = monotonic_ns();
             self.taken.clear();
-            self.lanes[m].queue.take_resolved(now, &mut self.taken);
+            lane.queue.take_resolved(now, &mut self.taken);
             answered += self.respond(m, now, 0, now);
-            let lane = &mut self.lanes[m];
+            let lane = self.lanes[m].as_mut().expect("checked");
             match lane.queue.decide(now, lane.batch_compute_ns) {
                 Decision::Idle => {}
                 // A stopping server does not wait for batches to fill.
@@ -539,7 +715,7 @@ impl Poller {
         }
         // Under sustained load the poller never goes idle: kept latencies are recorded here,
         // after the answers are published.
-        for lane in &mut self.lanes {
+        for lane in self.lanes.iter_mut().flatten() {
             if lane.rec.is_dirty() && lane.rec.sample().half_full() {
                 lane.rec.sample().settle();
             }
@@ -548,10 +724,10 @@ impl Poller {
     }
 
     fn run_batch(&mut self, m: usize, started_ns: u64) -> usize {
-        let model = &self.models[m];
-        let lane = &mut self.lanes[m];
+        let lane = self.lanes[m].as_mut().expect("run for a lane");
         self.taken.clear();
         let ModelLane {
+            model,
             queue,
             input,
             output,
@@ -625,8 +801,8 @@ impl Poller {
         if self.taken.is_empty() {
             return 0;
         }
-        let model = &self.models[m];
-        let lane = &mut self.lanes[m];
+        let lane = self.lanes[m].as_mut().expect("answered from a lane");
+        let model = &lane.model;
         let sample = lane.rec.sample();
         let mut executed = 0;
         let ow = model.output_width();
@@ -670,6 +846,7 @@ impl Poller {
             match s.rings.try_push(&words[..response_words]) {
                 Ok(()) => {
                     s.unpublished = true;
+                    s.responded += 1;
                     written += 1;
                     sample.respond(Status(frame.status));
                     // Stages of answers that reached their session only, as the counts.
@@ -711,7 +888,10 @@ impl Poller {
                 .is_some_and(|s| s.link.dead.load(Ordering::Relaxed));
             if dead {
                 let s = self.sessions[slot].take().expect("checked");
-                self.lanes[s.model].queue.remove_session(slot);
+                if let Some(lane) = self.lanes[s.model].as_mut() {
+                    lane.queue.remove_session(slot);
+                }
+                self.retiring = true;
             }
         }
     }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Response, WaitStrategy};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -268,4 +269,68 @@ pub fn responses(client: &mut Client, n: usize) -> Vec<Response> {
     let got: Vec<Response> = (0..n).map(|_| next_response(client)).collect();
     assert_eq!(client.poll(), None, "an extra response");
     got
+}
+
+// HTTP helpers for the control plane.
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+pub fn send(method: &str, url: &str, body: Option<&[u8]>) -> (u16, String) {
+    let agent = agent();
+    let response = match (method, body) {
+        ("GET", _) => agent.get(url).call(),
+        (_, Some(b)) => agent
+            .post(url)
+            .header("content-type", "application/json")
+            .send(b),
+        (_, None) => agent.post(url).send_empty(),
+    };
+    let mut response = response.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let code = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .unwrap();
+    (code, text)
+}
+
+pub fn get(url: &str) -> (u16, Value) {
+    let (code, text) = send("GET", url, None);
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub fn post(url: &str, body: &Value) -> (u16, Value) {
+    let (code, text) = send("POST", url, Some(body.to_string().as_bytes()));
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
+    )
+}
+
+/// POSTs an empty body, with `Authorization: Bearer token` when given; the answer as JSON.
+pub fn post_empty(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = agent().post(url);
+    if let Some(t) = token {
+        request = request.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut response = request
+        .send_empty()
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let code = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
+    )
 }

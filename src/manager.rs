@@ -1,0 +1,535 @@
+//! The model manager: the set of model versions the server serves, changed while it serves.
+//!
+//! [`Models`] holds the current [`ModelSet`] (an immutable snapshot: slots of loaded versions,
+//! each model's default version and labels). Readers (the listener, the pollers, the control
+//! plane, the health monitor) take a snapshot; a change publishes a new one and bumps a
+//! generation number that pollers check between rounds.
+//!
+//! Slots are never reused: a version loaded again gets a new slot, so a slot number names one
+//! loaded instance for its whole life (the monitor's figures, a poller's lane, a session's
+//! binding).
+//!
+//! [`ModelManager`] changes the set from the repository:
+//! - **reload** (`tie reload`, `POST …/models/reload`, `POST …/models/{name}/load`): reads the
+//!   model's directory and config again, builds and warms every version its policy wants that
+//!   is not loaded (or whose file changed), then switches in one step: new slots in, each
+//!   model's default and labels set, versions the policy no longer wants out. If any version
+//!   fails to load, nothing changes and the error is returned: the versions serving go on.
+//! - **unload** (`POST …/models/{key}/unload`): takes a version (or every version of a model)
+//!   out of the set.
+//!
+//! Sessions that named no version follow their model's default: a poller moves such a session
+//! to the new default once every request it accepted for the old one is answered (it reads
+//! nothing more from that session meanwhile), so each session's responses switch version at
+//! one point, in order. A new default must keep the layout of the one it replaces. Sessions
+//! pinned to a version that goes away have their accepted requests answered, then are closed
+//! (their clients see `Disconnected`). An instance is freed when the last poller lane and
+//! session holding it let it go; the manager waits for that (bounded) before it answers.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::monitor::{ModelEntry, Monitor};
+use crate::repository::{self, LoadOptions, LoadedModel, ModelPlan, RepositoryLoadError};
+
+/// How long the manager waits for a replaced or unloaded instance to be let go by the pollers
+/// before it answers (the instance is still freed when they do).
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// One snapshot of the versions served.
+#[derive(Clone, Debug, Default)]
+pub struct ModelSet {
+    /// By slot; `None`: unloaded.
+    slots: Vec<Option<Arc<LoadedModel>>>,
+    /// Per model name: the slot of its default version.
+    defaults: BTreeMap<String, usize>,
+    /// Per model name: its labels (`stable` → version).
+    labels: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+impl ModelSet {
+    /// The model in `slot`, when loaded.
+    pub fn get(&self, slot: usize) -> Option<&Arc<LoadedModel>> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    /// Number of slots ever used (loaded or not).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The loaded models with their slots, by name then version.
+    pub fn loaded(&self) -> Vec<(usize, &Arc<LoadedModel>)> {
+        let mut all: Vec<(usize, &Arc<LoadedModel>)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((i, m.as_ref()?)))
+            .collect();
+        all.sort_by(|a, b| (&a.1.name, a.1.version).cmp(&(&b.1.name, b.1.version)));
+        all
+    }
+
+    /// Whether nothing is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// The slot of `name`'s `version`, or of its default when `version` is `None`.
+    pub fn resolve(&self, name: &str, version: Option<u32>) -> Option<usize> {
+        match version {
+            None => self.defaults.get(name).copied(),
+            Some(v) => self
+                .slots
+                .iter()
+                .position(|m| m.as_ref().is_some_and(|m| m.name == name && m.version == v)),
+        }
+    }
+
+    /// The version a request's `model_version` names: a number or one of the model's labels.
+    pub fn version_named(&self, name: &str, version: &str) -> Option<u32> {
+        version.parse::<u32>().ok().or_else(|| {
+            self.labels
+                .get(name)
+                .and_then(|labels| labels.get(version))
+                .copied()
+        })
+    }
+
+    /// The slot of a `name:version` key (the version may be a label).
+    pub fn by_key(&self, key: &str) -> Option<usize> {
+        let (name, version) = key.rsplit_once(':')?;
+        self.resolve(name, Some(self.version_named(name, version)?))
+    }
+
+    /// Whether `slot` is its model's default version.
+    pub fn is_default(&self, slot: usize) -> bool {
+        self.get(slot)
+            .is_some_and(|m| self.defaults.get(&m.name) == Some(&slot))
+    }
+
+    /// The labels of model `name`.
+    pub fn labels(&self, name: &str) -> BTreeMap<String, u32> {
+        self.labels.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Keys of every loaded version.
+    pub fn keys(&self) -> Vec<String> {
+        self.loaded().into_iter().map(|(_, m)| m.key()).collect()
+    }
+}
+
+/// The versions served, as they change (see the module's docs).
+#[derive(Debug)]
+pub struct Models {
+    set: RwLock<Arc<ModelSet>>,
+    generation: AtomicU64,
+    monitor: Arc<Monitor>,
+}
+
+impl Models {
+    /// A set of `models`, each model's default being the version loaded as its default (else
+    /// its highest). Their slots are their positions; each gets an entry in `monitor`.
+    pub fn new(models: Vec<LoadedModel>, monitor: Arc<Monitor>) -> Self {
+        let this = Self {
+            set: RwLock::new(Arc::new(ModelSet::default())),
+            generation: AtomicU64::new(0),
+            monitor,
+        };
+        let mut set = ModelSet::default();
+        for m in models {
+            let is_default = m.is_default;
+            let name = m.name.clone();
+            let labels = m.labels.clone();
+            let slot = this.add_slot(&mut set, m);
+            if is_default || !set.defaults.contains_key(&name) {
+                set.defaults.insert(name.clone(), slot);
+            }
+            set.labels.insert(name, labels);
+        }
+        *this.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        this
+    }
+
+    /// The monitor of the models' figures.
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
+    }
+
+    /// The current set.
+    pub fn snapshot(&self) -> Arc<ModelSet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Bumped by every change (pollers compare it between rounds).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `model` in the next slot of `set`, with its monitor entry.
+    fn add_slot(&self, set: &mut ModelSet, mut model: LoadedModel) -> usize {
+        model.monitor_index = self.monitor.add(ModelEntry {
+            key: model.key(),
+            device_memory_bytes: model.backend.info().device_memory_bytes,
+            pci_bus_ids: model.backend.info().pci_bus_ids.clone(),
+        });
+        set.slots.push(Some(Arc::new(model)));
+        set.slots.len() - 1
+    }
+
+    /// Applies `change` to a copy of the current set and publishes it.
+    fn publish<R>(&self, change: impl FnOnce(&Self, &mut ModelSet) -> R) -> R {
+        let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = ModelSet::clone(&guard);
+        let r = change(self, &mut next);
+        *guard = Arc::new(next);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+}
+
+/// What a reload or unload did.
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct ChangeReport {
+    /// Versions loaded (`name:version`), with their load times in milliseconds.
+    pub loaded: Vec<LoadedVersion>,
+    /// Versions taken out (`name:version`).
+    pub unloaded: Vec<String>,
+    /// Per model: its default version after the change.
+    pub defaults: BTreeMap<String, u32>,
+    /// Versions taken out whose instance was still held by a poller when the answer was
+    /// written (freed once it lets go).
+    pub still_draining: Vec<String>,
+}
+
+/// A version a change loaded.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct LoadedVersion {
+    /// `name:version`.
+    pub model_key: String,
+    /// Build, warmup, canary and profile.
+    pub load_time_ms: f64,
+    /// SHA-256 of its file.
+    pub checksum: String,
+}
+
+/// Why a change was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The repository or a version could not be read or loaded.
+    #[error(transparent)]
+    Load(#[from] RepositoryLoadError),
+    /// No such loaded model or version.
+    #[error("{0} is not loaded")]
+    NotLoaded(String),
+    /// The new default reads a different layout than the one it replaces, which connected
+    /// sessions were set up for.
+    #[error("model {model}: version {new} (layout {new_layout:?}, {new_hash:#018x}) cannot replace version {old} (layout {old_layout:?}, {old_hash:#018x}) as the default: sessions set up for one layout would be sent to a model reading another. Serve the new layout under a new model name, or unload {model} first")]
+    LayoutChange {
+        /// The model.
+        model: String,
+        /// The default being replaced.
+        old: u32,
+        /// Its layout.
+        old_layout: String,
+        /// Its hash.
+        old_hash: u64,
+        /// The new default.
+        new: u32,
+        /// Its layout.
+        new_layout: String,
+        /// Its hash.
+        new_hash: u64,
+    },
+}
+
+/// Loads, reloads and unloads models of the repository into [`Models`].
+pub struct ModelManager {
+    models: Arc<Models>,
+    repository: PathBuf,
+    options: LoadOptions,
+    /// One change at a time.
+    changing: Mutex<()>,
+}
+
+impl ModelManager {
+    /// A manager of `models` from `repository`, loading with `options`.
+    pub fn new(models: Arc<Models>, repository: PathBuf, options: LoadOptions) -> Self {
+        Self {
+            models,
+            repository,
+            options,
+            changing: Mutex::new(()),
+        }
+    }
+
+    /// The versions served.
+    pub fn models(&self) -> &Arc<Models> {
+        &self.models
+    }
+
+    /// Reloads every model of the repository (see the module's docs); models whose directory
+    /// is gone are unloaded, new ones loaded.
+    ///
+    /// # Errors
+    /// [`ChangeError`]: nothing changed.
+    pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let plans = repository::plan_repository(&self.repository)?;
+        let current = self.models.snapshot();
+        let mut gone: Vec<String> = current
+            .loaded()
+            .into_iter()
+            .map(|(_, m)| m.name.clone())
+            .filter(|n| !plans.iter().any(|p| &p.name == n))
+            .collect();
+        gone.dedup();
+        self.apply(plans, &gone)
+    }
+
+    /// Reloads model `name` from the repository; with `version`, loads that version too (it
+    /// must be one the model's version policy allows).
+    ///
+    /// # Errors
+    /// [`ChangeError`]: nothing changed.
+    pub fn reload(&self, name: &str, version: Option<u32>) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = repository::plan_model(&self.repository, name)?;
+        if let Some(v) = version {
+            if plan.file(v).is_none() {
+                return Err(RepositoryLoadError::Unsupported {
+                    model: name.into(),
+                    why: format!(
+                        "version {v} is not in the repository or not picked by the model's version policy ({:?})",
+                        plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>()
+                    ),
+                }
+                .into());
+            }
+        }
+        self.apply(vec![plan], &[])
+    }
+
+    /// Unloads `key`: `name:version` (a label is accepted) or `name` (every version).
+    ///
+    /// # Errors
+    /// [`ChangeError::NotLoaded`].
+    pub fn unload(&self, key: &str) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.models.snapshot();
+        let slots: Vec<usize> = match key.rsplit_once(':') {
+            Some(_) => current.by_key(key).into_iter().collect(),
+            None => current
+                .loaded()
+                .into_iter()
+                .filter(|(_, m)| m.name == key)
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        if slots.is_empty() {
+            return Err(ChangeError::NotLoaded(key.into()));
+        }
+        let mut report = ChangeReport::default();
+        let removed = self.models.publish(|_, set| {
+            let mut removed = Vec::new();
+            for &slot in &slots {
+                if let Some(m) = set.slots[slot].take() {
+                    removed.push((slot, m));
+                }
+            }
+            fix_defaults(set, &removed);
+            removed
+        });
+        // The old snapshot holds what was removed: it goes before the wait for their release.
+        drop(current);
+        self.finish(removed, &mut report);
+        report.defaults = defaults_of(&self.models.snapshot());
+        Ok(report)
+    }
+
+    /// Loads what `plans` want and is not loaded, then switches in one step; unloads the
+    /// models named in `gone`.
+    fn apply(&self, plans: Vec<ModelPlan>, gone: &[String]) -> Result<ChangeReport, ChangeError> {
+        let current = self.models.snapshot();
+        // Build and warm every new version first: any failure leaves the set as it is.
+        let mut fresh: Vec<(usize, LoadedModel)> = Vec::new();
+        for (p, plan) in plans.iter().enumerate() {
+            for (version, file) in &plan.versions {
+                let loaded = current.resolve(&plan.name, Some(*version));
+                if let Some(slot) = loaded {
+                    let m = current.get(slot).expect("resolved");
+                    // The same file built the same way: kept. A file replaced in place, or a
+                    // config that builds it differently, is loaded again.
+                    if m.path == *file
+                        && m.config.builds_like(&plan.config)
+                        && file_checksum(file).as_deref() == Some(&m.checksum)
+                    {
+                        continue;
+                    }
+                }
+                let model = repository::load_version(plan, *version, &self.options)?;
+                fresh.push((p, model));
+            }
+        }
+        // A new default must read the layout the sessions following the old one write.
+        for plan in &plans {
+            let Some(old_slot) = current.resolve(&plan.name, None) else {
+                continue;
+            };
+            let old = current.get(old_slot).expect("resolved");
+            let new_hash = match fresh
+                .iter()
+                .find(|(_, m)| m.name == plan.name && m.version == plan.default_version)
+            {
+                Some((_, m)) => (m.layout_hash, m.layout.name.clone()),
+                None => {
+                    let slot = current
+                        .resolve(&plan.name, Some(plan.default_version))
+                        .expect("the plan's versions are loaded or fresh");
+                    let m = current.get(slot).expect("resolved");
+                    (m.layout_hash, m.layout.name.clone())
+                }
+            };
+            if new_hash.0 != old.layout_hash {
+                return Err(ChangeError::LayoutChange {
+                    model: plan.name.clone(),
+                    old: old.version,
+                    old_layout: old.layout.name.clone(),
+                    old_hash: old.layout_hash,
+                    new: plan.default_version,
+                    new_layout: new_hash.1,
+                    new_hash: new_hash.0,
+                });
+            }
+        }
+        let mut report = ChangeReport::default();
+        for (_, m) in &fresh {
+            report.loaded.push(LoadedVersion {
+                model_key: m.key(),
+                load_time_ms: m.load_time.as_secs_f64() * 1e3,
+                checksum: m.checksum.clone(),
+            });
+        }
+        let removed = self.models.publish(|models, set| {
+            let mut removed = Vec::new();
+            // Replaced files and versions the policies no longer want leave.
+            for slot in 0..set.slots.len() {
+                let Some(m) = set.slots[slot].as_ref() else {
+                    continue;
+                };
+                let replaced = fresh
+                    .iter()
+                    .any(|(_, f)| f.name == m.name && f.version == m.version);
+                let unwanted = plans
+                    .iter()
+                    .find(|p| p.name == m.name)
+                    .is_some_and(|p| p.file(m.version).is_none());
+                if replaced || unwanted || gone.contains(&m.name) {
+                    removed.push((slot, set.slots[slot].take().expect("checked")));
+                }
+            }
+            for (_, m) in fresh {
+                models.add_slot(set, m);
+            }
+            for plan in &plans {
+                let slot = set
+                    .resolve(&plan.name, Some(plan.default_version))
+                    .expect("loaded above");
+                set.defaults.insert(plan.name.clone(), slot);
+                set.labels
+                    .insert(plan.name.clone(), plan.config.labels.clone());
+            }
+            fix_defaults(set, &removed);
+            removed
+        });
+        drop(current);
+        for plan in &plans {
+            tracing::info!(
+                model = %plan.name,
+                default = plan.default_version,
+                versions = ?plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+                "model reloaded"
+            );
+        }
+        self.finish(removed, &mut report);
+        report.defaults = defaults_of(&self.models.snapshot());
+        Ok(report)
+    }
+
+    /// Retires `removed` from the monitor and waits (bounded) until the pollers let them go.
+    fn finish(&self, removed: Vec<(usize, Arc<LoadedModel>)>, report: &mut ChangeReport) {
+        for (_, m) in &removed {
+            self.models.monitor.retire(m.monitor_index);
+        }
+        let started = Instant::now();
+        for (_, m) in removed {
+            let key = m.key();
+            report.unloaded.push(key.clone());
+            // Held by poller lanes and sessions until their requests are answered.
+            while Arc::strong_count(&m) > 1 && started.elapsed() < DRAIN_WAIT {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if Arc::strong_count(&m) > 1 {
+                tracing::warn!(model = %key, "unloaded; still answering its last requests");
+                report.still_draining.push(key);
+            } else {
+                tracing::info!(model = %key, "unloaded and freed");
+            }
+        }
+    }
+}
+
+/// A model whose default left the set gets its highest remaining version as default; one with
+/// no version left loses its default and labels.
+fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
+    for (slot, m) in removed {
+        if set.defaults.get(&m.name) != Some(slot) {
+            continue;
+        }
+        let next = set
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+            .filter(|(_, s)| s.name == m.name)
+            .max_by_key(|(_, s)| s.version)
+            .map(|(i, _)| i);
+        match next {
+            Some(i) => {
+                set.defaults.insert(m.name.clone(), i);
+            }
+            None => {
+                set.defaults.remove(&m.name);
+                set.labels.remove(&m.name);
+            }
+        }
+    }
+    // Labels name loaded versions only.
+    for (name, labels) in set.labels.iter_mut() {
+        let loaded: Vec<u32> = set
+            .slots
+            .iter()
+            .flatten()
+            .filter(|m| &m.name == name)
+            .map(|m| m.version)
+            .collect();
+        labels.retain(|_, v| loaded.contains(v));
+    }
+}
+
+fn defaults_of(set: &ModelSet) -> BTreeMap<String, u32> {
+    set.defaults
+        .iter()
+        .filter_map(|(name, &slot)| Some((name.clone(), set.get(slot)?.version)))
+        .collect()
+}
+
+fn file_checksum(path: &std::path::Path) -> Option<String> {
+    repository::sha256_file(path).ok()
+}

@@ -1,0 +1,499 @@
+//! Model management on a real `tie serve`: reload under load, a broken or corrupt version
+//! leaving the old one serving, version policies, labels, unload, and the bearer token of
+//! the state-changing endpoints.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{fixture, get, post, post_empty, rel_err, root, scratch_dir, Fixture, TestServer};
+use serde_json::{json, Value};
+use tie_client::{Client, ConnectOptions, Priority, Status};
+
+const API: &str = "api/v1/internal/inference";
+
+/// Copies version `version` of example model `model` into `repo` as version `as_version`.
+fn add_version(repo: &Path, model: &str, version: u32, as_version: u32) -> PathBuf {
+    let dir = repo.join(model).join(as_version.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.onnx");
+    std::fs::copy(
+        root()
+            .join("models")
+            .join(model)
+            .join(version.to_string())
+            .join("model.onnx"),
+        &file,
+    )
+    .unwrap();
+    file
+}
+
+/// Whether `outputs` are the fixture's outputs for row `row`.
+fn matches(f: &Fixture, row: usize, outputs: &[f32]) -> bool {
+    let expected = &f.outputs[row % f.outputs.len()];
+    outputs.len() == expected.len()
+        && outputs
+            .iter()
+            .zip(expected)
+            .all(|(a, b)| rel_err(*a, *b) < 1e-4)
+}
+
+fn loaded(api: &str) -> Vec<Value> {
+    let (code, list) = get(&format!("{api}/models/loaded"));
+    assert_eq!(code, 200, "{list}");
+    list.as_array().unwrap().clone()
+}
+
+fn keys(api: &str) -> Vec<String> {
+    loaded(api)
+        .iter()
+        .map(|m| m["model_key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// What one client thread saw.
+#[derive(Debug, Default)]
+struct Seen {
+    submitted: u64,
+    ok: u64,
+    /// Responses of each version, in the order the versions answered.
+    runs: Vec<(u32, u64)>,
+    /// Version 2's answer to each fixture row (checked against a version 2 session after).
+    v2_answers: std::collections::BTreeMap<usize, Vec<f32>>,
+    failures: Vec<String>,
+}
+
+impl Seen {
+    fn fail(&mut self, what: String) {
+        // The first few say what went wrong.
+        if self.failures.len() < 10 {
+            self.failures.push(what);
+        }
+    }
+}
+
+/// Sends multi version 1's fixture rows, pipelined 8 deep, until `stop`; checks that answers
+/// come in order, version 1's against the fixture, version 2's for consistency (each row the
+/// same answer).
+fn client_loop(mut client: Client, stop: Arc<AtomicBool>) -> Seen {
+    let f = fixture("multi_v1");
+    let mut seen = Seen::default();
+    let mut sent = std::collections::VecDeque::new();
+    let mut row = 0usize;
+    let mut idle_since = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        while !stopping && client.in_flight() < 8 {
+            let features = &f.inputs[row % f.inputs.len()];
+            match client.submit(features, Priority::Normal, None) {
+                Ok(id) => {
+                    sent.push_back((id, row));
+                    seen.submitted += 1;
+                    row += 1;
+                }
+                Err(e) => {
+                    seen.fail(format!("submit: {e}"));
+                    return seen;
+                }
+            }
+        }
+        match client.poll() {
+            Some(r) => {
+                idle_since = Instant::now();
+                let (id, row) = sent.pop_front().expect("an answer to a request sent");
+                if r.request_id != id {
+                    seen.fail(format!("answer to {:?} where {id:?} was due", r.request_id));
+                }
+                if r.status != Status::OK {
+                    seen.fail(format!("status {:?}", r.status));
+                    continue;
+                }
+                let key = row % f.inputs.len();
+                let right = match r.model_version {
+                    1 => matches(&f, row, r.outputs()),
+                    2 => {
+                        seen.v2_answers
+                            .entry(key)
+                            .or_insert_with(|| r.outputs().to_vec())
+                            .as_slice()
+                            == r.outputs()
+                    }
+                    _ => false,
+                };
+                if !right {
+                    seen.fail(format!(
+                        "row {row}: {:?} from version {} is not that version's answer",
+                        r.outputs(),
+                        r.model_version
+                    ));
+                }
+                seen.ok += 1;
+                match seen.runs.last_mut() {
+                    Some((v, n)) if *v == r.model_version => *n += 1,
+                    _ => seen.runs.push((r.model_version, 1)),
+                }
+            }
+            None if stopping && sent.is_empty() => return seen,
+            None => {
+                if idle_since.elapsed() > Duration::from_secs(20) {
+                    seen.fail("no answer for 20 s".into());
+                    return seen;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn connect(server: &TestServer, model: &str, version: Option<u32>) -> Client {
+    Client::connect(
+        &server.endpoint,
+        model,
+        ConnectOptions {
+            version,
+            ..server.options()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
+    let repo = scratch_dir("repo");
+    add_version(&repo, "multi", 1, 1);
+    // The latest version only: a reload to version 2 also unloads version 1.
+    std::fs::write(
+        repo.join("multi/config.toml"),
+        "versions = { latest = 1 }\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with(common::TEST_CONFIG, &repo);
+    let api = format!("{}/{API}", server.http());
+    assert_eq!(keys(&api), ["multi:1"]);
+
+    // Four sessions following the default, sending all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let client = connect(&server, "multi", None);
+            let stop = stop.clone();
+            std::thread::spawn(move || client_loop(client, stop))
+        })
+        .collect();
+    // A session pinned to version 1, idle: it is closed when version 1 goes.
+    let mut pinned = connect(&server, "multi", Some(1));
+    assert_eq!(
+        pinned
+            .predict(&fixture("multi_v1").inputs[0])
+            .unwrap()
+            .response
+            .model_version,
+        1
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    // `tie reload multi` once version 2 is in the repository.
+    add_version(&repo, "multi", 2, 2);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["reload", "multi", "--http-addr"])
+        .arg(api.split('/').nth(2).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tie reload: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["loaded"][0]["model_key"], "multi:2", "{report}");
+    assert!(report["loaded"][0]["load_time_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["loaded"][0]["checksum"].as_str().unwrap().len(), 64);
+    assert_eq!(report["unloaded"], json!(["multi:1"]), "{report}");
+    assert_eq!(report["defaults"], json!({"multi": 2}));
+    assert_eq!(
+        report["still_draining"],
+        json!([]),
+        "version 1 freed: {report}"
+    );
+
+    // Every session reaches version 2, then a little more traffic.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    // Version 2's answers to the rows sent, from a session pinned to it: not version 1's.
+    let mut v2 = connect(&server, "multi", Some(2));
+    let f1 = fixture("multi_v1");
+    let v2_expected: Vec<Vec<f32>> = f1
+        .inputs
+        .iter()
+        .map(|row| v2.predict(row).unwrap().outputs().to_vec())
+        .collect();
+    for (i, out) in v2_expected.iter().enumerate() {
+        assert!(!matches(&f1, i, out), "the versions differ on row {i}");
+    }
+    for t in threads {
+        let seen = t.join().unwrap();
+        for (row, out) in &seen.v2_answers {
+            assert_eq!(out, &v2_expected[*row], "version 2's answer to row {row}");
+        }
+        assert!(seen.failures.is_empty(), "{seen:?}");
+        assert_eq!(seen.ok, seen.submitted, "every request answered: {seen:?}");
+        let versions: Vec<u32> = seen.runs.iter().map(|(v, _)| *v).collect();
+        assert_eq!(
+            versions,
+            [1, 2],
+            "one switch per session, in order: {seen:?}"
+        );
+    }
+    assert_eq!(keys(&api), ["multi:2"]);
+
+    // The pinned session was closed once version 1 went: its client sees it.
+    let err = pinned.predict(&fixture("multi_v1").inputs[0]).unwrap_err();
+    assert!(err.to_string().contains("isconnected"), "{err}");
+    // New sessions get version 2; version 1 is not served any more.
+    let mut fresh = connect(&server, "multi", None);
+    let p = fresh.predict(&fixture("multi_v2").inputs[1]).unwrap();
+    assert_eq!(p.response.model_version, 2);
+    assert!(matches(&fixture("multi_v2"), 1, p.outputs()));
+    let refused = Client::connect(
+        &server.endpoint,
+        "multi",
+        ConnectOptions {
+            version: Some(1),
+            ..server.options()
+        },
+    )
+    .unwrap_err();
+    assert!(refused.to_string().contains("not served"), "{refused}");
+    let log = server.log();
+    assert_eq!(
+        log.matches("session moved to the new default version")
+            .count(),
+        4,
+        "{log}"
+    );
+    assert!(
+        log.contains("multi:1") && log.contains("unloaded and freed"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&repo);
+}
+
+#[test]
+fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
+    let repo = scratch_dir("repo");
+    add_version(&repo, "mlp64", 1, 1);
+    std::fs::write(repo.join("mlp64/config.toml"), "layout = \"mlp64\"\n").unwrap();
+    let dir = scratch_dir("token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let config = common::TEST_CONFIG.replacen(
+        "[server]\n",
+        &format!("[server]\napi_token_file = {token_file:?}\n"),
+        1,
+    );
+    let server = TestServer::start_with(&config, &repo);
+    let api = format!("{}/{API}", server.http());
+    let mut client = connect(&server, "mlp64", None);
+    let row = fixture("mlp64_v1").inputs[0].clone();
+    let before = client.predict(&row).unwrap();
+    let load = format!("{api}/models/mlp64/load");
+
+    // State-changing endpoints need the token.
+    let (code, body) = post_empty(&load, None);
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (401, Some("Unauthorized")),
+        "{body}"
+    );
+    let (code, body) = post_empty(&load, Some("wrong"));
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = post_empty(&format!("{api}/models/mlp64:1/unload"), None);
+    assert_eq!(code, 401, "{body}");
+    assert!(server.log().contains("bearer token"));
+
+    // A truncated file: refused, nothing changed.
+    let file = add_version(&repo, "mlp64", 1, 2);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, body) = post_empty(&load, Some("s3cret"));
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (422, Some("LoadFailed")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("version 2"),
+        "{body}"
+    );
+
+    // A whole file whose checksum file names another digest: refused.
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::write(
+        file.with_extension("onnx.sha256"),
+        format!("{}  model.onnx\n", "0".repeat(64)),
+    )
+    .unwrap();
+    let (code, body) = post_empty(&load, Some("s3cret"));
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("SHA-256"),
+        "{body}"
+    );
+
+    // A new default reading another layout than the sessions following the old one: refused.
+    std::fs::remove_file(file.with_extension("onnx.sha256")).unwrap();
+    std::fs::write(
+        repo.join("mlp64/config.toml"),
+        "layout = \"mlp64_reordered\"\n",
+    )
+    .unwrap();
+    let (code, body) = post_empty(&load, Some("s3cret"));
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (409, Some("Conflict")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("layout"),
+        "{body}"
+    );
+
+    // Through all of it, version 1 served on, the same session and the same answers.
+    assert_eq!(keys(&api), ["mlp64:1"]);
+    for _ in 0..3 {
+        let p = client.predict(&row).unwrap();
+        assert_eq!(
+            (p.response.model_version, p.outputs()),
+            (1, before.outputs())
+        );
+    }
+    // The good version with the old layout loads; the session moves to it.
+    std::fs::write(repo.join("mlp64/config.toml"), "layout = \"mlp64\"\n").unwrap();
+    let (code, body) = post_empty(&load, Some("s3cret"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["loaded"][0]["model_key"], "mlp64:2", "{body}");
+    assert_eq!(body["unloaded"], json!([]), "every version is kept: {body}");
+    let p = client.predict(&row).unwrap();
+    assert_eq!(
+        (p.response.model_version, p.outputs()),
+        (2, before.outputs())
+    );
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn labels_pins_and_unload() {
+    let repo = scratch_dir("repo");
+    add_version(&repo, "multi", 1, 1);
+    add_version(&repo, "multi", 2, 2);
+    add_version(&repo, "identity", 1, 1);
+    std::fs::write(
+        repo.join("multi/config.toml"),
+        "default_version = 1\nlabels = { stable = 1, canary = 2 }\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with(common::TEST_CONFIG, &repo);
+    let api = format!("{}/{API}", server.http());
+    let predict = |version: Option<&str>| {
+        post(
+            &format!("{api}/predict"),
+            &json!({
+                "request_id": "r",
+                "model_name": "multi",
+                "model_version": version,
+                "input_features": fixture("multi_v1").inputs[0],
+                "feature_names": [],
+                "batch_size": 1,
+                "priority": "Normal",
+                "timeout_ms": null,
+                "strategy_context": null,
+            }),
+        )
+    };
+    let version_of = |v: (u16, Value)| {
+        assert_eq!(v.0, 200, "{}", v.1);
+        v.1["model_metadata"]["model_version"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(version_of(predict(None)), "1");
+    assert_eq!(version_of(predict(Some("stable"))), "1");
+    assert_eq!(version_of(predict(Some("canary"))), "2");
+    assert_eq!(version_of(predict(Some("2"))), "2");
+    let (code, body) = predict(Some("nightly"));
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("label"),
+        "{body}"
+    );
+    let info = loaded(&api);
+    let multi2 = info.iter().find(|m| m["model_key"] == "multi:2").unwrap();
+    assert_eq!(multi2["labels"], json!(["canary"]));
+    assert_eq!(multi2["is_default"], false);
+
+    // Sessions: one following the default, one pinned to 2.
+    let mut follower = connect(&server, "multi", None);
+    let mut pinned = connect(&server, "multi", Some(2));
+    let row = &fixture("multi_v1").inputs[0];
+    assert_eq!(follower.predict(row).unwrap().response.model_version, 1);
+    assert_eq!(pinned.predict(row).unwrap().response.model_version, 2);
+
+    // Unloading the default (by its label) moves the follower to the next default.
+    let (code, body) = post_empty(&format!("{api}/models/multi:stable/unload"), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["unloaded"], json!(["multi:1"]));
+    assert_eq!(body["defaults"]["multi"], 2);
+    assert_eq!(follower.predict(row).unwrap().response.model_version, 2);
+    assert_eq!(pinned.predict(row).unwrap().response.model_version, 2);
+    assert_eq!(version_of(predict(Some("canary"))), "2");
+    let (code, _) = predict(Some("stable"));
+    assert_eq!(code, 404, "the label's version is gone");
+    let (code, body) = post_empty(&format!("{api}/models/multi:1/unload"), None);
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (404, Some("ModelNotFound"))
+    );
+
+    // `tie unload multi`: every version; both sessions close, other models serve on.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["unload", "multi", "--http-addr"])
+        .arg(api.split('/').nth(2).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(follower.predict(row).is_err());
+    assert!(pinned.predict(row).is_err());
+    assert_eq!(keys(&api), ["identity:1"]);
+    let (code, _) = predict(None);
+    assert_eq!(code, 404);
+    let metrics = common::send("GET", &format!("{}/metrics", server.http()), None).1;
+    assert!(
+        !metrics.contains("multi:"),
+        "unloaded models leave /metrics:\n{metrics}"
+    );
+    assert!(metrics.contains("identity:1"));
+
+    // Reloading the repository brings multi back (a new model for the server).
+    let (code, body) = post_empty(&format!("{api}/models/reload"), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&api), ["identity:1", "multi:1", "multi:2"]);
+    assert_eq!(version_of(predict(None)), "1");
+    let (code, body) = post_empty(&format!("{api}/models/nosuch/load"), None);
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (404, Some("ModelNotFound")),
+        "{body}"
+    );
+    let _ = std::fs::remove_dir_all(&repo);
+}

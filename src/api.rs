@@ -69,6 +69,10 @@ pub struct InferenceMetrics {
     pub memory_used_mb: Option<f32>,
     /// 1 / round trip, for this single request.
     pub throughput_samples_per_sec: f32,
+    /// Time spent loading the model for this request: it had been unloaded for going unused
+    /// (`auto_unload_unused_hours`). Absent when it was loaded.
+    #[serde(default)]
+    pub model_load_time_ms: Option<f32>,
 }
 
 /// The spec's `InferenceError` kinds, plus the data plane's own.

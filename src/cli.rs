@@ -353,16 +353,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     warn_far_pollers(&config, &options.gpus);
     let models = load_repository(&config.server.model_repository, &options)?;
     let server = Server::start(&config, models)?;
-    let manager = std::sync::Arc::new(crate::manager::ModelManager::new(
+    let manager = crate::manager::ModelManager::new(
         server.models().clone(),
         config.server.model_repository.clone(),
         options,
-    ));
-    http.serve(manager);
+    );
+    http.serve(manager.clone());
+    // Versions unused for `auto_unload_unused_hours` are unloaded (and load again on demand).
+    let unloader = config.model_deployment.unload_after().map(|after| {
+        let (manager, stop) = (manager.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tie-unload-unused".into())
+            .spawn(move || manager.unload_unused_task(after, &stop))
+            .context("cannot start the unused-model unloader")
+    });
+    let unloader = unloader.transpose()?;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!("shutting down");
+    // No model change once stopping (the unloader ends with a change in progress).
+    if let Some(u) = unloader {
+        let _ = u.join();
+    }
     // No new HTTP request, and its sessions close, before the data plane stops.
     http.shutdown();
     server.shutdown();
@@ -478,6 +491,7 @@ fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
                     gpu_utilization: None,
                     memory_used_mb: None,
                     throughput_samples_per_sec: if total_ms > 0.0 { 1e3 / total_ms } else { 0.0 },
+                    model_load_time_ms: None,
                 },
                 error: None,
             };

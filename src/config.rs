@@ -211,8 +211,12 @@ pub struct ModelDeploymentSection {
     pub memory_fraction_per_model: f32,
     /// Inferences run on each model at load, before it serves.
     pub warmup_requests: u32,
-    /// Hours unused after which a model is unloaded.
+    /// Hours without a request after which a model version is unloaded (unless its config
+    /// has `keep_loaded = true` or a session is connected to it); it loads again on the next
+    /// request for it. 0: never.
     pub auto_unload_unused_hours: u32,
+    /// The same in seconds, for drills and tests; overrides the hours when set.
+    pub auto_unload_unused_sec: Option<u64>,
     /// Seconds between health checks.
     pub health_check_interval_sec: u32,
     /// Timed runs per batch size when a model is profiled at load; 0 skips profiling.
@@ -226,9 +230,20 @@ impl Default for ModelDeploymentSection {
             memory_fraction_per_model: 0.25,
             warmup_requests: 10,
             auto_unload_unused_hours: 24,
+            auto_unload_unused_sec: None,
             health_check_interval_sec: 30,
             profile_iterations: 20,
         }
+    }
+}
+
+impl ModelDeploymentSection {
+    /// How long a version may go without a request before it is unloaded (`None`: never).
+    pub fn unload_after(&self) -> Option<std::time::Duration> {
+        let secs = self
+            .auto_unload_unused_sec
+            .unwrap_or(u64::from(self.auto_unload_unused_hours) * 3600);
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
     }
 }
 

@@ -54,6 +54,8 @@ pub const MAX_ROWS: usize = 4096;
 pub const SESSIONS_PER_MODEL: usize = 4;
 /// Ring size of those sessions: rows of one request in flight at once.
 const SESSION_RING: u32 = 256;
+/// A pooled session idle this long is closed.
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
 
 /// An error answer.
 #[derive(Debug)]
@@ -123,7 +125,8 @@ type PoolKey = (String, Option<u32>);
 
 /// Sessions of one model (and version) for HTTP requests.
 struct Pool {
-    idle: Vec<Client>,
+    /// With when each was given back.
+    idle: Vec<(Client, Instant)>,
     permits: Arc<tokio::sync::Semaphore>,
 }
 
@@ -283,14 +286,29 @@ impl HttpServer {
     /// Starts serving the models of `manager` (the server's).
     pub fn serve(&self, manager: Arc<ModelManager>) {
         let models = manager.models().clone();
-        let _ = self.state.serving.set(Arc::new(Serving {
-            monitor: models.monitor().clone(),
-            models,
-            manager,
-            pools: Mutex::new(HashMap::new()),
-            endpoint: self.state.endpoint.clone(),
-            socket_dir: self.state.socket_dir.clone(),
-        }));
+        let serving = self.state.serving.get_or_init(|| {
+            Arc::new(Serving {
+                monitor: models.monitor().clone(),
+                models,
+                manager,
+                pools: Mutex::new(HashMap::new()),
+                endpoint: self.state.endpoint.clone(),
+                socket_dir: self.state.socket_dir.clone(),
+            })
+        });
+        let serving = Arc::downgrade(serving);
+        if let Some(rt) = &self.runtime {
+            rt.spawn(async move {
+                let mut every = tokio::time::interval(POOL_IDLE / 4);
+                loop {
+                    every.tick().await;
+                    match serving.upgrade() {
+                        Some(s) => s.close_idle_sessions(),
+                        None => break,
+                    }
+                }
+            });
+        }
     }
 
     /// Stops accepting, lets requests in progress finish (up to a second), and closes.
@@ -508,7 +526,8 @@ impl Serving {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get_mut(&target.pool)
-                .and_then(|p| p.idle.pop());
+                .and_then(|p| p.idle.pop())
+                .map(|(c, _)| c);
             match pooled {
                 Some(c) if c.is_connected() => return Ok(c),
                 Some(_) => {}
@@ -539,11 +558,20 @@ impl Serving {
         })
     }
 
+    /// Closes sessions idle for [`POOL_IDLE`]: a model used over HTTP once is not held in use
+    /// (see `auto_unload_unused_hours`) by the control plane's own sessions.
+    fn close_idle_sessions(&self) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        for pool in pools.values_mut() {
+            pool.idle.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        }
+    }
+
     fn give_back(&self, key: &PoolKey, client: Client) {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = pools.get_mut(key) {
             if client.in_flight() == 0 && pool.idle.len() < SESSIONS_PER_MODEL {
-                pool.idle.push(client);
+                pool.idle.push((client, Instant::now()));
             }
         }
     }
@@ -646,6 +674,28 @@ fn finish_without(
     responses
 }
 
+/// Resolves a request's model; one unloaded for going unused is loaded again first (its load
+/// time returned, in milliseconds).
+async fn resolve_loading(
+    serving: &Arc<Serving>,
+    name: &str,
+    version: Option<&str>,
+) -> Result<(Target, Option<f32>), InferenceError> {
+    match serving.resolve(name, version) {
+        Err(InferenceError::ModelNotFound { .. }) if serving.manager.was_unloaded_unused(name) => {
+            let (manager, owned) = (serving.manager.clone(), name.to_string());
+            let loaded = tokio::task::spawn_blocking(move || manager.reload_unused(&owned))
+                .await
+                .map_err(|e| InferenceError::BatchProcessingError {
+                    operation: format!("model load task failed: {e}"),
+                })?
+                .map_err(|e| change_error(e, name))?;
+            Ok((serving.resolve(name, version)?, loaded.map(|ms| ms as f32)))
+        }
+        other => Ok((other?, None)),
+    }
+}
+
 /// Runs one request end to end.
 async fn run_request(
     serving: Arc<Serving>,
@@ -659,7 +709,12 @@ async fn run_request(
                 .into(),
         });
     }
-    let target = serving.resolve(&request.model_name, request.model_version.as_deref())?;
+    let (target, model_load_time_ms) = resolve_loading(
+        &serving,
+        &request.model_name,
+        request.model_version.as_deref(),
+    )
+    .await?;
     let model = &target.model;
     let width = model.input_width();
     let rows = request.batch_size;
@@ -797,6 +852,7 @@ async fn run_request(
             } else {
                 0.0
             },
+            model_load_time_ms,
         },
         error: None,
     })
@@ -938,6 +994,7 @@ fn failed_response(serving: &Serving, r: &InferenceRequest) -> InferenceResponse
             gpu_utilization: None,
             memory_used_mb: None,
             throughput_samples_per_sec: 0.0,
+            model_load_time_ms: None,
         },
         error: None,
     }

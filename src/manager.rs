@@ -125,12 +125,24 @@ impl ModelSet {
     }
 }
 
+/// What the listener is told of a model it cannot find: an explanation when the model is
+/// being loaded again (it had been unloaded for going unused).
+type MissingHook = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// The versions served, as they change (see the module's docs).
-#[derive(Debug)]
 pub struct Models {
     set: RwLock<Arc<ModelSet>>,
     generation: AtomicU64,
     monitor: Arc<Monitor>,
+    missing: std::sync::OnceLock<MissingHook>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Models")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Models {
@@ -141,6 +153,7 @@ impl Models {
             set: RwLock::new(Arc::new(ModelSet::default())),
             generation: AtomicU64::new(0),
             monitor,
+            missing: std::sync::OnceLock::new(),
         };
         let mut set = ModelSet::default();
         for m in models {
@@ -165,6 +178,12 @@ impl Models {
     /// The current set.
     pub fn snapshot(&self) -> Arc<ModelSet> {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A session asked for model `name`, which is not loaded: when it was unloaded for going
+    /// unused, it starts loading again and the answer says so (for the refusal's message).
+    pub fn missing(&self, name: &str) -> Option<String> {
+        self.missing.get().and_then(|hook| hook(name))
     }
 
     /// Bumped by every change (pollers compare it between rounds).
@@ -256,16 +275,137 @@ pub struct ModelManager {
     options: LoadOptions,
     /// One change at a time.
     changing: Mutex<()>,
+    /// Models with versions unloaded for going unused (`auto_unload_unused_hours`), and for
+    /// how long they had been: loaded again on the next request for them.
+    idle: Mutex<BTreeMap<String, Duration>>,
+    /// Models being loaded again in the background for a session that asked for them.
+    waking: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl ModelManager {
-    /// A manager of `models` from `repository`, loading with `options`.
-    pub fn new(models: Arc<Models>, repository: PathBuf, options: LoadOptions) -> Self {
-        Self {
-            models,
+    /// A manager of `models` from `repository`, loading with `options`. Sessions asking for a
+    /// model unloaded for going unused make it load again (see [`Models::missing`]).
+    pub fn new(models: Arc<Models>, repository: PathBuf, options: LoadOptions) -> Arc<Self> {
+        let manager = Arc::new(Self {
+            models: models.clone(),
             repository,
             options,
             changing: Mutex::new(()),
+            idle: Mutex::new(BTreeMap::new()),
+            waking: Mutex::new(Default::default()),
+        });
+        let weak = Arc::downgrade(&manager);
+        let _ = models
+            .missing
+            .set(Box::new(move |name| weak.upgrade()?.wake(name)));
+        manager
+    }
+
+    /// For a session asking for `name`: starts loading it again in the background when it was
+    /// unloaded for going unused; says so.
+    fn wake(self: Arc<Self>, name: &str) -> Option<String> {
+        let idle = *lock(&self.idle).get(name)?;
+        let message = format!(
+            "model {name} was unloaded after {}s without a request; it is loading again: retry in a moment",
+            idle.as_secs()
+        );
+        if !lock(&self.waking).insert(name.to_string()) {
+            return Some(message);
+        }
+        let (this, owned) = (self.clone(), name.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("tie-model-wake".into())
+            .spawn(move || {
+                let (name, manager) = (owned, this);
+                match manager.reload_unused(&name) {
+                    Ok(Some(ms)) => {
+                        tracing::info!(model = %name, load_ms = ms, "loaded again for a session")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(model = %name, error = %e, "cannot load again a model unloaded as unused")
+                    }
+                }
+                lock(&manager.waking).remove(&name);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread to load a model again");
+            lock(&self.waking).remove(name);
+        }
+        Some(message)
+    }
+
+    /// Whether model `name` had versions unloaded for going unused (a request for it loads it
+    /// again with [`ModelManager::reload_unused`]).
+    pub fn was_unloaded_unused(&self, name: &str) -> bool {
+        lock(&self.idle).contains_key(name)
+    }
+
+    /// Loads model `name` again after it was unloaded for going unused; returns the load time
+    /// in milliseconds (`None`: nothing to load, it was loaded meanwhile).
+    ///
+    /// # Errors
+    /// [`ChangeError`]: it could not be loaded.
+    pub fn reload_unused(&self, name: &str) -> Result<Option<f64>, ChangeError> {
+        let _one = lock(&self.changing);
+        if !lock(&self.idle).contains_key(name) {
+            return Ok(None);
+        }
+        let plan = repository::plan_model(&self.repository, name)?;
+        let report = self.apply(vec![plan], &[])?;
+        Ok(Some(report.loaded.iter().map(|l| l.load_time_ms).sum()))
+    }
+
+    /// Unloads every version that has had no request for `after` (nor since it loaded), has no
+    /// session and is not `keep_loaded`, every `after / 4` (at most a minute) until `stop`.
+    pub fn unload_unused_task(&self, after: Duration, stop: &std::sync::atomic::AtomicBool) {
+        let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut next = Instant::now() + every;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            let now = chrono::Utc::now();
+            let set = self.models.snapshot();
+            let unused: Vec<(String, Duration)> = set
+                .loaded()
+                .into_iter()
+                .filter(|(_, m)| !m.config.keep_loaded && m.sessions.load(Ordering::Relaxed) == 0)
+                .filter_map(|(_, m)| {
+                    let last = self
+                        .models
+                        .monitor
+                        .last_request(m.monitor_index)
+                        .map_or(m.loaded_at, |t| t.max(m.loaded_at));
+                    let idle = (now - last).to_std().ok()?;
+                    (idle >= after).then(|| (m.key(), idle))
+                })
+                .collect();
+            drop(set);
+            for (key, idle) in unused {
+                let _one = lock(&self.changing);
+                // Checked again under the lock: a session may have come meanwhile.
+                let current = self.models.snapshot();
+                let Some(m) = current.by_key(&key).and_then(|s| current.get(s)).cloned() else {
+                    continue;
+                };
+                drop(current);
+                if m.sessions.load(Ordering::Relaxed) > 0 {
+                    continue;
+                }
+                drop(m);
+                tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
+                // Known as unused before it leaves the set: a request that misses it from then
+                // on loads it again.
+                let name = key.rsplit_once(':').map_or(key.as_str(), |(n, _)| n);
+                lock(&self.idle).insert(name.to_string(), idle);
+                match self.unload_locked(&key) {
+                    Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
+                    Err(e) => tracing::warn!(model = %key, error = %e, "not unloaded"),
+                }
+            }
         }
     }
 
@@ -280,7 +420,7 @@ impl ModelManager {
     /// # Errors
     /// [`ChangeError`]: nothing changed.
     pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
-        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.changing);
         let plans = repository::plan_repository(&self.repository)?;
         let current = self.models.snapshot();
         let mut gone: Vec<String> = current
@@ -299,7 +439,7 @@ impl ModelManager {
     /// # Errors
     /// [`ChangeError`]: nothing changed.
     pub fn reload(&self, name: &str, version: Option<u32>) -> Result<ChangeReport, ChangeError> {
-        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.changing);
         let plan = repository::plan_model(&self.repository, name)?;
         if let Some(v) = version {
             if plan.file(v).is_none() {
@@ -321,7 +461,17 @@ impl ModelManager {
     /// # Errors
     /// [`ChangeError::NotLoaded`].
     pub fn unload(&self, key: &str) -> Result<ChangeReport, ChangeError> {
-        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.changing);
+        let report = self.unload_locked(key)?;
+        // Unloaded on purpose: no request loads it again.
+        let name = key.rsplit_once(':').map_or(key, |(n, _)| n);
+        if self.models.snapshot().resolve(name, None).is_none() {
+            lock(&self.idle).remove(name);
+        }
+        Ok(report)
+    }
+
+    fn unload_locked(&self, key: &str) -> Result<ChangeReport, ChangeError> {
         let current = self.models.snapshot();
         let slots: Vec<usize> = match key.rsplit_once(':') {
             Some(_) => current.by_key(key).into_iter().collect(),
@@ -409,6 +559,9 @@ impl ModelManager {
             }
         }
         let mut report = ChangeReport::default();
+        for plan in &plans {
+            lock(&self.idle).remove(&plan.name);
+        }
         for (_, m) in &fresh {
             report.loaded.push(LoadedVersion {
                 model_key: m.key(),
@@ -521,6 +674,10 @@ fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
             .collect();
         labels.retain(|_, v| loaded.contains(v));
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn defaults_of(set: &ModelSet) -> BTreeMap<String, u32> {

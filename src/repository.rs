@@ -56,6 +56,8 @@ pub struct ModelConfig {
     pub versions: VersionPolicy,
     /// Names for versions (`stable = 3`, `canary = 4`), accepted wherever a version is.
     pub labels: std::collections::BTreeMap<String, u32>,
+    /// Never unloaded for being unused (`auto_unload_unused_hours`).
+    pub keep_loaded: bool,
 }
 
 impl ModelConfig {
@@ -67,6 +69,7 @@ impl ModelConfig {
             default_version: None,
             versions: VersionPolicy::All,
             labels: Default::default(),
+            keep_loaded: false,
             ..c.clone()
         };
         shape(self) == shape(other)
@@ -262,6 +265,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Its index in the performance monitor (set when it joins the server's model set).
     pub monitor_index: usize,
+    /// Sessions bound to it now (kept by the pollers): a version with a session is in use.
+    pub sessions: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -720,6 +725,7 @@ fn load_model(
         labels: config.labels.clone(),
         config: config.clone(),
         monitor_index: usize::MAX,
+        sessions: Default::default(),
     })
 }
 

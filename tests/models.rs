@@ -497,3 +497,90 @@ fn labels_pins_and_unload() {
     );
     let _ = std::fs::remove_dir_all(&repo);
 }
+
+#[test]
+fn unused_versions_unload_and_load_again_on_the_next_request() {
+    let repo = scratch_dir("repo");
+    add_version(&repo, "multi", 1, 1);
+    add_version(&repo, "identity", 1, 1);
+    std::fs::write(repo.join("identity/config.toml"), "keep_loaded = true\n").unwrap();
+    let config = format!("{}auto_unload_unused_sec = 1\n", common::TEST_CONFIG);
+    let server = TestServer::start_with(&config, &repo);
+    let api = format!("{}/{API}", server.http());
+    let row = fixture("multi_v1").inputs[0].clone();
+    let expected = fixture("multi_v1").outputs[0].clone();
+
+    // A connected session keeps its version loaded, however quiet.
+    let mut client = connect(&server, "multi", None);
+    client.predict(&row).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(keys(&api), ["identity:1", "multi:1"]);
+    drop(client);
+    // Without one, a second without requests unloads it; `keep_loaded` stays.
+    let unloaded = || keys(&api) == ["identity:1"];
+    assert!(
+        common::eventually(Duration::from_secs(20), unloaded),
+        "{}",
+        server.log()
+    );
+    assert!(server.log().contains("unloading: unused"));
+
+    // The next HTTP request loads it again and says how long that took.
+    let request = json!({
+        "request_id": "r",
+        "model_name": "multi",
+        "model_version": null,
+        "input_features": row,
+        "feature_names": [],
+        "batch_size": 1,
+        "priority": "Normal",
+        "timeout_ms": null,
+        "strategy_context": null,
+    });
+    let (code, body) = post(&format!("{api}/predict"), &request);
+    assert_eq!(code, 200, "{body}\n{}", server.log());
+    assert!(
+        body["performance_metrics"]["model_load_time_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{body}"
+    );
+    let got: Vec<f32> = body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap() as f32)
+        .collect();
+    assert!(
+        got.iter()
+            .zip(&expected)
+            .all(|(a, b)| rel_err(*a, *b) < 1e-4),
+        "{body}"
+    );
+    let (code, body) = post(&format!("{api}/predict"), &request);
+    assert_eq!(code, 200);
+    assert_eq!(
+        body["performance_metrics"]["model_load_time_ms"],
+        Value::Null,
+        "loaded now"
+    );
+
+    // Unused again (the control plane's own sessions close when idle), then a session asks:
+    // refused with the reason while it loads, then served.
+    assert!(
+        common::eventually(Duration::from_secs(30), unloaded),
+        "{}",
+        server.log()
+    );
+    let first = Client::connect(&server.endpoint, "multi", server.options()).unwrap_err();
+    assert!(first.to_string().contains("loading again"), "{first}");
+    let mut client = None;
+    assert!(common::eventually(Duration::from_secs(20), || {
+        client = Client::connect(&server.endpoint, "multi", server.options()).ok();
+        client.is_some()
+    }));
+    let p = client.unwrap().predict(&row).unwrap();
+    assert!(matches(&fixture("multi_v1"), 0, p.outputs()));
+    let _ = std::fs::remove_dir_all(&repo);
+}

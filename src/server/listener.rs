@@ -289,10 +289,13 @@ fn open_session(
             0 => String::new(),
             v => format!(" version {v}"),
         };
-        let msg = format!(
-            "model {name}{version} is not served; served: {}",
-            served.join(", ")
-        );
+        let msg = match ctx.models.missing(name) {
+            Some(loading) => loading,
+            None => format!(
+                "model {name}{version} is not served; served: {}",
+                served.join(", ")
+            ),
+        };
         tracing::info!(
             model = name,
             version = hello.model_version,

@@ -498,6 +498,7 @@ impl Poller {
             return;
         };
         self.ensure_lane(new.model, &model);
+        model.sessions.fetch_add(1, Ordering::Relaxed);
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
         if self.frame.len() < slot_words {
@@ -549,12 +550,17 @@ impl Poller {
                     to = next,
                     "session moved to the new default version"
                 );
+                let from = s.model;
                 s.model = next;
                 let model = self
                     .set
                     .get(next)
                     .cloned()
                     .expect("switches name loaded slots");
+                model.sessions.fetch_add(1, Ordering::Relaxed);
+                if let Some(old) = self.lanes[from].as_ref() {
+                    old.model.sessions.fetch_sub(1, Ordering::Relaxed);
+                }
                 self.ensure_lane(next, &model);
                 true
             }
@@ -890,6 +896,7 @@ impl Poller {
                 let s = self.sessions[slot].take().expect("checked");
                 if let Some(lane) = self.lanes[s.model].as_mut() {
                     lane.queue.remove_session(slot);
+                    lane.model.sessions.fetch_sub(1, Ordering::Relaxed);
                 }
                 self.retiring = true;
             }

@@ -24,11 +24,12 @@ pub struct InferenceResponse {
 pub struct Prediction {
     /// The value.
     pub value: f32,
-    /// `1 / (1 + e^-|value|)`, the spec's rule for a model without an uncertainty output.
+    /// With an uncertainty output (`uncertainty_output` in the model's config):
+    /// `1 - min(|uncertainty|, 1)`; without: `1 / (1 + e^-|value|)` (the spec's rules).
     pub confidence: f32,
     /// When the response was read.
     pub timestamp: DateTime<Utc>,
-    /// Per-feature contributions, when asked for (not computed yet: always absent).
+    /// Per-feature contributions, when asked for with `strategy_context.feature_weights`.
     pub feature_contributions: Option<std::collections::HashMap<String, f32>>,
 }
 
@@ -37,7 +38,8 @@ pub struct Prediction {
 pub struct ModelInferenceMetadata {
     /// Model name.
     pub model_name: String,
-    /// Version that answered.
+    /// Version that answered; for a request that named none and whose rows were answered
+    /// across a reload, both versions in order (`"1,2"`); `"ensemble"` for an ensemble.
     pub model_version: String,
     /// `mlp` or `onnx-graph`.
     pub architecture: String,
@@ -286,19 +288,22 @@ pub enum RequestPriority {
     Critical,
 }
 
-/// The spec's `StrategyContext` (routing by strategy comes with the router; a request that
-/// carries one is refused until then rather than silently served by the named model).
+/// The spec's `StrategyContext` (see [`crate::router`]).
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StrategyContext {
-    /// The strategy.
+    /// A strategy of `routing.toml`: it picks the model and version (the request then names
+    /// no version; a `model_name` keeps the strategy's targets of that model). Empty: no
+    /// routing, the request's model is used.
     pub strategy_name: String,
-    /// A model among the strategy's targets.
+    /// One of the strategy's targets (`model`, `model:version` or `model:label`), instead of
+    /// the weighted split.
     pub model_routing_hint: Option<String>,
-    /// Per-feature weights.
+    /// Asks for `feature_contributions`: per feature named here (every feature when empty),
+    /// weight × input × ∂output/∂input (the derivative by central differences through the
+    /// model itself; see the README).
     pub feature_weights: Option<std::collections::HashMap<String, f32>>,
-    /// An ensemble to run.
-    #[schema(value_type = Option<Object>)]
-    pub ensemble_config: Option<serde_json::Value>,
+    /// Runs these models on the features and combines their outputs, value by value.
+    pub ensemble_config: Option<crate::router::EnsembleConfig>,
 }
 
 /// The spec's `InferenceRequest`: `batch_size` rows of features, row-major.
@@ -308,7 +313,7 @@ pub struct InferenceRequest {
     pub request_id: String,
     /// The model.
     pub model_name: String,
-    /// A version number; `None`: the model's default version.
+    /// A version number or one of the model's labels; `None`: the model's default version.
     pub model_version: Option<String>,
     /// `batch_size × features` values, row-major, in the layout's order.
     pub input_features: Vec<f32>,
@@ -323,7 +328,7 @@ pub struct InferenceRequest {
     /// The answer is useless after this long: the server answers `Timeout` (504) instead of
     /// executing it late. `None`: no deadline (the wait is bounded by the server's 1 s).
     pub timeout_ms: Option<u64>,
-    /// Routing by strategy (not available yet: refused).
+    /// Routing, ensembles and feature contributions.
     pub strategy_context: Option<StrategyContext>,
 }
 

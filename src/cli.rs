@@ -68,7 +68,8 @@ pub struct ControlArgs {
 pub struct ReloadArgs {
     /// Only this model (default: the whole repository; new models load, removed ones unload).
     pub model: Option<String>,
-    /// Also load this version of the model (one its version policy allows).
+    /// Check that this version is one the model's version policy loads (refused otherwise);
+    /// the reload loads what the policy picks.
     #[arg(long, requires = "model")]
     pub version: Option<u32>,
     /// The server.
@@ -358,6 +359,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.server.model_repository.clone(),
         options,
     );
+    manager.load_routing()?;
     http.serve(manager.clone());
     // Versions unused for `auto_unload_unused_hours` are unloaded (and load again on demand).
     let unloader = config.model_deployment.unload_after().map(|after| {

@@ -29,13 +29,14 @@ use utoipa::OpenApi;
 use crate::api::{
     ErrorBody, InferenceError, InferenceMetrics, InferenceRequest, InferenceResponse,
     LoadedModelInfo, ModelInferenceMetadata, ModelPerformanceProfile, Prediction, RequestPriority,
-    TensorSpec,
+    StrategyContext, TensorSpec,
 };
 use crate::config::ServiceConfig;
 use crate::health::FaultMode;
 use crate::manager::{ChangeError, ChangeReport, ModelManager, ModelSet, Models};
 use crate::monitor::{HttpCounters, ModelPerformanceMetrics, Monitor};
 use crate::repository::{LoadedModel, RepositoryLoadError};
+use crate::router::{EnsembleConfig, RouteTarget, Routing};
 
 /// Base path of the spec's API.
 pub const API: &str = "/api/v1/internal/inference";
@@ -696,19 +697,310 @@ async fn resolve_loading(
     }
 }
 
-/// Runs one request end to end.
+/// Runs one request end to end: an ensemble (named, or given in `strategy_context`), a
+/// strategy's target, or the model it names.
 async fn run_request(
     serving: Arc<Serving>,
-    request: InferenceRequest,
+    mut request: InferenceRequest,
 ) -> Result<InferenceResponse, InferenceError> {
-    let started = Instant::now();
-    if request.strategy_context.is_some() {
+    let context = request.strategy_context.take();
+    let routing = serving.manager.routing();
+    if let Some(config) = context.as_ref().and_then(|c| c.ensemble_config.clone()) {
+        if context
+            .as_ref()
+            .is_some_and(|c| !c.strategy_name.is_empty())
+        {
+            return Err(InferenceError::InvalidRequest {
+                message: "strategy_context: an ensemble_config runs its own members; leave strategy_name empty".into(),
+            });
+        }
+        return run_ensemble(serving, request, None, config, context).await;
+    }
+    if let Some(config) = routing.ensembles.get(&request.model_name) {
+        let name = request.model_name.clone();
+        return run_ensemble(serving, request, Some(name), config.clone(), context).await;
+    }
+    if let Some(c) = context.as_ref().filter(|c| !c.strategy_name.is_empty()) {
+        route(&serving, &routing, c, &mut request)?;
+    }
+    let weights = context.and_then(|c| c.feature_weights);
+    run_model(serving, request, weights).await
+}
+
+/// Points `request` at the target its strategy's rule gives it.
+fn route(
+    serving: &Serving,
+    routing: &Routing,
+    context: &StrategyContext,
+    request: &mut InferenceRequest,
+) -> Result<(), InferenceError> {
+    let name = &context.strategy_name;
+    let rule = routing
+        .strategies
+        .get(name)
+        .ok_or_else(|| InferenceError::InvalidRequest {
+            message: format!(
+                "no routing rule for strategy {name:?} (routing.toml has {:?}); an empty strategy_name routes nothing",
+                routing.strategies.keys().collect::<Vec<_>>()
+            ),
+        })?;
+    if request.model_version.is_some() {
         return Err(InferenceError::InvalidRequest {
-            message: "strategy_context: routing by strategy is not available on this server yet; \
-                      name the model (and version) instead"
-                .into(),
+            message: format!(
+                "strategy {name:?} picks the version: leave model_version out, or name one of its targets in model_routing_hint"
+            ),
         });
     }
+    // A model_name keeps the targets of that model.
+    let targets: Vec<RouteTarget> = rule
+        .targets
+        .iter()
+        .filter(|t| request.model_name.is_empty() || t.model == request.model_name)
+        .cloned()
+        .collect();
+    let keys = || {
+        rule.targets
+            .iter()
+            .map(RouteTarget::key)
+            .collect::<Vec<_>>()
+    };
+    if targets.iter().all(|t| t.weight == 0.0) && context.model_routing_hint.is_none() {
+        return Err(InferenceError::InvalidRequest {
+            message: format!(
+                "strategy {name:?} has no target of model {:?} with a weight (targets {:?})",
+                request.model_name,
+                keys()
+            ),
+        });
+    }
+    let target = match &context.model_routing_hint {
+        Some(hint) => {
+            // The hint names a target by its key, or by what it resolves to (`multi:2` for
+            // `multi:canary`).
+            let resolved = |key: &str| serving.by_key(key).ok().map(|t| t.model.key());
+            let wanted = resolved(hint);
+            targets
+                .iter()
+                .find(|t| t.key() == *hint || (wanted.is_some() && resolved(&t.key()) == wanted))
+                .ok_or_else(|| InferenceError::InvalidRequest {
+                    message: format!(
+                        "model_routing_hint {hint:?} is not a target of strategy {name:?} (targets {:?})",
+                        keys()
+                    ),
+                })?
+                .clone()
+        }
+        None => crate::router::split(&targets, &request.request_id).clone(),
+    };
+    request.model_name = target.model;
+    request.model_version = target.version;
+    Ok(())
+}
+
+/// Runs `request` on each member of an ensemble (concurrently) and combines their outputs
+/// value by value.
+async fn run_ensemble(
+    serving: Arc<Serving>,
+    request: InferenceRequest,
+    name: Option<String>,
+    config: EnsembleConfig,
+    context: Option<StrategyContext>,
+) -> Result<InferenceResponse, InferenceError> {
+    let started = Instant::now();
+    let label = name.clone().unwrap_or_else(|| "ensemble".into());
+    crate::router::check_targets(&format!("ensemble {label:?}"), &config.members)
+        .map_err(|message| InferenceError::InvalidRequest { message })?;
+    if context
+        .as_ref()
+        .is_some_and(|c| c.feature_weights.is_some())
+    {
+        return Err(InferenceError::InvalidRequest {
+            message: "feature_weights: contributions are computed per model, not for an ensemble; ask each member".into(),
+        });
+    }
+    let index = name
+        .as_deref()
+        .and_then(|n| serving.manager.ensemble_index(n));
+    let rows = request.batch_size as u64;
+    let tasks: Vec<_> = config
+        .members
+        .iter()
+        .map(|m| {
+            let mut r = request.clone();
+            r.model_name = m.model.clone();
+            r.model_version = m.version.clone();
+            tokio::spawn(run_model(serving.clone(), r, None))
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    let mut failed = None;
+    for task in tasks {
+        let answer = task.await.unwrap_or_else(|e| {
+            Err(InferenceError::BatchProcessingError {
+                operation: format!("ensemble member task failed: {e}"),
+            })
+        });
+        match answer {
+            Ok(a) => answers.push(a),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    let total_ns = started.elapsed().as_nanos() as u64;
+    let record = |status: Status| {
+        if let Some(i) = index {
+            serving.monitor.record_request(i, total_ns, status, rows);
+        }
+    };
+    if let Some(e) = failed {
+        record(Status::EXECUTION_FAILED);
+        return Err(e);
+    }
+    let count = answers[0].predictions.len();
+    if let Some(odd) = answers.iter().find(|a| a.predictions.len() != count) {
+        record(Status::EXECUTION_FAILED);
+        return Err(InferenceError::InvalidRequest {
+            message: format!(
+                "ensemble {label:?}: member {}:{} gives {} values, {}:{} gives {count}",
+                odd.model_metadata.model_name,
+                odd.model_metadata.model_version,
+                odd.predictions.len(),
+                answers[0].model_metadata.model_name,
+                answers[0].model_metadata.model_version
+            ),
+        });
+    }
+    let now = Utc::now();
+    let predictions = (0..count)
+        .map(|i| {
+            let values: Vec<(f32, f32)> = answers
+                .iter()
+                .zip(&config.members)
+                .map(|(a, m)| (a.predictions[i].value, m.weight))
+                .collect();
+            let value = crate::router::combine(config.combine, &values);
+            Prediction {
+                value,
+                confidence: crate::server::confidence(value),
+                timestamp: now,
+                feature_contributions: None,
+            }
+        })
+        .collect();
+    record(Status::OK);
+    let members: Vec<String> = answers
+        .iter()
+        .map(|a| {
+            format!(
+                "{}:{}",
+                a.model_metadata.model_name, a.model_metadata.model_version
+            )
+        })
+        .collect();
+    let mut devices: Vec<String> = answers
+        .iter()
+        .map(|a| a.model_metadata.inference_device.clone())
+        .collect();
+    devices.sort();
+    devices.dedup();
+    let first = &answers[0];
+    let max = |f: &dyn Fn(&InferenceResponse) -> Option<f32>| {
+        answers.iter().filter_map(f).reduce(f32::max)
+    };
+    let total_ms = total_ns as f32 / 1e6;
+    Ok(InferenceResponse {
+        request_id: request.request_id,
+        predictions,
+        model_metadata: ModelInferenceMetadata {
+            model_name: label,
+            model_version: "ensemble".into(),
+            architecture: format!("ensemble ({:?} of {})", config.combine, members.join(", ")),
+            input_shape: first.model_metadata.input_shape.clone(),
+            output_shape: first.model_metadata.output_shape.clone(),
+            inference_device: devices.join(","),
+            batch_size_used: request.batch_size,
+        },
+        performance_metrics: InferenceMetrics {
+            preprocessing_time_ms: max(&|a| a.performance_metrics.preprocessing_time_ms),
+            inference_time_ms: max(&|a| a.performance_metrics.inference_time_ms),
+            postprocessing_time_ms: None,
+            total_time_ms: total_ms,
+            gpu_utilization: max(&|a| a.performance_metrics.gpu_utilization),
+            memory_used_mb: answers
+                .iter()
+                .map(|a| a.performance_metrics.memory_used_mb)
+                .sum(),
+            throughput_samples_per_sec: if total_ms > 0.0 {
+                request.batch_size as f32 * 1e3 / total_ms
+            } else {
+                0.0
+            },
+            model_load_time_ms: answers
+                .iter()
+                .map(|a| a.performance_metrics.model_load_time_ms)
+                .sum(),
+        },
+        error: None,
+    })
+}
+
+/// Runs `rows` rows through `target`'s sessions, waiting for a session until `wait_until`;
+/// returns one response per row, or the first error status as an [`InferenceError`].
+async fn run_rows(
+    serving: &Arc<Serving>,
+    target: &Target,
+    features: Vec<f32>,
+    rows: usize,
+    prio: Priority,
+    deadline_ns: Option<u64>,
+    wait_until: Instant,
+) -> Result<Vec<tie_client::Response>, InferenceError> {
+    let model = &target.model;
+    // A session of the model's budget, waited for until the request's own time is up.
+    let permits = serving.permits(&target.pool);
+    let session = tokio::time::timeout_at(wait_until.into(), permits.acquire_owned())
+        .await
+        .map_err(|_| InferenceError::QueueFull {
+            message: format!(
+                "all {SESSIONS_PER_MODEL} HTTP sessions of {} stayed busy",
+                model.key()
+            ),
+        })?
+        .map_err(|_| InferenceError::Disconnected {
+            message: "the server is stopping".into(),
+        })?;
+    let s = serving.clone();
+    let t = target.clone();
+    let responses = tokio::task::spawn_blocking(move || {
+        let _session = session;
+        s.execute(&t, &features, rows, prio, deadline_ns, wait_until)
+    })
+    .await
+    .map_err(|e| InferenceError::BatchProcessingError {
+        operation: format!("request task failed: {e}"),
+    })??;
+    if let Some(bad) = responses.iter().find(|r| !r.status.is_ok()) {
+        let error = bad.error().expect("an error status");
+        return Err(InferenceError::from_server(&error, &model.key(), || {
+            model
+                .health
+                .reason()
+                .unwrap_or_else(|| "it failed its health check".into())
+        }));
+    }
+    Ok(responses)
+}
+
+/// Most rows a feature-contribution request may add (two per row and feature).
+const MAX_CONTRIBUTION_ROWS: usize = 1 << 16;
+
+/// Runs a request on the model (and version) it names; with `weights`, adds each
+/// prediction's feature contributions.
+async fn run_model(
+    serving: Arc<Serving>,
+    request: InferenceRequest,
+    weights: Option<HashMap<String, f32>>,
+) -> Result<InferenceResponse, InferenceError> {
+    let started = Instant::now();
     let (target, model_load_time_ms) = resolve_loading(
         &serving,
         &request.model_name,
@@ -752,6 +1044,38 @@ async fn run_request(
             });
         }
     }
+    // The features whose contributions are asked for, with their weights.
+    let wanted: Option<Vec<(usize, f32)>> = match &weights {
+        None => None,
+        Some(w) if w.is_empty() => Some((0..width).map(|i| (i, 1.0)).collect()),
+        Some(w) => {
+            let mut wanted = Vec::new();
+            for (name, weight) in w {
+                let Some(i) = model.layout.features.iter().position(|f| f == name) else {
+                    return Err(InferenceError::InvalidRequest {
+                        message: format!(
+                            "feature_weights names {name:?}, not a feature of layout {:?}",
+                            model.layout.name
+                        ),
+                    });
+                };
+                wanted.push((i, *weight));
+            }
+            wanted.sort_by_key(|&(i, _)| i);
+            Some(wanted)
+        }
+    };
+    if let Some(w) = &wanted {
+        if 2 * w.len() * rows > MAX_CONTRIBUTION_ROWS {
+            return Err(InferenceError::InvalidRequest {
+                message: format!(
+                    "feature contributions of {} features over {rows} rows take {} rows; at most {MAX_CONTRIBUTION_ROWS}",
+                    w.len(),
+                    2 * w.len() * rows
+                ),
+            });
+        }
+    }
     let wait = request
         .timeout_ms
         .map_or(DEFAULT_WAIT, Duration::from_millis);
@@ -762,51 +1086,17 @@ async fn run_request(
     let wait_until = Instant::now() + wait + Duration::from_millis(100);
     let prio = priority(request.priority);
     let features = request.input_features;
-    // A session of the model's budget, waited for until the request's own time is up.
-    let permits = serving.permits(&target.pool);
-    let session = tokio::time::timeout_at(wait_until.into(), permits.acquire_owned())
-        .await
-        .map_err(|_| InferenceError::QueueFull {
-            message: format!(
-                "all {SESSIONS_PER_MODEL} HTTP sessions of {} stayed busy",
-                model.key()
-            ),
-        })?
-        .map_err(|_| InferenceError::Disconnected {
-            message: "the server is stopping".into(),
-        })?;
-    let s = serving.clone();
-    let t = target.clone();
-    let responses = tokio::task::spawn_blocking(move || {
-        let _session = session;
-        s.execute(&t, &features, rows, prio, deadline_ns, wait_until)
-    })
-    .await
-    .map_err(|e| InferenceError::BatchProcessingError {
-        operation: format!("request task failed: {e}"),
-    })??;
-    if let Some(bad) = responses.iter().find(|r| !r.status.is_ok()) {
-        let error = bad.error().expect("an error status");
-        return Err(InferenceError::from_server(&error, &model.key(), || {
-            model
-                .health
-                .reason()
-                .unwrap_or_else(|| "it failed its health check".into())
-        }));
-    }
-    let now = Utc::now();
-    let predictions = responses
-        .iter()
-        .flat_map(|r| r.outputs().iter())
-        .map(|&value| Prediction {
-            value,
-            confidence: crate::server::confidence(value),
-            timestamp: now,
-            feature_contributions: None,
-        })
-        .collect();
+    let responses = run_rows(
+        &serving,
+        &target,
+        features.clone(),
+        rows,
+        prio,
+        deadline_ns,
+        wait_until,
+    )
+    .await?;
     let ms = |ns: u64| ns as f32 / 1e6;
-    let total_ms = started.elapsed().as_secs_f32() * 1e3;
     // The version that answered: a request that named none follows the default, which a
     // reload may move between two of its rows (then both are named, in order).
     let mut versions: Vec<u32> = responses.iter().map(|r| r.model_version).collect();
@@ -825,6 +1115,48 @@ async fn run_request(
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let uncertainty = model.config.uncertainty_output;
+    let contributions = match &wanted {
+        Some(w) => {
+            if versions.len() > 1 {
+                return Err(InferenceError::Conflict {
+                    message: "the model's default version changed during the request; ask again for its contributions".into(),
+                });
+            }
+            // The same version, pinned, for the perturbed rows.
+            let pinned = Target {
+                pool: (model.name.clone(), Some(model.version)),
+                model: model.clone(),
+            };
+            Some(
+                contributions(
+                    &serving, &pinned, &features, rows, w, &responses, prio, wait_until,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let now = Utc::now();
+    let mut predictions = Vec::with_capacity(rows * model.output_width());
+    for (r, response) in responses.iter().enumerate() {
+        let outputs = response.outputs();
+        for (o, &value) in outputs.iter().enumerate() {
+            if uncertainty == Some(o) {
+                continue;
+            }
+            predictions.push(Prediction {
+                value,
+                confidence: match uncertainty {
+                    Some(k) => crate::server::confidence_from_uncertainty(outputs[k]),
+                    None => crate::server::confidence(value),
+                },
+                timestamp: now,
+                feature_contributions: contributions.as_ref().map(|c| c[r][o].clone()),
+            });
+        }
+    }
+    let total_ms = started.elapsed().as_secs_f32() * 1e3;
     let info = model.backend.info();
     Ok(InferenceResponse {
         request_id: request.request_id,
@@ -856,6 +1188,57 @@ async fn run_request(
         },
         error: None,
     })
+}
+
+/// Per row and output: weight × input × ∂output/∂input for each wanted feature, keyed by
+/// feature name. The derivative is a central difference through the model itself, with a
+/// step of 1e-3 × max(|input|, 1).
+#[allow(clippy::too_many_arguments)]
+async fn contributions(
+    serving: &Arc<Serving>,
+    target: &Target,
+    features: &[f32],
+    rows: usize,
+    wanted: &[(usize, f32)],
+    responses: &[tie_client::Response],
+    prio: Priority,
+    wait_until: Instant,
+) -> Result<Vec<Vec<HashMap<String, f32>>>, InferenceError> {
+    let model = &target.model;
+    let width = model.input_width();
+    let step = |x: f32| 1e-3 * x.abs().max(1.0);
+    let mut perturbed = Vec::with_capacity(2 * wanted.len() * rows * width);
+    for r in 0..rows {
+        let row = &features[r * width..(r + 1) * width];
+        for &(i, _) in wanted {
+            for sign in [1.0f32, -1.0] {
+                let at = perturbed.len();
+                perturbed.extend_from_slice(row);
+                perturbed[at + i] += sign * step(row[i]);
+            }
+        }
+    }
+    let n = 2 * wanted.len() * rows;
+    let answers = run_rows(serving, target, perturbed, n, prio, None, wait_until).await?;
+    let names = &model.layout.features;
+    let mut out = Vec::with_capacity(rows);
+    for (r, response) in responses.iter().enumerate() {
+        let row = &features[r * width..(r + 1) * width];
+        let outputs = response.outputs().len();
+        let mut per_output = vec![HashMap::with_capacity(wanted.len()); outputs];
+        for (k, &(i, weight)) in wanted.iter().enumerate() {
+            let plus = answers[(r * wanted.len() + k) * 2].outputs();
+            let minus = answers[(r * wanted.len() + k) * 2 + 1].outputs();
+            // The step as the model saw it (x + h rounded to f32).
+            let h = ((row[i] + step(row[i])) - (row[i] - step(row[i]))) / 2.0;
+            for (o, map) in per_output.iter_mut().enumerate() {
+                let gradient = (plus[o] - minus[o]) / (2.0 * h);
+                map.insert(names[i].clone(), weight * row[i] * gradient);
+            }
+        }
+        out.push(per_output);
+    }
+    Ok(out)
 }
 
 /// Runs a prediction through the same batcher and backend as the rings.
@@ -1087,7 +1470,7 @@ fn model_info(serving: &Serving, set: &ModelSet, index: usize, m: &LoadedModel) 
 }
 
 /// A model's performance figures (`model_key`: `name:version`, or `name` for its default
-/// version).
+/// version; a named ensemble by `name` or `name:ensemble`).
 #[utoipa::path(
     get,
     path = "/api/v1/internal/inference/performance/{model_key}",
@@ -1104,6 +1487,11 @@ async fn model_performance(
 ) -> Response {
     answer((|| {
         let serving = state.serving()?;
+        // A named ensemble: `name` or `name:ensemble`.
+        let ensemble = model_key.strip_suffix(":ensemble").unwrap_or(&model_key);
+        if let Some(index) = serving.manager.ensemble_index(ensemble) {
+            return Ok(Json(serving.monitor.metrics(index)));
+        }
         let target = serving.by_key(&model_key)?;
         Ok(Json(serving.monitor.metrics(target.model.monitor_index)))
     })())
@@ -1168,6 +1556,10 @@ fn change_error(e: ChangeError, model: &str) -> InferenceError {
             model_name: model.into(),
             message: e.to_string(),
         },
+        ChangeError::Routing(e) => InferenceError::LoadFailed {
+            model_name: "routing.toml".into(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -1214,10 +1606,11 @@ async fn reload_models(
     answer(change(&state, &headers, "", |m| m.reload_all()).await)
 }
 
-/// Which version to load.
+/// A version the load must include.
 #[derive(Clone, Copy, Debug, serde::Deserialize, utoipa::IntoParams)]
 pub struct LoadQuery {
-    /// A version the model's policy allows (default: reload the model as its policy says).
+    /// Refused unless the model's version policy loads it; the load itself loads what the
+    /// policy picks.
     pub version: Option<u32>,
 }
 
@@ -1348,7 +1741,10 @@ async fn ready(State(state): State<Arc<HttpState>>) -> Response {
                 })
                 .collect();
             ReadyReport {
-                ready: models.iter().all(|m| m.ready),
+                // Nothing loaded and nothing to load on demand (every model unloaded on
+                // purpose) is not ready to serve.
+                ready: (!models.is_empty() || s.manager.has_unused_unloaded())
+                    && models.iter().all(|m| m.ready),
                 loading: false,
                 models,
             }
@@ -1372,13 +1768,23 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
     let mut out = String::new();
     if let Some(s) = state.serving.get() {
         let set = s.models.snapshot();
-        let ready: HashMap<usize, bool> = set
+        // The versions served now (one unloaded a moment ago may still have an entry) and the
+        // named ensembles (ready when all their members are served and ready).
+        let mut ready: HashMap<usize, bool> = set
             .loaded()
             .into_iter()
             .map(|(_, m)| (m.monitor_index, m.health.is_ready()))
             .collect();
-        s.monitor
-            .prometheus(&|i| ready.get(&i).copied().unwrap_or(false), &mut out);
+        for (name, e) in &s.manager.routing().ensembles {
+            if let Some(i) = s.manager.ensemble_index(name) {
+                let members_ready = e
+                    .members
+                    .iter()
+                    .all(|m| s.by_key(&m.key()).is_ok_and(|t| t.model.health.is_ready()));
+                ready.insert(i, members_ready);
+            }
+        }
+        s.monitor.prometheus(&|i| ready.get(&i).copied(), &mut out);
     }
     state.counters.prometheus(&mut out);
     (

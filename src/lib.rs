@@ -22,4 +22,5 @@ pub mod monitor;
 pub mod profile;
 pub mod report;
 pub mod repository;
+pub mod router;
 pub mod server;

@@ -21,10 +21,12 @@
 //! Sessions that named no version follow their model's default: a poller moves such a session
 //! to the new default once every request it accepted for the old one is answered (it reads
 //! nothing more from that session meanwhile), so each session's responses switch version at
-//! one point, in order. A new default must keep the layout of the one it replaces. Sessions
-//! pinned to a version that goes away have their accepted requests answered, then are closed
-//! (their clients see `Disconnected`). An instance is freed when the last poller lane and
-//! session holding it let it go; the manager waits for that (bounded) before it answers.
+//! one point, in order. A new default must be [`compatible`] with the one it replaces (layout,
+//! feature and output counts). Sessions pinned to a version that goes away have their accepted
+//! requests answered, then are closed (their clients see `Disconnected`); a version whose file
+//! was replaced keeps its pinned sessions. An instance is freed when the last holder lets it
+//! go: the poller lanes (once their queue is empty and no session is bound), the pollers' and
+//! the control plane's snapshots; the manager waits for that (bounded) before it answers.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -37,10 +39,20 @@ use serde::Serialize;
 
 use crate::monitor::{ModelEntry, Monitor};
 use crate::repository::{self, LoadOptions, LoadedModel, ModelPlan, RepositoryLoadError};
+use crate::router::{Routing, RoutingError};
 
 /// How long the manager waits for a replaced or unloaded instance to be let go by the pollers
 /// before it answers (the instance is still freed when they do).
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a session set up for `old` (its layout, feature count, output count, non-finite
+/// rule) can be served by `new` unchanged.
+pub fn compatible(old: &LoadedModel, new: &LoadedModel) -> bool {
+    old.layout_hash == new.layout_hash
+        && old.input_width() == new.input_width()
+        && old.output_width() == new.output_width()
+        && old.layout.allow_non_finite == new.layout.allow_non_finite
+}
 
 /// One snapshot of the versions served.
 #[derive(Clone, Debug, Default)]
@@ -161,10 +173,22 @@ impl Models {
             let name = m.name.clone();
             let labels = m.labels.clone();
             let slot = this.add_slot(&mut set, m);
-            if is_default || !set.defaults.contains_key(&name) {
+            if is_default {
                 set.defaults.insert(name.clone(), slot);
             }
             set.labels.insert(name, labels);
+        }
+        // A model whose configured default was refused (out of memory): its highest version.
+        let loaded: Vec<(usize, String, u32)> = set
+            .loaded()
+            .into_iter()
+            .map(|(i, m)| (i, m.name.clone(), m.version))
+            .collect();
+        for (slot, name, _) in loaded.iter().rev() {
+            set.defaults.entry(name.clone()).or_insert(*slot);
+        }
+        for (name, labels) in set.labels.iter_mut() {
+            labels.retain(|_, v| loaded.iter().any(|(_, n, lv)| n == name && lv == v));
         }
         *this.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         this
@@ -208,6 +232,8 @@ impl Models {
         let mut next = ModelSet::clone(&guard);
         let r = change(self, &mut next);
         *guard = Arc::new(next);
+        // Bumped under the write lock: whoever reads a generation and then a snapshot sees a
+        // set at least that new (a poller adopting a session relies on it).
         self.generation.fetch_add(1, Ordering::AcqRel);
         r
     }
@@ -222,8 +248,8 @@ pub struct ChangeReport {
     pub unloaded: Vec<String>,
     /// Per model: its default version after the change.
     pub defaults: BTreeMap<String, u32>,
-    /// Versions taken out whose instance was still held by a poller when the answer was
-    /// written (freed once it lets go).
+    /// Versions taken out whose instance was still held (by a poller lane answering its last
+    /// requests, or a snapshot in use) when the answer was written; freed once let go.
     pub still_draining: Vec<String>,
 }
 
@@ -244,6 +270,9 @@ pub enum ChangeError {
     /// The repository or a version could not be read or loaded.
     #[error(transparent)]
     Load(#[from] RepositoryLoadError),
+    /// `routing.toml` is invalid.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
     /// No such loaded model or version.
     #[error("{0} is not loaded")]
     NotLoaded(String),
@@ -280,6 +309,10 @@ pub struct ModelManager {
     idle: Mutex<BTreeMap<String, Duration>>,
     /// Models being loaded again in the background for a session that asked for them.
     waking: Mutex<std::collections::BTreeSet<String>>,
+    /// The repository's `routing.toml`.
+    routing: RwLock<Arc<Routing>>,
+    /// Monitor indices of the named ensembles.
+    ensembles: Mutex<BTreeMap<String, usize>>,
 }
 
 impl ModelManager {
@@ -293,12 +326,65 @@ impl ModelManager {
             changing: Mutex::new(()),
             idle: Mutex::new(BTreeMap::new()),
             waking: Mutex::new(Default::default()),
+            routing: RwLock::new(Arc::default()),
+            ensembles: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&manager);
         let _ = models
             .missing
             .set(Box::new(move |name| weak.upgrade()?.wake(name)));
         manager
+    }
+
+    /// The routing rules in effect.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The monitor index of named ensemble `name`.
+    pub fn ensemble_index(&self, name: &str) -> Option<usize> {
+        lock(&self.ensembles).get(name).copied()
+    }
+
+    /// Reads the repository's `routing.toml` (at start; a reload of the whole repository reads
+    /// it again).
+    ///
+    /// # Errors
+    /// [`RoutingError`]: the rules in effect stay.
+    pub fn load_routing(&self) -> Result<(), RoutingError> {
+        let routing = Routing::load(&self.repository)?;
+        self.set_routing(routing);
+        Ok(())
+    }
+
+    fn set_routing(&self, routing: Routing) {
+        {
+            let mut ensembles = lock(&self.ensembles);
+            for (name, index) in ensembles.iter() {
+                if !routing.ensembles.contains_key(name) {
+                    self.models.monitor.retire(*index);
+                }
+            }
+            ensembles.retain(|name, _| routing.ensembles.contains_key(name));
+            for name in routing.ensembles.keys() {
+                ensembles.entry(name.clone()).or_insert_with(|| {
+                    self.models.monitor.add(ModelEntry {
+                        key: format!("{name}:ensemble"),
+                        device_memory_bytes: None,
+                        pci_bus_ids: Vec::new(),
+                    })
+                });
+            }
+        }
+        tracing::info!(
+            strategies = ?routing.strategies.keys().collect::<Vec<_>>(),
+            ensembles = ?routing.ensembles.keys().collect::<Vec<_>>(),
+            "routing rules in effect"
+        );
+        *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
     }
 
     /// For a session asking for `name`: starts loading it again in the background when it was
@@ -339,6 +425,11 @@ impl ModelManager {
     /// again with [`ModelManager::reload_unused`]).
     pub fn was_unloaded_unused(&self, name: &str) -> bool {
         lock(&self.idle).contains_key(name)
+    }
+
+    /// Whether some model was unloaded for going unused (and loads on the next request).
+    pub fn has_unused_unloaded(&self) -> bool {
+        !lock(&self.idle).is_empty()
     }
 
     /// Loads model `name` again after it was unloaded for going unused; returns the load time
@@ -422,15 +513,24 @@ impl ModelManager {
     pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
         let _one = lock(&self.changing);
         let plans = repository::plan_repository(&self.repository)?;
-        let current = self.models.snapshot();
-        let mut gone: Vec<String> = current
+        let routing = Routing::load(&self.repository)?;
+        // Models whose directory is gone (not one caught between two files of a deploy).
+        let mut gone: Vec<String> = self
+            .models
+            .snapshot()
             .loaded()
             .into_iter()
             .map(|(_, m)| m.name.clone())
-            .filter(|n| !plans.iter().any(|p| &p.name == n))
+            .filter(|n| !self.repository.join(n).exists())
             .collect();
         gone.dedup();
-        self.apply(plans, &gone)
+        let plans: Vec<ModelPlan> = plans
+            .into_iter()
+            .filter(|p| !gone.contains(&p.name))
+            .collect();
+        let report = self.apply(plans, &gone)?;
+        self.set_routing(routing);
+        Ok(report)
     }
 
     /// Reloads model `name` from the repository; with `version`, loads that version too (it
@@ -533,28 +633,37 @@ impl ModelManager {
                 continue;
             };
             let old = current.get(old_slot).expect("resolved");
-            let new_hash = match fresh
+            let new: &LoadedModel = match fresh
                 .iter()
                 .find(|(_, m)| m.name == plan.name && m.version == plan.default_version)
             {
-                Some((_, m)) => (m.layout_hash, m.layout.name.clone()),
+                Some((_, m)) => m,
                 None => {
                     let slot = current
                         .resolve(&plan.name, Some(plan.default_version))
                         .expect("the plan's versions are loaded or fresh");
-                    let m = current.get(slot).expect("resolved");
-                    (m.layout_hash, m.layout.name.clone())
+                    current.get(slot).expect("resolved")
                 }
             };
-            if new_hash.0 != old.layout_hash {
+            if !compatible(old, new) {
                 return Err(ChangeError::LayoutChange {
                     model: plan.name.clone(),
                     old: old.version,
-                    old_layout: old.layout.name.clone(),
+                    old_layout: format!(
+                        "{}, {} in, {} out",
+                        old.layout.name,
+                        old.input_width(),
+                        old.output_width()
+                    ),
                     old_hash: old.layout_hash,
                     new: plan.default_version,
-                    new_layout: new_hash.1,
-                    new_hash: new_hash.0,
+                    new_layout: format!(
+                        "{}, {} in, {} out",
+                        new.layout.name,
+                        new.input_width(),
+                        new.output_width()
+                    ),
+                    new_hash: new.layout_hash,
                 });
             }
         }
@@ -638,8 +747,10 @@ impl ModelManager {
     }
 }
 
-/// A model whose default left the set gets its highest remaining version as default; one with
-/// no version left loses its default and labels.
+/// A model whose default left the set gets as default its highest remaining version that
+/// sessions following the old default can use unchanged (see [`compatible`]); with none, it
+/// has no default (requests must name a version) and loses its labels when no version is
+/// left.
 fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
     for (slot, m) in removed {
         if set.defaults.get(&m.name) != Some(slot) {
@@ -650,7 +761,7 @@ fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| Some((i, s.as_ref()?)))
-            .filter(|(_, s)| s.name == m.name)
+            .filter(|(_, s)| s.name == m.name && compatible(m, s))
             .max_by_key(|(_, s)| s.version)
             .map(|(i, _)| i);
         match next {
@@ -659,7 +770,9 @@ fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
             }
             None => {
                 set.defaults.remove(&m.name);
-                set.labels.remove(&m.name);
+                if !set.slots.iter().flatten().any(|s| s.name == m.name) {
+                    set.labels.remove(&m.name);
+                }
             }
         }
     }

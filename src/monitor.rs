@@ -224,6 +224,8 @@ pub struct Exchange {
     model: usize,
     filled: Mutex<Vec<Box<Sample>>>,
     spare: Mutex<Vec<Box<Sample>>>,
+    /// Its recorder finished (its lane is gone): dropped once emptied.
+    done: std::sync::atomic::AtomicBool,
 }
 
 /// A poller's recorder for one model.
@@ -290,7 +292,8 @@ impl Recorder {
 }
 
 impl Recorder {
-    /// Hands what is left to the monitor, waiting for its locks: for a poller that stops.
+    /// Hands what is left to the monitor, waiting for its locks: for a poller that stops or
+    /// drops the lane. The monitor lets go of the exchange once it merged the rest.
     pub fn finish(&mut self) {
         if self.dirty {
             self.sample.settle();
@@ -298,6 +301,7 @@ impl Recorder {
             lock(&self.exchange.filled).push(full);
             self.dirty = false;
         }
+        self.exchange.done.store(true, Ordering::Release);
     }
 }
 
@@ -627,6 +631,23 @@ impl Monitor {
         models.len() - 1
     }
 
+    /// Records `rows` answers of one request served outside the pollers (an ensemble's, by the
+    /// control plane): its end-to-end server time, when it succeeded, and its status.
+    pub fn record_request(&self, index: usize, total_ns: u64, status: Status, rows: u64) {
+        let model = self.model(index);
+        let mut state = lock(&model);
+        let s = &mut *state;
+        for sample in [&mut s.total, &mut s.interval] {
+            sample.requests += rows;
+            sample.responses[(status.0 as usize).min(STATUS_SLOTS - 1)] += rows;
+            if status == Status::OK {
+                sample.record_n(Stage::Total, total_ns, rows);
+            }
+        }
+        s.last_request = Some(Utc::now());
+        s.last_updated = Utc::now();
+    }
+
     /// Takes model `index` out of the exposition and the ticks (it was unloaded). Its alerts
     /// end with it.
     pub fn retire(&self, index: usize) {
@@ -655,6 +676,7 @@ impl Monitor {
                     .map(|_| Box::<Sample>::default())
                     .collect(),
             ),
+            done: std::sync::atomic::AtomicBool::new(false),
         });
         lock(&self.exchanges).push(exchange.clone());
         Recorder {
@@ -692,6 +714,9 @@ impl Monitor {
                 lock(&ex.spare).push(s);
             }
         }
+        // Exchanges of lanes that are gone, once merged (`done` is set after the last push).
+        lock(&self.exchanges)
+            .retain(|ex| !ex.done.load(Ordering::Acquire) || !lock(&ex.filled).is_empty());
     }
 
     /// Number of models.
@@ -841,9 +866,9 @@ impl Monitor {
         events
     }
 
-    /// Prometheus text exposition of every model's figures and the control-plane counters.
-    /// `ready(i)` is model `i`'s readiness.
-    pub fn prometheus(&self, ready: &dyn Fn(usize) -> bool, out: &mut String) {
+    /// Prometheus text exposition of the figures of the models `ready` knows (`ready(i)`: model
+    /// `i`'s readiness; `None`: not served now, left out) and the control-plane counters.
+    pub fn prometheus(&self, ready: &dyn Fn(usize) -> Option<bool>, out: &mut String) {
         self.collect();
         let all = self.all();
         // Unloaded models leave the exposition (their counters end with them).
@@ -851,7 +876,7 @@ impl Monitor {
             .iter()
             .enumerate()
             .map(|(i, m)| (i, lock(m)))
-            .filter(|(_, s)| !s.retired)
+            .filter(|(i, s)| !s.retired && ready(*i).is_some())
             .unzip();
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -876,7 +901,7 @@ impl Monitor {
                 out,
                 "tie_model_ready{{model=\"{}\"}} {}",
                 label(&s.entry.key),
-                u8::from(ready(i))
+                u8::from(ready(i) == Some(true))
             );
         }
         family(out, "tie_requests_total", "counter", "Frames accepted.");

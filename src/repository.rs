@@ -58,6 +58,10 @@ pub struct ModelConfig {
     pub labels: std::collections::BTreeMap<String, u32>,
     /// Never unloaded for being unused (`auto_unload_unused_hours`).
     pub keep_loaded: bool,
+    /// The output column holding the model's uncertainty of its prediction: confidence is
+    /// then `1 - min(|uncertainty|, 1)` (and HTTP predictions leave the column out). Unset:
+    /// every value's confidence is `1 / (1 + e^-|value|)`.
+    pub uncertainty_output: Option<usize>,
 }
 
 impl ModelConfig {
@@ -631,6 +635,17 @@ fn load_model(
                 io.input_width
             ),
         });
+    }
+    if let Some(k) = config.uncertainty_output {
+        if k >= io.output_width || io.output_width < 2 {
+            return Err(RepositoryLoadError::Unsupported {
+                model: name.into(),
+                why: format!(
+                    "uncertainty_output = {k}, but the model has {} outputs (columns 0..{}; one besides the uncertainty)",
+                    io.output_width, io.output_width
+                ),
+            });
+        }
     }
     if io.output_width == 0 || io.output_width > MAX_OUTPUTS {
         return Err(RepositoryLoadError::TooManyOutputs {

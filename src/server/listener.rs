@@ -428,7 +428,9 @@ fn open_session(
         id,
         dead: AtomicBool::new(false),
     });
-    let worker = model_index % ctx.workers.len();
+    // By model name: a model's sessions share one poller (one lane, full batches) across
+    // versions and reloads.
+    let worker = (crate::router::request_hash(&model.name) % ctx.workers.len() as u64) as usize;
     let mut record = SessionRecord::zeroed();
     record.session_id = id;
     record.connected_unix_ns = std::time::SystemTime::now()
@@ -447,6 +449,7 @@ fn open_session(
         link: link.clone(),
         segment: segment.clone(),
         model: model_index,
+        described: set.get(model_index).expect("resolved").clone(),
         follows_default: version.is_none(),
     };
     if ctx.workers[worker].send(new).is_err() {

@@ -25,7 +25,9 @@ use crate::manager::Models;
 use crate::monitor::Monitor;
 use crate::repository::LoadedModel;
 
-pub use worker::{confidence, IdlePolicy, SharedStats, WorkerStats};
+pub use worker::{
+    confidence, confidence_from_uncertainty, row_confidence, IdlePolicy, SharedStats, WorkerStats,
+};
 
 /// State shared by the listener and a poller for one session.
 #[derive(Debug)]

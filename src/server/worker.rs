@@ -34,8 +34,10 @@ use crate::repository::LoadedModel;
 pub(crate) struct NewSession {
     pub link: Arc<SessionLink>,
     pub segment: Arc<Segment>,
-    /// The slot of the version it is bound to.
+    /// The slot of the version its hello was answered for.
     pub model: usize,
+    /// That version, as the hello reply described it (layout, widths).
+    pub described: Arc<LoadedModel>,
     /// The client named no version: the session follows its model's default.
     pub follows_default: bool,
 }
@@ -267,6 +269,20 @@ pub fn confidence(value: f32) -> f32 {
     1.0 / (1.0 + (-value.abs()).exp())
 }
 
+/// The spec's confidence from an uncertainty output: `1 - min(|u|, 1)`.
+pub fn confidence_from_uncertainty(uncertainty: f32) -> f32 {
+    1.0 - uncertainty.abs().min(1.0)
+}
+
+/// The confidence of a row's answer: from the model's uncertainty column when it has one,
+/// else from its first value.
+pub fn row_confidence(outputs: &[f32], uncertainty_output: Option<usize>) -> f32 {
+    match uncertainty_output {
+        Some(k) => confidence_from_uncertainty(outputs[k]),
+        None => confidence(outputs[0]),
+    }
+}
+
 pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     if let Some(core) = ctx.core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -275,8 +291,9 @@ pub(super) fn poller_task(ctx: WorkerContext) -> WorkerStats {
     }
     let mut p = Poller {
         lanes: Vec::new(),
-        set: ctx.models.snapshot(),
+        // The generation first: a change in between is then seen at the first refresh.
         generation: ctx.models.generation(),
+        set: ctx.models.snapshot(),
         models: ctx.models.clone(),
         monitor: ctx.monitor.clone(),
         retiring: false,
@@ -438,21 +455,27 @@ impl Poller {
     /// Where session `s` must go in the current set, if anywhere.
     fn switch_of(&self, s: &WorkerSession) -> Option<Switch> {
         let bound = self.lanes.get(s.model)?.as_ref()?;
-        if !s.follows_default {
-            return self.set.get(s.model).is_none().then_some(Switch::Close);
-        }
-        match self.set.resolve(&bound.model.name, None) {
+        match self.place(&bound.model, s.model, s.follows_default) {
             Some(slot) if slot == s.model => None,
-            Some(slot) => {
-                let next = self.set.get(slot).expect("resolved");
-                Some(if next.layout_hash == bound.model.layout_hash {
-                    Switch::To(slot)
-                } else {
-                    Switch::Close
-                })
-            }
+            Some(slot) => Some(Switch::To(slot)),
             None => Some(Switch::Close),
         }
+    }
+
+    /// Where a session set up for `model` (in `slot`) belongs in the current set: its model's
+    /// default when it follows it, else its version (in a new slot when its file was
+    /// replaced); `None` when that is gone or no longer compatible with what the session was
+    /// set up for.
+    fn place(&self, model: &LoadedModel, slot: usize, follows_default: bool) -> Option<usize> {
+        let target = if follows_default {
+            self.set.resolve(&model.name, None)?
+        } else if self.set.get(slot).is_some() {
+            slot
+        } else {
+            self.set.resolve(&model.name, Some(model.version))?
+        };
+        let next = self.set.get(target)?;
+        crate::manager::compatible(model, next).then_some(target)
     }
 
     /// The lane of `slot`, created for `model` when there is none.
@@ -489,15 +512,23 @@ impl Poller {
     }
 
     fn adopt(&mut self, new: NewSession) {
-        // The listener read the set before it sent the session: this poller's must be as new.
+        // The listener read the set before it sent the session: this poller's is as new. The
+        // set may have changed since the hello was answered: nothing is accepted yet, so the
+        // session goes straight where it belongs now.
         self.refresh();
-        let Some(model) = self.set.get(new.model).cloned() else {
-            // Unloaded meanwhile: the client sees the session close before it sent anything.
+        let Some(slot) = self.place(&new.described, new.model, new.follows_default) else {
+            // Its version went (or its default changed layout) meanwhile: the client sees the
+            // session close; whatever it submitted comes back Disconnected.
+            tracing::info!(
+                session = new.link.id,
+                "session closed at once: the model it was set up for changed meanwhile"
+            );
             new.segment.set_server_state(ServerState::Closing, 0);
             new.link.dead.store(true, Ordering::SeqCst);
             return;
         };
-        self.ensure_lane(new.model, &model);
+        let model = self.set.get(slot).cloned().expect("placed");
+        self.ensure_lane(slot, &model);
         model.sessions.fetch_add(1, Ordering::Relaxed);
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
@@ -507,7 +538,7 @@ impl Poller {
         let session = WorkerSession {
             link: new.link,
             rings: RingEnds::new(new.segment, Side::Server),
-            model: new.model,
+            model: slot,
             follows_default: new.follows_default,
             switch: None,
             responded: 0,
@@ -567,7 +598,7 @@ impl Poller {
             Switch::Close => {
                 tracing::info!(
                     session = s.link.id,
-                    "session closed: its model version was unloaded"
+                    "session closed: its model version was unloaded, or its new default reads another layout or writes another output count"
                 );
                 s.rings.segment().set_server_state(ServerState::Closing, 0);
                 s.link.dead.store(true, Ordering::SeqCst);
@@ -832,7 +863,7 @@ impl Poller {
                     frame.output_count = ow as u32;
                     frame.outputs[..ow.min(MAX_OUTPUTS)]
                         .copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
-                    frame.confidence = confidence(out[0]);
+                    frame.confidence = row_confidence(out, model.config.uncertainty_output);
                     frame.compute_ns = saturate_u32(compute_ns);
                 }
                 Outcome::TimedOut { late_ns } => {

@@ -55,6 +55,8 @@ pub const MAX_ROWS: usize = 4096;
 pub const SESSIONS_PER_MODEL: usize = 4;
 /// Ring size of those sessions: rows of one request in flight at once.
 const SESSION_RING: u32 = 256;
+/// Longest a request waits for another request's load of its model (unloaded as unused).
+const RESTORE_WAIT: Duration = Duration::from_secs(60);
 /// A pooled session idle this long is closed.
 pub const POOL_IDLE: Duration = Duration::from_secs(5);
 
@@ -676,7 +678,8 @@ fn finish_without(
 }
 
 /// Resolves a request's model; one unloaded for going unused is loaded again first (its load
-/// time returned, in milliseconds).
+/// time returned, in milliseconds). Requests that find it loading wait for that load (up to
+/// a minute) without holding a thread.
 async fn resolve_loading(
     serving: &Arc<Serving>,
     name: &str,
@@ -684,13 +687,22 @@ async fn resolve_loading(
 ) -> Result<(Target, Option<f32>), InferenceError> {
     match serving.resolve(name, version) {
         Err(InferenceError::ModelNotFound { .. }) if serving.manager.was_unloaded_unused(name) => {
-            let (manager, owned) = (serving.manager.clone(), name.to_string());
-            let loaded = tokio::task::spawn_blocking(move || manager.reload_unused(&owned))
-                .await
-                .map_err(|e| InferenceError::BatchProcessingError {
-                    operation: format!("model load task failed: {e}"),
-                })?
-                .map_err(|e| change_error(e, name))?;
+            let loaded = if serving.manager.is_restoring(name) {
+                None
+            } else {
+                let (manager, owned) = (serving.manager.clone(), name.to_string());
+                tokio::task::spawn_blocking(move || manager.restore(&owned))
+                    .await
+                    .map_err(|e| InferenceError::BatchProcessingError {
+                        operation: format!("model load task failed: {e}"),
+                    })?
+                    .map_err(|e| change_error(e, name))?
+            };
+            // Another request's load: wait for it.
+            let deadline = Instant::now() + RESTORE_WAIT;
+            while serving.manager.is_restoring(name) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             Ok((serving.resolve(name, version)?, loaded.map(|ms| ms as f32)))
         }
         other => Ok((other?, None)),
@@ -716,12 +728,14 @@ async fn run_request(
         }
         return run_ensemble(serving, request, None, config, context).await;
     }
+    if let Some(c) = context.as_ref().filter(|c| !c.strategy_name.is_empty()) {
+        route(&serving, &routing, c, &mut request)?;
+    }
+    // A named ensemble (possibly a strategy's target); it takes precedence over a model of the
+    // same name.
     if let Some(config) = routing.ensembles.get(&request.model_name) {
         let name = request.model_name.clone();
         return run_ensemble(serving, request, Some(name), config.clone(), context).await;
-    }
-    if let Some(c) = context.as_ref().filter(|c| !c.strategy_name.is_empty()) {
-        route(&serving, &routing, c, &mut request)?;
     }
     let weights = context.and_then(|c| c.feature_weights);
     run_model(serving, request, weights).await
@@ -808,8 +822,23 @@ async fn run_ensemble(
 ) -> Result<InferenceResponse, InferenceError> {
     let started = Instant::now();
     let label = name.clone().unwrap_or_else(|| "ensemble".into());
-    crate::router::check_targets(&format!("ensemble {label:?}"), &config.members)
+    crate::router::check_ensemble(&format!("ensemble {label:?}"), &config)
         .map_err(|message| InferenceError::InvalidRequest { message })?;
+    // Members read the same layout (those loaded now; one that is not is refused when it runs).
+    let layouts: Vec<(String, u64)> = config
+        .members
+        .iter()
+        .filter_map(|m| serving.by_key(&m.key()).ok())
+        .map(|t| (t.model.key(), t.model.layout_hash))
+        .collect();
+    if let Some(other) = layouts.iter().find(|(_, h)| *h != layouts[0].1) {
+        return Err(InferenceError::InvalidRequest {
+            message: format!(
+                "ensemble {label:?}: members {} and {} read different layouts",
+                layouts[0].0, other.0
+            ),
+        });
+    }
     if context
         .as_ref()
         .is_some_and(|c| c.feature_weights.is_some())
@@ -852,12 +881,12 @@ async fn run_ensemble(
         }
     };
     if let Some(e) = failed {
-        record(Status::EXECUTION_FAILED);
+        record(status_of(&e));
         return Err(e);
     }
     let count = answers[0].predictions.len();
     if let Some(odd) = answers.iter().find(|a| a.predictions.len() != count) {
-        record(Status::EXECUTION_FAILED);
+        record(Status::REJECTED);
         return Err(InferenceError::InvalidRequest {
             message: format!(
                 "ensemble {label:?}: member {}:{} gives {} values, {}:{} gives {count}",
@@ -943,6 +972,23 @@ async fn run_ensemble(
     })
 }
 
+/// The response status an error stands for, in the figures of an ensemble.
+fn status_of(e: &InferenceError) -> Status {
+    match e {
+        InferenceError::ModelNotFound { .. } => Status::MODEL_NOT_FOUND,
+        InferenceError::InvalidInputShape { .. } => Status::INVALID_INPUT_SHAPE,
+        InferenceError::Timeout { .. } => Status::TIMEOUT,
+        InferenceError::QueueFull { .. } => Status::QUEUE_FULL,
+        InferenceError::NotReady { .. } | InferenceError::LoadFailed { .. } => Status::NOT_READY,
+        InferenceError::OutOfMemory { .. } => Status::OUT_OF_MEMORY,
+        InferenceError::ExecutionFailed { .. }
+        | InferenceError::BatchProcessingError { .. }
+        | InferenceError::TensorRTError { .. } => Status::EXECUTION_FAILED,
+        InferenceError::Disconnected { .. } => Status::DISCONNECTED,
+        _ => Status::REJECTED,
+    }
+}
+
 /// Runs `rows` rows through `target`'s sessions, waiting for a session until `wait_until`;
 /// returns one response per row, or the first error status as an [`InferenceError`].
 async fn run_rows(
@@ -990,8 +1036,9 @@ async fn run_rows(
     Ok(responses)
 }
 
-/// Most rows a feature-contribution request may add (two per row and feature).
-const MAX_CONTRIBUTION_ROWS: usize = 1 << 16;
+/// Most feature values a feature-contribution request may add (two rows per row and feature
+/// asked for): 16 MB of rows.
+const MAX_CONTRIBUTION_VALUES: usize = 1 << 22;
 
 /// Runs a request on the model (and version) it names; with `weights`, adds each
 /// prediction's feature contributions.
@@ -1066,10 +1113,11 @@ async fn run_model(
         }
     };
     if let Some(w) = &wanted {
-        if 2 * w.len() * rows > MAX_CONTRIBUTION_ROWS {
+        let values = 2 * w.len() * rows * width;
+        if values > MAX_CONTRIBUTION_VALUES {
             return Err(InferenceError::InvalidRequest {
                 message: format!(
-                    "feature contributions of {} features over {rows} rows take {} rows; at most {MAX_CONTRIBUTION_ROWS}",
+                    "feature contributions of {} features over {rows} rows of {width} take {} rows ({values} values); at most {MAX_CONTRIBUTION_VALUES} values",
                     w.len(),
                     2 * w.len() * rows
                 ),
@@ -1101,15 +1149,15 @@ async fn run_model(
     // reload may move between two of its rows (then both are named, in order).
     let mut versions: Vec<u32> = responses.iter().map(|r| r.model_version).collect();
     versions.dedup();
-    let model = match versions.as_slice() {
+    let answered = match versions.as_slice() {
         [v] if *v != model.version => {
             let set = serving.models.snapshot();
             set.resolve(&model.name, Some(*v))
                 .and_then(|slot| set.get(slot).cloned())
-                .unwrap_or_else(|| model.clone())
         }
-        _ => model.clone(),
+        _ => Some(model.clone()),
     };
+    let model = answered.clone().unwrap_or_else(|| model.clone());
     let model_version = versions
         .iter()
         .map(u32::to_string)
@@ -1118,9 +1166,9 @@ async fn run_model(
     let uncertainty = model.config.uncertainty_output;
     let contributions = match &wanted {
         Some(w) => {
-            if versions.len() > 1 {
+            if versions.len() > 1 || answered.is_none() {
                 return Err(InferenceError::Conflict {
-                    message: "the model's default version changed during the request; ask again for its contributions".into(),
+                    message: "the model's default version changed during the request (the version that answered is gone); ask again for its contributions".into(),
                 });
             }
             // The same version, pinned, for the perturbed rows.
@@ -1555,6 +1603,10 @@ fn change_error(e: ChangeError, model: &str) -> InferenceError {
         ChangeError::Load(e) => InferenceError::LoadFailed {
             model_name: model.into(),
             message: e.to_string(),
+        },
+        ChangeError::Restore(why) => InferenceError::LoadFailed {
+            model_name: model.into(),
+            message: why,
         },
         ChangeError::Routing(e) => InferenceError::LoadFailed {
             model_name: "routing.toml".into(),

@@ -41,17 +41,43 @@ use crate::monitor::{ModelEntry, Monitor};
 use crate::repository::{self, LoadOptions, LoadedModel, ModelPlan, RepositoryLoadError};
 use crate::router::{Routing, RoutingError};
 
+/// After a failed attempt to load again a model unloaded as unused, requests for it get the same
+/// error for this long before another attempt.
+pub const RESTORE_RETRY: Duration = Duration::from_secs(10);
+
+/// A version unloaded for going unused, as it was loaded (it loads again from the same file,
+/// with the same config).
+#[derive(Clone, Debug)]
+struct Unused {
+    version: u32,
+    path: PathBuf,
+    checksum: String,
+    config: repository::ModelConfig,
+    was_default: bool,
+}
+
+/// A model with versions unloaded for going unused.
+#[derive(Debug)]
+struct Idle {
+    versions: Vec<Unused>,
+    /// How long the last one had gone unused.
+    idle: Duration,
+    /// The last failed attempt to load them again, and why.
+    failed: Option<(Instant, String)>,
+}
+
 /// How long the manager waits for a replaced or unloaded instance to be let go by the pollers
 /// before it answers (the instance is still freed when they do).
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether a session set up for `old` (its layout, feature count, output count, non-finite
-/// rule) can be served by `new` unchanged.
+/// rule, uncertainty column) can be served by `new` unchanged.
 pub fn compatible(old: &LoadedModel, new: &LoadedModel) -> bool {
     old.layout_hash == new.layout_hash
         && old.input_width() == new.input_width()
         && old.output_width() == new.output_width()
         && old.layout.allow_non_finite == new.layout.allow_non_finite
+        && old.config.uncertainty_output == new.config.uncertainty_output
 }
 
 /// One snapshot of the versions served.
@@ -273,6 +299,9 @@ pub enum ChangeError {
     /// `routing.toml` is invalid.
     #[error(transparent)]
     Routing(#[from] RoutingError),
+    /// Loading again a model unloaded as unused failed a moment ago.
+    #[error("{0} (failed a moment ago; tried again {retry}s after the failure)", retry = RESTORE_RETRY.as_secs())]
+    Restore(String),
     /// No such loaded model or version.
     #[error("{0} is not loaded")]
     NotLoaded(String),
@@ -304,11 +333,11 @@ pub struct ModelManager {
     options: LoadOptions,
     /// One change at a time.
     changing: Mutex<()>,
-    /// Models with versions unloaded for going unused (`auto_unload_unused_hours`), and for
-    /// how long they had been: loaded again on the next request for them.
-    idle: Mutex<BTreeMap<String, Duration>>,
-    /// Models being loaded again in the background for a session that asked for them.
-    waking: Mutex<std::collections::BTreeSet<String>>,
+    /// Models with versions unloaded for going unused (`auto_unload_unused_hours`): loaded
+    /// again on the next request for them.
+    idle: Mutex<BTreeMap<String, Idle>>,
+    /// Models being loaded again now ([`ModelManager::restore`]: one caller at a time).
+    restoring: Mutex<std::collections::BTreeSet<String>>,
     /// The repository's `routing.toml`.
     routing: RwLock<Arc<Routing>>,
     /// Monitor indices of the named ensembles.
@@ -325,7 +354,7 @@ impl ModelManager {
             options,
             changing: Mutex::new(()),
             idle: Mutex::new(BTreeMap::new()),
-            waking: Mutex::new(Default::default()),
+            restoring: Mutex::new(Default::default()),
             routing: RwLock::new(Arc::default()),
             ensembles: Mutex::new(BTreeMap::new()),
         });
@@ -361,6 +390,16 @@ impl ModelManager {
     }
 
     fn set_routing(&self, routing: Routing) {
+        let set = self.models.snapshot();
+        for name in routing.ensembles.keys() {
+            if set.resolve(name, None).is_some() {
+                tracing::warn!(
+                    ensemble = %name,
+                    "an ensemble has the name of a model: requests for that name go to the ensemble"
+                );
+            }
+        }
+        drop(set);
         {
             let mut ensembles = lock(&self.ensembles);
             for (name, index) in ensembles.iter() {
@@ -390,41 +429,41 @@ impl ModelManager {
     /// For a session asking for `name`: starts loading it again in the background when it was
     /// unloaded for going unused; says so.
     fn wake(self: Arc<Self>, name: &str) -> Option<String> {
-        let idle = *lock(&self.idle).get(name)?;
+        let idle = lock(&self.idle).get(name)?.idle;
         let message = format!(
             "model {name} was unloaded after {}s without a request; it is loading again: retry in a moment",
             idle.as_secs()
         );
-        if !lock(&self.waking).insert(name.to_string()) {
+        if lock(&self.restoring).contains(name) {
             return Some(message);
         }
         let (this, owned) = (self.clone(), name.to_string());
         let spawned = std::thread::Builder::new()
             .name("tie-model-wake".into())
-            .spawn(move || {
-                let (name, manager) = (owned, this);
-                match manager.reload_unused(&name) {
-                    Ok(Some(ms)) => {
-                        tracing::info!(model = %name, load_ms = ms, "loaded again for a session")
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(model = %name, error = %e, "cannot load again a model unloaded as unused")
-                    }
+            .spawn(move || match this.restore(&owned) {
+                Ok(Some(ms)) => {
+                    tracing::info!(model = %owned, load_ms = ms, "loaded again for a session")
                 }
-                lock(&manager.waking).remove(&name);
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(model = %owned, error = %e, "cannot load again a model unloaded as unused")
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a thread to load a model again");
-            lock(&self.waking).remove(name);
         }
         Some(message)
     }
 
-    /// Whether model `name` had versions unloaded for going unused (a request for it loads it
-    /// again with [`ModelManager::reload_unused`]).
+    /// Whether model `name` had versions unloaded for going unused (a request for it loads
+    /// them again with [`ModelManager::restore`]).
     pub fn was_unloaded_unused(&self, name: &str) -> bool {
         lock(&self.idle).contains_key(name)
+    }
+
+    /// Whether model `name` is being loaded again (by [`ModelManager::restore`]) now.
+    pub fn is_restoring(&self, name: &str) -> bool {
+        lock(&self.restoring).contains(name)
     }
 
     /// Whether some model was unloaded for going unused (and loads on the next request).
@@ -432,23 +471,105 @@ impl ModelManager {
         !lock(&self.idle).is_empty()
     }
 
-    /// Loads model `name` again after it was unloaded for going unused; returns the load time
-    /// in milliseconds (`None`: nothing to load, it was loaded meanwhile).
+    /// Loads again the versions of `name` unloaded for going unused, from the files and with
+    /// the config they had (a file changed since is refused: reload it explicitly); a default
+    /// among them is the default again. Nothing else of the repository is read. Returns the
+    /// load time in milliseconds; `None` when another caller is loading them or nothing is
+    /// to load. After a failure, callers get the same error for [`RESTORE_RETRY`] without a
+    /// new attempt.
     ///
     /// # Errors
-    /// [`ChangeError`]: it could not be loaded.
-    pub fn reload_unused(&self, name: &str) -> Result<Option<f64>, ChangeError> {
-        let _one = lock(&self.changing);
-        if !lock(&self.idle).contains_key(name) {
+    /// [`ChangeError`]: they could not be loaded (nothing changed).
+    pub fn restore(&self, name: &str) -> Result<Option<f64>, ChangeError> {
+        if !lock(&self.restoring).insert(name.to_string()) {
             return Ok(None);
         }
-        let plan = repository::plan_model(&self.repository, name)?;
-        let report = self.apply(vec![plan], &[])?;
-        Ok(Some(report.loaded.iter().map(|l| l.load_time_ms).sum()))
+        let result = self.restore_locked(name);
+        lock(&self.restoring).remove(name);
+        result
+    }
+
+    fn restore_locked(&self, name: &str) -> Result<Option<f64>, ChangeError> {
+        let _one = lock(&self.changing);
+        let versions = match lock(&self.idle).get(name) {
+            None => return Ok(None),
+            Some(Idle {
+                failed: Some((at, why)),
+                ..
+            }) if at.elapsed() < RESTORE_RETRY => {
+                return Err(ChangeError::Restore(why.clone()));
+            }
+            Some(idle) => idle.versions.clone(),
+        };
+        let mut fresh = Vec::new();
+        for u in &versions {
+            let plan = ModelPlan {
+                name: name.into(),
+                config: u.config.clone(),
+                versions: vec![(u.version, u.path.clone())],
+                default_version: u.version,
+            };
+            let loaded = repository::load_version(&plan, u.version, &self.options).and_then(|m| {
+                if m.checksum == u.checksum {
+                    Ok(m)
+                } else {
+                    Err(RepositoryLoadError::Integrity {
+                        model: name.into(),
+                        version: u.version,
+                        path: u.path.clone(),
+                        why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
+                    })
+                }
+            });
+            match loaded {
+                Ok(m) => fresh.push((m, u.was_default)),
+                Err(e) => {
+                    if let Some(idle) = lock(&self.idle).get_mut(name) {
+                        idle.failed = Some((Instant::now(), e.to_string()));
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let ms: f64 = fresh
+            .iter()
+            .map(|(m, _)| m.load_time.as_secs_f64() * 1e3)
+            .sum();
+        self.models.publish(|models, set| {
+            for (m, was_default) in fresh {
+                let labels = m.config.labels.clone();
+                let slot = models.add_slot(set, m);
+                if was_default {
+                    set.defaults.insert(name.to_string(), slot);
+                }
+                let loaded: Vec<u32> = set
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.name == name)
+                    .map(|s| s.version)
+                    .collect();
+                let entry = set.labels.entry(name.to_string()).or_default();
+                for (label, v) in labels {
+                    if loaded.contains(&v) {
+                        entry.insert(label, v);
+                    }
+                }
+            }
+        });
+        lock(&self.idle).remove(name);
+        tracing::info!(
+            model = name,
+            load_ms = ms,
+            "loaded again after going unused"
+        );
+        Ok(Some(ms))
     }
 
     /// Unloads every version that has had no request for `after` (nor since it loaded), has no
-    /// session and is not `keep_loaded`, every `after / 4` (at most a minute) until `stop`.
+    /// session and is not `keep_loaded`, every `after / 4` (at most a minute) until `stop`. A
+    /// default version unloaded this way leaves its model without a default (no other
+    /// version takes its place), so the next request for the model loads it again.
     pub fn unload_unused_task(&self, after: Duration, stop: &std::sync::atomic::AtomicBool) {
         let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
         let mut next = Instant::now() + every;
@@ -458,46 +579,76 @@ impl ModelManager {
                 continue;
             }
             next = Instant::now() + every;
-            let now = chrono::Utc::now();
-            let set = self.models.snapshot();
-            let unused: Vec<(String, Duration)> = set
+            let candidates: Vec<usize> = self
+                .models
+                .snapshot()
                 .loaded()
                 .into_iter()
-                .filter(|(_, m)| !m.config.keep_loaded && m.sessions.load(Ordering::Relaxed) == 0)
-                .filter_map(|(_, m)| {
-                    let last = self
-                        .models
-                        .monitor
-                        .last_request(m.monitor_index)
-                        .map_or(m.loaded_at, |t| t.max(m.loaded_at));
-                    let idle = (now - last).to_std().ok()?;
-                    (idle >= after).then(|| (m.key(), idle))
-                })
+                .filter(|(_, m)| self.unused_for(m, after).is_some())
+                .map(|(_, m)| m.monitor_index)
                 .collect();
-            drop(set);
-            for (key, idle) in unused {
+            for index in candidates {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
                 let _one = lock(&self.changing);
-                // Checked again under the lock: a session may have come meanwhile.
+                // Checked again under the lock, on the same instance: a request, a session or
+                // a reload may have come meanwhile.
                 let current = self.models.snapshot();
-                let Some(m) = current.by_key(&key).and_then(|s| current.get(s)).cloned() else {
+                let Some((slot, m)) = current
+                    .loaded()
+                    .into_iter()
+                    .find(|(_, m)| m.monitor_index == index)
+                    .map(|(s, m)| (s, m.clone()))
+                else {
                     continue;
                 };
-                drop(current);
-                if m.sessions.load(Ordering::Relaxed) > 0 {
+                let Some(idle) = self.unused_for(&m, after) else {
                     continue;
-                }
-                drop(m);
+                };
+                let key = m.key();
                 tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
                 // Known as unused before it leaves the set: a request that misses it from then
                 // on loads it again.
-                let name = key.rsplit_once(':').map_or(key.as_str(), |(n, _)| n);
-                lock(&self.idle).insert(name.to_string(), idle);
-                match self.unload_locked(&key) {
+                {
+                    let mut all = lock(&self.idle);
+                    let entry = all.entry(m.name.clone()).or_insert_with(|| Idle {
+                        versions: Vec::new(),
+                        idle,
+                        failed: None,
+                    });
+                    entry.idle = idle;
+                    entry.failed = None;
+                    entry.versions.push(Unused {
+                        version: m.version,
+                        path: m.path.clone(),
+                        checksum: m.checksum.clone(),
+                        config: m.config.clone(),
+                        was_default: current.is_default(slot),
+                    });
+                }
+                drop((current, m));
+                match self.unload_slots(&[slot], false) {
                     Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
                     Err(e) => tracing::warn!(model = %key, error = %e, "not unloaded"),
                 }
             }
         }
+    }
+
+    /// How long `m` has gone unused, when it may be unloaded for it: no request for `after`
+    /// (nor since it loaded), no session, not `keep_loaded`.
+    fn unused_for(&self, m: &LoadedModel, after: Duration) -> Option<Duration> {
+        if m.config.keep_loaded || m.sessions.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self
+            .models
+            .monitor
+            .last_request(m.monitor_index)
+            .map_or(m.loaded_at, |t| t.max(m.loaded_at));
+        let idle = (chrono::Utc::now() - last).to_std().ok()?;
+        (idle >= after).then_some(idle)
     }
 
     /// The versions served.
@@ -528,6 +679,8 @@ impl ModelManager {
             .into_iter()
             .filter(|p| !gone.contains(&p.name))
             .collect();
+        // Models unloaded as unused whose directory is gone are gone too.
+        lock(&self.idle).retain(|name, _| self.repository.join(name).exists());
         let report = self.apply(plans, &gone)?;
         self.set_routing(routing);
         Ok(report)
@@ -562,16 +715,6 @@ impl ModelManager {
     /// [`ChangeError::NotLoaded`].
     pub fn unload(&self, key: &str) -> Result<ChangeReport, ChangeError> {
         let _one = lock(&self.changing);
-        let report = self.unload_locked(key)?;
-        // Unloaded on purpose: no request loads it again.
-        let name = key.rsplit_once(':').map_or(key, |(n, _)| n);
-        if self.models.snapshot().resolve(name, None).is_none() {
-            lock(&self.idle).remove(name);
-        }
-        Ok(report)
-    }
-
-    fn unload_locked(&self, key: &str) -> Result<ChangeReport, ChangeError> {
         let current = self.models.snapshot();
         let slots: Vec<usize> = match key.rsplit_once(':') {
             Some(_) => current.by_key(key).into_iter().collect(),
@@ -582,22 +725,51 @@ impl ModelManager {
                 .map(|(i, _)| i)
                 .collect(),
         };
-        if slots.is_empty() {
+        drop(current);
+        // Unloaded on purpose: a version unloaded as unused does not come back either.
+        let forgotten = {
+            let mut idle = lock(&self.idle);
+            let (name, version) = match key.rsplit_once(':') {
+                Some((n, v)) => (n, Some(v)),
+                None => (key, None),
+            };
+            let mut forgotten = Vec::new();
+            if let Some(entry) = idle.get_mut(name) {
+                entry.versions.retain(|u| {
+                    let gone = version.is_none_or(|v| v == u.version.to_string());
+                    if gone {
+                        forgotten.push(format!("{name}:{}", u.version));
+                    }
+                    !gone
+                });
+                if entry.versions.is_empty() {
+                    idle.remove(name);
+                }
+            }
+            forgotten
+        };
+        if slots.is_empty() && forgotten.is_empty() {
             return Err(ChangeError::NotLoaded(key.into()));
         }
+        let mut report = self.unload_slots(&slots, true)?;
+        report.unloaded.extend(forgotten);
+        Ok(report)
+    }
+
+    /// Takes `slots` out of the set. A model whose default leaves gets another compatible
+    /// version as default when `promote`, else none.
+    fn unload_slots(&self, slots: &[usize], promote: bool) -> Result<ChangeReport, ChangeError> {
         let mut report = ChangeReport::default();
         let removed = self.models.publish(|_, set| {
             let mut removed = Vec::new();
-            for &slot in &slots {
+            for &slot in slots {
                 if let Some(m) = set.slots[slot].take() {
                     removed.push((slot, m));
                 }
             }
-            fix_defaults(set, &removed);
+            fix_defaults(set, &removed, promote);
             removed
         });
-        // The old snapshot holds what was removed: it goes before the wait for their release.
-        drop(current);
         self.finish(removed, &mut report);
         report.defaults = defaults_of(&self.models.snapshot());
         Ok(report)
@@ -707,7 +879,7 @@ impl ModelManager {
                 set.labels
                     .insert(plan.name.clone(), plan.config.labels.clone());
             }
-            fix_defaults(set, &removed);
+            fix_defaults(set, &removed, true);
             removed
         });
         drop(current);
@@ -751,19 +923,22 @@ impl ModelManager {
 /// sessions following the old default can use unchanged (see [`compatible`]); with none, it
 /// has no default (requests must name a version) and loses its labels when no version is
 /// left.
-fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)]) {
+fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)], promote: bool) {
     for (slot, m) in removed {
         if set.defaults.get(&m.name) != Some(slot) {
             continue;
         }
-        let next = set
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| Some((i, s.as_ref()?)))
-            .filter(|(_, s)| s.name == m.name && compatible(m, s))
-            .max_by_key(|(_, s)| s.version)
-            .map(|(i, _)| i);
+        let next = promote
+            .then(|| {
+                set.slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+                    .filter(|(_, s)| s.name == m.name && compatible(m, s))
+                    .max_by_key(|(_, s)| s.version)
+                    .map(|(i, _)| i)
+            })
+            .flatten();
         match next {
             Some(i) => {
                 set.defaults.insert(m.name.clone(), i);

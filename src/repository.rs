@@ -864,3 +864,42 @@ fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), backend::BackendEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_policies_pick_what_they_say() {
+        let present = [1, 2, 5, 7];
+        assert_eq!(VersionPolicy::All.pick(&present).unwrap(), present);
+        assert_eq!(VersionPolicy::Latest(2).pick(&present).unwrap(), [5, 7]);
+        assert_eq!(VersionPolicy::Latest(9).pick(&present).unwrap(), present);
+        assert_eq!(
+            VersionPolicy::Specific(vec![7, 1, 7])
+                .pick(&present)
+                .unwrap(),
+            [1, 7]
+        );
+        assert!(VersionPolicy::Specific(vec![3])
+            .pick(&present)
+            .unwrap_err()
+            .contains("version 3"));
+        assert!(VersionPolicy::Latest(0).pick(&present).is_err());
+        let config: ModelConfig =
+            toml::from_str("versions = { latest = 2 }\nlabels = { stable = 5 }").unwrap();
+        assert_eq!(config.versions, VersionPolicy::Latest(2));
+        let config: ModelConfig = toml::from_str("versions = { specific = [1, 5] }").unwrap();
+        assert_eq!(config.versions, VersionPolicy::Specific(vec![1, 5]));
+        let config: ModelConfig = toml::from_str("versions = \"all\"").unwrap();
+        assert!(config.builds_like(&ModelConfig {
+            keep_loaded: true,
+            default_version: Some(3),
+            ..ModelConfig::default()
+        }));
+        assert!(!config.builds_like(&ModelConfig {
+            layout: Some("other".into()),
+            ..ModelConfig::default()
+        }));
+    }
+}

@@ -70,7 +70,8 @@ pub enum Combine {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnsembleConfig {
-    /// The models run on the same features (same layout, same output count).
+    /// The models run on the same features (at most [`MAX_ENSEMBLE_MEMBERS`]; checked when
+    /// it runs: the same layout and the same number of values).
     pub members: Vec<RouteTarget>,
     /// How their outputs combine.
     #[serde(default)]
@@ -154,10 +155,24 @@ impl Routing {
             check_targets(&format!("strategy {name:?}"), &s.targets)?;
         }
         for (name, e) in &self.ensembles {
-            check_targets(&format!("ensemble {name:?}"), &e.members)?;
+            check_ensemble(&format!("ensemble {name:?}"), e)?;
         }
         Ok(())
     }
+}
+
+/// Most members of an ensemble.
+pub const MAX_ENSEMBLE_MEMBERS: usize = 16;
+
+/// An ensemble's members: as [`check_targets`], at most [`MAX_ENSEMBLE_MEMBERS`].
+pub fn check_ensemble(what: &str, e: &EnsembleConfig) -> Result<(), String> {
+    if e.members.len() > MAX_ENSEMBLE_MEMBERS {
+        return Err(format!(
+            "{what} has {} members; at most {MAX_ENSEMBLE_MEMBERS}",
+            e.members.len()
+        ));
+    }
+    check_targets(what, &e.members)
 }
 
 /// Targets or members: at least one, finite non-negative weights, one positive.

@@ -502,35 +502,57 @@ fn labels_pins_and_unload() {
 fn unused_versions_unload_and_load_again_on_the_next_request() {
     let repo = scratch_dir("repo");
     add_version(&repo, "multi", 1, 1);
+    add_version(&repo, "multi", 2, 2);
     add_version(&repo, "identity", 1, 1);
     std::fs::write(repo.join("identity/config.toml"), "keep_loaded = true\n").unwrap();
     let config = format!("{}auto_unload_unused_sec = 1\n", common::TEST_CONFIG);
     let server = TestServer::start_with(&config, &repo);
     let api = format!("{}/{API}", server.http());
-    let row = fixture("multi_v1").inputs[0].clone();
-    let expected = fixture("multi_v1").outputs[0].clone();
+    let (f1, f2) = (fixture("multi_v1"), fixture("multi_v2"));
 
-    // A connected session keeps its version loaded, however quiet.
+    // Connected sessions keep their versions loaded, however quiet.
+    let mut pinned = connect(&server, "multi", Some(1));
+    assert_eq!(
+        pinned
+            .predict(&f1.inputs[0])
+            .unwrap()
+            .response
+            .model_version,
+        1
+    );
     let mut client = connect(&server, "multi", None);
-    client.predict(&row).unwrap();
+    assert_eq!(
+        client
+            .predict(&f2.inputs[0])
+            .unwrap()
+            .response
+            .model_version,
+        2
+    );
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(keys(&api), ["identity:1", "multi:1"]);
+    assert_eq!(keys(&api), ["identity:1", "multi:1", "multi:2"]);
     drop(client);
-    // Without one, a second without requests unloads it; `keep_loaded` stays.
-    let unloaded = || keys(&api) == ["identity:1"];
+    // Without one, a second without requests unloads the default; `keep_loaded` stays, and the
+    // version left does not become the default.
+    let unloaded = || keys(&api) == ["identity:1", "multi:1"];
     assert!(
         common::eventually(Duration::from_secs(20), unloaded),
         "{}",
         server.log()
     );
     assert!(server.log().contains("unloading: unused"));
+    let multi1 = loaded(&api)
+        .into_iter()
+        .find(|m| m["model_key"] == "multi:1")
+        .unwrap();
+    assert_eq!(multi1["is_default"], false, "{multi1}");
 
-    // The next HTTP request loads it again and says how long that took.
+    // The next HTTP request for the model loads it again and says how long that took.
     let request = json!({
         "request_id": "r",
         "model_name": "multi",
         "model_version": null,
-        "input_features": row,
+        "input_features": f2.inputs[0],
         "feature_names": [],
         "batch_size": 1,
         "priority": "Normal",
@@ -539,6 +561,7 @@ fn unused_versions_unload_and_load_again_on_the_next_request() {
     });
     let (code, body) = post(&format!("{api}/predict"), &request);
     assert_eq!(code, 200, "{body}\n{}", server.log());
+    assert_eq!(body["model_metadata"]["model_version"], "2");
     assert!(
         body["performance_metrics"]["model_load_time_ms"]
             .as_f64()
@@ -552,12 +575,7 @@ fn unused_versions_unload_and_load_again_on_the_next_request() {
         .iter()
         .map(|p| p["value"].as_f64().unwrap() as f32)
         .collect();
-    assert!(
-        got.iter()
-            .zip(&expected)
-            .all(|(a, b)| rel_err(*a, *b) < 1e-4),
-        "{body}"
-    );
+    assert!(matches(&f2, 0, &got), "{body}");
     let (code, body) = post(&format!("{api}/predict"), &request);
     assert_eq!(code, 200);
     assert_eq!(
@@ -566,21 +584,25 @@ fn unused_versions_unload_and_load_again_on_the_next_request() {
         "loaded now"
     );
 
-    // Unused again (the control plane's own sessions close when idle), then a session asks:
-    // refused with the reason while it loads, then served.
+    // Unused again (the control plane's own sessions close when idle); a ring client asking
+    // for it waits while it loads (within its connect timeout) and is served.
     assert!(
         common::eventually(Duration::from_secs(30), unloaded),
         "{}",
         server.log()
     );
-    let first = Client::connect(&server.endpoint, "multi", server.options()).unwrap_err();
-    assert!(first.to_string().contains("loading again"), "{first}");
-    let mut client = None;
-    assert!(common::eventually(Duration::from_secs(20), || {
-        client = Client::connect(&server.endpoint, "multi", server.options()).ok();
-        client.is_some()
-    }));
-    let p = client.unwrap().predict(&row).unwrap();
-    assert!(matches(&fixture("multi_v1"), 0, p.outputs()));
+    let mut client = connect(&server, "multi", None);
+    let p = client.predict(&f2.inputs[1]).unwrap();
+    assert_eq!(p.response.model_version, 2);
+    assert!(matches(&f2, 1, p.outputs()));
+    assert!(
+        server.log().contains("loaded again for a session"),
+        "{}",
+        server.log()
+    );
+    // The pinned session went on all along.
+    let p = pinned.predict(&f1.inputs[2]).unwrap();
+    assert_eq!(p.response.model_version, 1);
+    assert!(matches(&f1, 2, p.outputs()));
     let _ = std::fs::remove_dir_all(&repo);
 }

@@ -54,7 +54,9 @@ pub struct ConnectOptions {
     pub wait: WaitStrategy,
     /// How long `predict` waits for an answer.
     pub timeout: Duration,
-    /// How long connecting may take.
+    /// How long connecting may take, including waiting for a model the server is loading
+    /// again after unloading it for going unused (refused with `HelloStatus::Loading` until
+    /// then).
     pub connect_timeout: Duration,
     /// Socket directory; `None` for `$TIE_SOCKET_DIR` or `/tmp/tie`.
     pub socket_dir: Option<PathBuf>,
@@ -254,7 +256,19 @@ impl Client {
             request_capacity: options.request_capacity,
             response_capacity: options.response_capacity,
         };
-        let (socket, reply, fd) = handshake(&path, &params, options.connect_timeout)?;
+        // A model loading again after going unused is waited for, within the connect timeout.
+        let started = std::time::Instant::now();
+        let (socket, reply, fd) = loop {
+            match handshake(&path, &params, options.connect_timeout) {
+                Err(ConnectError::Refused {
+                    status: tie_layouts::HelloStatus::Loading,
+                    ..
+                }) if started.elapsed() < options.connect_timeout => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        };
         let segment = Segment::open(fd, reply.segment_size)?;
         let info = *segment.info();
         if info.request_capacity != options.request_capacity

@@ -237,6 +237,9 @@ pub enum HelloStatus {
     TooManySessions,
     /// The server failed to set the session up.
     Internal,
+    /// The model is loading (it had been unloaded for going unused): retry shortly. The
+    /// client retries by itself until its connect timeout.
+    Loading,
 }
 
 impl HelloStatus {
@@ -251,6 +254,7 @@ impl HelloStatus {
             Self::PermissionDenied => 5,
             Self::TooManySessions => 6,
             Self::Internal => 7,
+            Self::Loading => 8,
         }
     }
 
@@ -265,6 +269,7 @@ impl HelloStatus {
             5 => Self::PermissionDenied,
             6 => Self::TooManySessions,
             7 => Self::Internal,
+            8 => Self::Loading,
             _ => return None,
         })
     }

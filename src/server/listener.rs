@@ -41,6 +41,8 @@ pub(super) struct ListenerContext {
     pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
     /// Place segments on 2 MB huge pages (`server.huge_pages`).
     pub huge_pages: bool,
+    /// The poller of each model name.
+    pub pollers_by_model: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -289,19 +291,23 @@ fn open_session(
             0 => String::new(),
             v => format!(" version {v}"),
         };
-        let msg = match ctx.models.missing(name) {
-            Some(loading) => loading,
-            None => format!(
-                "model {name}{version} is not served; served: {}",
-                served.join(", ")
+        let (status, msg) = match ctx.models.missing(name) {
+            Some(loading) => (HelloStatus::Loading, loading),
+            None => (
+                HelloStatus::ModelNotFound,
+                format!(
+                    "model {name}{version} is not served; served: {}",
+                    served.join(", ")
+                ),
             ),
         };
         tracing::info!(
             model = name,
             version = hello.model_version,
-            "session refused: unknown model"
+            ?status,
+            "session refused: model not loaded"
         );
-        refuse(&stream, HelloStatus::ModelNotFound, &msg, 0, &hello);
+        refuse(&stream, status, &msg, 0, &hello);
         return None;
     };
     let model: &LoadedModel = set.get(model_index).expect("resolved");
@@ -419,8 +425,13 @@ fn open_session(
     };
     let info = model.backend.info();
     reply.set_message(&format!("{} {}", info.architecture, info.device));
+    // Counted from the reply on, so the version is in use (never unloaded as unused) from the
+    // moment the client is told it is served; the poller moves the count if it places the
+    // session elsewhere.
+    model.sessions.fetch_add(1, Ordering::AcqRel);
     let sent = send_with_fd(&stream, bytemuck::bytes_of(&reply), segment.fd().as_fd());
     if !sent {
+        model.sessions.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(session = id, "client left during the handshake");
         return None;
     }
@@ -429,8 +440,16 @@ fn open_session(
         dead: AtomicBool::new(false),
     });
     // By model name: a model's sessions share one poller (one lane, full batches) across
-    // versions and reloads.
-    let worker = (crate::router::request_hash(&model.name) % ctx.workers.len() as u64) as usize;
+    // versions and reloads; models are spread over the pollers in the order they are first
+    // asked for.
+    let worker = {
+        let mut pollers = ctx
+            .pollers_by_model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let next = pollers.len() % ctx.workers.len();
+        *pollers.entry(model.name.clone()).or_insert(next)
+    };
     let mut record = SessionRecord::zeroed();
     record.session_id = id;
     record.connected_unix_ns = std::time::SystemTime::now()
@@ -453,6 +472,7 @@ fn open_session(
         follows_default: version.is_none(),
     };
     if ctx.workers[worker].send(new).is_err() {
+        model.sessions.fetch_sub(1, Ordering::AcqRel);
         return None;
     }
     tracing::info!(

@@ -165,6 +165,7 @@ impl Server {
             max_sessions: config.server.max_sessions as usize,
             inspectors: Arc::default(),
             huge_pages: config.server.huge_pages,
+            pollers_by_model: Default::default(),
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())

@@ -523,13 +523,18 @@ impl Poller {
                 session = new.link.id,
                 "session closed at once: the model it was set up for changed meanwhile"
             );
+            new.described.sessions.fetch_sub(1, Ordering::AcqRel);
             new.segment.set_server_state(ServerState::Closing, 0);
             new.link.dead.store(true, Ordering::SeqCst);
             return;
         };
         let model = self.set.get(slot).cloned().expect("placed");
         self.ensure_lane(slot, &model);
-        model.sessions.fetch_add(1, Ordering::Relaxed);
+        // The listener counted the session on the version it described.
+        if !Arc::ptr_eq(&model, &new.described) {
+            new.described.sessions.fetch_sub(1, Ordering::AcqRel);
+            model.sessions.fetch_add(1, Ordering::AcqRel);
+        }
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
         if self.frame.len() < slot_words {

@@ -1704,8 +1704,9 @@ async fn load_model(
 }
 
 /// Unloads a version (`name:version`, a label accepted) or every version of a model (`name`).
-/// Sessions following the model's default move to its next default; sessions pinned to it
-/// have their requests answered, then close.
+/// Sessions following the model's default move to its highest remaining compatible version
+/// (the new default; with none, the model has no default and they close); sessions pinned to
+/// it have their requests answered, then close.
 #[utoipa::path(
     post,
     path = "/api/v1/internal/inference/models/{model_key}/unload",

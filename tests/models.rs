@@ -9,27 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fixture, get, post, post_empty, rel_err, root, scratch_dir, Fixture, TestServer};
+use common::{fixture, get, post, post_empty, rel_err, scratch_dir, Fixture, TestServer};
 use serde_json::{json, Value};
 use tie_client::{Client, ConnectOptions, Priority, Status};
 
 const API: &str = "api/v1/internal/inference";
 
 /// Copies version `version` of example model `model` into `repo` as version `as_version`.
-fn add_version(repo: &Path, model: &str, version: u32, as_version: u32) -> PathBuf {
-    let dir = repo.join(model).join(as_version.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("model.onnx");
-    std::fs::copy(
-        root()
-            .join("models")
-            .join(model)
-            .join(version.to_string())
-            .join("model.onnx"),
-        &file,
-    )
-    .unwrap();
-    file
+fn add(repo: &Path, model: &str, version: u32, as_version: u32) -> PathBuf {
+    common::add_version(repo, model, version, model, as_version)
 }
 
 /// Whether `outputs` are the fixture's outputs for row `row`.
@@ -164,7 +152,7 @@ fn connect(server: &TestServer, model: &str, version: Option<u32>) -> Client {
 #[test]
 fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
     let repo = scratch_dir("repo");
-    add_version(&repo, "multi", 1, 1);
+    add(&repo, "multi", 1, 1);
     // The latest version only: a reload to version 2 also unloads version 1.
     std::fs::write(
         repo.join("multi/config.toml"),
@@ -197,7 +185,7 @@ fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
     std::thread::sleep(Duration::from_millis(300));
 
     // `tie reload multi` once version 2 is in the repository.
-    add_version(&repo, "multi", 2, 2);
+    add(&repo, "multi", 2, 2);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
         .args(["reload", "multi", "--http-addr"])
         .arg(api.split('/').nth(2).unwrap())
@@ -286,7 +274,7 @@ fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
 #[test]
 fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
     let repo = scratch_dir("repo");
-    add_version(&repo, "mlp64", 1, 1);
+    add(&repo, "mlp64", 1, 1);
     std::fs::write(repo.join("mlp64/config.toml"), "layout = \"mlp64\"\n").unwrap();
     let dir = scratch_dir("token");
     let token_file = dir.join("token");
@@ -317,7 +305,7 @@ fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
     assert!(server.log().contains("bearer token"));
 
     // A truncated file: refused, nothing changed.
-    let file = add_version(&repo, "mlp64", 1, 2);
+    let file = add(&repo, "mlp64", 1, 2);
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let (code, body) = post_empty(&load, Some("s3cret"));
@@ -390,9 +378,9 @@ fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
 #[test]
 fn labels_pins_and_unload() {
     let repo = scratch_dir("repo");
-    add_version(&repo, "multi", 1, 1);
-    add_version(&repo, "multi", 2, 2);
-    add_version(&repo, "identity", 1, 1);
+    add(&repo, "multi", 1, 1);
+    add(&repo, "multi", 2, 2);
+    add(&repo, "identity", 1, 1);
     std::fs::write(
         repo.join("multi/config.toml"),
         "default_version = 1\nlabels = { stable = 1, canary = 2 }\n",
@@ -501,9 +489,9 @@ fn labels_pins_and_unload() {
 #[test]
 fn unused_versions_unload_and_load_again_on_the_next_request() {
     let repo = scratch_dir("repo");
-    add_version(&repo, "multi", 1, 1);
-    add_version(&repo, "multi", 2, 2);
-    add_version(&repo, "identity", 1, 1);
+    add(&repo, "multi", 1, 1);
+    add(&repo, "multi", 2, 2);
+    add(&repo, "identity", 1, 1);
     std::fs::write(repo.join("identity/config.toml"), "keep_loaded = true\n").unwrap();
     let config = format!("{}auto_unload_unused_sec = 1\n", common::TEST_CONFIG);
     let server = TestServer::start_with(&config, &repo);

@@ -4,28 +4,12 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{fixture, get, post, post_empty, rel_err, root, scratch_dir, TestServer};
+use common::{add_version, fixture, get, post, post_empty, rel_err, scratch_dir, TestServer};
 use serde_json::{json, Value};
 use tie::router::{split, RouteTarget};
 use tie_client::{Client, ConnectOptions};
 
 const API: &str = "api/v1/internal/inference";
-
-fn add_version(repo: &Path, model: &str, version: u32, name: &str, as_version: u32) {
-    let dir = repo.join(name).join(as_version.to_string());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        root()
-            .join("models")
-            .join(model)
-            .join(version.to_string())
-            .join("model.onnx"),
-        dir.join("model.onnx"),
-    )
-    .unwrap();
-}
 
 const ROUTING: &str = r#"
 [strategies.momentum]

@@ -29,6 +29,24 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Copies version `version` of example model `model` into repository `repo` as version
+/// `as_version` of model `name`; returns the file.
+pub fn add_version(repo: &Path, model: &str, version: u32, name: &str, as_version: u32) -> PathBuf {
+    let dir = repo.join(name).join(as_version.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model.onnx");
+    std::fs::copy(
+        root()
+            .join("models")
+            .join(model)
+            .join(version.to_string())
+            .join("model.onnx"),
+        &file,
+    )
+    .unwrap();
+    file
+}
+
 /// A `tie serve` process.
 pub struct TestServer {
     pub child: Child,

@@ -677,35 +677,52 @@ fn finish_without(
     responses
 }
 
-/// Resolves a request's model; one unloaded for going unused is loaded again first (its load
-/// time returned, in milliseconds). Requests that find it loading wait for that load (up to
-/// a minute) without holding a thread.
+/// Resolves a request's model; a version unloaded for going unused is loaded again first (its
+/// load time returned, in milliseconds). A request that finds it loading (for another request
+/// or a ring client) waits for that load without holding a thread, up to a minute (then 503).
 async fn resolve_loading(
     serving: &Arc<Serving>,
     name: &str,
     version: Option<&str>,
 ) -> Result<(Target, Option<f32>), InferenceError> {
-    match serving.resolve(name, version) {
-        Err(InferenceError::ModelNotFound { .. }) if serving.manager.was_unloaded_unused(name) => {
-            let loaded = if serving.manager.is_restoring(name) {
-                None
-            } else {
-                let (manager, owned) = (serving.manager.clone(), name.to_string());
-                tokio::task::spawn_blocking(move || manager.restore(&owned))
+    let manager = &serving.manager;
+    let mut loaded = None;
+    let deadline = Instant::now() + RESTORE_WAIT;
+    loop {
+        match serving.resolve(name, version) {
+            Err(InferenceError::ModelNotFound { .. }) if manager.can_restore(name, version) => {
+                if manager.is_restoring(name) {
+                    if Instant::now() >= deadline {
+                        return Err(InferenceError::NotReady {
+                            model_name: name.into(),
+                            reason: "loading again after going unused, for longer than a minute"
+                                .into(),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                let (m, owned, v) = (
+                    manager.clone(),
+                    name.to_string(),
+                    version.map(str::to_string),
+                );
+                // `None`: another caller started that load first; the loop waits for it. A
+                // failure (fresh, or one a moment ago) is this request's answer.
+                loaded = tokio::task::spawn_blocking(move || m.restore(&owned, v.as_deref()))
                     .await
                     .map_err(|e| InferenceError::BatchProcessingError {
                         operation: format!("model load task failed: {e}"),
                     })?
                     .map_err(|e| change_error(e, name))?
-            };
-            // Another request's load: wait for it.
-            let deadline = Instant::now() + RESTORE_WAIT;
-            while serving.manager.is_restoring(name) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                    .or(loaded);
+                if loaded.is_none() && !manager.is_restoring(name) {
+                    // Loaded by another caller between the two looks.
+                    return Ok((serving.resolve(name, version)?, None));
+                }
             }
-            Ok((serving.resolve(name, version)?, loaded.map(|ms| ms as f32)))
+            other => return Ok((other?, loaded.map(|ms| ms as f32))),
         }
-        other => Ok((other?, None)),
     }
 }
 
@@ -734,6 +751,14 @@ async fn run_request(
     // A named ensemble (possibly a strategy's target); it takes precedence over a model of the
     // same name.
     if let Some(config) = routing.ensembles.get(&request.model_name) {
+        if let Some(v) = &request.model_version {
+            return Err(InferenceError::InvalidRequest {
+                message: format!(
+                    "{} is an ensemble: it has no version {v:?} (its members name theirs)",
+                    request.model_name
+                ),
+            });
+        }
         let name = request.model_name.clone();
         return run_ensemble(serving, request, Some(name), config.clone(), context).await;
     }
@@ -822,8 +847,22 @@ async fn run_ensemble(
 ) -> Result<InferenceResponse, InferenceError> {
     let started = Instant::now();
     let label = name.clone().unwrap_or_else(|| "ensemble".into());
-    crate::router::check_ensemble(&format!("ensemble {label:?}"), &config)
-        .map_err(|message| InferenceError::InvalidRequest { message })?;
+    let index = name
+        .as_deref()
+        .and_then(|n| serving.manager.ensemble_index(n));
+    let rows = request.batch_size as u64;
+    let refuse = |message: String| {
+        if let Some(i) = index {
+            let ns = started.elapsed().as_nanos() as u64;
+            serving
+                .monitor
+                .record_request(i, ns, Status::REJECTED, rows.max(1));
+        }
+        Err(InferenceError::InvalidRequest { message })
+    };
+    if let Err(message) = crate::router::check_ensemble(&format!("ensemble {label:?}"), &config) {
+        return refuse(message);
+    }
     // Members read the same layout (those loaded now; one that is not is refused when it runs).
     let layouts: Vec<(String, u64)> = config
         .members
@@ -832,25 +871,17 @@ async fn run_ensemble(
         .map(|t| (t.model.key(), t.model.layout_hash))
         .collect();
     if let Some(other) = layouts.iter().find(|(_, h)| *h != layouts[0].1) {
-        return Err(InferenceError::InvalidRequest {
-            message: format!(
-                "ensemble {label:?}: members {} and {} read different layouts",
-                layouts[0].0, other.0
-            ),
-        });
+        return refuse(format!(
+            "ensemble {label:?}: members {} and {} read different layouts",
+            layouts[0].0, other.0
+        ));
     }
     if context
         .as_ref()
         .is_some_and(|c| c.feature_weights.is_some())
     {
-        return Err(InferenceError::InvalidRequest {
-            message: "feature_weights: contributions are computed per model, not for an ensemble; ask each member".into(),
-        });
+        return refuse("feature_weights: contributions are computed per model, not for an ensemble; ask each member".into());
     }
-    let index = name
-        .as_deref()
-        .and_then(|n| serving.manager.ensemble_index(n));
-    let rows = request.batch_size as u64;
     let tasks: Vec<_> = config
         .members
         .iter()

@@ -22,7 +22,7 @@
 //! to the new default once every request it accepted for the old one is answered (it reads
 //! nothing more from that session meanwhile), so each session's responses switch version at
 //! one point, in order. A new default must be [`compatible`] with the one it replaces (layout,
-//! feature and output counts). Sessions pinned to a version that goes away have their accepted
+//! feature and output counts, non-finite rule, uncertainty column). Sessions pinned to a version that goes away have their accepted
 //! requests answered, then are closed (their clients see `Disconnected`); a version whose file
 //! was replaced keeps its pinned sessions. An instance is freed when the last holder lets it
 //! go: the poller lanes (once their queue is empty and no session is bound), the pollers' and
@@ -54,6 +54,22 @@ struct Unused {
     checksum: String,
     config: repository::ModelConfig,
     was_default: bool,
+    /// The model's labels that named it.
+    labels: Vec<String>,
+}
+
+/// Which of `idle`'s versions a request for `version` (a number or a label; `None`: the
+/// default) would load again.
+fn select(idle: &Idle, version: Option<&str>) -> Vec<usize> {
+    idle.versions
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| match version {
+            None => u.was_default,
+            Some(v) => u.version.to_string() == v || u.labels.iter().any(|l| l == v),
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// A model with versions unloaded for going unused.
@@ -78,6 +94,22 @@ pub fn compatible(old: &LoadedModel, new: &LoadedModel) -> bool {
         && old.output_width() == new.output_width()
         && old.layout.allow_non_finite == new.layout.allow_non_finite
         && old.config.uncertainty_output == new.config.uncertainty_output
+}
+
+/// What [`compatible`] compares, for messages.
+fn describe(m: &LoadedModel) -> String {
+    format!(
+        "layout {:?}, {} in, {} out, non-finite {}, uncertainty column {:?}",
+        m.layout.name,
+        m.input_width(),
+        m.output_width(),
+        if m.layout.allow_non_finite {
+            "allowed"
+        } else {
+            "refused"
+        },
+        m.config.uncertainty_output
+    )
 }
 
 /// One snapshot of the versions served.
@@ -163,9 +195,17 @@ impl ModelSet {
     }
 }
 
-/// What the listener is told of a model it cannot find: an explanation when the model is
-/// being loaded again (it had been unloaded for going unused).
-type MissingHook = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// What the listener is told of a model (and version; `None`: its default) it cannot find.
+type MissingHook = Box<dyn Fn(&str, Option<&str>) -> Option<Missing> + Send + Sync>;
+
+/// A model a session asked for that is not loaded now, but was unloaded for going unused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// It is loading again: retry shortly (the message says so).
+    Loading(String),
+    /// Loading it again failed a moment ago (the message says why): not worth retrying now.
+    Failed(String),
+}
 
 /// The versions served, as they change (see the module's docs).
 pub struct Models {
@@ -230,10 +270,10 @@ impl Models {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A session asked for model `name`, which is not loaded: when it was unloaded for going
-    /// unused, it starts loading again and the answer says so (for the refusal's message).
-    pub fn missing(&self, name: &str) -> Option<String> {
-        self.missing.get().and_then(|hook| hook(name))
+    /// A session asked for model `name` (`version`; `None`: its default), which is not loaded:
+    /// when it was unloaded for going unused, it starts loading again and the answer says so.
+    pub fn missing(&self, name: &str, version: Option<&str>) -> Option<Missing> {
+        self.missing.get().and_then(|hook| hook(name, version))
     }
 
     /// Bumped by every change (pollers compare it between rounds).
@@ -305,9 +345,9 @@ pub enum ChangeError {
     /// No such loaded model or version.
     #[error("{0} is not loaded")]
     NotLoaded(String),
-    /// The new default reads a different layout than the one it replaces, which connected
-    /// sessions were set up for.
-    #[error("model {model}: version {new} (layout {new_layout:?}, {new_hash:#018x}) cannot replace version {old} (layout {old_layout:?}, {old_hash:#018x}) as the default: sessions set up for one layout would be sent to a model reading another. Serve the new layout under a new model name, or unload {model} first")]
+    /// The new default is not compatible with the one it replaces (see [`compatible`]), which
+    /// connected sessions were set up for.
+    #[error("model {model}: version {new} ({new_layout}, {new_hash:#018x}) cannot replace version {old} ({old_layout}, {old_hash:#018x}) as the default: sessions set up for one would be sent to the other (layout, feature or output count, non-finite rule or uncertainty column differ). Serve it under a new model name, or unload {model} first")]
     LayoutChange {
         /// The model.
         model: String,
@@ -359,9 +399,9 @@ impl ModelManager {
             ensembles: Mutex::new(BTreeMap::new()),
         });
         let weak = Arc::downgrade(&manager);
-        let _ = models
-            .missing
-            .set(Box::new(move |name| weak.upgrade()?.wake(name)));
+        let _ = models.missing.set(Box::new(move |name, version| {
+            weak.upgrade()?.wake(name, version)
+        }));
         manager
     }
 
@@ -426,21 +466,38 @@ impl ModelManager {
         *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
     }
 
-    /// For a session asking for `name`: starts loading it again in the background when it was
-    /// unloaded for going unused; says so.
-    fn wake(self: Arc<Self>, name: &str) -> Option<String> {
-        let idle = lock(&self.idle).get(name)?.idle;
+    /// For a session asking for `name` (`version`): starts loading it again in the background
+    /// when it was unloaded for going unused; says so, or why it cannot be now.
+    fn wake(self: Arc<Self>, name: &str, version: Option<&str>) -> Option<Missing> {
+        let (idle, failed) = {
+            let all = lock(&self.idle);
+            let entry = all.get(name)?;
+            if select(entry, version).is_empty() {
+                return None;
+            }
+            let failed = entry
+                .failed
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
+                .map(|(_, why)| why.clone());
+            (entry.idle, failed)
+        };
+        if let Some(why) = failed {
+            return Some(Missing::Failed(format!(
+                "model {name} was unloaded as unused and could not be loaded again: {why}"
+            )));
+        }
         let message = format!(
             "model {name} was unloaded after {}s without a request; it is loading again: retry in a moment",
             idle.as_secs()
         );
         if lock(&self.restoring).contains(name) {
-            return Some(message);
+            return Some(Missing::Loading(message));
         }
-        let (this, owned) = (self.clone(), name.to_string());
+        let (this, owned, version) = (self.clone(), name.to_string(), version.map(str::to_string));
         let spawned = std::thread::Builder::new()
             .name("tie-model-wake".into())
-            .spawn(move || match this.restore(&owned) {
+            .spawn(move || match this.restore(&owned, version.as_deref()) {
                 Ok(Some(ms)) => {
                     tracing::info!(model = %owned, load_ms = ms, "loaded again for a session")
                 }
@@ -452,13 +509,15 @@ impl ModelManager {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a thread to load a model again");
         }
-        Some(message)
+        Some(Missing::Loading(message))
     }
 
-    /// Whether model `name` had versions unloaded for going unused (a request for it loads
-    /// them again with [`ModelManager::restore`]).
-    pub fn was_unloaded_unused(&self, name: &str) -> bool {
-        lock(&self.idle).contains_key(name)
+    /// Whether a request for `name` (`version`: a number or label; `None`: the default) would
+    /// load a version unloaded for going unused ([`ModelManager::restore`]).
+    pub fn can_restore(&self, name: &str, version: Option<&str>) -> bool {
+        lock(&self.idle)
+            .get(name)
+            .is_some_and(|e| !select(e, version).is_empty())
     }
 
     /// Whether model `name` is being loaded again (by [`ModelManager::restore`]) now.
@@ -471,27 +530,32 @@ impl ModelManager {
         !lock(&self.idle).is_empty()
     }
 
-    /// Loads again the versions of `name` unloaded for going unused, from the files and with
-    /// the config they had (a file changed since is refused: reload it explicitly); a default
-    /// among them is the default again. Nothing else of the repository is read. Returns the
-    /// load time in milliseconds; `None` when another caller is loading them or nothing is
-    /// to load. After a failure, callers get the same error for [`RESTORE_RETRY`] without a
-    /// new attempt.
+    /// Loads again the version of `name` a request asks for (`version`: a number or label;
+    /// `None`: the default), when it was unloaded for going unused: from the file and with the
+    /// config it had (a file changed since is refused before anything is built: reload it
+    /// explicitly). A default is the default again. Nothing else of the model is loaded.
+    /// Returns the load time in milliseconds; `None` when another caller is loading the model
+    /// or there is nothing to load. After a failure, callers get the same error for
+    /// [`RESTORE_RETRY`] without a new attempt.
     ///
     /// # Errors
-    /// [`ChangeError`]: they could not be loaded (nothing changed).
-    pub fn restore(&self, name: &str) -> Result<Option<f64>, ChangeError> {
+    /// [`ChangeError`]: it could not be loaded (nothing changed).
+    pub fn restore(&self, name: &str, version: Option<&str>) -> Result<Option<f64>, ChangeError> {
         if !lock(&self.restoring).insert(name.to_string()) {
             return Ok(None);
         }
-        let result = self.restore_locked(name);
+        let result = self.restore_locked(name, version);
         lock(&self.restoring).remove(name);
         result
     }
 
-    fn restore_locked(&self, name: &str) -> Result<Option<f64>, ChangeError> {
+    fn restore_locked(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<f64>, ChangeError> {
         let _one = lock(&self.changing);
-        let versions = match lock(&self.idle).get(name) {
+        let wanted: Vec<Unused> = match lock(&self.idle).get(name) {
             None => return Ok(None),
             Some(Idle {
                 failed: Some((at, why)),
@@ -499,37 +563,40 @@ impl ModelManager {
             }) if at.elapsed() < RESTORE_RETRY => {
                 return Err(ChangeError::Restore(why.clone()));
             }
-            Some(idle) => idle.versions.clone(),
+            Some(idle) => select(idle, version)
+                .into_iter()
+                .map(|i| idle.versions[i].clone())
+                .collect(),
+        };
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let fail = |e: RepositoryLoadError| {
+            if let Some(idle) = lock(&self.idle).get_mut(name) {
+                idle.failed = Some((Instant::now(), e.to_string()));
+            }
+            ChangeError::from(e)
         };
         let mut fresh = Vec::new();
-        for u in &versions {
+        for u in &wanted {
+            // The file as it was unloaded, checked before anything is built.
+            let now = repository::sha256_file(&u.path).map_err(fail)?;
+            if now != u.checksum {
+                return Err(fail(RepositoryLoadError::Integrity {
+                    model: name.into(),
+                    version: u.version,
+                    path: u.path.clone(),
+                    why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
+                }));
+            }
             let plan = ModelPlan {
                 name: name.into(),
                 config: u.config.clone(),
                 versions: vec![(u.version, u.path.clone())],
                 default_version: u.version,
             };
-            let loaded = repository::load_version(&plan, u.version, &self.options).and_then(|m| {
-                if m.checksum == u.checksum {
-                    Ok(m)
-                } else {
-                    Err(RepositoryLoadError::Integrity {
-                        model: name.into(),
-                        version: u.version,
-                        path: u.path.clone(),
-                        why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
-                    })
-                }
-            });
-            match loaded {
-                Ok(m) => fresh.push((m, u.was_default)),
-                Err(e) => {
-                    if let Some(idle) = lock(&self.idle).get_mut(name) {
-                        idle.failed = Some((Instant::now(), e.to_string()));
-                    }
-                    return Err(e.into());
-                }
-            }
+            let m = repository::load_version(&plan, u.version, &self.options).map_err(fail)?;
+            fresh.push((m, u.was_default));
         }
         let ms: f64 = fresh
             .iter()
@@ -557,9 +624,20 @@ impl ModelManager {
                 }
             }
         });
-        lock(&self.idle).remove(name);
+        {
+            let mut all = lock(&self.idle);
+            if let Some(idle) = all.get_mut(name) {
+                idle.versions
+                    .retain(|u| !wanted.iter().any(|w| w.version == u.version));
+                idle.failed = None;
+                if idle.versions.is_empty() {
+                    all.remove(name);
+                }
+            }
+        }
         tracing::info!(
             model = name,
+            versions = ?wanted.iter().map(|u| u.version).collect::<Vec<_>>(),
             load_ms = ms,
             "loaded again after going unused"
         );
@@ -588,10 +666,19 @@ impl ModelManager {
                 .map(|(_, m)| m.monitor_index)
                 .collect();
             for index in candidates {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let _one = lock(&self.changing);
+                // A load in progress is waited for only while the server is not stopping.
+                let _one = loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match self.changing.try_lock() {
+                        Ok(guard) => break guard,
+                        Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                };
                 // Checked again under the lock, on the same instance: a request, a session or
                 // a reload may have come meanwhile.
                 let current = self.models.snapshot();
@@ -606,6 +693,14 @@ impl ModelManager {
                 let Some(idle) = self.unused_for(&m, after) else {
                     continue;
                 };
+                // Against a session being set up on it right now: the listener counts a session,
+                // then looks at this flag; here the flag is set, then the count looked at. One
+                // of the two sees the other (both sequentially consistent).
+                m.unloading.store(true, Ordering::SeqCst);
+                if m.sessions.load(Ordering::SeqCst) > 0 {
+                    m.unloading.store(false, Ordering::SeqCst);
+                    continue;
+                }
                 let key = m.key();
                 tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
                 // Known as unused before it leaves the set: a request that misses it from then
@@ -625,12 +720,23 @@ impl ModelManager {
                         checksum: m.checksum.clone(),
                         config: m.config.clone(),
                         was_default: current.is_default(slot),
+                        labels: current
+                            .labels(&m.name)
+                            .into_iter()
+                            .filter(|(_, v)| *v == m.version)
+                            .map(|(l, _)| l)
+                            .collect(),
                     });
                 }
                 drop((current, m));
                 match self.unload_slots(&[slot], false) {
                     Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
-                    Err(e) => tracing::warn!(model = %key, error = %e, "not unloaded"),
+                    Err(e) => {
+                        tracing::warn!(model = %key, error = %e, "not unloaded");
+                        if let Some(m) = self.models.snapshot().get(slot) {
+                            m.unloading.store(false, Ordering::SeqCst);
+                        }
+                    }
                 }
             }
         }
@@ -736,7 +842,9 @@ impl ModelManager {
             let mut forgotten = Vec::new();
             if let Some(entry) = idle.get_mut(name) {
                 entry.versions.retain(|u| {
-                    let gone = version.is_none_or(|v| v == u.version.to_string());
+                    let gone = version.is_none_or(|v| {
+                        v == u.version.to_string() || u.labels.iter().any(|l| l == v)
+                    });
                     if gone {
                         forgotten.push(format!("{name}:{}", u.version));
                     }
@@ -821,20 +929,10 @@ impl ModelManager {
                 return Err(ChangeError::LayoutChange {
                     model: plan.name.clone(),
                     old: old.version,
-                    old_layout: format!(
-                        "{}, {} in, {} out",
-                        old.layout.name,
-                        old.input_width(),
-                        old.output_width()
-                    ),
+                    old_layout: describe(old),
                     old_hash: old.layout_hash,
                     new: plan.default_version,
-                    new_layout: format!(
-                        "{}, {} in, {} out",
-                        new.layout.name,
-                        new.input_width(),
-                        new.output_width()
-                    ),
+                    new_layout: describe(new),
                     new_hash: new.layout_hash,
                 });
             }

@@ -269,8 +269,11 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Its index in the performance monitor (set when it joins the server's model set).
     pub monitor_index: usize,
-    /// Sessions bound to it now (kept by the pollers): a version with a session is in use.
+    /// Sessions bound to it now (counted by the listener from the hello reply, then by the
+    /// pollers): a version with a session is in use.
     pub sessions: std::sync::atomic::AtomicUsize,
+    /// Set while it is being unloaded for going unused: no session is set up on it then.
+    pub unloading: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -741,6 +744,7 @@ fn load_model(
         config: config.clone(),
         monitor_index: usize::MAX,
         sessions: Default::default(),
+        unloading: Default::default(),
     })
 }
 

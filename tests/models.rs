@@ -592,5 +592,38 @@ fn unused_versions_unload_and_load_again_on_the_next_request() {
     let p = pinned.predict(&f1.inputs[2]).unwrap();
     assert_eq!(p.response.model_version, 1);
     assert!(matches(&f1, 2, p.outputs()));
+
+    // Unused again, and its file replaced meanwhile: refused (it loads only as it was), over
+    // HTTP and on the ring, and the reason is given.
+    drop(client);
+    assert!(
+        common::eventually(Duration::from_secs(30), unloaded),
+        "{}",
+        server.log()
+    );
+    add(&repo, "multi", 1, 2);
+    let (code, body) = post(&format!("{api}/predict"), &request);
+    assert_eq!(
+        (code, body["error"]["kind"].as_str()),
+        (422, Some("LoadFailed")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("changed since"),
+        "{body}"
+    );
+    let err = Client::connect(&server.endpoint, "multi", server.options()).unwrap_err();
+    assert!(
+        err.to_string().contains("could not be loaded again"),
+        "{err}"
+    );
+    assert_eq!(
+        pinned
+            .predict(&f1.inputs[0])
+            .unwrap()
+            .response
+            .model_version,
+        1
+    );
     let _ = std::fs::remove_dir_all(&repo);
 }

@@ -257,14 +257,15 @@ impl Client {
             response_capacity: options.response_capacity,
         };
         // A model loading again after going unused is waited for, within the connect timeout.
-        let started = std::time::Instant::now();
+        let deadline = std::time::Instant::now() + options.connect_timeout;
         let (socket, reply, fd) = loop {
-            match handshake(&path, &params, options.connect_timeout) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match handshake(&path, &params, left.max(Duration::from_millis(1))) {
                 Err(ConnectError::Refused {
                     status: tie_layouts::HelloStatus::Loading,
                     ..
-                }) if started.elapsed() < options.connect_timeout => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }) if left > Duration::from_millis(20) => {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 other => break other?,
             }

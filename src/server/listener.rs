@@ -291,8 +291,10 @@ fn open_session(
             0 => String::new(),
             v => format!(" version {v}"),
         };
-        let (status, msg) = match ctx.models.missing(name) {
-            Some(loading) => (HelloStatus::Loading, loading),
+        let asked = (hello.model_version != 0).then(|| hello.model_version.to_string());
+        let (status, msg) = match ctx.models.missing(name, asked.as_deref()) {
+            Some(crate::manager::Missing::Loading(why)) => (HelloStatus::Loading, why),
+            Some(crate::manager::Missing::Failed(why)) => (HelloStatus::ModelNotFound, why),
             None => (
                 HelloStatus::ModelNotFound,
                 format!(
@@ -428,7 +430,20 @@ fn open_session(
     // Counted from the reply on, so the version is in use (never unloaded as unused) from the
     // moment the client is told it is served; the poller moves the count if it places the
     // session elsewhere.
-    model.sessions.fetch_add(1, Ordering::AcqRel);
+    model.sessions.fetch_add(1, Ordering::SeqCst);
+    // (see the unloader: one of the two sees the other)
+    if model.unloading.load(Ordering::SeqCst) {
+        model.sessions.fetch_sub(1, Ordering::SeqCst);
+        tracing::info!(session = id, model = %model.key(), "session refused: the version is being unloaded as unused");
+        refuse(
+            &stream,
+            HelloStatus::Loading,
+            &format!("model {} is being unloaded as unused; asking again loads it again: retry in a moment", model.key()),
+            model.layout_hash,
+            &hello,
+        );
+        return None;
+    }
     let sent = send_with_fd(&stream, bytemuck::bytes_of(&reply), segment.fd().as_fd());
     if !sent {
         model.sessions.fetch_sub(1, Ordering::AcqRel);

@@ -530,10 +530,11 @@ impl Poller {
         };
         let model = self.set.get(slot).cloned().expect("placed");
         self.ensure_lane(slot, &model);
-        // The listener counted the session on the version it described.
+        // The listener counted the session on the version it described (the new one counted
+        // first, so a version in use never reads 0 sessions in between).
         if !Arc::ptr_eq(&model, &new.described) {
-            new.described.sessions.fetch_sub(1, Ordering::AcqRel);
-            model.sessions.fetch_add(1, Ordering::AcqRel);
+            model.sessions.fetch_add(1, Ordering::SeqCst);
+            new.described.sessions.fetch_sub(1, Ordering::SeqCst);
         }
         let info = *new.segment.info();
         let slot_words = info.request_slot_size as usize / 8;
@@ -593,9 +594,9 @@ impl Poller {
                     .get(next)
                     .cloned()
                     .expect("switches name loaded slots");
-                model.sessions.fetch_add(1, Ordering::Relaxed);
+                model.sessions.fetch_add(1, Ordering::SeqCst);
                 if let Some(old) = self.lanes[from].as_ref() {
-                    old.model.sessions.fetch_sub(1, Ordering::Relaxed);
+                    old.model.sessions.fetch_sub(1, Ordering::SeqCst);
                 }
                 self.ensure_lane(next, &model);
                 true

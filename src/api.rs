@@ -228,6 +228,30 @@ impl InferenceError {
         }
     }
 
+    /// The response status the error is counted as in figures kept outside the pollers (an
+    /// ensemble's); execution errors of any kind count as `EXECUTION_FAILED`.
+    pub fn status(&self) -> tie_client::Status {
+        use tie_client::Status;
+        match self {
+            Self::ModelNotFound { .. } => Status::MODEL_NOT_FOUND,
+            Self::InvalidInputShape { .. } => Status::INVALID_INPUT_SHAPE,
+            Self::Timeout { .. } => Status::TIMEOUT,
+            Self::QueueFull { .. } => Status::QUEUE_FULL,
+            Self::NotReady { .. } | Self::LoadFailed { .. } => Status::NOT_READY,
+            Self::OutOfMemory { .. } => Status::OUT_OF_MEMORY,
+            Self::ExecutionFailed { .. }
+            | Self::BatchProcessingError { .. }
+            | Self::TensorRTError { .. } => Status::EXECUTION_FAILED,
+            Self::Disconnected { .. } => Status::DISCONNECTED,
+            Self::Rejected { .. }
+            | Self::InvalidRequest { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::Forbidden { .. }
+            | Self::Unauthorized { .. }
+            | Self::Conflict { .. } => Status::REJECTED,
+        }
+    }
+
     /// The kind's name (the `kind` field of its JSON).
     pub fn kind(&self) -> &'static str {
         match self {

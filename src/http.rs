@@ -912,7 +912,7 @@ async fn run_ensemble(
         }
     };
     if let Some(e) = failed {
-        record(status_of(&e));
+        record(e.status());
         return Err(e);
     }
     let count = answers[0].predictions.len();
@@ -1001,23 +1001,6 @@ async fn run_ensemble(
         },
         error: None,
     })
-}
-
-/// The response status an error stands for, in the figures of an ensemble.
-fn status_of(e: &InferenceError) -> Status {
-    match e {
-        InferenceError::ModelNotFound { .. } => Status::MODEL_NOT_FOUND,
-        InferenceError::InvalidInputShape { .. } => Status::INVALID_INPUT_SHAPE,
-        InferenceError::Timeout { .. } => Status::TIMEOUT,
-        InferenceError::QueueFull { .. } => Status::QUEUE_FULL,
-        InferenceError::NotReady { .. } | InferenceError::LoadFailed { .. } => Status::NOT_READY,
-        InferenceError::OutOfMemory { .. } => Status::OUT_OF_MEMORY,
-        InferenceError::ExecutionFailed { .. }
-        | InferenceError::BatchProcessingError { .. }
-        | InferenceError::TensorRTError { .. } => Status::EXECUTION_FAILED,
-        InferenceError::Disconnected { .. } => Status::DISCONNECTED,
-        _ => Status::REJECTED,
-    }
 }
 
 /// Runs `rows` rows through `target`'s sessions, waiting for a session until `wait_until`;
@@ -1537,12 +1520,7 @@ fn model_info(serving: &Serving, set: &ModelSet, index: usize, m: &LoadedModel) 
         not_ready_reason: m.health.reason(),
         health_checks: checks,
         health_check_failures: failures,
-        labels: set
-            .labels(&m.name)
-            .into_iter()
-            .filter(|(_, v)| *v == m.version)
-            .map(|(l, _)| l)
-            .collect(),
+        labels: set.labels_of(&m.name, m.version),
         checksum: m.checksum.clone(),
         load_time_ms: m.load_time.as_secs_f64() * 1e3,
     }

@@ -189,6 +189,17 @@ impl ModelSet {
         self.labels.get(name).cloned().unwrap_or_default()
     }
 
+    /// The labels of model `name` that name `version`.
+    pub fn labels_of(&self, name: &str, version: u32) -> Vec<String> {
+        self.labels.get(name).map_or_else(Vec::new, |labels| {
+            labels
+                .iter()
+                .filter(|(_, v)| **v == version)
+                .map(|(l, _)| l.clone())
+                .collect()
+        })
+    }
+
     /// Keys of every loaded version.
     pub fn keys(&self) -> Vec<String> {
         self.loaded().into_iter().map(|(_, m)| m.key()).collect()
@@ -720,12 +731,7 @@ impl ModelManager {
                         checksum: m.checksum.clone(),
                         config: m.config.clone(),
                         was_default: current.is_default(slot),
-                        labels: current
-                            .labels(&m.name)
-                            .into_iter()
-                            .filter(|(_, v)| *v == m.version)
-                            .map(|(l, _)| l)
-                            .collect(),
+                        labels: current.labels_of(&m.name, m.version),
                     });
                 }
                 drop((current, m));

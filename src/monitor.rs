@@ -175,7 +175,13 @@ impl Sample {
     /// Counts one response with `status`.
     #[inline]
     pub fn respond(&mut self, status: Status) {
-        self.responses[(status.0 as usize).min(STATUS_SLOTS - 1)] += 1;
+        self.respond_n(status, 1);
+    }
+
+    /// Counts `n` responses with `status`.
+    #[inline]
+    pub fn respond_n(&mut self, status: Status, n: u64) {
+        self.responses[(status.0 as usize).min(STATUS_SLOTS - 1)] += n;
     }
 
     /// Whether nothing was recorded.
@@ -639,7 +645,7 @@ impl Monitor {
         let s = &mut *state;
         for sample in [&mut s.total, &mut s.interval] {
             sample.requests += rows;
-            sample.responses[(status.0 as usize).min(STATUS_SLOTS - 1)] += rows;
+            sample.respond_n(status, rows);
             if status == Status::OK {
                 sample.record_n(Stage::Total, total_ns, rows);
             }

@@ -39,17 +39,7 @@ fn oversized_post(url: &str) -> (u16, Value) {
 }
 
 fn request(model: &str, version: Option<&str>, rows: &[Vec<f32>]) -> Value {
-    json!({
-        "request_id": format!("r-{model}"),
-        "model_name": model,
-        "model_version": version,
-        "input_features": rows.concat(),
-        "feature_names": [],
-        "batch_size": rows.len(),
-        "priority": "Normal",
-        "timeout_ms": null,
-        "strategy_context": null,
-    })
+    common::inference_request(&format!("r-{model}"), model, version, rows, Value::Null)
 }
 
 fn metrics(base: &str) -> prometheus_parse::Scrape {

@@ -30,6 +30,23 @@ fn matches(f: &Fixture, row: usize, outputs: &[f32]) -> bool {
             .all(|(a, b)| rel_err(*a, *b) < 1e-4)
 }
 
+/// Runs `tie ARGS --http-addr` against `server`'s control plane; its printed report.
+fn control(server: &TestServer, api: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(args)
+        .arg("--http-addr")
+        .arg(api.split('/').nth(2).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tie {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn loaded(api: &str) -> Vec<Value> {
     let (code, list) = get(&format!("{api}/models/loaded"));
     assert_eq!(code, 200, "{list}");
@@ -186,18 +203,7 @@ fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
 
     // `tie reload multi` once version 2 is in the repository.
     add(&repo, "multi", 2, 2);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
-        .args(["reload", "multi", "--http-addr"])
-        .arg(api.split('/').nth(2).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tie reload: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = control(&server, &api, &["reload", "multi"]);
     assert_eq!(report["loaded"][0]["model_key"], "multi:2", "{report}");
     assert!(report["loaded"][0]["load_time_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["loaded"][0]["checksum"].as_str().unwrap().len(), 64);
@@ -391,17 +397,13 @@ fn labels_pins_and_unload() {
     let predict = |version: Option<&str>| {
         post(
             &format!("{api}/predict"),
-            &json!({
-                "request_id": "r",
-                "model_name": "multi",
-                "model_version": version,
-                "input_features": fixture("multi_v1").inputs[0],
-                "feature_names": [],
-                "batch_size": 1,
-                "priority": "Normal",
-                "timeout_ms": null,
-                "strategy_context": null,
-            }),
+            &common::inference_request(
+                "r",
+                "multi",
+                version,
+                &fixture("multi_v1").inputs[..1],
+                Value::Null,
+            ),
         )
     };
     let version_of = |v: (u16, Value)| {
@@ -450,16 +452,8 @@ fn labels_pins_and_unload() {
     );
 
     // `tie unload multi`: every version; both sessions close, other models serve on.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
-        .args(["unload", "multi", "--http-addr"])
-        .arg(api.split('/').nth(2).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = control(&server, &api, &["unload", "multi"]);
+    assert_eq!(report["unloaded"], json!(["multi:2"]), "{report}");
     assert!(follower.predict(row).is_err());
     assert!(pinned.predict(row).is_err());
     assert_eq!(keys(&api), ["identity:1"]);
@@ -536,17 +530,7 @@ fn unused_versions_unload_and_load_again_on_the_next_request() {
     assert_eq!(multi1["is_default"], false, "{multi1}");
 
     // The next HTTP request for the model loads it again and says how long that took.
-    let request = json!({
-        "request_id": "r",
-        "model_name": "multi",
-        "model_version": null,
-        "input_features": f2.inputs[0],
-        "feature_names": [],
-        "batch_size": 1,
-        "priority": "Normal",
-        "timeout_ms": null,
-        "strategy_context": null,
-    });
+    let request = common::inference_request("r", "multi", None, &f2.inputs[..1], Value::Null);
     let (code, body) = post(&format!("{api}/predict"), &request);
     assert_eq!(code, 200, "{body}\n{}", server.log());
     assert_eq!(body["model_metadata"]["model_version"], "2");

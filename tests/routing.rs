@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{add_version, fixture, get, post, post_empty, rel_err, scratch_dir, TestServer};
+use common::{
+    add_version, fixture, get, inference_request as request, post, post_empty, rel_err,
+    scratch_dir, TestServer,
+};
 use serde_json::{json, Value};
 use tie::router::{split, RouteTarget};
 use tie_client::{Client, ConnectOptions};
@@ -48,20 +51,6 @@ fn repository() -> std::path::PathBuf {
     std::fs::write(repo.join("mlp64/config.toml"), "layout = \"mlp64\"\n").unwrap();
     std::fs::write(repo.join("routing.toml"), ROUTING).unwrap();
     repo
-}
-
-fn request(id: &str, model: &str, version: Option<&str>, rows: &[Vec<f32>], ctx: Value) -> Value {
-    json!({
-        "request_id": id,
-        "model_name": model,
-        "model_version": version,
-        "input_features": rows.concat(),
-        "feature_names": [],
-        "batch_size": rows.len(),
-        "priority": "Normal",
-        "timeout_ms": null,
-        "strategy_context": ctx,
-    })
 }
 
 fn strategy(name: &str, hint: Option<&str>) -> Value {

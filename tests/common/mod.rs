@@ -336,6 +336,28 @@ pub fn post(url: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// The spec's `InferenceRequest` as JSON: `rows` of features for `model` (`version`), with
+/// `strategy_context` (`Value::Null` for none).
+pub fn inference_request(
+    id: &str,
+    model: &str,
+    version: Option<&str>,
+    rows: &[Vec<f32>],
+    strategy_context: Value,
+) -> Value {
+    serde_json::json!({
+        "request_id": id,
+        "model_name": model,
+        "model_version": version,
+        "input_features": rows.concat(),
+        "feature_names": [],
+        "batch_size": rows.len(),
+        "priority": "Normal",
+        "timeout_ms": null,
+        "strategy_context": strategy_context,
+    })
+}
+
 /// POSTs an empty body, with `Authorization: Bearer token` when given; the answer as JSON.
 pub fn post_empty(url: &str, token: Option<&str>) -> (u16, Value) {
     let mut request = agent().post(url);

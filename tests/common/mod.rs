@@ -99,10 +99,14 @@ impl TestServer {
         server
     }
 
+    /// Waits until the server listens: its socket file appears at bind, a moment before it
+    /// listens (a connect in between is refused), so the log line written after both counts.
     fn wait_ready(&self) {
         let socket = self.dir.join("test.sock");
         let started = Instant::now();
-        while !socket.exists() {
+        let listening =
+            |log: &str| log.contains(" serving socket=") || log.contains("\"message\":\"serving\"");
+        while !socket.exists() || !listening(&self.log()) {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "server did not start; log:\n{}",

@@ -248,7 +248,7 @@ impl Models {
         for m in models {
             let is_default = m.is_default;
             let name = m.name.clone();
-            let labels = m.labels.clone();
+            let labels = m.config.labels.clone();
             let slot = this.add_slot(&mut set, m);
             if is_default {
                 set.defaults.insert(name.clone(), slot);

@@ -239,7 +239,8 @@ pub struct LoadedModel {
     pub name: String,
     /// Version.
     pub version: u32,
-    /// Whether clients that name no version get this one.
+    /// Whether its config made it the model's default when it was loaded (the default in
+    /// effect is the server's model set's: see [`crate::manager::ModelSet::is_default`]).
     pub is_default: bool,
     /// The layout clients write.
     pub layout: FeatureLayout,
@@ -263,8 +264,6 @@ pub struct LoadedModel {
     pub load_time: std::time::Duration,
     /// SHA-256 of the file, as loaded (hex).
     pub checksum: String,
-    /// The model's labels (`stable = 3`) from its config when this version was loaded.
-    pub labels: std::collections::BTreeMap<String, u32>,
     /// The model config it was built with.
     pub config: ModelConfig,
     /// Its index in the performance monitor (set when it joins the server's model set).
@@ -740,7 +739,6 @@ fn load_model(
         loaded_at: chrono::Utc::now(),
         load_time: started.elapsed(),
         checksum: String::new(),
-        labels: config.labels.clone(),
         config: config.clone(),
         monitor_index: usize::MAX,
         sessions: Default::default(),

@@ -133,6 +133,9 @@ pub struct ServerSection {
     pub idle_park_us: u64,
     /// Most sessions open at once.
     pub max_sessions: u32,
+    /// The largest segment (both rings) one session may ask for, in MiB: bounds what a client
+    /// can make the server commit (at most `max_sessions` times this).
+    pub max_segment_mb: u32,
     /// A group whose members may connect besides the server's own user.
     pub allowed_gid: Option<u32>,
     /// Log format.
@@ -166,6 +169,7 @@ impl Default for ServerSection {
             idle_spin_us: 100,
             idle_park_us: 50,
             max_sessions: 1024,
+            max_segment_mb: 64,
             allowed_gid: None,
             log_format: LogFormat::Text,
             lock_memory: false,
@@ -383,6 +387,13 @@ impl ServiceConfig {
                 key: "batch_processing.max_batch_size",
                 value: b.max_batch_size.to_string(),
                 why: "must be in 1..=65536",
+            });
+        }
+        if self.server.max_segment_mb == 0 {
+            return Err(ConfigLoadError::Invalid {
+                key: "server.max_segment_mb",
+                value: "0".into(),
+                why: "must be at least 1",
             });
         }
         if self.server.max_sessions == 0 {

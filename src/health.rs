@@ -3,6 +3,10 @@
 //! that fails is marked not ready: its requests are answered `NotReady` (status 10) and
 //! `/health/ready` says so, until a check passes again. Changes are logged.
 //!
+//! A batch that fails marks its model not ready at once (its own requests are answered
+//! `ExecutionFailed`); such a model is checked again every [`RECHECK_INTERVAL`], not only at
+//! the next interval, so a passing fault takes it out for about a second.
+//!
 //! [`FaultSwitch`] makes a model's backend fail or corrupt its outputs on demand, for drills
 //! and tests; it is installed only when `server.fault_injection = true`.
 #![forbid(unsafe_code)]
@@ -22,8 +26,13 @@ pub struct ModelHealth {
     /// Checks run and failed.
     checks: AtomicU64,
     failures: AtomicU64,
+    /// Marked not ready by a failed batch: checked again every `RECHECK_INTERVAL`.
+    recheck: AtomicBool,
     canary: Canary,
 }
+
+/// How often a model that a failed batch marked not ready is checked again.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A fixed input and the output the model gave for it when it was loaded.
 #[derive(Clone, Debug)]
@@ -81,6 +90,7 @@ impl ModelHealth {
             reason: Mutex::new(String::new()),
             checks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            recheck: AtomicBool::new(false),
             canary,
         }
     }
@@ -111,6 +121,24 @@ impl ModelHealth {
         &self.canary
     }
 
+    /// Marks the model not ready after a batch of it failed with `error` (logged on a change).
+    /// The health monitor checks it again within [`RECHECK_INTERVAL`].
+    #[cold]
+    pub fn batch_failed(&self, key: &str, error: &dyn std::fmt::Display) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ready.load(Ordering::Relaxed) {
+            tracing::error!(model = key, %error, "a batch failed: model not ready until a health check passes");
+            *reason = format!("a batch failed: {error}");
+        }
+        self.recheck.store(true, Ordering::Relaxed);
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether a failed batch marked the model not ready and no check has passed since.
+    fn needs_recheck(&self) -> bool {
+        self.recheck.load(Ordering::Relaxed)
+    }
+
     /// Runs one check of `backend` and updates readiness; logs a change. Returns readiness.
     pub fn check(&self, key: &str, backend: &dyn Backend) -> bool {
         self.checks.fetch_add(1, Ordering::Relaxed);
@@ -126,6 +154,7 @@ impl ModelHealth {
                     tracing::info!(model = key, "health check passed: model ready again");
                 }
                 reason.clear();
+                self.recheck.store(false, Ordering::Relaxed);
                 self.ready.store(true, Ordering::Relaxed);
                 true
             }
@@ -145,10 +174,20 @@ impl ModelHealth {
 /// Runs the health checks of `models` every `interval` until `stop` is set.
 pub fn health_task(models: Arc<crate::manager::Models>, interval: Duration, stop: Arc<AtomicBool>) {
     let mut next = std::time::Instant::now() + interval;
+    let mut next_recheck = std::time::Instant::now() + RECHECK_INTERVAL;
     while !stop.load(Ordering::Relaxed) {
         // Short sleeps, so a stop is seen quickly.
         std::thread::sleep(Duration::from_millis(20).min(interval));
-        if std::time::Instant::now() < next {
+        let now = std::time::Instant::now();
+        if now >= next_recheck {
+            next_recheck = now + RECHECK_INTERVAL;
+            for (_, m) in models.snapshot().loaded() {
+                if m.health.needs_recheck() {
+                    m.health.check(&m.key(), m.backend.as_ref());
+                }
+            }
+        }
+        if now < next {
             continue;
         }
         next += interval;

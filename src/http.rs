@@ -544,6 +544,8 @@ impl Serving {
             request_capacity: SESSION_RING,
             response_capacity: SESSION_RING,
             connect_timeout: Duration::from_secs(1),
+            // The pool replaces a closed session itself (a fresh one holds a fresh permit).
+            reconnect: None,
             ..ConnectOptions::default()
         };
         Client::connect(&self.endpoint, name, options).map_err(|e| match e {

@@ -267,7 +267,8 @@ min_throughput_rps = 0.0
         (404, Some("NotFound"))
     );
 
-    // An injected backend failure answers 500, and the model serves again once it is cleared.
+    // An injected backend failure answers 500 and marks the model not ready; once the fault is
+    // cleared, the next health check (within a second) makes it ready again.
     let fault = format!("{api}/models/identity:1/fault");
     assert_eq!(post(&fault, &json!({"mode": "fail"})).0, 200);
     let id = fixture("identity_v1");
@@ -282,6 +283,10 @@ min_throughput_rps = 0.0
         post(&fault, &json!({"mode": "explode"})),
     );
     assert_eq!(post(&fault, &json!({"mode": "none"})).0, 200);
+    assert!(eventually(Duration::from_secs(10), || get(&format!(
+        "{base}/health/ready"
+    ))
+    .0 == 200));
     let (code, body) = post(&predict, &request("identity", None, &id.inputs[..2]));
     assert_eq!(code, 200, "{body}");
 

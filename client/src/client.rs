@@ -37,8 +37,8 @@ pub enum Priority {
 /// Id of a submitted request, unique within its session.
 pub type RequestId = u64;
 
-/// Options of [`Client::connect`]. `Default` gives 64-slot rings, busy-spin waiting and a 1 s
-/// timeout.
+/// Options of [`Client::connect`]. `Default` gives 64-slot rings, busy-spin waiting, a 1 s
+/// timeout and reconnecting with the default [`Backoff`].
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// Model version to pin; `None` for the server's default (the highest).
@@ -60,6 +60,31 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Socket directory; `None` for `$TIE_SOCKET_DIR` or `/tmp/tie`.
     pub socket_dir: Option<PathBuf>,
+    /// Whether and how often the client opens a new session once its session has ended (the
+    /// server was restarted, or it closed the session): see [`Client::submit`]. `None` leaves
+    /// it to [`Client::reconnect`].
+    pub reconnect: Option<Backoff>,
+}
+
+/// Delays between reconnect attempts: the first attempt once the session is seen to have
+/// ended and every request in flight has been answered, then after `initial`, doubling up to
+/// `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay after the first failed attempt.
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// 10 ms, doubling up to 1 s.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -73,6 +98,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             socket_dir: None,
+            reconnect: Some(Backoff::default()),
         }
     }
 }
@@ -223,6 +249,93 @@ pub struct Client {
     /// Empty polls with requests in flight since the last liveness check.
     empty_polls: u32,
     last_liveness_check: Instant,
+    /// How the session was opened, to open the next one.
+    origin: Origin,
+    /// Sessions opened after the first.
+    reconnects: u64,
+    /// When the automatic reconnect may try again (`None`: at once).
+    next_attempt: Option<Instant>,
+    /// The delay before the next attempt after this one fails (zero: `initial`).
+    backoff: Duration,
+}
+
+/// The longest an automatic reconnect attempt (in `submit`) waits for the server's reply.
+const AUTO_RECONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What a session was opened with.
+#[derive(Debug)]
+struct Origin {
+    path: PathBuf,
+    model: String,
+    /// The version asked for (0: the default).
+    version: u32,
+    request_capacity: u32,
+    response_capacity: u32,
+    connect_timeout: Duration,
+    reconnect: Option<Backoff>,
+}
+
+/// A session as a handshake opened it.
+struct Opened {
+    rings: RingEnds,
+    socket: UnixStream,
+    description: String,
+    allow_non_finite: bool,
+}
+
+impl Origin {
+    /// Handshakes (waiting out `Loading` within `timeout`) and maps the segment.
+    fn open(&self, layout_hash: u64, timeout: Duration) -> Result<Opened, ConnectError> {
+        let params = HelloParams {
+            model: &self.model,
+            model_version: self.version,
+            layout_hash,
+            request_capacity: self.request_capacity,
+            response_capacity: self.response_capacity,
+        };
+        // A model loading again after going unused is waited for, within the timeout.
+        let deadline = Instant::now() + timeout;
+        let (socket, reply, fd) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match handshake(&self.path, &params, left.max(Duration::from_millis(1))) {
+                Err(ConnectError::Refused {
+                    status: tie_layouts::HelloStatus::Loading,
+                    ..
+                }) if left > Duration::from_millis(20) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        let segment = Segment::open(fd, reply.segment_size)?;
+        let info = *segment.info();
+        if info.request_capacity != self.request_capacity
+            || info.response_capacity != self.response_capacity
+            || info.feature_count != reply.feature_count
+            || info.output_count != reply.output_count
+            || info.session_id != reply.session_id
+        {
+            return Err(ConnectError::BadReply("segment differs from the reply"));
+        }
+        if layout_hash != 0 && info.layout_hash != layout_hash {
+            return Err(ConnectError::LayoutMismatch {
+                ours: layout_hash,
+                theirs: info.layout_hash,
+            });
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| ConnectError::Io {
+                op: "set_nonblocking",
+                source,
+            })?;
+        Ok(Opened {
+            rings: RingEnds::new(segment, Side::Client),
+            socket,
+            description: reply.message().to_string(),
+            allow_non_finite: reply.flags & REPLY_ALLOW_NON_FINITE != 0,
+        })
+    }
 }
 
 impl Client {
@@ -248,60 +361,35 @@ impl Client {
                 )));
             }
         }
-        let layout_hash = options.layout.as_ref().map_or(0, FeatureLayout::hash);
-        let params = HelloParams {
-            model,
-            model_version: options.version.unwrap_or(0),
-            layout_hash,
+        if let Some(b) = options.reconnect {
+            if b.initial.is_zero() || b.max < b.initial {
+                return Err(ConnectError::InvalidOptions(format!(
+                    "reconnect backoff {b:?}: initial must be positive and at most max"
+                )));
+            }
+        }
+        let origin = Origin {
+            path,
+            model: model.to_string(),
+            version: options.version.unwrap_or(0),
             request_capacity: options.request_capacity,
             response_capacity: options.response_capacity,
+            connect_timeout: options.connect_timeout,
+            reconnect: options.reconnect,
         };
-        // A model loading again after going unused is waited for, within the connect timeout.
-        let deadline = std::time::Instant::now() + options.connect_timeout;
-        let (socket, reply, fd) = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match handshake(&path, &params, left.max(Duration::from_millis(1))) {
-                Err(ConnectError::Refused {
-                    status: tie_layouts::HelloStatus::Loading,
-                    ..
-                }) if left > Duration::from_millis(20) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
-        let segment = Segment::open(fd, reply.segment_size)?;
-        let info = *segment.info();
-        if info.request_capacity != options.request_capacity
-            || info.response_capacity != options.response_capacity
-            || info.feature_count != reply.feature_count
-            || info.output_count != reply.output_count
-            || info.session_id != reply.session_id
-        {
-            return Err(ConnectError::BadReply("segment differs from the reply"));
-        }
-        if layout_hash != 0 && info.layout_hash != layout_hash {
-            return Err(ConnectError::LayoutMismatch {
-                ours: layout_hash,
-                theirs: info.layout_hash,
-            });
-        }
-        socket
-            .set_nonblocking(true)
-            .map_err(|source| ConnectError::Io {
-                op: "set_nonblocking",
-                source,
-            })?;
-        let slot_words = segment.geometry().request_slot_size / 8;
+        let layout_hash = options.layout.as_ref().map_or(0, FeatureLayout::hash);
+        let opened = origin.open(layout_hash, options.connect_timeout)?;
+        let info = *opened.rings.segment().info();
+        let slot_words = opened.rings.segment().geometry().request_slot_size / 8;
         Ok(Self {
-            rings: RingEnds::new(segment, Side::Client),
-            socket,
+            rings: opened.rings,
+            socket: opened.socket,
             feature_count: info.feature_count,
             output_count: info.output_count,
             model_version: info.model_version,
             layout_hash: info.layout_hash,
-            description: reply.message().to_string(),
-            allow_non_finite: reply.flags & REPLY_ALLOW_NON_FINITE != 0,
+            description: opened.description,
+            allow_non_finite: opened.allow_non_finite,
             pending: VecDeque::with_capacity(info.response_capacity as usize),
             max_in_flight: info.response_capacity as usize,
             next_seq: 0,
@@ -314,7 +402,95 @@ impl Client {
             unreported_round_trip_ns: 0,
             queue_full_count: 0,
             last_liveness_check: Instant::now(),
+            origin,
+            reconnects: 0,
+            next_attempt: None,
+            backoff: Duration::ZERO,
         })
+    }
+
+    /// Opens a new session in place of one that has ended (the server went away and came
+    /// back, or closed the session), with the same model, version (or the default), layout
+    /// and ring sizes; waits up to the connect timeout for a model that is loading. Request
+    /// ids go on from the old session's, so no id is answered twice. Does nothing while the
+    /// session stands.
+    ///
+    /// # Errors
+    /// [`ConnectError::RequestsInFlight`] until every request of the old session has come
+    /// back from [`Client::poll`] (as `DISCONNECTED`, or answered); otherwise the errors of
+    /// [`Client::connect`], among them [`ConnectError::LayoutMismatch`] when the model's
+    /// layout is no longer the session's.
+    pub fn reconnect(&mut self) -> Result<(), ConnectError> {
+        if !self.disconnected && !self.server_gone() {
+            return Ok(());
+        }
+        self.disconnected = true;
+        self.reopen(self.origin.connect_timeout)
+    }
+
+    /// Replaces the ended session with a new one.
+    fn reopen(&mut self, timeout: Duration) -> Result<(), ConnectError> {
+        if !self.pending.is_empty() {
+            return Err(ConnectError::RequestsInFlight {
+                count: self.pending.len() as u32,
+            });
+        }
+        let opened = self.origin.open(self.layout_hash, timeout)?;
+        let info = *opened.rings.segment().info();
+        if info.feature_count != self.feature_count || info.output_count != self.output_count {
+            return Err(ConnectError::BadReply(
+                "the model's feature or output count changed",
+            ));
+        }
+        self.rings = opened.rings;
+        self.socket = opened.socket;
+        self.model_version = info.model_version;
+        self.description = opened.description;
+        self.allow_non_finite = opened.allow_non_finite;
+        self.next_seq = 0;
+        self.disconnected = false;
+        self.unreported_round_trip_ns = 0;
+        self.empty_polls = 0;
+        self.last_liveness_check = Instant::now();
+        self.reconnects += 1;
+        self.next_attempt = None;
+        self.backoff = Duration::ZERO;
+        Ok(())
+    }
+
+    /// The automatic reconnect of `submit`: one quick attempt when the backoff allows.
+    #[cold]
+    fn try_reconnect(&mut self) -> bool {
+        let Some(policy) = self.origin.reconnect else {
+            return false;
+        };
+        // The answers of requests a `predict` gave up on are dropped anyway.
+        self.pending.retain(|p| !p.abandoned);
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        if self.next_attempt.is_some_and(|at| now < at) {
+            return false;
+        }
+        // Quick: a server that is up answers a hello in well under a millisecond; one that is
+        // loading the model is tried again after the backoff.
+        let timeout = self.origin.connect_timeout.min(AUTO_RECONNECT_TIMEOUT);
+        if self.reopen(timeout).is_ok() {
+            return true;
+        }
+        self.backoff = if self.backoff.is_zero() {
+            policy.initial
+        } else {
+            (self.backoff * 2).min(policy.max)
+        };
+        self.next_attempt = Some(Instant::now() + self.backoff);
+        false
+    }
+
+    /// Sessions opened after the first one (by [`Client::reconnect`] or automatically).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
     }
 
     /// Features every request must carry.
@@ -403,10 +579,16 @@ impl Client {
         self.pending.len()
     }
 
-    /// Sends one request without waiting. Never blocks and never allocates.
+    /// Sends one request without waiting. Never blocks and never allocates while the session
+    /// stands.
     ///
     /// `deadline_ns` is a CLOCK_MONOTONIC time ([`crate::monotonic_ns`]) after which the server
     /// answers `Timeout` instead of executing the request.
+    ///
+    /// Once the session has ended and every request in flight has come back from
+    /// [`Client::poll`], `submit` opens a new session (with [`ConnectOptions::reconnect`]):
+    /// one attempt per backoff step, each a connect and a handshake that waits at most 100 ms
+    /// for the server's reply. Until one succeeds, it returns `Disconnected`.
     ///
     /// # Errors
     /// [`SubmitError`]: wrong feature count, a non-finite feature the layout does not allow,
@@ -417,7 +599,7 @@ impl Client {
         priority: Priority,
         deadline_ns: Option<u64>,
     ) -> Result<RequestId, SubmitError> {
-        if self.disconnected {
+        if self.disconnected && !self.try_reconnect() {
             return Err(SubmitError::Disconnected);
         }
         if features.len() != self.feature_count as usize {

@@ -32,6 +32,13 @@ pub enum ConnectError {
     /// The options are not usable (message says which and why).
     #[error("invalid connect options: {0}")]
     InvalidOptions(String),
+    /// A reconnect was asked for while requests of the ended session have not yet come back
+    /// from `poll`.
+    #[error("{count} requests of the ended session are still to be polled")]
+    RequestsInFlight {
+        /// Requests not yet returned by `poll`.
+        count: u32,
+    },
     /// The client's layout differs from the model's.
     #[error(
         "layout mismatch: client layout hash {ours:#018x}, model's layout hash {theirs:#018x}"

@@ -31,7 +31,7 @@ pub mod inspect;
 pub mod segment;
 mod wait;
 
-pub use client::{Client, ConnectOptions, Prediction, Priority, RequestId, Response};
+pub use client::{Backoff, Client, ConnectOptions, Prediction, Priority, RequestId, Response};
 pub use clock::monotonic_ns;
 pub use error::{ConnectError, PredictError, ServerError, SubmitError};
 pub use tie_layouts as layouts;

@@ -63,14 +63,15 @@ const _: () = {
 };
 
 impl Hello {
-    /// The model name, or `None` when it is empty, not NUL-padded or not UTF-8.
+    /// The model name, or `None` when it is empty, not NUL-padded (at least one NUL, as
+    /// [`Hello::set_model_name`] writes it) or not UTF-8.
     pub fn model_name(&self) -> Option<&str> {
         let end = self
             .model_name
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(MODEL_NAME_LEN);
-        if self.model_name[end..].iter().any(|&b| b != 0) || end == 0 {
+        if end == 0 || end == MODEL_NAME_LEN || self.model_name[end..].iter().any(|&b| b != 0) {
             return None;
         }
         core::str::from_utf8(&self.model_name[..end]).ok()

@@ -9,6 +9,7 @@
 //!   ([`Producer`], [`Consumer`]) that never trusts the peer's index.
 //! - [`hello`]: the handshake sent over the session socket ([`Hello`], [`HelloReply`]).
 //! - [`layout`]: feature layouts (ordered feature names and dtype) and their hash.
+//! - [`check`]: the server's checks of request frames and hellos (untrusted input; fuzzed).
 //!
 //! `layouts/README.md` describes the ABI in prose, with a table of byte offsets.
 //!
@@ -37,6 +38,8 @@
 #![warn(missing_docs)]
 
 pub mod abi;
+#[cfg(feature = "std")]
+pub mod check;
 pub mod hello;
 #[cfg(feature = "std")]
 pub mod layout;

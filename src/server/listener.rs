@@ -14,10 +14,9 @@ use bytemuck::Zeroable;
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tie_client::segment::Segment;
-use tie_layouts::abi::{SegmentGeometry, ABI_VERSION};
+use tie_layouts::abi::SegmentGeometry;
 use tie_layouts::hello::{
-    write_name, Hello, HelloReply, HelloStatus, SessionRecord, HELLO_FLAG_INSPECT, HELLO_MAGIC,
-    REPLY_ALLOW_NON_FINITE,
+    write_name, Hello, HelloReply, HelloStatus, SessionRecord, REPLY_ALLOW_NON_FINITE,
 };
 
 use super::worker::NewSession;
@@ -37,6 +36,8 @@ pub(super) struct ListenerContext {
     pub stopping: Arc<AtomicBool>,
     pub allowed_gid: Option<u32>,
     pub max_sessions: usize,
+    /// The largest segment a session may ask for (`server.max_segment_mb`).
+    pub max_segment_bytes: usize,
     /// Inspectors being served.
     pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
     /// Place segments on 2 MB huge pages (`server.huge_pages`).
@@ -88,8 +89,13 @@ pub(super) fn bind(
     Ok(listener)
 }
 
-/// Connections whose hello is still arriving, at most this many at once (more are closed).
+/// Connections whose hello is still arriving, at most this many at once: a new connection
+/// beyond it closes the oldest, so a flood of silent connections cannot lock out a client
+/// that sends its hello at once.
 const MAX_HANDSHAKES: usize = 64;
+/// The least time between two warnings about closed handshakes (a flood is counted, not
+/// logged line by line).
+const FLOOD_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A connection whose hello has not fully arrived.
 struct Handshake {
@@ -103,6 +109,10 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     let mut sessions: Sessions = Vec::new();
     let mut handshakes: Vec<Handshake> = Vec::new();
     let next_id = AtomicU64::new(1);
+    // Handshakes closed unfinished (timed out, or pushed out by newer ones) since the last
+    // warning, and when that was.
+    let mut dropped = 0u64;
+    let mut last_flood_log: Option<Instant> = None;
     while !ctx.stopping.load(Ordering::SeqCst) {
         let now = Instant::now();
         let wait = handshakes
@@ -163,22 +173,30 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
                     sessions.push(s);
                 }
             } else if now >= h.deadline {
-                tracing::warn!("a connecting client sent no complete hello in time");
+                dropped += 1;
             } else {
                 waiting.push(h);
             }
         }
         handshakes = waiting;
+        if dropped > 0 && last_flood_log.is_none_or(|t| t.elapsed() >= FLOOD_LOG_INTERVAL) {
+            tracing::warn!(
+                closed = dropped,
+                in_progress = handshakes.len(),
+                limit = MAX_HANDSHAKES,
+                "connections closed without a complete hello (timed out after 1 s, or pushed out by newer ones)"
+            );
+            dropped = 0;
+            last_flood_log = Some(Instant::now());
+        }
         if accept {
             loop {
                 match ctx.listener.accept() {
                     Ok((stream, _)) => {
                         if handshakes.len() >= MAX_HANDSHAKES {
-                            tracing::warn!(
-                                limit = MAX_HANDSHAKES,
-                                "too many handshakes in progress: connection closed"
-                            );
-                            continue;
+                            // The oldest (in accept order) goes.
+                            handshakes.remove(0);
+                            dropped += 1;
                         }
                         if stream.set_nonblocking(true).is_ok() {
                             handshakes.push(Handshake {
@@ -235,6 +253,8 @@ fn open_session(
         tracing::warn!(
             pid = cred.pid.as_raw_nonzero().get(),
             uid = cred.uid.as_raw(),
+            gid = cred.gid.as_raw(),
+            allowed_gid = ?ctx.allowed_gid,
             "connection refused: credentials not allowed"
         );
         refuse(
@@ -246,45 +266,18 @@ fn open_session(
         );
         return None;
     }
-    if hello.magic != HELLO_MAGIC {
-        refuse(
-            &stream,
-            HelloStatus::BadRequest,
-            "bad hello magic",
-            0,
-            &hello,
-        );
-        return None;
-    }
-    if hello.abi_version != ABI_VERSION {
-        let msg = format!(
-            "ABI version mismatch: server {ABI_VERSION}, client {}",
-            hello.abi_version
-        );
-        refuse(&stream, HelloStatus::VersionMismatch, &msg, 0, &hello);
-        return None;
-    }
-    if hello.flags == HELLO_FLAG_INSPECT {
-        serve_inspector(ctx, stream, &hello, sessions);
-        return None;
-    }
-    if hello.flags != 0 {
-        let msg = format!("unknown hello flags {:#x}", hello.flags);
-        refuse(&stream, HelloStatus::BadRequest, &msg, 0, &hello);
-        return None;
-    }
-    let Some(name) = hello.model_name() else {
-        refuse(
-            &stream,
-            HelloStatus::BadRequest,
-            "invalid model name",
-            0,
-            &hello,
-        );
-        return None;
+    let (name, version) = match tie_layouts::check::check_hello(&hello) {
+        Ok(tie_layouts::check::Asked::Inspect) => {
+            serve_inspector(ctx, stream, &hello, sessions);
+            return None;
+        }
+        Ok(tie_layouts::check::Asked::Session { model, version }) => (model, version),
+        Err((status, msg)) => {
+            refuse(&stream, status, &msg, 0, &hello);
+            return None;
+        }
     };
     let set = ctx.models.snapshot();
-    let version = (hello.model_version != 0).then_some(hello.model_version);
     let Some(model_index) = set.resolve(name, version) else {
         let served = set.keys();
         let version = match hello.model_version {
@@ -331,20 +324,14 @@ fn open_session(
         );
         return None;
     }
-    let geometry = match SegmentGeometry::new(
-        hello.request_capacity,
-        hello.response_capacity,
+    let geometry = match tie_layouts::check::session_geometry(
+        &hello,
         model.input_width() as u32,
+        ctx.max_segment_bytes,
     ) {
         Ok(g) => g,
-        Err(e) => {
-            refuse(
-                &stream,
-                HelloStatus::BadRequest,
-                &e.to_string(),
-                model.layout_hash,
-                &hello,
-            );
+        Err((status, msg)) => {
+            refuse(&stream, status, &msg, model.layout_hash, &hello);
             return None;
         }
     };

@@ -163,6 +163,7 @@ impl Server {
             stopping: listener_stopping.clone(),
             allowed_gid: config.server.allowed_gid,
             max_sessions: config.server.max_sessions as usize,
+            max_segment_bytes: (config.server.max_segment_mb as usize) << 20,
             inspectors: Arc::default(),
             huge_pages: config.server.huge_pages,
             pollers_by_model: Default::default(),

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use tie_client::clock::monotonic_ns;
 use tie_client::segment::{RingEnds, Segment, Side};
 use tie_layouts::abi::{
-    self, FaultReason, RejectReason, RequestHeader, ResponseFrame, ServerState, Status,
-    MAX_OUTPUTS, REQUEST_HEADER_WORDS, RESPONSE_WORDS,
+    self, FaultReason, ResponseFrame, ServerState, Status, MAX_OUTPUTS, RESPONSE_WORDS,
 };
 use tie_layouts::ring::PushError;
 
@@ -827,6 +826,7 @@ impl Poller {
                 lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
             if let Err(e) = result {
                 tracing::error!(model = %model.key(), rows, error = %e, "batch failed");
+                model.health.batch_failed(&model.key(), &e);
                 for t in self.taken.iter_mut() {
                     if let Outcome::Execute { .. } = t.outcome {
                         t.outcome = Outcome::Resolved;
@@ -964,8 +964,13 @@ fn validate<'f>(
     now: u64,
     allow_non_finite: bool,
 ) -> (Request<Item>, Option<&'f [f32]>, u32) {
-    let header: RequestHeader =
-        bytemuck::pod_read_unaligned(bytemuck::cast_slice(&frame[..REQUEST_HEADER_WORDS]));
+    let expected_seq = s.expected_seq;
+    // The expected number counts frames: a client's bad number is not adopted, so it cannot
+    // steer the stamp the next frame is taken by.
+    s.expected_seq = expected_seq.wrapping_add(1);
+    let decoded =
+        tie_layouts::check::decode_request(frame, expected_seq, s.feature_count, allow_non_finite);
+    let header = decoded.header;
     let mut request = Request {
         item: Item {
             session: slot,
@@ -980,46 +985,15 @@ fn validate<'f>(
         arrival_ns: now,
         deadline_ns: header.deadline_ns,
     };
-    // The expected number counts frames: a client's bad number is not adopted, so it cannot
-    // steer the stamp the next frame is taken by.
-    let expected_seq = s.expected_seq;
-    s.expected_seq = expected_seq.wrapping_add(1);
-    let mut reject = |status: Status, a: u32, b: u32| {
-        request.item.status = status;
-        request.item.detail_a = a;
-        request.item.detail_b = b;
-    };
-    if header.seq != expected_seq {
-        reject(
-            Status::REJECTED,
-            RejectReason::BadSequence as u32,
-            expected_seq as u32,
-        );
-    } else if header.model_slot != 0 {
-        reject(Status::MODEL_NOT_FOUND, header.model_slot, 0);
-    } else if header.feature_count as usize != s.feature_count {
-        reject(
-            Status::INVALID_INPUT_SHAPE,
-            s.feature_count as u32,
-            header.feature_count,
-        );
-    } else if header.priority > 3 {
-        reject(
-            Status::REJECTED,
-            RejectReason::BadPriority as u32,
-            header.priority,
-        );
-    } else {
-        let features: &[f32] = bytemuck::cast_slice(&frame[REQUEST_HEADER_WORDS..]);
-        let features = &features[..s.feature_count];
-        match features.iter().position(|f| !f.is_finite()) {
-            Some(i) if !allow_non_finite => {
-                reject(Status::REJECTED, RejectReason::NonFinite as u32, i as u32);
-            }
-            _ => return (request, Some(features), header.reported_round_trip_ns),
+    match decoded.features {
+        Ok(features) => (request, Some(features), header.reported_round_trip_ns),
+        Err((status, a, b)) => {
+            request.item.status = status;
+            request.item.detail_a = a;
+            request.item.detail_b = b;
+            (request, None, header.reported_round_trip_ns)
         }
     }
-    (request, None, header.reported_round_trip_ns)
 }
 
 fn saturate_u32(ns: u64) -> u32 {

@@ -52,6 +52,7 @@ pub struct TestServer {
     pub child: Child,
     pub dir: PathBuf,
     pub endpoint: String,
+    repository: PathBuf,
 }
 
 /// Config for tests: pollers sleep when idle so many processes share two cores.
@@ -72,31 +73,49 @@ impl TestServer {
 
     pub fn start_with(config: &str, repository: &Path) -> Self {
         let dir = scratch_dir("server");
-        let config_path = dir.join("tie.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let stderr = std::fs::File::create(dir.join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tie"))
+        std::fs::write(dir.join("tie.toml"), config).unwrap();
+        let server = Self {
+            child: Self::spawn(&dir, repository),
+            dir,
+            endpoint: "test".into(),
+            repository: repository.into(),
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Starts `tie serve` with `dir`'s config and socket directory, appending to its log.
+    fn spawn(dir: &Path, repository: &Path) -> Child {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tie"))
             .current_dir(root())
             .args(["serve", "--config"])
-            .arg(&config_path)
+            .arg(dir.join("tie.toml"))
             .arg("--model-repository")
             .arg(repository)
             .args(["--endpoint", "test"])
             // Tests run many servers at once: each takes a free port (logged).
             .args(["--http-addr", "127.0.0.1:0"])
             .arg("--socket-dir")
-            .arg(&dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("start tie serve");
-        let server = Self {
-            child,
-            dir,
-            endpoint: "test".into(),
-        };
-        server.wait_ready();
-        server
+            .expect("start tie serve")
+    }
+
+    /// Starts the server again in the same directory (after it was killed or stopped); the
+    /// earlier log is kept as `server.log.1`.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::rename(self.dir.join("server.log"), self.dir.join("server.log.1")).unwrap();
+        self.child = Self::spawn(&self.dir, &self.repository);
+        self.wait_ready();
     }
 
     /// Waits until the server listens: its socket file appears at bind, a moment before it

@@ -158,11 +158,13 @@ mod tests {
 
     fn frame(header: RequestHeader, features: &[f32]) -> Vec<u64> {
         let mut words = bytemuck::cast_slice::<RequestHeader, u64>(&[header]).to_vec();
-        let mut body = features.to_vec();
-        if body.len() % 2 == 1 {
-            body.push(0.0);
+        // Two features a word, in memory order (a `Vec<f32>` need not be aligned for u64).
+        for pair in features.chunks(2) {
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&pair[0].to_ne_bytes());
+            bytes[4..].copy_from_slice(&pair.get(1).copied().unwrap_or(0.0).to_ne_bytes());
+            words.push(u64::from_ne_bytes(bytes));
         }
-        words.extend_from_slice(bytemuck::cast_slice(&body));
         words
     }
 

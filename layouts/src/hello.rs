@@ -289,6 +289,9 @@ mod tests {
         h.model_name[10] = b'z'; // bytes after the NUL
         assert_eq!(h.model_name(), None);
         assert_eq!(Hello::zeroed().model_name(), None);
+        // All 64 bytes a name, no NUL (found by the `hello` fuzz target).
+        h.model_name = [b'k'; MODEL_NAME_LEN];
+        assert_eq!(h.model_name(), None);
     }
 
     #[test]

@@ -217,6 +217,7 @@ extra=1"#
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads files: Miri isolates the file system")]
     fn example_layout_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("features");
         let a = FeatureLayout::from_file(&dir.join("mlp64.toml")).unwrap();

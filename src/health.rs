@@ -5,7 +5,8 @@
 //!
 //! A batch that fails marks its model not ready at once (its own requests are answered
 //! `ExecutionFailed`); such a model is checked again every [`RECHECK_INTERVAL`], not only at
-//! the next interval, so a passing fault takes it out for about a second.
+//! the next interval, so a passing fault takes it out for about that long. (A failure that
+//! only the largest batches meet passes the one-row canary: such a model goes in and out.)
 //!
 //! [`FaultSwitch`] makes a model's backend fail or corrupt its outputs on demand, for drills
 //! and tests; it is installed only when `server.fault_injection = true`.
@@ -28,11 +29,14 @@ pub struct ModelHealth {
     failures: AtomicU64,
     /// Marked not ready by a failed batch: checked again every `RECHECK_INTERVAL`.
     recheck: AtomicBool,
+    /// Failed batches: a check that passes marks the model ready only if none failed while
+    /// it ran.
+    batch_failures: AtomicU64,
     canary: Canary,
 }
 
 /// How often a model that a failed batch marked not ready is checked again.
-pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const RECHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A fixed input and the output the model gave for it when it was loaded.
 #[derive(Clone, Debug)]
@@ -91,6 +95,7 @@ impl ModelHealth {
             checks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             recheck: AtomicBool::new(false),
+            batch_failures: AtomicU64::new(0),
             canary,
         }
     }
@@ -126,6 +131,7 @@ impl ModelHealth {
     #[cold]
     pub fn batch_failed(&self, key: &str, error: &dyn std::fmt::Display) {
         let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        self.batch_failures.fetch_add(1, Ordering::Relaxed);
         if self.ready.load(Ordering::Relaxed) {
             tracing::error!(model = key, %error, "a batch failed: model not ready until a health check passes");
             *reason = format!("a batch failed: {error}");
@@ -142,12 +148,17 @@ impl ModelHealth {
     /// Runs one check of `backend` and updates readiness; logs a change. Returns readiness.
     pub fn check(&self, key: &str, backend: &dyn Backend) -> bool {
         self.checks.fetch_add(1, Ordering::Relaxed);
+        let failures_before = self.batch_failures.load(Ordering::Relaxed);
         let verdict = match backend.health() {
             BackendHealth::Unhealthy(why) => Err(format!("backend unhealthy: {why}")),
             BackendHealth::Healthy => self.canary.check(backend),
         };
         let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         let was_ready = self.ready.load(Ordering::Relaxed);
+        // A batch that failed while the canary ran keeps the model out until the next check.
+        if self.batch_failures.load(Ordering::Relaxed) != failures_before {
+            return false;
+        }
         match verdict {
             Ok(()) => {
                 if !was_ready {

@@ -299,19 +299,32 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
             eprintln!("worker {}: cannot pin to core {core}", spec.index);
         }
     }
-    let capacity = spec.capacity.unwrap_or(match spec.rate {
+    let mut capacity = spec.capacity.unwrap_or(match spec.rate {
         // Room for 2 s of load in flight (a stalled server), within the ring limit.
         Some(rate) => ((rate * 2.0) as u32).clamp(64, 1 << 16).next_power_of_two(),
         None => spec.concurrency.clamp(1, 1 << 16).next_power_of_two(),
     });
-    let options = ConnectOptions {
-        version: spec.version,
-        socket_dir: spec.socket_dir.clone(),
-        request_capacity: capacity,
-        response_capacity: capacity,
-        ..ConnectOptions::default()
+    let mut client = loop {
+        let options = ConnectOptions {
+            version: spec.version,
+            socket_dir: spec.socket_dir.clone(),
+            request_capacity: capacity,
+            response_capacity: capacity,
+            ..ConnectOptions::default()
+        };
+        match Client::connect(&spec.endpoint, &spec.model, options) {
+            // Rings of the chosen size make a segment over the server's limit
+            // (`server.max_segment_mb`): halve them, unless they were asked for.
+            Err(tie_client::ConnectError::Refused { message, .. })
+                if spec.capacity.is_none()
+                    && capacity > 64
+                    && message.contains("server.max_segment_mb") =>
+            {
+                capacity /= 2;
+            }
+            other => break other?,
+        }
     };
-    let mut client = Client::connect(&spec.endpoint, &spec.model, options)?;
     let width = client.feature_count() as usize;
     let rows = match &spec.features_file {
         Some(path) => read_rows(path, width)?,

@@ -27,11 +27,25 @@ fn connect(server: &TestServer, model: &str) -> Client {
     Client::connect(&server.endpoint, model, server.options()).unwrap()
 }
 
-/// Sessions the server holds, as its listener lists them to an inspector.
+/// Sessions the server holds, as its listener lists them to an inspector (asked again if the
+/// server is still serving earlier inspectors).
 fn sessions(server: &TestServer) -> usize {
-    tie_client::inspect::inspect(&server.endpoint, Some(&server.dir), Duration::from_secs(5))
-        .unwrap()
-        .len()
+    let mut tries = 0;
+    loop {
+        match tie_client::inspect::inspect(
+            &server.endpoint,
+            Some(&server.dir),
+            Duration::from_secs(5),
+        ) {
+            Ok(s) => return s.len(),
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("inspect: {e}"),
+        }
+    }
 }
 
 /// Open file descriptors of the server process.
@@ -119,9 +133,11 @@ fn clients_killed_at_every_point_of_the_protocol_leave_nothing_behind() {
     for point in KILL_POINTS {
         round(&server, point);
     }
-    // Each segment is one fd and one mapping of the server.
+    // Each segment is one fd and one mapping of the server. The fds are counted before asking
+    // an inspector for the sessions: the server's inspector thread holds a read-only copy of
+    // each segment's fd while it sends them.
     let settled =
-        |s: &TestServer, n: usize| sessions(s) == n && s.segment_fds() == n && segment_maps(s) == n;
+        |s: &TestServer, n: usize| s.segment_fds() == n && segment_maps(s) == n && sessions(s) == n;
     assert!(eventually(Duration::from_secs(5), || settled(&server, 1)));
     let fds_before = fds(&server);
     let mut slowest = Duration::ZERO;
@@ -354,7 +370,8 @@ fn a_backend_failing_mid_batch_fails_that_batch_and_only_its_model() {
     // The model is marked unhealthy at once; the other model serves on.
     let (code, body) = get(&format!("{base}/health/ready"));
     assert_eq!(code, 503, "{body}");
-    assert!(body.to_string().contains("a batch failed"), "{body}");
+    // "a batch failed: …", or the recheck's "canary inference failed: …" once it ran.
+    assert!(body.to_string().contains("injected fault"), "{body}");
     match failing.predict(&f.inputs[0]) {
         Err(PredictError::Server(e)) => assert_eq!(e.status, Status::NOT_READY),
         other => panic!("{other:?}"),
@@ -560,14 +577,41 @@ fn a_flood_of_connections_and_hellos_is_contained() {
         other => panic!("{other:?}"),
     }
     drop(extra);
-    // With the silent connections still open, a client that says hello at once gets in.
+    // With the silent connections still open, and more arriving all the time, a client that
+    // says hello at once gets in.
     let served_before = served.load(Ordering::Relaxed);
-    assert!(eventually(Duration::from_secs(5), || Client::connect(
-        "test",
-        "identity",
-        server.options()
-    )
-    .is_ok()));
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooder = {
+        let (flooding, socket) = (flooding.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            let mut opened = 0u64;
+            while flooding.load(Ordering::Relaxed) {
+                if let Ok(s) = UnixStream::connect(&socket) {
+                    held.push_back(s);
+                    opened += 1;
+                }
+                if held.len() > 500 {
+                    held.pop_front();
+                }
+            }
+            opened
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..5 {
+        let started = Instant::now();
+        let joined = Client::connect("test", "identity", server.options());
+        assert!(
+            joined.is_ok(),
+            "refused during a flood after {:?}: {:?}",
+            started.elapsed(),
+            joined.err()
+        );
+    }
+    flooding.store(false, Ordering::Relaxed);
+    let opened = flooder.join().unwrap();
+    assert!(opened > 100, "the flood opened only {opened} connections");
     assert!(eventually(Duration::from_secs(5), || served
         .load(Ordering::Relaxed)
         > served_before));
@@ -610,14 +654,15 @@ fn peer_credentials_decide_who_may_connect() {
         .env("TIE_SOCKET_DIR", &server.dir);
         std::os::unix::process::CommandExt::uid(&mut cmd, NOBODY);
         std::os::unix::process::CommandExt::gid(&mut cmd, gid);
-        let out = cmd.output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let out = cmd.output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let member = peer(GROUP);
-    if member.contains("Permission denied") && member.is_empty() {
-        println!("skipped: the test binary is not runnable by uid {NOBODY}");
+    // The test binary must be runnable by that user (a checkout under a private home is not).
+    let Some(member) = peer(GROUP).filter(|out| out.contains("test child")) else {
+        println!("SKIPPED: the test binary cannot be run as uid {NOBODY}");
         return;
-    }
+    };
+    let peer = |gid: u32| peer(gid).expect("ran once");
     assert!(member.contains("peer predicted"), "{member}");
     // Not in the group: the socket's mode keeps it out.
     let outsider = peer(NOBODY);
@@ -1136,9 +1181,13 @@ fn soak_with_kills_and_a_reload_conserves_every_request() {
         !log.contains("panicked") && !log.contains("faulted"),
         "{log}"
     );
+    // At most about 20 readings printed, the last included.
+    let step = rss.len().div_ceil(20).max(1);
     let series: Vec<String> = rss
         .iter()
-        .map(|(t, kib)| format!("{t:.1}s {} MiB", kib / 1024))
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == rss.len() - 1)
+        .map(|(_, (t, kib))| format!("{t:.1}s {:.1} MiB", *kib as f64 / 1024.0))
         .collect();
     println!(
         "soak {secs} s, {clients} clients, {killed} killed, reload at half time: finishing clients submitted {} = answered {}, refused at submit {}; server RSS {}",

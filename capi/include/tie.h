@@ -31,7 +31,9 @@ typedef enum TieResult {
   TIE_ERR_NON_FINITE = -7,
   // As many requests are in flight as the response ring holds: poll first.
   TIE_ERR_QUEUE_FULL = -8,
-  // The server has gone; pending requests come back from `tie_poll` as `DISCONNECTED`.
+  // The server has gone; pending requests come back from `tie_poll` as `DISCONNECTED`. Once
+  // they all have, `tie_submit` opens a new session on its own (one try per backoff step,
+  // 10 ms doubling up to 1 s) and returns this until one succeeds.
   TIE_ERR_DISCONNECTED = -9,
   // `tie_predict` got no answer within the client's timeout.
   TIE_ERR_TIMEOUT = -10,

@@ -46,7 +46,9 @@ pub enum TieResult {
     TieErrNonFinite = -7,
     /// As many requests are in flight as the response ring holds: poll first.
     TieErrQueueFull = -8,
-    /// The server has gone; pending requests come back from `tie_poll` as `DISCONNECTED`.
+    /// The server has gone; pending requests come back from `tie_poll` as `DISCONNECTED`. Once
+    /// they all have, `tie_submit` opens a new session on its own (one try per backoff step,
+    /// 10 ms doubling up to 1 s) and returns this until one succeeds.
     TieErrDisconnected = -9,
     /// `tie_predict` got no answer within the client's timeout.
     TieErrTimeout = -10,

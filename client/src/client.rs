@@ -34,7 +34,8 @@ pub enum Priority {
     Critical = 3,
 }
 
-/// Id of a submitted request, unique within its session.
+/// Id of a submitted request, unique within its client (new sessions opened by a reconnect go
+/// on from the last id).
 pub type RequestId = u64;
 
 /// Options of [`Client::connect`]. `Default` gives 64-slot rings, busy-spin waiting, a 1 s
@@ -257,6 +258,8 @@ pub struct Client {
     next_attempt: Option<Instant>,
     /// The delay before the next attempt after this one fails (zero: `initial`).
     backoff: Duration,
+    /// Why the latest reconnect attempt failed.
+    last_reconnect_error: Option<String>,
 }
 
 /// The longest an automatic reconnect attempt (in `submit`) waits for the server's reply.
@@ -406,6 +409,7 @@ impl Client {
             reconnects: 0,
             next_attempt: None,
             backoff: Duration::ZERO,
+            last_reconnect_error: None,
         })
     }
 
@@ -425,7 +429,19 @@ impl Client {
             return Ok(());
         }
         self.disconnected = true;
-        self.reopen(self.origin.connect_timeout)
+        // The answers of requests a `predict` gave up on are dropped anyway.
+        self.pending.retain(|p| !p.abandoned);
+        let result = self.reopen(self.origin.connect_timeout);
+        if let Err(e) = &result {
+            self.last_reconnect_error = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Why the latest reconnect attempt failed (cleared when one succeeds): the automatic
+    /// attempts of `submit` report only `Disconnected`.
+    pub fn last_reconnect_error(&self) -> Option<&str> {
+        self.last_reconnect_error.as_deref()
     }
 
     /// Replaces the ended session with a new one.
@@ -435,6 +451,9 @@ impl Client {
                 count: self.pending.len() as u32,
             });
         }
+        // The old session ends here for the server too (it may not know yet, when this side
+        // found the ring corrupt), so it does not hold a place while the new one is asked for.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
         let opened = self.origin.open(self.layout_hash, timeout)?;
         let info = *opened.rings.segment().info();
         if info.feature_count != self.feature_count || info.output_count != self.output_count {
@@ -455,6 +474,7 @@ impl Client {
         self.reconnects += 1;
         self.next_attempt = None;
         self.backoff = Duration::ZERO;
+        self.last_reconnect_error = None;
         Ok(())
     }
 
@@ -476,15 +496,16 @@ impl Client {
         // Quick: a server that is up answers a hello in well under a millisecond; one that is
         // loading the model is tried again after the backoff.
         let timeout = self.origin.connect_timeout.min(AUTO_RECONNECT_TIMEOUT);
-        if self.reopen(timeout).is_ok() {
-            return true;
+        match self.reopen(timeout) {
+            Ok(()) => return true,
+            Err(e) => self.last_reconnect_error = Some(e.to_string()),
         }
         self.backoff = if self.backoff.is_zero() {
             policy.initial
         } else {
             (self.backoff * 2).min(policy.max)
         };
-        self.next_attempt = Some(Instant::now() + self.backoff);
+        self.next_attempt = Instant::now().checked_add(self.backoff);
         false
     }
 
@@ -587,8 +608,10 @@ impl Client {
     ///
     /// Once the session has ended and every request in flight has come back from
     /// [`Client::poll`], `submit` opens a new session (with [`ConnectOptions::reconnect`]):
-    /// one attempt per backoff step, each a connect and a handshake that waits at most 100 ms
-    /// for the server's reply. Until one succeeds, it returns `Disconnected`.
+    /// one attempt per backoff step, each a connect and a handshake in which each step (connect,
+    /// send, reply) waits at most 100 ms. Until one succeeds, it returns `Disconnected`
+    /// ([`Client::last_reconnect_error`] says why). A session that ended while no request was
+    /// in flight is noticed by the next request, which comes back `Disconnected`.
     ///
     /// # Errors
     /// [`SubmitError`]: wrong feature count, a non-finite feature the layout does not allow,

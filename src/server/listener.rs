@@ -105,6 +105,24 @@ struct Handshake {
     deadline: Instant,
 }
 
+impl Handshake {
+    /// Reads what has arrived of the hello; `false` when the connection closed or failed.
+    fn read(&mut self) -> bool {
+        let buf = &mut bytemuck::bytes_of_mut(&mut self.hello)[self.received..];
+        if buf.is_empty() {
+            return true;
+        }
+        match self.stream.read(buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.received += n;
+                true
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
 pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     let mut sessions: Sessions = Vec::new();
     let mut handshakes: Vec<Handshake> = Vec::new();
@@ -159,14 +177,8 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
         let now = Instant::now();
         let mut waiting = Vec::with_capacity(handshakes.len());
         for (mut h, readable) in handshakes.drain(..).zip(hello_ready) {
-            if readable {
-                let buf = &mut bytemuck::bytes_of_mut(&mut h.hello)[h.received..];
-                match h.stream.read(buf) {
-                    Ok(0) => continue,
-                    Ok(n) => h.received += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => continue,
-                }
+            if readable && !h.read() {
+                continue;
             }
             if h.received == size_of::<Hello>() {
                 if let Some(s) = open_session(&ctx, h.stream, &h.hello, &next_id, &sessions) {
@@ -190,22 +202,38 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
             last_flood_log = Some(Instant::now());
         }
         if accept {
-            loop {
+            // A bounded number per pass: a handshake accepted now is read on the next pass at
+            // the latest, before a burst of newer connections can push it out.
+            for _ in 0..MAX_HANDSHAKES / 2 {
                 match ctx.listener.accept() {
                     Ok((stream, _)) => {
+                        if stream.set_nonblocking(true).is_err() {
+                            continue;
+                        }
+                        let mut h = Handshake {
+                            stream,
+                            hello: Hello::zeroed(),
+                            received: 0,
+                            deadline: Instant::now() + HELLO_TIMEOUT,
+                        };
+                        // A client writes its hello right after connecting: often it is here.
+                        if !h.read() {
+                            continue;
+                        }
+                        if h.received == size_of::<Hello>() {
+                            if let Some(s) =
+                                open_session(&ctx, h.stream, &h.hello, &next_id, &sessions)
+                            {
+                                sessions.push(s);
+                            }
+                            continue;
+                        }
                         if handshakes.len() >= MAX_HANDSHAKES {
                             // The oldest (in accept order) goes.
                             handshakes.remove(0);
                             dropped += 1;
                         }
-                        if stream.set_nonblocking(true).is_ok() {
-                            handshakes.push(Handshake {
-                                stream,
-                                hello: Hello::zeroed(),
-                                received: 0,
-                                deadline: Instant::now() + HELLO_TIMEOUT,
-                            });
-                        }
+                        handshakes.push(h);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {

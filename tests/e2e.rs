@@ -5,8 +5,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use common::{eventually, fixture, fixtures, next_response, rel_err, spawn_child, TestServer};
-use tie_client::layouts::abi::{RejectReason, RequestHeader, REQUEST_HEADER_WORDS};
+use common::{
+    eventually, fixture, fixtures, next_response, raw_frame, rel_err, spawn_child, TestServer,
+};
+use tie_client::layouts::abi::{RejectReason, RequestHeader};
 use tie_client::layouts::FeatureLayout;
 use tie_client::{
     Client, ConnectError, ConnectOptions, PredictError, Priority, Status, SubmitError,
@@ -143,16 +145,6 @@ fn client_checks_feature_count_and_non_finite_values() {
 }
 
 /// A frame for `client`'s session: header fields as given, features from `features`.
-fn raw_frame(client: &Client, header: RequestHeader, features: &[f32]) -> Vec<u64> {
-    let slot_words = client.segment().geometry().request_slot_size / 8;
-    let mut words = vec![0u64; slot_words];
-    words[..REQUEST_HEADER_WORDS]
-        .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
-    let body: &mut [f32] = bytemuck::cast_slice_mut(&mut words[REQUEST_HEADER_WORDS..]);
-    body[..features.len()].copy_from_slice(features);
-    words
-}
-
 #[test]
 fn malformed_frames_get_error_statuses_and_the_session_goes_on() {
     let server = TestServer::start();

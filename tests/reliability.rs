@@ -74,7 +74,7 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A raw request frame for `client`'s model.
+/// A well-formed request frame for `client`'s next slot, under any `request_id`.
 fn raw_frame(client: &Client, request_id: u64, features: &[f32]) -> Vec<u64> {
     let header = RequestHeader {
         seq: client.next_seq(),
@@ -83,13 +83,7 @@ fn raw_frame(client: &Client, request_id: u64, features: &[f32]) -> Vec<u64> {
         feature_count: client.feature_count(),
         ..RequestHeader::default()
     };
-    let slot_words = client.segment().geometry().request_slot_size / 8;
-    let mut words = vec![0u64; slot_words];
-    words[..REQUEST_HEADER_WORDS]
-        .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
-    let body: &mut [f32] = bytemuck::cast_slice_mut(&mut words[REQUEST_HEADER_WORDS..]);
-    body[..features.len()].copy_from_slice(features);
-    words
+    common::raw_frame(client, header, features)
 }
 
 /// Waits for a child to print a line containing `mark` (libtest prints the test's name first,

@@ -293,6 +293,22 @@ pub fn spawn_child(entry: &str, role: &str, envs: &[(&str, String)]) -> Child {
     cmd.spawn().expect("spawn child client")
 }
 
+/// A request slot's words for `client`'s ring: `header`, then `features`.
+pub fn raw_frame(
+    client: &Client,
+    header: tie_client::layouts::abi::RequestHeader,
+    features: &[f32],
+) -> Vec<u64> {
+    use tie_client::layouts::abi::REQUEST_HEADER_WORDS;
+    let slot_words = client.segment().geometry().request_slot_size / 8;
+    let mut words = vec![0u64; slot_words];
+    words[..REQUEST_HEADER_WORDS]
+        .copy_from_slice(bytemuck::cast_slice(bytemuck::bytes_of(&header)));
+    let body: &mut [f32] = bytemuck::cast_slice_mut(&mut words[REQUEST_HEADER_WORDS..]);
+    body[..features.len()].copy_from_slice(features);
+    words
+}
+
 /// The next response of `client`, waiting up to 20 s.
 pub fn next_response(client: &mut Client) -> Response {
     let started = Instant::now();

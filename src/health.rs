@@ -354,6 +354,45 @@ mod tests {
         }))
     }
 
+    /// A backend whose every batch is accompanied by a failure of another batch.
+    struct Overlap {
+        inner: Arc<dyn Backend>,
+        health: Arc<ModelHealth>,
+    }
+
+    impl Backend for Overlap {
+        fn info(&self) -> &BackendInfo {
+            self.inner.info()
+        }
+        fn run_batch(
+            &self,
+            input: &[f32],
+            rows: usize,
+            output: &mut [f32],
+        ) -> Result<(), BackendError> {
+            self.health.batch_failed("m:1", &"during the check");
+            self.inner.run_batch(input, rows, output)
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_keeps_the_model_out_until_a_check_with_no_failure_passes() {
+        let inner = double();
+        let health = Arc::new(ModelHealth::new(Canary::record(inner.as_ref()).unwrap()));
+        health.batch_failed("m:1", &"boom");
+        assert!(!health.is_ready() && health.needs_recheck());
+        assert_eq!(health.reason().unwrap(), "a batch failed: boom");
+        // A batch fails while the check's canary runs: the passing canary does not clear it.
+        let overlap = Overlap {
+            inner: inner.clone(),
+            health: health.clone(),
+        };
+        assert!(!health.check("m:1", &overlap));
+        assert!(!health.is_ready() && health.needs_recheck());
+        assert!(health.check("m:1", inner.as_ref()));
+        assert!(health.is_ready() && !health.needs_recheck());
+    }
+
     #[test]
     fn a_canary_that_changes_or_fails_makes_the_model_not_ready_until_it_passes() {
         let (backend, switch) = Faulty::wrap(double());

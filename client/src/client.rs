@@ -503,9 +503,14 @@ impl Client {
         self.backoff = if self.backoff.is_zero() {
             policy.initial
         } else {
-            (self.backoff * 2).min(policy.max)
+            self.backoff.saturating_mul(2).min(policy.max)
         };
-        self.next_attempt = Instant::now().checked_add(self.backoff);
+        // A backoff past what an `Instant` holds: a day.
+        let now = Instant::now();
+        self.next_attempt = Some(
+            now.checked_add(self.backoff)
+                .unwrap_or(now + Duration::from_secs(86_400)),
+        );
         false
     }
 

@@ -90,9 +90,11 @@ pub(super) fn bind(
 }
 
 /// Connections whose hello is still arriving, at most this many at once: a new connection
-/// beyond it closes the oldest, so a flood of silent connections cannot lock out a client
-/// that sends its hello at once.
+/// beyond it closes the oldest (once that is `MIN_HANDSHAKE_AGE` old), so a flood of silent
+/// connections cannot lock out a client that sends its hello at once.
 const MAX_HANDSHAKES: usize = 64;
+/// How long a connection keeps its place before a newer one may close it.
+const MIN_HANDSHAKE_AGE: Duration = Duration::from_millis(10);
 /// The least time between two warnings about closed handshakes (a flood is counted, not
 /// logged line by line).
 const FLOOD_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -131,16 +133,29 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     // warning, and when that was.
     let mut dropped = 0u64;
     let mut last_flood_log: Option<Instant> = None;
+    // When accepting goes on (`None`: now), after all kept handshakes were too young to close.
+    let mut accept_after: Option<Instant> = None;
     while !ctx.stopping.load(Ordering::SeqCst) {
         let now = Instant::now();
-        let wait = handshakes
+        let mut wait = handshakes
             .iter()
             .map(|h| h.deadline.saturating_duration_since(now))
             .fold(TICK, Duration::min);
+        // While every kept handshake is too young to close, new connections wait in the
+        // backlog (the listener is not polled, so it does not spin on them).
+        let accepting = accept_after.is_none_or(|t| now >= t);
+        if let Some(t) = accept_after.filter(|_| !accepting) {
+            wait = wait.min(t - now);
+        }
         let (accept, hung, hello_ready) = {
             let mut fds: Vec<PollFd<'_>> =
                 Vec::with_capacity(1 + sessions.len() + handshakes.len());
-            fds.push(PollFd::new(&ctx.listener, PollFlags::IN));
+            let events = if accepting {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            };
+            fds.push(PollFd::new(&ctx.listener, events));
             for s in &sessions {
                 fds.push(PollFd::new(&s.socket, PollFlags::IN | PollFlags::RDHUP));
             }
@@ -202,9 +217,21 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
             last_flood_log = Some(Instant::now());
         }
         if accept {
-            // A bounded number per pass: a handshake accepted now is read on the next pass at
-            // the latest, before a burst of newer connections can push it out.
+            accept_after = None;
+            // A bounded number per pass, and a kept handshake is closed for a newer one only
+            // once it is `MIN_HANDSHAKE_AGE` old: a client's hello, written right after its
+            // connect, is read before a flood can push it out.
             for _ in 0..MAX_HANDSHAKES / 2 {
+                if handshakes.len() >= MAX_HANDSHAKES {
+                    let oldest = handshakes[0].deadline - HELLO_TIMEOUT;
+                    let old_enough = oldest + MIN_HANDSHAKE_AGE;
+                    if Instant::now() < old_enough {
+                        accept_after = Some(old_enough);
+                        break;
+                    }
+                    handshakes.remove(0);
+                    dropped += 1;
+                }
                 match ctx.listener.accept() {
                     Ok((stream, _)) => {
                         if stream.set_nonblocking(true).is_err() {
@@ -227,11 +254,6 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
                                 sessions.push(s);
                             }
                             continue;
-                        }
-                        if handshakes.len() >= MAX_HANDSHAKES {
-                            // The oldest (in accept order) goes.
-                            handshakes.remove(0);
-                            dropped += 1;
                         }
                         handshakes.push(h);
                     }

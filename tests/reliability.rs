@@ -100,16 +100,13 @@ const KILL_POINTS: [&str; 5] = ["hello", "connected", "mid-frame", "in-flight", 
 
 #[test]
 fn clients_killed_at_every_point_of_the_protocol_leave_nothing_behind() {
-    let kills: usize = std::env::var("TIE_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let kills: usize = common::env_or("TIE_KILLS", 1000);
     const AT_ONCE: usize = 5;
     let server = TestServer::start();
     let f = fixture("identity_v1");
     let mut steady = connect(&server, "identity");
     let dir = server.dir.to_string_lossy().into_owned();
-    let round = |server: &TestServer, point: &str| {
+    let round = |point: &str| {
         let mut children: Vec<Child> = (0..AT_ONCE)
             .map(|_| spawn_child("child", point, &[("TIE_SOCKET_DIR", dir.clone())]))
             .collect();
@@ -120,12 +117,11 @@ fn clients_killed_at_every_point_of_the_protocol_leave_nothing_behind() {
             c.kill().unwrap();
             c.wait().unwrap();
         }
-        let _ = server;
     };
     // One round of each point first: whatever the server sets up once (a lane, a buffer) is
     // in place before counting.
     for point in KILL_POINTS {
-        round(&server, point);
+        round(point);
     }
     // Each segment is one fd and one mapping of the server: the resources, timed. The session
     // list is asked of an inspector only once they are back, since the server's inspector
@@ -148,7 +144,7 @@ fn clients_killed_at_every_point_of_the_protocol_leave_nothing_behind() {
     while killed < kills {
         let point = KILL_POINTS[i % KILL_POINTS.len()];
         i += 1;
-        round(&server, point);
+        round(point);
         killed += AT_ONCE;
         // Reclaimed within a second: sessions, segment fds and mappings.
         let started = Instant::now();
@@ -1083,14 +1079,8 @@ fn soak_client(options: ConnectOptions) {
 
 #[test]
 fn soak_with_kills_and_a_reload_conserves_every_request() {
-    let secs: u64 = std::env::var("TIE_SOAK_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let clients: usize = std::env::var("TIE_SOAK_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let secs: u64 = common::env_or("TIE_SOAK_SECS", 4);
+    let clients: usize = common::env_or("TIE_SOAK_CLIENTS", 4);
     let repo = common::scratch_dir("soak-repo");
     common::add_version(&repo, "identity", 1, "identity", 1);
     let server = TestServer::start_with(TEST_CONFIG, &repo);

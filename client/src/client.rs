@@ -429,13 +429,7 @@ impl Client {
             return Ok(());
         }
         self.disconnected = true;
-        // The answers of requests a `predict` gave up on are dropped anyway.
-        self.pending.retain(|p| !p.abandoned);
-        let result = self.reopen(self.origin.connect_timeout);
-        if let Err(e) = &result {
-            self.last_reconnect_error = Some(e.to_string());
-        }
-        result
+        self.reopen(self.origin.connect_timeout)
     }
 
     /// Why the latest reconnect attempt failed (cleared when one succeeds): the automatic
@@ -444,8 +438,11 @@ impl Client {
         self.last_reconnect_error.as_deref()
     }
 
-    /// Replaces the ended session with a new one.
+    /// Replaces the ended session with a new one, once every request of it has come back;
+    /// a failure to open one is kept for [`Client::last_reconnect_error`].
     fn reopen(&mut self, timeout: Duration) -> Result<(), ConnectError> {
+        // The answers of requests a `predict` gave up on are dropped anyway.
+        self.pending.retain(|p| !p.abandoned);
         if !self.pending.is_empty() {
             return Err(ConnectError::RequestsInFlight {
                 count: self.pending.len() as u32,
@@ -454,13 +451,23 @@ impl Client {
         // The old session ends here for the server too (it may not know yet, when this side
         // found the ring corrupt), so it does not hold a place while the new one is asked for.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        let opened = self.origin.open(self.layout_hash, timeout)?;
+        let opened = self.origin.open(self.layout_hash, timeout).and_then(|o| {
+            let info = o.rings.segment().info();
+            if info.feature_count != self.feature_count || info.output_count != self.output_count {
+                return Err(ConnectError::BadReply(
+                    "the model's feature or output count changed",
+                ));
+            }
+            Ok(o)
+        });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                self.last_reconnect_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
         let info = *opened.rings.segment().info();
-        if info.feature_count != self.feature_count || info.output_count != self.output_count {
-            return Err(ConnectError::BadReply(
-                "the model's feature or output count changed",
-            ));
-        }
         self.rings = opened.rings;
         self.socket = opened.socket;
         self.model_version = info.model_version;
@@ -484,11 +491,6 @@ impl Client {
         let Some(policy) = self.origin.reconnect else {
             return false;
         };
-        // The answers of requests a `predict` gave up on are dropped anyway.
-        self.pending.retain(|p| !p.abandoned);
-        if !self.pending.is_empty() {
-            return false;
-        }
         let now = Instant::now();
         if self.next_attempt.is_some_and(|at| now < at) {
             return false;
@@ -498,7 +500,9 @@ impl Client {
         let timeout = self.origin.connect_timeout.min(AUTO_RECONNECT_TIMEOUT);
         match self.reopen(timeout) {
             Ok(()) => return true,
-            Err(e) => self.last_reconnect_error = Some(e.to_string()),
+            // Not an attempt: the old session's answers are still to be polled.
+            Err(ConnectError::RequestsInFlight { .. }) => return false,
+            Err(_) => {}
         }
         self.backoff = if self.backoff.is_zero() {
             policy.initial

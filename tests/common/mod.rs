@@ -223,6 +223,15 @@ impl Drop for TestServer {
     }
 }
 
+/// The environment variable `name` parsed, or `default` when unset or unparsable (for the
+/// sizes of longer documented runs).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Waits until `f` holds, for at most `limit`; returns whether it did.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let started = Instant::now();

@@ -18,8 +18,8 @@ use std::time::Duration;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use tie::config::{IdleStrategy, ServiceConfig};
-use tie::repository::{load_repository, LoadOptions};
-use tie::server::Server;
+use tie::dataplane::Server;
+use tie::models::{load_repository, LoadOptions};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, WaitStrategy};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -85,7 +85,10 @@ fn main() {
             layouts_dir: root.join("layouts/features"),
             warmup_requests: 100,
             profile_iterations: 20,
-            ..LoadOptions::from_config_with(&config, tie::gpu::Gpus::none("the CPU benchmark"))
+            ..LoadOptions::from_config_with(
+                &config,
+                tie_engine::devices::Gpus::none("the CPU benchmark"),
+            )
         };
         let models: Vec<_> = load_repository(&root.join("models"), &options)
             .unwrap()

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tie::config::{IdleStrategy, ServiceConfig};
-use tie::repository::{load_repository, LoadOptions};
-use tie::server::Server;
+use tie::dataplane::Server;
+use tie::models::{load_repository, LoadOptions};
 use tie_client::{Client, ConnectOptions, WaitStrategy};
 
 fn env(name: &str, default: usize) -> usize {
@@ -50,7 +50,10 @@ fn main() {
         warmup_requests: 100,
         profile_iterations: 20,
         // The CPU path, on any machine (benches/gpu.rs measures the GPU).
-        ..LoadOptions::from_config_with(&config, tie::gpu::Gpus::none("the CPU benchmark"))
+        ..LoadOptions::from_config_with(
+            &config,
+            tie_engine::devices::Gpus::none("the CPU benchmark"),
+        )
     };
     let models: Vec<_> = load_repository(&root.join("models"), &options)
         .expect("load models")

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tie::config::{IdleStrategy, ServiceConfig};
-use tie::gpu::Gpus;
-use tie::repository::{load_repository, LoadOptions};
-use tie::server::Server;
+use tie::dataplane::Server;
+use tie::models::{load_repository, LoadOptions};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, WaitStrategy};
+use tie_engine::devices::Gpus;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -92,7 +92,7 @@ fn main() {
     }
     config.server.poller_cores = pollers;
     config.server.idle = IdleStrategy::Spin;
-    let gpus = Gpus::probe(&config);
+    let gpus = Gpus::probe(&config.gpu_options());
     if let Some(why) = gpus.unavailable() {
         println!("SKIPPED: no usable GPU: {why}");
         return;

@@ -381,107 +381,99 @@ impl ServiceConfig {
     /// # Errors
     /// [`ConfigLoadError::Invalid`] naming the first key out of range.
     pub fn validate(&self) -> Result<(), ConfigLoadError> {
-        let b = &self.batch_processing;
-        if b.max_batch_size == 0 || b.max_batch_size > 65_536 {
-            return Err(ConfigLoadError::Invalid {
-                key: "batch_processing.max_batch_size",
-                value: b.max_batch_size.to_string(),
-                why: "must be in 1..=65536",
-            });
-        }
-        if self.server.max_segment_mb == 0 {
-            return Err(ConfigLoadError::Invalid {
-                key: "server.max_segment_mb",
-                value: "0".into(),
-                why: "must be at least 1",
-            });
-        }
-        if self.server.max_sessions == 0 {
-            return Err(ConfigLoadError::Invalid {
-                key: "server.max_sessions",
-                value: "0".into(),
-                why: "must be at least 1",
-            });
-        }
-        if b.max_queue_size == 0 || b.max_queue_size > 1 << 20 {
-            return Err(ConfigLoadError::Invalid {
-                key: "batch_processing.max_queue_size",
-                value: b.max_queue_size.to_string(),
-                why: "must be in 1..=1048576",
-            });
-        }
+        let (b, server, deployment) =
+            (&self.batch_processing, &self.server, &self.model_deployment);
+        require(
+            (1..=65_536).contains(&b.max_batch_size),
+            "batch_processing.max_batch_size",
+            b.max_batch_size,
+            "must be in 1..=65536",
+        )?;
+        require(
+            server.max_segment_mb > 0,
+            "server.max_segment_mb",
+            0,
+            "must be at least 1",
+        )?;
+        require(
+            server.max_sessions > 0,
+            "server.max_sessions",
+            0,
+            "must be at least 1",
+        )?;
+        require(
+            (1..=1 << 20).contains(&b.max_queue_size),
+            "batch_processing.max_queue_size",
+            b.max_queue_size,
+            "must be in 1..=1048576",
+        )?;
         if let Some(&bad) = b
             .allowed_batch_sizes
             .iter()
             .find(|&&s| s == 0 || s > b.max_batch_size)
         {
-            return Err(ConfigLoadError::Invalid {
-                key: "batch_processing.allowed_batch_sizes",
-                value: bad.to_string(),
-                why: "every size must be in 1..=max_batch_size",
-            });
+            require(
+                false,
+                "batch_processing.allowed_batch_sizes",
+                bad,
+                "every size must be in 1..=max_batch_size",
+            )?;
         }
-        // The host's online CPUs, not this process's affinity: cores isolated with isolcpus
-        // are outside a shell's affinity and are exactly where pollers belong.
-        let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
-            .map(|l| crate::doctor::parse_cpu_list(&l))
-            .unwrap_or_else(|_| {
-                core_affinity::get_core_ids()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|c| c.id)
-                    .collect()
-            });
-        for &core in &self.server.poller_cores {
-            if !online.contains(&core) {
-                return Err(ConfigLoadError::Invalid {
-                    key: "server.poller_cores",
-                    value: core.to_string(),
-                    why: "no such core on this host",
-                });
-            }
+        let online = online_cores();
+        if let Some(&core) = server.poller_cores.iter().find(|c| !online.contains(c)) {
+            require(
+                false,
+                "server.poller_cores",
+                core,
+                "no such core on this host",
+            )?;
         }
-        if self.monitoring.interval_ms < 10 {
-            return Err(ConfigLoadError::Invalid {
-                key: "monitoring.interval_ms",
-                value: self.monitoring.interval_ms.to_string(),
-                why: "must be at least 10",
-            });
-        }
+        require(
+            self.monitoring.interval_ms >= 10,
+            "monitoring.interval_ms",
+            self.monitoring.interval_ms,
+            "must be at least 10",
+        )?;
         if let Some(url) = &self.monitoring.alert_webhook {
-            if !url.starts_with("http://") {
-                return Err(ConfigLoadError::Invalid {
-                    key: "monitoring.alert_webhook",
-                    value: url.clone(),
-                    why: "must be an http:// URL (this build has no TLS)",
-                });
-            }
+            require(
+                url.starts_with("http://"),
+                "monitoring.alert_webhook",
+                url,
+                "must be an http:// URL (this build has no TLS)",
+            )?;
         }
-        if self.model_deployment.health_check_interval_sec == 0 {
-            return Err(ConfigLoadError::Invalid {
-                key: "model_deployment.health_check_interval_sec",
-                value: "0".into(),
-                why: "must be at least 1",
-            });
+        require(
+            deployment.health_check_interval_sec > 0,
+            "model_deployment.health_check_interval_sec",
+            0,
+            "must be at least 1",
+        )?;
+        let engine = &self.tensorrt_inference_engine;
+        require(
+            engine.max_concurrent_requests > 0 && engine.worker_threads > 0,
+            "tensorrt_inference_engine.max_concurrent_requests",
+            0,
+            "max_concurrent_requests and worker_threads must be at least 1",
+        )?;
+        let f = deployment.memory_fraction_per_model;
+        require(
+            f > 0.0 && f <= 1.0,
+            "model_deployment.memory_fraction_per_model",
+            f,
+            "must be in (0, 1]",
+        )
+    }
+
+    /// The GPUs to open and the memory rules for models on them (`[gpu_config]` and
+    /// `[model_deployment]`).
+    pub fn gpu_options(&self) -> tie_engine::devices::GpuOptions {
+        tie_engine::devices::GpuOptions {
+            device_ids: self.gpu_config.device_ids.clone(),
+            cuda_graphs: self.gpu_config.enable_cuda_graphs,
+            memory_pool_mb: self.gpu_config.memory_pool_size_mb,
+            memory_fraction_per_model: self.model_deployment.memory_fraction_per_model,
+            max_models_per_gpu: self.model_deployment.max_models_per_gpu,
         }
-        if self.tensorrt_inference_engine.max_concurrent_requests == 0
-            || self.tensorrt_inference_engine.worker_threads == 0
-        {
-            return Err(ConfigLoadError::Invalid {
-                key: "tensorrt_inference_engine.max_concurrent_requests",
-                value: "0".into(),
-                why: "max_concurrent_requests and worker_threads must be at least 1",
-            });
-        }
-        let f = self.model_deployment.memory_fraction_per_model;
-        if !(f > 0.0 && f <= 1.0) {
-            return Err(ConfigLoadError::Invalid {
-                key: "model_deployment.memory_fraction_per_model",
-                value: f.to_string(),
-                why: "must be in (0, 1]",
-            });
-        }
-        Ok(())
     }
 
     /// The HTTP address: `server.http_addr`, else 127.0.0.1 on the engine's port.
@@ -490,6 +482,38 @@ impl ServiceConfig {
             SocketAddr::from(([127, 0, 0, 1], self.tensorrt_inference_engine.port))
         })
     }
+}
+
+/// `Ok` when `ok`, else the invalid key with the value given and why.
+fn require(
+    ok: bool,
+    key: &'static str,
+    value: impl ToString,
+    why: &'static str,
+) -> Result<(), ConfigLoadError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigLoadError::Invalid {
+            key,
+            value: value.to_string(),
+            why,
+        })
+    }
+}
+
+/// The host's online CPUs, not this process's affinity: cores isolated with isolcpus are
+/// outside a shell's affinity and are exactly where pollers belong.
+fn online_cores() -> Vec<usize> {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|l| crate::host::parse_cpu_list(&l))
+        .unwrap_or_else(|_| {
+            core_affinity::get_core_ids()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.id)
+                .collect()
+        })
 }
 
 #[cfg(test)]

@@ -1,26 +1,29 @@
 //! tie: a low-latency inference server for trading processes on the same host.
 //!
-//! Clients (`tie-client`) write feature frames into shared-memory rings; the server's pollers
-//! ([`server`]) validate them, batch them per model and run them on a [`backend::Backend`],
-//! then write predictions back. Models come from a Triton-style repository ([`repository`]);
-//! the service is configured by a TOML file ([`config`]).
+//! A request crosses the planes in this order:
+//! - [`dataplane`]: the listener opens sessions (sealed shared-memory rings) for clients
+//!   (`tie-client`); pollers read their frames, validate them, batch them per model
+//!   ([`dataplane::batch`]) and run each batch on the model's backend (`tie_engine`), then
+//!   write the predictions back.
+//! - [`models`]: what is served: the repository, the loaded versions ([`models::ModelSet`]),
+//!   the manager that changes them while serving, health checks and routing.
+//! - [`monitor`]: per-model latency histograms and counters, alerts, Prometheus text and
+//!   interval logs.
+//! - [`http`]: the control plane: the JSON API (predictions through the same rings, model
+//!   management, health, metrics) and its OpenAPI document.
+//! - the `tie` binary's commands (`src/cli/`) wire these together; [`config`] the service's TOML file; [`host`] what the host's
+//!   CPUs are; [`logging`] the log format.
+//!
+//! The engines are the `tie-engine` crate, the interval-log codec `tie-hlog`, the load
+//! generator and its charts `tie-loadgen`; the shared-memory ABI is `tie-layouts`.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
-pub mod api;
-pub mod backend;
-pub mod batch;
-pub mod cli;
 pub mod config;
-pub mod doctor;
-pub mod gpu;
-pub mod health;
+pub mod dataplane;
+pub mod host;
 pub mod http;
-pub mod loadgen;
 pub mod logging;
-pub mod manager;
+pub mod models;
 pub mod monitor;
-pub mod profile;
-pub mod report;
-pub mod repository;
-pub mod router;
-pub mod server;
+mod sync;

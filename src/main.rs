@@ -1,7 +1,11 @@
+//! The `tie` binary: parses the command line and runs it ([`cli::run`]).
+
+mod cli;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match tie::cli::run() {
+    match cli::run() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -10,10 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytemuck::Zeroable;
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::MmapOptions;
 use tie_layouts::abi::{
-    self, SegmentGeometry, SegmentInfo, ServerState, RESPONSE_WORDS, SERVER_DETAIL_OFFSET,
-    SERVER_STATE_OFFSET,
+    self, SegmentGeometry, SegmentInfo, ServerState, SERVER_DETAIL_OFFSET, SERVER_STATE_OFFSET,
 };
 use tie_layouts::hello::{Hello, SessionRecord, HELLO_FLAG_INSPECT};
 use tie_layouts::ring::RingView;
@@ -21,7 +20,8 @@ use tie_layouts::sync::{AtomicU64, Ordering};
 
 use crate::error::ConnectError;
 use crate::handshake::{exchange_hello, receive_with_fd};
-use crate::segment::{check_header, checked_size, ring_at, SegmentOpenError};
+use crate::segment::{check_header, checked_size, SegmentOpenError};
+use crate::words::MappedWords;
 
 /// Most sessions an inspection returns.
 pub const MAX_INSPECTED: u64 = 1 << 20;
@@ -38,7 +38,7 @@ pub struct InspectedSession {
 /// A session segment mapped read-only.
 #[derive(Debug)]
 pub struct SegmentView {
-    map: MmapRaw,
+    map: MappedWords,
     info: SegmentInfo,
     geometry: SegmentGeometry,
 }
@@ -54,6 +54,7 @@ impl SegmentView {
             .len(actual as usize)
             .map_raw_read_only(fd)
             .map_err(|source| SegmentOpenError::Os { op: "mmap", source })?;
+        let map = MappedWords::new(map);
         let mut view = Self {
             map,
             info: SegmentInfo::zeroed(),
@@ -65,20 +66,9 @@ impl SegmentView {
         Ok(view)
     }
 
-    /// The whole segment as words, for loads only.
+    /// The whole segment as words, for loads only (the pages are mapped read-only).
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is `len` bytes (a multiple of 64), page-aligned, and lives as long
-        // as `self`; every bit pattern is a valid `AtomicU64`, and the peers change the words
-        // only through atomic stores, so our atomic loads race with nothing. The pages are
-        // mapped read-only: only loads are ever made through this slice (the `RingView`
-        // methods an observer uses, `load_indices` and `read_slot`, only load). The memfd is
-        // sealed against shrinking by the server.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr() as *const AtomicU64,
-                self.map.len() / size_of::<u64>(),
-            )
-        }
+        self.map.words()
     }
 
     /// The header.
@@ -93,22 +83,12 @@ impl SegmentView {
 
     /// The request ring (observe with `load_indices` and `read_slot`).
     pub fn request_ring(&self) -> RingView<'_> {
-        ring_at(
-            self.words(),
-            self.geometry.request_offset,
-            self.geometry.request_capacity,
-            self.geometry.request_slot_size / 8,
-        )
+        self.map.request_ring(&self.geometry)
     }
 
     /// The response ring (observe with `load_indices` and `read_slot`).
     pub fn response_ring(&self) -> RingView<'_> {
-        ring_at(
-            self.words(),
-            self.geometry.response_offset,
-            self.geometry.response_capacity,
-            RESPONSE_WORDS,
-        )
+        self.map.response_ring(&self.geometry)
     }
 
     /// The server-state word and its detail.

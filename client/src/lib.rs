@@ -30,6 +30,7 @@ mod handshake;
 pub mod inspect;
 pub mod segment;
 mod wait;
+mod words;
 
 pub use client::{Backoff, Client, ConnectOptions, Prediction, Priority, RequestId, Response};
 pub use clock::monotonic_ns;

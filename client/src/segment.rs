@@ -13,10 +13,12 @@ use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{MemfdFlags, SealFlags};
 use tie_layouts::abi::{
     self, SegmentGeometry, SegmentInfo, ServerState, ABI_VERSION, READY, READY_OFFSET,
-    RESPONSE_WORDS, SEGMENT_MAGIC, SERVER_DETAIL_OFFSET, SERVER_STATE_OFFSET,
+    SEGMENT_MAGIC, SERVER_DETAIL_OFFSET, SERVER_STATE_OFFSET,
 };
 use tie_layouts::ring::{Consumer, Producer, PushError, RingCorrupt, RingView};
 use tie_layouts::sync::{AtomicU64, Ordering};
+
+use crate::words::MappedWords;
 
 /// Why a segment could not be made or opened.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +74,7 @@ fn os(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> SegmentOpenError {
 /// A mapped session segment.
 #[derive(Debug)]
 pub struct Segment {
-    map: MmapRaw,
+    map: MappedWords,
     fd: OwnedFd,
     info: SegmentInfo,
     geometry: SegmentGeometry,
@@ -125,7 +127,7 @@ impl Segment {
         }
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(os("fcntl(F_ADD_SEALS)"))?;
-        let map = map(&fd, geometry.segment_size)?;
+        let map = MappedWords::new(map(&fd, geometry.segment_size)?);
         let segment = Self {
             map,
             fd,
@@ -161,7 +163,7 @@ impl Segment {
         if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
             return Err(SegmentOpenError::NotSealed);
         }
-        let map = map(&fd, actual as usize)?;
+        let map = MappedWords::new(map(&fd, actual as usize)?);
         let mut segment = Self {
             map,
             fd,
@@ -212,24 +214,12 @@ impl Segment {
 
     /// The request ring.
     pub fn request_ring(&self) -> RingView<'_> {
-        self.ring(
-            self.geometry.request_offset,
-            self.geometry.request_capacity,
-            self.geometry.request_slot_size / 8,
-        )
+        self.map.request_ring(&self.geometry)
     }
 
     /// The response ring.
     pub fn response_ring(&self) -> RingView<'_> {
-        self.ring(
-            self.geometry.response_offset,
-            self.geometry.response_capacity,
-            RESPONSE_WORDS,
-        )
-    }
-
-    fn ring(&self, offset: usize, capacity: u32, slot_words: usize) -> RingView<'_> {
-        ring_at(self.words(), offset, capacity, slot_words)
+        self.map.response_ring(&self.geometry)
     }
 
     /// Stores the server's error counter (observers read it).
@@ -252,18 +242,7 @@ impl Segment {
 
     /// The whole segment as words.
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is `segment_size` bytes (a multiple of 8), page-aligned, and
-        // lives as long as `self`. The peer may write any bytes at any time, and every bit
-        // pattern is a valid `AtomicU64`; all accesses through the slice are atomic, so the
-        // peer's writes are never a data race of ours. The memfd is sealed against shrinking
-        // (the server seals it in `create`; `open` refuses an fd without the seals), so the
-        // pages cannot go away under us.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr() as *const AtomicU64,
-                self.map.len() / size_of::<u64>(),
-            )
-        }
+        self.map.words()
     }
 }
 

@@ -34,7 +34,7 @@
 //! assert_eq!(out, [7, 8]);
 //! ```
 #![cfg_attr(not(feature = "std"), no_std)]
-#![deny(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod abi;

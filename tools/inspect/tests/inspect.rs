@@ -2,6 +2,9 @@
 //! proof that inspecting changes nothing, the plain table, the messages when it cannot attach,
 //! and the rendering of a known state.
 
+#[path = "../../../tests/integration/common/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -9,8 +12,8 @@ use std::time::Duration;
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use tie::config::ServiceConfig;
-use tie::repository::{load_repository, LoadOptions};
-use tie::server::Server;
+use tie::dataplane::Server;
+use tie::models::{load_repository, LoadOptions};
 use tie_client::{Client, ConnectOptions, Priority, SubmitError};
 use tie_inspect::snapshot::{RequestView, ResponseView, RingState, SessionSnapshot, Snapshot};
 use tie_inspect::view::{render, App};
@@ -200,7 +203,10 @@ fn clear_messages_when_it_cannot_attach() {
         assert!(err.contains("permission denied"), "{err}");
         server.shutdown();
     } else {
-        eprintln!("skipped the other-user check: needs root and runuser");
+        skip::skip(
+            skip::Need::Root,
+            "the other-user check needs root and runuser",
+        );
     }
 }
 

@@ -1,0 +1,96 @@
+//! Loading an ONNX file on the CPU: [`load_cpu`] picks the MLP path ([`MlpBackend`]) when the
+//! graph lowers to an [`MlpPlan`], else tract ([`TractBackend`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::lower::{self, lower_mlp, LowerError};
+use crate::{Backend, MlpBackend, MlpPlan, ModelIo, TractBackend};
+
+/// Which CPU engine a model asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuEngine {
+    /// The MLP path when the graph is an MLP, else tract.
+    #[default]
+    Auto,
+    /// tract, whatever the graph.
+    Tract,
+    /// The MLP path; loading fails if the graph is not an MLP.
+    Mlp,
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendLoadError {
+    /// The file could not be read or parsed as ONNX.
+    #[error("cannot read ONNX model {}: {message}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The graph's I/O is not one f32 `[batch, n]` input and one f32 `[batch, m]` output.
+    #[error("unsupported model I/O: {0}")]
+    UnsupportedIo(String),
+    /// The MLP path was asked for and the graph is not an MLP.
+    #[error("not an MLP graph: {0}")]
+    NotMlp(#[from] LowerError),
+    /// tract could not build the model.
+    #[error("tract cannot run the model: {0}")]
+    Tract(String),
+}
+
+fn read_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, BackendLoadError> {
+    use tract_onnx::prelude::Framework;
+    tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| BackendLoadError::Read {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })
+}
+
+/// Reads an ONNX file: its I/O and, when it is MLP-shaped, its [`MlpPlan`] (else why not).
+///
+/// # Errors
+/// [`BackendLoadError`] when the file cannot be read or its I/O is unsupported.
+pub fn read_mlp(path: &Path) -> Result<(ModelIo, Result<MlpPlan, LowerError>), BackendLoadError> {
+    let proto = read_proto(path)?;
+    let mut io = lower::model_io(&proto)?;
+    let plan = lower_mlp(&proto, &io);
+    if let Ok(plan) = &plan {
+        io.output_width = plan.output_width();
+    }
+    Ok((io, plan))
+}
+
+/// Loads an ONNX file on the CPU with the engine asked for.
+///
+/// # Errors
+/// [`BackendLoadError`] when the file cannot be read, its I/O is unsupported, or the engine
+/// cannot run it.
+pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, BackendLoadError> {
+    let proto = read_proto(path)?;
+    let io = lower::model_io(&proto)?;
+    let mlp = match engine {
+        CpuEngine::Tract => None,
+        CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),
+        CpuEngine::Auto => match lower_mlp(&proto, &io) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                tracing::info!(model = %path.display(), reason = %e, "not an MLP graph, serving it with tract");
+                None
+            }
+        },
+    };
+    Ok(match mlp {
+        Some(plan) => {
+            let mut io = io;
+            io.output_width = plan.output_width();
+            Arc::new(MlpBackend::new(io, plan))
+        }
+        None => Arc::new(TractBackend::new(&proto, io)?),
+    })
+}

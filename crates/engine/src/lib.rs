@@ -1,0 +1,43 @@
+//! tie's engines: what runs a batch of feature rows through a model.
+//!
+//! A [`Backend`] describes the model's I/O ([`ModelIo`]), runs a batch and reports its health;
+//! the server holds each as `Arc<dyn Backend>`. The engines:
+//! - [`MlpBackend`]: a specialised CPU path for MLP-shaped ONNX graphs ([`MlpPlan`], lowered by
+//!   [`lower_mlp`]);
+//! - [`TractBackend`]: any graph tract can run, on the CPU;
+//! - `cuda::CudaBackend` (feature `cuda`): MLP plans as CUDA-graph executions on the GPUs that
+//!   [`devices::Gpus`] opened.
+//!
+//! [`load_cpu`] picks a CPU engine for an ONNX file; [`profile::ModelProfile`] measures a
+//! loaded backend's batch timings.
+//!
+//! ```no_run
+//! use tie_engine::{load_cpu, CpuEngine};
+//!
+//! let backend = load_cpu("models/mlp64/1/model.onnx".as_ref(), CpuEngine::Auto)?;
+//! let io = &backend.info().io;
+//! let input = vec![0.5f32; io.input_width];
+//! let mut output = vec![0.0f32; io.output_width];
+//! backend.run_batch(&input, 1, &mut output)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod backend;
+mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod devices;
+mod lower;
+mod mlp;
+pub mod profile;
+mod tract;
+
+pub use backend::{
+    check_shape, Backend, BackendError, BackendHealth, BackendInfo, ModelIo, Precision,
+};
+pub use cpu::{load_cpu, read_mlp, BackendLoadError, CpuEngine};
+pub use lower::{lower_mlp, LowerError};
+pub use mlp::{Activation, Dense, MlpBackend, MlpPlan};
+pub use tract::TractBackend;

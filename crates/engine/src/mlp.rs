@@ -1,0 +1,399 @@
+//! The MLP path: dense layers with fused activations, run row by row with SIMD where the CPU
+//! has it.
+//!
+//! Weights are stored input-major (`w[i * out + j]`), so each input value scales one
+//! contiguous row of weights into the output (an axpy the compiler vectorises). On x86-64 with
+//! AVX2 and FMA a copy of the loops compiled for them is chosen at load.
+
+use std::sync::Mutex;
+
+use crate::{Backend, BackendError, BackendInfo, ModelIo};
+
+/// An element-wise activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// x.
+    Identity,
+    /// max(x, 0).
+    Relu,
+    /// x for x >= 0, alpha * x otherwise.
+    LeakyRelu(f32),
+    /// 1 / (1 + e^-x).
+    Sigmoid,
+    /// tanh(x).
+    Tanh,
+    /// x/2 (1 + erf(x / sqrt 2)) (ONNX `Gelu`).
+    Gelu,
+    /// x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (ONNX `Gelu` with `approximate = "tanh"`).
+    GeluTanh,
+}
+
+impl Activation {
+    #[inline(always)]
+    fn apply(self, v: &mut [f32]) {
+        match self {
+            Self::Identity => {}
+            Self::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            Self::LeakyRelu(a) => v
+                .iter_mut()
+                .for_each(|x| *x = if *x >= 0.0 { *x } else { a * *x }),
+            Self::Sigmoid => v.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
+            Self::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
+            Self::Gelu => v.iter_mut().for_each(|x| {
+                *x = 0.5 * *x * (1.0 + libm::erff(*x * std::f32::consts::FRAC_1_SQRT_2))
+            }),
+            Self::GeluTanh => v.iter_mut().for_each(|x| {
+                let inner = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
+                *x = 0.5 * *x * (1.0 + inner.tanh());
+            }),
+        }
+    }
+}
+
+/// One dense layer: `y = act(x W + b)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dense {
+    /// Inputs.
+    pub inputs: usize,
+    /// Outputs.
+    pub outputs: usize,
+    /// `inputs * outputs` weights, input-major.
+    pub weights: Vec<f32>,
+    /// `outputs` biases.
+    pub bias: Vec<f32>,
+    /// Applied after the bias.
+    pub activation: Activation,
+}
+
+/// A chain of dense layers (an empty chain passes its input through, optionally with a final
+/// activation).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpPlan {
+    /// Width of the input.
+    pub input_width: usize,
+    /// The layers in order.
+    pub layers: Vec<Dense>,
+    /// An activation applied to the input before the first layer.
+    pub input_activation: Activation,
+}
+
+impl MlpPlan {
+    /// Width of the output.
+    pub fn output_width(&self) -> usize {
+        self.layers.last().map_or(self.input_width, |l| l.outputs)
+    }
+
+    /// The widest activation: the input or a layer's output.
+    pub fn widest(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.outputs)
+            .chain([self.input_width])
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Runs `R` rows (row `r` of the input at `input[r * input_width..]`) through every layer;
+    /// `a` and `b` are scratch of at least `R * widest`.
+    #[inline(always)]
+    fn run_block<const R: usize, const FMA: bool>(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+    ) {
+        let (iw, ow, stride) = (self.input_width, self.output_width(), self.widest());
+        for r in 0..R {
+            let row = &mut a[r * stride..r * stride + iw];
+            row.copy_from_slice(&input[r * iw..(r + 1) * iw]);
+            self.input_activation.apply(row);
+        }
+        let (mut cur, mut next) = (a, b);
+        for layer in &self.layers {
+            dense::<R, FMA>(layer, cur, stride, next, stride);
+            std::mem::swap(&mut cur, &mut next);
+        }
+        for r in 0..R {
+            output[r * ow..(r + 1) * ow].copy_from_slice(&cur[r * stride..r * stride + ow]);
+        }
+    }
+
+    #[inline(always)]
+    fn run_rows_generic<const FMA: bool>(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let (iw, ow) = (self.input_width, self.output_width());
+        let mut r = 0;
+        // BLOCK_ROWS rows at a time share every weight load; the rest one by one.
+        while r + BLOCK_ROWS <= rows {
+            self.run_block::<BLOCK_ROWS, FMA>(
+                &input[r * iw..],
+                &mut output[r * ow..],
+                &mut s.a,
+                &mut s.b,
+            );
+            r += BLOCK_ROWS;
+        }
+        while r < rows {
+            self.run_block::<1, FMA>(&input[r * iw..], &mut output[r * ow..], &mut s.a, &mut s.b);
+            r += 1;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn run_rows_avx2(&self, input: &[f32], rows: usize, output: &mut [f32], s: &mut Scratch) {
+        self.run_rows_generic::<true>(input, rows, output, s);
+    }
+
+    /// Runs `rows` rows.
+    fn run_rows(&self, input: &[f32], rows: usize, output: &mut [f32], s: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        if s.avx2 {
+            // SAFETY: `s.avx2` is set only when the CPU reports AVX2 and FMA.
+            unsafe { self.run_rows_avx2(input, rows, output, s) };
+            return;
+        }
+        self.run_rows_generic::<false>(input, rows, output, s);
+    }
+}
+
+/// `y = act(x W + b)` for `R` rows (`x` rows `xs` apart, `y` rows `ys` apart): output columns
+/// in register blocks (64 wide for one row, 16 wide for a block of rows), each accumulated over all
+/// inputs, so every weight load serves `R` rows and the accumulators stay in registers.
+#[inline(always)]
+fn dense<const R: usize, const FMA: bool>(
+    layer: &Dense,
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    let mut jb = 0;
+    if R == 1 {
+        while jb + 64 <= layer.outputs {
+            block::<R, 64, FMA>(layer, x, xs, y, ys, jb);
+            jb += 64;
+        }
+    }
+    while jb + 16 <= layer.outputs {
+        block::<R, 16, FMA>(layer, x, xs, y, ys, jb);
+        jb += 16;
+    }
+    // The last columns (fewer than 16): dot products with eight partial sums.
+    for j in jb..layer.outputs {
+        for r in 0..R {
+            let xr = &x[r * xs..r * xs + layer.inputs];
+            let mut partial = [0.0f32; 8];
+            for (i, &xi) in xr.iter().enumerate() {
+                let w = layer.weights[i * layer.outputs + j];
+                partial[i % 8] = if FMA {
+                    xi.mul_add(w, partial[i % 8])
+                } else {
+                    xi * w + partial[i % 8]
+                };
+            }
+            y[r * ys + j] = layer.bias[j] + partial.iter().sum::<f32>();
+        }
+    }
+    for r in 0..R {
+        layer
+            .activation
+            .apply(&mut y[r * ys..r * ys + layer.outputs]);
+    }
+}
+
+#[inline(always)]
+fn block<const R: usize, const W: usize, const FMA: bool>(
+    layer: &Dense,
+    x: &[f32],
+    xs: usize,
+    y: &mut [f32],
+    ys: usize,
+    jb: usize,
+) {
+    let mut acc = [[0.0f32; W]; R];
+    for row in acc.iter_mut() {
+        row.copy_from_slice(&layer.bias[jb..jb + W]);
+    }
+    for i in 0..layer.inputs {
+        let w: &[f32; W] = layer.weights[i * layer.outputs + jb..i * layer.outputs + jb + W]
+            .try_into()
+            .expect("W columns");
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xv = x[r * xs + i];
+            for k in 0..W {
+                // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
+                row[k] = if FMA {
+                    xv.mul_add(w[k], row[k])
+                } else {
+                    xv * w[k] + row[k]
+                };
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        y[r * ys + jb..r * ys + jb + W].copy_from_slice(row);
+    }
+}
+
+/// Rows that share each weight load in a batch: 4 rows × 16 columns keep 8 accumulators in
+/// registers (6 rows measured slower here: 51 µs against 32 µs for a batch of 64).
+const BLOCK_ROWS: usize = 4;
+
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    avx2: bool,
+}
+
+/// Runs an [`MlpPlan`] on the CPU.
+pub struct MlpBackend {
+    info: BackendInfo,
+    plan: MlpPlan,
+    scratch: Mutex<Scratch>,
+}
+
+impl MlpBackend {
+    /// A backend for `plan`, whose widths match `io`.
+    pub fn new(io: ModelIo, plan: MlpPlan) -> Self {
+        let widest = plan.widest();
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        Self {
+            info: BackendInfo {
+                io,
+                architecture: "mlp".into(),
+                device: "cpu".into(),
+                engine: "cpu-mlp",
+                device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
+            },
+            plan,
+            scratch: Mutex::new(Scratch {
+                a: vec![0.0; BLOCK_ROWS * widest],
+                b: vec![0.0; BLOCK_ROWS * widest],
+                avx2,
+            }),
+        }
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &MlpPlan {
+        &self.plan
+    }
+}
+
+impl Backend for MlpBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn run_batch(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let (iw, ow) = (self.plan.input_width, self.plan.output_width());
+        crate::check_shape(input, rows, output, iw, ow)?;
+        let mut scratch = self
+            .scratch
+            .lock()
+            .map_err(|_| BackendError::Execution("scratch lock poisoned".into()))?;
+        self.plan.run_rows(input, rows, output, &mut scratch);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(i: usize, o: usize) -> ModelIo {
+        ModelIo {
+            input_name: "x".into(),
+            input_width: i,
+            output_name: "y".into(),
+            output_width: o,
+        }
+    }
+
+    #[test]
+    fn two_layers_by_hand() {
+        // x W1 + b1 = [1*1 + 2*3 + 0.5, 1*2 + 2*4 - 20] = [7.5, -10] -> relu [7.5, 0]
+        // then [7.5, 0] . [2, 1] - 1 = 14
+        let plan = MlpPlan {
+            input_width: 2,
+            input_activation: Activation::Identity,
+            layers: vec![
+                Dense {
+                    inputs: 2,
+                    outputs: 2,
+                    weights: vec![1.0, 2.0, 3.0, 4.0],
+                    bias: vec![0.5, -20.0],
+                    activation: Activation::Relu,
+                },
+                Dense {
+                    inputs: 2,
+                    outputs: 1,
+                    weights: vec![2.0, 1.0],
+                    bias: vec![-1.0],
+                    activation: Activation::Identity,
+                },
+            ],
+        };
+        let b = MlpBackend::new(io(2, 1), plan);
+        let mut out = [0.0f32; 2];
+        b.run_batch(&[1.0, 2.0, 1.0, 2.0], 2, &mut out).unwrap();
+        assert_eq!(out, [14.0, 14.0]);
+        assert!(b.run_batch(&[1.0], 1, &mut out).is_err());
+    }
+
+    #[test]
+    fn an_input_activation_applies_before_the_first_layer() {
+        let plan = MlpPlan {
+            input_width: 2,
+            input_activation: Activation::Relu,
+            layers: vec![Dense {
+                inputs: 2,
+                outputs: 1,
+                weights: vec![1.0, 1.0],
+                bias: vec![0.0],
+                activation: Activation::Identity,
+            }],
+        };
+        let b = MlpBackend::new(io(2, 1), plan);
+        let mut out = [0.0f32];
+        b.run_batch(&[-3.0, 2.0], 1, &mut out).unwrap();
+        assert_eq!(out, [2.0]);
+    }
+
+    #[test]
+    fn activations() {
+        let mut v = [-2.0f32, 0.0, 3.0];
+        Activation::LeakyRelu(0.1).apply(&mut v);
+        assert_eq!(v, [-0.2, 0.0, 3.0]);
+        let mut v = [0.0f32];
+        Activation::Sigmoid.apply(&mut v);
+        assert_eq!(v, [0.5]);
+        // Reference values from torch.nn.functional.gelu (exact and tanh).
+        let mut v = [-1.0f32, 0.5, 2.0];
+        Activation::Gelu.apply(&mut v);
+        for (a, b) in v.iter().zip([-0.158_655_26, 0.345_731_14, 1.954_499_7]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let mut v = [-1.0f32, 0.5, 2.0];
+        Activation::GeluTanh.apply(&mut v);
+        for (a, b) in v.iter().zip([-0.158_808, 0.345_714, 1.954_597_7]) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! `tie doctor`: checks the host against the deployment guide (deploy/README.md) and says what
+//! is fine, what is not, and the fix. Every value is read from the kernel's files (or the
+//! driver); one that cannot be read is reported as unknown, never guessed.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use tie::config::ServiceConfig;
+use tie::host::{cpu_numa_node, parse_cpu_list, read_trimmed as read};
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// As the guide recommends.
+    Ok,
+    /// Works, but costs latency or predictability.
+    Warn,
+    /// Cannot be read on this host.
+    Unknown,
+}
+
+/// One check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// What was read.
+    pub value: String,
+    /// What to do about a warning (empty when fine).
+    pub fix: String,
+}
+
+fn check(name: &'static str, verdict: Verdict, value: impl Into<String>, fix: &str) -> Check {
+    Check {
+        name,
+        verdict,
+        value: value.into(),
+        fix: if verdict == Verdict::Ok {
+            String::new()
+        } else {
+            fix.to_string()
+        },
+    }
+}
+
+/// Runs every check for a server configured by `config`.
+pub fn run(config: &ServiceConfig) -> Vec<Check> {
+    let pinned = &config.server.poller_cores;
+    let mut out = vec![
+        isolated_cores(pinned),
+        nohz_full(pinned),
+        governor(pinned),
+        transparent_huge_pages(),
+        segment_huge_pages(config.server.huge_pages),
+        memlock(),
+        clock_source(),
+    ];
+    if !pinned.is_empty() {
+        out.push(smt_siblings(pinned));
+    }
+    out.push(gpus(config));
+    out
+}
+
+/// The kernel's CPU directory in sysfs.
+fn cpu_dir() -> &'static Path {
+    Path::new("/sys/devices/system/cpu")
+}
+
+/// Isolated cores: the pollers' cores should be isolated from the scheduler.
+fn isolated_cores(pinned: &[usize]) -> Check {
+    let isolated = read(cpu_dir().join("isolated")).map(|l| parse_cpu_list(&l));
+    match (&isolated, pinned.is_empty()) {
+        (None, _) => check("isolated cores", Verdict::Unknown, "unreadable", ""),
+        (Some(_), true) => check(
+            "isolated cores",
+            Verdict::Warn,
+            "server.poller_cores is empty (pollers unpinned)",
+            "pin the pollers: server.poller_cores = [..] on isolated cores",
+        ),
+        (Some(iso), false) => {
+            let missing: Vec<usize> = pinned
+                .iter()
+                .filter(|c| !iso.contains(c))
+                .copied()
+                .collect();
+            let value = format!("isolated {iso:?}, poller cores {pinned:?}");
+            if missing.is_empty() {
+                check("isolated cores", Verdict::Ok, value, "")
+            } else {
+                check(
+                    "isolated cores",
+                    Verdict::Warn,
+                    value,
+                    "boot with isolcpus=<poller cores> nohz_full=<same> rcu_nocbs=<same> (deploy/README.md)",
+                )
+            }
+        }
+    }
+}
+
+/// Tickless poller cores (the kernel also moves RCU callbacks off nohz_full cores).
+fn nohz_full(pinned: &[usize]) -> Check {
+    let nohz = read(cpu_dir().join("nohz_full"))
+        .filter(|s| !s.is_empty() && s != "(null)")
+        .map(|l| parse_cpu_list(&l))
+        .unwrap_or_default();
+    let covered = !pinned.is_empty() && pinned.iter().all(|c| nohz.contains(c));
+    check(
+        "nohz_full",
+        if covered { Verdict::Ok } else { Verdict::Warn },
+        format!("nohz_full {nohz:?}, poller cores {pinned:?}"),
+        "add nohz_full=<poller cores> (and rcu_nocbs=<same>) to the kernel command line",
+    )
+}
+
+/// CPU frequency governor of the pinned cores (all cores when none are pinned).
+fn governor(pinned: &[usize]) -> Check {
+    let cpu = cpu_dir();
+    let cores: Vec<usize> = if pinned.is_empty() {
+        read(cpu.join("online"))
+            .map(|l| parse_cpu_list(&l))
+            .unwrap_or_default()
+    } else {
+        pinned.to_vec()
+    };
+    let governors: Vec<String> = cores
+        .iter()
+        .filter_map(|c| read(cpu.join(format!("cpu{c}/cpufreq/scaling_governor"))))
+        .collect();
+    if governors.is_empty() {
+        check(
+            "CPU governor",
+            Verdict::Unknown,
+            "no cpufreq (a VM, or the BIOS controls frequency)",
+            "",
+        )
+    } else if governors.iter().all(|g| g == "performance") {
+        check("CPU governor", Verdict::Ok, "performance", "")
+    } else {
+        let mut g = governors.clone();
+        g.sort();
+        g.dedup();
+        check(
+            "CPU governor",
+            Verdict::Warn,
+            g.join(","),
+            "cpupower frequency-set -g performance (or the governor in deploy/README.md)",
+        )
+    }
+}
+
+/// Transparent huge pages: khugepaged compaction stalls; madvise or never.
+fn transparent_huge_pages() -> Check {
+    match read("/sys/kernel/mm/transparent_hugepage/enabled") {
+        None => check("transparent huge pages", Verdict::Unknown, "unreadable", ""),
+        Some(v) => {
+            let mode = v
+                .split_whitespace()
+                .find(|w| w.starts_with('['))
+                .unwrap_or(&v)
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
+            if mode == "always" {
+                check(
+                    "transparent huge pages",
+                    Verdict::Warn,
+                    mode,
+                    "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled",
+                )
+            } else {
+                check("transparent huge pages", Verdict::Ok, mode, "")
+            }
+        }
+    }
+}
+
+/// 2 MB huge pages for session segments (`server.huge_pages`): one free page per session.
+fn segment_huge_pages(used: bool) -> Check {
+    let huge = Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
+    let free = read(huge.join("free_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    let total = read(huge.join("nr_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    match (used, free, total) {
+        (false, _, _) => check(
+            "huge pages for segments",
+            Verdict::Ok,
+            "not used (server.huge_pages = false)",
+            "",
+        ),
+        (true, Some(free), Some(total)) => check(
+            "huge pages for segments",
+            if free >= 1 { Verdict::Ok } else { Verdict::Warn },
+            format!("{free} of {total} 2 MB pages free"),
+            "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)",
+        ),
+        (true, _, _) => check("huge pages for segments", Verdict::Unknown, "unreadable", ""),
+    }
+}
+
+/// Locked-memory limit of this process (the unit's LimitMEMLOCK applies to the server):
+/// `server.lock_memory` needs it unlimited.
+fn memlock() -> Check {
+    let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+    match memlock.current {
+        None => check("memlock limit (this process)", Verdict::Ok, "unlimited", ""),
+        Some(bytes) => check(
+            "memlock limit (this process)",
+            Verdict::Warn,
+            format!("{} MB", bytes >> 20),
+            "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited",
+        ),
+    }
+}
+
+/// Clock source: the TSC is the cheapest clock read.
+fn clock_source() -> Check {
+    match read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
+        None => check("clock source", Verdict::Unknown, "unreadable", ""),
+        // kvm-clock is read through the vDSO too: the TSC's equal inside a VM.
+        Some(c) if c == "tsc" || c == "kvm-clock" => check("clock source", Verdict::Ok, c, ""),
+        Some(c) => check(
+            "clock source",
+            Verdict::Warn,
+            c,
+            "use the TSC: clocksource=tsc on the kernel command line, on bare metal with an invariant TSC (constant_tsc nonstop_tsc in /proc/cpuinfo)",
+        ),
+    }
+}
+
+/// SMT siblings of the poller cores: a busy sibling steals the core's pipeline.
+fn smt_siblings(pinned: &[usize]) -> Check {
+    let mut shared = Vec::new();
+    for &c in pinned {
+        if let Some(list) = read(cpu_dir().join(format!("cpu{c}/topology/thread_siblings_list"))) {
+            let siblings: Vec<usize> = parse_cpu_list(&list)
+                .into_iter()
+                .filter(|s| *s != c)
+                .collect();
+            if !siblings.is_empty() {
+                shared.push(format!("{c}:{siblings:?}"));
+            }
+        }
+    }
+    if shared.is_empty() {
+        check("SMT siblings of poller cores", Verdict::Ok, "none", "")
+    } else {
+        check(
+            "SMT siblings of poller cores",
+            Verdict::Warn,
+            shared.join(" "),
+            "keep the siblings idle (isolate them too and pin nothing there) or turn SMT off",
+        )
+    }
+}
+
+/// GPUs: present, and their NUMA node against the poller cores'.
+fn gpus(config: &ServiceConfig) -> Check {
+    let gpus = tie_engine::devices::Gpus::probe(&config.gpu_options());
+    match gpus.unavailable() {
+        Some(why) => check(
+            "GPU",
+            Verdict::Warn,
+            format!("none usable: {why}"),
+            "models run on the CPU; for GPU serving install the NVIDIA driver, or see why the device is not usable (tie devices)",
+        ),
+        None => gpu_check(&gpus, &config.server.poller_cores),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(gpus: &tie_engine::devices::Gpus, pinned: &[usize]) -> Check {
+    let tie_engine::devices::Gpus::Available(rt) = gpus else {
+        unreachable!("called with GPUs");
+    };
+    let mut value = Vec::new();
+    let mut far = false;
+    for d in rt.devices() {
+        let node = d.numa_node();
+        let cores_node: Vec<Option<i64>> = pinned.iter().map(|c| cpu_numa_node(*c)).collect();
+        if let Some(n) = node {
+            far |= cores_node.iter().any(|c| c.is_some_and(|c| c != n));
+        }
+        value.push(format!(
+            "{} ({}) on NUMA node {}",
+            d.ordinal(),
+            d.name(),
+            node.map_or("unknown".to_string(), |n| n.to_string())
+        ));
+    }
+    check(
+        "GPU",
+        if far { Verdict::Warn } else { Verdict::Ok },
+        value.join(", "),
+        "pin the pollers to cores of the GPU's NUMA node (server.poller_cores)",
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: &tie_engine::devices::Gpus, _: &[usize]) -> Check {
+    unreachable!("without the `cuda` feature no GPU is ever available")
+}

@@ -1,0 +1,173 @@
+//! `tie predict`: one request through the shared-memory client, printed as JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tie_client::{Client, ConnectOptions, PredictError, Response, WaitStrategy};
+
+use tie::http::api::{
+    InferenceError, InferenceMetrics, InferenceResponse, ModelInferenceMetadata, Prediction,
+};
+
+/// `tie predict`.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// Endpoint name of the server.
+    #[arg(long, default_value = "tie")]
+    pub endpoint: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Model version (default: the server's default for the model).
+    #[arg(long)]
+    pub version: Option<u32>,
+    /// Comma-separated feature values, e.g. `0.1,-0.2,3`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub features: String,
+    /// Socket directory (default: `$TIE_SOCKET_DIR` or /tmp/tie).
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+/// Parses `0.1,-0.2,3` (spaces allowed around values).
+pub(super) fn parse_features(text: &str) -> anyhow::Result<Vec<f32>> {
+    text.split(',')
+        .enumerate()
+        .map(|(i, v)| {
+            v.trim()
+                .parse::<f32>()
+                .with_context(|| format!("feature {i} ({:?}) is not a number", v.trim()))
+        })
+        .collect()
+}
+
+pub(super) fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
+    let features = parse_features(&args.features)?;
+    let options = ConnectOptions {
+        version: args.version,
+        socket_dir: args.socket_dir,
+        timeout: Duration::from_millis(args.timeout_ms),
+        wait: WaitStrategy::SpinThenYield {
+            spin: Duration::from_micros(100),
+        },
+        request_capacity: 1,
+        response_capacity: 1,
+        ..ConnectOptions::default()
+    };
+    let mut client = Client::connect(&args.endpoint, &args.model, options)?;
+    let result = client.predict(&features);
+    let (architecture, device) = {
+        let mut parts = client.description().split_whitespace();
+        (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        )
+    };
+    let metadata = |rows: usize| ModelInferenceMetadata {
+        model_name: args.model.clone(),
+        model_version: client.model_version().to_string(),
+        architecture: architecture.clone(),
+        input_shape: vec![rows as u32, client.feature_count()],
+        output_shape: vec![rows as u32, client.output_count()],
+        inference_device: device.clone(),
+        batch_size_used: rows,
+    };
+    match result {
+        Ok(p) => {
+            let now = chrono::Utc::now();
+            let total_ms = p.round_trip_ns as f32 / 1e6;
+            let r: &Response = &p.response;
+            let response = InferenceResponse {
+                request_id: r.request_id.to_string(),
+                predictions: p
+                    .outputs()
+                    .iter()
+                    .map(|&value| Prediction {
+                        value,
+                        confidence: tie::dataplane::confidence(value),
+                        timestamp: now,
+                        feature_contributions: None,
+                    })
+                    .collect(),
+                model_metadata: metadata(1),
+                performance_metrics: InferenceMetrics {
+                    preprocessing_time_ms: Some(r.queue_ns as f32 / 1e6),
+                    inference_time_ms: Some(r.compute_ns as f32 / 1e6),
+                    postprocessing_time_ms: None,
+                    total_time_ms: total_ms,
+                    gpu_utilization: None,
+                    memory_used_mb: None,
+                    throughput_samples_per_sec: if total_ms > 0.0 { 1e3 / total_ms } else { 0.0 },
+                    model_load_time_ms: None,
+                },
+                error: None,
+            };
+            println!("{}", serde_json::to_string_pretty(&response)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let error = to_inference_error(&e, &args.model);
+            eprintln!("error: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub(super) fn to_inference_error(e: &PredictError, model: &str) -> InferenceError {
+    use tie_client::SubmitError;
+    match e {
+        PredictError::Submit(SubmitError::WrongFeatureCount { expected, got }) => {
+            InferenceError::InvalidInputShape {
+                expected: *expected as usize,
+                actual: *got,
+            }
+        }
+        PredictError::Submit(SubmitError::Disconnected) => InferenceError::Disconnected {
+            message: e.to_string(),
+        },
+        PredictError::Submit(_) | PredictError::RequestsInFlight { .. } => {
+            InferenceError::Rejected {
+                message: e.to_string(),
+            }
+        }
+        PredictError::Timeout { .. } => InferenceError::Timeout {
+            message: e.to_string(),
+        },
+        PredictError::Server(s) => {
+            InferenceError::from_server(s, model, || "it failed its last health check".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn negative_features_parse_with_or_without_equals() {
+        for argv in [
+            vec![
+                "tie",
+                "predict",
+                "--model",
+                "m",
+                "--features",
+                "-0.5,0.25,-3",
+            ],
+            vec!["tie", "predict", "--model", "m", "--features=-0.5,0.25,-3"],
+        ] {
+            let Command::Predict(p) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not predict");
+            };
+            assert_eq!(parse_features(&p.features).unwrap(), vec![-0.5, 0.25, -3.0]);
+        }
+        assert!(parse_features("1,x").is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! `tie report`: percentile tables, summaries and sweeps, and the chart.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+/// `tie report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// `.hlog` files (the server's `[monitoring] hlog_dir`, tie-loadgen's, or any HdrHistogram
+    /// interval log), and tie-loadgen's `summary.json` and `sweep.json` files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Values in the logs are in this unit per microsecond (1000 for nanoseconds).
+    #[arg(long, default_value_t = 1000.0)]
+    pub units_per_us: f64,
+    /// Print only the percentile table, not the distribution.
+    #[arg(long)]
+    pub summary: bool,
+    /// Draw the latency percentile distributions (and the sweeps' latency against
+    /// throughput) into this PNG.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+}
+
+pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let mut out = String::new();
+    let mut logs = Vec::new();
+    let mut sweeps = Vec::new();
+    for file in &args.files {
+        let text =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let name = file.display().to_string();
+        if file.extension().is_some_and(|e| e == "json") {
+            // A tie-loadgen summary or sweep.
+            if let Ok(sweep) = serde_json::from_slice::<tie_loadgen::report::Sweep>(&text) {
+                tie_loadgen::report::write_sweep(&mut out, &name, &sweep);
+                sweeps.push((name, sweep));
+            } else {
+                let summary: tie_loadgen::Summary =
+                    serde_json::from_slice(&text).with_context(|| {
+                        format!("{name} is neither a tie-loadgen summary nor a sweep")
+                    })?;
+                tie_loadgen::report::write_summary(&mut out, &name, &summary);
+            }
+            continue;
+        }
+        let log = tie_hlog::read_hlog(&text)
+            .with_context(|| format!("{name} is not an HdrHistogram interval log"))?;
+        tie_loadgen::report::write_report(&mut out, &name, &log, args.units_per_us, !args.summary);
+        logs.push((name, log));
+    }
+    print!("{out}");
+    if let Some(chart) = &args.chart {
+        tie_loadgen::report::draw_chart(chart, &logs, &sweeps, args.units_per_us)?;
+        println!("chart: {}", chart.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,139 @@
+//! `tie serve`: the server, its HTTP control plane and its shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use tie::config::ServiceConfig;
+use tie::dataplane::Server;
+use tie::models::{load_repository, LoadOptions};
+
+/// `tie serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Service config (TOML); every key has a default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model repository (overrides `server.model_repository`).
+    #[arg(long)]
+    pub model_repository: Option<PathBuf>,
+    /// Endpoint name (overrides `server.endpoint`).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// HTTP control-plane address (overrides `server.http_addr`; port 0 picks a free one, logged).
+    #[arg(long)]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Socket directory (overrides `server.socket_dir`).
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
+}
+
+/// Warns about poller cores on another NUMA node than a GPU in use.
+pub(super) fn warn_far_pollers(config: &ServiceConfig, gpus: &tie_engine::devices::Gpus) {
+    #[cfg(feature = "cuda")]
+    if let tie_engine::devices::Gpus::Available(rt) = gpus {
+        for d in rt.devices() {
+            let Some(gpu_node) = d.numa_node() else {
+                continue;
+            };
+            for &core in &config.server.poller_cores {
+                if let Some(node) = tie::host::cpu_numa_node(core) {
+                    if node != gpu_node {
+                        tracing::warn!(
+                            core,
+                            core_node = node,
+                            gpu = d.ordinal(),
+                            gpu_node,
+                            "poller core is on another NUMA node than the GPU: pick cores of the GPU's node"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (config, gpus);
+}
+
+pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServiceConfig::load(args.config.as_deref())?;
+    if let Some(r) = args.model_repository {
+        config.server.model_repository = r;
+    }
+    if let Some(e) = args.endpoint {
+        config.server.endpoint = e;
+    }
+    if let Some(a) = args.http_addr {
+        config.server.http_addr = Some(a);
+    }
+    if let Some(d) = args.socket_dir {
+        config.server.socket_dir = Some(d);
+    }
+    tie::logging::init(config.server.log_format);
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    if config.server.lock_memory {
+        use rustix::mm::{mlockall, MlockAllFlags};
+        // Every later mapping (segments, stacks, GPU staging) counts against a finite limit and
+        // would fail mid-service: refuse to start instead (root is exempt: CAP_IPC_LOCK).
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+        if let (Some(bytes), false) = (limit, rustix::process::geteuid().is_root()) {
+            anyhow::bail!(
+                "server.lock_memory = true needs an unlimited locked-memory limit, this one is {} MB \
+                 (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)",
+                bytes >> 20
+            );
+        }
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).with_context(|| {
+            "server.lock_memory = true but mlockall failed: raise the locked-memory limit \
+             (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)"
+        })?;
+        tracing::info!("all memory locked (mlockall)");
+    }
+    // The control plane first: /health/live answers while the models load.
+    let http = tie::http::HttpServer::start(&config).with_context(|| {
+        format!(
+            "cannot serve the HTTP control plane on {} (set server.http_addr or --http-addr)",
+            config.http_addr()
+        )
+    })?;
+    let options = LoadOptions::from_config(&config);
+    options.gpus.log();
+    warn_far_pollers(&config, &options.gpus);
+    let models = load_repository(&config.server.model_repository, &options)?;
+    let server = Server::start(&config, models)?;
+    let manager = tie::models::ModelManager::new(
+        server.models().clone(),
+        config.server.model_repository.clone(),
+        options,
+    );
+    manager.load_routing()?;
+    http.serve(manager.clone());
+    // Versions unused for `auto_unload_unused_hours` are unloaded (and load again on demand).
+    let unloader = config.model_deployment.unload_after().map(|after| {
+        let (manager, stop) = (manager.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tie-unload-unused".into())
+            .spawn(move || manager.unload_unused_task(after, &stop))
+            .context("cannot start the unused-model unloader")
+    });
+    let unloader = unloader.transpose()?;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!("shutting down");
+    // No model change once stopping (the unloader ends with a change in progress).
+    if let Some(u) = unloader {
+        let _ = u.join();
+    }
+    // No new HTTP request, and its sessions close, before the data plane stops.
+    http.shutdown();
+    server.shutdown();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,733 @@
+//! [`BatchQueue`]: one model's waiting requests and the rules that turn them into batches.
+//!
+//! A plain struct: no threads, no clock (every call takes `now_ns`). The poller drives it:
+//! [`BatchQueue::push`] what it reads from the rings, [`BatchQueue::take_resolved`] answers
+//! that need no batch, [`BatchQueue::decide`] whether to run a batch now, and
+//! [`BatchQueue::take`] the batch.
+//!
+//! # Rules
+//! - **Order per session.** Each session's requests form a FIFO; only its head is ever taken,
+//!   so responses go back in submission order. A session's effective priority is the highest
+//!   priority it has queued (a Critical request behind Low ones lifts them: priority
+//!   inheritance), so a Critical request still overtakes other sessions' backlogs.
+//! - **Priority.** A batch is filled from the session with the highest effective priority,
+//!   oldest head first among equals. With `priority_based_batching` off, oldest head first.
+//! - **Aging (starvation bound).** A head gains one priority level per `aging_ns` of waiting,
+//!   up to Critical. A Low request therefore competes as Critical after at most `3 × aging_ns`
+//!   and, being older than every request that arrives after it, is taken by the first batch
+//!   formed after that, unless requests that are older than it still wait for rows of that
+//!   batch. Under sustained High load a Low request waits at most `3 × aging_ns` plus one batch.
+//! - **When to run.** Now, when any of: the executable requests fill a batch; one of them is
+//!   Critical (Critical never waits for a timeout); the oldest has waited `batch_timeout_ns`;
+//!   waiting longer would make the earliest deadline late (given the caller's estimate of a
+//!   batch's compute time); the timeout is 0 (greedy: whatever is queued runs as soon as the
+//!   poller gets to it, so batches grow with load and a lone request never waits).
+//! - **Size.** Up to the full size: the model's optimal batch size once profiled (with
+//!   `enable_dynamic_batching`), else `max_batch_size`, never above the largest allowed size. The
+//!   spec's heuristic (`calculate_optimal_batch_size`) takes `min(queued, max_batch_size)` for
+//!   every queue length, so it adds nothing to that rule.
+//! - **Buckets.** A batch of `n` rows runs as the next allowed size up; padded rows are zeros and
+//!   their outputs are never answered.
+//! - **Deadlines.** A request whose deadline has passed when it reaches the head is answered
+//!   `Timeout` and not executed.
+//! - **Admission.** A request over its priority's `max_queue_size` is refused
+//!   ([`QueueFull`]); the caller queues its `QueueFull` answer in its place.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+
+use crate::models::{BatchConfig, CRITICAL, PRIORITIES};
+
+/// A request refused because its priority's queue is at its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueFull {
+    /// The limit.
+    pub limit: usize,
+}
+
+/// What the queue knows of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request<T> {
+    /// The caller's data, handed back when the request is taken.
+    pub item: T,
+    /// Session slot (small integer, stable while the session lives).
+    pub session: usize,
+    /// 0 Low ..= 3 Critical.
+    pub priority: u8,
+    /// When it was accepted.
+    pub arrival_ns: u64,
+    /// When its answer stops being useful; 0 for never.
+    pub deadline_ns: u64,
+}
+
+/// What became of a request taken from the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Runs in the batch at this row.
+    Execute {
+        /// Row of the batch input.
+        row: usize,
+    },
+    /// Was answered when queued (an error status in the caller's item).
+    Resolved,
+    /// Its deadline passed before it ran.
+    TimedOut {
+        /// Nanoseconds past the deadline.
+        late_ns: u64,
+    },
+}
+
+/// A request leaving the queue, in the order responses must be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken<T> {
+    /// The request.
+    pub request: Request<T>,
+    /// What to answer.
+    pub outcome: Outcome,
+}
+
+/// Whether to run a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing executable is queued.
+    Idle,
+    /// Run a batch now.
+    Run,
+    /// Wait; decide again by this time.
+    WaitUntil(u64),
+}
+
+/// Counters for monitoring, per priority.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Requests that timed out in the queue.
+    pub timeouts: [u64; PRIORITIES],
+    /// Requests refused at admission.
+    pub rejections: [u64; PRIORITIES],
+    /// Requests executed.
+    pub executed: [u64; PRIORITIES],
+    /// Total queueing time of executed requests (arrival to batch start).
+    pub queue_ns: [u64; PRIORITIES],
+    /// Batches run.
+    pub batches: u64,
+    /// Rows run, padding included.
+    pub padded_rows: u64,
+}
+
+struct Queued<T> {
+    request: Request<T>,
+    /// Row in the feature arena; `None` for a resolved request.
+    row: Option<u32>,
+}
+
+struct SessionFifo<T> {
+    queue: VecDeque<Queued<T>>,
+    /// Executable requests queued, per priority.
+    counts: [u32; PRIORITIES],
+}
+
+impl<T> Default for SessionFifo<T> {
+    fn default() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            counts: [0; PRIORITIES],
+        }
+    }
+}
+
+/// One model's waiting requests.
+pub struct BatchQueue<T> {
+    config: BatchConfig,
+    width: usize,
+    /// Features of queued executable requests, `width` per row.
+    arena: Vec<f32>,
+    free_rows: Vec<u32>,
+    sessions: Vec<SessionFifo<T>>,
+    /// Executable requests queued, per priority.
+    queued: [usize; PRIORITIES],
+    /// Resolved requests queued.
+    resolved: usize,
+    /// The model's optimal batch size, once profiled.
+    optimal_batch_size: Option<usize>,
+    stats: BatchStats,
+}
+
+impl<T: Copy> BatchQueue<T> {
+    /// An empty queue for rows of `width` features.
+    pub fn new(config: BatchConfig, width: usize) -> Self {
+        let rows: usize = config.max_queue_size.iter().sum();
+        Self {
+            arena: vec![0.0; rows * width],
+            free_rows: (0..rows as u32).rev().collect(),
+            config,
+            width,
+            sessions: Vec::new(),
+            queued: [0; PRIORITIES],
+            resolved: 0,
+            optimal_batch_size: None,
+            stats: BatchStats::default(),
+        }
+    }
+
+    /// The policy.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+
+    /// Executable requests queued.
+    pub fn executable(&self) -> usize {
+        self.queued.iter().sum()
+    }
+
+    /// Whether nothing at all is queued.
+    pub fn is_empty(&self) -> bool {
+        self.executable() == 0 && self.resolved == 0
+    }
+
+    /// Sets the profiled optimal batch size (used with `enable_dynamic_batching`).
+    pub fn set_optimal_batch_size(&mut self, size: usize) {
+        self.optimal_batch_size = Some(size.max(1));
+    }
+
+    /// Rows a batch is filled up to.
+    pub fn full_size(&self) -> usize {
+        let full = match (self.config.enable_dynamic_batching, self.optimal_batch_size) {
+            (true, Some(optimal)) => optimal,
+            _ => self.config.max_batch_size,
+        };
+        full.min(self.config.largest_batch()).max(1)
+    }
+
+    fn fifo(&mut self, session: usize) -> &mut SessionFifo<T> {
+        if self.sessions.len() <= session {
+            self.sessions.resize_with(session + 1, SessionFifo::default);
+        }
+        &mut self.sessions[session]
+    }
+
+    /// Queues an executable request with its features.
+    ///
+    /// # Errors
+    /// [`QueueFull`] when its priority's queue is at `max_queue_size` (counted as a rejection);
+    /// the caller answers it, normally by queueing a resolved request in its place.
+    ///
+    /// # Panics
+    /// When `features` is not `width` long or the priority is above Critical.
+    pub fn push(&mut self, request: Request<T>, features: &[f32]) -> Result<(), QueueFull> {
+        assert_eq!(features.len(), self.width);
+        let p = request.priority as usize;
+        let limit = self.config.max_queue_size[p];
+        if self.queued[p] >= limit {
+            self.stats.rejections[p] += 1;
+            return Err(QueueFull { limit });
+        }
+        let Some(row) = self.free_rows.pop() else {
+            self.stats.rejections[p] += 1;
+            return Err(QueueFull { limit });
+        };
+        let w = self.width;
+        self.arena[row as usize * w..(row as usize + 1) * w].copy_from_slice(features);
+        self.queued[p] += 1;
+        let fifo = self.fifo(request.session);
+        fifo.counts[p] += 1;
+        fifo.queue.push_back(Queued {
+            request,
+            row: Some(row),
+        });
+        Ok(())
+    }
+
+    /// Queues a request already answered (an error found when it was read), so its answer
+    /// goes out in its session's order.
+    pub fn push_resolved(&mut self, request: Request<T>) {
+        self.resolved += 1;
+        self.fifo(request.session)
+            .queue
+            .push_back(Queued { request, row: None });
+    }
+
+    /// Takes every session's leading requests that need no batch: resolved ones, and ones
+    /// whose deadline has passed. Appends them to `out` in the order to answer them.
+    pub fn take_resolved(&mut self, now_ns: u64, out: &mut Vec<Taken<T>>) {
+        if self.resolved == 0 && !self.any_deadlines() {
+            return;
+        }
+        for s in 0..self.sessions.len() {
+            while let Some(taken) = self.take_head_without_batch(s, now_ns) {
+                out.push(taken);
+            }
+        }
+    }
+
+    /// Takes a session's head if it needs no batch (resolved or late), counting timeouts.
+    fn take_head_without_batch(&mut self, s: usize, now_ns: u64) -> Option<Taken<T>> {
+        let outcome = self.head_outcome_without_batch(s, now_ns)?;
+        let q = self.pop_head(s);
+        if let Outcome::TimedOut { .. } = outcome {
+            self.stats.timeouts[q.request.priority as usize] += 1;
+        }
+        Some(Taken {
+            request: q.request,
+            outcome,
+        })
+    }
+
+    fn any_deadlines(&self) -> bool {
+        // Deadlines are checked at the heads only; cheap enough to look whenever requests wait.
+        self.executable() > 0
+    }
+
+    /// What a session's head gets if it needs no batch (resolved or late), else `None`.
+    fn head_outcome_without_batch(&self, s: usize, now_ns: u64) -> Option<Outcome> {
+        let head = self.sessions[s].queue.front()?;
+        if head.row.is_none() {
+            return Some(Outcome::Resolved);
+        }
+        let d = head.request.deadline_ns;
+        (d != 0 && now_ns > d).then(|| Outcome::TimedOut {
+            late_ns: now_ns - d,
+        })
+    }
+
+    fn pop_head(&mut self, s: usize) -> Queued<T> {
+        let q = self.sessions[s].queue.pop_front().expect("a head");
+        match q.row {
+            None => self.resolved -= 1,
+            Some(row) => {
+                let p = q.request.priority as usize;
+                self.queued[p] -= 1;
+                self.sessions[s].counts[p] -= 1;
+                self.free_rows.push(row);
+            }
+        }
+        q
+    }
+
+    /// A session's effective priority (inheritance and aging; see the module's rules).
+    fn effective_priority(&self, s: usize, now_ns: u64) -> u8 {
+        if !self.config.priority_based_batching {
+            return 0;
+        }
+        let fifo = &self.sessions[s];
+        let inherited = (0..PRIORITIES)
+            .rev()
+            .find(|&p| fifo.counts[p] > 0)
+            .unwrap_or(0) as u8;
+        let aged = fifo.queue.front().map_or(0, |h| {
+            let levels = now_ns.saturating_sub(h.request.arrival_ns) / self.config.aging_ns;
+            (u64::from(h.request.priority) + levels).min(u64::from(CRITICAL)) as u8
+        });
+        inherited.max(aged)
+    }
+
+    /// Whether to run a batch now. `batch_compute_ns` is the caller's estimate of how long a
+    /// full batch computes (for deadlines).
+    pub fn decide(&self, now_ns: u64, batch_compute_ns: u64) -> Decision {
+        let n = self.executable();
+        if n == 0 {
+            return Decision::Idle;
+        }
+        if n >= self.full_size() || self.config.batch_timeout_ns == 0 {
+            return Decision::Run;
+        }
+        if self.config.priority_based_batching && self.queued[CRITICAL as usize] > 0 {
+            return Decision::Run;
+        }
+        let mut oldest = u64::MAX;
+        let mut earliest_deadline = u64::MAX;
+        for fifo in &self.sessions {
+            for q in fifo.queue.iter().filter(|q| q.row.is_some()) {
+                oldest = oldest.min(q.request.arrival_ns);
+                if q.request.deadline_ns != 0 {
+                    earliest_deadline = earliest_deadline.min(q.request.deadline_ns);
+                }
+            }
+        }
+        let timeout_at = oldest.saturating_add(self.config.batch_timeout_ns);
+        let latest_start = earliest_deadline.saturating_sub(batch_compute_ns);
+        let start_by = timeout_at.min(latest_start);
+        if now_ns >= start_by {
+            Decision::Run
+        } else {
+            Decision::WaitUntil(start_by)
+        }
+    }
+
+    /// Takes a batch: fills `input` (at least `largest_batch() * width` long) with up to
+    /// [`BatchQueue::full_size`] rows, zero-padded to the next allowed size, and appends every
+    /// request taken to `out` in answer order (resolved and late heads met on the way too).
+    /// Returns `(rows, padded_rows)`.
+    pub fn take(
+        &mut self,
+        now_ns: u64,
+        input: &mut [f32],
+        out: &mut Vec<Taken<T>>,
+    ) -> (usize, usize) {
+        let cap = self.full_size();
+        let w = self.width;
+        let mut rows = 0;
+        while rows < cap {
+            // The session to serve: highest effective priority, oldest head among equals.
+            let mut best: Option<(u8, u64, usize)> = None;
+            for s in 0..self.sessions.len() {
+                let Some(head) = self.sessions[s].queue.front() else {
+                    continue;
+                };
+                let key = (
+                    self.effective_priority(s, now_ns),
+                    head.request.arrival_ns,
+                    s,
+                );
+                best = match best {
+                    Some(b)
+                        if (b.0, std::cmp::Reverse(b.1)) >= (key.0, std::cmp::Reverse(key.1)) =>
+                    {
+                        Some(b)
+                    }
+                    _ => Some(key),
+                };
+            }
+            let Some((_, _, s)) = best else { break };
+            if let Some(taken) = self.take_head_without_batch(s, now_ns) {
+                out.push(taken);
+                continue;
+            }
+            let q = self.pop_head(s);
+            let row = q.row.expect("executable") as usize;
+            input[rows * w..(rows + 1) * w].copy_from_slice(&self.arena[row * w..(row + 1) * w]);
+            let p = q.request.priority as usize;
+            self.stats.executed[p] += 1;
+            self.stats.queue_ns[p] += now_ns.saturating_sub(q.request.arrival_ns);
+            out.push(Taken {
+                request: q.request,
+                outcome: Outcome::Execute { row: rows },
+            });
+            rows += 1;
+        }
+        let padded = self.config.padded_rows(rows);
+        input[rows * w..padded * w].fill(0.0);
+        if rows > 0 {
+            self.stats.batches += 1;
+            self.stats.padded_rows += padded as u64;
+        }
+        (rows, padded)
+    }
+
+    /// Drops every request of a session that went away; returns how many.
+    pub fn remove_session(&mut self, session: usize) -> usize {
+        let mut n = 0;
+        while session < self.sessions.len() && !self.sessions[session].queue.is_empty() {
+            self.pop_head(session);
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: u64 = 1_000;
+
+    fn config() -> BatchConfig {
+        BatchConfig {
+            max_batch_size: 4,
+            batch_timeout_ns: 100 * US,
+            min_batch_size: 1,
+            enable_dynamic_batching: true,
+            priority_based_batching: true,
+            allowed_batch_sizes: Vec::new(),
+            max_queue_size: [8; PRIORITIES],
+            aging_ns: 1_000 * US,
+        }
+    }
+
+    fn req(item: u32, session: usize, priority: u8, arrival_ns: u64) -> Request<u32> {
+        Request {
+            item,
+            session,
+            priority,
+            arrival_ns,
+            deadline_ns: 0,
+        }
+    }
+
+    fn push(q: &mut BatchQueue<u32>, r: Request<u32>) {
+        q.push(r, &[r.item as f32]).unwrap();
+    }
+
+    /// Takes a batch; returns (items executed in row order, all items in answer order).
+    fn take(q: &mut BatchQueue<u32>, now: u64) -> (Vec<u32>, Vec<(u32, Outcome)>) {
+        let mut input = vec![-1.0; q.config().largest_batch()];
+        let mut out = Vec::new();
+        let (rows, _) = q.take(now, &mut input, &mut out);
+        let executed: Vec<u32> = input[..rows].iter().map(|&v| v as u32).collect();
+        (
+            executed,
+            out.iter().map(|t| (t.request.item, t.outcome)).collect(),
+        )
+    }
+
+    #[test]
+    fn waits_for_the_timeout_then_runs() {
+        let mut q = BatchQueue::new(config(), 1);
+        assert_eq!(q.decide(0, 0), Decision::Idle);
+        push(&mut q, req(1, 0, 1, 10 * US));
+        assert_eq!(q.decide(20 * US, 0), Decision::WaitUntil(110 * US));
+        assert_eq!(q.decide(110 * US, 0), Decision::Run);
+    }
+
+    #[test]
+    fn a_full_batch_runs_at_once() {
+        let mut q = BatchQueue::new(config(), 1);
+        for i in 0..4 {
+            push(&mut q, req(i, i as usize, 1, 0));
+        }
+        assert_eq!(q.decide(1, 0), Decision::Run);
+        let (executed, _) = take(&mut q, 1);
+        assert_eq!(executed, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_zero_timeout_never_waits() {
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                batch_timeout_ns: 0,
+                ..config()
+            },
+            1,
+        );
+        push(&mut q, req(1, 0, 0, 0));
+        assert_eq!(q.decide(0, 0), Decision::Run);
+    }
+
+    #[test]
+    fn critical_never_waits_for_the_timeout() {
+        let mut q = BatchQueue::new(config(), 1);
+        push(&mut q, req(1, 0, 1, 0));
+        push(&mut q, req(2, 1, 3, 0));
+        assert_eq!(q.decide(1, 0), Decision::Run);
+    }
+
+    #[test]
+    fn higher_priorities_fill_the_batch_first() {
+        let mut q = BatchQueue::new(config(), 1);
+        for i in 0..4 {
+            push(&mut q, req(i, i as usize, 0, i as u64));
+        }
+        push(&mut q, req(10, 5, 2, 10));
+        push(&mut q, req(11, 6, 3, 11));
+        let (executed, _) = take(&mut q, 12);
+        assert_eq!(executed, [11, 10, 0, 1]);
+    }
+
+    #[test]
+    fn without_priorities_the_oldest_goes_first() {
+        let cfg = BatchConfig {
+            priority_based_batching: false,
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        push(&mut q, req(1, 0, 0, 5));
+        push(&mut q, req(2, 1, 3, 6));
+        push(&mut q, req(3, 2, 0, 1));
+        let (executed, _) = take(&mut q, 10);
+        assert_eq!(executed, [3, 1, 2]);
+    }
+
+    #[test]
+    fn a_session_keeps_its_order_and_inherits_its_highest_priority() {
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                max_batch_size: 2,
+                ..config()
+            },
+            1,
+        );
+        // Session 0: Low, Low, Critical. Session 1: High, older than all of them.
+        push(&mut q, req(20, 1, 2, 0));
+        push(&mut q, req(1, 0, 0, 1));
+        push(&mut q, req(2, 0, 0, 2));
+        push(&mut q, req(3, 0, 3, 3));
+        let (first, _) = take(&mut q, 4);
+        assert_eq!(
+            first,
+            [1, 2],
+            "session 0 runs Critical-first, in its own order"
+        );
+        let (second, _) = take(&mut q, 4);
+        assert_eq!(second, [3, 20]);
+    }
+
+    #[test]
+    fn low_is_not_starved_under_sustained_high_load() {
+        // Batches of one; a High request arrives before every batch. The Low request must run
+        // within 3 aging periods (plus one batch), as the module documents.
+        let cfg = BatchConfig {
+            max_batch_size: 1,
+            batch_timeout_ns: 0,
+            aging_ns: 100 * US,
+            max_queue_size: [1024; PRIORITIES],
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        push(&mut q, req(0, 0, 0, 0));
+        let mut now = 0;
+        let mut next = 1;
+        loop {
+            push(&mut q, req(next, 1 + (next as usize % 4), 2, now));
+            next += 1;
+            let (executed, _) = take(&mut q, now);
+            if executed == [0] {
+                break;
+            }
+            now += 10 * US;
+            assert!(now <= 3 * 100 * US + 10 * US, "Low starved past the bound");
+        }
+        assert!(
+            now >= 2 * 100 * US,
+            "Low should wait while High is younger than 2 periods"
+        );
+    }
+
+    #[test]
+    fn late_requests_time_out_and_are_not_executed() {
+        let mut q = BatchQueue::new(config(), 1);
+        let mut r = req(1, 0, 1, 0);
+        r.deadline_ns = 50 * US;
+        push(&mut q, r);
+        push(&mut q, req(2, 0, 1, 1));
+        let mut out = Vec::new();
+        q.take_resolved(60 * US, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::TimedOut { late_ns: 10 * US });
+        assert_eq!(q.stats().timeouts[1], 1);
+        let (executed, _) = take(&mut q, 60 * US);
+        assert_eq!(executed, [2]);
+    }
+
+    #[test]
+    fn requests_before_their_deadline_run() {
+        let mut q = BatchQueue::new(config(), 1);
+        let mut r = req(1, 0, 1, 0);
+        r.deadline_ns = u64::MAX;
+        push(&mut q, r);
+        let mut out = Vec::new();
+        q.take_resolved(10 * US, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(take(&mut q, 10 * US).0, [1]);
+    }
+
+    #[test]
+    fn waiting_stops_when_it_would_make_a_deadline_late() {
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                batch_timeout_ns: 1_000 * US,
+                ..config()
+            },
+            1,
+        );
+        let mut r = req(1, 0, 1, 0);
+        r.deadline_ns = 100 * US;
+        push(&mut q, r);
+        // A batch takes 30 us: it must start by 70 us.
+        assert_eq!(q.decide(10 * US, 30 * US), Decision::WaitUntil(70 * US));
+        assert_eq!(q.decide(70 * US, 30 * US), Decision::Run);
+    }
+
+    #[test]
+    fn batches_are_padded_to_the_next_allowed_size() {
+        let cfg = BatchConfig {
+            max_batch_size: 8,
+            allowed_batch_sizes: vec![1, 4, 8],
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        for i in 0..3 {
+            push(&mut q, req(i + 1, i as usize, 1, 0));
+        }
+        let mut input = vec![-1.0; 8];
+        let mut out = Vec::new();
+        assert_eq!(q.take(0, &mut input, &mut out), (3, 4));
+        assert_eq!(&input[..4], &[1.0, 2.0, 3.0, 0.0], "padding rows are zero");
+        assert_eq!(out.len(), 3, "padded rows are never answered");
+        assert_eq!(q.stats().padded_rows, 4);
+    }
+
+    #[test]
+    fn the_largest_allowed_size_caps_a_batch() {
+        let cfg = BatchConfig {
+            max_batch_size: 8,
+            allowed_batch_sizes: vec![2, 4],
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        for i in 0..6 {
+            push(&mut q, req(i, i as usize, 1, 0));
+        }
+        assert_eq!(q.full_size(), 4);
+        let (executed, _) = take(&mut q, 0);
+        assert_eq!(executed.len(), 4);
+    }
+
+    #[test]
+    fn the_profiled_optimal_size_sets_the_batch_size() {
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                max_batch_size: 8,
+                ..config()
+            },
+            1,
+        );
+        q.set_optimal_batch_size(2);
+        for i in 0..3 {
+            push(&mut q, req(i, i as usize, 1, 0));
+        }
+        assert_eq!(q.decide(0, 0), Decision::Run);
+        assert_eq!(take(&mut q, 0).0.len(), 2);
+    }
+
+    #[test]
+    fn queue_limits_are_per_priority() {
+        let cfg = BatchConfig {
+            max_queue_size: [1, 2, 2, 2],
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        q.push(req(1, 0, 0, 0), &[1.0]).unwrap();
+        assert_eq!(q.push(req(2, 0, 0, 0), &[2.0]), Err(QueueFull { limit: 1 }));
+        q.push(req(3, 0, 1, 0), &[3.0]).unwrap();
+        assert_eq!(q.stats().rejections, [1, 0, 0, 0]);
+        // The refusal is answered in the session's order.
+        q.push_resolved(req(2, 0, 0, 0));
+        let mut out = Vec::new();
+        q.take_resolved(0, &mut out);
+        assert!(
+            out.is_empty(),
+            "a resolved request waits behind its session's earlier ones"
+        );
+        let (_, answers) = take(&mut q, 0);
+        let items: Vec<u32> = answers.iter().map(|a| a.0).collect();
+        assert_eq!(items, [1, 3, 2]);
+    }
+
+    #[test]
+    fn a_removed_session_frees_its_rows() {
+        let cfg = BatchConfig {
+            max_queue_size: [1; PRIORITIES],
+            ..config()
+        };
+        let mut q = BatchQueue::new(cfg, 1);
+        push(&mut q, req(1, 3, 0, 0));
+        q.push_resolved(req(2, 3, 0, 0));
+        assert_eq!(q.remove_session(3), 2);
+        assert!(q.is_empty());
+        push(&mut q, req(3, 0, 0, 0));
+    }
+}

@@ -1,0 +1,435 @@
+//! `listener_task`: accepts connections, performs handshakes, watches session sockets.
+
+use std::io::{IoSlice, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+use std::time::Instant;
+
+use bytemuck::Zeroable;
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tie_client::segment::Segment;
+use tie_layouts::hello::{Hello, HelloReply, HelloStatus, SessionRecord};
+
+use super::poller::NewSession;
+use super::session::open_session;
+use super::{ServerStartError, SessionLink};
+use crate::models::Models;
+
+/// How long a connecting client has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the listener wakes to check for shutdown and faulted sessions.
+const TICK: Duration = Duration::from_millis(50);
+
+pub(super) struct ListenerContext {
+    pub listener: UnixListener,
+    pub models: Arc<Models>,
+    pub workers: Vec<mpsc::Sender<NewSession>>,
+    pub stopping: Arc<AtomicBool>,
+    pub allowed_gid: Option<u32>,
+    pub max_sessions: usize,
+    /// The largest segment a session may ask for (`server.max_segment_mb`).
+    pub max_segment_bytes: usize,
+    /// Inspectors being served.
+    pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
+    /// Place segments on 2 MB huge pages (`server.huge_pages`).
+    pub huge_pages: bool,
+    /// The poller of each model name.
+    pub pollers_by_model: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// An open session as the listener keeps it: its socket (closed when dropped), its segment
+/// and what an inspector is told of it.
+pub(super) struct OpenSession {
+    pub link: Arc<SessionLink>,
+    pub socket: UnixStream,
+    pub segment: Arc<Segment>,
+    pub record: SessionRecord,
+}
+
+/// Open sessions.
+pub(super) type Sessions = Vec<OpenSession>;
+
+/// Binds the endpoint's socket, removing a stale one left by a server that is gone.
+pub(super) fn bind(
+    path: &Path,
+    allowed_gid: Option<u32>,
+) -> Result<UnixListener, ServerStartError> {
+    let listen_err = |source| ServerStartError::Listen {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerStartError::AlreadyRunning { path: path.into() });
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    let mode = match allowed_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(listen_err)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    Ok(listener)
+}
+
+/// Connections whose hello is still arriving, at most this many at once: a new connection
+/// beyond it closes the oldest (once that is `MIN_HANDSHAKE_AGE` old), so a flood of silent
+/// connections cannot lock out a client that sends its hello at once.
+const MAX_HANDSHAKES: usize = 64;
+/// How long a connection keeps its place before a newer one may close it.
+const MIN_HANDSHAKE_AGE: Duration = Duration::from_millis(10);
+/// The least time between two warnings about closed handshakes (a flood is counted, not
+/// logged line by line).
+const FLOOD_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection whose hello has not fully arrived.
+struct Handshake {
+    stream: UnixStream,
+    hello: Hello,
+    received: usize,
+    deadline: Instant,
+}
+
+impl Handshake {
+    /// Reads what has arrived of the hello; `false` when the connection closed or failed.
+    fn read(&mut self) -> bool {
+        let buf = &mut bytemuck::bytes_of_mut(&mut self.hello)[self.received..];
+        if buf.is_empty() {
+            return true;
+        }
+        match self.stream.read(buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.received += n;
+                true
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
+    let mut state = ListenerState {
+        sessions: Vec::new(),
+        handshakes: Vec::new(),
+        next_id: AtomicU64::new(1),
+        dropped: 0,
+        last_flood_log: None,
+        accept_after: None,
+    };
+    while !ctx.stopping.load(Ordering::SeqCst) {
+        let Some(ready) = state.poll(&ctx) else {
+            continue;
+        };
+        state.close_hung(&ready.hung);
+        state.advance_handshakes(&ctx, &ready.hello_ready);
+        state.log_flood();
+        if ready.accept {
+            state.accept(&ctx);
+        }
+    }
+    state.sessions
+}
+
+/// What the listener holds between passes.
+struct ListenerState {
+    sessions: Sessions,
+    /// Connections whose hello is not complete yet, oldest first.
+    handshakes: Vec<Handshake>,
+    next_id: AtomicU64,
+    /// Handshakes closed unfinished (timed out, or pushed out by newer ones) since the last
+    /// warning, and when that was.
+    dropped: u64,
+    last_flood_log: Option<Instant>,
+    /// When accepting goes on (`None`: now), after all kept handshakes were too young to close.
+    accept_after: Option<Instant>,
+}
+
+/// What one poll found ready.
+struct Ready {
+    accept: bool,
+    /// Per open session: its socket is readable (hung up).
+    hung: Vec<bool>,
+    /// Per handshake: more of its hello has arrived.
+    hello_ready: Vec<bool>,
+}
+
+impl ListenerState {
+    /// Waits for the listener, a session socket or a handshake, at most until the next
+    /// deadline or tick; `None` when the poll failed.
+    fn poll(&mut self, ctx: &ListenerContext) -> Option<Ready> {
+        let now = Instant::now();
+        let mut wait = self
+            .handshakes
+            .iter()
+            .map(|h| h.deadline.saturating_duration_since(now))
+            .fold(TICK, Duration::min);
+        // While every kept handshake is too young to close, new connections wait in the
+        // backlog (the listener is not polled, so it does not spin on them).
+        let accepting = self.accept_after.is_none_or(|t| now >= t);
+        if let Some(t) = self.accept_after.filter(|_| !accepting) {
+            wait = wait.min(t - now);
+        }
+        let mut fds: Vec<PollFd<'_>> =
+            Vec::with_capacity(1 + self.sessions.len() + self.handshakes.len());
+        let events = if accepting {
+            PollFlags::IN
+        } else {
+            PollFlags::empty()
+        };
+        fds.push(PollFd::new(&ctx.listener, events));
+        for s in &self.sessions {
+            fds.push(PollFd::new(&s.socket, PollFlags::IN | PollFlags::RDHUP));
+        }
+        for h in &self.handshakes {
+            fds.push(PollFd::new(&h.stream, PollFlags::IN | PollFlags::RDHUP));
+        }
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: wait.as_nanos() as _,
+        };
+        rustix::event::poll(&mut fds, Some(&timeout)).ok()?;
+        let ready = |f: &PollFd<'_>| !f.revents().is_empty();
+        let n = self.sessions.len();
+        Some(Ready {
+            accept: ready(&fds[0]),
+            hung: fds[1..1 + n].iter().map(ready).collect(),
+            hello_ready: fds[1 + n..].iter().map(ready).collect(),
+        })
+    }
+
+    /// Drops the sessions whose client hung up (clients never send after the hello: a
+    /// readable session socket has hung up) or that a poller faulted.
+    fn close_hung(&mut self, hung: &[bool]) {
+        let mut i = 0;
+        self.sessions.retain(|OpenSession { link, .. }| {
+            let gone = hung[i] || link.dead.load(Ordering::SeqCst);
+            i += 1;
+            if gone {
+                link.dead.store(true, Ordering::SeqCst);
+                tracing::info!(session = link.id, "session closed");
+            }
+            !gone
+        });
+    }
+
+    /// Reads what has arrived of each hello; a complete one opens (or refuses) a session, one
+    /// past its deadline is closed.
+    fn advance_handshakes(&mut self, ctx: &ListenerContext, hello_ready: &[bool]) {
+        let now = Instant::now();
+        let mut waiting = Vec::with_capacity(self.handshakes.len());
+        for (mut h, &readable) in self.handshakes.drain(..).zip(hello_ready) {
+            if readable && !h.read() {
+                continue;
+            }
+            if h.received == size_of::<Hello>() {
+                if let Some(s) =
+                    open_session(ctx, h.stream, &h.hello, &self.next_id, &self.sessions)
+                {
+                    self.sessions.push(s);
+                }
+            } else if now >= h.deadline {
+                self.dropped += 1;
+            } else {
+                waiting.push(h);
+            }
+        }
+        self.handshakes = waiting;
+    }
+
+    /// Warns, at most once per [`FLOOD_LOG_INTERVAL`], of handshakes closed unfinished.
+    fn log_flood(&mut self) {
+        if self.dropped > 0
+            && self
+                .last_flood_log
+                .is_none_or(|t| t.elapsed() >= FLOOD_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                closed = self.dropped,
+                in_progress = self.handshakes.len(),
+                limit = MAX_HANDSHAKES,
+                "connections closed without a complete hello (timed out after 1 s, or pushed out by newer ones)"
+            );
+            self.dropped = 0;
+            self.last_flood_log = Some(Instant::now());
+        }
+    }
+
+    /// Accepts new connections: a bounded number per pass, and a kept handshake is closed for
+    /// a newer one only once it is [`MIN_HANDSHAKE_AGE`] old, so a client's hello, written
+    /// right after its connect, is read before a flood can push it out.
+    fn accept(&mut self, ctx: &ListenerContext) {
+        self.accept_after = None;
+        for _ in 0..MAX_HANDSHAKES / 2 {
+            if self.handshakes.len() >= MAX_HANDSHAKES {
+                let oldest = self.handshakes[0].deadline - HELLO_TIMEOUT;
+                let old_enough = oldest + MIN_HANDSHAKE_AGE;
+                if Instant::now() < old_enough {
+                    self.accept_after = Some(old_enough);
+                    break;
+                }
+                self.handshakes.remove(0);
+                self.dropped += 1;
+            }
+            match ctx.listener.accept() {
+                Ok((stream, _)) => self.start_handshake(ctx, stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads a new connection's hello as far as it has come (a client writes it right after
+    /// connecting: often it is all here) and opens the session, or keeps the handshake.
+    fn start_handshake(&mut self, ctx: &ListenerContext, stream: UnixStream) {
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut h = Handshake {
+            stream,
+            hello: Hello::zeroed(),
+            received: 0,
+            deadline: Instant::now() + HELLO_TIMEOUT,
+        };
+        if !h.read() {
+            return;
+        }
+        if h.received == size_of::<Hello>() {
+            if let Some(s) = open_session(ctx, h.stream, &h.hello, &self.next_id, &self.sessions) {
+                self.sessions.push(s);
+            }
+            return;
+        }
+        self.handshakes.push(h);
+    }
+}
+
+pub(super) fn refuse(
+    stream: &UnixStream,
+    status: HelloStatus,
+    message: &str,
+    model_hash: u64,
+    hello: &Hello,
+) {
+    let mut reply = HelloReply::new(status);
+    reply.server_layout_hash = model_hash;
+    reply.client_layout_hash = hello.layout_hash;
+    reply.set_message(message);
+    let _ = rustix::net::send(stream, bytemuck::bytes_of(&reply), SendFlags::NOSIGNAL);
+}
+
+/// Inspectors served at once; more are refused.
+const MAX_INSPECTORS: usize = 4;
+
+/// Answers an inspector: the session count, then each session's record with a read-only fd
+/// of its segment (the memfd reopened through /proc with O_RDONLY, so it can only be mapped
+/// read-only). The fds are opened here; the sending happens on a thread of its own, so a slow
+/// inspector never holds up handshakes and hang-ups.
+pub(super) fn serve_inspector(
+    ctx: &ListenerContext,
+    stream: UnixStream,
+    hello: &Hello,
+    sessions: &Sessions,
+) {
+    if ctx.inspectors.load(Ordering::SeqCst) >= MAX_INSPECTORS {
+        let msg = format!("{MAX_INSPECTORS} inspectors are being served; try again");
+        refuse(&stream, HelloStatus::TooManySessions, &msg, 0, hello);
+        return;
+    }
+    let mut items = Vec::with_capacity(sessions.len());
+    for s in sessions {
+        let path = format!("/proc/self/fd/{}", s.segment.fd().as_fd().as_raw_fd());
+        match rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => items.push((s.record, fd)),
+            Err(e) => {
+                tracing::warn!(session = s.link.id, error = %e, "cannot reopen a segment read-only");
+                refuse(
+                    &stream,
+                    HelloStatus::Internal,
+                    "cannot reopen a segment",
+                    0,
+                    hello,
+                );
+                return;
+            }
+        }
+    }
+    let mut reply = HelloReply::new(HelloStatus::Accepted);
+    reply.client_layout_hash = hello.layout_hash;
+    reply.session_id = items.len() as u64;
+    reply.set_message("inspector");
+    let active = ctx.inspectors.clone();
+    active.fetch_add(1, Ordering::SeqCst);
+    let spawned = std::thread::Builder::new()
+        .name("tie-inspector".into())
+        .spawn(move || {
+            send_inspection(&stream, &reply, &items);
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        ctx.inspectors.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn send_inspection(stream: &UnixStream, reply: &HelloReply, items: &[(SessionRecord, OwnedFd)]) {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_write_timeout(Some(HELLO_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    if rustix::net::send(stream, bytemuck::bytes_of(reply), SendFlags::NOSIGNAL).is_err() {
+        return;
+    }
+    for (record, fd) in items {
+        if !send_with_fd(stream, bytemuck::bytes_of(record), fd.as_fd()) {
+            return;
+        }
+    }
+    tracing::debug!(sessions = items.len(), "inspector served");
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS); whether all of them went.
+pub(super) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> bool {
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    );
+    matches!(sent, Ok(n) if n == bytes.len())
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups (from /proc).
+pub(super) fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero()));
+    status.is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+    })
+}

@@ -1,0 +1,28 @@
+//! The data plane: a listener that opens sessions, and pollers that serve them.
+//!
+//! - [`listener`]: binds the endpoint's socket, performs handshakes (credentials, model,
+//!   layout, ring sizes), creates each session's sealed segment and passes its fd; watches
+//!   every session socket and marks a session dead when its client hangs up.
+//! - [`poller`]: poller threads (pinned when configured) that drain request rings, validate
+//!   frames, batch them per model, run the backend and write responses. Every accepted frame
+//!   gets exactly one response, in order per session.
+//!
+//! [`Server::start`] starts both, with the performance monitor's thread ([`crate::monitor`])
+//! and the health monitor's ([`crate::models::health`]); [`Server::shutdown`] stops them gracefully:
+//! frames already in the rings are answered, sessions are marked closing, then the sockets
+//! close.
+
+//!
+//! [`batch`] holds the batching policy's queue, a plain struct the poller drives.
+
+pub mod batch;
+mod listener;
+pub mod poller;
+mod server;
+mod session;
+
+pub use poller::{
+    confidence, confidence_from_uncertainty, row_confidence, IdlePolicy, SharedStats, WorkerStats,
+};
+pub(crate) use server::SessionLink;
+pub use server::{Server, ServerStartError};

@@ -1,0 +1,1024 @@
+//! `poller_task`: drains request rings into per-model batch queues, runs the batches the
+//! policy asks for, writes responses.
+//!
+//! One loop does everything for its sessions, with no hand-off between threads on the hot
+//! path: scan every session's request ring and validate each frame (a bad one is queued as an
+//! answered request, so responses stay in order), ask each model's [`BatchQueue`] for answers
+//! that need no batch and for a batch to run, run it, write the responses and publish each
+//! touched ring once.
+//!
+//! Credits: a session may have at most as many requests accepted and not yet consumed as its
+//! response ring holds. A client that stops reading responses stops being read from; its
+//! frames wait in its request ring and no other session is held up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tie_client::clock::monotonic_ns;
+use tie_client::segment::{RingEnds, Segment, Side};
+use tie_layouts::abi::{
+    self, FaultReason, ResponseFrame, ServerState, Status, MAX_OUTPUTS, RESPONSE_WORDS,
+};
+use tie_layouts::ring::PushError;
+
+use super::SessionLink;
+use crate::config::{IdleStrategy, ServerSection};
+use crate::dataplane::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
+use crate::models::LoadedModel;
+use crate::models::{ModelSet, Models};
+use crate::monitor::{Monitor, Recorder, Stage};
+
+/// A session handed from the listener to a poller.
+pub(crate) struct NewSession {
+    pub link: Arc<SessionLink>,
+    pub segment: Arc<Segment>,
+    /// The slot of the version its hello was answered for.
+    pub model: usize,
+    /// That version, as the hello reply described it (layout, widths).
+    pub described: Arc<LoadedModel>,
+    /// The client named no version: the session follows its model's default.
+    pub follows_default: bool,
+}
+
+/// How an idle poller waits.
+#[derive(Clone, Copy, Debug)]
+pub struct IdlePolicy {
+    /// The strategy.
+    pub strategy: IdleStrategy,
+    /// Spin this long before yielding or parking.
+    pub spin: Duration,
+    /// Sleep this long when parking.
+    pub park: Duration,
+}
+
+impl IdlePolicy {
+    /// From `[server]`.
+    pub fn from_config(s: &ServerSection) -> Self {
+        Self {
+            strategy: s.idle,
+            spin: Duration::from_micros(s.idle_spin_us),
+            park: Duration::from_micros(s.idle_park_us),
+        }
+    }
+
+    /// Waits once; never sleeps past `wake_ns` (a batch waiting for its timeout).
+    fn pause(&self, idle_since: Instant, wake_ns: Option<u64>) {
+        match self.strategy {
+            // No PAUSE: it costs tens of nanoseconds of reaction time on recent x86 cores.
+            IdleStrategy::Spin => {}
+            _ if idle_since.elapsed() < self.spin => std::hint::spin_loop(),
+            IdleStrategy::SpinYield => std::thread::yield_now(),
+            IdleStrategy::SpinPark => {
+                let park = match wake_ns {
+                    Some(t) => {
+                        Duration::from_nanos(t.saturating_sub(monotonic_ns())).min(self.park)
+                    }
+                    None => self.park,
+                };
+                // A sleep lasts at least the timer slack (~50 us): a shorter wait (for a batch
+                // that must start soon) is spun, so the batch does not start late.
+                if wake_ns.is_none() || park >= SLEEP_FLOOR {
+                    std::thread::sleep(park);
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+/// How long a poller stays idle before it hands its figures to the monitor.
+const IDLE_FLUSH: Duration = Duration::from_millis(1);
+
+/// One batch in this many has its gather and execute stages timed.
+pub const GATHER_SAMPLING: u64 = 8;
+
+/// How long a stopping poller waits for clients to make room for the answers to frames they
+/// sent before the stop.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Shortest wait for a batch that a parked poller sleeps for (shorter ones are spun).
+const SLEEP_FLOOR: Duration = Duration::from_micros(60);
+
+/// Counters of one poller, reported when it stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Frames accepted.
+    pub requests: u64,
+    /// Responses written.
+    pub responses: u64,
+    /// Batches run.
+    pub batches: u64,
+    /// Rows executed in those batches (padding excluded).
+    pub rows: u64,
+}
+
+/// A poller's counters as others can read them while it runs (stored once per busy round;
+/// the per-model batch counters every 256 busy rounds and when the poller goes idle).
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    requests: std::sync::atomic::AtomicU64,
+    responses: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+    /// Per model (index in the server's model list): batch counters.
+    batch: std::sync::Mutex<Vec<BatchStats>>,
+}
+
+impl SharedStats {
+    fn store(&self, s: &WorkerStats) {
+        // Relaxed: independent counters for observers; nothing is ordered by them.
+        self.requests.store(s.requests, Ordering::Relaxed);
+        self.responses.store(s.responses, Ordering::Relaxed);
+        self.batches.store(s.batches, Ordering::Relaxed);
+        self.rows.store(s.rows, Ordering::Relaxed);
+    }
+
+    /// Copies the lanes' batch counters, unless a reader holds them (then next time).
+    fn store_batch(&self, lanes: &[Option<ModelLane>]) {
+        if let Ok(mut stats) = self.batch.try_lock() {
+            stats.clear();
+            stats.extend(lanes.iter().map(|l| {
+                l.as_ref()
+                    .map(|l| l.queue.stats().clone())
+                    .unwrap_or_default()
+            }));
+        }
+    }
+
+    /// Per-model batch counters as last stored (indexed like the server's models).
+    pub fn load_batch(&self) -> Vec<BatchStats> {
+        self.batch.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The counters as last stored.
+    pub fn load(&self) -> WorkerStats {
+        WorkerStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            responses: self.responses.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(super) struct PollerContext {
+    pub index: usize,
+    pub core: Option<usize>,
+    pub models: Arc<Models>,
+    pub new_sessions: mpsc::Receiver<NewSession>,
+    pub stopping: Arc<AtomicBool>,
+    pub idle: IdlePolicy,
+    pub shared: Arc<SharedStats>,
+    pub monitor: Arc<Monitor>,
+}
+
+struct WorkerSession {
+    link: Arc<SessionLink>,
+    rings: RingEnds,
+    /// The slot of the version its frames go to.
+    model: usize,
+    /// It follows its model's default version (the client named none).
+    follows_default: bool,
+    /// Where it goes once every request it sent to `model` is answered: the model set changed.
+    switch: Option<Switch>,
+    /// Responses written.
+    responded: u64,
+    slot_words: usize,
+    feature_count: usize,
+    response_capacity: u64,
+    expected_seq: u64,
+    /// Frames accepted (each owes one response).
+    accepted: u64,
+    /// Responses the client had consumed when last loaded.
+    consumed: u64,
+    /// Responses pushed and not yet published.
+    unpublished: bool,
+    /// Responses sent with an error status (mirrored into the segment for observers).
+    errors: u64,
+    /// Once the server stops: frames popped plus those the tail showed then. Nothing past it
+    /// is read, so a client that keeps sending cannot hold the shutdown up.
+    stop_at: Option<u64>,
+}
+
+/// Where a session goes when its model leaves the set or its default changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// To the version in this slot (same layout).
+    To(usize),
+    /// Nowhere: the session closes (its version was unloaded, or the new default reads
+    /// another layout).
+    Close,
+}
+
+/// What the poller keeps of a queued request.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    /// Session slot.
+    session: usize,
+    request_id: u64,
+    seq: u64,
+    /// OK, or the error it was answered with when read.
+    status: Status,
+    detail_a: u32,
+    detail_b: u32,
+}
+
+/// Per-model state of a poller.
+struct ModelLane {
+    /// The version it runs (held until the lane is dropped).
+    model: Arc<LoadedModel>,
+    queue: BatchQueue<Item>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    /// Estimated compute time of a full batch (for deadlines): profiled, then measured.
+    batch_compute_ns: u64,
+    /// This poller's figures of the model, for the performance monitor.
+    rec: Recorder,
+    /// Batches run, for sampling the gather and execute stages.
+    batches_run: u64,
+}
+
+impl ModelLane {
+    fn new(model: Arc<LoadedModel>, rec: Recorder) -> Self {
+        let largest = model.batch.largest_batch();
+        let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
+        if let Some(p) = &model.profile {
+            queue.set_optimal_batch_size(p.optimal_batch_size);
+        }
+        let batch_compute_ns = model
+            .profile
+            .as_ref()
+            .map_or(0, |p| p.compute_ns(queue.full_size()));
+        Self {
+            input: vec![0.0; largest * model.input_width()],
+            output: vec![0.0; largest * model.output_width()],
+            model,
+            queue,
+            batch_compute_ns,
+            rec,
+            batches_run: 0,
+        }
+    }
+}
+
+/// The spec's confidence for a prediction with no uncertainty output: `1 / (1 + e^-|v|)`.
+pub fn confidence(value: f32) -> f32 {
+    1.0 / (1.0 + (-value.abs()).exp())
+}
+
+/// The spec's confidence from an uncertainty output: `1 - min(|u|, 1)`.
+pub fn confidence_from_uncertainty(uncertainty: f32) -> f32 {
+    1.0 - uncertainty.abs().min(1.0)
+}
+
+/// The confidence of a row's answer: from the model's uncertainty column when it has one,
+/// else from its first value.
+pub fn row_confidence(outputs: &[f32], uncertainty_output: Option<usize>) -> f32 {
+    match uncertainty_output {
+        Some(k) => confidence_from_uncertainty(outputs[k]),
+        None => confidence(outputs[0]),
+    }
+}
+
+pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
+    if let Some(core) = ctx.core {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            tracing::warn!(poller = ctx.index, core, "cannot pin poller to its core");
+        }
+    }
+    let mut p = Poller {
+        lanes: Vec::new(),
+        // The generation first: a change in between is then seen at the first refresh.
+        generation: ctx.models.generation(),
+        set: ctx.models.snapshot(),
+        models: ctx.models.clone(),
+        monitor: ctx.monitor.clone(),
+        retiring: false,
+        sessions: Vec::new(),
+        frame: Vec::new(),
+        taken: Vec::new(),
+        stats: WorkerStats::default(),
+    };
+    let mut rounds = Rounds::default();
+    loop {
+        let stopping = ctx.stopping.load(Ordering::Relaxed);
+        // New sessions are picked up every 64 rounds (a few microseconds when spinning),
+        // keeping the channel off the polling path, and on every round of a poller that yields
+        // or parks when idle. A stopping poller takes them all first, so that what their
+        // clients already sent is answered.
+        let parked = ctx.idle.strategy != IdleStrategy::Spin && rounds.idle_since.is_some();
+        if stopping || parked || rounds.round.is_multiple_of(64) {
+            p.pick_up(&ctx.new_sessions);
+        }
+        rounds.round = rounds.round.wrapping_add(1);
+        if stopping {
+            p.fix_stop_points();
+        }
+        let accepted = p.scan();
+        let (answered, wake_ns) = p.run_lanes(stopping);
+        p.reap();
+        if accepted > 0 || answered > 0 {
+            ctx.shared.store(&p.stats);
+            if rounds.round.is_multiple_of(256) {
+                ctx.shared.store_batch(&p.lanes);
+                p.flush_metrics(crate::monitor::FLUSH_NS);
+            }
+            rounds.idle_rounds = 0;
+            rounds.idle_since = None;
+            continue;
+        }
+        p.idle_round(&ctx, &mut rounds);
+        if stopping
+            && p.lanes.iter().flatten().all(|l| l.queue.is_empty())
+            && (!p.frames_before_stop_unread()
+                || rounds
+                    .stop_started
+                    .get_or_insert_with(Instant::now)
+                    .elapsed()
+                    >= STOP_GRACE)
+        {
+            // Every frame submitted before the stop is answered, or its client has not read
+            // its responses (no credit to read more) for the whole grace period.
+            break;
+        }
+        ctx.idle
+            .pause(*rounds.idle_since.get_or_insert_with(Instant::now), wake_ns);
+    }
+    for s in p.sessions.iter().flatten() {
+        s.rings.segment().set_server_state(ServerState::Closing, 0);
+    }
+    // The last figures reach the monitor, waiting for its locks if need be.
+    for lane in p.lanes.iter_mut().flatten() {
+        lane.rec.finish();
+    }
+    p.stats
+}
+
+/// A poller's count of its rounds and of how long it has been idle.
+#[derive(Default)]
+struct Rounds {
+    round: u32,
+    /// Rounds in a row with nothing accepted or answered.
+    idle_rounds: u32,
+    /// Since when nothing was accepted or answered (`None`: busy).
+    idle_since: Option<Instant>,
+    /// When the stop found frames its clients had not read the answers of.
+    stop_started: Option<Instant>,
+}
+
+impl Poller {
+    /// Applies a change of the model set (load, reload, unload: it moves or closes sessions)
+    /// and adopts the sessions the listener handed over.
+    fn pick_up(&mut self, new_sessions: &mpsc::Receiver<NewSession>) {
+        self.refresh();
+        while let Ok(new) = new_sessions.try_recv() {
+            self.adopt(new);
+        }
+        if self.retiring {
+            self.retire_lanes();
+        }
+    }
+
+    /// A round with nothing accepted or answered: the figures of a poller going idle, or idle
+    /// for a while, reach the readers and the monitor.
+    fn idle_round(&mut self, ctx: &PollerContext, rounds: &mut Rounds) {
+        if rounds.idle_since.is_none() {
+            // Going idle: the batch counters are current for readers, and the latencies
+            // kept during the busy rounds go into their histograms (off the path of the
+            // requests just answered).
+            ctx.shared.store_batch(&self.lanes);
+            for lane in self.lanes.iter_mut().flatten() {
+                if lane.rec.is_dirty() {
+                    lane.rec.sample().settle();
+                }
+            }
+        }
+        // Idle for a while (checked on one idle round in 256, so a request arriving between
+        // two of a client's finds no clock read in its way): the figures reach the monitor.
+        rounds.idle_rounds = rounds.idle_rounds.wrapping_add(1);
+        // (A poller that yields or sleeps checks every round: the clock costs nothing next to
+        // the wait.)
+        if (ctx.idle.strategy != IdleStrategy::Spin || rounds.idle_rounds.is_multiple_of(256))
+            && rounds.idle_since.is_some_and(|t| t.elapsed() >= IDLE_FLUSH)
+            && self.lanes.iter().flatten().any(|l| l.rec.is_dirty())
+        {
+            self.flush_metrics(0);
+        }
+    }
+}
+
+impl Drop for Poller {
+    /// A poller that panics faults its sessions, so their clients see `Disconnected` at once
+    /// instead of waiting on a server that will never answer.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                sessions = self.sessions.len(),
+                "poller panicked: faulting its sessions"
+            );
+            for s in self.sessions.iter_mut().flatten() {
+                s.link.dead.store(true, Ordering::SeqCst);
+                s.rings.segment().set_server_state(ServerState::Faulted, 0);
+            }
+        }
+    }
+}
+
+struct Poller {
+    models: Arc<Models>,
+    /// The model set as this poller last read it.
+    set: Arc<ModelSet>,
+    /// Its generation.
+    generation: u64,
+    monitor: Arc<Monitor>,
+    /// By slot; created when a session is bound to the slot, dropped once the slot left the
+    /// set and nothing is queued or bound there.
+    lanes: Vec<Option<ModelLane>>,
+    /// Some lane's slot left the set: see `retire_lanes`.
+    retiring: bool,
+    /// Sessions by slot; a slot is reused once its session is gone.
+    sessions: Vec<Option<WorkerSession>>,
+    /// One request slot of the largest session, reused for every frame.
+    frame: Vec<u64>,
+    /// Requests leaving a queue, reused.
+    taken: Vec<Taken<Item>>,
+    stats: WorkerStats,
+}
+
+impl Poller {
+    /// Hands each model's figures to the monitor (see [`Recorder::flush`]).
+    fn flush_metrics(&mut self, min_age_ns: u64) {
+        let now = monotonic_ns();
+        for lane in self.lanes.iter_mut().flatten() {
+            lane.rec.flush(now, min_age_ns);
+        }
+    }
+
+    /// Reads the model set again when it changed, and decides where each session goes.
+    fn refresh(&mut self) {
+        let generation = self.models.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        self.set = self.models.snapshot();
+        for slot in 0..self.sessions.len() {
+            let switch = match self.sessions[slot].as_ref() {
+                Some(s) => self.switch_of(s),
+                None => continue,
+            };
+            self.sessions[slot].as_mut().expect("checked").switch = switch;
+        }
+        self.retiring = true;
+    }
+
+    /// Where session `s` must go in the current set, if anywhere.
+    fn switch_of(&self, s: &WorkerSession) -> Option<Switch> {
+        let bound = self.lanes.get(s.model)?.as_ref()?;
+        match self.place(&bound.model, s.model, s.follows_default) {
+            Some(slot) if slot == s.model => None,
+            Some(slot) => Some(Switch::To(slot)),
+            None => Some(Switch::Close),
+        }
+    }
+
+    /// Where a session set up for `model` (in `slot`) belongs in the current set: its model's
+    /// default when it follows it, else its version (in a new slot when its file was
+    /// replaced); `None` when that is gone or no longer compatible with what the session was
+    /// set up for.
+    fn place(&self, model: &LoadedModel, slot: usize, follows_default: bool) -> Option<usize> {
+        let target = if follows_default {
+            self.set.resolve(&model.name, None)?
+        } else if self.set.get(slot).is_some() {
+            slot
+        } else {
+            self.set.resolve(&model.name, Some(model.version))?
+        };
+        let next = self.set.get(target)?;
+        crate::models::compatible(model, next).then_some(target)
+    }
+
+    /// The lane of `slot`, created for `model` when there is none.
+    fn ensure_lane(&mut self, slot: usize, model: &Arc<LoadedModel>) {
+        if self.lanes.len() <= slot {
+            self.lanes.resize_with(slot + 1, || None);
+        }
+        if self.lanes[slot].is_none() {
+            let rec = self.monitor.recorder(model.monitor_index);
+            self.lanes[slot] = Some(ModelLane::new(model.clone(), rec));
+        }
+    }
+
+    /// Drops the lanes of slots that left the set once nothing is queued or bound there; the
+    /// instance is freed when the last holder lets go.
+    fn retire_lanes(&mut self) {
+        let mut waiting = false;
+        for slot in 0..self.lanes.len() {
+            let Some(lane) = self.lanes[slot].as_mut() else {
+                continue;
+            };
+            if self.set.get(slot).is_some() {
+                continue;
+            }
+            let bound = self.sessions.iter().flatten().any(|s| s.model == slot);
+            if bound || !lane.queue.is_empty() {
+                waiting = true;
+                continue;
+            }
+            lane.rec.finish();
+            self.lanes[slot] = None;
+        }
+        self.retiring = waiting;
+    }
+
+    fn adopt(&mut self, new: NewSession) {
+        // The listener read the set before it sent the session: this poller's is as new. The
+        // set may have changed since the hello was answered: nothing is accepted yet, so the
+        // session goes straight where it belongs now.
+        self.refresh();
+        let Some(slot) = self.place(&new.described, new.model, new.follows_default) else {
+            // Its version went (or its default changed layout) meanwhile: the client sees the
+            // session close; whatever it submitted comes back Disconnected.
+            tracing::info!(
+                session = new.link.id,
+                "session closed at once: the model it was set up for changed meanwhile"
+            );
+            new.described.sessions.fetch_sub(1, Ordering::AcqRel);
+            new.segment.set_server_state(ServerState::Closing, 0);
+            new.link.dead.store(true, Ordering::SeqCst);
+            return;
+        };
+        let model = self.set.get(slot).cloned().expect("placed");
+        self.ensure_lane(slot, &model);
+        // The listener counted the session on the version it described (the new one counted
+        // first, so a version in use never reads 0 sessions in between).
+        if !Arc::ptr_eq(&model, &new.described) {
+            model.sessions.fetch_add(1, Ordering::SeqCst);
+            new.described.sessions.fetch_sub(1, Ordering::SeqCst);
+        }
+        let info = *new.segment.info();
+        let slot_words = info.request_slot_size as usize / 8;
+        if self.frame.len() < slot_words {
+            self.frame.resize(slot_words, 0);
+        }
+        let session = WorkerSession {
+            link: new.link,
+            rings: RingEnds::new(new.segment, Side::Server),
+            model: slot,
+            follows_default: new.follows_default,
+            switch: None,
+            responded: 0,
+            slot_words,
+            feature_count: info.feature_count as usize,
+            response_capacity: u64::from(info.response_capacity),
+            expected_seq: 0,
+            accepted: 0,
+            consumed: 0,
+            unpublished: false,
+            errors: 0,
+            stop_at: None,
+        };
+        match self.sessions.iter().position(Option::is_none) {
+            Some(slot) => self.sessions[slot] = Some(session),
+            None => self.sessions.push(Some(session)),
+        }
+    }
+
+    /// Moves session `slot` where the model set sends it, once every request it sent to its
+    /// current version is answered. Returns whether it may be read now.
+    fn settle_switch(&mut self, slot: usize) -> bool {
+        let Some(s) = self.sessions[slot].as_mut() else {
+            return false;
+        };
+        let Some(switch) = s.switch else {
+            return true;
+        };
+        // Nothing more is read from it until its requests to the old version are answered:
+        // its responses stay in order and switch version at one point.
+        if s.accepted != s.responded {
+            return false;
+        }
+        s.switch = None;
+        match switch {
+            Switch::To(next) => {
+                tracing::info!(
+                    session = s.link.id,
+                    from = s.model,
+                    to = next,
+                    "session moved to the new default version"
+                );
+                let from = s.model;
+                s.model = next;
+                let model = self
+                    .set
+                    .get(next)
+                    .cloned()
+                    .expect("switches name loaded slots");
+                model.sessions.fetch_add(1, Ordering::SeqCst);
+                if let Some(old) = self.lanes[from].as_ref() {
+                    old.model.sessions.fetch_sub(1, Ordering::SeqCst);
+                }
+                self.ensure_lane(next, &model);
+                true
+            }
+            Switch::Close => {
+                tracing::info!(
+                    session = s.link.id,
+                    "session closed: its model version was unloaded, or its new default reads another layout or writes another output count"
+                );
+                s.rings.segment().set_server_state(ServerState::Closing, 0);
+                s.link.dead.store(true, Ordering::SeqCst);
+                false
+            }
+        }
+    }
+
+    /// Bounds what each session may still send once the server stops (see `stop_at`).
+    fn fix_stop_points(&mut self) {
+        for s in self
+            .sessions
+            .iter_mut()
+            .flatten()
+            .filter(|s| s.stop_at.is_none())
+        {
+            // A corrupt tail leaves nothing more to read.
+            let ready = s.rings.available().unwrap_or(0);
+            s.stop_at = Some(s.rings.popped() + ready);
+        }
+    }
+
+    /// Whether a live session still holds frames sent before the stop (see `stop_at`).
+    fn frames_before_stop_unread(&self) -> bool {
+        self.sessions.iter().flatten().any(|s| {
+            !s.link.dead.load(Ordering::Relaxed)
+                && s.stop_at.is_some_and(|end| s.rings.popped() < end)
+        })
+    }
+
+    /// Reads frames from every session into the queues; returns how many were accepted.
+    fn scan(&mut self) -> usize {
+        let mut accepted = 0;
+        for slot in 0..self.sessions.len() {
+            accepted += self.drain_session(slot);
+        }
+        accepted
+    }
+
+    fn drain_session(&mut self, slot: usize) -> usize {
+        if !self.settle_switch(slot) {
+            return 0;
+        }
+        let Some(s) = self.sessions[slot].as_mut() else {
+            return 0;
+        };
+        if s.link.dead.load(Ordering::Relaxed) {
+            return 0;
+        }
+        // The client's response head is reloaded only when the cached one leaves no credit, so
+        // an idle scan does not pull the client's cache line.
+        if s.accepted - s.consumed >= s.response_capacity {
+            match s.rings.peer_consumed() {
+                Ok(c) => s.consumed = c,
+                Err(_) => {
+                    fault(s, FaultReason::ResponseIndexCorrupt);
+                    return 0;
+                }
+            }
+        }
+        // Invariant: accepted - consumed in 0..=response_capacity (consumed <= pushed <= accepted).
+        let credits = s.response_capacity - (s.accepted - s.consumed);
+        let mut credits = match s.stop_at {
+            Some(end) => credits.min(end - s.rings.popped()),
+            None => credits,
+        };
+        let lane = self.lanes[s.model]
+            .as_mut()
+            .expect("a bound session has a lane");
+        let allow_non_finite = lane.model.layout.allow_non_finite;
+        let ready = lane.model.health.is_ready();
+        let mut taken = 0;
+        let mut now = 0;
+        let frame = &mut self.frame[..s.slot_words];
+        while credits > 0 {
+            // The next frame's first word is its sequence number: take it by its stamp.
+            match s.rings.try_pop_stamped(s.expected_seq, frame) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    fault(s, FaultReason::RequestIndexCorrupt);
+                    return taken;
+                }
+            }
+            if now == 0 {
+                now = monotonic_ns();
+            }
+            let (mut request, features, reported_ns) =
+                validate(s, frame, slot, now, allow_non_finite);
+            let sample = lane.rec.sample();
+            sample.requests += 1;
+            if reported_ns > 0 {
+                sample.later(Stage::EndToEnd, u64::from(reported_ns), 1);
+            }
+            match features {
+                // A model that failed its health check executes nothing until it passes.
+                Some(_) if !ready => {
+                    request.item.status = Status::NOT_READY;
+                    lane.queue.push_resolved(request);
+                }
+                Some(features) => {
+                    if let Err(full) = lane.queue.push(request, features) {
+                        let mut request = request;
+                        request.item.status = Status::QUEUE_FULL;
+                        request.item.detail_a = full.limit.min(u32::MAX as usize) as u32;
+                        lane.queue.push_resolved(request);
+                    }
+                }
+                None => lane.queue.push_resolved(request),
+            }
+            s.accepted += 1;
+            credits -= 1;
+            taken += 1;
+        }
+        if taken > 0 {
+            s.rings.release();
+            self.stats.requests += taken as u64;
+        }
+        taken
+    }
+
+    /// Answers what needs no batch and runs the batches the policy asks for. Returns the
+    /// responses written and the earliest time a waiting batch must be looked at again.
+    fn run_lanes(&mut self, stopping: bool) -> (usize, Option<u64>) {
+        let mut answered = 0;
+        let mut wake: Option<u64> = None;
+        for m in 0..self.lanes.len() {
+            let Some(lane) = self.lanes[m].as_mut() else {
+                continue;
+            };
+            if lane.queue.is_empty() {
+                continue;
+            }
+            let now = monotonic_ns();
+            self.taken.clear();
+            lane.queue.take_resolved(now, &mut self.taken);
+            answered += self.respond(m, now, 0, now);
+            let lane = self.lanes[m].as_mut().expect("checked");
+            match lane.queue.decide(now, lane.batch_compute_ns) {
+                Decision::Idle => {}
+                // A stopping server does not wait for batches to fill.
+                Decision::WaitUntil(t) if !stopping => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Decision::WaitUntil(_) | Decision::Run => answered += self.run_batch(m, now),
+            }
+        }
+        for s in self.sessions.iter_mut().flatten() {
+            if s.unpublished {
+                s.rings.publish();
+                s.unpublished = false;
+            }
+        }
+        // Under sustained load the poller never goes idle: kept latencies are recorded here,
+        // after the answers are published.
+        for lane in self.lanes.iter_mut().flatten() {
+            if lane.rec.is_dirty() && lane.rec.sample().half_full() {
+                lane.rec.sample().settle();
+            }
+        }
+        (answered, wake)
+    }
+
+    fn run_batch(&mut self, m: usize, started_ns: u64) -> usize {
+        let lane = self.lanes[m].as_mut().expect("run for a lane");
+        self.taken.clear();
+        let ModelLane {
+            model,
+            queue,
+            input,
+            output,
+            ..
+        } = lane;
+        let taken = &mut self.taken;
+        let mut rows = 0;
+        let mut gathered = false;
+        // The gather and execute stages are timed on one batch in GATHER_SAMPLING (a clock read
+        // each): the other stages are timed on every request.
+        lane.batches_run = lane.batches_run.wrapping_add(1);
+        let time_stages = lane.batches_run.is_multiple_of(GATHER_SAMPLING);
+        let mut gathered_ns = 0;
+        // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
+        let result = model.backend.run_gathered(
+            &mut |staging| {
+                gathered = true;
+                let (r, padded) = queue.take(started_ns, staging, taken);
+                if time_stages {
+                    gathered_ns = monotonic_ns();
+                }
+                rows = r;
+                if r == 0 {
+                    0
+                } else {
+                    padded
+                }
+            },
+            input,
+            output,
+        );
+        if result.is_err() && !gathered {
+            // The backend failed before taking the batch: take it here, to answer it.
+            rows = queue.take(started_ns, input, taken).0;
+        }
+        let mut compute_ns = 0;
+        let mut done_ns = started_ns;
+        if rows > 0 {
+            done_ns = monotonic_ns();
+            compute_ns = done_ns - started_ns;
+            self.stats.batches += 1;
+            self.stats.rows += rows as u64;
+            let sample = lane.rec.sample();
+            sample.batches += 1;
+            sample.rows += rows as u64;
+            if gathered && time_stages {
+                sample.later(Stage::Gather, gathered_ns.saturating_sub(started_ns), 1);
+                if result.is_ok() {
+                    sample.later(Stage::Execute, done_ns.saturating_sub(gathered_ns), 1);
+                }
+            }
+            // The deadline estimate follows what batches really take (EMA, 1/8 weight).
+            lane.batch_compute_ns =
+                lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
+            if let Err(e) = result {
+                tracing::error!(model = %model.key(), rows, error = %e, "batch failed");
+                model.health.batch_failed(&model.key(), &e);
+                for t in self.taken.iter_mut() {
+                    if let Outcome::Execute { .. } = t.outcome {
+                        t.outcome = Outcome::Resolved;
+                        t.request.item.status = Status::EXECUTION_FAILED;
+                    }
+                }
+            }
+        }
+        self.respond(m, started_ns, compute_ns, done_ns)
+    }
+
+    /// Writes a response for every request in `self.taken`, in order; `now_ns` is when their
+    /// outputs (or errors) were ready.
+    fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64, now_ns: u64) -> usize {
+        if self.taken.is_empty() {
+            return 0;
+        }
+        let lane = self.lanes[m].as_mut().expect("answered from a lane");
+        let model = &lane.model;
+        let sample = lane.rec.sample();
+        let mut executed = 0;
+        let ow = model.output_width();
+        let response_words = abi::response_words(ow as u32);
+        let mut written = 0;
+        for t in &self.taken {
+            let item = &t.request.item;
+            let mut frame = ResponseFrame {
+                request_id: item.request_id,
+                seq: item.seq,
+                status: item.status.0,
+                model_version: model.version,
+                detail_a: item.detail_a,
+                detail_b: item.detail_b,
+                queue_ns: saturate_u32(started_ns.saturating_sub(t.request.arrival_ns)),
+                ..ResponseFrame::default()
+            };
+            match t.outcome {
+                Outcome::Execute { row } => {
+                    let out = &lane.output[row * ow..(row + 1) * ow];
+                    frame.output_count = ow as u32;
+                    frame.outputs[..ow.min(MAX_OUTPUTS)]
+                        .copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
+                    frame.confidence = row_confidence(out, model.config.uncertainty_output);
+                    frame.compute_ns = saturate_u32(compute_ns);
+                }
+                Outcome::TimedOut { late_ns } => {
+                    frame.status = Status::TIMEOUT.0;
+                    frame.detail_a = saturate_u32(late_ns);
+                }
+                Outcome::Resolved => {}
+            }
+            let Some(s) = self.sessions[item.session].as_mut() else {
+                continue;
+            };
+            if s.link.dead.load(Ordering::Relaxed) {
+                continue;
+            }
+            let words: [u64; RESPONSE_WORDS] = bytemuck::cast(frame);
+            // Only the header and the outputs: for up to 4 outputs, one cache line.
+            match s.rings.try_push(&words[..response_words]) {
+                Ok(()) => {
+                    s.unpublished = true;
+                    s.responded += 1;
+                    written += 1;
+                    sample.respond(Status(frame.status));
+                    // Stages of answers that reached their session only, as the counts.
+                    if let Outcome::Execute { .. } = t.outcome {
+                        let arrival = t.request.arrival_ns;
+                        sample.later(Stage::Queue, started_ns.saturating_sub(arrival), 1);
+                        sample.later(Stage::Total, now_ns.saturating_sub(arrival), 1);
+                        executed += 1;
+                    }
+                    if frame.status != Status::OK.0 {
+                        s.errors += 1;
+                        s.rings.segment().set_server_errors(s.errors);
+                    }
+                }
+                // Credits make this impossible for a client that follows the protocol.
+                Err(PushError::Full) => {
+                    tracing::warn!(
+                        session = s.link.id,
+                        "response ring full: client broke the credit rule"
+                    );
+                    fault(s, FaultReason::ResponseIndexCorrupt);
+                }
+                Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
+            }
+        }
+        if executed > 0 {
+            sample.later(Stage::Compute, compute_ns, executed);
+        }
+        self.stats.responses += written as u64;
+        written
+    }
+
+    /// Drops sessions that are dead (hung up or faulted) with their queued requests; their
+    /// segments unmap here.
+    fn reap(&mut self) {
+        for slot in 0..self.sessions.len() {
+            let dead = self.sessions[slot]
+                .as_ref()
+                .is_some_and(|s| s.link.dead.load(Ordering::Relaxed));
+            if dead {
+                let s = self.sessions[slot].take().expect("checked");
+                if let Some(lane) = self.lanes[s.model].as_mut() {
+                    lane.queue.remove_session(slot);
+                    lane.model.sessions.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.retiring = true;
+            }
+        }
+    }
+}
+
+fn fault(s: &mut WorkerSession, reason: FaultReason) {
+    if !s.link.dead.swap(true, Ordering::SeqCst) {
+        tracing::warn!(
+            session = s.link.id,
+            ?reason,
+            "session faulted: protocol violation"
+        );
+        s.rings
+            .segment()
+            .set_server_state(ServerState::Faulted, reason.code());
+    }
+}
+
+/// Checks a frame: the request to queue, with its features when it is to be executed (else
+/// its item carries the error it is answered with).
+/// Also returns the round trip the client reported in the frame (0: none).
+fn validate<'f>(
+    s: &mut WorkerSession,
+    frame: &'f [u64],
+    slot: usize,
+    now: u64,
+    allow_non_finite: bool,
+) -> (Request<Item>, Option<&'f [f32]>, u32) {
+    let expected_seq = s.expected_seq;
+    // The expected number counts frames: a client's bad number is not adopted, so it cannot
+    // steer the stamp the next frame is taken by.
+    s.expected_seq = expected_seq.wrapping_add(1);
+    let decoded =
+        tie_layouts::check::decode_request(frame, expected_seq, s.feature_count, allow_non_finite);
+    let header = decoded.header;
+    let mut request = Request {
+        item: Item {
+            session: slot,
+            request_id: header.request_id,
+            seq: header.seq,
+            status: Status::OK,
+            detail_a: 0,
+            detail_b: 0,
+        },
+        session: slot,
+        priority: header.priority.min(3) as u8,
+        arrival_ns: now,
+        deadline_ns: header.deadline_ns,
+    };
+    match decoded.features {
+        Ok(features) => (request, Some(features), header.reported_round_trip_ns),
+        Err((status, a, b)) => {
+            request.item.status = status;
+            request.item.detail_a = a;
+            request.item.detail_b = b;
+            (request, None, header.reported_round_trip_ns)
+        }
+    }
+}
+
+fn saturate_u32(ns: u64) -> u32 {
+    ns.min(u64::from(u32::MAX)) as u32
+}

@@ -1,0 +1,126 @@
+//! Liveness, readiness and Prometheus metrics.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::app::*;
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health/live", responses((status = 200, description = "Alive")))]
+pub(super) async fn live() -> Response {
+    Json(serde_json::json!({"status": "live"})).into_response()
+}
+
+/// Readiness of one model.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelReadiness {
+    /// `name:version`.
+    pub model_key: String,
+    /// Whether it passed its last health check.
+    pub ready: bool,
+    /// Why not.
+    pub reason: Option<String>,
+}
+
+/// The readiness report.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ReadyReport {
+    /// Every model loaded, warmed up and passing its health check.
+    pub ready: bool,
+    /// Still loading.
+    pub loading: bool,
+    /// Per model.
+    pub models: Vec<ModelReadiness>,
+}
+
+/// Readiness: 200 when every configured model has loaded, warmed up and passes its health
+/// check; 503 otherwise, with the reasons.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    responses(
+        (status = 200, description = "Ready", body = ReadyReport),
+        (status = 503, description = "Loading, or a model failed its health check", body = ReadyReport)
+    )
+)]
+pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
+    let report = match state.serving.get() {
+        None => ReadyReport {
+            ready: false,
+            loading: true,
+            models: Vec::new(),
+        },
+        Some(s) => {
+            let models: Vec<ModelReadiness> = s
+                .models
+                .snapshot()
+                .loaded()
+                .into_iter()
+                .map(|(_, m)| ModelReadiness {
+                    model_key: m.key(),
+                    ready: m.health.is_ready(),
+                    reason: m.health.reason(),
+                })
+                .collect();
+            ReadyReport {
+                // Nothing loaded and nothing to load on demand (every model unloaded on
+                // purpose) is not ready to serve.
+                ready: (!models.is_empty() || s.manager.has_unused_unloaded())
+                    && models.iter().all(|m| m.ready),
+                loading: false,
+                models,
+            }
+        }
+    };
+    let code = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(report)).into_response()
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain"))
+)]
+pub(super) async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    let mut out = String::new();
+    if let Some(s) = state.serving.get() {
+        let set = s.models.snapshot();
+        // The versions served now (one unloaded a moment ago may still have an entry) and the
+        // named ensembles (ready when all their members are served and ready).
+        let mut ready: HashMap<usize, bool> = set
+            .loaded()
+            .into_iter()
+            .map(|(_, m)| (m.monitor_index, m.health.is_ready()))
+            .collect();
+        for (name, e) in &s.manager.routing().ensembles {
+            if let Some(i) = s.manager.ensemble_index(name) {
+                let members_ready = e
+                    .members
+                    .iter()
+                    .all(|m| s.by_key(&m.key()).is_ok_and(|t| t.model.health.is_ready()));
+                ready.insert(i, members_ready);
+            }
+        }
+        s.monitor.prometheus(&|i| ready.get(&i).copied(), &mut out);
+    }
+    state.counters.prometheus(&mut out);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}

@@ -1,0 +1,856 @@
+//! The model manager: the set of model versions the server serves, changed while it serves.
+//!
+//! [`Models`] holds the current [`ModelSet`] (an immutable snapshot: slots of loaded versions,
+//! each model's default version and labels). Readers (the listener, the pollers, the control
+//! plane, the health monitor) take a snapshot; a change publishes a new one and bumps a
+//! generation number that pollers check between rounds.
+//!
+//! Slots are never reused: a version loaded again gets a new slot, so a slot number names one
+//! loaded instance for its whole life (the monitor's figures, a poller's lane, a session's
+//! binding).
+//!
+//! [`ModelManager`] changes the set from the repository:
+//! - **reload** (`tie reload`, `POST …/models/reload`, `POST …/models/{name}/load`): reads the
+//!   model's directory and config again, builds and warms every version its policy wants that
+//!   is not loaded (or whose file changed), then switches in one step: new slots in, each
+//!   model's default and labels set, versions the policy no longer wants out. If any version
+//!   fails to load, nothing changes and the error is returned: the versions serving go on.
+//! - **unload** (`POST …/models/{key}/unload`): takes a version (or every version of a model)
+//!   out of the set.
+//!
+//! Sessions that named no version follow their model's default: a poller moves such a session
+//! to the new default once every request it accepted for the old one is answered (it reads
+//! nothing more from that session meanwhile), so each session's responses switch version at
+//! one point, in order. A new default must be [`compatible`] with the one it replaces (layout,
+//! feature and output counts, non-finite rule, uncertainty column). Sessions pinned to a version that goes away have their accepted
+//! requests answered, then are closed (their clients see `Disconnected`); a version whose file
+//! was replaced keeps its pinned sessions. An instance is freed when the last holder lets it
+//! go: the poller lanes (once their queue is empty and no session is bound), the pollers' and
+//! the control plane's snapshots; the manager waits for that (bounded) before it answers.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::loaded::LoadedModel;
+use super::repository::{self, LoadOptions, ModelPlan, RepositoryLoadError};
+use super::routing::{Routing, RoutingError};
+use super::set::{compatible, describe, Missing, ModelSet, Models};
+use crate::monitor::ModelEntry;
+use crate::sync::{Locked, RwLocked};
+
+/// After a failed attempt to load again a model unloaded as unused, requests for it get the same
+/// error for this long before another attempt.
+pub const RESTORE_RETRY: Duration = Duration::from_secs(10);
+
+/// A version unloaded for going unused, as it was loaded (it loads again from the same file,
+/// with the same config).
+#[derive(Clone, Debug)]
+struct Unused {
+    version: u32,
+    path: PathBuf,
+    checksum: String,
+    config: super::config::ModelConfig,
+    was_default: bool,
+    /// The model's labels that named it.
+    labels: Vec<String>,
+}
+
+/// Which of `idle`'s versions a request for `version` (a number or a label; `None`: the
+/// default) would load again.
+fn select(idle: &Idle, version: Option<&str>) -> Vec<usize> {
+    idle.versions
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| match version {
+            None => u.was_default,
+            Some(v) => u.version.to_string() == v || u.labels.iter().any(|l| l == v),
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A model with versions unloaded for going unused.
+#[derive(Debug)]
+struct Idle {
+    versions: Vec<Unused>,
+    /// How long the last one had gone unused.
+    idle: Duration,
+    /// The last failed attempt to load them again, and why.
+    failed: Option<(Instant, String)>,
+}
+
+/// How long the manager waits for a replaced or unloaded instance to be let go by the pollers
+/// before it answers (the instance is still freed when they do).
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// What a reload or unload did.
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct ChangeReport {
+    /// Versions loaded (`name:version`), with their load times in milliseconds.
+    pub loaded: Vec<LoadedVersion>,
+    /// Versions taken out (`name:version`).
+    pub unloaded: Vec<String>,
+    /// Per model: its default version after the change.
+    pub defaults: BTreeMap<String, u32>,
+    /// Versions taken out whose instance was still held (by a poller lane answering its last
+    /// requests, or a snapshot in use) when the answer was written; freed once let go.
+    pub still_draining: Vec<String>,
+}
+
+/// A version a change loaded.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct LoadedVersion {
+    /// `name:version`.
+    pub model_key: String,
+    /// Build, warmup, canary and profile.
+    pub load_time_ms: f64,
+    /// SHA-256 of its file.
+    pub checksum: String,
+}
+
+/// Why a change was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The repository or a version could not be read or loaded.
+    #[error(transparent)]
+    Load(#[from] RepositoryLoadError),
+    /// `routing.toml` is invalid.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    /// Loading again a model unloaded as unused failed a moment ago.
+    #[error("{0} (failed a moment ago; tried again {retry}s after the failure)", retry = RESTORE_RETRY.as_secs())]
+    Restore(String),
+    /// No such loaded model or version.
+    #[error("{0} is not loaded")]
+    NotLoaded(String),
+    /// The new default is not compatible with the one it replaces (see [`compatible`]), which
+    /// connected sessions were set up for.
+    #[error("model {model}: version {new} ({new_layout}, {new_hash:#018x}) cannot replace version {old} ({old_layout}, {old_hash:#018x}) as the default: sessions set up for one would be sent to the other (layout, feature or output count, non-finite rule or uncertainty column differ). Serve it under a new model name, or unload {model} first")]
+    LayoutChange {
+        /// The model.
+        model: String,
+        /// The default being replaced.
+        old: u32,
+        /// Its layout.
+        old_layout: String,
+        /// Its hash.
+        old_hash: u64,
+        /// The new default.
+        new: u32,
+        /// Its layout.
+        new_layout: String,
+        /// Its hash.
+        new_hash: u64,
+    },
+}
+
+/// Loads, reloads and unloads models of the repository into [`Models`].
+pub struct ModelManager {
+    models: Arc<Models>,
+    repository: PathBuf,
+    options: LoadOptions,
+    /// One change at a time.
+    changing: Mutex<()>,
+    /// Models with versions unloaded for going unused (`auto_unload_unused_hours`): loaded
+    /// again on the next request for them.
+    idle: Mutex<BTreeMap<String, Idle>>,
+    /// Models being loaded again now ([`ModelManager::restore`]: one caller at a time).
+    restoring: Mutex<std::collections::BTreeSet<String>>,
+    /// The repository's `routing.toml`.
+    routing: RwLock<Arc<Routing>>,
+    /// Monitor indices of the named ensembles.
+    ensembles: Mutex<BTreeMap<String, usize>>,
+}
+
+impl ModelManager {
+    /// A manager of `models` from `repository`, loading with `options`. Sessions asking for a
+    /// model unloaded for going unused make it load again (see [`Models::missing`]).
+    pub fn new(models: Arc<Models>, repository: PathBuf, options: LoadOptions) -> Arc<Self> {
+        let manager = Arc::new(Self {
+            models: models.clone(),
+            repository,
+            options,
+            changing: Mutex::new(()),
+            idle: Mutex::new(BTreeMap::new()),
+            restoring: Mutex::new(Default::default()),
+            routing: RwLock::new(Arc::default()),
+            ensembles: Mutex::new(BTreeMap::new()),
+        });
+        let weak = Arc::downgrade(&manager);
+        let _ = models.missing.set(Box::new(move |name, version| {
+            weak.upgrade()?.wake(name, version)
+        }));
+        manager
+    }
+
+    /// The routing rules in effect.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.read_locked().clone()
+    }
+
+    /// The monitor index of named ensemble `name`.
+    pub fn ensemble_index(&self, name: &str) -> Option<usize> {
+        self.ensembles.locked().get(name).copied()
+    }
+
+    /// Reads the repository's `routing.toml` (at start; a reload of the whole repository reads
+    /// it again).
+    ///
+    /// # Errors
+    /// [`RoutingError`]: the rules in effect stay.
+    pub fn load_routing(&self) -> Result<(), RoutingError> {
+        let routing = Routing::load(&self.repository)?;
+        self.set_routing(routing);
+        Ok(())
+    }
+
+    fn set_routing(&self, routing: Routing) {
+        let set = self.models.snapshot();
+        for name in routing.ensembles.keys() {
+            if set.resolve(name, None).is_some() {
+                tracing::warn!(
+                    ensemble = %name,
+                    "an ensemble has the name of a model: requests for that name go to the ensemble"
+                );
+            }
+        }
+        drop(set);
+        {
+            let mut ensembles = self.ensembles.locked();
+            for (name, index) in ensembles.iter() {
+                if !routing.ensembles.contains_key(name) {
+                    self.models.monitor.retire(*index);
+                }
+            }
+            ensembles.retain(|name, _| routing.ensembles.contains_key(name));
+            for name in routing.ensembles.keys() {
+                ensembles.entry(name.clone()).or_insert_with(|| {
+                    self.models.monitor.add(ModelEntry {
+                        key: format!("{name}:ensemble"),
+                        device_memory_bytes: None,
+                        pci_bus_ids: Vec::new(),
+                    })
+                });
+            }
+        }
+        tracing::info!(
+            strategies = ?routing.strategies.keys().collect::<Vec<_>>(),
+            ensembles = ?routing.ensembles.keys().collect::<Vec<_>>(),
+            "routing rules in effect"
+        );
+        *self.routing.write_locked() = Arc::new(routing);
+    }
+
+    /// For a session asking for `name` (`version`): starts loading it again in the background
+    /// when it was unloaded for going unused; says so, or why it cannot be now.
+    fn wake(self: Arc<Self>, name: &str, version: Option<&str>) -> Option<Missing> {
+        let (idle, failed) = {
+            let all = self.idle.locked();
+            let entry = all.get(name)?;
+            if select(entry, version).is_empty() {
+                return None;
+            }
+            let failed = entry
+                .failed
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
+                .map(|(_, why)| why.clone());
+            (entry.idle, failed)
+        };
+        if let Some(why) = failed {
+            return Some(Missing::Failed(format!(
+                "model {name} was unloaded as unused and could not be loaded again: {why}"
+            )));
+        }
+        let message = format!(
+            "model {name} was unloaded after {}s without a request; it is loading again: retry in a moment",
+            idle.as_secs()
+        );
+        if self.restoring.locked().contains(name) {
+            return Some(Missing::Loading(message));
+        }
+        let (this, owned, version) = (self.clone(), name.to_string(), version.map(str::to_string));
+        let spawned = std::thread::Builder::new()
+            .name("tie-model-wake".into())
+            .spawn(move || match this.restore(&owned, version.as_deref()) {
+                Ok(Some(ms)) => {
+                    tracing::info!(model = %owned, load_ms = ms, "loaded again for a session")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(model = %owned, error = %e, "cannot load again a model unloaded as unused")
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread to load a model again");
+        }
+        Some(Missing::Loading(message))
+    }
+
+    /// Whether a request for `name` (`version`: a number or label; `None`: the default) would
+    /// load a version unloaded for going unused ([`ModelManager::restore`]).
+    pub fn can_restore(&self, name: &str, version: Option<&str>) -> bool {
+        self.idle
+            .locked()
+            .get(name)
+            .is_some_and(|e| !select(e, version).is_empty())
+    }
+
+    /// Whether model `name` is being loaded again (by [`ModelManager::restore`]) now.
+    pub fn is_restoring(&self, name: &str) -> bool {
+        self.restoring.locked().contains(name)
+    }
+
+    /// Whether some model was unloaded for going unused (and loads on the next request).
+    pub fn has_unused_unloaded(&self) -> bool {
+        !self.idle.locked().is_empty()
+    }
+
+    /// Loads again the version of `name` a request asks for (`version`: a number or label;
+    /// `None`: the default), when it was unloaded for going unused: from the file and with the
+    /// config it had (a file changed since is refused before anything is built: reload it
+    /// explicitly). A default is the default again. Nothing else of the model is loaded.
+    /// Returns the load time in milliseconds; `None` when another caller is loading the model
+    /// or there is nothing to load. After a failure, callers get the same error for
+    /// [`RESTORE_RETRY`] without a new attempt.
+    ///
+    /// # Errors
+    /// [`ChangeError`]: it could not be loaded (nothing changed).
+    pub fn restore(&self, name: &str, version: Option<&str>) -> Result<Option<f64>, ChangeError> {
+        if !self.restoring.locked().insert(name.to_string()) {
+            return Ok(None);
+        }
+        let result = self.restore_locked(name, version);
+        self.restoring.locked().remove(name);
+        result
+    }
+
+    fn restore_locked(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<f64>, ChangeError> {
+        let _one = self.changing.locked();
+        let wanted: Vec<Unused> = match self.idle.locked().get(name) {
+            None => return Ok(None),
+            Some(Idle {
+                failed: Some((at, why)),
+                ..
+            }) if at.elapsed() < RESTORE_RETRY => {
+                return Err(ChangeError::Restore(why.clone()));
+            }
+            Some(idle) => select(idle, version)
+                .into_iter()
+                .map(|i| idle.versions[i].clone())
+                .collect(),
+        };
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let fail = |e: RepositoryLoadError| {
+            if let Some(idle) = self.idle.locked().get_mut(name) {
+                idle.failed = Some((Instant::now(), e.to_string()));
+            }
+            ChangeError::from(e)
+        };
+        let mut fresh = Vec::new();
+        for u in &wanted {
+            // The file as it was unloaded, checked before anything is built.
+            let now = repository::sha256_file(&u.path).map_err(fail)?;
+            if now != u.checksum {
+                return Err(fail(RepositoryLoadError::Integrity {
+                    model: name.into(),
+                    version: u.version,
+                    path: u.path.clone(),
+                    why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
+                }));
+            }
+            let plan = ModelPlan {
+                name: name.into(),
+                config: u.config.clone(),
+                versions: vec![(u.version, u.path.clone())],
+                default_version: u.version,
+            };
+            let m = repository::load_version(&plan, u.version, &self.options).map_err(fail)?;
+            fresh.push((m, u.was_default));
+        }
+        let ms: f64 = fresh
+            .iter()
+            .map(|(m, _)| m.load_time.as_secs_f64() * 1e3)
+            .sum();
+        self.models.publish(|models, set| {
+            for (m, was_default) in fresh {
+                let labels = m.config.labels.clone();
+                let slot = models.add_slot(set, m);
+                if was_default {
+                    set.defaults.insert(name.to_string(), slot);
+                }
+                let loaded: Vec<u32> = set
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.name == name)
+                    .map(|s| s.version)
+                    .collect();
+                let entry = set.labels.entry(name.to_string()).or_default();
+                for (label, v) in labels {
+                    if loaded.contains(&v) {
+                        entry.insert(label, v);
+                    }
+                }
+            }
+        });
+        {
+            let mut all = self.idle.locked();
+            if let Some(idle) = all.get_mut(name) {
+                idle.versions
+                    .retain(|u| !wanted.iter().any(|w| w.version == u.version));
+                idle.failed = None;
+                if idle.versions.is_empty() {
+                    all.remove(name);
+                }
+            }
+        }
+        tracing::info!(
+            model = name,
+            versions = ?wanted.iter().map(|u| u.version).collect::<Vec<_>>(),
+            load_ms = ms,
+            "loaded again after going unused"
+        );
+        Ok(Some(ms))
+    }
+
+    /// Unloads every version that has had no request for `after` (nor since it loaded), has no
+    /// session and is not `keep_loaded`, every `after / 4` (at most a minute) until `stop`. A
+    /// default version unloaded this way leaves its model without a default (no other
+    /// version takes its place), so the next request for the model loads it again.
+    pub fn unload_unused_task(&self, after: Duration, stop: &std::sync::atomic::AtomicBool) {
+        let every = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut next = Instant::now() + every;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            let candidates: Vec<usize> = self
+                .models
+                .snapshot()
+                .loaded()
+                .into_iter()
+                .filter(|(_, m)| self.unused_for(m, after).is_some())
+                .map(|(_, m)| m.monitor_index)
+                .collect();
+            for index in candidates {
+                // A load in progress is waited for only while the server is not stopping.
+                let _one = loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match self.changing.try_lock() {
+                        Ok(guard) => break guard,
+                        Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                };
+                // Checked again under the lock, on the same instance: a request, a session or
+                // a reload may have come meanwhile.
+                let current = self.models.snapshot();
+                let Some((slot, m)) = current
+                    .loaded()
+                    .into_iter()
+                    .find(|(_, m)| m.monitor_index == index)
+                    .map(|(s, m)| (s, m.clone()))
+                else {
+                    continue;
+                };
+                let Some(idle) = self.unused_for(&m, after) else {
+                    continue;
+                };
+                // Against a session being set up on it right now: the listener counts a session,
+                // then looks at this flag; here the flag is set, then the count looked at. One
+                // of the two sees the other (both sequentially consistent).
+                // SYNC(unloading): SeqCst pairs with the listener's `sessions` increment and
+                // `unloading` load (dataplane/session.rs `register`).
+                m.unloading.store(true, Ordering::SeqCst);
+                // SYNC(unloading): the other half of the pair above.
+                if m.sessions.load(Ordering::SeqCst) > 0 {
+                    m.unloading.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                let key = m.key();
+                tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
+                // Known as unused before it leaves the set: a request that misses it from then
+                // on loads it again.
+                {
+                    let mut all = self.idle.locked();
+                    let entry = all.entry(m.name.clone()).or_insert_with(|| Idle {
+                        versions: Vec::new(),
+                        idle,
+                        failed: None,
+                    });
+                    entry.idle = idle;
+                    entry.failed = None;
+                    entry.versions.push(Unused {
+                        version: m.version,
+                        path: m.path.clone(),
+                        checksum: m.checksum.clone(),
+                        config: m.config.clone(),
+                        was_default: current.is_default(slot),
+                        labels: current.labels_of(&m.name, m.version),
+                    });
+                }
+                drop((current, m));
+                match self.unload_slots(&[slot], false) {
+                    Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
+                    Err(e) => {
+                        tracing::warn!(model = %key, error = %e, "not unloaded");
+                        if let Some(m) = self.models.snapshot().get(slot) {
+                            m.unloading.store(false, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// How long `m` has gone unused, when it may be unloaded for it: no request for `after`
+    /// (nor since it loaded), no session, not `keep_loaded`.
+    fn unused_for(&self, m: &LoadedModel, after: Duration) -> Option<Duration> {
+        if m.config.keep_loaded || m.sessions.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self
+            .models
+            .monitor
+            .last_request(m.monitor_index)
+            .map_or(m.loaded_at, |t| t.max(m.loaded_at));
+        let idle = (chrono::Utc::now() - last).to_std().ok()?;
+        (idle >= after).then_some(idle)
+    }
+
+    /// The versions served.
+    pub fn models(&self) -> &Arc<Models> {
+        &self.models
+    }
+
+    /// Reloads every model of the repository (see the module's docs); models whose directory
+    /// is gone are unloaded, new ones loaded.
+    ///
+    /// # Errors
+    /// [`ChangeError`]: nothing changed.
+    pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.locked();
+        let plans = repository::plan_repository(&self.repository)?;
+        let routing = Routing::load(&self.repository)?;
+        // Models whose directory is gone (not one caught between two files of a deploy).
+        let mut gone: Vec<String> = self
+            .models
+            .snapshot()
+            .loaded()
+            .into_iter()
+            .map(|(_, m)| m.name.clone())
+            .filter(|n| !self.repository.join(n).exists())
+            .collect();
+        gone.dedup();
+        let plans: Vec<ModelPlan> = plans
+            .into_iter()
+            .filter(|p| !gone.contains(&p.name))
+            .collect();
+        // Models unloaded as unused whose directory is gone are gone too.
+        self.idle
+            .locked()
+            .retain(|name, _| self.repository.join(name).exists());
+        let report = self.apply(plans, &gone)?;
+        self.set_routing(routing);
+        Ok(report)
+    }
+
+    /// Reloads model `name` from the repository; with `version`, loads that version too (it
+    /// must be one the model's version policy allows).
+    ///
+    /// # Errors
+    /// [`ChangeError`]: nothing changed.
+    pub fn reload(&self, name: &str, version: Option<u32>) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.locked();
+        let plan = repository::plan_model(&self.repository, name)?;
+        if let Some(v) = version {
+            if plan.file(v).is_none() {
+                return Err(RepositoryLoadError::Unsupported {
+                    model: name.into(),
+                    why: format!(
+                        "version {v} is not in the repository or not picked by the model's version policy ({:?})",
+                        plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>()
+                    ),
+                }
+                .into());
+            }
+        }
+        self.apply(vec![plan], &[])
+    }
+
+    /// Unloads `key`: `name:version` (a label is accepted) or `name` (every version).
+    ///
+    /// # Errors
+    /// [`ChangeError::NotLoaded`].
+    pub fn unload(&self, key: &str) -> Result<ChangeReport, ChangeError> {
+        let _one = self.changing.locked();
+        let current = self.models.snapshot();
+        let slots: Vec<usize> = match key.rsplit_once(':') {
+            Some(_) => current.by_key(key).into_iter().collect(),
+            None => current
+                .loaded()
+                .into_iter()
+                .filter(|(_, m)| m.name == key)
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        drop(current);
+        // Unloaded on purpose: a version unloaded as unused does not come back either.
+        let forgotten = {
+            let mut idle = self.idle.locked();
+            let (name, version) = match key.rsplit_once(':') {
+                Some((n, v)) => (n, Some(v)),
+                None => (key, None),
+            };
+            let mut forgotten = Vec::new();
+            if let Some(entry) = idle.get_mut(name) {
+                entry.versions.retain(|u| {
+                    let gone = version.is_none_or(|v| {
+                        v == u.version.to_string() || u.labels.iter().any(|l| l == v)
+                    });
+                    if gone {
+                        forgotten.push(format!("{name}:{}", u.version));
+                    }
+                    !gone
+                });
+                if entry.versions.is_empty() {
+                    idle.remove(name);
+                }
+            }
+            forgotten
+        };
+        if slots.is_empty() && forgotten.is_empty() {
+            return Err(ChangeError::NotLoaded(key.into()));
+        }
+        let mut report = self.unload_slots(&slots, true)?;
+        report.unloaded.extend(forgotten);
+        Ok(report)
+    }
+
+    /// Takes `slots` out of the set. A model whose default leaves gets another compatible
+    /// version as default when `promote`, else none.
+    fn unload_slots(&self, slots: &[usize], promote: bool) -> Result<ChangeReport, ChangeError> {
+        let mut report = ChangeReport::default();
+        let removed = self.models.publish(|_, set| {
+            let mut removed = Vec::new();
+            for &slot in slots {
+                if let Some(m) = set.slots[slot].take() {
+                    removed.push((slot, m));
+                }
+            }
+            fix_defaults(set, &removed, promote);
+            removed
+        });
+        self.finish(removed, &mut report);
+        report.defaults = defaults_of(&self.models.snapshot());
+        Ok(report)
+    }
+
+    /// Loads what `plans` want and is not loaded, then switches in one step; unloads the
+    /// models named in `gone`.
+    fn apply(&self, plans: Vec<ModelPlan>, gone: &[String]) -> Result<ChangeReport, ChangeError> {
+        let current = self.models.snapshot();
+        // Build and warm every new version first: any failure leaves the set as it is.
+        let mut fresh: Vec<(usize, LoadedModel)> = Vec::new();
+        for (p, plan) in plans.iter().enumerate() {
+            for (version, file) in &plan.versions {
+                let loaded = current.resolve(&plan.name, Some(*version));
+                if let Some(slot) = loaded {
+                    let m = current.get(slot).expect("resolved");
+                    // The same file built the same way: kept. A file replaced in place, or a
+                    // config that builds it differently, is loaded again.
+                    if m.path == *file
+                        && m.config.builds_like(&plan.config)
+                        && file_checksum(file).as_deref() == Some(&m.checksum)
+                    {
+                        continue;
+                    }
+                }
+                let model = repository::load_version(plan, *version, &self.options)?;
+                fresh.push((p, model));
+            }
+        }
+        // A new default must read the layout the sessions following the old one write.
+        for plan in &plans {
+            let Some(old_slot) = current.resolve(&plan.name, None) else {
+                continue;
+            };
+            let old = current.get(old_slot).expect("resolved");
+            let new: &LoadedModel = match fresh
+                .iter()
+                .find(|(_, m)| m.name == plan.name && m.version == plan.default_version)
+            {
+                Some((_, m)) => m,
+                None => {
+                    let slot = current
+                        .resolve(&plan.name, Some(plan.default_version))
+                        .expect("the plan's versions are loaded or fresh");
+                    current.get(slot).expect("resolved")
+                }
+            };
+            if !compatible(old, new) {
+                return Err(ChangeError::LayoutChange {
+                    model: plan.name.clone(),
+                    old: old.version,
+                    old_layout: describe(old),
+                    old_hash: old.layout_hash,
+                    new: plan.default_version,
+                    new_layout: describe(new),
+                    new_hash: new.layout_hash,
+                });
+            }
+        }
+        let mut report = ChangeReport::default();
+        for plan in &plans {
+            self.idle.locked().remove(&plan.name);
+        }
+        for (_, m) in &fresh {
+            report.loaded.push(LoadedVersion {
+                model_key: m.key(),
+                load_time_ms: m.load_time.as_secs_f64() * 1e3,
+                checksum: m.checksum.clone(),
+            });
+        }
+        let removed = self.models.publish(|models, set| {
+            let mut removed = Vec::new();
+            // Replaced files and versions the policies no longer want leave.
+            for slot in 0..set.slots.len() {
+                let Some(m) = set.slots[slot].as_ref() else {
+                    continue;
+                };
+                let replaced = fresh
+                    .iter()
+                    .any(|(_, f)| f.name == m.name && f.version == m.version);
+                let unwanted = plans
+                    .iter()
+                    .find(|p| p.name == m.name)
+                    .is_some_and(|p| p.file(m.version).is_none());
+                if replaced || unwanted || gone.contains(&m.name) {
+                    removed.push((slot, set.slots[slot].take().expect("checked")));
+                }
+            }
+            for (_, m) in fresh {
+                models.add_slot(set, m);
+            }
+            for plan in &plans {
+                let slot = set
+                    .resolve(&plan.name, Some(plan.default_version))
+                    .expect("loaded above");
+                set.defaults.insert(plan.name.clone(), slot);
+                set.labels
+                    .insert(plan.name.clone(), plan.config.labels.clone());
+            }
+            fix_defaults(set, &removed, true);
+            removed
+        });
+        drop(current);
+        for plan in &plans {
+            tracing::info!(
+                model = %plan.name,
+                default = plan.default_version,
+                versions = ?plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+                "model reloaded"
+            );
+        }
+        self.finish(removed, &mut report);
+        report.defaults = defaults_of(&self.models.snapshot());
+        Ok(report)
+    }
+
+    /// Retires `removed` from the monitor and waits (bounded) until the pollers let them go.
+    fn finish(&self, removed: Vec<(usize, Arc<LoadedModel>)>, report: &mut ChangeReport) {
+        for (_, m) in &removed {
+            self.models.monitor.retire(m.monitor_index);
+        }
+        let started = Instant::now();
+        for (_, m) in removed {
+            let key = m.key();
+            report.unloaded.push(key.clone());
+            // Held by poller lanes and sessions until their requests are answered.
+            while Arc::strong_count(&m) > 1 && started.elapsed() < DRAIN_WAIT {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if Arc::strong_count(&m) > 1 {
+                tracing::warn!(model = %key, "unloaded; still answering its last requests");
+                report.still_draining.push(key);
+            } else {
+                tracing::info!(model = %key, "unloaded and freed");
+            }
+        }
+    }
+}
+
+/// A model whose default left the set gets as default its highest remaining version that
+/// sessions following the old default can use unchanged (see [`compatible`]); with none, it
+/// has no default (requests must name a version) and loses its labels when no version is
+/// left.
+fn fix_defaults(set: &mut ModelSet, removed: &[(usize, Arc<LoadedModel>)], promote: bool) {
+    for (slot, m) in removed {
+        if set.defaults.get(&m.name) != Some(slot) {
+            continue;
+        }
+        let next = promote
+            .then(|| {
+                set.slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+                    .filter(|(_, s)| s.name == m.name && compatible(m, s))
+                    .max_by_key(|(_, s)| s.version)
+                    .map(|(i, _)| i)
+            })
+            .flatten();
+        match next {
+            Some(i) => {
+                set.defaults.insert(m.name.clone(), i);
+            }
+            None => {
+                set.defaults.remove(&m.name);
+                if !set.slots.iter().flatten().any(|s| s.name == m.name) {
+                    set.labels.remove(&m.name);
+                }
+            }
+        }
+    }
+    // Labels name loaded versions only.
+    for (name, labels) in set.labels.iter_mut() {
+        let loaded: Vec<u32> = set
+            .slots
+            .iter()
+            .flatten()
+            .filter(|m| &m.name == name)
+            .map(|m| m.version)
+            .collect();
+        labels.retain(|_, v| loaded.contains(v));
+    }
+}
+
+fn defaults_of(set: &ModelSet) -> BTreeMap<String, u32> {
+    set.defaults
+        .iter()
+        .filter_map(|(name, &slot)| Some((name.clone(), set.get(slot)?.version)))
+        .collect()
+}
+
+fn file_checksum(path: &std::path::Path) -> Option<String> {
+    repository::sha256_file(path).ok()
+}

@@ -1,0 +1,34 @@
+//! Model management: what the server serves, and how that changes while it serves.
+//!
+//! - [`config`]: a model's `config.toml` ([`ModelConfig`]); [`batching`]: its resolved batching
+//!   policy ([`BatchConfig`]).
+//! - [`repository`]: the Triton-style directory (`<repo>/<name>/<version>/model.onnx`),
+//!   planned ([`ModelPlan`]) and loaded into [`LoadedModel`]s (built on a backend, warmed,
+//!   canaried and profiled).
+//! - [`set`]: [`ModelSet`], one immutable snapshot of the versions served (slots, defaults,
+//!   labels), and [`Models`], which holds the current one for the data plane to read.
+//! - [`manager`]: [`ModelManager`], which changes the set from the repository (reload, unload,
+//!   unloading unused versions and loading them again on demand) and holds the routing.
+//! - [`health`]: each version's readiness and the health monitor's canary checks;
+//!   [`fault`]: injected faults for drills.
+//! - [`routing`]: strategies (weighted splits, hints) and ensembles over versions.
+
+pub mod batching;
+pub mod config;
+pub mod fault;
+pub mod health;
+mod loaded;
+pub mod manager;
+pub mod repository;
+pub mod routing;
+pub mod set;
+
+pub use batching::{BatchConfig, BatchConfigError, CRITICAL, PRIORITIES};
+pub use config::{BackendChoice, ModelConfig, VersionPickError, VersionPolicy};
+pub use loaded::LoadedModel;
+pub use manager::{ChangeError, ChangeReport, LoadedVersion, ModelManager, RESTORE_RETRY};
+pub use repository::{
+    load_repository, load_version, plan_model, plan_repository, LoadOptions, ModelPlan,
+    RepositoryLoadError,
+};
+pub use set::{compatible, Missing, ModelSet, Models};

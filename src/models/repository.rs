@@ -1,0 +1,748 @@
+//! The model repository: `<repo>/<name>/<version>/model.onnx`, an optional
+//! `<repo>/<name>/config.toml`, and loading of what it holds.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tie_layouts::abi::{MAX_FEATURES, MAX_OUTPUTS};
+use tie_layouts::FeatureLayout;
+
+use tie_engine::devices::Gpus;
+use tie_engine::profile::ModelProfile;
+use tie_engine::{Backend, BackendLoadError};
+
+use super::config::{BackendChoice, ModelConfig};
+use super::health::Canary;
+use super::loaded::LoadedModel;
+use super::BatchConfig;
+use crate::config::BatchProcessingSection;
+
+/// Why the repository or a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryLoadError {
+    /// A directory or file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A model's config is invalid.
+    #[error("invalid model config {}: {source}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The error, naming an unknown key.
+        source: Box<toml::de::Error>,
+    },
+    /// A model's layout could not be read.
+    #[error("model {model}: layout {layout:?}: {source}")]
+    Layout {
+        /// The model.
+        model: String,
+        /// The layout named.
+        layout: String,
+        /// The error.
+        source: tie_layouts::LayoutError,
+    },
+    /// The layout's feature count differs from the model's input width.
+    #[error("model {model}: layout {layout:?} has {layout_features} features, the model reads {input_width}")]
+    LayoutWidth {
+        /// The model.
+        model: String,
+        /// The layout.
+        layout: String,
+        /// Its count.
+        layout_features: usize,
+        /// The model's width.
+        input_width: usize,
+    },
+    /// The backend could not load the model.
+    #[error("model {model} version {version}: {source}")]
+    Backend {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// The error.
+        source: BackendLoadError,
+    },
+    /// The model produces more values per row than a response frame carries.
+    #[error("model {model} version {version} outputs {outputs} values per row; a response carries 1 to {MAX_OUTPUTS}")]
+    TooManyOutputs {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// Its width.
+        outputs: usize,
+    },
+    /// A batching setting is out of range.
+    #[error("model {model}: {source}")]
+    Batching {
+        /// The model.
+        model: String,
+        /// The setting.
+        source: super::BatchConfigError,
+    },
+    /// The config asks for something this build cannot do.
+    #[error("model {model}: {why}")]
+    Unsupported {
+        /// The model.
+        model: String,
+        /// What and why.
+        why: String,
+    },
+    /// No GPU has room for the model (the spec's `OutOfMemory`); the server serves the others.
+    #[error(
+        "model {model} version {version}: GPU out of memory: requested {requested_mb}MB ({why})"
+    )]
+    OutOfMemory {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// Device memory one instance needs.
+        requested_mb: usize,
+        /// The limit it hit.
+        why: String,
+    },
+    /// The repository holds no model.
+    #[error("no model in repository {}", path.display())]
+    Empty {
+        /// The repository.
+        path: PathBuf,
+    },
+    /// The repository has no model of that name (or none with a `<version>/model.onnx`).
+    #[error("no model {model} in repository {}", path.display())]
+    UnknownModel {
+        /// The model.
+        model: String,
+        /// The repository.
+        path: PathBuf,
+    },
+    /// The model file is not the one its checksum file names, or changed while loading.
+    #[error("model {model} version {version}: {}: {why}", path.display())]
+    Integrity {
+        /// The model.
+        model: String,
+        /// Its version.
+        version: u32,
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+}
+
+/// What loading needs besides the repository path.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory of layout files.
+    pub layouts_dir: PathBuf,
+    /// Batching defaults.
+    pub batching: BatchProcessingSection,
+    /// Warmup inferences per model.
+    pub warmup_requests: u32,
+    /// Timed runs per batch size when profiling; 0 skips profiling.
+    pub profile_iterations: u32,
+    /// The GPUs models may run on.
+    pub gpus: Gpus,
+    /// Put a [`crate::models::fault::FaultSwitch`] in front of every backend.
+    pub fault_injection: bool,
+}
+
+impl LoadOptions {
+    /// The options a service config asks for, with its GPUs opened (see [`Gpus::probe`]).
+    pub fn from_config(config: &crate::config::ServiceConfig) -> Self {
+        Self::from_config_with(config, Gpus::probe(&config.gpu_options()))
+    }
+
+    /// The options a service config asks for, with `gpus`.
+    pub fn from_config_with(config: &crate::config::ServiceConfig, gpus: Gpus) -> Self {
+        Self {
+            gpus,
+            layouts_dir: config.server.layouts_dir.clone(),
+            batching: config.batch_processing.clone(),
+            warmup_requests: config.model_deployment.warmup_requests,
+            profile_iterations: config.model_deployment.profile_iterations,
+            fault_injection: config.server.fault_injection,
+        }
+    }
+}
+
+fn read_dir(path: &Path) -> Result<Vec<PathBuf>, RepositoryLoadError> {
+    let io = |source| RepositoryLoadError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    Ok(entries)
+}
+
+/// What the repository holds of one model and which of its versions its config asks for.
+#[derive(Clone, Debug)]
+pub struct ModelPlan {
+    /// The model's name (its directory).
+    pub name: String,
+    /// Its config (`config.toml`, or the defaults).
+    pub config: ModelConfig,
+    /// The versions to load, ascending, with their files.
+    pub versions: Vec<(u32, PathBuf)>,
+    /// The version served to clients that name none.
+    pub default_version: u32,
+}
+
+impl ModelPlan {
+    /// The file of `version`, when the plan loads it.
+    pub fn file(&self, version: u32) -> Option<&Path> {
+        self.versions
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, f)| f.as_path())
+    }
+}
+
+/// Reads model `name` of `repo`: its versions, its config, which versions it loads.
+///
+/// # Errors
+/// [`RepositoryLoadError::UnknownModel`] when the repository has no version of it; an invalid
+/// config or version policy.
+pub fn plan_model(repo: &Path, name: &str) -> Result<ModelPlan, RepositoryLoadError> {
+    let unknown = || RepositoryLoadError::UnknownModel {
+        model: name.into(),
+        path: repo.into(),
+    };
+    // A name is one directory of the repository, never a path.
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+        return Err(unknown());
+    }
+    let dir = repo.join(name);
+    if !dir.is_dir() {
+        return Err(unknown());
+    }
+    let mut present: Vec<(u32, PathBuf)> = read_dir(&dir)?
+        .into_iter()
+        .filter_map(|p| {
+            let v = p.file_name()?.to_str()?.parse::<u32>().ok()?;
+            let file = p.join("model.onnx");
+            (v > 0 && file.is_file()).then_some((v, file))
+        })
+        .collect();
+    if present.is_empty() {
+        return Err(unknown());
+    }
+    present.sort();
+    let config = read_model_config(&dir)?;
+    let unsupported = |why: String| RepositoryLoadError::Unsupported {
+        model: name.into(),
+        why,
+    };
+    let numbers: Vec<u32> = present.iter().map(|(v, _)| *v).collect();
+    let picked = config
+        .versions
+        .pick(&numbers)
+        .map_err(|e| unsupported(e.to_string()))?;
+    let versions: Vec<(u32, PathBuf)> = present
+        .into_iter()
+        .filter(|(v, _)| picked.contains(v))
+        .collect();
+    let default_version = config
+        .default_version
+        .unwrap_or_else(|| versions.last().expect("a policy picks one at least").0);
+    if !versions.iter().any(|(v, _)| *v == default_version) {
+        return Err(unsupported(format!(
+            "default_version {default_version} is not among the versions loaded ({picked:?})"
+        )));
+    }
+    for (label, v) in &config.labels {
+        if !versions.iter().any(|(loaded, _)| loaded == v) {
+            return Err(unsupported(format!(
+                "label {label:?} names version {v}, which is not among the versions loaded ({picked:?})"
+            )));
+        }
+    }
+    Ok(ModelPlan {
+        name: name.into(),
+        config,
+        versions,
+        default_version,
+    })
+}
+
+/// The plans of every model of `repo` (directories with at least one `<version>/model.onnx`).
+///
+/// # Errors
+/// The repository cannot be read, or a model's config is invalid.
+pub fn plan_repository(repo: &Path) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
+    let mut plans = Vec::new();
+    for dir in read_dir(repo)? {
+        if !dir.is_dir() {
+            continue;
+        }
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        match plan_model(repo, name) {
+            Ok(plan) => plans.push(plan),
+            Err(RepositoryLoadError::UnknownModel { .. }) => {
+                tracing::debug!(dir = %dir.display(), "no <version>/model.onnx, skipped");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(plans)
+}
+
+/// Loads every version of every model in `repo` that its version policy picks.
+///
+/// # Errors
+/// [`RepositoryLoadError`] for the first model that cannot be loaded, or an empty repository.
+pub fn load_repository(
+    repo: &Path,
+    options: &LoadOptions,
+) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
+    let mut models = Vec::new();
+    let mut refused = None;
+    for plan in plan_repository(repo)? {
+        for (version, _) in &plan.versions {
+            match load_version(&plan, *version, options) {
+                Ok(m) => models.push(m),
+                // A model that does not fit is refused; the others are served.
+                Err(e @ RepositoryLoadError::OutOfMemory { .. }) => {
+                    tracing::error!(error = %e, "model refused");
+                    refused = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if models.is_empty() {
+        // Every model refused: say why rather than "empty".
+        return Err(refused.unwrap_or_else(|| RepositoryLoadError::Empty { path: repo.into() }));
+    }
+    Ok(models)
+}
+
+/// Loads version `version` of `plan`: checked against its checksum file when it has one,
+/// built, warmed up, its canary recorded and, when configured, profiled. Nothing is shared
+/// with a version already serving, so a failure leaves that one as it was.
+///
+/// # Errors
+/// [`RepositoryLoadError`]: a version the plan does not load, a corrupt or changed file, a
+/// backend or warmup failure.
+pub fn load_version(
+    plan: &ModelPlan,
+    version: u32,
+    options: &LoadOptions,
+) -> Result<LoadedModel, RepositoryLoadError> {
+    let Some(file) = plan.file(version) else {
+        return Err(RepositoryLoadError::Unsupported {
+            model: plan.name.clone(),
+            why: format!(
+                "version {version} is not one the model's version policy loads ({:?})",
+                plan.versions.iter().map(|(v, _)| *v).collect::<Vec<_>>()
+            ),
+        });
+    };
+    let integrity = |why: String| RepositoryLoadError::Integrity {
+        model: plan.name.clone(),
+        version,
+        path: file.into(),
+        why,
+    };
+    let checksum = sha256_file(file)?;
+    let sum_file = file.with_extension("onnx.sha256");
+    if sum_file.exists() {
+        let text =
+            std::fs::read_to_string(&sum_file).map_err(|source| RepositoryLoadError::Io {
+                path: sum_file.clone(),
+                source,
+            })?;
+        // `sha256sum`'s format: the hex digest, then optionally the file name.
+        let expected = text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if expected != checksum {
+            return Err(integrity(format!(
+                "SHA-256 {checksum} differs from {expected} in {} (a truncated or corrupt file)",
+                sum_file.display()
+            )));
+        }
+    }
+    let mut model = load_model(
+        &plan.name,
+        version,
+        file,
+        &plan.config,
+        version == plan.default_version,
+        options,
+    )?;
+    // The file read at the start is the one that was built.
+    let after = sha256_file(file)?;
+    if after != checksum {
+        return Err(integrity(
+            "the file changed while it was loading; load it again once it is written".into(),
+        ));
+    }
+    model.checksum = checksum;
+    Ok(model)
+}
+
+/// SHA-256 of a file, hex.
+pub(crate) fn sha256_file(path: &Path) -> Result<String, RepositoryLoadError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|source| RepositoryLoadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn read_model_config(dir: &Path) -> Result<ModelConfig, RepositoryLoadError> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(ModelConfig::default());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| RepositoryLoadError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| RepositoryLoadError::Config {
+        path,
+        source: Box::new(source),
+    })
+}
+
+/// One version being loaded: what [`load_model`]'s steps share.
+struct Loading<'a> {
+    name: &'a str,
+    version: u32,
+    file: &'a Path,
+    config: &'a ModelConfig,
+    options: &'a LoadOptions,
+}
+
+impl Loading<'_> {
+    fn unsupported(&self, why: String) -> RepositoryLoadError {
+        RepositoryLoadError::Unsupported {
+            model: self.name.into(),
+            why,
+        }
+    }
+
+    fn backend_error(&self, source: BackendLoadError) -> RepositoryLoadError {
+        RepositoryLoadError::Backend {
+            model: self.name.into(),
+            version: self.version,
+            source,
+        }
+    }
+
+    /// The backend the config asks for: the CPU, a GPU, or (`auto`) a GPU when one is usable
+    /// and the graph runs there, else the CPU.
+    fn backend(&self, batch: &BatchConfig) -> Result<Arc<dyn Backend>, RepositoryLoadError> {
+        let (name, version, file, config, options) = (
+            self.name,
+            self.version,
+            self.file,
+            self.config,
+            self.options,
+        );
+        let cpu =
+            || tie_engine::load_cpu(file, config.cpu_engine).map_err(|e| self.backend_error(e));
+        match (config.backend, options.gpus.unavailable()) {
+            (BackendChoice::Cpu, _) => cpu(),
+            (BackendChoice::Cuda, Some(why)) => {
+                Err(self.unsupported(format!("backend = \"cuda\" but no GPU is usable: {why}")))
+            }
+            (BackendChoice::Auto, Some(_)) => cpu(),
+            (choice, None) => match load_gpu(name, version, file, config, batch, options) {
+                Ok(b) => Ok(b),
+                Err(e) if choice == BackendChoice::Auto => {
+                    tracing::info!(model = name, version, reason = %e, "served on the CPU");
+                    cpu()
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The model's I/O against what a frame carries and the uncertainty column.
+    fn check_io(&self, io: &tie_engine::ModelIo) -> Result<(), RepositoryLoadError> {
+        if io.input_width > MAX_FEATURES as usize {
+            return Err(self.unsupported(format!(
+                "the model reads {} features; a request frame carries at most {MAX_FEATURES}",
+                io.input_width
+            )));
+        }
+        if let Some(k) = self.config.uncertainty_output {
+            if k >= io.output_width || io.output_width < 2 {
+                return Err(self.unsupported(format!(
+                    "uncertainty_output = {k}, but the model has {} outputs (columns 0..{}; one besides the uncertainty)",
+                    io.output_width, io.output_width
+                )));
+            }
+        }
+        if io.output_width == 0 || io.output_width > MAX_OUTPUTS {
+            return Err(RepositoryLoadError::TooManyOutputs {
+                model: self.name.into(),
+                version: self.version,
+                outputs: io.output_width,
+            });
+        }
+        Ok(())
+    }
+
+    /// The layout the config names (its width checked), or positional names.
+    fn layout(&self, input_width: usize) -> Result<FeatureLayout, RepositoryLoadError> {
+        let Some(layout) = &self.config.layout else {
+            return Ok(FeatureLayout::positional(self.name, input_width as u32));
+        };
+        let path = self.options.layouts_dir.join(format!("{layout}.toml"));
+        let l = FeatureLayout::from_file(&path).map_err(|source| RepositoryLoadError::Layout {
+            model: self.name.into(),
+            layout: layout.clone(),
+            source,
+        })?;
+        if l.features.len() != input_width {
+            return Err(RepositoryLoadError::LayoutWidth {
+                model: self.name.into(),
+                layout: layout.clone(),
+                layout_features: l.features.len(),
+                input_width,
+            });
+        }
+        Ok(l)
+    }
+
+    /// Warms the backend up, records its canary and, when asked, profiles its batch sizes.
+    fn prepare(
+        &self,
+        backend: &dyn Backend,
+        batch: &BatchConfig,
+        progress: &Progress,
+    ) -> Result<(Canary, Option<ModelProfile>), RepositoryLoadError> {
+        let failed = |what: &str, e: tie_engine::BackendError| {
+            self.backend_error(BackendLoadError::Tract(format!("{what} failed: {e}")))
+        };
+        progress.show("warming up", None);
+        warmup(backend, self.options.warmup_requests).map_err(|e| failed("warmup", e))?;
+        let canary = Canary::record(backend).map_err(|e| failed("canary inference", e))?;
+        let profile = match self.options.profile_iterations {
+            0 => None,
+            n => Some(
+                ModelProfile::measure_with_progress(
+                    backend,
+                    &batch.run_sizes(),
+                    n,
+                    &mut |done, of| progress.show("profiling batch sizes", Some((done, of))),
+                )
+                .map_err(|e| failed("profiling", e))?,
+            ),
+        };
+        Ok((canary, profile))
+    }
+}
+
+fn load_model(
+    name: &str,
+    version: u32,
+    file: &Path,
+    config: &ModelConfig,
+    is_default: bool,
+    options: &LoadOptions,
+) -> Result<LoadedModel, RepositoryLoadError> {
+    let started = Instant::now();
+    let loading = Loading {
+        name,
+        version,
+        file,
+        config,
+        options,
+    };
+    let progress = Progress::new(name, version);
+    progress.show("loading", None);
+    let batch = BatchConfig::resolve(&options.batching, config).map_err(|source| {
+        RepositoryLoadError::Batching {
+            model: name.into(),
+            source,
+        }
+    })?;
+    let backend = loading.backend(&batch)?;
+    let io = backend.info().io.clone();
+    loading.check_io(&io)?;
+    let layout = loading.layout(io.input_width)?;
+    let (canary, profile) = loading.prepare(backend.as_ref(), &batch, &progress)?;
+    progress.finish();
+    tracing::info!(
+        model = name,
+        version,
+        engine = backend.info().engine,
+        inputs = io.input_width,
+        outputs = io.output_width,
+        layout = %layout.name,
+        default = is_default,
+        optimal_batch_size = profile.as_ref().map(|p| p.optimal_batch_size),
+        load_ms = started.elapsed().as_secs_f64() * 1e3,
+        "model loaded"
+    );
+    let (backend, fault) = if options.fault_injection {
+        let (b, switch) = super::fault::Faulty::wrap(backend);
+        (b, Some(switch))
+    } else {
+        (backend, None)
+    };
+    Ok(LoadedModel {
+        name: name.into(),
+        version,
+        is_default,
+        layout_hash: layout.hash(),
+        layout,
+        batch,
+        profile,
+        backend,
+        path: file.into(),
+        health: Arc::new(super::health::ModelHealth::new(canary)),
+        fault,
+        loaded_at: chrono::Utc::now(),
+        load_time: started.elapsed(),
+        checksum: String::new(),
+        config: config.clone(),
+        monitor_index: usize::MAX,
+        sessions: Default::default(),
+        unloading: Default::default(),
+    })
+}
+
+/// The model on the GPUs of `options`; errors say why it cannot run there.
+#[cfg(feature = "cuda")]
+fn load_gpu(
+    name: &str,
+    version: u32,
+    file: &Path,
+    config: &ModelConfig,
+    batch: &BatchConfig,
+    options: &LoadOptions,
+) -> Result<Arc<dyn Backend>, RepositoryLoadError> {
+    use tie_engine::cuda::{CudaBackend, CudaLoadError};
+    let Gpus::Available(runtime) = &options.gpus else {
+        unreachable!("called only with GPUs");
+    };
+    let backend_err = |source| RepositoryLoadError::Backend {
+        model: name.into(),
+        version,
+        source,
+    };
+    let (io, plan) = tie_engine::read_mlp(file).map_err(backend_err)?;
+    let plan = plan.map_err(|e| RepositoryLoadError::Unsupported {
+        model: name.into(),
+        why: format!("the GPU backend runs MLP-shaped graphs only: {e}"),
+    })?;
+    if plan.layers.is_empty() {
+        return Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: "the graph has no layer: nothing for a GPU to compute".into(),
+        });
+    }
+    match CudaBackend::load(runtime, io, &plan, config.precision, &batch.run_sizes()) {
+        Ok(b) => {
+            tracing::info!(
+                model = name,
+                version,
+                devices = %b.info().device,
+                precision = b.precision().name(),
+                engines = ?b
+                    .engines()
+                    .iter()
+                    .map(|(s, e, ns)| format!("{s}:{e}@{:.1}us", *ns as f64 / 1e3))
+                    .collect::<Vec<_>>(),
+                "model built on the GPU"
+            );
+            Ok(Arc::new(b))
+        }
+        Err(CudaLoadError::OutOfMemory(e)) => Err(RepositoryLoadError::OutOfMemory {
+            model: name.into(),
+            version,
+            requested_mb: e.requested_mb,
+            why: e.why,
+        }),
+        Err(CudaLoadError::Cuda(message)) => Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: format!("GPU: {message}"),
+        }),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_gpu(
+    _: &str,
+    _: u32,
+    _: &Path,
+    _: &ModelConfig,
+    _: &BatchConfig,
+    _: &LoadOptions,
+) -> Result<Arc<dyn Backend>, RepositoryLoadError> {
+    unreachable!("without the `cuda` feature no GPU is ever available")
+}
+
+/// Load progress of one model: a bar redrawn in place on a terminal, log lines otherwise (one
+/// per stage, none per step).
+struct Progress {
+    label: String,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(name: &str, version: u32) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            label: format!("{name}:{version}"),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, stage: &str, step: Option<(usize, usize)>) {
+        if self.terminal {
+            use std::io::Write;
+            let (done, of) = step.unwrap_or((0, 1));
+            let filled = 20 * done / of.max(1);
+            let bar: String = (0..20)
+                .map(|i| if i < filled { '#' } else { '.' })
+                .collect();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{} [{bar}] {stage} {done}/{of}", self.label);
+            let _ = err.flush();
+        } else if step.is_none_or(|(done, _)| done == 0) {
+            tracing::info!(model = %self.label, "{stage}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
+            use std::io::Write;
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
+    }
+}
+
+fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), tie_engine::BackendError> {
+    let io = &backend.info().io;
+    let input = vec![0.0f32; io.input_width];
+    let mut output = vec![0.0f32; io.output_width];
+    for _ in 0..requests {
+        backend.run_batch(&input, 1, &mut output)?;
+    }
+    Ok(())
+}

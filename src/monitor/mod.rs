@@ -1,0 +1,113 @@
+//! The performance monitor: per model, HdrHistograms of each stage of a request and counters of
+//! its outcomes, the spec's `ModelPerformanceMetrics`, threshold alerts, Prometheus text and
+//! HdrHistogram interval logs.
+//!
+//! # How figures get here without slowing the pollers
+//!
+//! A poller records into its own [`Sample`] per model (a histogram record is a few
+//! nanoseconds, with no lock and no shared cache line). Every [`FLUSH_NS`], and when it goes
+//! idle, it swaps the sample for an empty one from its [`Exchange`] with `try_lock` only: it
+//! never waits, never allocates, and keeps recording into the same sample when the monitor
+//! holds a lock. The monitor merges what was handed over into the model's totals ([`collect`])
+//! before every read and on every tick, empties the samples and hands them back.
+//!
+//! # Stages (nanoseconds)
+//!
+//! | stage | per | from | to |
+//! |---|---|---|---|
+//! | `queue` | request | frame accepted | its batch starts |
+//! | `compute` | request | its batch starts | its batch's outputs are ready |
+//! | `total` | request | frame accepted | its response is written (server side) |
+//! | `end_to_end` | request | client submit | client read the response (reported by the client in its next frame) |
+//! | `gather` | batch | batch starts | rows copied into the backend's staging (pinned memory on a GPU: the host side of H2D) |
+//! | `execute` | batch | rows staged | outputs back in host memory (H2D, kernels and D2H on a GPU) |
+//!
+//! Only requests that were executed are in `queue`, `compute` and `total`; every response is
+//! counted by its status.
+//!
+//! [`collect`]: Monitor::collect
+#![forbid(unsafe_code)]
+
+mod alerts;
+mod hlog_files;
+mod metrics;
+mod prometheus;
+mod sample;
+mod state;
+mod task;
+
+pub use alerts::*;
+pub use hlog_files::*;
+pub use metrics::*;
+pub use sample::*;
+pub use state::*;
+pub use task::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::config::{MonitoringSection, PerformanceThresholdsSection};
+    use tie_layouts::abi::Status;
+
+    #[test]
+    fn alerts_rise_once_and_clear_past_the_hysteresis() {
+        // Upper threshold 10: raised above 10, kept down to 9, cleared below.
+        let mut active = false;
+        let mut transitions = 0;
+        for v in [5.0, 11.0, 10.5, 9.5, 9.1, 12.0, 8.9, 9.5, 10.0] {
+            let next = alert_state(active, Some(v), 10.0, true);
+            transitions += usize::from(next != active);
+            active = next;
+        }
+        assert_eq!(transitions, 2);
+        assert!(!active);
+        // Lower threshold 100: raised below, cleared above 110; unmeasured keeps the state.
+        assert!(alert_state(false, Some(99.0), 100.0, false));
+        assert!(alert_state(true, Some(105.0), 100.0, false));
+        assert!(!alert_state(true, Some(111.0), 100.0, false));
+        assert!(alert_state(true, None, 100.0, false));
+    }
+
+    #[test]
+    fn samples_handed_over_are_merged_once_and_reused() {
+        let monitor = Monitor::new(
+            vec![ModelEntry {
+                key: "m:1".into(),
+                device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
+            }],
+            PerformanceThresholdsSection::default(),
+            MonitoringSection::default(),
+        );
+        let mut r = monitor.recorder(0);
+        for round in 0..10u64 {
+            let s = r.sample();
+            s.requests += 2;
+            s.respond(Status::OK);
+            s.respond(Status::TIMEOUT);
+            s.record(Stage::Total, 1_000 * (round + 1));
+            r.flush(round * FLUSH_NS, FLUSH_NS);
+            monitor.collect();
+        }
+        r.flush(u64::MAX, 0);
+        let m = monitor.metrics(0);
+        assert_eq!(m.total_requests, 20);
+        assert_eq!(m.successful_requests, 10);
+        assert_eq!(m.timeouts, 10);
+        assert_eq!(m.errors_by_kind.get("Timeout"), Some(&10));
+        assert_eq!(m.stages["total"].count, 10);
+        assert!(
+            (m.max_latency_ms.unwrap() - 0.010).abs() < 1e-4,
+            "{:?}",
+            m.max_latency_ms
+        );
+    }
+
+    #[test]
+    fn pci_ids_match_across_spellings() {
+        assert_eq!(pci_key("00000000:19:00.0"), pci_key("0000:19:00.0"));
+        assert_ne!(pci_key("0000:19:00.0"), pci_key("0000:1a:00.0"));
+        assert_eq!(pci_key("19:00.0"), Some((0, 0x19, 0, 0)));
+    }
+}

@@ -1,0 +1,202 @@
+//! `tie serve` refuses bad configuration with an error naming what is wrong, and logs as JSON
+//! when asked.
+
+use std::process::Command;
+
+use crate::common::Need;
+use crate::common::{root, scratch_dir, TestServer};
+
+/// Runs `tie serve` expecting it to fail at start-up; returns its stderr.
+fn serve_fails(config: &str, repository: &std::path::Path) -> String {
+    let dir = scratch_dir("bad-config");
+    let config_path = dir.join("tie.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .arg("--model-repository")
+        .arg(repository)
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--socket-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "tie serve started with a bad config");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A repository holding one copy of the mlp64 model, with `config` as its config.toml.
+fn repository_with(config: &str) -> std::path::PathBuf {
+    let repo = scratch_dir("repo");
+    let version = repo.join("m/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(
+        root().join("models/mlp64/1/model.onnx"),
+        version.join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(repo.join("m/config.toml"), config).unwrap();
+    repo
+}
+
+#[test]
+fn unknown_service_config_keys_are_named() {
+    let err = serve_fails(
+        "[batch_processing]\nmax_batch_sise = 8\n",
+        &root().join("models"),
+    );
+    assert!(err.contains("max_batch_sise"), "{err}");
+    let err = serve_fails("[server]\npoller_cores = [4096]\n", &root().join("models"));
+    assert!(
+        err.contains("server.poller_cores") && err.contains("4096"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_model_configs_are_named() {
+    let err = serve_fails("", &repository_with("layuot = \"mlp64\"\n"));
+    assert!(err.contains("layuot"), "{err}");
+    // A layout whose width differs from the model's input.
+    let repo = repository_with("layout = \"narrow\"\n");
+    let layouts = scratch_dir("layouts");
+    std::fs::write(
+        layouts.join("narrow.toml"),
+        "name = \"narrow\"\ndtype = \"f32\"\nfeatures = [\"a\", \"b\"]\n",
+    )
+    .unwrap();
+    let config = format!("[server]\nlayouts_dir = {:?}\n", layouts.to_str().unwrap());
+    let err = serve_fails(&config, &repo);
+    assert!(err.contains("has 2 features, the model reads 64"), "{err}");
+    // A layout that does not exist.
+    let err = serve_fails("", &repository_with("layout = \"missing\"\n"));
+    assert!(err.contains("missing"), "{err}");
+    // An ONNX file that is not one.
+    let repo = repository_with("");
+    std::fs::write(repo.join("m/1/model.onnx"), b"not a model").unwrap();
+    let err = serve_fails("", &repo);
+    assert!(err.contains("model.onnx"), "{err}");
+    // Batching overrides out of range.
+    let err = serve_fails("", &repository_with("max_queue_size = 2000000000\n"));
+    assert!(err.contains("max_queue_size = 2000000000"), "{err}");
+    let err = serve_fails(
+        "",
+        &repository_with("max_batch_size = 8\nallowed_batch_sizes = [4, 16]\n"),
+    );
+    assert!(err.contains("allowed_batch_sizes holds 16"), "{err}");
+    // An empty repository.
+    let err = serve_fails("", &scratch_dir("empty"));
+    assert!(err.contains("no model"), "{err}");
+}
+
+#[test]
+fn logs_are_json_when_configured() {
+    let config =
+        crate::common::TEST_CONFIG.replace("[server]\n", "[server]\nlog_format = \"json\"\n");
+    let server = TestServer::start_with(&config, &root().join("models"));
+    let log = server.log();
+    let first = log.lines().next().expect("a log line");
+    let line: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["level"], "INFO");
+}
+
+/// `tie devices`' report where no GPU is usable; `None` (after saying so) where one is.
+fn no_gpu_report() -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("devices")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if report["gpu_usable"] == true {
+        crate::common::skip(
+            Need::NoGpu,
+            "a GPU is usable here (the GPU tests cover that case)",
+        );
+        return None;
+    }
+    Some(report)
+}
+
+#[test]
+fn a_cuda_model_without_a_usable_gpu_names_the_reason() {
+    let Some(report) = no_gpu_report() else {
+        return;
+    };
+    let err = serve_fails("", &repository_with("backend = \"cuda\"\n"));
+    assert!(
+        err.contains("backend = \"cuda\" but no GPU is usable"),
+        "{err}"
+    );
+    assert!(err.contains(report["reason"].as_str().unwrap()), "{err}");
+    // A precision that does not exist is named.
+    let err = serve_fails("", &repository_with("precision = \"fp8\"\n"));
+    assert!(err.contains("fp8"), "{err}");
+}
+
+#[test]
+fn with_no_gpu_an_auto_model_is_served_on_the_cpu_and_the_reason_logged_once() {
+    if no_gpu_report().is_none() {
+        return;
+    }
+    let mut server = TestServer::start_with(
+        crate::common::TEST_CONFIG,
+        &repository_with("backend = \"auto\"\nprecision = \"fp16\"\n"),
+    );
+    server.stop();
+    let log = server.log();
+    assert_eq!(log.matches("no usable GPU").count(), 1, "{log}");
+    assert!(log.contains("engine=\"cpu-mlp\""), "{log}");
+}
+
+#[test]
+fn lock_memory_locks_the_servers_memory_or_fails_naming_the_limit() {
+    let config =
+        crate::common::TEST_CONFIG.replacen("[server]\n", "[server]\nlock_memory = true\n", 1);
+    assert!(config.contains("lock_memory"));
+    let dir = scratch_dir("mlock");
+    let config_path = dir.join("tie.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .args(["--http-addr", "127.0.0.1:0"])
+        .arg("--socket-dir")
+        .arg(&dir)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Either it locks its memory (root, or an unlimited limit) and serves, or it refuses to
+    // start and says which limit to raise.
+    let mut exited = None;
+    let locked = crate::common::eventually(std::time::Duration::from_secs(10), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+            return true;
+        }
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmLck:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .is_some_and(|kb| kb > 0)
+    });
+    assert!(locked, "neither locked nor exited in 10 s");
+    let err = std::fs::read_to_string(dir.join("server.log")).unwrap();
+    match exited {
+        None => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            assert!(child.wait().unwrap().success(), "{err}");
+        }
+        Some(status) => {
+            assert!(!status.success(), "{err}");
+            assert!(err.contains("LimitMEMLOCK"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `tie doctor` reports this host's real values: each one is checked here against the kernel
+//! file it comes from.
+
+use std::process::Command;
+
+use crate::common::scratch_dir;
+
+fn doctor(config: &str, json: bool) -> std::process::Output {
+    let dir = scratch_dir("doctor");
+    let path = dir.join("tie.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tie"));
+    cmd.args(["doctor", "--config"]).arg(&path);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn read(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+#[test]
+fn doctor_reports_the_hosts_real_values() {
+    // Core 0 exists on every host (poller cores are checked against the online CPUs).
+    let out = doctor("[server]\npoller_cores = [0]\n", true);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name:?} in {checks:?}"))
+            .clone()
+    };
+    for c in &checks {
+        let verdict = c["verdict"].as_str().unwrap();
+        assert!(["ok", "warn", "unknown"].contains(&verdict), "{c}");
+        // A warning always says what to do.
+        assert_eq!(
+            verdict == "warn",
+            !c["fix"].as_str().unwrap().is_empty(),
+            "{c}"
+        );
+    }
+    assert_eq!(
+        get("huge pages for segments")["value"],
+        "not used (server.huge_pages = false)"
+    );
+    let out = doctor("[server]\nhuge_pages = true\n", true);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let c = checks
+        .iter()
+        .find(|c| c["name"] == "huge pages for segments")
+        .unwrap();
+    if let (Some(free), Some(total)) = (
+        read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"),
+        read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
+    ) {
+        assert_eq!(
+            c["value"],
+            format!("{free} of {total} 2 MB pages free"),
+            "{c}"
+        );
+        assert_eq!(c["verdict"] == "ok", free != "0", "{c}");
+    }
+    if let Some(source) = read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
+        let c = get("clock source");
+        assert_eq!(c["value"], source.as_str());
+        assert_eq!(
+            c["verdict"] == "ok",
+            source == "tsc" || source == "kvm-clock",
+            "{c}"
+        );
+    }
+    if let Some(thp) = read("/sys/kernel/mm/transparent_hugepage/enabled") {
+        let c = get("transparent huge pages");
+        assert!(
+            thp.contains(&format!("[{}]", c["value"].as_str().unwrap())),
+            "{c} vs {thp}"
+        );
+    }
+    if let Some(isolated) = read("/sys/devices/system/cpu/isolated") {
+        let c = get("isolated cores");
+        let core0_isolated = tie::host::parse_cpu_list(&isolated).contains(&0);
+        assert_eq!(c["verdict"] == "ok", core0_isolated, "{c} vs {isolated:?}");
+    }
+    // The memlock limit, as the shell sees it.
+    let ulimit = Command::new("sh")
+        .args(["-c", "ulimit -l"])
+        .output()
+        .unwrap();
+    let ulimit = String::from_utf8_lossy(&ulimit.stdout).trim().to_string();
+    let c = get("memlock limit (this process)");
+    if ulimit == "unlimited" {
+        assert_eq!(c["value"], "unlimited");
+    } else {
+        let kb: u64 = ulimit.parse().unwrap();
+        assert_eq!(c["value"], format!("{} MB", kb >> 10));
+    }
+    if let Some(siblings) = read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") {
+        let shared = tie::host::parse_cpu_list(&siblings).len() > 1;
+        assert_eq!(
+            get("SMT siblings of poller cores")["verdict"] == "warn",
+            shared
+        );
+    }
+    let gpu = get("GPU");
+    assert!(!gpu["value"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn doctor_text_output_gives_the_fix_under_each_warning() {
+    let out = doctor("", false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.iter().any(|l| l.contains("clock source")), "{text}");
+    for (i, l) in lines.iter().enumerate() {
+        if l.starts_with("WARN") {
+            assert!(lines[i + 1].trim_start().starts_with("fix: "), "{text}");
+        }
+    }
+}

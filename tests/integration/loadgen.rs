@@ -1,0 +1,303 @@
+//! `tie-loadgen` against a real `tie serve`: latencies timed from the schedule (a stalled
+//! server shows up as the right number of late answers), the summary's fields, errors by kind,
+//! the closed loop and the sweep.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{scratch_dir, TestServer};
+use serde_json::Value;
+
+fn loadgen(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_tie-loadgen"))
+        .args(args)
+        .args(["--endpoint", "test", "--socket-dir"])
+        .arg(&server.dir)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    output
+}
+
+fn summary(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+/// The latencies of a run's interval logs, added up.
+fn latencies(out: &Path) -> hdrhistogram::Histogram<u64> {
+    let s = summary(out);
+    let mut total = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for path in s["hlogs"].as_array().unwrap() {
+        let log = tie_hlog::read_hlog(&std::fs::read(path.as_str().unwrap()).unwrap()).unwrap();
+        total.add(&log.tags["latency"].histogram).unwrap();
+    }
+    total
+}
+
+#[test]
+fn a_stalled_server_shows_as_late_answers_at_the_offered_rate() {
+    let server = TestServer::start();
+    let out = scratch_dir("loadgen-stall");
+    let rate = 2000.0;
+    let stall = Duration::from_millis(200);
+    let run = {
+        let (dir, out) = (server.dir.clone(), out.clone());
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_tie-loadgen"))
+                // A small session (64 in flight): during the stall sends wait for room, and are
+                // still timed from their schedule.
+                .args([
+                    "run",
+                    "--model",
+                    "identity",
+                    "--rate",
+                    "2000",
+                    "--capacity",
+                    "64",
+                ])
+                .args(["--duration", "2", "--warmup", "0.2"])
+                .args(["--endpoint", "test", "--socket-dir"])
+                .arg(dir)
+                .arg("--out")
+                .arg(out)
+                .output()
+                .unwrap()
+        })
+    };
+    // The load starts 0.3 s after the workers; the stall falls well inside it.
+    std::thread::sleep(Duration::from_millis(1000));
+    server.pause();
+    std::thread::sleep(stall);
+    server.signal(18);
+    let output = run.join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let h = latencies(&out);
+    let s = summary(&out);
+    assert_eq!(s["count"].as_u64(), Some(h.len()));
+    // Every request scheduled during the stall waits for its end: about rate × (stall - 20 ms)
+    // answers are over 20 ms late. Most of them could not even be sent until the stall ended
+    // (the session holds 64): a tool timing from its actual sends would show about 64.
+    let late = h.count_between(20_000_000, h.max());
+    let expected = rate * (stall.as_secs_f64() - 0.020);
+    eprintln!("{late} answers over 20 ms late, {expected} expected");
+    assert!(
+        late as f64 >= 0.8 * expected && (late as f64) <= 2.0 * expected,
+        "{late} late answers, about {expected} expected; {s}"
+    );
+    assert!(
+        s["max_us"].as_f64().unwrap() >= 0.9 * stall.as_micros() as f64,
+        "{s}"
+    );
+    assert!(
+        s["max_send_lag_us"].as_f64().unwrap() >= 0.5 * stall.as_micros() as f64,
+        "{s}"
+    );
+    assert_eq!(s["unanswered"], 0);
+    assert_eq!(s["unsent"], 0);
+}
+
+#[test]
+fn summaries_name_every_figure_and_errors_by_kind() {
+    let server = TestServer::start();
+    let out = scratch_dir("loadgen-summary");
+    loadgen(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "mlp64",
+            "--rate",
+            "400",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--workers",
+            "2",
+            "--priorities",
+            "1,2,1,1",
+        ],
+    );
+    let s = summary(&out);
+    for key in [
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "p99_9_us",
+        "p99_99_us",
+        "max_us",
+        "mean_us",
+        "offered_rps",
+        "sent_rps",
+        "achieved_rps",
+        "duration_s",
+    ] {
+        assert!(s[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {s}");
+    }
+    assert_eq!(s["mode"], "open");
+    assert_eq!(s["workers"], 2);
+    assert_eq!(s["offered_rps"], 400.0);
+    assert_eq!(s["sent"], 400);
+    assert!(s["errors"].as_object().unwrap().is_empty(), "{s}");
+    // Requests scheduled in the warm-up are not recorded: 0.8 s of the 400/s.
+    let count = s["count"].as_u64().unwrap();
+    assert_eq!(count, 320, "{s}");
+    assert_eq!(s["ok"], 320);
+    assert_eq!(
+        (s["unsent"].as_u64(), s["unanswered"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(s["disconnected"], false);
+    assert_eq!(s["hlogs"].as_array().unwrap().len(), 2);
+    assert!(s["send_lag_p99_us"].as_f64().is_some(), "{s}");
+    assert_eq!(latencies(&out).len(), count);
+    assert!(
+        s["p50_us"].as_f64() <= s["p99_us"].as_f64()
+            && s["p99_us"].as_f64() <= s["max_us"].as_f64()
+    );
+
+    // A deadline of 1 µs after the schedule: the server answers Timeout.
+    let out = scratch_dir("loadgen-deadline");
+    loadgen(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--rate",
+            "200",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--deadline-us",
+            "1",
+        ],
+    );
+    let s = summary(&out);
+    let timeouts = s["errors"]["Timeout"].as_u64().unwrap_or(0);
+    assert!(timeouts >= 90, "{s}");
+    // Every request is in the latencies, answered with a prediction or not.
+    assert_eq!(s["count"], 100, "{s}");
+    assert_eq!(timeouts + s["ok"].as_u64().unwrap(), 100, "{s}");
+
+    // The closed loop keeps its requests in flight and records every answer.
+    let out = scratch_dir("loadgen-closed");
+    loadgen(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+        ],
+    );
+    let s = summary(&out);
+    assert_eq!(s["mode"], "closed");
+    assert!(s["count"].as_u64().unwrap() > 100, "{s}");
+}
+
+#[test]
+fn a_sweep_stops_at_the_first_rate_over_the_bound() {
+    let server = TestServer::start();
+    let out = scratch_dir("loadgen-sweep");
+    let args = [
+        "sweep",
+        "--model",
+        "identity",
+        "--rates",
+        "200,400",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+    ];
+    let mut with_bound = args.to_vec();
+    with_bound.extend(["--p99-bound-us", "1000000"]);
+    loadgen(&server, &out, &with_bound);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(report["knee_rps"], 400.0, "{report}");
+    assert_eq!(report["crossed"], false);
+    assert_eq!(report["points"].as_array().unwrap().len(), 2);
+    // `tie report` reads the logs, summaries and the sweep, and draws them.
+    let chart = out.join("chart.png");
+    let rate = out.join("rate-400");
+    let printed = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("report")
+        .arg(rate.join("worker-0.hlog"))
+        .arg(rate.join("summary.json"))
+        .arg(out.join("sweep.json"))
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    assert!(text.contains("latency percentile distribution"), "{text}");
+    assert!(
+        text.contains("open loop, 1 workers, offered 400/s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("every rate sustained: the knee is above 400/s"),
+        "{text}"
+    );
+    let png = std::fs::read(&chart).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // Width and height from the IHDR chunk: the sweep's panel is below the percentiles'.
+    let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!((size(16), size(20)), (1200, 1100));
+    assert!(png.len() > 20_000, "{} bytes: an empty chart?", png.len());
+    // No rate keeps p99 under a nanosecond: the first point fails and the sweep stops there.
+    let out = scratch_dir("loadgen-sweep-tight");
+    let mut tight = args.to_vec();
+    tight.extend(["--p99-bound-us", "0.001"]);
+    loadgen(&server, &out, &tight);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert!(report["knee_rps"].is_null(), "{report}");
+    assert_eq!(report["crossed"], true);
+    assert_eq!(report["points"].as_array().unwrap().len(), 1);
+    assert_eq!(report["points"][0]["sustained"], false);
+    // A sweep alone draws only its panel.
+    let chart = out.join("sweep-only.png");
+    let drawn = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("report")
+        .arg(out.join("sweep.json"))
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    assert!(
+        drawn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drawn.stderr)
+    );
+    let png = std::fs::read(&chart).unwrap();
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 560);
+}

@@ -1,0 +1,20 @@
+//! The integration tests, one binary: real `tie serve` processes, real clients (this binary
+//! re-run as child processes, the C API, the CLI), onnxruntime's answers as the oracle.
+//! Skips are counted (see `common::skip`).
+
+mod common;
+
+mod backends;
+mod batching;
+mod c_api;
+mod config_errors;
+mod conformance;
+mod doctor;
+mod e2e;
+mod gpu;
+mod http;
+mod huge_pages;
+mod loadgen;
+mod models;
+mod reliability;
+mod routing;

@@ -1,6 +1,6 @@
 //! The data plane: a listener that opens sessions, and pollers that serve them.
 //!
-//! - [`listener`]: binds the endpoint's socket, performs handshakes (credentials, model,
+//! - `listener`: binds the endpoint's socket, performs handshakes (credentials, model,
 //!   layout, ring sizes), creates each session's sealed segment and passes its fd; watches
 //!   every session socket and marks a session dead when its client hangs up.
 //! - [`poller`]: poller threads (pinned when configured) that drain request rings, validate

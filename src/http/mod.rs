@@ -3,8 +3,8 @@
 //!
 //! Predictions over HTTP go through the same rings, batcher and backends as a trading
 //! process's: the control plane keeps a pool of sessions per model and submits each row as a
-//! frame. Errors have one mapping to a status and a JSON [`ErrorBody`]
-//! ([`InferenceError::http_status`]), and each error is counted once, where its response is
+//! frame. Errors have one mapping to a status and a JSON [`api::ErrorBody`]
+//! ([`api::InferenceError::http_status`]), and each error is counted once, where its response is
 //! made.
 //!
 //! The listener starts before the models load, so `/health/live` answers during loading and

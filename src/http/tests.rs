@@ -98,7 +98,9 @@ fn every_error_kind_has_its_status_json_kind_and_message() {
         let message = error.to_string();
         let response = ApiError(error).into_response();
         assert_eq!(response.status().as_u16(), code, "{kind}");
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let bytes = rt
             .block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
             .unwrap();
@@ -114,7 +116,11 @@ fn every_error_kind_has_its_status_json_kind_and_message() {
 #[tokio::test]
 async fn malformed_json_is_an_invalid_request_counted_once() {
     let state = state(None);
-    let (status, body) = send(&state, post(&format!("{API}/predict"), "application/json", "{")).await;
+    let (status, body) = send(
+        &state,
+        post(&format!("{API}/predict"), "application/json", "{"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["kind"], "InvalidRequest", "{body}");
     let counted = errors_counted(&state);
@@ -168,7 +174,11 @@ async fn predictions_while_loading_are_not_ready() {
 #[tokio::test]
 async fn state_changing_endpoints_need_the_token_when_one_is_set() {
     let state = state(Some("secret"));
-    let (status, body) = send(&state, post(&format!("{API}/models/reload"), "application/json", "")).await;
+    let (status, body) = send(
+        &state,
+        post(&format!("{API}/models/reload"), "application/json", ""),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["error"]["kind"], "Unauthorized", "{body}");
     let with_token = Request::builder()

@@ -110,4 +110,41 @@ mod tests {
         assert_ne!(pci_key("0000:19:00.0"), pci_key("0000:1a:00.0"));
         assert_eq!(pci_key("19:00.0"), Some((0, 0x19, 0, 0)));
     }
+
+    #[test]
+    fn an_interval_log_reads_back_with_its_counts_and_percentiles() {
+        let dir = std::env::temp_dir().join(format!("tie-hlog-{}", std::process::id()));
+        let mut files = HlogFiles::create(&dir, &["m:1".to_string()]).unwrap();
+        let mut sample = Sample::default();
+        for i in 1..=1000u64 {
+            sample.record(Stage::Total, i * 1000);
+        }
+        files
+            .write("m:1", &sample, std::time::Duration::from_secs(1))
+            .unwrap();
+        sample.reset_in_place();
+        sample.record_n(Stage::Total, 5_000_000, 10);
+        sample.record(Stage::Queue, 42);
+        files
+            .write("m:1", &sample, std::time::Duration::from_secs(1))
+            .unwrap();
+        drop(files);
+        let bytes = std::fs::read(hlog_path(&dir, "m:1")).unwrap();
+        let log = tie_hlog::read_hlog(&bytes).unwrap();
+        let total = &log.tags["total"];
+        assert_eq!(total.intervals, 2);
+        assert_eq!(total.histogram.len(), 1010);
+        assert_eq!(
+            total.histogram.max(),
+            total.histogram.highest_equivalent(5_000_000)
+        );
+        assert!(total.histogram.value_at_percentile(50.0).abs_diff(505_000) < 1_000);
+        assert_eq!(log.tags["queue"].histogram.len(), 1);
+        assert!(matches!(
+            tie_hlog::read_hlog(b"#only a comment\n"),
+            Err(tie_hlog::HlogReadError::Empty)
+        ));
+        assert!(tie_hlog::read_hlog(b"garbage,line\n").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

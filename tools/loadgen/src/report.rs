@@ -337,3 +337,26 @@ pub fn draw_chart(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_has_the_table_and_the_distribution() {
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let mut log = Vec::new();
+        tie_hlog::write_hlog_header(&mut log, "test", 0.0).unwrap();
+        tie_hlog::write_hlog_interval(&mut log, "total", 0.0, 1.0, &h).unwrap();
+        let summary = tie_hlog::read_hlog(&log).unwrap();
+        let mut out = String::new();
+        write_report(&mut out, "m", &summary, 1000.0, true);
+        assert!(
+            out.contains("total") && out.contains("percentile distribution"),
+            "{out}"
+        );
+    }
+}

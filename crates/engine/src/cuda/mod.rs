@@ -1,12 +1,12 @@
 //! The GPU backend: MLP-shaped ONNX graphs on NVIDIA GPUs through the CUDA driver API, NVRTC
 //! and cuBLASLt (all loaded at run time by `cudarc`, so a build needs no CUDA installed).
 //!
-//! A model gets one [`Instance`] per configured device. An instance owns a stream, pinned host
+//! A model gets one `Instance` per configured device. An instance owns a stream, pinned host
 //! staging buffers (the input write-combined: the poller only writes it; the output cacheable:
 //! the poller reads it), device buffers, the model's weights, and one execution per batch size
 //! the batcher forms ("bucket"): H2D copy, the kernels, D2H copy, captured as a CUDA graph and
 //! replayed per batch. Each bucket runs whichever engine was fastest when the instance was
-//! built (measured, not guessed): the fused one-kernel MLP (`mlp_r{R}`, see [`kernels`]) or
+//! built (measured, not guessed): the fused one-kernel MLP (`mlp_r{R}`, see `kernels`) or
 //! one cuBLASLt matmul per layer with the bias (and ReLU) in its epilogue. Nothing is allocated
 //! per batch.
 //!

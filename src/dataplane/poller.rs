@@ -676,22 +676,8 @@ impl Poller {
         if s.link.dead.load(Ordering::Relaxed) {
             return 0;
         }
-        // The client's response head is reloaded only when the cached one leaves no credit, so
-        // an idle scan does not pull the client's cache line.
-        if s.accepted - s.consumed >= s.response_capacity {
-            match s.rings.peer_consumed() {
-                Ok(c) => s.consumed = c,
-                Err(_) => {
-                    fault(s, FaultReason::ResponseIndexCorrupt);
-                    return 0;
-                }
-            }
-        }
-        // Invariant: accepted - consumed in 0..=response_capacity (consumed <= pushed <= accepted).
-        let credits = s.response_capacity - (s.accepted - s.consumed);
-        let mut credits = match s.stop_at {
-            Some(end) => credits.min(end - s.rings.popped()),
-            None => credits,
+        let Some(mut credits) = credits(s) else {
+            return 0;
         };
         let lane = self.lanes[s.model]
             .as_mut()
@@ -727,14 +713,7 @@ impl Poller {
                     request.item.status = Status::NOT_READY;
                     lane.queue.push_resolved(request);
                 }
-                Some(features) => {
-                    if let Err(full) = lane.queue.push(request, features) {
-                        let mut request = request;
-                        request.item.status = Status::QUEUE_FULL;
-                        request.item.detail_a = full.limit.min(u32::MAX as usize) as u32;
-                        lane.queue.push_resolved(request);
-                    }
-                }
+                Some(features) => enqueue(&mut lane.queue, request, features),
                 None => lane.queue.push_resolved(request),
             }
             s.accepted += 1;
@@ -876,31 +855,7 @@ impl Poller {
         let mut written = 0;
         for t in &self.taken {
             let item = &t.request.item;
-            let mut frame = ResponseFrame {
-                request_id: item.request_id,
-                seq: item.seq,
-                status: item.status.0,
-                model_version: model.version,
-                detail_a: item.detail_a,
-                detail_b: item.detail_b,
-                queue_ns: saturate_u32(started_ns.saturating_sub(t.request.arrival_ns)),
-                ..ResponseFrame::default()
-            };
-            match t.outcome {
-                Outcome::Execute { row } => {
-                    let out = &lane.output[row * ow..(row + 1) * ow];
-                    frame.output_count = ow as u32;
-                    frame.outputs[..ow.min(MAX_OUTPUTS)]
-                        .copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
-                    frame.confidence = row_confidence(out, model.config.uncertainty_output);
-                    frame.compute_ns = saturate_u32(compute_ns);
-                }
-                Outcome::TimedOut { late_ns } => {
-                    frame.status = Status::TIMEOUT.0;
-                    frame.detail_a = saturate_u32(late_ns);
-                }
-                Outcome::Resolved => {}
-            }
+            let frame = response_frame(t, model, &lane.output, started_ns, compute_ns);
             let Some(s) = self.sessions[item.session].as_mut() else {
                 continue;
             };
@@ -962,6 +917,78 @@ impl Poller {
             }
         }
     }
+}
+/// The responses `s` may be sent now: its client's free response slots (the client's head
+/// reloaded only when the cached one leaves none, so an idle scan does not pull the client's
+/// cache line), and once the server stops, no more than the frames before the stop. `None`
+/// when the head is corrupt (the session is faulted).
+#[inline]
+fn credits(s: &mut WorkerSession) -> Option<u64> {
+    if s.accepted - s.consumed >= s.response_capacity {
+        match s.rings.peer_consumed() {
+            Ok(c) => s.consumed = c,
+            Err(_) => {
+                fault(s, FaultReason::ResponseIndexCorrupt);
+                return None;
+            }
+        }
+    }
+    // Invariant: accepted - consumed in 0..=response_capacity (consumed <= pushed <= accepted).
+    let credits = s.response_capacity - (s.accepted - s.consumed);
+    Some(match s.stop_at {
+        Some(end) => credits.min(end - s.rings.popped()),
+        None => credits,
+    })
+}
+
+/// Queues a valid request for its batch, or answers it `QueueFull` with the limit it hit.
+#[inline]
+fn enqueue(queue: &mut BatchQueue<Item>, request: Request<Item>, features: &[f32]) {
+    if let Err(full) = queue.push(request, features) {
+        let mut request = request;
+        request.item.status = Status::QUEUE_FULL;
+        request.item.detail_a = full.limit.min(u32::MAX as usize) as u32;
+        queue.push_resolved(request);
+    }
+}
+
+/// The response to one taken request: its outputs (from `output`, the batch's) and figures
+/// when it ran, its timeout when it missed its deadline, else the status it was read with.
+#[inline]
+fn response_frame(
+    t: &Taken<Item>,
+    model: &LoadedModel,
+    output: &[f32],
+    started_ns: u64,
+    compute_ns: u64,
+) -> ResponseFrame {
+    let item = &t.request.item;
+    let ow = model.output_width();
+    let mut frame = ResponseFrame {
+        request_id: item.request_id,
+        seq: item.seq,
+        status: item.status.0,
+        model_version: model.version,
+        detail_a: item.detail_a,
+        detail_b: item.detail_b,
+        queue_ns: saturate_u32(started_ns.saturating_sub(t.request.arrival_ns)),
+        ..ResponseFrame::default()
+    };
+    match t.outcome {
+        Outcome::Execute { row } => {
+            let out = &output[row * ow..(row + 1) * ow];
+            frame.output_count = ow as u32;
+            frame.outputs[..ow.min(MAX_OUTPUTS)].copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
+            frame.confidence = row_confidence(out, model.config.uncertainty_output);
+            frame.compute_ns = saturate_u32(compute_ns);
+        }
+        Outcome::TimedOut { late_ns } => {
+            frame.status = Status::TIMEOUT.0;
+            frame.detail_a = saturate_u32(late_ns);
+        }
+        Outcome::Resolved => {}
+    }
+    frame
 }
 
 fn fault(s: &mut WorkerSession, reason: FaultReason) {

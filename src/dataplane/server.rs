@@ -46,7 +46,7 @@ pub enum ServerStartError {
     Thread(std::io::Error),
     /// `server.huge_pages` is set and no segment can be placed on huge pages.
     #[error("server.huge_pages = true but a session segment cannot be placed on 2 MB huge pages ({0}): reserve them with vm.nr_hugepages (one per session), or set huge_pages = false")]
-    HugePages(#[source] tie_client::segment::SegmentOpenError),
+    HugePages(tie_client::segment::SegmentOpenError),
 }
 
 /// Whether a segment can be made on huge pages: one is made and dropped.

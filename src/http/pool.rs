@@ -191,45 +191,18 @@ impl Serving {
         wait_until: Instant,
     ) -> Result<Vec<tie_client::Response>, InferenceError> {
         let mut client = self.take_client(target)?;
-        let width = client.feature_count() as usize;
+        let sent = RowsToSend {
+            features,
+            rows,
+            priority,
+            deadline_ns,
+        };
         let mut responses = Vec::with_capacity(rows.min(SESSION_RING as usize));
         let mut next = 0;
         let mut idle_polls = 0u32;
         while responses.len() < rows {
-            while next < rows {
-                match client.submit(
-                    &features[next * width..(next + 1) * width],
-                    priority,
-                    deadline_ns,
-                ) {
-                    Ok(_) => next += 1,
-                    Err(SubmitError::QueueFull { .. }) => break,
-                    // A pooled session the server closed: once, on a fresh one.
-                    Err(SubmitError::Disconnected) if next == 0 && responses.is_empty() => {
-                        client = self.take_client(target)?;
-                        if client
-                            .submit(&features[..width], priority, deadline_ns)
-                            .is_err()
-                        {
-                            return Err(InferenceError::Disconnected {
-                                message: "the session closed (is the server stopping?)".into(),
-                            });
-                        }
-                        next = 1;
-                    }
-                    Err(SubmitError::Disconnected) => {
-                        return Err(InferenceError::Disconnected {
-                            message: "the session closed (is the server stopping?)".into(),
-                        })
-                    }
-                    // Checked before: a client-side refusal is the caller's error.
-                    Err(e) => {
-                        return Err(InferenceError::InvalidRequest {
-                            message: format!("row {next}: {e}"),
-                        })
-                    }
-                }
-            }
+            let unanswered = responses.is_empty();
+            self.submit_rows(&mut client, target, &sent, &mut next, unanswered)?;
             match client.poll() {
                 Some(r) => {
                     if r.status == Status::DISCONNECTED {
@@ -263,6 +236,51 @@ impl Serving {
         }
         self.give_back(&target.pool, client);
         Ok(responses)
+    }
+
+    /// Submits rows from `next` on until the session's ring is full or every row is sent.
+    /// A pooled session the server closed is replaced once, when nothing of the request was
+    /// sent on it (`unanswered` and `next == 0`).
+    fn submit_rows(
+        &self,
+        client: &mut Client,
+        target: &Target,
+        sent: &RowsToSend<'_>,
+        next: &mut usize,
+        unanswered: bool,
+    ) -> Result<(), InferenceError> {
+        let RowsToSend {
+            features,
+            rows,
+            priority,
+            deadline_ns,
+        } = *sent;
+        let width = client.feature_count() as usize;
+        let closed = || InferenceError::Disconnected {
+            message: "the session closed (is the server stopping?)".into(),
+        };
+        while *next < rows {
+            let row = &features[*next * width..(*next + 1) * width];
+            match client.submit(row, priority, deadline_ns) {
+                Ok(_) => *next += 1,
+                Err(SubmitError::QueueFull { .. }) => break,
+                Err(SubmitError::Disconnected) if *next == 0 && unanswered => {
+                    *client = self.take_client(target)?;
+                    client
+                        .submit(&features[..width], priority, deadline_ns)
+                        .map_err(|_| closed())?;
+                    *next = 1;
+                }
+                Err(SubmitError::Disconnected) => return Err(closed()),
+                // Checked before: a client-side refusal is the caller's error.
+                Err(e) => {
+                    return Err(InferenceError::InvalidRequest {
+                        message: format!("row {}: {e}", *next),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -434,4 +452,13 @@ pub(super) fn route(
     request.model_name = target.model;
     request.model_version = target.version;
     Ok(())
+}
+
+/// The rows of one request, as [`Serving::execute`] sends them.
+#[derive(Clone, Copy)]
+pub(super) struct RowsToSend<'a> {
+    pub(super) features: &'a [f32],
+    pub(super) rows: usize,
+    pub(super) priority: Priority,
+    pub(super) deadline_ns: Option<u64>,
 }

@@ -359,27 +359,7 @@ impl ModelManager {
             }
             ChangeError::from(e)
         };
-        let mut fresh = Vec::new();
-        for u in &wanted {
-            // The file as it was unloaded, checked before anything is built.
-            let now = repository::sha256_file(&u.path).map_err(fail)?;
-            if now != u.checksum {
-                return Err(fail(RepositoryLoadError::Integrity {
-                    model: name.into(),
-                    version: u.version,
-                    path: u.path.clone(),
-                    why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
-                }));
-            }
-            let plan = ModelPlan {
-                name: name.into(),
-                config: u.config.clone(),
-                versions: vec![(u.version, u.path.clone())],
-                default_version: u.version,
-            };
-            let m = repository::load_version(&plan, u.version, &self.options).map_err(fail)?;
-            fresh.push((m, u.was_default));
-        }
+        let fresh = self.load_unused(name, &wanted).map_err(fail)?;
         let ms: f64 = fresh
             .iter()
             .map(|(m, _)| m.load_time.as_secs_f64() * 1e3)
@@ -406,17 +386,7 @@ impl ModelManager {
                 }
             }
         });
-        {
-            let mut all = self.idle.locked();
-            if let Some(idle) = all.get_mut(name) {
-                idle.versions
-                    .retain(|u| !wanted.iter().any(|w| w.version == u.version));
-                idle.failed = None;
-                if idle.versions.is_empty() {
-                    all.remove(name);
-                }
-            }
-        }
+        self.forget_unused(name, &wanted);
         tracing::info!(
             model = name,
             versions = ?wanted.iter().map(|u| u.version).collect::<Vec<_>>(),
@@ -424,6 +394,49 @@ impl ModelManager {
             "loaded again after going unused"
         );
         Ok(Some(ms))
+    }
+
+    /// Loads the versions `wanted` of `name` from their files as they were unloaded, each
+    /// file's checksum checked before anything is built; with whether each was the default.
+    fn load_unused(
+        &self,
+        name: &str,
+        wanted: &[Unused],
+    ) -> Result<Vec<(LoadedModel, bool)>, RepositoryLoadError> {
+        let mut fresh = Vec::new();
+        for u in wanted {
+            let now = repository::sha256_file(&u.path)?;
+            if now != u.checksum {
+                return Err(RepositoryLoadError::Integrity {
+                    model: name.into(),
+                    version: u.version,
+                    path: u.path.clone(),
+                    why: "the file changed since the version was unloaded as unused: load it with tie reload".into(),
+                });
+            }
+            let plan = ModelPlan {
+                name: name.into(),
+                config: u.config.clone(),
+                versions: vec![(u.version, u.path.clone())],
+                default_version: u.version,
+            };
+            let m = repository::load_version(&plan, u.version, &self.options)?;
+            fresh.push((m, u.was_default));
+        }
+        Ok(fresh)
+    }
+
+    /// `name`'s versions `loaded` are served again: no longer known as unused.
+    fn forget_unused(&self, name: &str, loaded: &[Unused]) {
+        let mut all = self.idle.locked();
+        if let Some(idle) = all.get_mut(name) {
+            idle.versions
+                .retain(|u| !loaded.iter().any(|w| w.version == u.version));
+            idle.failed = None;
+            if idle.versions.is_empty() {
+                all.remove(name);
+            }
+        }
     }
 
     /// Unloads every version that has had no request for `after` (nor since it loaded), has no
@@ -449,74 +462,89 @@ impl ModelManager {
                 .collect();
             for index in candidates {
                 // A load in progress is waited for only while the server is not stopping.
-                let _one = loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    match self.changing.try_lock() {
-                        Ok(guard) => break guard,
-                        Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                        Err(std::sync::TryLockError::WouldBlock) => {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
+                let Some(_one) = self.lock_changes_unless(stop) else {
+                    return;
                 };
-                // Checked again under the lock, on the same instance: a request, a session or
-                // a reload may have come meanwhile.
-                let current = self.models.snapshot();
-                let Some((slot, m)) = current
-                    .loaded()
-                    .into_iter()
-                    .find(|(_, m)| m.monitor_index == index)
-                    .map(|(s, m)| (s, m.clone()))
-                else {
-                    continue;
-                };
-                let Some(idle) = self.unused_for(&m, after) else {
-                    continue;
-                };
-                // Against a session being set up on it right now: the listener counts a session,
-                // then looks at this flag; here the flag is set, then the count looked at. One
-                // of the two sees the other (both sequentially consistent).
-                // SYNC(unloading): SeqCst pairs with the listener's `sessions` increment and
-                // `unloading` load (dataplane/session.rs `register`).
-                m.unloading.store(true, Ordering::SeqCst);
-                // SYNC(unloading): the other half of the pair above.
-                if m.sessions.load(Ordering::SeqCst) > 0 {
+                self.unload_if_unused(index, after);
+            }
+        }
+    }
+
+    /// The lock of changes to the set, waited for until `stop` is set (then `None`).
+    fn lock_changes_unless(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Option<std::sync::MutexGuard<'_, ()>> {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match self.changing.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Unloads the instance with monitor index `index` if it is still unused for `after`
+    /// (checked again under the change lock, on the same instance: a request, a session or a
+    /// reload may have come since it was a candidate), remembering it as unused.
+    fn unload_if_unused(&self, index: usize, after: Duration) {
+        let current = self.models.snapshot();
+        let Some((slot, m)) = current
+            .loaded()
+            .into_iter()
+            .find(|(_, m)| m.monitor_index == index)
+            .map(|(s, m)| (s, m.clone()))
+        else {
+            return;
+        };
+        let Some(idle) = self.unused_for(&m, after) else {
+            return;
+        };
+        // Against a session being set up on it right now: the listener counts a session, then
+        // looks at this flag; here the flag is set, then the count looked at. One of the two
+        // sees the other (both sequentially consistent).
+        // SYNC(unloading): SeqCst pairs with the listener's `sessions` increment and
+        // `unloading` load (dataplane/session.rs `register`).
+        m.unloading.store(true, Ordering::SeqCst);
+        // SYNC(unloading): the other half of the pair above.
+        if m.sessions.load(Ordering::SeqCst) > 0 {
+            m.unloading.store(false, Ordering::SeqCst);
+            return;
+        }
+        let key = m.key();
+        tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
+        // Known as unused before it leaves the set: a request that misses it from then on
+        // loads it again.
+        {
+            let mut all = self.idle.locked();
+            let entry = all.entry(m.name.clone()).or_insert_with(|| Idle {
+                versions: Vec::new(),
+                idle,
+                failed: None,
+            });
+            entry.idle = idle;
+            entry.failed = None;
+            entry.versions.push(Unused {
+                version: m.version,
+                path: m.path.clone(),
+                checksum: m.checksum.clone(),
+                config: m.config.clone(),
+                was_default: current.is_default(slot),
+                labels: current.labels_of(&m.name, m.version),
+            });
+        }
+        drop((current, m));
+        match self.unload_slots(&[slot], false) {
+            Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
+            Err(e) => {
+                tracing::warn!(model = %key, error = %e, "not unloaded");
+                if let Some(m) = self.models.snapshot().get(slot) {
                     m.unloading.store(false, Ordering::SeqCst);
-                    continue;
-                }
-                let key = m.key();
-                tracing::info!(model = %key, idle_s = idle.as_secs(), "unloading: unused");
-                // Known as unused before it leaves the set: a request that misses it from then
-                // on loads it again.
-                {
-                    let mut all = self.idle.locked();
-                    let entry = all.entry(m.name.clone()).or_insert_with(|| Idle {
-                        versions: Vec::new(),
-                        idle,
-                        failed: None,
-                    });
-                    entry.idle = idle;
-                    entry.failed = None;
-                    entry.versions.push(Unused {
-                        version: m.version,
-                        path: m.path.clone(),
-                        checksum: m.checksum.clone(),
-                        config: m.config.clone(),
-                        was_default: current.is_default(slot),
-                        labels: current.labels_of(&m.name, m.version),
-                    });
-                }
-                drop((current, m));
-                match self.unload_slots(&[slot], false) {
-                    Ok(report) => tracing::info!(unloaded = ?report.unloaded, "unloaded: unused"),
-                    Err(e) => {
-                        tracing::warn!(model = %key, error = %e, "not unloaded");
-                        if let Some(m) = self.models.snapshot().get(slot) {
-                            m.unloading.store(false, Ordering::SeqCst);
-                        }
-                    }
                 }
             }
         }
@@ -670,55 +698,8 @@ impl ModelManager {
     fn apply(&self, plans: Vec<ModelPlan>, gone: &[String]) -> Result<ChangeReport, ChangeError> {
         let current = self.models.snapshot();
         // Build and warm every new version first: any failure leaves the set as it is.
-        let mut fresh: Vec<(usize, LoadedModel)> = Vec::new();
-        for (p, plan) in plans.iter().enumerate() {
-            for (version, file) in &plan.versions {
-                let loaded = current.resolve(&plan.name, Some(*version));
-                if let Some(slot) = loaded {
-                    let m = current.get(slot).expect("resolved");
-                    // The same file built the same way: kept. A file replaced in place, or a
-                    // config that builds it differently, is loaded again.
-                    if m.path == *file
-                        && m.config.builds_like(&plan.config)
-                        && file_checksum(file).as_deref() == Some(&m.checksum)
-                    {
-                        continue;
-                    }
-                }
-                let model = repository::load_version(plan, *version, &self.options)?;
-                fresh.push((p, model));
-            }
-        }
-        // A new default must read the layout the sessions following the old one write.
-        for plan in &plans {
-            let Some(old_slot) = current.resolve(&plan.name, None) else {
-                continue;
-            };
-            let old = current.get(old_slot).expect("resolved");
-            let new: &LoadedModel = match fresh
-                .iter()
-                .find(|(_, m)| m.name == plan.name && m.version == plan.default_version)
-            {
-                Some((_, m)) => m,
-                None => {
-                    let slot = current
-                        .resolve(&plan.name, Some(plan.default_version))
-                        .expect("the plan's versions are loaded or fresh");
-                    current.get(slot).expect("resolved")
-                }
-            };
-            if !compatible(old, new) {
-                return Err(ChangeError::LayoutChange {
-                    model: plan.name.clone(),
-                    old: old.version,
-                    old_layout: describe(old),
-                    old_hash: old.layout_hash,
-                    new: plan.default_version,
-                    new_layout: describe(new),
-                    new_hash: new.layout_hash,
-                });
-            }
-        }
+        let fresh = self.build_fresh(&current, &plans)?;
+        check_defaults(&current, &plans, &fresh)?;
         let mut report = ChangeReport::default();
         for plan in &plans {
             self.idle.locked().remove(&plan.name);
@@ -776,6 +757,34 @@ impl ModelManager {
         Ok(report)
     }
 
+    /// Builds and warms every version of `plans` that is not loaded as it is (by plan index):
+    /// the same file built the same way is kept; a file replaced in place, or a config that
+    /// builds it differently, is loaded again.
+    fn build_fresh(
+        &self,
+        current: &ModelSet,
+        plans: &[ModelPlan],
+    ) -> Result<Vec<(usize, LoadedModel)>, ChangeError> {
+        let mut fresh = Vec::new();
+        for (p, plan) in plans.iter().enumerate() {
+            for (version, file) in &plan.versions {
+                let loaded = current.resolve(&plan.name, Some(*version));
+                if let Some(slot) = loaded {
+                    let m = current.get(slot).expect("resolved");
+                    if m.path == *file
+                        && m.config.builds_like(&plan.config)
+                        && file_checksum(file).as_deref() == Some(&m.checksum)
+                    {
+                        continue;
+                    }
+                }
+                let model = repository::load_version(plan, *version, &self.options)?;
+                fresh.push((p, model));
+            }
+        }
+        Ok(fresh)
+    }
+
     /// Retires `removed` from the monitor and waits (bounded) until the pollers let them go.
     fn finish(&self, removed: Vec<(usize, Arc<LoadedModel>)>, report: &mut ChangeReport) {
         for (_, m) in &removed {
@@ -797,6 +806,43 @@ impl ModelManager {
             }
         }
     }
+}
+/// A new default must read the layout the sessions following the old one write.
+fn check_defaults(
+    current: &ModelSet,
+    plans: &[ModelPlan],
+    fresh: &[(usize, LoadedModel)],
+) -> Result<(), ChangeError> {
+    for plan in plans {
+        let Some(old_slot) = current.resolve(&plan.name, None) else {
+            continue;
+        };
+        let old = current.get(old_slot).expect("resolved");
+        let new: &LoadedModel = match fresh
+            .iter()
+            .find(|(_, m)| m.name == plan.name && m.version == plan.default_version)
+        {
+            Some((_, m)) => m,
+            None => {
+                let slot = current
+                    .resolve(&plan.name, Some(plan.default_version))
+                    .expect("the plan's versions are loaded or fresh");
+                current.get(slot).expect("resolved")
+            }
+        };
+        if !compatible(old, new) {
+            return Err(ChangeError::LayoutChange {
+                model: plan.name.clone(),
+                old: old.version,
+                old_layout: describe(old),
+                old_hash: old.layout_hash,
+                new: plan.default_version,
+                new_layout: describe(new),
+                new_hash: new.layout_hash,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A model whose default left the set gets as default its highest remaining version that

@@ -81,12 +81,12 @@ pub enum RepositoryLoadError {
         outputs: usize,
     },
     /// A batching setting is out of range.
-    #[error("model {model}: {source}")]
+    #[error("model {model}: {error}")]
     Batching {
         /// The model.
         model: String,
         /// The setting.
-        source: super::BatchConfigError,
+        error: super::BatchConfigError,
     },
     /// The config asks for something this build cannot do.
     #[error("model {model}: {why}")]
@@ -574,10 +574,10 @@ fn load_model(
     };
     let progress = Progress::new(name, version);
     progress.show("loading", None);
-    let batch = BatchConfig::resolve(&options.batching, config).map_err(|source| {
+    let batch = BatchConfig::resolve(&options.batching, config).map_err(|error| {
         RepositoryLoadError::Batching {
             model: name.into(),
-            source,
+            error,
         }
     })?;
     let backend = loading.backend(&batch)?;

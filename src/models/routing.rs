@@ -116,12 +116,12 @@ pub enum RoutingError {
         source: Box<toml::de::Error>,
     },
     /// A rule that cannot work.
-    #[error("invalid {}: {source}", path.display())]
+    #[error("invalid {}: {why}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
         /// What.
-        source: TargetsError,
+        why: TargetsError,
     },
 }
 
@@ -145,7 +145,7 @@ impl Routing {
         })?;
         routing
             .validate()
-            .map_err(|source| RoutingError::Invalid { path, source })?;
+            .map_err(|why| RoutingError::Invalid { path, why })?;
         Ok(routing)
     }
 

@@ -52,34 +52,7 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
             }
         });
         for e in events {
-            if e.state == "raised" {
-                tracing::warn!(
-                    model = %e.model_key,
-                    alert = e.kind.name(),
-                    value = e.value,
-                    threshold = e.threshold,
-                    "performance alert raised"
-                );
-            } else {
-                tracing::info!(
-                    model = %e.model_key,
-                    alert = e.kind.name(),
-                    value = e.value,
-                    threshold = e.threshold,
-                    "performance alert cleared"
-                );
-            }
-            if let Some((tx, _)) = &webhook {
-                match tx.try_send(e) {
-                    Ok(()) => {}
-                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                        tracing::warn!("alert webhook backlog full: an alert event was not posted")
-                    }
-                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                        tracing::warn!("alert webhook thread gone: an alert event was not posted")
-                    }
-                }
-            }
+            report_alert(e, webhook.as_ref().map(|(tx, _)| tx));
         }
         if stopping {
             break;
@@ -91,6 +64,39 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
         let until = Instant::now() + Duration::from_secs(2);
         while !handle.is_finished() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Logs an alert transition and queues it for the webhook, if there is one (never waiting:
+/// an event the webhook's backlog has no room for is logged as not posted).
+fn report_alert(e: AlertEvent, webhook: Option<&std::sync::mpsc::SyncSender<AlertEvent>>) {
+    if e.state == "raised" {
+        tracing::warn!(
+            model = %e.model_key,
+            alert = e.kind.name(),
+            value = e.value,
+            threshold = e.threshold,
+            "performance alert raised"
+        );
+    } else {
+        tracing::info!(
+            model = %e.model_key,
+            alert = e.kind.name(),
+            value = e.value,
+            threshold = e.threshold,
+            "performance alert cleared"
+        );
+    }
+    if let Some(tx) = webhook {
+        match tx.try_send(e) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                tracing::warn!("alert webhook backlog full: an alert event was not posted")
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                tracing::warn!("alert webhook thread gone: an alert event was not posted")
+            }
         }
     }
 }

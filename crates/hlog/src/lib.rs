@@ -47,12 +47,12 @@ pub enum HlogReadError {
     #[error("unreadable line at byte {0}")]
     Parse(usize),
     /// An interval's histogram is not valid base64 or not a valid encoded histogram.
-    #[error("interval {index}: {source}")]
+    #[error("interval {index}: {error}")]
     Histogram {
         /// Its position among the intervals.
         index: usize,
         /// What is wrong.
-        source: HistogramDecodeError,
+        error: HistogramDecodeError,
     },
     /// No interval in the log.
     #[error("no interval in the log")]
@@ -81,7 +81,7 @@ pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, HlogReadError> {
         let LogEntry::Interval(interval) = entry else {
             continue;
         };
-        let bad = |source| HlogReadError::Histogram { index, source };
+        let bad = |error| HlogReadError::Histogram { index, error };
         let h = decode_histogram(interval.encoded_histogram()).map_err(bad)?;
         let tag = interval.tag().map_or("", |t| t.as_str()).to_string();
         let start = interval.start_timestamp();
@@ -140,7 +140,7 @@ pub fn encode_histogram(h: &Histogram<u64>) -> String {
 pub enum HistogramDecodeError {
     /// The field is not base64.
     #[error("base64: {0}")]
-    Base64(#[from] base64::DecodeError),
+    Base64(base64::DecodeError),
     /// The bytes are not an encoded histogram (hdrhistogram's reason).
     #[error("not an encoded histogram: {0}")]
     Encoding(String),
@@ -154,7 +154,9 @@ pub enum HistogramDecodeError {
 /// # Errors
 /// Not base64, or not an encoded histogram.
 pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, HistogramDecodeError> {
-    let raw = base64::engine::general_purpose::STANDARD.decode(text)?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(HistogramDecodeError::Base64)?;
     Deserializer::new()
         .deserialize(&mut &raw[..])
         .map_err(|e| HistogramDecodeError::Encoding(format!("{e:?}")))

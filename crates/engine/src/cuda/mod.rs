@@ -808,6 +808,48 @@ fn compile_kernels(spec: &InstanceSpec<'_>) -> Result<Kernels, CudaLoadError> {
         acts,
     })
 }
+/// A model's weights and biases on the device, packed per layer.
+struct Parameters {
+    /// Every layer's weights, in the instance's precision.
+    weights: DeviceBuffer,
+    /// Every layer's biases in f32 (the fused kernels' epilogues).
+    bias: DeviceBuffer,
+    /// The biases in the instance's precision (cuBLASLt's epilogues).
+    bias_stored: DeviceBuffer,
+    /// Where each layer's weights start, in elements.
+    weight_offsets: Vec<usize>,
+    /// Where each layer's biases start, in elements.
+    bias_offsets: Vec<usize>,
+}
+
+/// Packs and uploads the plan's weights and biases.
+fn upload_parameters(plan: &MlpPlan, precision: Precision) -> Result<Parameters, CudaLoadError> {
+    let elem = precision.storage_bytes();
+    let alloc = |bytes| DeviceBuffer::new(bytes).map_err(oom_or(bytes));
+    let (w_off, w_len) = kernels::weight_offsets(plan, precision);
+    let (b_off, b_len) = kernels::bias_offsets(plan);
+    let weights = alloc(w_len * elem)?;
+    let bias = alloc(b_len * 4)?;
+    let bias_stored = alloc(b_len * elem)?;
+    let mut packed_w = vec![0f32; w_len];
+    let mut packed_b = vec![0f32; b_len];
+    for (l, layer) in plan.layers.iter().enumerate() {
+        packed_w[w_off[l]..w_off[l] + layer.weights.len()].copy_from_slice(&layer.weights);
+        packed_b[b_off[l]..b_off[l] + layer.bias.len()].copy_from_slice(&layer.bias);
+    }
+    upload(weights.ptr, &stored_bytes(&packed_w, precision))
+        .map_err(cuda_err("uploading weights"))?;
+    upload(bias.ptr, bytemuck::cast_slice(&packed_b)).map_err(cuda_err("uploading biases"))?;
+    upload(bias_stored.ptr, &stored_bytes(&packed_b, precision))
+        .map_err(cuda_err("uploading biases"))?;
+    Ok(Parameters {
+        weights,
+        bias,
+        bias_stored,
+        weight_offsets: w_off,
+        bias_offsets: b_off,
+    })
+}
 
 /// Uploads the weights and allocates the instance's device, pinned and cuBLASLt buffers.
 fn allocate_instance(
@@ -835,22 +877,13 @@ fn allocate_instance(
     let widest = plan.widest();
     let elem = precision.storage_bytes();
     let alloc = |bytes| DeviceBuffer::new(bytes).map_err(oom_or(bytes));
-    let (w_off, w_len) = kernels::weight_offsets(plan, precision);
-    let (b_off, b_len) = kernels::bias_offsets(plan);
-    let weights = alloc(w_len * elem)?;
-    let bias = alloc(b_len * 4)?;
-    let bias_stored = alloc(b_len * elem)?;
-    let mut packed_w = vec![0f32; w_len];
-    let mut packed_b = vec![0f32; b_len];
-    for (l, layer) in plan.layers.iter().enumerate() {
-        packed_w[w_off[l]..w_off[l] + layer.weights.len()].copy_from_slice(&layer.weights);
-        packed_b[b_off[l]..b_off[l] + layer.bias.len()].copy_from_slice(&layer.bias);
-    }
-    upload(weights.ptr, &stored_bytes(&packed_w, precision))
-        .map_err(cuda_err("uploading weights"))?;
-    upload(bias.ptr, bytemuck::cast_slice(&packed_b)).map_err(cuda_err("uploading biases"))?;
-    upload(bias_stored.ptr, &stored_bytes(&packed_b, precision))
-        .map_err(cuda_err("uploading biases"))?;
+    let Parameters {
+        weights,
+        bias,
+        bias_stored,
+        weight_offsets: w_off,
+        bias_offsets: b_off,
+    } = upload_parameters(plan, precision)?;
     let input = alloc(largest * iw * 4)?;
     let output = alloc(largest * ow * 4)?;
     let act = [

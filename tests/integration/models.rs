@@ -379,10 +379,18 @@ fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["loaded"][0]["model_key"], "mlp64:2", "{body}");
     assert_eq!(body["unloaded"], json!([]), "every version is kept: {body}");
+    // The same file, loaded again: on a GPU the engine chosen for a batch size may sum in
+    // another order, so the answer is the same within fp32's tolerance, not bitwise.
     let p = client.predict(&row).unwrap();
-    assert_eq!(
-        (p.response.model_version, p.outputs()),
-        (2, before.outputs())
+    assert_eq!(p.response.model_version, 2);
+    assert!(
+        p.outputs()
+            .iter()
+            .zip(before.outputs())
+            .all(|(a, b)| rel_err(*a, *b) < 1e-4),
+        "{:?} vs {:?}",
+        p.outputs(),
+        before.outputs()
     );
     let _ = std::fs::remove_dir_all(&repo);
     let _ = std::fs::remove_dir_all(&dir);

@@ -58,6 +58,12 @@ pub fn compare(got: &[f32], reference: &[f32], tol: Tolerance) -> Result<(), Str
     }
 }
 
+/// Features and outputs per row of `backend`.
+fn widths(backend: &dyn Backend) -> (usize, usize) {
+    let io = &backend.info().io;
+    (io.input_width, io.output_width)
+}
+
 /// Runs the first `rows` rows of `input` on `backend` into a NaN-poisoned buffer and checks
 /// every value was written and is within `tol` of `reference`.
 pub fn check_rows(
@@ -68,10 +74,7 @@ pub fn check_rows(
     tol: Tolerance,
     what: &str,
 ) {
-    let (iw, ow) = (
-        backend.info().io.input_width,
-        backend.info().io.output_width,
-    );
+    let (iw, ow) = widths(backend);
     let mut out = vec![f32::NAN; rows * ow];
     backend
         .run_batch(&input[..rows * iw], rows, &mut out)
@@ -84,8 +87,7 @@ pub fn check_rows(
 /// The whole contract on one example model: shapes, every row alone, odd and full batch sizes,
 /// gathered batches, an output buffer with room to spare, refused shapes, and health.
 pub fn conformance(backend: &dyn Backend, f: &Fixture, tol: Tolerance, what: &str) {
-    let io = &backend.info().io;
-    let (iw, ow) = (io.input_width, io.output_width);
+    let (iw, ow) = widths(backend);
     assert_eq!(iw, f.inputs[0].len(), "{what}: input width");
     assert_eq!(ow, f.outputs[0].len(), "{what}: output width");
     assert_eq!(backend.health(), BackendHealth::Healthy, "{what}: health");
@@ -119,10 +121,7 @@ fn gathered(
     tol: Tolerance,
     what: &str,
 ) {
-    let (iw, ow) = (
-        backend.info().io.input_width,
-        backend.info().io.output_width,
-    );
+    let (iw, ow) = widths(backend);
     let mut scratch = vec![0.0f32; rows * iw];
     let mut out = vec![f32::NAN; rows * ow];
     let mut gather = |staging: &mut [f32]| {
@@ -142,10 +141,7 @@ fn gathered(
 /// An output buffer longer than the batch needs: the batch's values are written, the rest
 /// left alone.
 fn room_to_spare(backend: &dyn Backend, input: &[f32], rows: usize, what: &str) {
-    let (iw, ow) = (
-        backend.info().io.input_width,
-        backend.info().io.output_width,
-    );
+    let (iw, ow) = widths(backend);
     let sentinel = -12345.5f32;
     let mut out = vec![sentinel; (rows + 3) * ow];
     let take = rows.min(3);
@@ -164,10 +160,7 @@ fn room_to_spare(backend: &dyn Backend, input: &[f32], rows: usize, what: &str) 
 
 /// Input of the wrong length, or an output buffer too small: errors, not panics.
 fn refused_shapes(backend: &dyn Backend, input: &[f32], what: &str) {
-    let (iw, ow) = (
-        backend.info().io.input_width,
-        backend.info().io.output_width,
-    );
+    let (iw, ow) = widths(backend);
     let mut out = vec![0.0f32; 2 * ow];
     assert!(
         backend.run_batch(&input[..iw - 1], 1, &mut out).is_err(),

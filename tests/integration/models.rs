@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{fixture, get, post, post_empty, rel_err, scratch_dir, Fixture, TestServer};
+use crate::conformance::{compare, Tolerance};
 use serde_json::{json, Value};
 use tie_client::{Client, ConnectOptions, Priority, Status};
 
@@ -229,9 +230,7 @@ fn a_reload_under_load_switches_each_session_once_and_loses_nothing() {
     }
     // Version 2's answers, within fp32's tolerance of the pinned session's: not bitwise, since
     // a GPU engine's summation order depends on the batch size a row lands in.
-    let close = |a: &[f32], b: &[f32]| {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| rel_err(*x, *y) < 1e-4)
-    };
+    let close = |a: &[f32], b: &[f32]| compare(a, b, Tolerance::Elementwise(1e-4)).is_ok();
     for t in threads {
         let seen = t.join().unwrap();
         for (row, out) in &seen.v2_answers {
@@ -383,15 +382,9 @@ fn a_broken_corrupt_or_layout_changing_version_leaves_the_old_one_serving() {
     // another order, so the answer is the same within fp32's tolerance, not bitwise.
     let p = client.predict(&row).unwrap();
     assert_eq!(p.response.model_version, 2);
-    assert!(
-        p.outputs()
-            .iter()
-            .zip(before.outputs())
-            .all(|(a, b)| rel_err(*a, *b) < 1e-4),
-        "{:?} vs {:?}",
-        p.outputs(),
-        before.outputs()
-    );
+    if let Err(why) = compare(p.outputs(), before.outputs(), Tolerance::Elementwise(1e-4)) {
+        panic!("version 2 loaded again: {why}");
+    }
     let _ = std::fs::remove_dir_all(&repo);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -41,6 +41,9 @@ typedef enum TieResult {
   TIE_ERR_SERVER = -11,
   // `tie_predict` was called while submitted requests are in flight.
   TIE_ERR_REQUESTS_IN_FLIGHT = -12,
+  // The process at the socket runs as a user this client does not trust (not this user,
+  // not root, not `server_uid`); nothing was sent to it.
+  TIE_ERR_UNTRUSTED_SERVER = -13,
 } TieResult;
 
 // A connected session (opaque).
@@ -58,11 +61,16 @@ typedef struct TieConnectOptions {
   uint64_t timeout_us;
   // How long connecting may take, in milliseconds; 0: 5 s.
   uint64_t connect_timeout_ms;
-  // Socket directory; NULL: `$TIE_SOCKET_DIR`, else /tmp/tie.
+  // Socket directory; NULL: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then /run/tie
+  // (the first that holds the endpoint's socket).
   const char *socket_dir;
   // Feature layout file (TOML) the client writes; checked against the model's at connect
   // (a mismatch is `TIE_ERR_REFUSED`, naming both hashes). NULL: the model's layout.
   const char *layout_file;
+  // A uid trusted as the server's besides this process's own and root's; 0:
+  // `$TIE_SERVER_UID` if set. A server running as any other user is refused
+  // (`TIE_ERR_UNTRUSTED_SERVER`, naming both uids) before anything is sent to it.
+  uint32_t server_uid;
 } TieConnectOptions;
 
 // A response to one request.

@@ -56,6 +56,9 @@ pub enum TieResult {
     TieErrServer = -11,
     /// `tie_predict` was called while submitted requests are in flight.
     TieErrRequestsInFlight = -12,
+    /// The process at the socket runs as a user this client does not trust (not this user,
+    /// not root, not `server_uid`); nothing was sent to it.
+    TieErrUntrustedServer = -13,
 }
 
 /// Options of `tie_connect`; zero (or NULL) fields take the defaults.
@@ -72,11 +75,16 @@ pub struct TieConnectOptions {
     pub timeout_us: u64,
     /// How long connecting may take, in milliseconds; 0: 5 s.
     pub connect_timeout_ms: u64,
-    /// Socket directory; NULL: `$TIE_SOCKET_DIR`, else /tmp/tie.
+    /// Socket directory; NULL: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then /run/tie
+    /// (the first that holds the endpoint's socket).
     pub socket_dir: *const c_char,
     /// Feature layout file (TOML) the client writes; checked against the model's at connect
     /// (a mismatch is `TIE_ERR_REFUSED`, naming both hashes). NULL: the model's layout.
     pub layout_file: *const c_char,
+    /// A uid trusted as the server's besides this process's own and root's; 0:
+    /// `$TIE_SERVER_UID` if set. A server running as any other user is refused
+    /// (`TIE_ERR_UNTRUSTED_SERVER`, naming both uids) before anything is sent to it.
+    pub server_uid: u32,
 }
 
 /// A response to one request.
@@ -203,6 +211,7 @@ pub unsafe extern "C" fn tie_connect(
         // SAFETY: non-null and valid per the contract.
         let c = unsafe { &*options };
         o.version = (c.version != 0).then_some(c.version);
+        o.server_uid = (c.server_uid != 0).then_some(c.server_uid);
         if c.request_capacity != 0 {
             o.request_capacity = c.request_capacity;
         }
@@ -245,6 +254,7 @@ pub unsafe extern "C" fn tie_connect(
             let code = match &e {
                 ConnectError::ServerNotRunning { .. } => TieResult::TieErrServerNotRunning,
                 ConnectError::PermissionDenied { .. } => TieResult::TieErrPermissionDenied,
+                ConnectError::UntrustedServer { .. } => TieResult::TieErrUntrustedServer,
                 ConnectError::Refused { .. }
                 | ConnectError::LayoutMismatch { .. }
                 | ConnectError::VersionMismatch { .. } => TieResult::TieErrRefused,

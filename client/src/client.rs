@@ -59,8 +59,13 @@ pub struct ConnectOptions {
     /// again after unloading it for going unused (refused with `HelloStatus::Loading` until
     /// then).
     pub connect_timeout: Duration,
-    /// Socket directory; `None` for `$TIE_SOCKET_DIR` or `/tmp/tie`.
+    /// Socket directory; `None` for `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then
+    /// `/run/tie` (the first that holds the endpoint's socket).
     pub socket_dir: Option<PathBuf>,
+    /// A uid trusted as the server's besides this process's own and root's; `None` for
+    /// `$TIE_SERVER_UID` if set. The server's uid is read from the socket (SO_PEERCRED) before
+    /// anything is sent; any other is refused with [`ConnectError::UntrustedServer`].
+    pub server_uid: Option<u32>,
     /// Whether and how often the client opens a new session once its session has ended (the
     /// server was restarted, or it closed the session): see [`Client::submit`]. `None` leaves
     /// it to [`Client::reconnect`].
@@ -99,6 +104,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             socket_dir: None,
+            server_uid: None,
             reconnect: Some(Backoff::default()),
         }
     }
@@ -270,6 +276,8 @@ const AUTO_RECONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 struct Origin {
     path: PathBuf,
     model: String,
+    /// A uid trusted as the server's besides this process's and root's.
+    server_uid: Option<u32>,
     /// The version asked for (0: the default).
     version: u32,
     request_capacity: u32,
@@ -291,6 +299,7 @@ impl Origin {
     fn open(&self, layout_hash: u64, timeout: Duration) -> Result<Opened, ConnectError> {
         let params = HelloParams {
             model: &self.model,
+            server_uid: self.server_uid,
             model_version: self.version,
             layout_hash,
             request_capacity: self.request_capacity,
@@ -352,7 +361,9 @@ impl Client {
         model: &str,
         options: ConnectOptions,
     ) -> Result<Self, ConnectError> {
-        let path = crate::endpoint::socket_path(options.socket_dir.as_deref(), endpoint)?;
+        let path = crate::endpoint::client_socket_path(options.socket_dir.as_deref(), endpoint)?;
+        let server_uid = crate::endpoint::trusted_server_uid(options.server_uid)
+            .map_err(ConnectError::InvalidOptions)?;
         for (what, capacity) in [
             ("request_capacity", options.request_capacity),
             ("response_capacity", options.response_capacity),
@@ -374,6 +385,7 @@ impl Client {
         let origin = Origin {
             path,
             model: model.to_string(),
+            server_uid,
             version: options.version.unwrap_or(0),
             request_capacity: options.request_capacity,
             response_capacity: options.response_capacity,

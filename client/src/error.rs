@@ -26,6 +26,20 @@ pub enum ConnectError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The process answering at the socket runs as a user this client does not trust: not
+    /// this user, not root, and not the uid named in `ConnectOptions::server_uid` (or
+    /// `$TIE_SERVER_UID`). Nothing was sent to it.
+    #[error("the server at {} runs as uid {server_uid}; this client trusts only its own uid {own_uid}, root{}: refusing to talk to it (if that uid is the server to trust, name it in ConnectOptions::server_uid or TIE_SERVER_UID)", path.display(), trusted.map_or(String::new(), |u| format!(" and uid {u}")))]
+    UntrustedServer {
+        /// The socket path.
+        path: PathBuf,
+        /// The server's uid (SO_PEERCRED).
+        server_uid: u32,
+        /// This process's effective uid.
+        own_uid: u32,
+        /// The uid named in the options or the environment.
+        trusted: Option<u32>,
+    },
     /// The endpoint name is not usable.
     #[error(transparent)]
     Endpoint(#[from] crate::endpoint::EndpointNameError),
@@ -152,6 +166,9 @@ impl std::fmt::Display for ServerError {
             Status::MODEL_NOT_FOUND => write!(f, "model not found (model slot {a})"),
             Status::INVALID_INPUT_SHAPE => {
                 write!(f, "invalid input shape: expected {a} features, got {b}")
+            }
+            Status::EXECUTION_FAILED if a == tie_layouts::abi::EXECUTION_FAILED_NON_FINITE => {
+                write!(f, "execution failed: output {b} is NaN or infinite")
             }
             Status::EXECUTION_FAILED => write!(f, "execution failed"),
             Status::OUT_OF_MEMORY => write!(f, "out of memory: requested {a} MB"),

@@ -18,6 +18,8 @@ use crate::error::ConnectError;
 /// What the client asks for.
 pub(crate) struct HelloParams<'a> {
     pub model: &'a str,
+    /// A uid trusted as the server's besides this process's and root's.
+    pub server_uid: Option<u32>,
     pub model_version: u32,
     pub layout_hash: u64,
     pub request_capacity: u32,
@@ -43,7 +45,8 @@ pub(crate) fn handshake(
             tie_layouts::hello::MODEL_NAME_LEN - 1
         )));
     }
-    let (stream, reply, fd) = exchange_hello(path, hello, timeout, params.layout_hash)?;
+    let (stream, reply, fd) =
+        exchange_hello(path, hello, timeout, params.layout_hash, params.server_uid)?;
     let fd = fd.ok_or(ConnectError::BadReply(
         "no segment fd with an accepting reply",
     ))?;
@@ -56,15 +59,18 @@ pub(crate) fn handshake(
     Ok((stream, reply, fd))
 }
 
-/// Connects, sends `hello` (magic, ABI version and pid filled in), and reads an accepting
-/// reply with the fd that came with it, if any. The socket keeps `timeout` for reads.
+/// Connects, checks whom it reached ([`check_server`]), sends `hello` (magic, ABI version
+/// and pid filled in), and reads an accepting reply with the fd that came with it, if any. The
+/// socket keeps `timeout` for reads.
 pub(crate) fn exchange_hello(
     path: &Path,
     mut hello: Hello,
     timeout: Duration,
     layout_hash: u64,
+    server_uid: Option<u32>,
 ) -> Result<(UnixStream, HelloReply, Option<OwnedFd>), ConnectError> {
     let mut stream = connect(path, timeout)?;
+    check_server(&stream, path, server_uid)?;
     let io = |op| move |source| ConnectError::Io { op, source };
     stream
         .set_read_timeout(Some(timeout))
@@ -107,6 +113,31 @@ pub(crate) fn exchange_hello(
             message: reply.message().to_string(),
         }),
     }
+}
+
+/// Checks the credentials of the process that bound the socket (SO_PEERCRED, set by the
+/// kernel at `listen`): this process's effective uid, root, or `trusted`. Anyone else could
+/// have put a socket at the path; nothing is sent to it.
+pub(crate) fn check_server(
+    stream: &UnixStream,
+    path: &Path,
+    trusted: Option<u32>,
+) -> Result<(), ConnectError> {
+    let cred = rustix::net::sockopt::socket_peercred(stream).map_err(|e| ConnectError::Io {
+        op: "read the server's credentials (SO_PEERCRED)",
+        source: e.into(),
+    })?;
+    let server_uid = cred.uid.as_raw();
+    let own_uid = rustix::process::geteuid().as_raw();
+    if server_uid == own_uid || server_uid == 0 || Some(server_uid) == trusted {
+        return Ok(());
+    }
+    Err(ConnectError::UntrustedServer {
+        path: path.to_path_buf(),
+        server_uid,
+        own_uid,
+        trusted,
+    })
 }
 
 /// Reads exactly `buf.len()` bytes, keeping the first fd passed with them (others are closed).

@@ -116,17 +116,20 @@ impl SegmentView {
 /// Sessions whose segment header their client has overwritten are left out.
 ///
 /// # Errors
-/// [`ConnectError`]: the server is not running, this user may not inspect it, or it speaks
-/// another ABI version.
+/// [`ConnectError`]: the server is not running, this user may not inspect it, it runs as a
+/// user not trusted (see [`crate::ConnectOptions::server_uid`]; here only `$TIE_SERVER_UID`
+/// names one), or it speaks another ABI version.
 pub fn inspect(
     endpoint: &str,
     socket_dir: Option<&Path>,
     timeout: Duration,
 ) -> Result<Vec<InspectedSession>, ConnectError> {
-    let path = crate::endpoint::socket_path(socket_dir, endpoint)?;
+    let path = crate::endpoint::client_socket_path(socket_dir, endpoint)?;
+    let server_uid =
+        crate::endpoint::trusted_server_uid(None).map_err(ConnectError::InvalidOptions)?;
     let mut hello = Hello::zeroed();
     hello.flags = HELLO_FLAG_INSPECT;
-    let (mut stream, reply, _) = exchange_hello(&path, hello, timeout, 0)?;
+    let (mut stream, reply, _) = exchange_hello(&path, hello, timeout, 0, server_uid)?;
     let count = reply.session_id;
     if count > MAX_INSPECTED {
         return Err(ConnectError::BadReply("too many sessions"));

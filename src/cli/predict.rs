@@ -26,7 +26,7 @@ pub struct PredictArgs {
     /// Comma-separated feature values, e.g. `0.1,-0.2,3`.
     #[arg(long, allow_hyphen_values = true)]
     pub features: String,
-    /// Socket directory (default: `$TIE_SOCKET_DIR` or /tmp/tie).
+    /// Socket directory (default: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then /run/tie).
     #[arg(long)]
     pub socket_dir: Option<PathBuf>,
     /// How long to wait for the answer, in milliseconds.

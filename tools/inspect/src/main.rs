@@ -23,7 +23,7 @@ struct Args {
     /// Endpoint name of the server.
     #[arg(long, default_value = "tie")]
     endpoint: String,
-    /// Socket directory (default: `$TIE_SOCKET_DIR` or /tmp/tie).
+    /// Socket directory (default: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then /run/tie).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
     /// Print one snapshot and exit (a table, or JSON with --json).

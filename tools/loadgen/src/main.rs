@@ -40,7 +40,7 @@ struct Load {
     /// Server endpoint.
     #[arg(long, default_value = "tie")]
     endpoint: String,
-    /// Socket directory (default: $TIE_SOCKET_DIR or /tmp/tie).
+    /// Socket directory (default: $TIE_SOCKET_DIR, else $XDG_RUNTIME_DIR/tie then /run/tie).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
     /// Model.

@@ -115,7 +115,9 @@ pub enum LogFormat {
 pub struct ServerSection {
     /// Endpoint name; the socket is `<socket_dir>/<endpoint>.sock`.
     pub endpoint: String,
-    /// Socket directory; unset: `$TIE_SOCKET_DIR`, else `/tmp/tie`.
+    /// Socket directory; unset: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie`, else
+    /// `/run/tie`. It must belong to the server's user and be writable by no one else (the
+    /// server creates it 0700, or 0750 with `allowed_gid`), or the server refuses to start.
     pub socket_dir: Option<PathBuf>,
     /// Model repository (`<name>/<version>/model.onnx`, optional `<name>/config.toml`).
     pub model_repository: PathBuf,
@@ -150,10 +152,24 @@ pub struct ServerSection {
     /// one free huge page per session (`vm.nr_hugepages`); start-up fails if none is free, and a
     /// session that finds none later gets ordinary pages (logged).
     pub huge_pages: bool,
-    /// A file holding a bearer token: when set, the state-changing HTTP endpoints (load,
-    /// unload, reload, fault injection) need `Authorization: Bearer <token>`. Unset: they are
-    /// open to whoever reaches the listener (loopback by default).
+    /// A file holding a bearer token: the state-changing HTTP endpoints (load, unload,
+    /// reload, fault injection) need `Authorization: Bearer <token>`. Unset: they are refused,
+    /// unless `http_admin_without_token` is set.
     pub api_token_file: Option<PathBuf>,
+    /// Let the state-changing HTTP endpoints run without a token when no `api_token_file` is
+    /// set: any local user who reaches the HTTP listener may then load, unload and reload.
+    pub http_admin_without_token: bool,
+    /// Require the token on every HTTP endpoint (predict, metrics and health included), not
+    /// only the state-changing ones. Needs `api_token_file`.
+    pub http_token_everywhere: bool,
+    /// Serve HTTP on the Unix socket `<socket_dir>/<endpoint>.http.sock` instead of TCP:
+    /// reachable by the users the ring socket admits (same mode, same peer check).
+    pub http_unix_socket: bool,
+    /// Most HTTP connections open at once; more are closed at once (counted in the log).
+    pub http_max_connections: u32,
+    /// Rows per second HTTP `predict` and `batch-predict` may run together (beyond it: 429
+    /// `QueueFull`), so the control plane cannot crowd out ring clients. 0: no cap.
+    pub http_max_rows_per_sec: u32,
 }
 
 impl Default for ServerSection {
@@ -176,6 +192,11 @@ impl Default for ServerSection {
             fault_injection: false,
             huge_pages: false,
             api_token_file: None,
+            http_admin_without_token: false,
+            http_token_everywhere: false,
+            http_unix_socket: false,
+            http_max_connections: 256,
+            http_max_rows_per_sec: 100_000,
         }
     }
 }
@@ -400,6 +421,18 @@ impl ServiceConfig {
             "server.max_sessions",
             0,
             "must be at least 1",
+        )?;
+        require(
+            (1..=65_536).contains(&server.http_max_connections),
+            "server.http_max_connections",
+            server.http_max_connections,
+            "must be in 1..=65536",
+        )?;
+        require(
+            !server.http_token_everywhere || server.api_token_file.is_some(),
+            "server.http_token_everywhere",
+            true,
+            "needs server.api_token_file (the token to require)",
         )?;
         require(
             (1..=1 << 20).contains(&b.max_queue_size),

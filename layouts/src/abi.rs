@@ -253,7 +253,7 @@ pub const fn request_words(feature_count: u32) -> usize {
 /// | 0 | Ok | | |
 /// | 1 | ModelNotFound | model slot | |
 /// | 2 | InvalidInputShape | expected features | features given |
-/// | 3 | ExecutionFailed | | |
+/// | 3 | ExecutionFailed | 0: the backend failed; [`EXECUTION_FAILED_NON_FINITE`]: an output was NaN or infinite | that output's index |
 /// | 4 | OutOfMemory | requested MB | |
 /// | 5 | BatchProcessingError | | |
 /// | 6 | BackendError (the spec's TensorRTError) | | |
@@ -265,6 +265,10 @@ pub const fn request_words(feature_count: u32) -> usize {
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Status(pub u32);
+
+/// `detail_a` of an `ExecutionFailed` answer: the model's output `detail_b` was NaN or
+/// infinite for this row (and its layout does not allow non-finite values).
+pub const EXECUTION_FAILED_NON_FINITE: u32 = 1;
 
 impl Status {
     /// A prediction.

@@ -2,9 +2,7 @@
 
 use std::io::{IoSlice, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -18,13 +16,18 @@ use tie_layouts::hello::{Hello, HelloReply, HelloStatus, SessionRecord};
 
 use super::poller::NewSession;
 use super::session::open_session;
-use super::{ServerStartError, SessionLink};
+use super::socket_file::{SocketFile, SocketState};
+use super::SessionLink;
 use crate::models::Models;
 
 /// How long a connecting client has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the listener wakes to check for shutdown and faulted sessions.
 const TICK: Duration = Duration::from_millis(50);
+/// How long accepting pauses after an accept failed (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the listener checks that the socket file is still its own.
+const SOCKET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) struct ListenerContext {
     pub listener: UnixListener,
@@ -41,6 +44,8 @@ pub(super) struct ListenerContext {
     pub huge_pages: bool,
     /// The poller of each model name.
     pub pollers_by_model: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The socket file, checked every [`SOCKET_CHECK_INTERVAL`] while serving.
+    pub socket_file: Arc<SocketFile>,
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -50,41 +55,12 @@ pub(super) struct OpenSession {
     pub socket: UnixStream,
     pub segment: Arc<Segment>,
     pub record: SessionRecord,
+    /// The control plane's own session (not counted against `server.max_sessions`).
+    pub control: bool,
 }
 
 /// Open sessions.
 pub(super) type Sessions = Vec<OpenSession>;
-
-/// Binds the endpoint's socket, removing a stale one left by a server that is gone.
-pub(super) fn bind(
-    path: &Path,
-    allowed_gid: Option<u32>,
-) -> Result<UnixListener, ServerStartError> {
-    let listen_err = |source| ServerStartError::Listen {
-        path: path.into(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(listen_err)?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServerStartError::AlreadyRunning { path: path.into() });
-        }
-        std::fs::remove_file(path).map_err(listen_err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    let mode = match allowed_gid {
-        Some(gid) => {
-            std::os::unix::fs::chown(path, None, Some(gid)).map_err(listen_err)?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
-    listener.set_nonblocking(true).map_err(listen_err)?;
-    Ok(listener)
-}
 
 /// Connections whose hello is still arriving, at most this many at once: a new connection
 /// beyond it closes the oldest (once that is `MIN_HANDSHAKE_AGE` old), so a flood of silent
@@ -130,6 +106,12 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
         dropped: 0,
         last_flood_log: None,
         accept_after: None,
+        socket_checked: Instant::now(),
+        socket_state: SocketState::Ours,
+        reserve_fd: reserve_fd(),
+        accept_errors: 0,
+        refused_for_fds: 0,
+        last_accept_log: None,
     };
     while !ctx.stopping.load(Ordering::SeqCst) {
         let Some(ready) = state.poll(&ctx) else {
@@ -138,6 +120,7 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
         state.close_hung(&ready.hung);
         state.advance_handshakes(&ctx, &ready.hello_ready);
         state.log_flood();
+        state.check_socket(&ctx);
         if ready.accept {
             state.accept(&ctx);
         }
@@ -157,6 +140,27 @@ struct ListenerState {
     last_flood_log: Option<Instant>,
     /// When accepting goes on (`None`: now), after all kept handshakes were too young to close.
     accept_after: Option<Instant>,
+    /// When the socket file was last checked, and what was found.
+    socket_checked: Instant,
+    socket_state: SocketState,
+    /// A descriptor held in reserve, given up when the process runs out of them so the
+    /// waiting connection can be accepted and closed.
+    reserve_fd: Option<OwnedFd>,
+    /// Accepts that failed, and connections closed unserved for want of descriptors, since
+    /// the last warning, and when that was.
+    accept_errors: u64,
+    refused_for_fds: u64,
+    last_accept_log: Option<Instant>,
+}
+
+/// A descriptor to hold in reserve (of /dev/null).
+fn reserve_fd() -> Option<OwnedFd> {
+    rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
 }
 
 /// What one poll found ready.
@@ -251,6 +255,32 @@ impl ListenerState {
         self.handshakes = waiting;
     }
 
+    /// Checks, every [`SOCKET_CHECK_INTERVAL`], that the socket file is still this server's,
+    /// and says so when that changes: without it no new client can reach the server.
+    fn check_socket(&mut self, ctx: &ListenerContext) {
+        if self.socket_checked.elapsed() < SOCKET_CHECK_INTERVAL {
+            return;
+        }
+        self.socket_checked = Instant::now();
+        let state = ctx.socket_file.check();
+        if state == self.socket_state {
+            return;
+        }
+        let path = ctx.socket_file.path().display();
+        match state {
+            SocketState::Ours => tracing::info!(socket = %path, "the socket file is back"),
+            SocketState::Missing => tracing::error!(
+                socket = %path,
+                "the socket file was removed: sessions open go on, new clients cannot connect; restart the server to serve new clients"
+            ),
+            SocketState::Replaced => tracing::error!(
+                socket = %path,
+                "the socket file was replaced by another: sessions open go on, new clients reach the other file; restart the server to serve new clients"
+            ),
+        }
+        self.socket_state = state;
+    }
+
     /// Warns, at most once per [`FLOOD_LOG_INTERVAL`], of handshakes closed unfinished.
     fn log_flood(&mut self) {
         if self.dropped > 0
@@ -289,10 +319,53 @@ impl ListenerState {
                 Ok((stream, _)) => self.start_handshake(ctx, stream),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    self.accept_failed(ctx, &e);
                     break;
                 }
             }
+        }
+    }
+
+    /// After a failed accept: when the process is out of file descriptors, the reserve
+    /// descriptor is given up for a moment to accept and close the waiting connection (its
+    /// client sees the server close instead of waiting in the backlog), and accepting pauses
+    /// for [`ACCEPT_BACKOFF`]; the warning is logged at most once per [`FLOOD_LOG_INTERVAL`]
+    /// with the count.
+    fn accept_failed(&mut self, ctx: &ListenerContext, e: &std::io::Error) {
+        let out_of_fds = matches!(
+            e.raw_os_error(),
+            Some(c) if c == rustix::io::Errno::MFILE.raw_os_error()
+                || c == rustix::io::Errno::NFILE.raw_os_error()
+        );
+        self.accept_after = Some(Instant::now() + ACCEPT_BACKOFF);
+        if out_of_fds {
+            self.reserve_fd = None;
+            if let Ok((stream, _)) = ctx.listener.accept() {
+                drop(stream);
+                self.refused_for_fds += 1;
+            }
+            self.reserve_fd = reserve_fd();
+        }
+        self.accept_errors += 1;
+        if self
+            .last_accept_log
+            .is_none_or(|t| t.elapsed() >= FLOOD_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                error = %e,
+                failures = self.accept_errors,
+                closed_unserved = self.refused_for_fds,
+                sessions = self.sessions.len(),
+                "accept failed (counted since the last warning; accepting pauses 100 ms after each){}",
+                if out_of_fds {
+                    ": the process is out of file descriptors; raise its RLIMIT_NOFILE (LimitNOFILE=) or lower server.max_sessions"
+                } else {
+                    ""
+                }
+            );
+            self.accept_errors = 0;
+            self.refused_for_fds = 0;
+            self.last_accept_log = Some(Instant::now());
         }
     }
 
@@ -425,7 +498,7 @@ pub(super) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>
 }
 
 /// Whether process `pid` has `gid` among its supplementary groups (from /proc).
-pub(super) fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
+pub(crate) fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero()));
     status.is_ok_and(|s| {
         s.lines()

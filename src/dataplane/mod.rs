@@ -3,6 +3,8 @@
 //! - `listener`: binds the endpoint's socket, performs handshakes (credentials, model,
 //!   layout, ring sizes), creates each session's sealed segment and passes its fd; watches
 //!   every session socket and marks a session dead when its client hangs up.
+//! - `socket_file`: the socket's directory (checked: only the server's user can change it)
+//!   and file (bound privately, then linked into place; removed at shutdown only if unchanged).
 //! - [`poller`]: poller threads (pinned when configured) that drain request rings, validate
 //!   frames, batch them per model, run the backend and write responses. Every accepted frame
 //!   gets exactly one response, in order per session.
@@ -20,9 +22,12 @@ mod listener;
 pub mod poller;
 mod server;
 mod session;
+mod socket_file;
 
+pub(crate) use listener::peer_in_group;
 pub use poller::{
     confidence, confidence_from_uncertainty, row_confidence, IdlePolicy, SharedStats, WorkerStats,
 };
 pub(crate) use server::SessionLink;
 pub use server::{Server, ServerStartError};
+pub(crate) use socket_file::{bind as bind_socket, SocketFile};

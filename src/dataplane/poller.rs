@@ -977,6 +977,16 @@ fn response_frame(
     match t.outcome {
         Outcome::Execute { row } => {
             let out = &output[row * ow..(row + 1) * ow];
+            // A NaN or infinite output is no prediction: answered as a failure, unless the
+            // model's layout allows non-finite values.
+            if !model.layout.allow_non_finite {
+                if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+                    frame.status = Status::EXECUTION_FAILED.0;
+                    frame.detail_a = tie_layouts::abi::EXECUTION_FAILED_NON_FINITE;
+                    frame.detail_b = i as u32;
+                    return frame;
+                }
+            }
             frame.output_count = ow as u32;
             frame.outputs[..ow.min(MAX_OUTPUTS)].copy_from_slice(&out[..ow.min(MAX_OUTPUTS)]);
             frame.confidence = row_confidence(out, model.config.uncertainty_output);

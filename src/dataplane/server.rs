@@ -10,8 +10,8 @@ use crate::models::LoadedModel;
 use crate::models::Models;
 use crate::monitor::Monitor;
 
-use super::listener;
 use super::poller::{self, IdlePolicy, SharedStats, WorkerStats};
+use super::{listener, socket_file};
 
 /// State shared by the listener and a poller for one session.
 #[derive(Debug)]
@@ -32,6 +32,26 @@ pub enum ServerStartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The socket directory is not safe to use, or cannot be created.
+    #[error("socket directory {}: {reason}", dir.display())]
+    SocketDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
+    /// The file descriptor limit is too low for `server.max_sessions`.
+    #[error("server.max_sessions = {max_sessions} needs about {need} file descriptors (two per session, one per HTTP connection of server.http_max_connections, and {FDS_BESIDES_SESSIONS} besides), and RLIMIT_NOFILE allows {soft} (hard limit {hard}): raise the limit (LimitNOFILE= in the unit, ulimit -n), or lower server.max_sessions")]
+    FdLimit {
+        /// `server.max_sessions`.
+        max_sessions: u32,
+        /// Descriptors needed.
+        need: u64,
+        /// The soft limit.
+        soft: u64,
+        /// The hard limit.
+        hard: u64,
+    },
     /// Another server answers on the endpoint.
     #[error("another tie server is already listening on {}", path.display())]
     AlreadyRunning {
@@ -47,6 +67,50 @@ pub enum ServerStartError {
     /// `server.huge_pages` is set and no segment can be placed on huge pages.
     #[error("server.huge_pages = true but a session segment cannot be placed on 2 MB huge pages ({0}): reserve them with vm.nr_hugepages (one per session), or set huge_pages = false")]
     HugePages(tie_client::segment::SegmentOpenError),
+}
+
+/// File descriptors the server keeps besides its sessions' and its HTTP connections': the
+/// control plane's sessions, interval logs, model files and the runtimes.
+pub const FDS_BESIDES_SESSIONS: u64 = 256;
+
+/// Makes sure `max_sessions` sessions (a socket and a segment each) fit under `RLIMIT_NOFILE`:
+/// raises the soft limit up to the hard one when it is lower than needed, else refuses.
+fn ensure_fd_limit(server: &crate::config::ServerSection) -> Result<(), ServerStartError> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let max_sessions = server.max_sessions;
+    let need =
+        2 * u64::from(max_sessions) + u64::from(server.http_max_connections) + FDS_BESIDES_SESSIONS;
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    if soft >= need {
+        return Ok(());
+    }
+    let refused = ServerStartError::FdLimit {
+        max_sessions,
+        need,
+        soft,
+        hard,
+    };
+    if hard < need {
+        return Err(refused);
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = hard,
+                need,
+                "raised the file descriptor limit (RLIMIT_NOFILE) for server.max_sessions"
+            );
+            Ok(())
+        }
+        Err(_) => Err(refused),
+    }
 }
 
 /// Whether a segment can be made on huge pages: one is made and dropped.
@@ -69,6 +133,8 @@ pub struct Server {
     models: Arc<Models>,
     listener: Option<JoinHandle<listener::Sessions>>,
     socket_path: PathBuf,
+    /// The socket file as bound: removed at shutdown if it is still this server's.
+    socket_file: Arc<socket_file::SocketFile>,
     monitor: Arc<Monitor>,
     /// Stops the monitor and health threads.
     background_stopping: Arc<AtomicBool>,
@@ -89,10 +155,12 @@ impl Server {
             config.server.socket_dir.as_deref(),
             &config.server.endpoint,
         )?;
+        ensure_fd_limit(&config.server)?;
         if config.server.huge_pages {
             huge_pages_usable().map_err(ServerStartError::HugePages)?;
         }
-        let listen = listener::bind(&socket_path, config.server.allowed_gid)?;
+        let (listen, socket_file) = socket_file::bind(&socket_path, config.server.allowed_gid)?;
+        let socket_file = Arc::new(socket_file);
         let monitor = Arc::new(Monitor::new(
             Vec::new(),
             config.performance_thresholds.clone(),
@@ -115,6 +183,7 @@ impl Server {
             inspectors: Arc::default(),
             huge_pages: config.server.huge_pages,
             pollers_by_model: Default::default(),
+            socket_file: socket_file.clone(),
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())
@@ -133,6 +202,7 @@ impl Server {
             models: all_models,
             listener: Some(listener),
             socket_path,
+            socket_file,
             monitor,
             background_stopping,
             background,
@@ -194,7 +264,8 @@ impl Server {
     }
 
     /// Stops accepting, answers every frame already submitted, marks sessions closing, then
-    /// closes their sockets and removes the endpoint's socket file.
+    /// closes their sockets and removes the endpoint's socket file (if it is still this
+    /// server's: another server's socket at the same path is left alone).
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -207,7 +278,7 @@ impl Server {
         // mark their sessions closing, then the sockets close.
         self.listener_stopping.store(true, Ordering::SeqCst);
         let sessions = self.listener.take().map(|l| l.join());
-        let _ = std::fs::remove_file(&self.socket_path);
+        self.socket_file.remove();
         self.stopping.store(true, Ordering::SeqCst);
         for w in self.workers.drain(..) {
             match w.join() {

@@ -56,12 +56,18 @@ pub(super) fn open_session(
     next_id: &AtomicU64,
     sessions: &Sessions,
 ) -> Option<OpenSession> {
-    match admit(ctx, &stream, hello, next_id, sessions.len()) {
-        Ok((link, segment, record)) => Some(OpenSession {
+    let control = sessions.iter().filter(|s| s.control).count();
+    let open = Open {
+        ring: sessions.len() - control,
+        control,
+    };
+    match admit(ctx, &stream, hello, next_id, open) {
+        Ok((link, segment, record, control)) => Some(OpenSession {
             link,
             socket: stream,
             segment,
             record,
+            control,
         }),
         Err(Refusal::Reply {
             status,
@@ -79,16 +85,29 @@ pub(super) fn open_session(
     }
 }
 
+/// Sessions open: trading clients', and the control plane's own.
+#[derive(Clone, Copy)]
+struct Open {
+    ring: usize,
+    control: usize,
+}
+
+/// Sessions the control plane may hold per model version loaded (its pools hold at most
+/// `SESSIONS_PER_MODEL` per model and pinned version), besides `server.max_sessions`.
+const CONTROL_SESSIONS_PER_SLOT: usize = 4;
+
 /// The steps of [`open_session`]: the session's link, segment and record once its poller has
-/// it.
+/// it, and whether it is the control plane's (a session of this very process: the HTTP
+/// pools'), which does not count against `server.max_sessions`.
 fn admit(
     ctx: &ListenerContext,
     stream: &UnixStream,
     hello: &Hello,
     next_id: &AtomicU64,
-    open: usize,
-) -> Result<(Arc<SessionLink>, Arc<Segment>, SessionRecord), Refusal> {
+    open: Open,
+) -> Result<(Arc<SessionLink>, Arc<Segment>, SessionRecord, bool), Refusal> {
     let cred = authorize(ctx, stream)?;
+    let control = cred.pid == rustix::process::getpid();
     let (name, version) = match tie_layouts::check::check_hello(hello) {
         Ok(tie_layouts::check::Asked::Inspect) => return Err(Refusal::Inspector),
         Ok(tie_layouts::check::Asked::Session { model, version }) => (model, version),
@@ -97,7 +116,29 @@ fn admit(
     let set = ctx.models.snapshot();
     let slot = resolve(ctx, &set, name, hello)?;
     let model: &Arc<LoadedModel> = set.get(slot).expect("resolved");
-    let geometry = check_geometry(ctx, model, hello, open)?;
+    let (count, limit, whose) = if control {
+        let limit = CONTROL_SESSIONS_PER_SLOT * set.slots().max(1) + CONTROL_SESSIONS_PER_SLOT;
+        (
+            open.control,
+            limit,
+            "the control plane holds its maximum of",
+        )
+    } else {
+        (
+            open.ring,
+            ctx.max_sessions,
+            "the server holds server.max_sessions =",
+        )
+    };
+    if count >= limit {
+        let message = format!("{whose} {limit} sessions");
+        return Err(Refusal::reply(
+            HelloStatus::TooManySessions,
+            message,
+            model.layout_hash,
+        ));
+    }
+    let geometry = check_geometry(ctx, model, hello)?;
     let id = next_id.fetch_add(1, Ordering::Relaxed);
     let (segment, geometry) = create_segment(ctx, model, geometry, id)?;
     let placed = Placed {
@@ -109,7 +150,7 @@ fn admit(
         geometry: &geometry,
     };
     let (link, record) = register(ctx, stream, hello, &cred, placed)?;
-    Ok((link, segment, record))
+    Ok((link, segment, record, control))
 }
 
 /// The peer's credentials, when it may connect: this server's user, or a member of
@@ -173,13 +214,11 @@ fn resolve(
     Err(Refusal::reply(status, message, 0))
 }
 
-/// The session's rings for `model`: its layout, the ring sizes and the segment limit, and a
-/// place under `server.max_sessions`.
+/// The session's rings for `model`: its layout, the ring sizes and the segment limit.
 fn check_geometry(
     ctx: &ListenerContext,
     model: &LoadedModel,
     hello: &Hello,
-    open: usize,
 ) -> Result<SegmentGeometry, Refusal> {
     if hello.layout_hash != 0 && hello.layout_hash != model.layout_hash {
         tracing::info!(model = %model.key(), client = hello.layout_hash, server = model.layout_hash, "session refused: layout mismatch");
@@ -202,17 +241,6 @@ fn check_geometry(
         ctx.max_segment_bytes,
     )
     .map_err(|(status, message)| Refusal::reply(status, message, model.layout_hash))?;
-    if open >= ctx.max_sessions {
-        let message = format!(
-            "the server holds its maximum of {} sessions",
-            ctx.max_sessions
-        );
-        return Err(Refusal::reply(
-            HelloStatus::TooManySessions,
-            message,
-            model.layout_hash,
-        ));
-    }
     Ok(geometry)
 }
 

@@ -49,6 +49,16 @@ pub(super) fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode
     let mut config = ServiceConfig::load(args.config.as_deref())?;
     if let Some(a) = args.http_addr {
         config.server.http_addr = Some(a);
+    } else if config.server.http_unix_socket {
+        let socket = tie_client::endpoint::socket_path(
+            config.server.socket_dir.as_deref(),
+            &format!("{}.http", config.server.endpoint),
+        )?;
+        anyhow::bail!(
+            "the server serves HTTP on the Unix socket {} (server.http_unix_socket = true), which this command cannot reach: POST with curl --unix-socket {} http://tie/api/v1/internal/inference/{path}",
+            socket.display(),
+            socket.display()
+        );
     }
     let url = format!(
         "http://{}/api/v1/internal/inference/{path}",

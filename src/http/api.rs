@@ -210,6 +210,13 @@ impl InferenceError {
                 expected: e.detail_a as usize,
                 actual: e.detail_b as usize,
             },
+            Status::EXECUTION_FAILED
+                if e.detail_a == tie_client::layouts::abi::EXECUTION_FAILED_NON_FINITE =>
+            {
+                Self::ExecutionFailed {
+                    model_name: format!("{model} (output {} is NaN or infinite)", e.detail_b),
+                }
+            }
             Status::EXECUTION_FAILED => Self::ExecutionFailed {
                 model_name: model.into(),
             },
@@ -347,7 +354,8 @@ pub struct InferenceRequest {
     pub feature_names: Vec<String>,
     /// Rows.
     pub batch_size: usize,
-    /// Priority in the batcher.
+    /// The spec's priority. Accepted, but HTTP requests always run at `Low` in the batcher,
+    /// behind every ring client's work.
     #[serde(default)]
     pub priority: RequestPriority,
     /// The answer is useless after this long: the server answers `Timeout` (504) instead of

@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use crate::http::api::{ErrorBody, InferenceError};
 use crate::models::{ChangeReport, ModelManager};
 use crate::monitor::HttpCounters;
 
+use super::listen::{HttpEndpoint, Listener};
 use super::{admin::*, error::*, health::*, pool::*, predict::*};
 
 /// Base path of the spec's API.
@@ -39,8 +39,8 @@ pub const MAX_TIMEOUT_MS: u64 = 60_000;
 /// Most rows in one request.
 pub const MAX_ROWS: usize = 4096;
 
-/// Sessions the control plane opens per model at most (they count against
-/// `server.max_sessions`, which trading clients share); a request waits for a free one.
+/// Sessions the control plane opens per model at most (they do not count against
+/// `server.max_sessions`, which is the trading clients'); a request waits for a free one.
 pub const SESSIONS_PER_MODEL: usize = 4;
 
 /// The control plane's state.
@@ -53,31 +53,69 @@ pub struct HttpState {
     pub(super) socket_dir: Option<std::path::PathBuf>,
     /// `server.api_token_file`'s token.
     pub(super) api_token: Option<String>,
+    /// `server.http_admin_without_token`.
+    pub(super) admin_without_token: bool,
+    /// `server.http_token_everywhere`.
+    pub(super) token_everywhere: bool,
+    /// `server.http_max_rows_per_sec` (`None`: no cap), handed to [`Serving`].
+    pub(super) row_budget: Option<Arc<RowBudget>>,
+}
+
+/// The cap on rows per second that HTTP predictions take together.
+pub(super) struct RowBudget {
+    limiter: governor::DefaultDirectRateLimiter,
+    /// `server.http_max_rows_per_sec`.
+    rate: std::num::NonZeroU32,
+}
+
+impl RowBudget {
+    /// Takes `rows` from the budget, or `QueueFull`.
+    pub(super) fn take(&self, rows: usize) -> Result<(), InferenceError> {
+        let n = std::num::NonZeroU32::new(rows.clamp(1, u32::MAX as usize) as u32)
+            .expect("at least one");
+        match self.limiter.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(InferenceError::QueueFull {
+                message: format!(
+                    "HTTP predictions are over their row budget (server.http_max_rows_per_sec = {}): retry later, or use the ring client",
+                    self.rate
+                ),
+            }),
+        }
+    }
+
+    /// `rate` rows per second, with a burst of one second's worth (and of at least one
+    /// request of [`MAX_ROWS`]).
+    pub(super) fn new(rate: u32) -> Option<Self> {
+        let rate = std::num::NonZeroU32::new(rate)?;
+        let burst = rate.max(std::num::NonZeroU32::new(MAX_ROWS as u32).expect("positive"));
+        Some(Self {
+            limiter: governor::RateLimiter::direct(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            rate,
+        })
+    }
 }
 
 impl HttpState {
-    /// Whether `headers` carry the bearer token the state-changing endpoints need (always,
-    /// when no token is configured).
+    /// Whether `headers` carry the server's bearer token, which the state-changing endpoints
+    /// need (and every endpoint with `server.http_token_everywhere`). Without a configured
+    /// token these are refused, unless `server.http_admin_without_token` lets them run.
     pub(super) fn authorize(&self, headers: &axum::http::HeaderMap) -> Result<(), InferenceError> {
         let Some(token) = &self.api_token else {
-            return Ok(());
+            if self.admin_without_token {
+                return Ok(());
+            }
+            tracing::warn!("state-changing request refused: no api token is configured");
+            return Err(InferenceError::Unauthorized {
+                message: "this endpoint changes the server and no token is configured: set server.api_token_file (then send Authorization: Bearer <token>), or server.http_admin_without_token = true to let any local user who reaches the listener do this".into(),
+            });
         };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        // Compared in time independent of where they differ.
-        let same = given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
+        if bearer_token_matches(headers, token) {
             Ok(())
         } else {
-            tracing::warn!("state-changing request refused: missing or wrong bearer token");
+            tracing::warn!("request refused: missing or wrong bearer token");
             Err(InferenceError::Unauthorized {
                 message: "this endpoint needs the server's bearer token (Authorization: Bearer …)"
                     .into(),
@@ -105,10 +143,37 @@ impl HttpState {
     }
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>` (the scheme in any case, RFC 7235),
+/// compared in constant time.
+pub(super) fn bearer_token_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim());
+    bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// With `server.http_token_everywhere`, every request needs the token.
+pub(super) async fn require_token(
+    State(state): State<Arc<HttpState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.token_everywhere {
+        if let Err(e) = state.authorize(req.headers()) {
+            return ApiError(e).into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// A running control plane.
 pub struct HttpServer {
     pub(super) state: Arc<HttpState>,
-    pub(super) addr: SocketAddr,
+    pub(super) endpoint: HttpEndpoint,
     pub(super) runtime: Option<tokio::runtime::Runtime>,
     pub(super) shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -145,9 +210,10 @@ impl HttpServer {
                 Some(token)
             }
         };
-        let listener = std::net::TcpListener::bind(config.http_addr())?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
+        let (listener, endpoint) = {
+            let _guard = runtime.enter();
+            bind(config)?
+        };
         let state = Arc::new(HttpState {
             serving: OnceLock::new(),
             limit: Arc::new(tokio::sync::Semaphore::new(
@@ -158,35 +224,29 @@ impl HttpServer {
             endpoint: config.server.endpoint.clone(),
             socket_dir: config.server.socket_dir.clone(),
             api_token,
+            admin_without_token: config.server.http_admin_without_token,
+            token_everywhere: config.server.http_token_everywhere,
+            row_budget: RowBudget::new(config.server.http_max_rows_per_sec).map(Arc::new),
         });
+        if state.api_token.is_none() && state.admin_without_token {
+            tracing::warn!("server.http_admin_without_token = true: any local user who reaches the HTTP listener may load, unload and reload models");
+        }
         let app = router(state.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let listener = {
-            let _guard = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        runtime.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP control plane failed");
-            }
-        });
-        tracing::info!(%addr, "HTTP control plane listening");
+        let max_connections = config.server.http_max_connections as usize;
+        runtime.spawn(super::listen::serve(listener, app, max_connections, rx));
+        tracing::info!(addr = %endpoint, "HTTP control plane listening");
         Ok(Self {
             state,
-            addr,
+            endpoint,
             runtime: Some(runtime),
             shutdown: Some(tx),
         })
     }
 
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// Where it listens.
+    pub fn endpoint(&self) -> &HttpEndpoint {
+        &self.endpoint
     }
 
     /// Starts serving the models of `manager` (the server's).
@@ -200,6 +260,7 @@ impl HttpServer {
                 pools: Mutex::new(HashMap::new()),
                 endpoint: self.state.endpoint.clone(),
                 socket_dir: self.state.socket_dir.clone(),
+                row_budget: self.state.row_budget.clone(),
             })
         });
         let serving = Arc::downgrade(serving);
@@ -230,6 +291,37 @@ impl HttpServer {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
     }
+}
+
+/// Binds the control plane's listener: `server.http_addr` over TCP, or with
+/// `server.http_unix_socket` the socket `<socket_dir>/<endpoint>.http.sock` (set up as the ring
+/// socket is). Within a runtime.
+fn bind(config: &ServiceConfig) -> std::io::Result<(Listener, HttpEndpoint)> {
+    if config.server.http_unix_socket {
+        let path = tie_client::endpoint::socket_path(
+            config.server.socket_dir.as_deref(),
+            &format!("{}.http", config.server.endpoint),
+        )
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let (listener, file) = crate::dataplane::bind_socket(&path, config.server.allowed_gid)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        return Ok((
+            Listener::Unix {
+                listener,
+                allowed_gid: config.server.allowed_gid,
+                file,
+            },
+            HttpEndpoint::Unix(path),
+        ));
+    }
+    let listener = std::net::TcpListener::bind(config.http_addr())?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    Ok((
+        Listener::Tcp(tokio::net::TcpListener::from_std(listener)?),
+        HttpEndpoint::Tcp(addr),
+    ))
 }
 
 impl Drop for HttpServer {
@@ -293,6 +385,10 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }

@@ -39,8 +39,9 @@ pub struct ReadyReport {
     pub models: Vec<ModelReadiness>,
 }
 
-/// Readiness: 200 when every configured model has loaded, warmed up and passes its health
-/// check; 503 otherwise, with the reasons.
+/// Readiness: 200 when every version the repository's configs ask for is loaded, warmed up
+/// and passes its health check (or was unloaded as unused and loads on demand); 503
+/// otherwise, with the reasons (a version missing is listed with why).
 #[utoipa::path(
     get,
     path = "/health/ready",
@@ -57,7 +58,11 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
             models: Vec::new(),
         },
         Some(s) => {
-            let models: Vec<ModelReadiness> = s
+            let manager = s.manager.clone();
+            let missing = tokio::task::spawn_blocking(move || manager.missing_versions())
+                .await
+                .unwrap_or_default();
+            let mut models: Vec<ModelReadiness> = s
                 .models
                 .snapshot()
                 .loaded()
@@ -68,6 +73,11 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
                     reason: m.health.reason(),
                 })
                 .collect();
+            models.extend(missing.into_iter().map(|(key, why)| ModelReadiness {
+                model_key: key,
+                ready: false,
+                reason: Some(why),
+            }));
             ReadyReport {
                 // Nothing loaded and nothing to load on demand (every model unloaded on
                 // purpose) is not ready to serve.

@@ -7,11 +7,20 @@
 //! ([`api::InferenceError::http_status`]), and each error is counted once, where its response is
 //! made.
 //!
+//! Who may do what: the state-changing endpoints (load, unload, reload, fault injection) need
+//! the bearer token of `server.api_token_file`, and are refused when none is configured unless
+//! `server.http_admin_without_token` is set; `server.http_token_everywhere` requires it on
+//! every endpoint; `server.http_unix_socket` serves on a Unix socket admitting the users the
+//! ring socket admits. HTTP sessions do not count against `server.max_sessions`, run at `Low`
+//! priority and share a row budget (`server.http_max_rows_per_sec`), so the control plane
+//! cannot crowd out trading clients.
+//!
 //! The listener starts before the models load, so `/health/live` answers during loading and
 //! `/health/ready` says 503 until every model has loaded, warmed up and passed its canary.
 //!
 //! - [`api`]: the request and response types (the JSON the API speaks);
-//! - `app`: the axum application and its server ([`HttpServer`]); `error`: the one error
+//! - `app`: the axum application and its server ([`HttpServer`]); `listen`: its listener (TCP
+//!   or a Unix socket; connection cap, header timeout, authorization by peer credentials); `error`: the one error
 //!   mapping; `pool`: the pooled ring sessions ([`Serving`]); `predict`, `ensemble`,
 //!   `contributions`, `admin`, `health`: the handlers.
 #![forbid(unsafe_code)]
@@ -23,6 +32,7 @@ mod contributions;
 mod ensemble;
 mod error;
 mod health;
+mod listen;
 mod pool;
 mod predict;
 #[cfg(test)]
@@ -35,4 +45,5 @@ pub use app::{
 };
 pub use error::{ApiError, ApiJson};
 pub use health::{ModelReadiness, ReadyReport};
+pub use listen::{HttpEndpoint, HEADER_TIMEOUT};
 pub use pool::{Serving, POOL_IDLE};

@@ -37,6 +37,8 @@ pub struct Serving {
     pub(super) pools: Mutex<HashMap<PoolKey, Pool>>,
     pub(super) endpoint: String,
     pub(super) socket_dir: Option<std::path::PathBuf>,
+    /// `server.http_max_rows_per_sec`, taken by each valid request's rows.
+    pub(super) row_budget: Option<Arc<RowBudget>>,
 }
 
 /// A pool's model name and pinned version.
@@ -56,16 +58,19 @@ pub(super) struct Target {
     pub(super) pool: PoolKey,
 }
 
-pub(super) fn priority(p: RequestPriority) -> Priority {
-    match p {
-        RequestPriority::Low => Priority::Low,
-        RequestPriority::Normal => Priority::Normal,
-        RequestPriority::High => Priority::High,
-        RequestPriority::Critical => Priority::Critical,
-    }
+/// The ring priority of an HTTP request: always `Low`, whatever it asks, so the control
+/// plane's work never goes ahead of a trading client's (the spec's `priority` field is
+/// accepted and otherwise ignored).
+pub(super) fn priority(_asked: RequestPriority) -> Priority {
+    Priority::Low
 }
 
 impl Serving {
+    /// Takes a valid request's `rows` from the HTTP row budget, or `QueueFull`.
+    pub(super) fn take_rows(&self, rows: usize) -> Result<(), InferenceError> {
+        self.row_budget.as_ref().map_or(Ok(()), |b| b.take(rows))
+    }
+
     /// The model a name and optional version (a number or a label) name.
     pub(super) fn resolve(
         &self,

@@ -82,6 +82,7 @@ pub(super) async fn run_model(
     .await?;
     validate(&request, &target.model)?;
     let rows = request.batch_size;
+    serving.take_rows(rows)?;
     let wanted = wanted_contributions(weights.as_ref(), &target.model, rows)?;
     let wait = request
         .timeout_ms

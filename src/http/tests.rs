@@ -16,6 +16,11 @@ use crate::monitor::HttpCounters;
 
 /// A control plane whose models are still loading, with `token` as its bearer token.
 fn state(token: Option<&str>) -> Arc<HttpState> {
+    state_with(token, false, false)
+}
+
+/// [`state`] with `server.http_admin_without_token` and `server.http_token_everywhere`.
+fn state_with(token: Option<&str>, admin_without_token: bool, everywhere: bool) -> Arc<HttpState> {
     Arc::new(HttpState {
         serving: OnceLock::new(),
         limit: Arc::new(tokio::sync::Semaphore::new(4)),
@@ -24,7 +29,100 @@ fn state(token: Option<&str>) -> Arc<HttpState> {
         endpoint: "test".into(),
         socket_dir: None,
         api_token: token.map(str::to_string),
+        admin_without_token,
+        token_everywhere: everywhere,
+        row_budget: None,
     })
+}
+
+fn request(method: Method, uri: &str, authorization: Option<&str>) -> Request<Body> {
+    let mut r = Request::builder().method(method).uri(uri);
+    if let Some(a) = authorization {
+        r = r.header("authorization", a);
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn without_a_token_state_changing_endpoints_are_refused_unless_the_operator_opts_out() {
+    let reload = format!("{API}/models/reload");
+    let (status, body) = send(&state(None), request(Method::POST, &reload, None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("server.api_token_file") && message.contains("http_admin_without_token"),
+        "{body}"
+    );
+    for path in ["models/m/unload", "models/m/load", "models/m/fault"] {
+        let (status, body) = send(
+            &state(None),
+            request(Method::POST, &format!("{API}/{path}"), None),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+    }
+    // Opted out: past the check, the models are still loading.
+    let open = state_with(None, true, false);
+    let (status, body) = send(&open, request(Method::POST, &reload, None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+}
+
+#[tokio::test]
+async fn the_token_can_be_required_everywhere_and_its_scheme_is_case_insensitive() {
+    let strict = state_with(Some("secret"), false, true);
+    for uri in [
+        "/metrics",
+        "/health/live",
+        "/health/ready",
+        &format!("{API}/models/loaded"),
+    ] {
+        let (status, body) = send(&strict, request(Method::GET, uri, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}: {body}");
+        let (status, body) = send(&strict, request(Method::GET, uri, Some("Bearer wrong"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}: {body}");
+    }
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} secret");
+        let (status, body) = send(&strict, request(Method::GET, "/health/live", Some(&auth))).await;
+        assert_eq!(status, StatusCode::OK, "{auth}: {body}");
+    }
+    // Predictions need it too.
+    let (status, body) = send(
+        &strict,
+        post(&format!("{API}/predict"), "application/json", "{}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // Without the option, reading needs no token.
+    let lax = state(Some("secret"));
+    let (status, _) = send(&lax, request(Method::GET, "/health/live", None)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[test]
+fn a_token_matches_only_whole_and_exact() {
+    use super::app::bearer_token_matches;
+    let with = |v: &str| {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("authorization", v.parse().unwrap());
+        h
+    };
+    assert!(bearer_token_matches(&with("Bearer secret"), "secret"));
+    assert!(bearer_token_matches(&with("bearer  secret "), "secret"));
+    for wrong in [
+        "Bearer secre",
+        "Bearer secrets",
+        "Basic secret",
+        "secret",
+        "Bearer ",
+        "Bearersecret",
+    ] {
+        assert!(!bearer_token_matches(&with(wrong), "secret"), "{wrong}");
+    }
+    assert!(!bearer_token_matches(
+        &axum::http::HeaderMap::new(),
+        "secret"
+    ));
 }
 
 /// The status and JSON body of `request` through the app.

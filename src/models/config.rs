@@ -51,9 +51,21 @@ pub struct ModelConfig {
     /// then `1 - min(|uncertainty|, 1)` (and HTTP predictions leave the column out). Unset:
     /// every value's confidence is `1 / (1 + e^-|value|)`.
     pub uncertainty_output: Option<usize>,
+    /// The largest tensor the graph may make, in MiB (constants folded at load and
+    /// intermediate results; the batch dimension counted as one row). A model over it is
+    /// refused at load. Default: 1024.
+    pub max_tensor_mb: Option<u32>,
 }
 
 impl ModelConfig {
+    /// `max_tensor_mb` in bytes, or the default.
+    pub fn max_tensor_bytes(&self) -> u64 {
+        self.max_tensor_mb
+            .map_or(tie_engine::bounds::DEFAULT_MAX_TENSOR_BYTES, |mb| {
+                u64::from(mb) << 20
+            })
+    }
+
     /// Whether a version built with `self` is built the same with `other`: the keys that shape
     /// the instance (layout, backend, engine, precision, batching) are equal; which versions
     /// are loaded, the default and labels do not matter.

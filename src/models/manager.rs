@@ -307,6 +307,41 @@ impl ModelManager {
         self.restoring.locked().contains(name)
     }
 
+    /// The versions the repository's model configs ask for that are neither served nor
+    /// loaded again on the next request for them (unloaded, or refused at load), as
+    /// `name:version` with why; or why the repository cannot be read. Reads the repository.
+    pub fn missing_versions(&self) -> Vec<(String, String)> {
+        let plans = match crate::models::repository::plan_repository(
+            &self.repository,
+            crate::models::repository::Skipped::Quiet,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                return vec![(
+                    self.repository.display().to_string(),
+                    format!("the model repository cannot be read: {e}"),
+                )]
+            }
+        };
+        let set = self.models.snapshot();
+        let mut missing = Vec::new();
+        for plan in plans {
+            for (version, _) in &plan.versions {
+                let v = version.to_string();
+                if set.resolve(&plan.name, Some(*version)).is_some()
+                    || self.can_restore(&plan.name, Some(&v))
+                {
+                    continue;
+                }
+                missing.push((
+                    format!("{}:{version}", plan.name),
+                    "in the repository but not served (unloaded, refused at load, or added since the last reload): POST …/models/reload loads it".into(),
+                ));
+            }
+        }
+        missing
+    }
+
     /// Whether some model was unloaded for going unused (and loads on the next request).
     pub fn has_unused_unloaded(&self) -> bool {
         !self.idle.locked().is_empty()
@@ -577,7 +612,7 @@ impl ModelManager {
     /// [`ChangeError`]: nothing changed.
     pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
         let _one = self.changing.locked();
-        let plans = repository::plan_repository(&self.repository)?;
+        let plans = repository::plan_repository(&self.repository, repository::Skipped::Warn)?;
         let routing = Routing::load(&self.repository)?;
         // Models whose directory is gone (not one caught between two files of a deploy).
         let mut gone: Vec<String> = self

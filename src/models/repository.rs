@@ -211,12 +211,88 @@ impl ModelPlan {
     }
 }
 
+/// Whether [`plan_model`] and [`plan_repository`] warn about the entries they skip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// Each entry skipped gets a WARN naming it and why (loading and reloading).
+    Warn,
+    /// Nothing is logged (readiness checks, which read the repository often).
+    Quiet,
+}
+
+/// The version number a version directory's name stands for: canonical decimal from 1
+/// (`1`, `12`; not `01`, `+1`, `0` or past `u32`), else why not.
+fn version_number(name: &str) -> Result<u32, &'static str> {
+    let canonical = name.bytes().all(|b| b.is_ascii_digit()) && !name.starts_with('0');
+    match name.parse::<u32>() {
+        Ok(v) if canonical && v > 0 => Ok(v),
+        _ if name.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty() && name.trim_start_matches('0').is_empty() => {
+            Err("version 0 does not exist: versions count from 1")
+        }
+        _ if canonical && !name.is_empty() => Err("a version number past 4294967295"),
+        _ => Err("not a version number (a version directory is named 1, 2, …, with no sign or leading zero)"),
+    }
+}
+
+/// The versions of model directory `dir` with a `model.onnx` file; every other entry is
+/// skipped (with a WARN naming it and why, unless `skipped` is quiet).
+fn present_versions(
+    dir: &Path,
+    skipped: Skipped,
+) -> Result<Vec<(u32, PathBuf)>, RepositoryLoadError> {
+    let skip = |entry: &Path, why: &str| {
+        if skipped == Skipped::Warn {
+            tracing::warn!(entry = %entry.display(), "skipped: {why}");
+        }
+    };
+    let mut present = Vec::new();
+    for p in read_dir(dir)? {
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            skip(&p, "the name is not UTF-8");
+            continue;
+        };
+        if name == "config.toml" || name.ends_with(".sha256") || name.starts_with('.') {
+            continue;
+        }
+        let version = match version_number(name) {
+            Ok(v) => v,
+            Err(why) => {
+                skip(&p, why);
+                continue;
+            }
+        };
+        let file = p.join("model.onnx");
+        if file.is_file() {
+            present.push((version, file));
+        } else if !p.is_dir() {
+            skip(&p, "not a directory");
+        } else if file.exists() {
+            skip(&file, "model.onnx is not a file");
+        } else {
+            skip(
+                &p,
+                "no model.onnx in it (the file must be named exactly model.onnx)",
+            );
+        }
+    }
+    present.sort();
+    Ok(present)
+}
+
 /// Reads model `name` of `repo`: its versions, its config, which versions it loads.
 ///
 /// # Errors
 /// [`RepositoryLoadError::UnknownModel`] when the repository has no version of it; an invalid
 /// config or version policy.
 pub fn plan_model(repo: &Path, name: &str) -> Result<ModelPlan, RepositoryLoadError> {
+    plan_model_with(repo, name, Skipped::Warn)
+}
+
+fn plan_model_with(
+    repo: &Path,
+    name: &str,
+    skipped: Skipped,
+) -> Result<ModelPlan, RepositoryLoadError> {
     let unknown = || RepositoryLoadError::UnknownModel {
         model: name.into(),
         path: repo.into(),
@@ -229,18 +305,20 @@ pub fn plan_model(repo: &Path, name: &str) -> Result<ModelPlan, RepositoryLoadEr
     if !dir.is_dir() {
         return Err(unknown());
     }
-    let mut present: Vec<(u32, PathBuf)> = read_dir(&dir)?
-        .into_iter()
-        .filter_map(|p| {
-            let v = p.file_name()?.to_str()?.parse::<u32>().ok()?;
-            let file = p.join("model.onnx");
-            (v > 0 && file.is_file()).then_some((v, file))
-        })
-        .collect();
+    let present = present_versions(&dir, skipped)?;
     if present.is_empty() {
         return Err(unknown());
     }
-    present.sort();
+    if name.len() >= tie_layouts::hello::MODEL_NAME_LEN {
+        return Err(RepositoryLoadError::Unsupported {
+            model: name.into(),
+            why: format!(
+                "the name is {} bytes; clients can name at most {} (rename its directory)",
+                name.len(),
+                tie_layouts::hello::MODEL_NAME_LEN - 1
+            ),
+        });
+    }
     let config = read_model_config(&dir)?;
     let unsupported = |why: String| RepositoryLoadError::Unsupported {
         model: name.into(),
@@ -282,19 +360,33 @@ pub fn plan_model(repo: &Path, name: &str) -> Result<ModelPlan, RepositoryLoadEr
 ///
 /// # Errors
 /// The repository cannot be read, or a model's config is invalid.
-pub fn plan_repository(repo: &Path) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
+pub fn plan_repository(
+    repo: &Path,
+    skipped: Skipped,
+) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
     let mut plans = Vec::new();
     for dir in read_dir(repo)? {
-        if !dir.is_dir() {
-            continue;
-        }
         let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            if skipped == Skipped::Warn {
+                tracing::warn!(entry = %dir.display(), "skipped: the name is not UTF-8");
+            }
             continue;
         };
-        match plan_model(repo, name) {
+        if name.starts_with('.') || !dir.is_dir() {
+            // Other files (routing.toml, scripts, notes) are the repository's own; a model file
+            // out of place is said.
+            let lower = name.to_ascii_lowercase();
+            if skipped == Skipped::Warn && (lower.ends_with(".onnx") || lower.ends_with(".onx")) {
+                tracing::warn!(entry = %dir.display(), "skipped: a model file belongs at <name>/<version>/model.onnx");
+            }
+            continue;
+        }
+        match plan_model_with(repo, name, skipped) {
             Ok(plan) => plans.push(plan),
             Err(RepositoryLoadError::UnknownModel { .. }) => {
-                tracing::debug!(dir = %dir.display(), "no <version>/model.onnx, skipped");
+                if skipped == Skipped::Warn {
+                    tracing::warn!(dir = %dir.display(), "skipped: no version directory with a model.onnx (<name>/<version>/model.onnx)");
+                }
             }
             Err(e) => return Err(e),
         }
@@ -312,7 +404,7 @@ pub fn load_repository(
 ) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
     let mut models = Vec::new();
     let mut refused = None;
-    for plan in plan_repository(repo)? {
+    for plan in plan_repository(repo, Skipped::Warn)? {
         for (version, _) in &plan.versions {
             match load_version(&plan, *version, options) {
                 Ok(m) => models.push(m),
@@ -460,8 +552,10 @@ impl Loading<'_> {
             self.config,
             self.options,
         );
-        let cpu =
-            || tie_engine::load_cpu(file, config.cpu_engine).map_err(|e| self.backend_error(e));
+        let cpu = || {
+            tie_engine::load_cpu_with(file, config.cpu_engine, config.max_tensor_bytes())
+                .map_err(|e| self.backend_error(e))
+        };
         match (config.backend, options.gpus.unavailable()) {
             (BackendChoice::Cpu, _) => cpu(),
             (BackendChoice::Cuda, Some(why)) => {
@@ -585,6 +679,14 @@ fn load_model(
     loading.check_io(&io)?;
     let layout = loading.layout(io.input_width)?;
     let (canary, profile) = loading.prepare(backend.as_ref(), &batch, &progress)?;
+    if let Some(i) = canary.expected.iter().position(|v| !v.is_finite()) {
+        if !layout.allow_non_finite {
+            return Err(loading.unsupported(format!(
+                "its answer to the canary input is not finite (output {i} is {}): a model whose outputs are NaN or infinite is refused (allow_non_finite = true in its layout serves them)",
+                canary.expected[i]
+            )));
+        }
+    }
     progress.finish();
     tracing::info!(
         model = name,

@@ -112,6 +112,32 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_log_is_never_written_through_a_symlink_and_one_failing_file_spares_the_others() {
+        let dir = std::env::temp_dir().join(format!("tie-hlog-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::os::unix::fs::symlink(&victim, hlog_path(&dir, "a:1")).unwrap();
+        let mut files = HlogFiles::create(&dir, &["a:1".to_string(), "b:1".to_string()]).unwrap();
+        let mut sample = Sample::default();
+        sample.record(Stage::Total, 1000);
+        files.write("a:1", &sample, std::time::Duration::from_secs(1));
+        files.write("b:1", &sample, std::time::Duration::from_secs(1));
+        drop(files);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let b = std::fs::read(hlog_path(&dir, "b:1")).unwrap();
+        assert_eq!(tie_hlog::read_hlog(&b).unwrap().tags["total"].intervals, 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(hlog_path(&dir, "b:1"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o027, 0, "mode {mode:o}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn an_interval_log_reads_back_with_its_counts_and_percentiles() {
         let dir = std::env::temp_dir().join(format!("tie-hlog-{}", std::process::id()));
         let mut files = HlogFiles::create(&dir, &["m:1".to_string()]).unwrap();
@@ -119,15 +145,11 @@ mod tests {
         for i in 1..=1000u64 {
             sample.record(Stage::Total, i * 1000);
         }
-        files
-            .write("m:1", &sample, std::time::Duration::from_secs(1))
-            .unwrap();
+        files.write("m:1", &sample, std::time::Duration::from_secs(1));
         sample.reset_in_place();
         sample.record_n(Stage::Total, 5_000_000, 10);
         sample.record(Stage::Queue, 42);
-        files
-            .write("m:1", &sample, std::time::Duration::from_secs(1))
-            .unwrap();
+        files.write("m:1", &sample, std::time::Duration::from_secs(1));
         drop(files);
         let bytes = std::fs::read(hlog_path(&dir, "m:1")).unwrap();
         let log = tie_hlog::read_hlog(&bytes).unwrap();

@@ -46,9 +46,7 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
                 let Some(entry) = entries.get(i) else {
                     return;
                 };
-                if let Err(e) = h.write(&entry.key, sample, elapsed) {
-                    tracing::error!(error = %e, "interval log write failed");
-                }
+                h.write(&entry.key, sample, elapsed);
             }
         });
         for e in events {

@@ -37,6 +37,9 @@ pub enum BackendLoadError {
     /// The MLP path was asked for and the graph is not an MLP.
     #[error("not an MLP graph: {0}")]
     NotMlp(#[from] LowerError),
+    /// The graph would make a tensor over the size limit (see [`crate::bounds`]).
+    #[error("the model is refused: {0}")]
+    TooLarge(String),
     /// tract could not build the model.
     #[error("tract cannot run the model: {0}")]
     Tract(String),
@@ -72,6 +75,19 @@ pub fn read_mlp(path: &Path) -> Result<(ModelIo, Result<MlpPlan, LowerError>), B
 /// [`BackendLoadError`] when the file cannot be read, its I/O is unsupported, or the engine
 /// cannot run it.
 pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, BackendLoadError> {
+    load_cpu_with(path, engine, crate::bounds::DEFAULT_MAX_TENSOR_BYTES)
+}
+
+/// [`load_cpu`] with a limit on the tensors the graph may make (`max_tensor_bytes`, see
+/// [`crate::bounds`]).
+///
+/// # Errors
+/// As [`load_cpu`], and [`BackendLoadError::TooLarge`] for a graph over the limit.
+pub fn load_cpu_with(
+    path: &Path,
+    engine: CpuEngine,
+    max_tensor_bytes: u64,
+) -> Result<Arc<dyn Backend>, BackendLoadError> {
     let proto = read_proto(path)?;
     let io = lower::model_io(&proto)?;
     let mlp = match engine {
@@ -91,6 +107,6 @@ pub fn load_cpu(path: &Path, engine: CpuEngine) -> Result<Arc<dyn Backend>, Back
             io.output_width = plan.output_width();
             Arc::new(MlpBackend::new(io, plan))
         }
-        None => Arc::new(TractBackend::new(&proto, io)?),
+        None => Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?),
     })
 }

@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod bounds;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -37,7 +38,7 @@ mod tract;
 pub use backend::{
     check_shape, Backend, BackendError, BackendHealth, BackendInfo, ModelIo, Precision,
 };
-pub use cpu::{load_cpu, read_mlp, BackendLoadError, CpuEngine};
+pub use cpu::{load_cpu, load_cpu_with, read_mlp, BackendLoadError, CpuEngine};
 pub use lower::{lower_mlp, LowerError};
 pub use mlp::{Activation, Dense, MlpBackend, MlpPlan};
 pub use tract::TractBackend;

@@ -16,13 +16,20 @@ pub struct TractBackend {
 }
 
 impl TractBackend {
-    /// Builds and optimises the graph for `[N, input_width]` inputs.
+    /// Builds and optimises the graph for `[N, input_width]` inputs; no tensor of it may be
+    /// over `max_tensor_bytes` (checked before tract folds constants, and on the typed graph).
     ///
     /// # Errors
     /// [`BackendLoadError::Tract`] when tract cannot build, type or optimise the graph;
-    /// [`BackendLoadError::UnsupportedIo`] when its output is not `[N, m]`.
-    pub fn new(proto: &ModelProto, mut io: ModelIo) -> Result<Self, BackendLoadError> {
+    /// [`BackendLoadError::UnsupportedIo`] when its output is not `[N, m]`;
+    /// [`BackendLoadError::TooLarge`] for a tensor over the limit.
+    pub fn new(
+        proto: &ModelProto,
+        mut io: ModelIo,
+        max_tensor_bytes: u64,
+    ) -> Result<Self, BackendLoadError> {
         let tract_err = |e: TractError| BackendLoadError::Tract(format!("{e:#}"));
+        crate::bounds::check_proto(proto, max_tensor_bytes)?;
         let mut model = tract_onnx::onnx()
             .model_for_proto_model(proto)
             .map_err(tract_err)?;
@@ -36,7 +43,10 @@ impl TractBackend {
                 ),
             )
             .map_err(tract_err)?;
-        let typed = model.into_optimized().map_err(tract_err)?;
+        let typed = model.into_typed().map_err(tract_err)?;
+        crate::bounds::check_typed(&typed, max_tensor_bytes)?;
+        let typed = typed.into_optimized().map_err(tract_err)?;
+        crate::bounds::check_typed(&typed, max_tensor_bytes)?;
         let out = typed.output_fact(0).map_err(tract_err)?.clone();
         let width = match out.shape.as_concrete() {
             Some([_, w]) => Some(*w),

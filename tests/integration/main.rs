@@ -18,3 +18,4 @@ mod loadgen;
 mod models;
 mod reliability;
 mod routing;
+mod security;

@@ -662,7 +662,7 @@ fn peer_credentials_decide_who_may_connect() {
         Some(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     // The test binary must be runnable by that user (a checkout under a private home is not).
-    let Some(member) = peer(GROUP).filter(|out| out.contains("test child")) else {
+    let Some(member) = peer(GROUP).filter(|out| out.contains("peer ")) else {
         crate::common::skip(
             Need::Root,
             &format!("the test binary cannot be run as uid {NOBODY}"),

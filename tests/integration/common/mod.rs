@@ -2,6 +2,7 @@
 //! processes (this test binary re-run with a role in its environment).
 #![allow(dead_code)]
 
+pub mod onnx;
 mod skip;
 
 pub use skip::{skip, Need};
@@ -51,6 +52,24 @@ pub fn add_version(repo: &Path, model: &str, version: u32, name: &str, as_versio
     file
 }
 
+/// `config` with `server.http_admin_without_token = true` unless it sets that key or
+/// `server.api_token_file`.
+fn admin_without_token(config: &str) -> String {
+    let mut table: toml::Table = config.parse().expect("a test config is TOML");
+    let server = table
+        .entry("server")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .expect("[server] is a table");
+    if !server.contains_key("api_token_file") && !server.contains_key("http_admin_without_token") {
+        server.insert(
+            "http_admin_without_token".into(),
+            toml::Value::Boolean(true),
+        );
+    }
+    table.to_string()
+}
+
 /// A `tie serve` process.
 pub struct TestServer {
     pub child: Child,
@@ -75,9 +94,12 @@ impl TestServer {
         Self::start_with(TEST_CONFIG, &root().join("models"))
     }
 
+    /// Starts a server with `config`. Unless the config says otherwise (`api_token_file` or
+    /// `http_admin_without_token`), its state-changing HTTP endpoints need no token, as most
+    /// tests drive them without one; the security tests set their own.
     pub fn start_with(config: &str, repository: &Path) -> Self {
         let dir = scratch_dir("server");
-        std::fs::write(dir.join("tie.toml"), config).unwrap();
+        std::fs::write(dir.join("tie.toml"), admin_without_token(config)).unwrap();
         let server = Self {
             child: Self::spawn(&dir, repository),
             dir,

@@ -1,6 +1,6 @@
 //! `tie reload` and `tie unload`: requests to a running server's control plane.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -44,22 +44,46 @@ pub struct UnloadArgs {
 }
 
 /// POSTs to the control plane's `path` (under the API prefix) and prints the answer; a refusal
-/// is printed and fails the command.
+/// is printed and fails the command. With `server.http_unix_socket` (and no `--http-addr`) it
+/// goes over the server's HTTP socket, checked like a ring client checks its server.
 pub(super) fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode> {
     let mut config = ServiceConfig::load(args.config.as_deref())?;
-    if let Some(a) = args.http_addr {
+    let token = match &config.server.api_token_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("server.api_token_file {}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let (code, body) = if let Some(a) = args.http_addr {
         config.server.http_addr = Some(a);
+        post_tcp(&config, path, token.as_deref())?
     } else if config.server.http_unix_socket {
-        let socket = tie_client::endpoint::socket_path(
+        let socket = tie_client::endpoint::client_socket_path(
             config.server.socket_dir.as_deref(),
             &format!("{}.http", config.server.endpoint),
         )?;
-        anyhow::bail!(
-            "the server serves HTTP on the Unix socket {} (server.http_unix_socket = true), which this command cannot reach: POST with curl --unix-socket {} http://tie/api/v1/internal/inference/{path}",
-            socket.display(),
-            socket.display()
-        );
+        post_unix(&socket, path, token.as_deref())?
+    } else {
+        post_tcp(&config, path, token.as_deref())?
+    };
+    if code == 200 {
+        println!("{body}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("refused ({code}): {body}");
+        Ok(ExitCode::FAILURE)
     }
+}
+
+/// POSTs over TCP to `server.http_addr`; the status and body.
+fn post_tcp(
+    config: &ServiceConfig,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let url = format!(
         "http://{}/api/v1/internal/inference/{path}",
         config.http_addr()
@@ -71,10 +95,8 @@ pub(super) fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode
         .build()
         .into();
     let mut request = agent.post(&url);
-    if let Some(file) = &config.server.api_token_file {
-        let token = std::fs::read_to_string(file)
-            .with_context(|| format!("server.api_token_file {}", file.display()))?;
-        request = request.header("Authorization", &format!("Bearer {}", token.trim()));
+    if let Some(t) = token {
+        request = request.header("Authorization", &format!("Bearer {t}"));
     }
     let mut response = request
         .send_empty()
@@ -84,11 +106,54 @@ pub(super) fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode
         .body_mut()
         .read_to_string()
         .context("reading the control plane's answer")?;
-    if code == 200 {
-        println!("{body}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("refused ({code}): {body}");
-        Ok(ExitCode::FAILURE)
-    }
+    Ok((code, body))
+}
+
+/// POSTs over the server's HTTP Unix socket, after checking that the process listening there
+/// runs as this user, root, or `$TIE_SERVER_UID` (the token goes to no one else); the status
+/// and body.
+fn post_unix(socket: &Path, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let reach = || format!("cannot reach the server's control plane at {}", socket.display());
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(reach)?;
+        let server_uid = stream.peer_cred().with_context(reach)?.uid();
+        let own_uid = rustix::process::geteuid().as_raw();
+        let trusted = tie_client::endpoint::trusted_server_uid(None).map_err(anyhow::Error::msg)?;
+        if server_uid != own_uid && server_uid != 0 && Some(server_uid) != trusted {
+            anyhow::bail!(
+                "the process at {} runs as uid {server_uid}; this command trusts only its own uid {own_uid}, root{}: refusing to send it anything (set TIE_SERVER_UID to the server's uid if it is the one to trust)",
+                socket.display(),
+                trusted.map_or(String::new(), |u| format!(" and uid {u}"))
+            );
+        }
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .with_context(reach)?;
+        tokio::spawn(connection);
+        let mut request = hyper::Request::post(format!("/api/v1/internal/inference/{path}"))
+            .header(hyper::header::HOST, "tie");
+        if let Some(t) = token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let request = request.body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = tokio::time::timeout(Duration::from_secs(600), sender.send_request(request))
+            .await
+            .context("no answer from the control plane within 600 s")?
+            .with_context(reach)?;
+        let code = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the control plane's answer")?
+            .to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    })
 }

@@ -98,10 +98,15 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // The control plane first: /health/live answers while the models load.
     let http = tie::http::HttpServer::start(&config).with_context(|| {
-        format!(
-            "cannot serve the HTTP control plane on {} (set server.http_addr or --http-addr)",
-            config.http_addr()
-        )
+        if config.server.http_unix_socket {
+            "cannot serve the HTTP control plane on its Unix socket (server.http_unix_socket)"
+                .to_string()
+        } else {
+            format!(
+                "cannot serve the HTTP control plane on {} (set server.http_addr or --http-addr)",
+                config.http_addr()
+            )
+        }
     })?;
     let options = LoadOptions::from_config(&config);
     options.gpus.log();

@@ -74,7 +74,7 @@ pub enum ServerStartError {
 pub const FDS_BESIDES_SESSIONS: u64 = 256;
 
 /// Makes sure `max_sessions` sessions (a socket and a segment each) fit under `RLIMIT_NOFILE`:
-/// raises the soft limit up to the hard one when it is lower than needed, else refuses.
+/// raises the soft limit to what is needed when the hard one allows it, else refuses.
 fn ensure_fd_limit(server: &crate::config::ServerSection) -> Result<(), ServerStartError> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let max_sessions = server.max_sessions;
@@ -96,14 +96,14 @@ fn ensure_fd_limit(server: &crate::config::ServerSection) -> Result<(), ServerSt
         return Err(refused);
     }
     let raised = Rlimit {
-        current: limit.maximum,
+        current: Some(need),
         maximum: limit.maximum,
     };
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => {
             tracing::info!(
                 from = soft,
-                to = hard,
+                to = need,
                 need,
                 "raised the file descriptor limit (RLIMIT_NOFILE) for server.max_sessions"
             );

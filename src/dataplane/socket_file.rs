@@ -72,6 +72,11 @@ impl SocketFile {
     }
 }
 
+/// `path` made absolute against the working directory (whose ancestors are then checked too).
+fn absolute(path: &Path) -> Result<PathBuf, ServerStartError> {
+    std::path::absolute(path).map_err(|e| unsafe_dir(path, format!("cannot make it absolute: {e}")))
+}
+
 /// The directory above the socket is unsafe to use: the message says why and what to do.
 fn unsafe_dir(dir: &Path, why: String) -> ServerStartError {
     ServerStartError::SocketDir {
@@ -129,13 +134,18 @@ pub(crate) fn open_socket_dir(
     allowed_gid: Option<u32>,
 ) -> Result<OwnedFd, ServerStartError> {
     let euid = rustix::process::geteuid();
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let dir = &absolute(dir)?;
+    if let Some(parent) = dir.parent() {
         if !parent.exists() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| unsafe_dir(dir, format!("cannot create {}: {e}", parent.display())))?;
         }
+        // The path as given (its symlinks' owners), and where it really leads.
+        check_ancestors(dir, euid)?;
+        let real = std::fs::canonicalize(parent)
+            .map_err(|e| unsafe_dir(dir, format!("cannot resolve {}: {e}", parent.display())))?;
+        check_ancestors(&real.join(dir.file_name().unwrap_or_default()), euid)?;
     }
-    check_ancestors(dir, euid)?;
     let created = match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
         Ok(()) => true,
         Err(rustix::io::Errno::EXIST) => false,
@@ -209,6 +219,7 @@ pub(crate) fn bind(
     path: &Path,
     allowed_gid: Option<u32>,
 ) -> Result<(UnixListener, SocketFile), ServerStartError> {
+    let path = &absolute(path)?;
     let listen_err = |source| ServerStartError::Listen {
         path: path.into(),
         source,
@@ -230,13 +241,24 @@ pub(crate) fn bind(
     }
     // A private directory of this server: nobody else can put anything in it.
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Short, so the path fits where the socket's own does (108 bytes).
     let private = format!(
-        ".tie-bind-{}-{}",
+        ".tb{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    rustix::fs::mkdirat(&dir_fd, private.as_str(), Mode::from_raw_mode(0o700))
-        .map_err(|e| listen_err(e.into()))?;
+    let make = || rustix::fs::mkdirat(&dir_fd, private.as_str(), Mode::from_raw_mode(0o700));
+    match make() {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            // Left by a process of the same pid that died binding (a container's pid 1).
+            let _ =
+                rustix::fs::unlinkat(&dir_fd, format!("{private}/s").as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&dir_fd, private.as_str(), AtFlags::REMOVEDIR);
+            make().map_err(|e| listen_err(e.into()))?;
+        }
+        Err(e) => return Err(listen_err(e.into())),
+    }
     let bound = bind_in(&dir_fd, dir, &private, name.as_bytes(), allowed_gid);
     let _ = rustix::fs::unlinkat(&dir_fd, format!("{private}/s").as_str(), AtFlags::empty());
     let _ = rustix::fs::unlinkat(&dir_fd, private.as_str(), AtFlags::REMOVEDIR);

@@ -95,11 +95,14 @@ pub enum InferenceError {
         /// Given.
         actual: usize,
     },
-    /// The backend failed.
-    #[error("Execution failed for model: {model_name}")]
+    /// The backend failed, or the model's output was NaN or infinite.
+    #[error("Execution failed for model: {model_name}{}", reason.as_ref().map_or(String::new(), |r| format!(" ({r})")))]
     ExecutionFailed {
         /// The model.
         model_name: String,
+        /// What failed, when known (an output NaN or infinite).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Out of device memory.
     #[error("GPU out of memory: requested {requested_mb}MB")]
@@ -214,11 +217,13 @@ impl InferenceError {
                 if e.detail_a == tie_client::layouts::abi::EXECUTION_FAILED_NON_FINITE =>
             {
                 Self::ExecutionFailed {
-                    model_name: format!("{model} (output {} is NaN or infinite)", e.detail_b),
+                    model_name: model.into(),
+                    reason: Some(format!("output {} is NaN or infinite", e.detail_b)),
                 }
             }
             Status::EXECUTION_FAILED => Self::ExecutionFailed {
                 model_name: model.into(),
+                reason: None,
             },
             Status::OUT_OF_MEMORY => Self::OutOfMemory {
                 requested_mb: e.detail_a as usize,

@@ -384,6 +384,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(read_body_in_time))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -423,6 +424,33 @@ pub(super) async fn refuse_large_bodies(req: Request, next: Next) -> Response {
         })
         .into_response(),
         _ => next.run(req).await,
+    }
+}
+
+/// How long a request's body may take to arrive once its headers have.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the body (at most [`MAX_BODY_BYTES`]) within [`BODY_TIMEOUT`], so a client that
+/// sends its headers and then trickles the body cannot hold a connection for ever.
+pub(super) async fn read_body_in_time(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES));
+    match read.await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => ApiError(InferenceError::PayloadTooLarge {
+            message: format!("the body is over the limit of {MAX_BODY_BYTES} bytes, or broke off"),
+        })
+        .into_response(),
+        Err(_) => ApiError(InferenceError::InvalidRequest {
+            message: format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        })
+        .into_response(),
     }
 }
 

@@ -39,9 +39,9 @@ pub struct ReadyReport {
     pub models: Vec<ModelReadiness>,
 }
 
-/// Readiness: 200 when every version the repository's configs ask for is loaded, warmed up
-/// and passes its health check (or was unloaded as unused and loads on demand); 503
-/// otherwise, with the reasons (a version missing is listed with why).
+/// Readiness: 200 when every version the repository's configs asked for at the last load or
+/// reload is loaded, warmed up and passes its health check (or was unloaded as unused and
+/// loads on demand); 503 otherwise, with the reasons (a version missing is listed with why).
 #[utoipa::path(
     get,
     path = "/health/ready",
@@ -61,7 +61,12 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
             let manager = s.manager.clone();
             let missing = tokio::task::spawn_blocking(move || manager.missing_versions())
                 .await
-                .unwrap_or_default();
+                .unwrap_or_else(|e| {
+                    vec![(
+                        "?".into(),
+                        format!("the readiness check of the repository failed: {e}"),
+                    )]
+                });
             let mut models: Vec<ModelReadiness> = s
                 .models
                 .snapshot()

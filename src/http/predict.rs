@@ -82,8 +82,10 @@ pub(super) async fn run_model(
     .await?;
     validate(&request, &target.model)?;
     let rows = request.batch_size;
-    serving.take_rows(rows)?;
     let wanted = wanted_contributions(weights.as_ref(), &target.model, rows)?;
+    // Feature contributions run two perturbed rows per feature asked for and row.
+    let perturbed = wanted.as_ref().map_or(0, |w| 2 * w.len() * rows);
+    serving.take_rows(rows.saturating_add(perturbed))?;
     let wait = request
         .timeout_ms
         .map_or(DEFAULT_WAIT, Duration::from_millis);

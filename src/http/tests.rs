@@ -163,7 +163,13 @@ fn every_error_kind_has_its_status_json_kind_and_message() {
             },
             400,
         ),
-        (InferenceError::ExecutionFailed { model_name: m() }, 500),
+        (
+            InferenceError::ExecutionFailed {
+                model_name: m(),
+                reason: None,
+            },
+            500,
+        ),
         (InferenceError::OutOfMemory { requested_mb: 9 }, 500),
         (InferenceError::BatchProcessingError { operation: m() }, 500),
         (InferenceError::EngineError { error: m() }, 500),

@@ -166,6 +166,16 @@ pub struct ModelManager {
     routing: RwLock<Arc<Routing>>,
     /// Monitor indices of the named ensembles.
     ensembles: Mutex<BTreeMap<String, usize>>,
+    /// The versions the repository's configs asked for at the last load or reload of each
+    /// model: one of them not served is reported missing ([`ModelManager::missing_versions`]).
+    planned: Mutex<std::collections::BTreeSet<(String, u32)>>,
+}
+
+/// The `(name, version)` pairs of `plans`.
+fn planned_versions(plans: &[ModelPlan]) -> impl Iterator<Item = (String, u32)> + '_ {
+    plans
+        .iter()
+        .flat_map(|p| p.versions.iter().map(|(v, _)| (p.name.clone(), *v)))
 }
 
 impl ModelManager {
@@ -181,7 +191,15 @@ impl ModelManager {
             restoring: Mutex::new(Default::default()),
             routing: RwLock::new(Arc::default()),
             ensembles: Mutex::new(BTreeMap::new()),
+            planned: Mutex::new(Default::default()),
         });
+        // What the repository asked for when it was loaded (versions refused then included).
+        match repository::plan_repository(&manager.repository, repository::Skipped::Quiet) {
+            Ok(plans) => *manager.planned.locked() = planned_versions(&plans).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the repository's plan: readiness lists only what is loaded")
+            }
+        }
         let weak = Arc::downgrade(&manager);
         let _ = models.missing.set(Box::new(move |name, version| {
             weak.upgrade()?.wake(name, version)
@@ -307,39 +325,26 @@ impl ModelManager {
         self.restoring.locked().contains(name)
     }
 
-    /// The versions the repository's model configs ask for that are neither served nor
-    /// loaded again on the next request for them (unloaded, or refused at load), as
-    /// `name:version` with why; or why the repository cannot be read. Reads the repository.
+    /// The versions the repository's configs asked for at the last load or reload that are
+    /// neither served nor loaded again on the next request for them (unloaded, or refused at
+    /// load), as `name:version` with why. Versions added to the repository since are not
+    /// counted until a reload asks for them.
     pub fn missing_versions(&self) -> Vec<(String, String)> {
-        let plans = match crate::models::repository::plan_repository(
-            &self.repository,
-            crate::models::repository::Skipped::Quiet,
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                return vec![(
-                    self.repository.display().to_string(),
-                    format!("the model repository cannot be read: {e}"),
-                )]
-            }
-        };
         let set = self.models.snapshot();
-        let mut missing = Vec::new();
-        for plan in plans {
-            for (version, _) in &plan.versions {
-                let v = version.to_string();
-                if set.resolve(&plan.name, Some(*version)).is_some()
-                    || self.can_restore(&plan.name, Some(&v))
-                {
-                    continue;
-                }
-                missing.push((
-                    format!("{}:{version}", plan.name),
-                    "in the repository but not served (unloaded, refused at load, or added since the last reload): POST …/models/reload loads it".into(),
-                ));
-            }
-        }
-        missing
+        let planned = self.planned.locked().clone();
+        planned
+            .into_iter()
+            .filter(|(name, version)| {
+                set.resolve(name, Some(*version)).is_none()
+                    && !self.can_restore(name, Some(&version.to_string()))
+            })
+            .map(|(name, version)| {
+                (
+                    format!("{name}:{version}"),
+                    "asked for by the repository but not served (unloaded, or refused at load): POST …/models/reload loads it".into(),
+                )
+            })
+            .collect()
     }
 
     /// Whether some model was unloaded for going unused (and loads on the next request).
@@ -632,7 +637,9 @@ impl ModelManager {
         self.idle
             .locked()
             .retain(|name, _| self.repository.join(name).exists());
+        let planned: std::collections::BTreeSet<(String, u32)> = planned_versions(&plans).collect();
         let report = self.apply(plans, &gone)?;
+        *self.planned.locked() = planned;
         self.set_routing(routing);
         Ok(report)
     }
@@ -657,7 +664,12 @@ impl ModelManager {
                 .into());
             }
         }
-        self.apply(vec![plan], &[])
+        let versions: Vec<(String, u32)> = planned_versions(std::slice::from_ref(&plan)).collect();
+        let report = self.apply(vec![plan], &[])?;
+        let mut planned = self.planned.locked();
+        planned.retain(|(n, _)| n != name);
+        planned.extend(versions);
+        Ok(report)
     }
 
     /// Unloads `key`: `name:version` (a label is accepted) or `name` (every version).

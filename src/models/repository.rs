@@ -381,6 +381,18 @@ pub fn plan_repository(
             }
             continue;
         }
+        if name.len() >= tie_layouts::hello::MODEL_NAME_LEN {
+            // One such directory must not stop the others from loading.
+            if skipped == Skipped::Warn {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "skipped: the name is {} bytes; clients can name at most {} (rename the directory)",
+                    name.len(),
+                    tie_layouts::hello::MODEL_NAME_LEN - 1
+                );
+            }
+            continue;
+        }
         match plan_model_with(repo, name, skipped) {
             Ok(plan) => plans.push(plan),
             Err(RepositoryLoadError::UnknownModel { .. }) => {

@@ -19,6 +19,8 @@ pub struct HlogFiles {
     pub(super) base: SystemTime,
     /// When each failing file last failed.
     failed: BTreeMap<String, std::time::Instant>,
+    /// Files written to before (opened again after a failure, they are appended to).
+    started: std::collections::BTreeSet<String>,
 }
 
 impl HlogFiles {
@@ -35,6 +37,7 @@ impl HlogFiles {
             files: BTreeMap::new(),
             base: SystemTime::now(),
             failed: BTreeMap::new(),
+            started: Default::default(),
         };
         for key in keys {
             files.file(key);
@@ -53,8 +56,10 @@ impl HlogFiles {
             {
                 return None;
             }
-            match self.open(key) {
+            let again = self.started.contains(key);
+            match self.open(key, again) {
                 Ok(f) => {
+                    self.started.insert(key.to_string());
                     self.failed.remove(key);
                     self.files.insert(key.to_string(), f);
                 }
@@ -79,29 +84,52 @@ impl HlogFiles {
             .insert(key.to_string(), std::time::Instant::now());
     }
 
-    /// Opens `key`'s file, never through a symlink, mode 0640, and only if it is this user's
-    /// own; writes the header.
-    pub(super) fn open(&self, key: &str) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    /// Opens `key`'s file: never through a symlink, never a FIFO or device (non-blocking
+    /// open, then a regular file with one link is required), mode 0640, and only if it is
+    /// this user's own. The first time it is truncated and given its header; `again` (after
+    /// a failure) appends to what is there.
+    pub(super) fn open(
+        &self,
+        key: &str,
+        again: bool,
+    ) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
         use std::io::Write;
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let path = hlog_path(&self.dir, key);
+        let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
         let file = std::fs::OpenOptions::new()
             .write(true)
+            .append(again)
             .create(true)
             .truncate(false)
             .mode(0o640)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(flags.bits() as i32)
             .open(&path)?;
-        let owner = file.metadata()?.uid();
+        let meta = file.metadata()?;
         let own = rustix::process::geteuid().as_raw();
-        if owner != own {
-            return Err(std::io::Error::new(
+        let refuse = |why: String| {
+            Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!("the file belongs to uid {owner}, not to this server's uid {own}"),
+                why,
+            ))
+        };
+        if !meta.is_file() || meta.nlink() != 1 {
+            return refuse(format!(
+                "not a regular file with one link ({} links)",
+                meta.nlink()
             ));
         }
-        file.set_len(0)?;
+        if meta.uid() != own {
+            return refuse(format!(
+                "the file belongs to uid {}, not to this server's uid {own}",
+                meta.uid()
+            ));
+        }
         let mut f = std::io::BufWriter::new(file);
+        if again {
+            return Ok(f);
+        }
+        f.get_ref().set_len(0)?;
         let secs = self
             .base
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -119,13 +119,27 @@ mod tests {
         let victim = dir.join("victim");
         std::fs::write(&victim, "keep me").unwrap();
         std::os::unix::fs::symlink(&victim, hlog_path(&dir, "a:1")).unwrap();
-        let mut files = HlogFiles::create(&dir, &["a:1".to_string(), "b:1".to_string()]).unwrap();
+        // A hard link to another file of this user, and a FIFO (which would block an open).
+        let linked = dir.join("linked");
+        std::fs::write(&linked, "keep me too").unwrap();
+        std::fs::hard_link(&linked, hlog_path(&dir, "c:1")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &hlog_path(&dir, "d:1"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let keys = ["a:1", "b:1", "c:1", "d:1"].map(String::from);
+        let mut files = HlogFiles::create(&dir, &keys).unwrap();
         let mut sample = Sample::default();
         sample.record(Stage::Total, 1000);
         files.write("a:1", &sample, std::time::Duration::from_secs(1));
         files.write("b:1", &sample, std::time::Duration::from_secs(1));
         drop(files);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        assert_eq!(std::fs::read_to_string(&linked).unwrap(), "keep me too");
         let b = std::fs::read(hlog_path(&dir, "b:1")).unwrap();
         assert_eq!(tie_hlog::read_hlog(&b).unwrap().tags["total"].intervals, 1);
         use std::os::unix::fs::PermissionsExt;

@@ -29,24 +29,53 @@ fn config_with(extra: &str) -> String {
     TEST_CONFIG.replacen("[server]\n", &format!("[server]\n{extra}\n"), 1)
 }
 
+/// Runs `cmd` expecting it to fail within 60 s (a server that starts instead is killed and
+/// the test fails); its stderr.
+fn fails_within(cmd: &mut Command) -> String {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("it started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
 /// Runs `tie serve` with `socket_dir`, expecting it to refuse to start; its stderr.
 fn serve_refused(socket_dir: &Path, extra_args: &[&str]) -> String {
     let dir = scratch_dir("refused");
     std::fs::write(dir.join("tie.toml"), config_with("")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
-        .current_dir(root())
-        .args(["serve", "--config"])
-        .arg(dir.join("tie.toml"))
-        .arg("--model-repository")
-        .arg(root().join("models"))
-        .args(["--endpoint", "test", "--http-addr", "127.0.0.1:0"])
-        .arg("--socket-dir")
-        .arg(socket_dir)
-        .args(extra_args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "tie serve started");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    fails_within(
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(root())
+            .args(["serve", "--config"])
+            .arg(dir.join("tie.toml"))
+            .arg("--model-repository")
+            .arg(root().join("models"))
+            .args(["--endpoint", "test", "--http-addr", "127.0.0.1:0"])
+            .arg("--socket-dir")
+            .arg(socket_dir)
+            .args(extra_args),
+    )
 }
 
 #[test]
@@ -347,6 +376,42 @@ fn http_on_a_unix_socket_is_reached_as_the_ring_socket_is() {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A body that trickles in is cut off after 10 s.
+    let mut slow = UnixStream::connect(&path).unwrap();
+    slow.write_all(
+        b"POST /api/v1/internal/inference/predict HTTP/1.1\r\nHost: tie\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let n = slow.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("did not arrive"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // `tie reload` reaches it there, from a config naming the socket directory.
+    let cli = server.dir.join("cli.toml");
+    std::fs::write(
+        &cli,
+        format!(
+            "[server]\nendpoint = \"test\"\nsocket_dir = {:?}\nhttp_unix_socket = true\n",
+            server.dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["reload", "--config"])
+        .arg(&cli)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -449,19 +514,17 @@ fn a_descriptor_limit_too_low_for_max_sessions_is_refused_with_the_numbers() {
     let dir = scratch_dir("nofile");
     std::fs::write(dir.join("tie.toml"), config_with("max_sessions = 1024")).unwrap();
     let script = "ulimit -n 512 && exec \"$0\" \"$@\"";
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .arg(env!("CARGO_BIN_EXE_tie"))
-        .args(["serve", "--config"])
-        .arg(dir.join("tie.toml"))
-        .arg("--model-repository")
-        .arg(identity_repository())
-        .args(["--http-addr", "127.0.0.1:0", "--socket-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = fails_within(
+        Command::new("sh")
+            .args(["-c", script])
+            .arg(env!("CARGO_BIN_EXE_tie"))
+            .args(["serve", "--config"])
+            .arg(dir.join("tie.toml"))
+            .arg("--model-repository")
+            .arg(identity_repository())
+            .args(["--http-addr", "127.0.0.1:0", "--socket-dir"])
+            .arg(&dir),
+    );
     assert!(
         stderr.contains("server.max_sessions = 1024")
             && stderr.contains("allows 512")
@@ -575,35 +638,101 @@ fn peak_rss_kib(pid: i32) -> u64 {
 fn a_model_asking_for_a_huge_tensor_is_refused_before_it_is_made() {
     let repo = identity_repository();
     let server = TestServer::start_with(TEST_CONFIG, &repo);
-    // 202 bytes asking for 2 GiB (and 16 GiB): y = x + sum(zeros(shape)).
-    for (name, shape) in [("bomb", [32768i64, 16384]), ("bigbomb", [65536, 65536])] {
-        let bomb = onnx::model(
-            vec![
-                {
-                    let mut n = onnx::node("ConstantOfShape", &["shape"], "zeros");
-                    n.attribute.clear();
-                    n
-                },
-                {
-                    let mut n = onnx::node("ReduceSum", &["zeros"], "total");
-                    n.attribute.push(onnx::int_attribute("keepdims", 1));
-                    n
-                },
-                onnx::node("Add", &["x", "total"], "y"),
-            ],
-            vec![onnx::ints("shape", &[2], &shape)],
-            4,
-            4,
-        );
+    // A few hundred bytes asking for 2 GiB or more: y = x + sum(big), where big's shape is a
+    // constant, or computed from constants (Constant value_ints, Concat), or a Tile or Range.
+    let sum_into_y = |big: &str| {
+        let mut sum = onnx::node("ReduceSum", &[big], "total");
+        sum.attribute.push(onnx::int_attribute("keepdims", 1));
+        vec![sum, onnx::node("Add", &["x", "total"], "y")]
+    };
+    let int_constant = |out: &str, values: &[i64]| {
+        let mut n = onnx::node("Constant", &[], out);
+        n.attribute.push(tract_onnx::pb::AttributeProto {
+            name: "value_ints".into(),
+            r#type: tract_onnx::pb::attribute_proto::AttributeType::Ints as i32,
+            ints: values.to_vec(),
+            ..Default::default()
+        });
+        n
+    };
+    let bombs: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "bomb",
+            "ConstantOfShape",
+            onnx::model(
+                [
+                    vec![onnx::node("ConstantOfShape", &["shape"], "big")],
+                    sum_into_y("big"),
+                ]
+                .concat(),
+                vec![onnx::ints("shape", &[2], &[32768, 16384])],
+                4,
+                4,
+            ),
+        ),
+        (
+            "bigbomb",
+            "ConstantOfShape",
+            onnx::model(
+                [
+                    vec![
+                        int_constant("rows", &[65536]),
+                        int_constant("cols", &[65536]),
+                        onnx::node("Concat", &["rows", "cols"], "shape"),
+                        onnx::node("ConstantOfShape", &["shape"], "big"),
+                    ],
+                    sum_into_y("big"),
+                ]
+                .concat(),
+                vec![],
+                4,
+                4,
+            ),
+        ),
+        (
+            "tilebomb",
+            "Tile",
+            onnx::model(
+                [
+                    vec![onnx::node("Tile", &["one", "repeats"], "big")],
+                    sum_into_y("big"),
+                ]
+                .concat(),
+                vec![
+                    onnx::floats("one", &[1, 1], &[1.0]),
+                    onnx::ints("repeats", &[2], &[65536, 65536]),
+                ],
+                4,
+                4,
+            ),
+        ),
+        (
+            "rangebomb",
+            "Range",
+            onnx::model(
+                [
+                    vec![onnx::node("Range", &["start", "limit", "delta"], "big")],
+                    sum_into_y("big"),
+                ]
+                .concat(),
+                vec![
+                    onnx::floats("start", &[], &[0.0]),
+                    onnx::floats("limit", &[], &[1e9]),
+                    onnx::floats("delta", &[], &[1.0]),
+                ],
+                4,
+                4,
+            ),
+        ),
+    ];
+    for (name, op, bomb) in bombs {
         onnx::install(&repo, name, &bomb);
         let (code, body) = post_empty(&api(&server, &format!("models/{name}/load")), None);
-        assert!(code >= 400, "{code} {body}");
+        assert!(code >= 400, "{name}: {code} {body}");
         let text = body.to_string();
         assert!(
-            text.contains("ConstantOfShape")
-                && text.contains("MiB")
-                && text.contains("max_tensor_mb"),
-            "{body}"
+            text.contains(op) && text.contains("MiB") && text.contains("max_tensor_mb"),
+            "{name}: {body}"
         );
     }
     let peak = peak_rss_kib(server.pid());

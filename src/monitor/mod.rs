@@ -125,7 +125,7 @@ mod tests {
         std::fs::hard_link(&linked, hlog_path(&dir, "c:1")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &hlog_path(&dir, "d:1"),
+            hlog_path(&dir, "d:1"),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o600),
             0,

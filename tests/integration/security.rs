@@ -382,7 +382,8 @@ fn http_on_a_unix_socket_is_reached_as_the_ring_socket_is() {
         b"POST /api/v1/internal/inference/predict HTTP/1.1\r\nHost: tie\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
     )
     .unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 4096];
     let n = slow.read(&mut buf).unwrap();

@@ -96,6 +96,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })?;
         tracing::info!("all memory locked (mlockall)");
     }
+    // A socket directory the server cannot use is said before the models load.
+    tie::dataplane::check_socket_dir(&config)?;
     // The control plane first: /health/live answers while the models load.
     let http = tie::http::HttpServer::start(&config).with_context(|| {
         if config.server.http_unix_socket {

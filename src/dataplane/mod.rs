@@ -29,5 +29,5 @@ pub use poller::{
     confidence, confidence_from_uncertainty, row_confidence, IdlePolicy, SharedStats, WorkerStats,
 };
 pub(crate) use server::SessionLink;
-pub use server::{Server, ServerStartError};
+pub use server::{check_socket_dir, Server, ServerStartError};
 pub(crate) use socket_file::{bind as bind_socket, SocketFile};

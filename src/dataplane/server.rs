@@ -113,6 +113,20 @@ fn ensure_fd_limit(server: &crate::config::ServerSection) -> Result<(), ServerSt
     }
 }
 
+/// Checks the endpoint's socket directory as [`Server::start`] will (creating it if missing),
+/// so that a directory the server cannot use is refused before the models load.
+///
+/// # Errors
+/// [`ServerStartError::SocketDir`] or [`ServerStartError::Endpoint`].
+pub fn check_socket_dir(config: &ServiceConfig) -> Result<(), ServerStartError> {
+    let path = tie_client::endpoint::socket_path(
+        config.server.socket_dir.as_deref(),
+        &config.server.endpoint,
+    )?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    socket_file::open_socket_dir(dir, config.server.allowed_gid).map(drop)
+}
+
 /// Whether a segment can be made on huge pages: one is made and dropped.
 fn huge_pages_usable() -> Result<(), tie_client::segment::SegmentOpenError> {
     use tie_client::layouts::abi::{SegmentGeometry, HUGE_PAGE_SIZE};

@@ -165,6 +165,10 @@ pub(crate) fn open_socket_dir(
         rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
             unsafe_dir(dir, "it is a symlink or not a directory".into())
         }
+        rustix::io::Errno::ACCESS | rustix::io::Errno::PERM => unsafe_dir(
+            dir,
+            "this user may not open it (another user's?): set server.socket_dir, --socket-dir or TIE_SOCKET_DIR to a directory of this user's".into(),
+        ),
         e => unsafe_dir(dir, format!("cannot open it: {e}")),
     })?;
     let st = rustix::fs::fstat(&fd).map_err(|e| unsafe_dir(dir, format!("cannot stat it: {e}")))?;

@@ -246,6 +246,10 @@ pub struct ModelDeploymentSection {
     pub health_check_interval_sec: u32,
     /// Timed runs per batch size when a model is profiled at load; 0 skips profiling.
     pub profile_iterations: u32,
+    /// Whether a model that fails to load at start stops the server (Triton's default). False:
+    /// the others are served, and the failed one is listed as unavailable, with why, in
+    /// `models/loaded` and `/health/ready` (which then says not ready).
+    pub exit_on_error: bool,
 }
 
 impl Default for ModelDeploymentSection {
@@ -258,6 +262,7 @@ impl Default for ModelDeploymentSection {
             auto_unload_unused_sec: None,
             health_check_interval_sec: 30,
             profile_iterations: 20,
+            exit_on_error: true,
         }
     }
 }

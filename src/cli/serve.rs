@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use tie::config::ServiceConfig;
 use tie::dataplane::Server;
-use tie::models::{load_repository, LoadOptions};
+use tie::models::{load_repository_with, LoadOptions};
 
 /// `tie serve`.
 #[derive(Debug, clap::Args)]
@@ -30,6 +30,11 @@ pub struct ServeArgs {
     /// Socket directory (overrides `server.socket_dir`).
     #[arg(long)]
     pub socket_dir: Option<PathBuf>,
+    /// Whether a model that fails to load stops the server (overrides
+    /// `model_deployment.exit_on_error`; false serves the others and lists the failed one as
+    /// unavailable).
+    #[arg(long, value_name = "BOOL")]
+    pub exit_on_error: Option<bool>,
 }
 
 /// Warns about poller cores on another NUMA node than a GPU in use.
@@ -73,6 +78,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.socket_dir {
         config.server.socket_dir = Some(d);
     }
+    if let Some(e) = args.exit_on_error {
+        config.model_deployment.exit_on_error = e;
+    }
     tie::logging::init(config.server.log_format);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -113,13 +121,18 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = LoadOptions::from_config(&config);
     options.gpus.log();
     warn_far_pollers(&config, &options.gpus);
-    let models = load_repository(&config.server.model_repository, &options)?;
+    let (models, failures) = load_repository_with(
+        &config.server.model_repository,
+        &options,
+        config.model_deployment.exit_on_error,
+    )?;
     let server = Server::start(&config, models)?;
     let manager = tie::models::ModelManager::new(
         server.models().clone(),
         config.server.model_repository.clone(),
         options,
     );
+    manager.record_failures(failures);
     manager.load_routing()?;
     http.serve(manager.clone());
     // Versions unused for `auto_unload_unused_hours` are unloaded (and load again on demand).

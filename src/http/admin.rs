@@ -30,13 +30,55 @@ use super::{app::*, error::*, pool::*};
 pub(super) async fn loaded_models(State(state): State<Arc<HttpState>>) -> Response {
     answer(state.serving().map(|serving| {
         let set = serving.models.snapshot();
-        let list: Vec<LoadedModelInfo> = set
+        let mut list: Vec<LoadedModelInfo> = set
             .loaded()
             .into_iter()
             .map(|(i, m)| model_info(serving, &set, i, m))
             .collect();
+        list.extend(serving.manager.failures().iter().map(unavailable_info));
         Json(list)
     }))
+}
+
+/// The entry of a model or version that failed to load: not ready, `available` false, the
+/// reason in `not_ready_reason`; the figures it never had are empty.
+fn unavailable_info(f: &crate::models::FailedVersion) -> LoadedModelInfo {
+    LoadedModelInfo {
+        model_key: f.key(),
+        model_name: f.name.clone(),
+        version: f.version.map_or_else(String::new, |v| v.to_string()),
+        is_default: false,
+        architecture: String::new(),
+        inference_device: String::new(),
+        engine: String::new(),
+        input_specs: Vec::new(),
+        output_specs: Vec::new(),
+        layout: String::new(),
+        layout_hash: String::new(),
+        feature_names: Vec::new(),
+        performance_profile: ModelPerformanceProfile {
+            avg_inference_time_ms: None,
+            p50_inference_time_ms: None,
+            p95_inference_time_ms: None,
+            p99_inference_time_ms: None,
+            max_batch_size: 0,
+            optimal_batch_size: None,
+            memory_usage_mb: None,
+            gpu_utilization: None,
+            throughput_samples_per_sec: None,
+        },
+        load_timestamp: f.at,
+        last_used: None,
+        usage_count: 0,
+        available: false,
+        ready: false,
+        not_ready_reason: Some(format!("failed to load: {}", f.reason)),
+        health_checks: 0,
+        health_check_failures: 0,
+        labels: Vec::new(),
+        checksum: String::new(),
+        load_time_ms: 0.0,
+    }
 }
 
 pub(super) fn model_info(
@@ -94,6 +136,7 @@ pub(super) fn model_info(
         load_timestamp: m.loaded_at,
         last_used: serving.monitor.last_request(m.monitor_index),
         usage_count: metrics.total_requests,
+        available: true,
         ready: m.health.is_ready(),
         not_ready_reason: m.health.reason(),
         health_checks: checks,

@@ -447,6 +447,9 @@ pub struct LoadedModelInfo {
     pub last_used: Option<DateTime<Utc>>,
     /// Requests accepted.
     pub usage_count: u64,
+    /// Whether it loaded: false for a model or version that failed to load while the server
+    /// went on (`exit_on_error = false`); `not_ready_reason` says why.
+    pub available: bool,
     /// Whether it passed its last health check.
     pub ready: bool,
     /// Why not, when not ready.

@@ -169,6 +169,9 @@ pub struct ModelManager {
     /// The versions the repository's configs asked for at the last load or reload of each
     /// model: one of them not served is reported missing ([`ModelManager::missing_versions`]).
     planned: Mutex<std::collections::BTreeSet<(String, u32)>>,
+    /// Models and versions that failed to load at start (`exit_on_error = false`) or in a
+    /// later load, by key; dropped once the version serves.
+    failed: Mutex<BTreeMap<String, repository::FailedVersion>>,
 }
 
 /// The `(name, version)` pairs of `plans`.
@@ -192,10 +195,14 @@ impl ModelManager {
             routing: RwLock::new(Arc::default()),
             ensembles: Mutex::new(BTreeMap::new()),
             planned: Mutex::new(Default::default()),
+            failed: Mutex::new(BTreeMap::new()),
         });
         // What the repository asked for when it was loaded (versions refused then included).
-        match repository::plan_repository(&manager.repository, repository::Skipped::Quiet) {
-            Ok(plans) => *manager.planned.locked() = planned_versions(&plans).collect(),
+        match repository::plan_each(&manager.repository, repository::Skipped::Quiet) {
+            Ok(each) => {
+                let plans: Vec<ModelPlan> = each.into_iter().filter_map(|(_, p)| p.ok()).collect();
+                *manager.planned.locked() = planned_versions(&plans).collect();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the repository's plan: readiness lists only what is loaded")
             }
@@ -332,19 +339,50 @@ impl ModelManager {
     pub fn missing_versions(&self) -> Vec<(String, String)> {
         let set = self.models.snapshot();
         let planned = self.planned.locked().clone();
-        planned
+        let failed = self.failures();
+        let mut missing: Vec<(String, String)> = planned
             .into_iter()
             .filter(|(name, version)| {
                 set.resolve(name, Some(*version)).is_none()
                     && !self.can_restore(name, Some(&version.to_string()))
             })
             .map(|(name, version)| {
-                (
-                    format!("{name}:{version}"),
-                    "asked for by the repository but not served (unloaded, or refused at load): POST …/models/reload loads it".into(),
-                )
+                let key = format!("{name}:{version}");
+                let why = failed
+                    .iter()
+                    .find(|f| f.key() == key)
+                    .map_or_else(
+                        || "asked for by the repository but not served (unloaded, or refused at load): POST …/models/reload loads it".into(),
+                        |f| format!("failed to load: {}", f.reason),
+                    );
+                (key, why)
             })
-            .collect()
+            .collect();
+        // Models that failed before any version was planned (an invalid config).
+        for f in failed.iter().filter(|f| f.version.is_none()) {
+            missing.push((f.key(), format!("failed to load: {}", f.reason)));
+        }
+        missing
+    }
+
+    /// Records models and versions that failed to load while the server went on.
+    pub fn record_failures(&self, failures: Vec<repository::FailedVersion>) {
+        let mut failed = self.failed.locked();
+        for f in failures {
+            failed.insert(f.key(), f);
+        }
+    }
+
+    /// The failures recorded that still stand: versions not served now, and models none of
+    /// whose versions is served.
+    pub fn failures(&self) -> Vec<repository::FailedVersion> {
+        let set = self.models.snapshot();
+        let mut failed = self.failed.locked();
+        failed.retain(|_, f| match f.version {
+            Some(v) => set.resolve(&f.name, Some(v)).is_none(),
+            None => set.resolve(&f.name, None).is_none(),
+        });
+        failed.values().cloned().collect()
     }
 
     /// Whether some model was unloaded for going unused (and loads on the next request).

@@ -28,7 +28,7 @@ pub use config::{BackendChoice, ModelConfig, VersionPickError, VersionPolicy};
 pub use loaded::LoadedModel;
 pub use manager::{ChangeError, ChangeReport, LoadedVersion, ModelManager, RESTORE_RETRY};
 pub use repository::{
-    load_repository, load_version, plan_model, plan_repository, LoadOptions, ModelPlan,
-    RepositoryLoadError,
+    load_repository, load_repository_with, load_version, plan_each, plan_model, plan_repository,
+    FailedVersion, LoadOptions, ModelPlan, Planned, RepositoryLoadError,
 };
 pub use set::{compatible, Missing, ModelSet, Models};

@@ -364,6 +364,21 @@ pub fn plan_repository(
     repo: &Path,
     skipped: Skipped,
 ) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
+    plan_each(repo, skipped)?
+        .into_iter()
+        .map(|(_, planned)| planned)
+        .collect()
+}
+
+/// A model's name and its plan, or why it has none.
+pub type Planned = (String, Result<ModelPlan, RepositoryLoadError>);
+
+/// The plan of every model of `repo` by name, or why that model has none (an invalid config
+/// or version policy), in the repository's order.
+///
+/// # Errors
+/// The repository cannot be read.
+pub fn plan_each(repo: &Path, skipped: Skipped) -> Result<Vec<Planned>, RepositoryLoadError> {
     let mut plans = Vec::new();
     for dir in read_dir(repo)? {
         let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
@@ -394,16 +409,39 @@ pub fn plan_repository(
             continue;
         }
         match plan_model_with(repo, name, skipped) {
-            Ok(plan) => plans.push(plan),
             Err(RepositoryLoadError::UnknownModel { .. }) => {
                 if skipped == Skipped::Warn {
                     tracing::warn!(dir = %dir.display(), "skipped: no version directory with a model.onnx (<name>/<version>/model.onnx)");
                 }
             }
-            Err(e) => return Err(e),
+            planned => plans.push((name.to_string(), planned)),
         }
     }
     Ok(plans)
+}
+
+/// A model, or one version of it, that failed to load while the server went on
+/// (`model_deployment.exit_on_error = false`).
+#[derive(Clone, Debug)]
+pub struct FailedVersion {
+    /// The model.
+    pub name: String,
+    /// The version (`None`: the model's config or version policy failed, no version loaded).
+    pub version: Option<u32>,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+impl FailedVersion {
+    /// `name:version`, or `name`.
+    pub fn key(&self) -> String {
+        match self.version {
+            Some(v) => format!("{}:{v}", self.name),
+            None => self.name.clone(),
+        }
+    }
 }
 
 /// Loads every version of every model in `repo` that its version policy picks.
@@ -414,26 +452,60 @@ pub fn load_repository(
     repo: &Path,
     options: &LoadOptions,
 ) -> Result<Vec<LoadedModel>, RepositoryLoadError> {
+    load_repository_with(repo, options, true).map(|(models, _)| models)
+}
+
+/// [`load_repository`]; with `exit_on_error` false, a model or version that fails to load is
+/// logged and returned among the failures while the others load (a model that does not fit
+/// the GPU is refused that way in either case).
+///
+/// # Errors
+/// The repository cannot be read; with `exit_on_error`, the first model that cannot be
+/// loaded; nothing loaded at all (naming why, when something failed).
+pub fn load_repository_with(
+    repo: &Path,
+    options: &LoadOptions,
+    exit_on_error: bool,
+) -> Result<(Vec<LoadedModel>, Vec<FailedVersion>), RepositoryLoadError> {
     let mut models = Vec::new();
-    let mut refused = None;
-    for plan in plan_repository(repo, Skipped::Warn)? {
+    let mut failures = Vec::new();
+    let mut first_error = None;
+    let mut fail = |name: String, version, e: RepositoryLoadError| {
+        tracing::error!(model = %name, version, error = %e, "model not served");
+        failures.push(FailedVersion {
+            name,
+            version,
+            reason: e.to_string(),
+            at: chrono::Utc::now(),
+        });
+        first_error.get_or_insert(e);
+    };
+    for (name, planned) in plan_each(repo, Skipped::Warn)? {
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(e) if !exit_on_error => {
+                fail(name, None, e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for (version, _) in &plan.versions {
             match load_version(&plan, *version, options) {
                 Ok(m) => models.push(m),
                 // A model that does not fit is refused; the others are served.
                 Err(e @ RepositoryLoadError::OutOfMemory { .. }) => {
-                    tracing::error!(error = %e, "model refused");
-                    refused = Some(e);
+                    fail(plan.name.clone(), Some(*version), e)
                 }
+                Err(e) if !exit_on_error => fail(plan.name.clone(), Some(*version), e),
                 Err(e) => return Err(e),
             }
         }
     }
     if models.is_empty() {
-        // Every model refused: say why rather than "empty".
-        return Err(refused.unwrap_or_else(|| RepositoryLoadError::Empty { path: repo.into() }));
+        // Everything failed: say why rather than "empty".
+        return Err(first_error.unwrap_or_else(|| RepositoryLoadError::Empty { path: repo.into() }));
     }
-    Ok(models)
+    Ok((models, failures))
 }
 
 /// Loads version `version` of `plan`: checked against its checksum file when it has one,
@@ -662,7 +734,38 @@ impl Loading<'_> {
     }
 }
 
+/// [`load_model_inner`], with a panic anywhere in it (tract's, a driver's) caught and
+/// reported as this version's load error, naming the file: it never takes the server down.
 fn load_model(
+    name: &str,
+    version: u32,
+    file: &Path,
+    config: &ModelConfig,
+    is_default: bool,
+    options: &LoadOptions,
+) -> Result<LoadedModel, RepositoryLoadError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load_model_inner(name, version, file, config, is_default, options)
+    }))
+    .unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        tracing::error!(model = name, version, file = %file.display(), panic = %message, "loading the model panicked; the panic was caught");
+        Err(RepositoryLoadError::Backend {
+            model: name.into(),
+            version,
+            source: BackendLoadError::Tract(format!(
+                "loading {} panicked: {message}",
+                file.display()
+            )),
+        })
+    })
+}
+
+fn load_model_inner(
     name: &str,
     version: u32,
     file: &Path,

@@ -14,6 +14,7 @@ mod e2e;
 mod gpu;
 mod http;
 mod huge_pages;
+mod load_failures;
 mod loadgen;
 mod models;
 mod reliability;

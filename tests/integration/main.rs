@@ -20,3 +20,4 @@ mod models;
 mod reliability;
 mod routing;
 mod security;
+mod trees;

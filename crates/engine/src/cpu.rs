@@ -37,6 +37,9 @@ pub enum BackendLoadError {
     /// The MLP path was asked for and the graph is not an MLP.
     #[error("not an MLP graph: {0}")]
     NotMlp(#[from] LowerError),
+    /// An operator (or an attribute of one) no engine of this build runs.
+    #[error("unsupported model: {0}")]
+    UnsupportedOp(String),
     /// The graph would make a tensor over the size limit (see [`crate::bounds`]).
     #[error("the model is refused: {0}")]
     TooLarge(String),
@@ -90,6 +93,12 @@ pub fn load_cpu_with(
 ) -> Result<Arc<dyn Backend>, BackendLoadError> {
     let proto = read_proto(path)?;
     let io = lower::model_io(&proto)?;
+    // A tree ensemble runs on the tree engine whatever the engine asked for (the others
+    // cannot run it); any other ONNX-ML op is refused by name.
+    if let Some(ensemble) = crate::trees::plan(&proto, &io)? {
+        return Ok(Arc::new(crate::trees::TreeBackend::new(io, ensemble)));
+    }
+    crate::trees::refuse_foreign_ops(&proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,
         CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),

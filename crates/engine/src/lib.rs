@@ -34,6 +34,7 @@ mod lower;
 mod mlp;
 pub mod profile;
 mod tract;
+pub mod trees;
 
 pub use backend::{
     check_shape, Backend, BackendError, BackendHealth, BackendInfo, ModelIo, Precision,

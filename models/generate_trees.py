@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Generate the tree-ensemble fixtures: models trained and exported the way desks export
+them, with onnxruntime's answers (and the library's own predict) on rows chosen to hit the
+engine's edges.
+
+What it writes (paths relative to the repository root):
+
+  tests/fixtures/trees/<model>/1/model.onnx   exported by the real exporters:
+      skl_gbr      scikit-learn GradientBoostingRegressor, 40 trees, depth 4     (skl2onnx)
+      skl_rf2      scikit-learn RandomForestRegressor, 2 targets (AVERAGE)       (skl2onnx)
+      lgbm         LightGBM LGBMRegressor, 60 trees, 15 leaves, NaN in training  (onnxmltools)
+      xgb          XGBoost XGBRegressor, 60 trees, depth 4, NaN in training      (onnxmltools)
+  tests/fixtures/trees/<model>/config.toml    layout "trees10" (NaN allowed)
+  tests/fixtures/trees/<model>.json           inputs, onnxruntime's outputs, the library's
+  layouts/features/trees10.toml               10 features, non-finite values allowed
+
+Rows: 16 drawn from N(0, 1); rows with NaN in some or all features; rows of +-1e30; and
+rows whose features sit exactly on split thresholds of the model. Deterministic (fixed
+seeds). Run from the repository root:
+
+    pip install -r models/requirements-trees.txt
+    python3 models/generate_trees.py
+"""
+
+import json
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import onnx
+import onnxruntime as ort
+import xgboost as xgb
+from onnxmltools import convert_lightgbm, convert_xgboost
+from onnxmltools.convert.common.data_types import FloatTensorType
+from skl2onnx import to_onnx
+from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "trees"
+FEATURES = 10
+
+
+def training_data(seed, nan_fraction):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2000, FEATURES)).astype(np.float32)
+    y = 2.0 * x[:, 0] + np.sin(3 * x[:, 1]) - x[:, 2] * x[:, 3] + rng.normal(0, 0.1, 2000)
+    if nan_fraction:
+        x[rng.random(x.shape) < nan_fraction] = np.nan
+    return x, y.astype(np.float32)
+
+
+def thresholds(model):
+    """(feature, threshold) of the branch nodes of the exported ensemble."""
+    (node,) = [n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor"]
+    attrs = {a.name: a for a in node.attribute}
+    features = list(attrs["nodes_featureids"].ints)
+    values = list(attrs["nodes_values"].floats)
+    modes = list(attrs["nodes_modes"].strings)
+    return [(f, v) for f, v, m in zip(features, values, modes) if m != b"LEAF"]
+
+
+def rows_for(model, seed):
+    rng = np.random.default_rng(seed)
+    rows = [r for r in rng.normal(size=(16, FEATURES)).astype(np.float32)]
+    nan_some = rng.normal(size=FEATURES).astype(np.float32)
+    nan_some[[0, 2, 5]] = np.nan
+    rows += [nan_some, np.full(FEATURES, np.nan, np.float32)]
+    rows += [np.full(FEATURES, 1e30, np.float32), np.full(FEATURES, -1e30, np.float32)]
+    # Every feature on a split threshold: the first 6 splits, one row each, the rest 0.
+    for f, v in thresholds(model)[:6]:
+        row = np.zeros(FEATURES, np.float32)
+        row[f] = np.float32(v)
+        rows.append(row)
+    return np.stack(rows).astype(np.float32)
+
+
+def onnxruntime_outputs(path, x):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+
+
+def floats(row):
+    return [None if np.isnan(v) else float(np.float32(v)) for v in row]
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    x_clean, y = training_data(1, 0.0)
+    x_nan, y_nan = training_data(2, 0.05)
+    y2 = np.stack([y, -0.5 * y + x_clean[:, 4]], axis=1)
+    initial = [("x", FloatTensorType([None, FEATURES]))]
+    models = []
+    gbr = GradientBoostingRegressor(n_estimators=40, max_depth=4, random_state=0)
+    gbr.fit(x_clean, y)
+    models.append(("skl_gbr", gbr, to_onnx(gbr, x_clean[:1], target_opset={"": 17, "ai.onnx.ml": 3})))
+    rf = RandomForestRegressor(n_estimators=12, max_depth=5, random_state=0)
+    rf.fit(x_clean, y2)
+    models.append(("skl_rf2", rf, to_onnx(rf, x_clean[:1], target_opset={"": 17, "ai.onnx.ml": 3})))
+    lg = lgb.LGBMRegressor(n_estimators=60, num_leaves=15, random_state=0, verbose=-1)
+    lg.fit(x_nan, y_nan)
+    models.append(("lgbm", lg, convert_lightgbm(lg, initial_types=initial, target_opset=15)))
+    xg = xgb.XGBRegressor(n_estimators=60, max_depth=4, random_state=0)
+    xg.fit(x_nan, y_nan)
+    models.append(("xgb", xg, convert_xgboost(xg, initial_types=initial, target_opset=15)))
+
+    (ROOT / "layouts" / "features" / "trees10.toml").write_text(
+        "# 10 features for the tree fixtures (models/generate_trees.py); NaN marks a missing value.\n"
+        'name = "trees10"\ndtype = "f32"\nallow_non_finite = true\n'
+        "features = [" + ", ".join(f'"f{i}"' for i in range(FEATURES)) + "]\n"
+    )
+    for seed, (name, estimator, model) in enumerate(models, start=100):
+        model.ir_version = min(model.ir_version, 8)
+        version = OUT / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        path = version / "model.onnx"
+        onnx.save(model, path)
+        (OUT / name / "config.toml").write_text('layout = "trees10"\n')
+        x = rows_for(model, seed)
+        expected = onnxruntime_outputs(path, x)
+        # scikit-learn's trees take no NaN: their rows with one have no library answer.
+        nan_ok = name in ("lgbm", "xgb")
+        library = [
+            floats(np.asarray(estimator.predict(r[None, :]), dtype=np.float32).reshape(-1))
+            if nan_ok or not np.isnan(r).any()
+            else None
+            for r in x
+        ]
+        fixture = {
+            "model": name,
+            "inputs": [floats(r) for r in x],
+            "onnxruntime": [floats(r) for r in expected],
+            "library": library,
+        }
+        (OUT / f"{name}.json").write_text(json.dumps(fixture, indent=0) + "\n")
+        print(name, [n.op_type for n in model.graph.node], expected.shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+//! Tree ensembles as scikit-learn, LightGBM and XGBoost export them (the fixtures of
+//! `models/generate_trees.py`), served by the tree engine and compared with onnxruntime's
+//! answers (and the library's own predict) through the ring client and HTTP.
+
+use serde_json::Value;
+use tie_client::{Client, ConnectOptions, Priority};
+
+use crate::common::{get, inference_request, post, root, TestServer, TEST_CONFIG};
+
+/// A fixture: rows (`None` for NaN) with onnxruntime's and the library's answers.
+struct Fixture {
+    model: String,
+    inputs: Vec<Vec<f32>>,
+    onnxruntime: Vec<Vec<f32>>,
+    library: Vec<Option<Vec<f32>>>,
+}
+
+fn number(v: &Value) -> f32 {
+    v.as_f64().map_or(f32::NAN, |x| x as f32)
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let dir = root().join("tests/fixtures/trees");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "json").then(|| p.file_stem().unwrap().to_string_lossy().into())
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    names
+        .into_iter()
+        .map(|name| {
+            let v: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
+            )
+            .unwrap();
+            let rows = |key: &str| -> Vec<Vec<f32>> {
+                v[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_array().unwrap().iter().map(number).collect())
+                    .collect()
+            };
+            Fixture {
+                model: v["model"].as_str().unwrap().to_string(),
+                inputs: rows("inputs"),
+                onnxruntime: rows("onnxruntime"),
+                library: v["library"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_array().map(|r| r.iter().map(number).collect()))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn close(got: f32, want: f32, tolerance: f32) -> bool {
+    (got - want).abs() <= tolerance * want.abs().max(1.0)
+}
+
+#[test]
+fn exported_tree_ensembles_answer_as_onnxruntime_does_through_the_ring_and_http() {
+    let server = TestServer::start_with(TEST_CONFIG, &root().join("tests/fixtures/trees"));
+    let base = server.http();
+    let (_, loaded) = get(&format!("{base}/api/v1/internal/inference/models/loaded"));
+    for f in fixtures() {
+        let entry = loaded
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model_name"] == f.model.as_str())
+            .unwrap_or_else(|| panic!("{} not loaded: {loaded}", f.model));
+        assert_eq!(entry["engine"], "cpu-trees", "{entry}");
+        let options = ConnectOptions {
+            response_capacity: 32,
+            request_capacity: 32,
+            ..server.options()
+        };
+        let mut client = Client::connect("test", &f.model, options).unwrap();
+        // One row at a time: NaN (missing), ±1e30 and rows on split thresholds included.
+        for (i, (row, want)) in f.inputs.iter().zip(&f.onnxruntime).enumerate() {
+            let got = client.predict(row).unwrap();
+            for (j, (g, w)) in got.outputs().iter().zip(want).enumerate() {
+                assert!(
+                    close(*g, *w, 1e-5),
+                    "{} row {i} output {j}: {g} against onnxruntime's {w} (row {row:?})",
+                    f.model
+                );
+            }
+            if let Some(lib) = f.library[i].as_ref().filter(|_| i < 16) {
+                for (g, l) in got.outputs().iter().zip(lib) {
+                    assert!(
+                        close(*g, *l, 1e-4),
+                        "{} row {i}: {g} against the library's {l}",
+                        f.model
+                    );
+                }
+            }
+        }
+        // All rows in flight at once: the server batches them (sizes as they come).
+        let ids: Vec<u64> = f
+            .inputs
+            .iter()
+            .map(|row| client.submit(row, Priority::Normal, None).unwrap())
+            .collect();
+        let mut answered = 0;
+        while answered < ids.len() {
+            if let Some(r) = client.poll() {
+                let i = ids.iter().position(|&id| id == r.request_id).unwrap();
+                assert!(r.status.is_ok(), "{} row {i}: {:?}", f.model, r.status);
+                for (g, w) in r.outputs().iter().zip(&f.onnxruntime[i]) {
+                    assert!(
+                        close(*g, *w, 1e-5),
+                        "{} batched row {i}: {g} against {w}",
+                        f.model
+                    );
+                }
+                answered += 1;
+            }
+        }
+        // Over HTTP, the finite rows in one request.
+        let finite: Vec<Vec<f32>> = f.inputs[..16].to_vec();
+        let request = inference_request("trees", &f.model, None, &finite, Value::Null);
+        let (code, body) = post(
+            &format!("{base}/api/v1/internal/inference/predict"),
+            &request,
+        );
+        assert_eq!(code, 200, "{body}");
+        let width = f.onnxruntime[0].len();
+        let values: Vec<f32> = body["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_f64().unwrap() as f32)
+            .collect();
+        let want: Vec<f32> = f.onnxruntime[..16].iter().flatten().copied().collect();
+        assert_eq!(values.len(), 16 * width, "{body}");
+        for (g, w) in values.iter().zip(&want) {
+            assert!(
+                close(*g, *w, 1e-5),
+                "{} over HTTP: {g} against {w}",
+                f.model
+            );
+        }
+    }
+}

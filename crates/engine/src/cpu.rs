@@ -94,11 +94,10 @@ pub fn load_cpu_with(
     let proto = read_proto(path)?;
     let io = lower::model_io(&proto)?;
     // A tree ensemble runs on the tree engine whatever the engine asked for (the others
-    // cannot run it); any other ONNX-ML op is refused by name.
+    // cannot run it).
     if let Some(ensemble) = crate::trees::plan(&proto, &io)? {
         return Ok(Arc::new(crate::trees::TreeBackend::new(io, ensemble)));
     }
-    crate::trees::refuse_foreign_ops(&proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,
         CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),
@@ -116,6 +115,10 @@ pub fn load_cpu_with(
             io.output_width = plan.output_width();
             Arc::new(MlpBackend::new(io, plan))
         }
-        None => Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?),
+        None => {
+            // ONNX-ML ops off the MLP path are refused by name rather than left to tract.
+            crate::trees::refuse_foreign_ops(&proto)?;
+            Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?)
+        }
     })
 }

@@ -5,7 +5,10 @@
 //! `Gemm`, `MatMul` (constant right operand), `Add`/`Sub`/`Mul`/`Div` by a constant (folded into
 //! the preceding layer), `BatchNormalization` (folded into the preceding layer), `Relu`,
 //! `LeakyRelu`, `Sigmoid`, `Tanh`, `Gelu` (fused into the preceding layer), `Identity`, `Dropout` and
-//! `Flatten` of a `[batch, n]` value (no-ops). Anything else is served by tract.
+//! `Flatten` of a `[batch, n]` value (no-ops), and the affine ops of ONNX-ML that pipelines put
+//! in front of (or in place of) a network: `Scaler` and `LinearRegressor` (with the `Cast` to
+//! float32 and the final `Reshape` to `[-1, width]` that skl2onnx writes). Layers without an
+//! activation are merged into the next one. Anything else is served by tract.
 
 use std::collections::HashMap;
 
@@ -363,6 +366,16 @@ impl<'a> Chain<'a> {
 
     fn node(&mut self, node: &NodeProto) -> Result<(), LowerError> {
         let op = node.op_type.as_str();
+        if node.domain == crate::trees::ML_DOMAIN && matches!(op, "Scaler" | "LinearRegressor") {
+            if node.input.first().map(String::as_str) != Some(self.current.as_str()) {
+                return err(LowerError::OffChain { op: op.to_string() });
+            }
+            match op {
+                "Scaler" => self.scaler(node)?,
+                _ => self.linear_regressor(node)?,
+            }
+            return self.advance(node);
+        }
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
             return err(LowerError::ForeignDomain {
                 op: op.to_string(),
@@ -522,18 +535,200 @@ impl<'a> Chain<'a> {
                     });
                 }
             }
+            "Cast" => {
+                // To float32 (skl2onnx writes one after a Scaler): the chain is float32 already.
+                if attr_i(node, "to", 0) != i64::from(ONNX_FLOAT) {
+                    return err(LowerError::Unsupported {
+                        op: "Cast",
+                        rule: "to a type other than float32",
+                    });
+                }
+            }
+            "Reshape" => {
+                // To [-1, width] or [0, width] (skl2onnx ends an MLP with one): a no-op.
+                let shape = node
+                    .input
+                    .get(1)
+                    .and_then(|n| self.constants.get(n.as_str()))
+                    .and_then(|t| int64_values(t));
+                let keeps = matches!(shape.as_deref(), Some([b, w]) if (*b == -1 || *b == 0) && *w == self.width as i64);
+                if !keeps {
+                    return err(LowerError::Unsupported {
+                        op: "Reshape",
+                        rule: "to a shape other than [-1, width]",
+                    });
+                }
+            }
             other => {
                 return err(LowerError::OutsideMlpSet {
                     op: other.to_string(),
                 })
             }
         }
-        match node.output.first() {
-            Some(out) if !out.is_empty() => self.current = out.clone(),
-            _ => return err(LowerError::NoOutput { op: op.to_string() }),
-        }
-        Ok(())
+        self.advance(node)
     }
+
+    /// The chain's value is now `node`'s output.
+    fn advance(&mut self, node: &NodeProto) -> Result<(), LowerError> {
+        match node.output.first() {
+            Some(out) if !out.is_empty() => {
+                self.current = out.clone();
+                Ok(())
+            }
+            _ => err(LowerError::NoOutput {
+                op: node.op_type.clone(),
+            }),
+        }
+    }
+
+    /// ONNX-ML `Scaler`: `(x - offset) * scale` per feature, a diagonal layer (merged with its
+    /// neighbours by [`merge_affine`]).
+    fn scaler(&mut self, node: &NodeProto) -> Result<(), LowerError> {
+        let floats = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map_or_else(Vec::new, |a| a.floats.clone())
+        };
+        let width = self.width;
+        let offset = broadcast_row(
+            &[floats("offset").len()],
+            &floats("offset"),
+            width,
+            "Scaler offset",
+        )
+        .or_else(|e| {
+            if floats("offset").is_empty() {
+                Ok(vec![0.0; width])
+            } else {
+                Err(e)
+            }
+        })?;
+        let scale = broadcast_row(
+            &[floats("scale").len()],
+            &floats("scale"),
+            width,
+            "Scaler scale",
+        )
+        .or_else(|e| {
+            if floats("scale").is_empty() {
+                Ok(vec![1.0; width])
+            } else {
+                Err(e)
+            }
+        })?;
+        let mut w = vec![0.0f32; width * width];
+        for i in 0..width {
+            w[i * width + i] = scale[i];
+        }
+        let bias: Vec<f32> = offset.iter().zip(&scale).map(|(o, s)| -o * s).collect();
+        self.dense(w, width, bias)
+    }
+
+    /// ONNX-ML `LinearRegressor`: `x · coefficientsᵀ + intercepts` (post_transform NONE), a
+    /// dense layer.
+    fn linear_regressor(&mut self, node: &NodeProto) -> Result<(), LowerError> {
+        let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        let post = attribute("post_transform").map_or(&b"NONE"[..], |a| a.s.as_slice());
+        if post != b"NONE" {
+            return err(LowerError::Unsupported {
+                op: "LinearRegressor",
+                rule: "with a post_transform",
+            });
+        }
+        let coefficients = attribute("coefficients").map_or_else(Vec::new, |a| a.floats.clone());
+        let targets = usize::try_from(attribute("targets").map_or(1, |a| a.i)).unwrap_or(0);
+        let width = self.width;
+        if targets == 0 || coefficients.len() != targets * width {
+            return err(LowerError::Width {
+                op: "LinearRegressor",
+                inputs: coefficients.len() / targets.max(1),
+                width,
+            });
+        }
+        let intercepts = attribute("intercepts").map_or_else(Vec::new, |a| a.floats.clone());
+        let bias = if intercepts.is_empty() {
+            vec![0.0; targets]
+        } else {
+            broadcast_row(
+                &[intercepts.len()],
+                &intercepts,
+                targets,
+                "LinearRegressor intercepts",
+            )?
+        };
+        // coefficients are [targets, inputs]; the layer's weights [inputs, outputs].
+        let mut w = vec![0.0f32; width * targets];
+        for j in 0..targets {
+            for i in 0..width {
+                w[i * targets + j] = coefficients[j * width + i];
+            }
+        }
+        self.dense(w, targets, bias)
+    }
+}
+
+/// The values of an int64 constant.
+fn int64_values(t: &TensorProto) -> Option<Vec<i64>> {
+    const ONNX_INT64: i32 = 7;
+    if t.data_type != ONNX_INT64 {
+        return None;
+    }
+    if !t.int64_data.is_empty() {
+        return Some(t.int64_data.clone());
+    }
+    Some(
+        t.raw_data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    )
+}
+
+/// Merges each layer without an activation into the layer after it (`(x·A + a)·B + b =
+/// x·(A·B) + (a·B + b)`), so a scaler in front of a network costs nothing at run time.
+fn merge_affine(layers: Vec<Dense>) -> Vec<Dense> {
+    let mut out: Vec<Dense> = Vec::with_capacity(layers.len());
+    for next in layers {
+        match out.last() {
+            // Only where it saves work (a scaler's diagonal in front of a layer; not a
+            // bottleneck between two wide layers).
+            Some(prev)
+                if prev.activation == Activation::Identity
+                    && prev.inputs * next.outputs
+                        <= prev.inputs * prev.outputs + prev.outputs * next.outputs =>
+            {
+                let prev = out.pop().expect("a last layer");
+                let (n, m, k) = (prev.inputs, prev.outputs, next.outputs);
+                let mut weights = vec![0.0f32; n * k];
+                for i in 0..n {
+                    let row = &mut weights[i * k..(i + 1) * k];
+                    for j in 0..m {
+                        let a = prev.weights[i * m + j];
+                        if a != 0.0 {
+                            let next_row = &next.weights[j * k..(j + 1) * k];
+                            row.iter_mut().zip(next_row).for_each(|(w, b)| *w += a * b);
+                        }
+                    }
+                }
+                let mut bias = next.bias.clone();
+                for j in 0..m {
+                    let next_row = &next.weights[j * k..(j + 1) * k];
+                    let a = prev.bias[j];
+                    bias.iter_mut().zip(next_row).for_each(|(b, w)| *b += a * w);
+                }
+                out.push(Dense {
+                    inputs: n,
+                    outputs: k,
+                    weights,
+                    bias,
+                    activation: next.activation,
+                });
+            }
+            _ => out.push(next),
+        }
+    }
+    out
 }
 
 fn scale_columns(layer: &mut Dense, s: &[f32]) {
@@ -578,7 +773,7 @@ pub fn lower_mlp(proto: &ModelProto, io: &ModelIo) -> Result<MlpPlan, LowerError
     }
     Ok(MlpPlan {
         input_width: io.input_width,
-        layers: chain.layers,
+        layers: merge_affine(chain.layers),
         input_activation: chain.input_activation,
     })
 }

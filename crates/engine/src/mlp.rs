@@ -33,7 +33,10 @@ impl Activation {
     fn apply(self, v: &mut [f32]) {
         match self {
             Self::Identity => {}
-            Self::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            // NaN stays NaN, as in ONNX (`max` would turn it into 0).
+            Self::Relu => v
+                .iter_mut()
+                .for_each(|x| *x = if *x < 0.0 { 0.0 } else { *x }),
             Self::LeakyRelu(a) => v
                 .iter_mut()
                 .for_each(|x| *x = if *x >= 0.0 { *x } else { a * *x }),

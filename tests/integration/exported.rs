@@ -1,6 +1,7 @@
-//! Tree ensembles as scikit-learn, LightGBM and XGBoost export them (the fixtures of
-//! `models/generate_trees.py`), served by the tree engine and compared with onnxruntime's
-//! answers (and the library's own predict) through the ring client and HTTP.
+//! Models as scikit-learn, LightGBM and XGBoost export them (the fixtures of
+//! `models/generate_exported.py`): tree ensembles on the tree engine, scaler pipelines on the
+//! MLP path, compared with onnxruntime's answers (and the library's own predict) through the
+//! ring client and HTTP.
 
 use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Priority};
@@ -20,7 +21,7 @@ fn number(v: &Value) -> f32 {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let dir = root().join("tests/fixtures/trees");
+    let dir = root().join("tests/fixtures/exported");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| {
@@ -29,7 +30,7 @@ fn fixtures() -> Vec<Fixture> {
         })
         .collect();
     names.sort();
-    assert!(names.len() >= 4, "{names:?}");
+    assert!(names.len() >= 6, "{names:?}");
     names
         .into_iter()
         .map(|name| {
@@ -61,12 +62,16 @@ fn fixtures() -> Vec<Fixture> {
 }
 
 fn close(got: f32, want: f32, tolerance: f32) -> bool {
+    if !want.is_finite() {
+        // NaN in, NaN out (the layout allows non-finite values), or an overflow.
+        return got.is_nan() == want.is_nan() && (want.is_nan() || got == want);
+    }
     (got - want).abs() <= tolerance * want.abs().max(1.0)
 }
 
 #[test]
-fn exported_tree_ensembles_answer_as_onnxruntime_does_through_the_ring_and_http() {
-    let server = TestServer::start_with(TEST_CONFIG, &root().join("tests/fixtures/trees"));
+fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
+    let server = TestServer::start_with(TEST_CONFIG, &root().join("tests/fixtures/exported"));
     let base = server.http();
     let (_, loaded) = get(&format!("{base}/api/v1/internal/inference/models/loaded"));
     for f in fixtures() {
@@ -76,7 +81,12 @@ fn exported_tree_ensembles_answer_as_onnxruntime_does_through_the_ring_and_http(
             .iter()
             .find(|m| m["model_name"] == f.model.as_str())
             .unwrap_or_else(|| panic!("{} not loaded: {loaded}", f.model));
-        assert_eq!(entry["engine"], "cpu-trees", "{entry}");
+        let engine = if f.model.starts_with("pipe_") {
+            "cpu-mlp"
+        } else {
+            "cpu-trees"
+        };
+        assert_eq!(entry["engine"], engine, "{entry}");
         let options = ConnectOptions {
             response_capacity: 32,
             request_capacity: 32,

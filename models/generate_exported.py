@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
-"""Generate the tree-ensemble fixtures: models trained and exported the way desks export
-them, with onnxruntime's answers (and the library's own predict) on rows chosen to hit the
-engine's edges.
+"""Generate the fixtures of exported models: trained and exported the way desks export them
+(tree ensembles, scaler pipelines), with onnxruntime's answers (and the library's own
+predict) on rows chosen to hit the engines' edges.
 
 What it writes (paths relative to the repository root):
 
-  tests/fixtures/trees/<model>/1/model.onnx   exported by the real exporters:
+  tests/fixtures/exported/<model>/1/model.onnx   exported by the real exporters:
       skl_gbr      scikit-learn GradientBoostingRegressor, 40 trees, depth 4     (skl2onnx)
       skl_rf2      scikit-learn RandomForestRegressor, 2 targets (AVERAGE)       (skl2onnx)
       lgbm         LightGBM LGBMRegressor, 60 trees, 15 leaves, NaN in training  (onnxmltools)
       xgb          XGBoost XGBRegressor, 60 trees, depth 4, NaN in training      (onnxmltools)
-  tests/fixtures/trees/<model>/config.toml    layout "trees10" (NaN allowed)
-  tests/fixtures/trees/<model>.json           inputs, onnxruntime's outputs, the library's
-  layouts/features/trees10.toml               10 features, non-finite values allowed
+      pipe_ridge   StandardScaler + Ridge (Scaler -> LinearRegressor)          (skl2onnx)
+      pipe_mlp     StandardScaler + MLPRegressor(32, 16) (Scaler -> MatMul/Add/Relu -> Reshape)
+  tests/fixtures/exported/<model>/config.toml    layout "exported10" (NaN allowed)
+  tests/fixtures/exported/<model>.json           inputs, onnxruntime's outputs, the library's
+  layouts/features/exported10.toml               10 features, non-finite values allowed
 
 Rows: 16 drawn from N(0, 1); rows with NaN in some or all features; rows of +-1e30; and
 rows whose features sit exactly on split thresholds of the model. Deterministic (fixed
 seeds). Run from the repository root:
 
-    pip install -r models/requirements-trees.txt
-    python3 models/generate_trees.py
+    pip install -r models/requirements-exported.txt
+    python3 models/generate_exported.py
 """
 
 import json
@@ -34,9 +36,13 @@ from onnxmltools import convert_lightgbm, convert_xgboost
 from onnxmltools.convert.common.data_types import FloatTensorType
 from skl2onnx import to_onnx
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+from sklearn.linear_model import Ridge
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "tests" / "fixtures" / "trees"
+OUT = ROOT / "tests" / "fixtures" / "exported"
 FEATURES = 10
 
 
@@ -50,8 +56,11 @@ def training_data(seed, nan_fraction):
 
 
 def thresholds(model):
-    """(feature, threshold) of the branch nodes of the exported ensemble."""
-    (node,) = [n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor"]
+    """(feature, threshold) of the branch nodes of the exported ensemble (none for others)."""
+    nodes = [n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor"]
+    if not nodes:
+        return []
+    (node,) = nodes
     attrs = {a.name: a for a in node.attribute}
     features = list(attrs["nodes_featureids"].ints)
     values = list(attrs["nodes_values"].floats)
@@ -105,10 +114,18 @@ def main():
     xg = xgb.XGBRegressor(n_estimators=60, max_depth=4, random_state=0)
     xg.fit(x_nan, y_nan)
     models.append(("xgb", xg, convert_xgboost(xg, initial_types=initial, target_opset=15)))
+    ridge = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+    ridge.fit(x_clean * 3.0 + 1.0, y)
+    models.append(("pipe_ridge", ridge, to_onnx(ridge, x_clean[:1], target_opset={"": 17, "ai.onnx.ml": 3})))
+    mlp = make_pipeline(
+        StandardScaler(), MLPRegressor(hidden_layer_sizes=(32, 16), max_iter=400, random_state=0)
+    )
+    mlp.fit(x_clean * 3.0 + 1.0, y)
+    models.append(("pipe_mlp", mlp, to_onnx(mlp, x_clean[:1], target_opset={"": 17, "ai.onnx.ml": 3})))
 
-    (ROOT / "layouts" / "features" / "trees10.toml").write_text(
-        "# 10 features for the tree fixtures (models/generate_trees.py); NaN marks a missing value.\n"
-        'name = "trees10"\ndtype = "f32"\nallow_non_finite = true\n'
+    (ROOT / "layouts" / "features" / "exported10.toml").write_text(
+        "# 10 features of the exported-model fixtures (models/generate_exported.py); NaN marks a missing value.\n"
+        'name = "exported10"\ndtype = "f32"\nallow_non_finite = true\n'
         "features = [" + ", ".join(f'"f{i}"' for i in range(FEATURES)) + "]\n"
     )
     for seed, (name, estimator, model) in enumerate(models, start=100):
@@ -117,10 +134,10 @@ def main():
         version.mkdir(parents=True, exist_ok=True)
         path = version / "model.onnx"
         onnx.save(model, path)
-        (OUT / name / "config.toml").write_text('layout = "trees10"\n')
+        (OUT / name / "config.toml").write_text('layout = "exported10"\n')
         x = rows_for(model, seed)
         expected = onnxruntime_outputs(path, x)
-        # scikit-learn's trees take no NaN: their rows with one have no library answer.
+        # scikit-learn takes no NaN: its models' rows with one have no library answer.
         nan_ok = name in ("lgbm", "xgb")
         library = [
             floats(np.asarray(estimator.predict(r[None, :]), dtype=np.float32).reshape(-1))

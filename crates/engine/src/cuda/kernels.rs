@@ -69,7 +69,7 @@ fn activation(act: Activation, v: &str) -> String {
     match act {
         Activation::Identity => v.to_string(),
         // NaN stays NaN, as in ONNX (fmaxf would turn it into 0).
-        Activation::Relu => format!("({v} < 0.0f ? 0.0f : {v})"),
+        Activation::Relu => format!("(({v}) < 0.0f ? 0.0f : ({v}))"),
         Activation::LeakyRelu(a) => format!("(({v}) >= 0.0f ? ({v}) : {a:e}f * ({v}))"),
         Activation::Sigmoid => format!("(1.0f / (1.0f + expf(-({v}))))"),
         Activation::Tanh => format!("tanhf({v})"),

@@ -62,6 +62,14 @@ fn repository() -> std::path::PathBuf {
     onnx::install(&repo, "gru", &gru_window());
     add_version(&repo, "identity", 1, "badconfig", 1);
     std::fs::write(repo.join("badconfig/config.toml"), "layuot = \"x\"\n").unwrap();
+    // An ONNX-ML op no engine runs.
+    let mut normalizer = onnx::node("Normalizer", &["x"], "y");
+    normalizer.domain = "ai.onnx.ml".into();
+    onnx::install(
+        &repo,
+        "normalizer",
+        &onnx::model(vec![normalizer], vec![], 4, 4),
+    );
     repo
 }
 
@@ -69,6 +77,7 @@ fn repository() -> std::path::PathBuf {
 fn a_model_that_panics_while_loading_stops_start_up_by_default_with_its_file_named() {
     let repo = repository();
     std::fs::remove_dir_all(repo.join("badconfig")).unwrap();
+    std::fs::remove_dir_all(repo.join("normalizer")).unwrap();
     let dir = scratch_dir("exit-on-error");
     // The config says go on; the flag, given last, says stop.
     std::fs::write(
@@ -160,6 +169,13 @@ fn with_exit_on_error_off_the_others_serve_and_the_failed_ones_are_listed() {
             .as_str()
             .is_some_and(|r| r.contains("layuot")),
         "{bad}"
+    );
+    let normalizer = entry("normalizer:1");
+    assert!(
+        normalizer["not_ready_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("op Normalizer of domain ai.onnx.ml")),
+        "{normalizer}"
     );
     let (code, ready) = get(&format!("{base}/health/ready"));
     assert_eq!(code, 503, "{ready}");

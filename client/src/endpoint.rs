@@ -100,6 +100,28 @@ pub fn trusted_server_uid(uid: Option<u32>) -> Result<Option<u32>, String> {
     }
 }
 
+/// Whether a server running as `server_uid` may be talked to: this process's effective uid,
+/// root, or `trusted` (see [`trusted_server_uid`]).
+///
+/// # Errors
+/// [`crate::ConnectError::UntrustedServer`] naming both uids and `path`.
+pub fn check_server_uid(
+    path: &Path,
+    server_uid: u32,
+    trusted: Option<u32>,
+) -> Result<(), crate::ConnectError> {
+    let own_uid = rustix::process::geteuid().as_raw();
+    if server_uid == own_uid || server_uid == 0 || Some(server_uid) == trusted {
+        return Ok(());
+    }
+    Err(crate::ConnectError::UntrustedServer {
+        path: path.to_path_buf(),
+        server_uid,
+        own_uid,
+        trusted,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

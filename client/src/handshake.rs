@@ -127,17 +127,7 @@ pub(crate) fn check_server(
         op: "read the server's credentials (SO_PEERCRED)",
         source: e.into(),
     })?;
-    let server_uid = cred.uid.as_raw();
-    let own_uid = rustix::process::geteuid().as_raw();
-    if server_uid == own_uid || server_uid == 0 || Some(server_uid) == trusted {
-        return Ok(());
-    }
-    Err(ConnectError::UntrustedServer {
-        path: path.to_path_buf(),
-        server_uid,
-        own_uid,
-        trusted,
-    })
+    crate::endpoint::check_server_uid(path, cred.uid.as_raw(), trusted)
 }
 
 /// Reads exactly `buf.len()` bytes, keeping the first fd passed with them (others are closed).

@@ -118,20 +118,19 @@ fn post_unix(socket: &Path, path: &str, token: Option<&str>) -> anyhow::Result<(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let reach = || format!("cannot reach the server's control plane at {}", socket.display());
+        let reach = || {
+            format!(
+                "cannot reach the server's control plane at {}",
+                socket.display()
+            )
+        };
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .with_context(reach)?;
+        // The token goes to no one this command does not trust, as a ring client would.
         let server_uid = stream.peer_cred().with_context(reach)?.uid();
-        let own_uid = rustix::process::geteuid().as_raw();
         let trusted = tie_client::endpoint::trusted_server_uid(None).map_err(anyhow::Error::msg)?;
-        if server_uid != own_uid && server_uid != 0 && Some(server_uid) != trusted {
-            anyhow::bail!(
-                "the process at {} runs as uid {server_uid}; this command trusts only its own uid {own_uid}, root{}: refusing to send it anything (set TIE_SERVER_UID to the server's uid if it is the one to trust)",
-                socket.display(),
-                trusted.map_or(String::new(), |u| format!(" and uid {u}"))
-            );
-        }
+        tie_client::endpoint::check_server_uid(socket, server_uid, trusted)?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await

@@ -497,8 +497,20 @@ pub(super) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>
     matches!(sent, Ok(n) if n == bytes.len())
 }
 
+/// Whether a peer with these credentials may connect: the server's own user, or a member of
+/// `allowed_gid` (primary, or supplementary as /proc says of `pid`).
+pub(crate) fn peer_allowed(
+    uid: u32,
+    gid: u32,
+    pid: Option<rustix::process::Pid>,
+    allowed_gid: Option<u32>,
+) -> bool {
+    uid == rustix::process::geteuid().as_raw()
+        || allowed_gid.is_some_and(|g| gid == g || pid.is_some_and(|p| peer_in_group(p, g)))
+}
+
 /// Whether process `pid` has `gid` among its supplementary groups (from /proc).
-pub(crate) fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
+fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero()));
     status.is_ok_and(|s| {
         s.lines()

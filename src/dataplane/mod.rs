@@ -24,7 +24,7 @@ mod server;
 mod session;
 mod socket_file;
 
-pub(crate) use listener::peer_in_group;
+pub(crate) use listener::peer_allowed;
 pub use poller::{
     confidence, confidence_from_uncertainty, row_confidence, IdlePolicy, SharedStats, WorkerStats,
 };

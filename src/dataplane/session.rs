@@ -17,7 +17,7 @@ use tie_layouts::hello::{
 };
 
 use super::listener::{
-    peer_in_group, refuse, send_with_fd, serve_inspector, ListenerContext, OpenSession, Sessions,
+    peer_allowed, refuse, send_with_fd, serve_inspector, ListenerContext, OpenSession, Sessions,
 };
 use super::poller::NewSession;
 use super::SessionLink;
@@ -160,10 +160,12 @@ fn authorize(ctx: &ListenerContext, stream: &UnixStream) -> Result<UCred, Refusa
         tracing::warn!(error = %e, "cannot read peer credentials");
         Refusal::Dropped
     })?;
-    let allowed = cred.uid == rustix::process::geteuid()
-        || ctx
-            .allowed_gid
-            .is_some_and(|g| cred.gid.as_raw() == g || peer_in_group(cred.pid, g));
+    let allowed = peer_allowed(
+        cred.uid.as_raw(),
+        cred.gid.as_raw(),
+        Some(cred.pid),
+        ctx.allowed_gid,
+    );
     if !allowed {
         tracing::warn!(
             pid = cred.pid.as_raw_nonzero().get(),

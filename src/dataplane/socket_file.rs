@@ -144,7 +144,9 @@ pub(crate) fn open_socket_dir(
         check_ancestors(dir, euid)?;
         let real = std::fs::canonicalize(parent)
             .map_err(|e| unsafe_dir(dir, format!("cannot resolve {}: {e}", parent.display())))?;
-        check_ancestors(&real.join(dir.file_name().unwrap_or_default()), euid)?;
+        if real != parent {
+            check_ancestors(&real.join(dir.file_name().unwrap_or_default()), euid)?;
+        }
     }
     let created = match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
         Ok(()) => true,

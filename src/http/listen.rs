@@ -161,14 +161,10 @@ async fn accept(listener: &Listener) -> std::io::Result<Option<Io>> {
             ..
         } => {
             let (stream, _) = listener.accept().await?;
+            // The ring socket's rule.
             let admitted = stream.peer_cred().is_ok_and(|c| {
-                c.uid() == rustix::process::geteuid().as_raw()
-                    || allowed_gid.is_some_and(|g| {
-                        c.gid() == g
-                            || c.pid()
-                                .and_then(rustix::process::Pid::from_raw)
-                                .is_some_and(|p| crate::dataplane::peer_in_group(p, g))
-                    })
+                let pid = c.pid().and_then(rustix::process::Pid::from_raw);
+                crate::dataplane::peer_allowed(c.uid(), c.gid(), pid, *allowed_gid)
             });
             Ok(admitted.then(|| TokioIo::new(Box::new(stream) as Box<dyn Stream>)))
         }

@@ -556,14 +556,16 @@ pub fn load_version(
             )));
         }
     }
-    let mut model = load_model(
-        &plan.name,
-        version,
-        file,
-        &plan.config,
-        version == plan.default_version,
-        options,
-    )?;
+    let mut model = catch_load_panic(&plan.name, version, file, || {
+        load_model(
+            &plan.name,
+            version,
+            file,
+            &plan.config,
+            version == plan.default_version,
+            options,
+        )
+    })?;
     // The file read at the start is the one that was built.
     let after = sha256_file(file)?;
     if after != checksum {
@@ -734,20 +736,15 @@ impl Loading<'_> {
     }
 }
 
-/// [`load_model_inner`], with a panic anywhere in it (tract's, a driver's) caught and
-/// reported as this version's load error, naming the file: it never takes the server down.
-fn load_model(
+/// Runs `load`, with a panic anywhere in it (tract's, a driver's) caught and reported as the
+/// load error of version `version` of `name`, naming its file: it never takes the server down.
+fn catch_load_panic<T>(
     name: &str,
     version: u32,
     file: &Path,
-    config: &ModelConfig,
-    is_default: bool,
-    options: &LoadOptions,
-) -> Result<LoadedModel, RepositoryLoadError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        load_model_inner(name, version, file, config, is_default, options)
-    }))
-    .unwrap_or_else(|payload| {
+    load: impl FnOnce() -> Result<T, RepositoryLoadError>,
+) -> Result<T, RepositoryLoadError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|payload| {
         let message = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -765,7 +762,7 @@ fn load_model(
     })
 }
 
-fn load_model_inner(
+fn load_model(
     name: &str,
     version: u32,
     file: &Path,

@@ -3,12 +3,11 @@
 //! serve.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use tie_client::Client;
 
 use crate::common::onnx;
-use crate::common::{add_version, get, root, scratch_dir, TestServer, TEST_CONFIG};
+use crate::common::{add_version, fails_within, get, root, scratch_dir, TestServer, TEST_CONFIG};
 
 /// A GRU over a window of 8 steps of 4 features (`Reshape → Transpose → GRU → Squeeze →
 /// Gemm`, batch dimension symbolic): tract 0.23 panics while building it
@@ -89,37 +88,22 @@ fn a_model_that_panics_while_loading_stops_start_up_by_default_with_its_file_nam
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tie"))
-        .current_dir(root())
-        .args(["serve", "--config"])
-        .arg(dir.join("tie.toml"))
-        .arg("--model-repository")
-        .arg(&repo)
-        .args([
-            "--http-addr",
-            "127.0.0.1:0",
-            "--exit-on-error",
-            "true",
-            "--socket-dir",
-        ])
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("tie serve started with a model that cannot load");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = fails_within(
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(root())
+            .args(["serve", "--config"])
+            .arg(dir.join("tie.toml"))
+            .arg("--model-repository")
+            .arg(&repo)
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--exit-on-error",
+                "true",
+                "--socket-dir",
+            ])
+            .arg(&dir),
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
     let file = repo.join("gru/1/model.onnx");
     assert!(

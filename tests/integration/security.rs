@@ -14,8 +14,8 @@ use tie_client::{Client, ConnectError, ConnectOptions};
 
 use crate::common::onnx;
 use crate::common::{
-    add_version, eventually, get, inference_request, post, post_empty, root, scratch_dir, skip,
-    Need, TestServer, TEST_CONFIG,
+    add_version, eventually, fails_within, get, inference_request, post, post_empty, root,
+    scratch_dir, skip, Need, TestServer, TEST_CONFIG,
 };
 
 const NOBODY: u32 = 65534;
@@ -29,42 +29,11 @@ fn config_with(extra: &str) -> String {
     TEST_CONFIG.replacen("[server]\n", &format!("[server]\n{extra}\n"), 1)
 }
 
-/// Runs `cmd` expecting it to fail within 60 s (a server that starts instead is killed and
-/// the test fails); its stderr.
-fn fails_within(cmd: &mut Command) -> String {
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("it started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert!(!status.success(), "{stderr}");
-    stderr
-}
-
 /// Runs `tie serve` with `socket_dir`, expecting it to refuse to start; its stderr.
 fn serve_refused(socket_dir: &Path, extra_args: &[&str]) -> String {
     let dir = scratch_dir("refused");
     std::fs::write(dir.join("tie.toml"), config_with("")).unwrap();
-    fails_within(
+    let (_, stderr) = fails_within(
         Command::new(env!("CARGO_BIN_EXE_tie"))
             .current_dir(root())
             .args(["serve", "--config"])
@@ -75,7 +44,8 @@ fn serve_refused(socket_dir: &Path, extra_args: &[&str]) -> String {
             .arg("--socket-dir")
             .arg(socket_dir)
             .args(extra_args),
-    )
+    );
+    stderr
 }
 
 #[test]
@@ -515,7 +485,7 @@ fn a_descriptor_limit_too_low_for_max_sessions_is_refused_with_the_numbers() {
     let dir = scratch_dir("nofile");
     std::fs::write(dir.join("tie.toml"), config_with("max_sessions = 1024")).unwrap();
     let script = "ulimit -n 512 && exec \"$0\" \"$@\"";
-    let stderr = fails_within(
+    let (_, stderr) = fails_within(
         Command::new("sh")
             .args(["-c", script])
             .arg(env!("CARGO_BIN_EXE_tie"))

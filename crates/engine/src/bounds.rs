@@ -17,31 +17,55 @@ const ONNX_FLOAT: i32 = 1;
 const ONNX_INT64: i32 = 7;
 const ONNX_DOUBLE: i32 = 11;
 
-/// The values of a constant tensor as numbers (integers and floats), when it holds them.
-fn values(t: &TensorProto) -> Option<Vec<f64>> {
-    let raw = |size: usize| !t.raw_data.is_empty() && t.raw_data.len().is_multiple_of(size);
+/// The raw bytes of `t` in `size`-byte little-endian elements (`None` when they do not divide).
+fn raw_chunks(t: &TensorProto, size: usize) -> Option<std::slice::ChunksExact<'_, u8>> {
+    t.raw_data
+        .len()
+        .is_multiple_of(size)
+        .then(|| t.raw_data.chunks_exact(size))
+}
+
+/// The values of an INT64 constant tensor.
+pub(crate) fn int64s(t: &TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != ONNX_INT64 {
+        return None;
+    }
+    if !t.int64_data.is_empty() {
+        return Some(t.int64_data.clone());
+    }
+    Some(
+        raw_chunks(t, 8)?
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    )
+}
+
+/// The values of a FLOAT or DOUBLE constant tensor.
+pub(crate) fn floats(t: &TensorProto) -> Option<Vec<f64>> {
     match t.data_type {
-        ONNX_INT64 if !t.int64_data.is_empty() => {
-            Some(t.int64_data.iter().map(|&v| v as f64).collect())
-        }
-        ONNX_INT64 if raw(8) => Some(
-            t.raw_data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
-                .collect(),
-        ),
         ONNX_FLOAT if !t.float_data.is_empty() => {
             Some(t.float_data.iter().map(|&v| f64::from(v)).collect())
         }
-        ONNX_FLOAT if raw(4) => Some(
-            t.raw_data
-                .chunks_exact(4)
+        ONNX_FLOAT => Some(
+            raw_chunks(t, 4)?
                 .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
                 .collect(),
         ),
         ONNX_DOUBLE if !t.double_data.is_empty() => Some(t.double_data.clone()),
+        ONNX_DOUBLE => Some(
+            raw_chunks(t, 8)?
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ),
         _ => None,
     }
+}
+
+/// The values of a constant tensor as numbers (integers and floats), when it holds them.
+fn values(t: &TensorProto) -> Option<Vec<f64>> {
+    int64s(t)
+        .map(|v| v.into_iter().map(|v| v as f64).collect())
+        .or_else(|| floats(t))
 }
 
 /// Bytes of one element of ONNX data type `code` (4 where unknown).

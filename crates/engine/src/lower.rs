@@ -550,7 +550,7 @@ impl<'a> Chain<'a> {
                     .input
                     .get(1)
                     .and_then(|n| self.constants.get(n.as_str()))
-                    .and_then(|t| int64_values(t));
+                    .and_then(|t| crate::bounds::int64s(t));
                 let keeps = matches!(shape.as_deref(), Some([b, w]) if (*b == -1 || *b == 0) && *w == self.width as i64);
                 if !keeps {
                     return err(LowerError::Unsupported {
@@ -591,32 +591,17 @@ impl<'a> Chain<'a> {
                 .map_or_else(Vec::new, |a| a.floats.clone())
         };
         let width = self.width;
-        let offset = broadcast_row(
-            &[floats("offset").len()],
-            &floats("offset"),
-            width,
-            "Scaler offset",
-        )
-        .or_else(|e| {
-            if floats("offset").is_empty() {
-                Ok(vec![0.0; width])
+        // Per feature, or one value for all; absent: `fill`.
+        let per_feature = |name: &str, fill: f32| {
+            let v = floats(name);
+            if v.is_empty() {
+                Ok(vec![fill; width])
             } else {
-                Err(e)
+                broadcast_row(&[v.len()], &v, width, &format!("Scaler {name}"))
             }
-        })?;
-        let scale = broadcast_row(
-            &[floats("scale").len()],
-            &floats("scale"),
-            width,
-            "Scaler scale",
-        )
-        .or_else(|e| {
-            if floats("scale").is_empty() {
-                Ok(vec![1.0; width])
-            } else {
-                Err(e)
-            }
-        })?;
+        };
+        let offset = per_feature("offset", 0.0)?;
+        let scale = per_feature("scale", 1.0)?;
         let mut w = vec![0.0f32; width * width];
         for i in 0..width {
             w[i * width + i] = scale[i];
@@ -666,23 +651,6 @@ impl<'a> Chain<'a> {
         }
         self.dense(w, targets, bias)
     }
-}
-
-/// The values of an int64 constant.
-fn int64_values(t: &TensorProto) -> Option<Vec<i64>> {
-    const ONNX_INT64: i32 = 7;
-    if t.data_type != ONNX_INT64 {
-        return None;
-    }
-    if !t.int64_data.is_empty() {
-        return Some(t.int64_data.clone());
-    }
-    Some(
-        t.raw_data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect(),
-    )
 }
 
 /// Merges each layer without an activation into the layer after it (`(x·A + a)·B + b =

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
 
 use crate::{Backend, BackendError, BackendInfo, BackendLoadError, ModelIo};
 
@@ -130,35 +130,11 @@ impl<'a> Attributes<'a> {
             .get(format!("{name}_as_tensor").as_str())
             .and_then(|a| a.t.as_ref())
         {
-            Some(t) => tensor_values(t).ok_or_else(|| {
+            Some(t) => crate::bounds::floats(t).ok_or_else(|| {
                 unsupported(format!("{name}_as_tensor is not a float or double tensor"))
             }),
             None => Ok(Vec::new()),
         }
-    }
-}
-
-fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
-    const FLOAT: i32 = 1;
-    const DOUBLE: i32 = 11;
-    match t.data_type {
-        FLOAT if !t.float_data.is_empty() => {
-            Some(t.float_data.iter().map(|&v| f64::from(v)).collect())
-        }
-        FLOAT => Some(
-            t.raw_data
-                .chunks_exact(4)
-                .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
-                .collect(),
-        ),
-        DOUBLE if !t.double_data.is_empty() => Some(t.double_data.clone()),
-        DOUBLE => Some(
-            t.raw_data
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect(),
-        ),
-        _ => None,
     }
 }
 

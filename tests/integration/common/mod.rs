@@ -258,6 +258,32 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Runs `cmd` (a `tie serve` that must refuse to start) expecting it to fail within 60 s: one
+/// that starts instead is killed and the test fails. Its exit status and stderr.
+pub fn fails_within(cmd: &mut Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("it started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    (status, stderr)
+}
+
 /// Waits until `f` holds, for at most `limit`; returns whether it did.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let started = Instant::now();

@@ -12,8 +12,22 @@ What it writes (paths relative to the repository root):
       xgb          XGBoost XGBRegressor, 60 trees, depth 4, NaN in training      (onnxmltools)
       pipe_ridge   StandardScaler + Ridge (Scaler -> LinearRegressor)          (skl2onnx)
       pipe_mlp     StandardScaler + MLPRegressor(32, 16) (Scaler -> MatMul/Add/Relu -> Reshape)
+      skl_gbc2     scikit-learn GradientBoostingClassifier, 2 classes (label + ZipMap)
+      skl_rfc5     scikit-learn RandomForestClassifier, 5 classes (zipmap=False)
+      lgbm_c2      LightGBM LGBMClassifier, 2 classes (label + ZipMap)    (onnxmltools)
+      lgbm_c5      LightGBM LGBMClassifier, 5 classes (label + ZipMap)    (onnxmltools)
+      xgb_c2       XGBoost XGBClassifier, 2 classes                        (onnxmltools)
+      xgb_c5       XGBoost XGBClassifier, 5 classes                        (onnxmltools)
+  tests/fixtures/exported/<model>/1/model.txt    LightGBM's own file (Booster.save_model):
+      lgbm_native     the lgbm regressor;  lgbm_native_c5  the 5-class classifier
+  tests/fixtures/exported/<model>/1/model.json   XGBoost's own file (save_model):
+      xgb_native      the xgb regressor;   xgb_native_c2   the 2-class classifier
   tests/fixtures/exported/<model>/config.toml    layout "exported10" (NaN allowed)
-  tests/fixtures/exported/<model>.json           inputs, onnxruntime's outputs, the library's
+  tests/fixtures/exported/<model>.json           inputs, the oracle's outputs (onnxruntime's
+                                                 for ONNX files, Booster.predict's for the
+                                                 native ones), the library's own predict
+  tests/fixtures/random_trees.json               random ensembles of the three tree ops with
+                                                 onnxruntime's answers (random_trees.py)
   layouts/features/exported10.toml               10 features, non-finite values allowed
 
 Rows: 16 drawn from N(0, 1); rows with NaN in some or all features; rows of +-1e30; and
@@ -35,11 +49,18 @@ import xgboost as xgb
 from onnxmltools import convert_lightgbm, convert_xgboost
 from onnxmltools.convert.common.data_types import FloatTensorType
 from skl2onnx import to_onnx
-from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    GradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
 from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from random_trees import random_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "exported"
@@ -57,7 +78,9 @@ def training_data(seed, nan_fraction):
 
 def thresholds(model):
     """(feature, threshold) of the branch nodes of the exported ensemble (none for others)."""
-    nodes = [n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor"]
+    if model is None:
+        return []
+    nodes = [n for n in model.graph.node if n.op_type.startswith("TreeEnsemble")]
     if not nodes:
         return []
     (node,) = nodes
@@ -84,10 +107,21 @@ def rows_for(model, seed):
 
 
 def onnxruntime_outputs(path, x):
+    """The regressor's output, or the classifier's probability tensor (what ZipMap reads)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    (out,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    model = onnx.load(path)
+    tree = [n for n in model.graph.node if n.op_type.startswith("TreeEnsembleClassifier")]
+    if tree:
+        # Ask for the tensor before ZipMap: add it as a graph output.
+        name = tree[0].output[1]
+        if name not in [o.name for o in model.graph.output]:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        wanted = [name]
+    else:
+        wanted = [model.graph.output[0].name]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(wanted, {sess.get_inputs()[0].name: x})
     return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
 
 
@@ -123,6 +157,31 @@ def main():
     mlp.fit(x_clean * 3.0 + 1.0, y)
     models.append(("pipe_mlp", mlp, to_onnx(mlp, x_clean[:1], target_opset={"": 17, "ai.onnx.ml": 3})))
 
+    y2c = (y > np.median(y)).astype(int)
+    y5c = np.digitize(y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
+    skl = {"": 17, "ai.onnx.ml": 3}
+    gbc = GradientBoostingClassifier(n_estimators=30, max_depth=3, random_state=0).fit(x_clean, y2c)
+    models.append(("skl_gbc2", gbc, to_onnx(gbc, x_clean[:1], target_opset=skl)))
+    rfc = RandomForestClassifier(n_estimators=10, max_depth=5, random_state=0).fit(x_clean, y5c)
+    models.append(("skl_rfc5", rfc, to_onnx(rfc, x_clean[:1], target_opset=skl, options={"zipmap": False})))
+    y2n = (y_nan > np.median(y_nan)).astype(int)
+    y5n = np.digitize(y_nan, np.quantile(y_nan, [0.2, 0.4, 0.6, 0.8]))
+    lgc2 = lgb.LGBMClassifier(n_estimators=40, num_leaves=15, random_state=0, verbose=-1).fit(x_nan, y2n)
+    models.append(("lgbm_c2", lgc2, convert_lightgbm(lgc2, initial_types=initial, target_opset=15)))
+    lgc5 = lgb.LGBMClassifier(n_estimators=20, num_leaves=15, random_state=0, verbose=-1).fit(x_nan, y5n)
+    models.append(("lgbm_c5", lgc5, convert_lightgbm(lgc5, initial_types=initial, target_opset=15)))
+    xgc2 = xgb.XGBClassifier(n_estimators=40, max_depth=4, random_state=0).fit(x_nan, y2n)
+    models.append(("xgb_c2", xgc2, convert_xgboost(xgc2, initial_types=initial, target_opset=15)))
+    xgc5 = xgb.XGBClassifier(n_estimators=20, max_depth=4, random_state=0).fit(x_nan, y5n)
+    models.append(("xgb_c5", xgc5, convert_xgboost(xgc5, initial_types=initial, target_opset=15)))
+    # The libraries' own files: answers are Booster.predict's.
+    natives = [
+        ("lgbm_native", "model.txt", lambda p: lg.booster_.save_model(str(p)), lambda x: lg.booster_.predict(x)),
+        ("lgbm_native_c5", "model.txt", lambda p: lgc5.booster_.save_model(str(p)), lambda x: lgc5.booster_.predict(x)),
+        ("xgb_native", "model.json", lambda p: xg.get_booster().save_model(str(p)), lambda x: xg.get_booster().predict(xgb.DMatrix(x))),
+        ("xgb_native_c2", "model.json", lambda p: xgc2.get_booster().save_model(str(p)), lambda x: xgc2.get_booster().predict(xgb.DMatrix(x))),
+    ]
+
     (ROOT / "layouts" / "features" / "exported10.toml").write_text(
         "# 10 features of the exported-model fixtures (models/generate_exported.py); NaN marks a missing value.\n"
         'name = "exported10"\ndtype = "f32"\nallow_non_finite = true\n'
@@ -138,9 +197,10 @@ def main():
         x = rows_for(model, seed)
         expected = onnxruntime_outputs(path, x)
         # scikit-learn takes no NaN: its models' rows with one have no library answer.
-        nan_ok = name in ("lgbm", "xgb")
+        nan_ok = not name.startswith(("skl_", "pipe_"))
+        predict = estimator.predict_proba if hasattr(estimator, "predict_proba") else estimator.predict
         library = [
-            floats(np.asarray(estimator.predict(r[None, :]), dtype=np.float32).reshape(-1))
+            floats(np.asarray(predict(r[None, :]), dtype=np.float32).reshape(-1))
             if nan_ok or not np.isnan(r).any()
             else None
             for r in x
@@ -148,11 +208,31 @@ def main():
         fixture = {
             "model": name,
             "inputs": [floats(r) for r in x],
-            "onnxruntime": [floats(r) for r in expected],
+            "oracle": "onnxruntime",
+            "expected": [floats(r) for r in expected],
             "library": library,
         }
         (OUT / f"{name}.json").write_text(json.dumps(fixture, indent=0) + "\n")
         print(name, [n.op_type for n in model.graph.node], expected.shape)
+    for seed, (name, file, save, predict) in enumerate(natives, start=200):
+        version = OUT / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        save(version / file)
+        (OUT / name / "config.toml").write_text('layout = "exported10"\n')
+        x = rows_for(None, seed)
+        expected = np.asarray(predict(x), dtype=np.float32).reshape(len(x), -1)
+        fixture = {
+            "model": name,
+            "inputs": [floats(r) for r in x],
+            "oracle": "Booster.predict",
+            "expected": [floats(r) for r in expected],
+            "library": [floats(r) for r in expected],
+        }
+        (OUT / f"{name}.json").write_text(json.dumps(fixture, indent=0) + "\n")
+        print(name, file, expected.shape)
+    cases = random_cases()
+    (ROOT / "tests" / "fixtures" / "random_trees.json").write_text(json.dumps(cases) + "\n")
+    print("random_trees", len(cases))
 
 
 if __name__ == "__main__":

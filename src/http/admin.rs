@@ -89,8 +89,9 @@ pub(super) fn model_info(
 ) -> LoadedModelInfo {
     let info = m.backend.info();
     let largest = m.batch.largest_batch() as i32;
-    let spec = |name: &str, width: usize| TensorSpec {
+    let spec = |name: &str, width: usize, description: Option<&String>| TensorSpec {
         name: name.to_string(),
+        description: description.cloned(),
         data_type: "Float32".into(),
         shape: vec![-1, width as i32],
         is_dynamic: true,
@@ -112,8 +113,12 @@ pub(super) fn model_info(
         architecture: info.architecture.clone(),
         inference_device: info.device.clone(),
         engine: info.engine.to_string(),
-        input_specs: vec![spec(&info.io.input_name, info.io.input_width)],
-        output_specs: vec![spec(&info.io.output_name, info.io.output_width)],
+        input_specs: vec![spec(&info.io.input_name, info.io.input_width, None)],
+        output_specs: vec![spec(
+            &info.io.output_name,
+            info.io.output_width,
+            info.io.output_note.as_ref(),
+        )],
         layout: m.layout.name.clone(),
         layout_hash: format!("{:016x}", m.layout_hash),
         feature_names: m.layout.features.clone(),

@@ -375,6 +375,10 @@ pub struct InferenceRequest {
 pub struct TensorSpec {
     /// The graph's tensor name.
     pub name: String,
+    /// What the tensor is, where its name does not say it (a classifier's class
+    /// probabilities served in place of its ZipMap, a native tree file's answer).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
     /// `Float32`.
     pub data_type: String,
     /// `[-1, width]`: any batch size.

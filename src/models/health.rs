@@ -268,6 +268,7 @@ mod tests {
                 input_width: 3,
                 output_name: "y".into(),
                 output_width: 1,
+                output_note: None,
             },
             architecture: "test".into(),
             device: "cpu".into(),

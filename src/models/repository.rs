@@ -1,4 +1,5 @@
-//! The model repository: `<repo>/<name>/<version>/model.onnx`, an optional
+//! The model repository: `<repo>/<name>/<version>/model.onnx` (or LightGBM's `model.txt`,
+//! XGBoost's `model.json`), an optional
 //! `<repo>/<name>/config.toml`, and loading of what it holds.
 #![forbid(unsafe_code)]
 
@@ -116,7 +117,7 @@ pub enum RepositoryLoadError {
         /// The repository.
         path: PathBuf,
     },
-    /// The repository has no model of that name (or none with a `<version>/model.onnx`).
+    /// The repository has no model of that name (or none with a `<version>/` model file).
     #[error("no model {model} in repository {}", path.display())]
     UnknownModel {
         /// The model.
@@ -234,8 +235,12 @@ fn version_number(name: &str) -> Result<u32, &'static str> {
     }
 }
 
-/// The versions of model directory `dir` with a `model.onnx` file; every other entry is
-/// skipped (with a WARN naming it and why, unless `skipped` is quiet).
+/// The files a version directory may hold its model in: ONNX, LightGBM's text model,
+/// XGBoost's JSON model.
+pub const MODEL_FILES: [&str; 3] = ["model.onnx", "model.txt", "model.json"];
+
+/// The versions of model directory `dir` with one model file ([`MODEL_FILES`]); every other
+/// entry is skipped (with a WARN naming it and why, unless `skipped` is quiet).
 fn present_versions(
     dir: &Path,
     skipped: Skipped,
@@ -261,18 +266,23 @@ fn present_versions(
                 continue;
             }
         };
-        let file = p.join("model.onnx");
-        if file.is_file() {
-            present.push((version, file));
-        } else if !p.is_dir() {
-            skip(&p, "not a directory");
-        } else if file.exists() {
-            skip(&file, "model.onnx is not a file");
-        } else {
-            skip(
+        let files: Vec<PathBuf> = MODEL_FILES
+            .iter()
+            .map(|f| p.join(f))
+            .filter(|f| f.exists())
+            .collect();
+        match files.as_slice() {
+            [file] if file.is_file() => present.push((version, file.clone())),
+            _ if !p.is_dir() => skip(&p, "not a directory"),
+            [file] => skip(file, "the model file is not a file"),
+            [] => skip(
                 &p,
-                "no model.onnx in it (the file must be named exactly model.onnx)",
-            );
+                "no model file in it (model.onnx, or LightGBM's model.txt, or XGBoost's model.json)",
+            ),
+            _ => skip(
+                &p,
+                "more than one model file in it (one of model.onnx, model.txt, model.json)",
+            ),
         }
     }
     present.sort();
@@ -356,7 +366,7 @@ fn plan_model_with(
     })
 }
 
-/// The plans of every model of `repo` (directories with at least one `<version>/model.onnx`).
+/// The plans of every model of `repo` (directories with at least one `<version>/` model file).
 ///
 /// # Errors
 /// The repository cannot be read, or a model's config is invalid.
@@ -411,7 +421,7 @@ pub fn plan_each(repo: &Path, skipped: Skipped) -> Result<Vec<Planned>, Reposito
         match plan_model_with(repo, name, skipped) {
             Err(RepositoryLoadError::UnknownModel { .. }) => {
                 if skipped == Skipped::Warn {
-                    tracing::warn!(dir = %dir.display(), "skipped: no version directory with a model.onnx (<name>/<version>/model.onnx)");
+                    tracing::warn!(dir = %dir.display(), "skipped: no version directory with a model file (<name>/<version>/model.onnx, model.txt or model.json)");
                 }
             }
             planned => plans.push((name.to_string(), planned)),
@@ -536,7 +546,9 @@ pub fn load_version(
         why,
     };
     let checksum = sha256_file(file)?;
-    let sum_file = file.with_extension("onnx.sha256");
+    let mut sum_name = file.file_name().unwrap_or_default().to_os_string();
+    sum_name.push(".sha256");
+    let sum_file = file.with_file_name(sum_name);
     if sum_file.exists() {
         let text =
             std::fs::read_to_string(&sum_file).map_err(|source| RepositoryLoadError::Io {

@@ -143,9 +143,8 @@ fn through_the_c_api_a_dead_server_answers_pending_requests_disconnected() {
     assert!(status.success() && line.starts_with("ok: "), "{line}");
 }
 
-#[test]
-fn a_cpp_program_predicts_through_the_shared_library() {
-    let dir = scratch_dir("capi-cpp");
+/// Compiles `capi/examples/predict.cpp`, linked against the shared library.
+fn cpp_program(dir: &Path) -> PathBuf {
     let lib = library_dir();
     let exe = dir.join("predict");
     let include = root().join("capi/include");
@@ -165,10 +164,39 @@ fn a_cpp_program_predicts_through_the_shared_library() {
         ],
         &exe,
     );
-    let server = TestServer::start();
-    let f = fixture("mlp64_v1");
+    exe
+}
+
+/// Runs the C++ program against `server`'s `model` on `input` (a row per line): whether it
+/// succeeded, and its lines (the outputs of each row).
+fn run_cpp(exe: &Path, server: &TestServer, model: &str, input: &str) -> (bool, Vec<String>) {
+    use std::io::Write;
+    let mut child = Command::new(exe)
+        .arg(server.options().socket_dir.unwrap())
+        .arg(&server.endpoint)
+        .arg(model)
+        .env("LD_LIBRARY_PATH", library_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (out.status.success(), lines)
+}
+
+fn rows_text(rows: &[Vec<f32>]) -> String {
     let mut input = String::new();
-    for row in &f.inputs {
+    for row in rows {
         input.push_str(
             &row.iter()
                 .map(|v| format!("{v:e}"))
@@ -177,29 +205,20 @@ fn a_cpp_program_predicts_through_the_shared_library() {
         );
         input.push('\n');
     }
+    input
+}
+
+#[test]
+fn a_cpp_program_predicts_through_the_shared_library() {
+    let dir = scratch_dir("capi-cpp");
+    let exe = cpp_program(&dir);
+    let server = TestServer::start();
+    let f = fixture("mlp64_v1");
     // A short row: answered with the error, and the program goes on.
-    input.push_str("1 2 3\n");
-    let mut child = Command::new(&exe)
-        .arg(server.options().socket_dir.unwrap())
-        .arg(&server.endpoint)
-        .arg("mlp64")
-        .env("LD_LIBRARY_PATH", &lib)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), f.inputs.len() + 1, "{stdout}");
+    let input = rows_text(&f.inputs) + "1 2 3\n";
+    let (ok, lines) = run_cpp(&exe, &server, "mlp64", &input);
+    assert!(ok);
+    assert_eq!(lines.len(), f.inputs.len() + 1, "{lines:?}");
     for (line, expected) in lines.iter().zip(&f.outputs) {
         let got: f32 = line.trim().parse().unwrap_or_else(|_| panic!("{line}"));
         assert!(
@@ -210,6 +229,39 @@ fn a_cpp_program_predicts_through_the_shared_library() {
     }
     assert!(
         lines.last().unwrap().starts_with("error: ") && lines.last().unwrap().contains("64"),
-        "{stdout}"
+        "{lines:?}"
     );
+}
+
+/// Tree models (an ONNX classifier with ZipMap, a native LightGBM file, an XGBoost
+/// classifier of 5 classes) through the C API: the outputs of each finite row.
+#[test]
+fn tree_models_answer_through_the_c_api() {
+    let dir = scratch_dir("capi-trees");
+    let exe = cpp_program(&dir);
+    let server = TestServer::start_with(
+        crate::common::TEST_CONFIG,
+        &root().join("tests/fixtures/exported"),
+    );
+    let fixtures = crate::exported::fixtures();
+    for model in ["skl_gbc2", "lgbm_native", "xgb_c5"] {
+        let f = fixtures.iter().find(|f| f.model == model).unwrap();
+        let (ok, lines) = run_cpp(&exe, &server, model, &rows_text(&f.inputs[..16]));
+        assert!(ok, "{model}: {lines:?}");
+        assert_eq!(lines.len(), 16, "{model}: {lines:?}");
+        for (line, want) in lines.iter().zip(&f.expected) {
+            let got: Vec<f32> = line
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or_else(|_| panic!("{line}")))
+                .collect();
+            assert_eq!(got.len(), want.len(), "{model}: {line}");
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    crate::common::rel_err(*g, *w) <= 1e-5,
+                    "{model}: {g} against {}'s {w}",
+                    f.oracle
+                );
+            }
+        }
+    }
 }

@@ -1,18 +1,21 @@
 //! Models as scikit-learn, LightGBM and XGBoost export them (the fixtures of
-//! `models/generate_exported.py`): tree ensembles on the tree engine, scaler pipelines on the
-//! MLP path, compared with onnxruntime's answers (and the library's own predict) through the
-//! ring client and HTTP.
+//! `models/generate_exported.py`): tree regressors and classifiers (2 and 5 classes, with and
+//! without ZipMap) and the libraries' own files on the tree engine, scaler pipelines on the
+//! MLP path, compared with onnxruntime's answers (Booster.predict's for the native files, and
+//! the library's own predict) through the ring client, `tie predict` and HTTP.
 
 use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Priority};
 
 use crate::common::{get, inference_request, post, root, TestServer, TEST_CONFIG};
 
-/// A fixture: rows (`None` for NaN) with onnxruntime's and the library's answers.
-struct Fixture {
-    model: String,
-    inputs: Vec<Vec<f32>>,
-    onnxruntime: Vec<Vec<f32>>,
+/// A fixture: rows (`None` for NaN) with the oracle's and the library's answers.
+pub(crate) struct Fixture {
+    pub model: String,
+    pub inputs: Vec<Vec<f32>>,
+    /// `onnxruntime`, or `Booster.predict` for a native file.
+    pub oracle: String,
+    pub expected: Vec<Vec<f32>>,
     library: Vec<Option<Vec<f32>>>,
 }
 
@@ -20,7 +23,7 @@ fn number(v: &Value) -> f32 {
     v.as_f64().map_or(f32::NAN, |x| x as f32)
 }
 
-fn fixtures() -> Vec<Fixture> {
+pub(crate) fn fixtures() -> Vec<Fixture> {
     let dir = root().join("tests/fixtures/exported");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
@@ -30,7 +33,7 @@ fn fixtures() -> Vec<Fixture> {
         })
         .collect();
     names.sort();
-    assert!(names.len() >= 6, "{names:?}");
+    assert!(names.len() >= 16, "{names:?}");
     names
         .into_iter()
         .map(|name| {
@@ -49,7 +52,8 @@ fn fixtures() -> Vec<Fixture> {
             Fixture {
                 model: v["model"].as_str().unwrap().to_string(),
                 inputs: rows("inputs"),
-                onnxruntime: rows("onnxruntime"),
+                oracle: v["oracle"].as_str().unwrap().to_string(),
+                expected: rows("expected"),
                 library: v["library"]
                     .as_array()
                     .unwrap()
@@ -100,13 +104,33 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
         };
         let mut client = Client::connect("test", &f.model, options).unwrap();
         // One row at a time: NaN (missing), ±1e30 and rows on split thresholds included.
-        for (i, (row, want)) in f.inputs.iter().zip(&f.onnxruntime).enumerate() {
+        // Classifiers serve their probabilities, native files the library's answer, and
+        // their output's description says so.
+        let spec = &entry["output_specs"][0];
+        let said = match (f.model.contains("_native"), f.model.contains("_c")) {
+            (true, _) => Some("as Booster.predict answers"),
+            (false, true) => Some("class probabilities"),
+            (false, false) => None,
+        };
+        if let Some(said) = said {
+            assert!(
+                spec["description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(said)),
+                "{}: {spec}",
+                f.model
+            );
+            assert_eq!(spec["shape"][1], f.expected[0].len(), "{}: {spec}", f.model);
+        }
+        for (i, (row, want)) in f.inputs.iter().zip(&f.expected).enumerate() {
             let got = client.predict(row).unwrap();
+            assert_eq!(got.outputs().len(), want.len(), "{} row {i}", f.model);
             for (j, (g, w)) in got.outputs().iter().zip(want).enumerate() {
                 assert!(
                     close(*g, *w, 1e-5),
-                    "{} row {i} output {j}: {g} against onnxruntime's {w} (row {row:?})",
-                    f.model
+                    "{} row {i} output {j}: {g} against {}'s {w} (row {row:?})",
+                    f.model,
+                    f.oracle
                 );
             }
             if let Some(lib) = f.library[i].as_ref().filter(|_| i < 16) {
@@ -119,6 +143,42 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
                 }
             }
         }
+        // `tie predict` on the row with NaN in some features (row 16).
+        let features: Vec<String> = f.inputs[16].iter().map(|v| v.to_string()).collect();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+            .args([
+                "predict",
+                "--endpoint",
+                &server.endpoint,
+                "--model",
+                &f.model,
+            ])
+            .arg(format!("--features={}", features.join(",")))
+            .arg("--socket-dir")
+            .arg(&server.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.model,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let values: Vec<f32> = json["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| number(&p["value"]))
+            .collect();
+        assert_eq!(values.len(), f.expected[16].len(), "{}: {json}", f.model);
+        for (g, w) in values.iter().zip(&f.expected[16]) {
+            assert!(
+                close(*g, *w, 1e-5),
+                "{} by tie predict: {g} against {w}",
+                f.model
+            );
+        }
         // All rows in flight at once: the server batches them (sizes as they come).
         let ids: Vec<u64> = f
             .inputs
@@ -130,7 +190,7 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
             if let Some(r) = client.poll() {
                 let i = ids.iter().position(|&id| id == r.request_id).unwrap();
                 assert!(r.status.is_ok(), "{} row {i}: {:?}", f.model, r.status);
-                for (g, w) in r.outputs().iter().zip(&f.onnxruntime[i]) {
+                for (g, w) in r.outputs().iter().zip(&f.expected[i]) {
                     assert!(
                         close(*g, *w, 1e-5),
                         "{} batched row {i}: {g} against {w}",
@@ -148,14 +208,14 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
             &request,
         );
         assert_eq!(code, 200, "{body}");
-        let width = f.onnxruntime[0].len();
+        let width = f.expected[0].len();
         let values: Vec<f32> = body["predictions"]
             .as_array()
             .unwrap()
             .iter()
             .map(|p| p["value"].as_f64().unwrap() as f32)
             .collect();
-        let want: Vec<f32> = f.onnxruntime[..16].iter().flatten().copied().collect();
+        let want: Vec<f32> = f.expected[..16].iter().flatten().copied().collect();
         assert_eq!(values.len(), 16 * width, "{body}");
         for (g, w) in values.iter().zip(&want) {
             assert!(

@@ -174,6 +174,7 @@ fn io_of(plan: &MlpPlan) -> ModelIo {
         input_width: plan.input_width,
         output_name: "y".into(),
         output_width: plan.output_width(),
+        output_note: None,
     }
 }
 

@@ -13,6 +13,9 @@ pub struct ModelIo {
     pub output_name: String,
     /// Values per row.
     pub output_width: usize,
+    /// What the served output is, where the graph's own outputs do not say it (a
+    /// classifier's probabilities served in place of its ZipMap, its label not served).
+    pub output_note: Option<String>,
 }
 
 /// What a loaded backend is.

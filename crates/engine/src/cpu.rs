@@ -1,5 +1,7 @@
-//! Loading an ONNX file on the CPU: [`load_cpu`] picks the MLP path ([`MlpBackend`]) when the
-//! graph lowers to an [`MlpPlan`], else tract ([`TractBackend`]).
+//! Loading a model file on the CPU: [`load_cpu`] picks the tree engine
+//! ([`crate::trees::TreeBackend`]) for a tree ensemble (ONNX-ML, or LightGBM's and XGBoost's
+//! own files), the MLP path ([`MlpBackend`]) when the graph lowers to an [`MlpPlan`], else
+//! tract ([`TractBackend`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +65,11 @@ fn read_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, BackendLoadErro
 /// # Errors
 /// [`BackendLoadError`] when the file cannot be read or its I/O is unsupported.
 pub fn read_mlp(path: &Path) -> Result<(ModelIo, Result<MlpPlan, LowerError>), BackendLoadError> {
+    if crate::trees::is_native(path) {
+        return Err(BackendLoadError::UnsupportedIo(
+            "a LightGBM or XGBoost file runs on the CPU tree engine".into(),
+        ));
+    }
     let proto = read_proto(path)?;
     let mut io = lower::model_io(&proto)?;
     let plan = lower_mlp(&proto, &io);
@@ -91,13 +98,19 @@ pub fn load_cpu_with(
     engine: CpuEngine,
     max_tensor_bytes: u64,
 ) -> Result<Arc<dyn Backend>, BackendLoadError> {
-    let proto = read_proto(path)?;
-    let io = lower::model_io(&proto)?;
     // A tree ensemble runs on the tree engine whatever the engine asked for (the others
     // cannot run it).
-    if let Some(ensemble) = crate::trees::plan(&proto, &io)? {
-        return Ok(Arc::new(crate::trees::TreeBackend::new(io, ensemble)));
+    let trees = |(io, ensemble)| -> Arc<dyn Backend> {
+        Arc::new(crate::trees::TreeBackend::new(io, ensemble))
+    };
+    if let Some(native) = crate::trees::load_native(path) {
+        return native.map(trees);
     }
+    let proto = read_proto(path)?;
+    if let Some(planned) = crate::trees::plan(&proto)? {
+        return Ok(trees(planned));
+    }
+    let io = lower::model_io(&proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,
         CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),

@@ -152,7 +152,7 @@ fn err<T>(e: LowerError) -> Result<T, LowerError> {
 const ONNX_FLOAT: i32 = 1;
 
 /// A `[batch, n]` f32 value's name and `n` (`None` when the file does not fix it).
-fn value_2d(v: &pb::ValueInfoProto) -> Result<(String, Option<usize>), String> {
+pub(crate) fn value_2d(v: &pb::ValueInfoProto) -> Result<(String, Option<usize>), String> {
     let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
         return Err(format!("{:?} is not a tensor", v.name));
@@ -213,6 +213,7 @@ pub(super) fn graph_io(proto: &ModelProto) -> Result<(ModelIo, bool), BackendLoa
             input_width,
             output_name,
             output_width: output_width.unwrap_or(0),
+            output_note: None,
         },
         output_width.is_some(),
     ))

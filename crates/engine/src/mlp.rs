@@ -326,6 +326,7 @@ mod tests {
             input_width: i,
             output_name: "y".into(),
             output_width: o,
+            output_note: None,
         }
     }
 

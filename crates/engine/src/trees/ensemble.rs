@@ -1,0 +1,497 @@
+//! The compiled ensemble ([`TreeEnsemble`]): flat arrays built by [`Builder`] from any of
+//! the formats, and the batch walk.
+//!
+//! Nodes are a structure of arrays indexed by node (feature, threshold, mode, both children,
+//! how a missing value goes); leaf weights are contiguous per leaf. A batch is evaluated tree
+//! by tree over its rows (one tree's nodes stay in cache for the whole batch), accumulating
+//! in f64.
+
+use super::unsupported;
+use crate::BackendLoadError;
+
+/// How a branch node compares its feature with its threshold (the true branch when it holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Mode {
+    Leq,
+    Lt,
+    Gte,
+    Gt,
+    Eq,
+    Neq,
+    /// The feature is one of a set of values.
+    Member,
+    Leaf,
+}
+
+/// How the trees' values combine per target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Aggregate {
+    Sum,
+    Average,
+    Min,
+    Max,
+}
+
+/// What is applied to the aggregated scores of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PostTransform {
+    None,
+    Logistic,
+    Softmax,
+    SoftmaxZero,
+    /// onnxruntime's probit (its approximation of the inverse error function).
+    Probit,
+    /// `exp` of each score (the log-link objectives of the native formats).
+    Exp,
+}
+
+/// How the scores of a row become its outputs (onnxruntime's rules where ONNX leaves them
+/// open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Output {
+    /// A regressor's scores, post-transformed. Of several targets, one that no tree scored
+    /// for the row is 0 (its base value is not added); a single target is its base value.
+    Scores,
+    /// A classifier's scores, post-transformed; a class no tree scored is its base value.
+    Classes,
+    /// A two-class classifier with one score `s`, all weights non-negative:
+    /// `[1 - s, s]`, or `[σ(-s), σ(s)]` under LOGISTIC.
+    BinaryComplement,
+    /// A two-class classifier with one score `s`, weights of either sign: `[-s, s]`, or
+    /// `[σ(-s), σ(s)]` under LOGISTIC.
+    BinaryMirror,
+}
+
+/// Bits of [`TreeEnsemble::missing`].
+const NAN_TRUE: u8 = 1;
+/// A value within ±[`ZERO`] is missing too (LightGBM's `missing_type=Zero`).
+const ZERO_MISSING: u8 = 2;
+/// LightGBM's zero: `|x| <= 1e-35` in f64, which for an f32 `x` is `|x| <=` this.
+const ZERO: f32 = 1e-35;
+
+/// A compiled ensemble.
+#[derive(Debug)]
+pub struct TreeEnsemble {
+    features: usize,
+    /// Scores per row.
+    targets: usize,
+    roots: Vec<u32>,
+    feature: Vec<u32>,
+    threshold: Vec<f32>,
+    mode: Vec<Mode>,
+    true_child: Vec<u32>,
+    false_child: Vec<u32>,
+    /// [`NAN_TRUE`] | [`ZERO_MISSING`].
+    missing: Vec<u8>,
+    /// Per [`Mode::Member`] node: its values' range in `members` (sorted); empty for others.
+    set: Vec<(u32, u32)>,
+    members: Vec<f32>,
+    /// Per node: where its leaf weights start in `leaf_target`/`leaf_weight`, and how many.
+    leaf_start: Vec<u32>,
+    leaf_len: Vec<u32>,
+    leaf_target: Vec<u32>,
+    leaf_weight: Vec<f64>,
+    base: Vec<f64>,
+    aggregate: Aggregate,
+    post: PostTransform,
+    output: Output,
+}
+
+/// A branch as a format describes it, before its children are known.
+pub(super) struct Branch {
+    pub mode: Mode,
+    pub feature: i64,
+    pub threshold: f32,
+    /// Whether NaN (and, with `zero_missing`, a zero) takes the true branch.
+    pub missing_true: bool,
+    pub zero_missing: bool,
+    /// The values of a [`Mode::Member`] node.
+    pub set: Vec<f32>,
+}
+
+/// Builds a [`TreeEnsemble`] node by node, checking what a format's file says.
+pub(super) struct Builder {
+    /// The operator or format, for errors.
+    what: &'static str,
+    e: TreeEnsemble,
+    weights: Vec<Vec<(u32, f64)>>,
+}
+
+const UNSET: u32 = u32::MAX;
+
+impl Builder {
+    pub fn new(what: &'static str, features: usize, targets: usize) -> Self {
+        Self {
+            what,
+            e: TreeEnsemble {
+                features,
+                targets,
+                roots: Vec::new(),
+                feature: Vec::new(),
+                threshold: Vec::new(),
+                mode: Vec::new(),
+                true_child: Vec::new(),
+                false_child: Vec::new(),
+                missing: Vec::new(),
+                set: Vec::new(),
+                members: Vec::new(),
+                leaf_start: Vec::new(),
+                leaf_len: Vec::new(),
+                leaf_target: Vec::new(),
+                leaf_weight: Vec::new(),
+                base: Vec::new(),
+                aggregate: Aggregate::Sum,
+                post: PostTransform::None,
+                output: Output::Scores,
+            },
+            weights: Vec::new(),
+        }
+    }
+
+    pub fn error(&self, why: impl std::fmt::Display) -> BackendLoadError {
+        unsupported(format!("{}: {why}", self.what))
+    }
+
+    fn push(&mut self, mode: Mode, feature: u32, threshold: f32, missing: u8) -> u32 {
+        self.e.mode.push(mode);
+        self.e.feature.push(feature);
+        self.e.threshold.push(threshold);
+        self.e.missing.push(missing);
+        self.e.true_child.push(UNSET);
+        self.e.false_child.push(UNSET);
+        self.e.set.push((0, 0));
+        self.weights.push(Vec::new());
+        (self.e.mode.len() - 1) as u32
+    }
+
+    /// Adds a branch; its children come with [`Builder::connect`].
+    pub fn branch(&mut self, b: Branch) -> Result<u32, BackendLoadError> {
+        let feature = usize::try_from(b.feature)
+            .ok()
+            .filter(|&f| f < self.e.features)
+            .ok_or_else(|| {
+                self.error(format!(
+                    "a node reads feature {}, the input has {}",
+                    b.feature, self.e.features
+                ))
+            })?;
+        // NaN != t holds: a NEQ node sends NaN the true way whatever it says (as onnxruntime
+        // and ONNX's reference do).
+        let nan_true = b.missing_true || b.mode == Mode::Neq;
+        let missing =
+            if nan_true { NAN_TRUE } else { 0 } | if b.zero_missing { ZERO_MISSING } else { 0 };
+        let node = self.push(b.mode, feature as u32, b.threshold, missing);
+        if b.mode == Mode::Member {
+            let mut set = b.set;
+            set.retain(|v| !v.is_nan());
+            set.sort_by(f32::total_cmp);
+            set.dedup();
+            let start = self.e.members.len() as u32;
+            self.e.members.extend(&set);
+            self.e.set[node as usize] = (start, set.len() as u32);
+        }
+        Ok(node)
+    }
+
+    /// Adds a leaf; its values come with [`Builder::weight`].
+    pub fn leaf(&mut self) -> u32 {
+        let node = self.push(Mode::Leaf, 0, 0.0, 0);
+        self.e.true_child[node as usize] = node;
+        self.e.false_child[node as usize] = node;
+        node
+    }
+
+    pub fn is_leaf(&self, node: u32) -> bool {
+        self.e.mode[node as usize] == Mode::Leaf
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.e.mode.len()
+    }
+
+    pub fn connect(&mut self, node: u32, true_child: u32, false_child: u32) {
+        self.e.true_child[node as usize] = true_child;
+        self.e.false_child[node as usize] = false_child;
+    }
+
+    /// Adds `weight` to `target` at `leaf`.
+    pub fn weight(&mut self, leaf: u32, target: i64, weight: f64) -> Result<(), BackendLoadError> {
+        if self.e.mode[leaf as usize] != Mode::Leaf {
+            return Err(self.error("a weight names a node that is no leaf"));
+        }
+        let target = u32::try_from(target)
+            .ok()
+            .filter(|&t| (t as usize) < self.e.targets)
+            .ok_or_else(|| self.error(format!("target {target} of {} targets", self.e.targets)))?;
+        self.weights[leaf as usize].push((target, weight));
+        Ok(())
+    }
+
+    /// Multiplies every leaf weight (a native format's scale folded into its leaves).
+    pub fn scale_weights(&mut self, by: f64) {
+        for w in self.weights.iter_mut().flatten() {
+            w.1 *= by;
+        }
+    }
+
+    /// The ensemble, with `roots` (the nodes no node points to when `None`).
+    pub fn finish(
+        mut self,
+        roots: Option<Vec<u32>>,
+        base: Vec<f64>,
+        aggregate: Aggregate,
+        post: PostTransform,
+        output: Output,
+    ) -> Result<TreeEnsemble, BackendLoadError> {
+        let n = self.e.mode.len();
+        let mut is_child = vec![false; n];
+        for i in 0..n {
+            let (t, f) = (self.e.true_child[i], self.e.false_child[i]);
+            if t as usize >= n || f as usize >= n {
+                return Err(self.error("a branch names a child that does not exist"));
+            }
+            if self.e.mode[i] != Mode::Leaf {
+                is_child[t as usize] = true;
+                is_child[f as usize] = true;
+            }
+        }
+        self.e.roots = match roots {
+            Some(r) if r.iter().any(|&r| r as usize >= n) => {
+                return Err(self.error("a tree root does not exist"))
+            }
+            Some(r) => r,
+            None => (0..n as u32).filter(|&i| !is_child[i as usize]).collect(),
+        };
+        if self.e.roots.is_empty() && n > 0 {
+            return Err(self.error("no tree has a root"));
+        }
+        if !base.is_empty() && base.len() != self.e.targets {
+            return Err(self.error(format!(
+                "{} base values for {} targets",
+                base.len(),
+                self.e.targets
+            )));
+        }
+        self.e.base = base;
+        self.e.base.resize(self.e.targets, 0.0);
+        self.e.aggregate = aggregate;
+        self.e.post = post;
+        self.e.output = output;
+        self.e.leaf_start = vec![0; n];
+        self.e.leaf_len = vec![0; n];
+        for (leaf, entries) in std::mem::take(&mut self.weights).into_iter().enumerate() {
+            self.e.leaf_start[leaf] = self.e.leaf_target.len() as u32;
+            self.e.leaf_len[leaf] = entries.len() as u32;
+            for (t, w) in entries {
+                self.e.leaf_target.push(t);
+                self.e.leaf_weight.push(w);
+            }
+        }
+        self.check_acyclic()?;
+        Ok(self.e)
+    }
+
+    /// Refuses a tree whose walk could loop (a node reachable from itself).
+    fn check_acyclic(&self) -> Result<(), BackendLoadError> {
+        let e = &self.e;
+        // 0: unseen, 1: on the current path, 2: done.
+        let mut state = vec![0u8; e.mode.len()];
+        for &root in &e.roots {
+            let mut stack = vec![(root, false)];
+            while let Some((node, leaving)) = stack.pop() {
+                let i = node as usize;
+                if leaving {
+                    state[i] = 2;
+                    continue;
+                }
+                match state[i] {
+                    1 => return Err(self.error("a tree has a cycle")),
+                    2 => continue,
+                    _ => {}
+                }
+                state[i] = 1;
+                stack.push((node, true));
+                if e.mode[i] != Mode::Leaf {
+                    stack.push((e.true_child[i], false));
+                    stack.push((e.false_child[i], false));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TreeEnsemble {
+    /// Features per row.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Values per row served.
+    pub fn outputs(&self) -> usize {
+        match self.output {
+            Output::Scores | Output::Classes => self.targets,
+            Output::BinaryComplement | Output::BinaryMirror => 2,
+        }
+    }
+
+    /// Trees in the ensemble.
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// The leaf `row` reaches from `root`.
+    #[inline]
+    fn leaf(&self, root: u32, row: &[f32]) -> usize {
+        let mut n = root as usize;
+        loop {
+            let mode = self.mode[n];
+            if mode == Mode::Leaf {
+                return n;
+            }
+            let x = row[self.feature[n] as usize];
+            let t = self.threshold[n];
+            let missing = self.missing[n];
+            let go_true = if x.is_nan() || (missing & ZERO_MISSING != 0 && x.abs() <= ZERO) {
+                missing & NAN_TRUE != 0
+            } else {
+                match mode {
+                    Mode::Leq => x <= t,
+                    Mode::Lt => x < t,
+                    Mode::Gte => x >= t,
+                    Mode::Gt => x > t,
+                    Mode::Eq => x == t,
+                    Mode::Neq => x != t,
+                    Mode::Member => {
+                        let (start, len) = self.set[n];
+                        self.members[start as usize..(start + len) as usize]
+                            .binary_search_by(|m| m.total_cmp(&x))
+                            .is_ok()
+                    }
+                    Mode::Leaf => unreachable!("returned above"),
+                }
+            };
+            n = if go_true {
+                self.true_child[n]
+            } else {
+                self.false_child[n]
+            } as usize;
+        }
+    }
+
+    /// Scores `rows` rows of `input` into `output` (`rows * outputs()` values).
+    pub fn run(&self, input: &[f32], rows: usize, output: &mut [f32]) {
+        let (w, k) = (self.features, self.targets);
+        // NaN: no tree has scored this target yet.
+        let mut acc = vec![f64::NAN; rows * k];
+        for &root in &self.roots {
+            for r in 0..rows {
+                let leaf = self.leaf(root, &input[r * w..(r + 1) * w]);
+                let start = self.leaf_start[leaf] as usize;
+                let end = start + self.leaf_len[leaf] as usize;
+                let scores = &mut acc[r * k..(r + 1) * k];
+                for j in start..end {
+                    let (t, v) = (self.leaf_target[j] as usize, self.leaf_weight[j]);
+                    let s = scores[t];
+                    scores[t] = match self.aggregate {
+                        _ if s.is_nan() => v,
+                        Aggregate::Sum | Aggregate::Average => s + v,
+                        Aggregate::Min => s.min(v),
+                        Aggregate::Max => s.max(v),
+                    };
+                }
+            }
+        }
+        let o = self.outputs();
+        for r in 0..rows {
+            self.finish_row(
+                &mut acc[r * k..(r + 1) * k],
+                &mut output[r * o..(r + 1) * o],
+            );
+        }
+    }
+
+    fn finish_row(&self, scores: &mut [f64], out: &mut [f32]) {
+        let trees = self.roots.len().max(1) as f64;
+        let unscored_zero = self.output == Output::Scores && scores.len() > 1;
+        for (s, b) in scores.iter_mut().zip(&self.base) {
+            if s.is_nan() {
+                *s = if unscored_zero { 0.0 } else { *b };
+                continue;
+            }
+            if self.aggregate == Aggregate::Average {
+                *s /= trees;
+            }
+            *s += b;
+        }
+        match self.output {
+            Output::Scores | Output::Classes => {
+                post_transform(self.post, scores);
+                for (o, s) in out.iter_mut().zip(scores.iter()) {
+                    *o = *s as f32;
+                }
+            }
+            Output::BinaryComplement | Output::BinaryMirror => {
+                let s = scores[0];
+                let (a, b) = if self.post == PostTransform::Logistic {
+                    (logistic(-s), logistic(s))
+                } else if self.output == Output::BinaryComplement {
+                    (1.0 - s, s)
+                } else {
+                    (-s, s)
+                };
+                out[0] = a as f32;
+                out[1] = b as f32;
+            }
+        }
+    }
+}
+
+fn logistic(s: f64) -> f64 {
+    1.0 / (1.0 + (-s).exp())
+}
+
+/// onnxruntime's probit: `√2 · erfinv(2p − 1)` with the inverse error function approximated
+/// as onnxruntime does (Winitzki's formula, a = 0.147), in f32, so that answers match it.
+fn probit(p: f64) -> f64 {
+    let x = 2.0 * p as f32 - 1.0;
+    let sign = if x < 0.0 { -1.0f32 } else { 1.0 };
+    let x = (1.0 - x) * (1.0 + x);
+    let ln = x.ln();
+    // onnxruntime's own value of π, for the same answers.
+    #[allow(clippy::approx_constant)]
+    const PI: f32 = 3.14159;
+    let v = 2.0 / (PI * 0.147) + 0.5 * ln;
+    let v2 = 1.0 / 0.147 * ln;
+    let v3 = -v + (v * v - v2).sqrt();
+    f64::from(std::f32::consts::SQRT_2 * sign * v3.sqrt())
+}
+
+pub(super) fn post_transform(post: PostTransform, scores: &mut [f64]) {
+    match post {
+        PostTransform::None => {}
+        PostTransform::Logistic => scores.iter_mut().for_each(|s| *s = logistic(*s)),
+        PostTransform::Probit => scores.iter_mut().for_each(|s| *s = probit(*s)),
+        PostTransform::Exp => scores.iter_mut().for_each(|s| *s = s.exp()),
+        PostTransform::Softmax | PostTransform::SoftmaxZero => {
+            let zero = post == PostTransform::SoftmaxZero;
+            let max = scores
+                .iter()
+                .filter(|s| !zero || **s != 0.0)
+                .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                if !(zero && *s == 0.0) {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+            }
+            if sum > 0.0 {
+                for s in scores.iter_mut() {
+                    *s /= sum;
+                }
+            }
+        }
+    }
+}

@@ -2,8 +2,16 @@
 //! one request at a time (`predict`, busy-spin), round trip recorded into an HdrHistogram.
 //!
 //! `cargo bench --bench e2e_latency` (env: `ITERS`, default 200000; `CLIENT_CORE`, default 0;
-//! `SERVER_CORE`, default 1). Prints p50/p90/p99/p99.9/max per model, and the bare backend
-//! compute time of one row for comparison.
+//! `SERVER_CORE`, default 1; `REPO`, the model repository, default `models/`; `MODELS`, the
+//! models measured, default `identity,mlp64`; `BATCHES`, the backend's batch sizes, default
+//! `1,4,16,64`). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute time of
+//! a batch (and rows per second) for comparison.
+//!
+//! Rows: feature `i` of row `r` is `2 sin(0.37 i + 1.7 r)`, 256 rows in turn (as
+//! `benches/trees_anchor.py` feeds its anchors).
+//!
+//! The tree models of `benches/trees_anchor.py`:
+//! `REPO=target/bench-trees MODELS=lgbm500,lgbm500_onnx,xgb300,xgb300_onnx BATCHES=1,256`.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +40,11 @@ fn report(name: &str, h: &Histogram<u64>) {
     );
 }
 
+/// Row `r` of the benchmark's rows, `width` features.
+fn row(r: usize, width: usize) -> impl Iterator<Item = f32> {
+    (0..width).map(move |i| 2.0 * (0.37 * i as f32 + 1.7 * (r % 256) as f32).sin())
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
     let iters = env("ITERS", 200_000);
@@ -55,34 +68,57 @@ fn main() {
             tie_engine::devices::Gpus::none("the CPU benchmark"),
         )
     };
-    let models: Vec<_> = load_repository(&root.join("models"), &options)
+    let repo = std::env::var_os("REPO").map_or_else(|| root.join("models"), Into::into);
+    let names: Vec<String> = std::env::var("MODELS")
+        .unwrap_or_else(|_| "identity,mlp64".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let batches: Vec<usize> = std::env::var("BATCHES")
+        .unwrap_or_else(|_| "1,4,16,64".into())
+        .split(',')
+        .map(|b| b.parse().expect("BATCHES: sizes separated by commas"))
+        .collect();
+    let models: Vec<_> = load_repository(&repo, &options)
         .expect("load models")
         .into_iter()
-        .filter(|m| m.name == "identity" || m.name == "mlp64")
+        .filter(|m| names.contains(&m.name))
         .collect();
+    assert_eq!(models.len(), names.len(), "MODELS names models REPO lacks");
 
-    // Bare compute on the backend, same thread, for reference: batch 1, and larger batches
-    // (per batch) for the MLP.
+    // Bare compute on the backend, same thread, for reference: each batch size (per batch),
+    // but only batch 1 for the identity.
     for m in &models {
         let io = &m.backend.info().io;
-        let sizes: &[usize] = if m.name == "mlp64" {
-            &[1, 4, 16, 64]
+        let sizes = if m.name == "identity" {
+            &batches[..1]
         } else {
-            &[1]
+            &batches[..]
         };
         for &rows in sizes {
-            let input = vec![0.25f32; rows * io.input_width];
+            // The 256 rows in turn (a batch of 256 is all of them).
+            let w = io.input_width;
+            let pool: Vec<f32> = (0..256 + rows).flat_map(|r| row(r, w)).collect();
             let mut output = vec![0.0f32; rows * io.output_width];
             let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
             for i in 0..(iters / rows).min(100_000) + 1000 {
+                let first = (i * rows) % 256;
+                let input = &pool[first * w..(first + rows) * w];
                 let t = Instant::now();
-                m.backend.run_batch(&input, rows, &mut output).unwrap();
+                m.backend.run_batch(input, rows, &mut output).unwrap();
                 if i >= 1000 {
                     h.record(t.elapsed().as_nanos().max(1) as u64).unwrap();
                 }
             }
             let engine = m.backend.info().engine;
             report(&format!("backend {} ({engine}) batch {rows}", m.name), &h);
+            if rows > 1 {
+                println!(
+                    "{:<34} {:.0} rows/s at the p50 batch time",
+                    "",
+                    rows as f64 * 1e9 / h.value_at_quantile(0.5) as f64
+                );
+            }
         }
     }
 
@@ -90,7 +126,7 @@ fn main() {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: client_core }) {
         eprintln!("warning: cannot pin the client to core {client_core}");
     }
-    for model in ["identity", "mlp64"] {
+    for model in &names {
         let mut client = Client::connect(
             "bench",
             model,
@@ -102,12 +138,11 @@ fn main() {
             },
         )
         .expect("connect");
-        let features: Vec<f32> = (0..client.feature_count())
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
+        let width = client.feature_count() as usize;
+        let rows: Vec<Vec<f32>> = (0..256).map(|r| row(r, width).collect()).collect();
         let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
         for i in 0..iters + 10_000 {
-            let p = client.predict(&features).expect("predict");
+            let p = client.predict(&rows[i % 256]).expect("predict");
             if i >= 10_000 {
                 h.record(p.round_trip_ns.max(1)).unwrap();
             }

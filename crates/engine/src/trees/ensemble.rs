@@ -96,6 +96,52 @@ pub struct TreeEnsemble {
     aggregate: Aggregate,
     post: PostTransform,
     output: Output,
+    /// The fast walk's form of the nodes, when every branch compares the same way
+    /// ([`Mode::Leq`], [`Mode::Lt`], [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing.
+    fast: Option<Fast>,
+}
+
+/// Nodes packed for a walk without branches on the data: at most a tree's depth of steps (a
+/// leaf steps to itself; the walk ends once every lane is at its leaf), [`LANES`] walks in
+/// lockstep (rows of a batch, or trees of a row) so that their loads overlap.
+#[derive(Debug)]
+struct Fast {
+    mode: Mode,
+    nodes: Vec<Packed>,
+    /// Per tree: the most steps from its root to a leaf.
+    depth: Vec<u32>,
+    /// Per group of [`LANES`] trees: their largest depth.
+    group_depth: Vec<u32>,
+}
+
+/// A node of [`Fast`]: the feature (bit 31: NaN goes the true way), the threshold, and the
+/// children as `[false, true]` (a leaf's both itself).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Packed {
+    feature: u32,
+    threshold: f32,
+    child: [u32; 2],
+}
+
+const PACKED_NAN_TRUE: u32 = 1 << 31;
+
+/// Walks in lockstep.
+const LANES: usize = 8;
+
+/// One step of the fast walk from `p` for `row` (`M`: the mode, as `Mode as u8`).
+#[inline(always)]
+fn step<const M: u8>(p: &Packed, row: &[f32]) -> u32 {
+    let x = row[(p.feature & !PACKED_NAN_TRUE) as usize];
+    let t = p.threshold;
+    let holds = match M {
+        0 => x <= t,
+        1 => x < t,
+        2 => x >= t,
+        _ => x > t,
+    };
+    let nan = x.is_nan() & (p.feature & PACKED_NAN_TRUE != 0);
+    p.child[usize::from(holds | nan)]
 }
 
 /// A branch as a format describes it, before its children are known.
@@ -144,6 +190,7 @@ impl Builder {
                 aggregate: Aggregate::Sum,
                 post: PostTransform::None,
                 output: Output::Scores,
+                fast: None,
             },
             weights: Vec::new(),
         }
@@ -289,6 +336,7 @@ impl Builder {
             }
         }
         self.check_acyclic()?;
+        self.e.fast = self.e.pack();
         Ok(self.e)
     }
 
@@ -323,6 +371,56 @@ impl Builder {
 }
 
 impl TreeEnsemble {
+    /// The [`Fast`] form, where the nodes allow it (the tree has no cycle: checked before).
+    fn pack(&self) -> Option<Fast> {
+        let branches = || (0..self.mode.len()).filter(|&i| self.mode[i] != Mode::Leaf);
+        let mode = branches().next().map_or(Mode::Leq, |i| self.mode[i]);
+        if !matches!(mode, Mode::Leq | Mode::Lt | Mode::Gte | Mode::Gt)
+            || branches().any(|i| self.mode[i] != mode || self.missing[i] & ZERO_MISSING != 0)
+        {
+            return None;
+        }
+        let nodes = (0..self.mode.len())
+            .map(|i| Packed {
+                feature: self.feature[i]
+                    | if self.missing[i] & NAN_TRUE != 0 {
+                        PACKED_NAN_TRUE
+                    } else {
+                        0
+                    },
+                threshold: self.threshold[i],
+                child: [self.false_child[i], self.true_child[i]],
+            })
+            .collect();
+        let depth: Vec<u32> = self.roots.iter().map(|&r| self.depth(r)).collect();
+        let group_depth = depth
+            .chunks(LANES)
+            .map(|g| g.iter().copied().max().unwrap_or(0))
+            .collect();
+        Some(Fast {
+            mode,
+            nodes,
+            depth,
+            group_depth,
+        })
+    }
+
+    /// The most steps from `root` to a leaf.
+    fn depth(&self, root: u32) -> u32 {
+        let mut deepest = 0;
+        let mut stack = vec![(root, 0u32)];
+        while let Some((n, d)) = stack.pop() {
+            let i = n as usize;
+            if self.mode[i] == Mode::Leaf {
+                deepest = deepest.max(d);
+            } else {
+                stack.push((self.true_child[i], d + 1));
+                stack.push((self.false_child[i], d + 1));
+            }
+        }
+        deepest
+    }
+
     /// Features per row.
     pub fn features(&self) -> usize {
         self.features
@@ -385,21 +483,17 @@ impl TreeEnsemble {
         let (w, k) = (self.features, self.targets);
         // NaN: no tree has scored this target yet.
         let mut acc = vec![f64::NAN; rows * k];
-        for &root in &self.roots {
-            for r in 0..rows {
-                let leaf = self.leaf(root, &input[r * w..(r + 1) * w]);
-                let start = self.leaf_start[leaf] as usize;
-                let end = start + self.leaf_len[leaf] as usize;
-                let scores = &mut acc[r * k..(r + 1) * k];
-                for j in start..end {
-                    let (t, v) = (self.leaf_target[j] as usize, self.leaf_weight[j]);
-                    let s = scores[t];
-                    scores[t] = match self.aggregate {
-                        _ if s.is_nan() => v,
-                        Aggregate::Sum | Aggregate::Average => s + v,
-                        Aggregate::Min => s.min(v),
-                        Aggregate::Max => s.max(v),
-                    };
+        match self.fast.as_ref().map(|f| f.mode) {
+            Some(Mode::Leq) => self.run_fast::<0>(input, rows, &mut acc),
+            Some(Mode::Lt) => self.run_fast::<1>(input, rows, &mut acc),
+            Some(Mode::Gte) => self.run_fast::<2>(input, rows, &mut acc),
+            Some(_) => self.run_fast::<3>(input, rows, &mut acc),
+            None => {
+                for &root in &self.roots {
+                    for r in 0..rows {
+                        let leaf = self.leaf(root, &input[r * w..(r + 1) * w]);
+                        self.add(leaf, &mut acc[r * k..(r + 1) * k]);
+                    }
                 }
             }
         }
@@ -409,6 +503,82 @@ impl TreeEnsemble {
                 &mut acc[r * k..(r + 1) * k],
                 &mut output[r * o..(r + 1) * o],
             );
+        }
+    }
+
+    /// Adds the weights of `leaf` to a row's `scores`.
+    #[inline]
+    fn add(&self, leaf: usize, scores: &mut [f64]) {
+        let start = self.leaf_start[leaf] as usize;
+        let end = start + self.leaf_len[leaf] as usize;
+        for j in start..end {
+            let (t, v) = (self.leaf_target[j] as usize, self.leaf_weight[j]);
+            let s = scores[t];
+            scores[t] = match self.aggregate {
+                _ if s.is_nan() => v,
+                Aggregate::Sum | Aggregate::Average => s + v,
+                Aggregate::Min => s.min(v),
+                Aggregate::Max => s.max(v),
+            };
+        }
+    }
+
+    /// [`LANES`] walks of `depth` steps in lockstep.
+    #[inline(always)]
+    fn walk<const M: u8>(
+        nodes: &[Packed],
+        at: &mut [u32; LANES],
+        rows: &[&[f32]; LANES],
+        depth: u32,
+    ) {
+        for _ in 0..depth {
+            let mut moved = false;
+            for k in 0..LANES {
+                let next = step::<M>(&nodes[at[k] as usize], rows[k]);
+                moved |= next != at[k];
+                at[k] = next;
+            }
+            // Every lane at its leaf (a leaf steps to itself): an unbalanced tree's walks
+            // end before its depth.
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// The fast walk: of a batch, [`LANES`] rows at a time through each tree; of fewer rows,
+    /// [`LANES`] trees at a time for each row.
+    fn run_fast<const M: u8>(&self, input: &[f32], rows: usize, acc: &mut [f64]) {
+        let Some(fast) = &self.fast else { return };
+        let (w, k) = (self.features, self.targets);
+        let row = |r: usize| &input[r * w..(r + 1) * w];
+        if rows >= LANES {
+            for (tree, &root) in self.roots.iter().enumerate() {
+                for first in (0..rows).step_by(LANES) {
+                    let n = (rows - first).min(LANES);
+                    let mut at = [root; LANES];
+                    // Lanes past the batch walk its last row again, unused.
+                    let lanes: [&[f32]; LANES] = std::array::from_fn(|l| row(first + l.min(n - 1)));
+                    Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.depth[tree]);
+                    for (l, &leaf) in at[..n].iter().enumerate() {
+                        let r = first + l;
+                        self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
+                    }
+                }
+            }
+        } else {
+            for r in 0..rows {
+                let lanes = [row(r); LANES];
+                for (group, roots) in self.roots.chunks(LANES).enumerate() {
+                    // Lanes past the last tree walk it again, unused.
+                    let mut at: [u32; LANES] =
+                        std::array::from_fn(|l| roots[l.min(roots.len() - 1)]);
+                    Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.group_depth[group]);
+                    for &leaf in &at[..roots.len()] {
+                        self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
+                    }
+                }
+            }
         }
     }
 

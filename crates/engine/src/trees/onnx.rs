@@ -751,6 +751,8 @@ mod tests {
     }
 
     fn random(rng: &mut Rng) -> Random {
+        // Half the ensembles compare one way only (LEQ, LT, GTE or GT): the fast walk's.
+        let uniform = (rng.below(2) == 0).then(|| rng.below(4) as usize);
         let features = 1 + rng.below(6) as usize;
         let targets = 1 + rng.below(3) as usize;
         let trees = 1 + rng.below(6) as i64;
@@ -785,7 +787,7 @@ mod tests {
                 let (mode, feature, value) = if leaf {
                     ("LEAF".to_string(), 0, 0.0)
                 } else {
-                    let mode = MODES[rng.below(6) as usize].to_string();
+                    let mode = MODES[uniform.unwrap_or_else(|| rng.below(6) as usize)].to_string();
                     // Thresholds on a coarse grid, so rows hit them exactly.
                     (
                         mode,
@@ -941,7 +943,8 @@ mod tests {
         for case in 0..300 {
             let r = random(&mut rng);
             let e = compile(&r.node, r.features).unwrap();
-            let rows = 1 + rng.below(9) as usize;
+            // Fewer rows than the fast walk's lanes, and more.
+            let rows = 1 + rng.below(20) as usize;
             let input: Vec<f32> = (0..rows * r.features)
                 .map(|_| match rng.below(6) {
                     0 => f32::NAN,

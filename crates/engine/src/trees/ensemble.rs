@@ -77,11 +77,9 @@ pub struct TreeEnsemble {
     /// Scores per row.
     targets: usize,
     roots: Vec<u32>,
-    feature: Vec<u32>,
-    threshold: Vec<f32>,
+    /// Per node: feature, threshold and children (both walks read them).
+    nodes: Vec<Packed>,
     mode: Vec<Mode>,
-    true_child: Vec<u32>,
-    false_child: Vec<u32>,
     /// [`NAN_TRUE`] | [`ZERO_MISSING`].
     missing: Vec<u8>,
     /// Per [`Mode::Member`] node: its values' range in `members` (sorted); empty for others.
@@ -96,26 +94,25 @@ pub struct TreeEnsemble {
     aggregate: Aggregate,
     post: PostTransform,
     output: Output,
-    /// The fast walk's form of the nodes, when every branch compares the same way
-    /// ([`Mode::Leq`], [`Mode::Lt`], [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing.
+    /// The fast walk's depths, when every branch compares the same way ([`Mode::Leq`],
+    /// [`Mode::Lt`], [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing.
     fast: Option<Fast>,
 }
 
-/// Nodes packed for a walk without branches on the data: at most a tree's depth of steps (a
-/// leaf steps to itself; the walk ends once every lane is at its leaf), [`LANES`] walks in
-/// lockstep (rows of a batch, or trees of a row) so that their loads overlap.
+/// A walk without branches on the data: at most a tree's depth of steps (a leaf steps to
+/// itself; the walk ends once every lane is at its leaf), [`LANES`] walks in lockstep (rows
+/// of a batch, or trees of a row) so that their loads overlap.
 #[derive(Debug)]
 struct Fast {
     mode: Mode,
-    nodes: Vec<Packed>,
     /// Per tree: the most steps from its root to a leaf.
     depth: Vec<u32>,
     /// Per group of [`LANES`] trees: their largest depth.
     group_depth: Vec<u32>,
 }
 
-/// A node of [`Fast`]: the feature (bit 31: NaN goes the true way), the threshold, and the
-/// children as `[false, true]` (a leaf's both itself).
+/// A node: the feature (bit 31: NaN goes the true way, as [`NAN_TRUE`] says), the threshold,
+/// and the children as `[false, true]` (a leaf's both itself).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Packed {
@@ -174,11 +171,8 @@ impl Builder {
                 features,
                 targets,
                 roots: Vec::new(),
-                feature: Vec::new(),
-                threshold: Vec::new(),
+                nodes: Vec::new(),
                 mode: Vec::new(),
-                true_child: Vec::new(),
-                false_child: Vec::new(),
                 missing: Vec::new(),
                 set: Vec::new(),
                 members: Vec::new(),
@@ -202,11 +196,17 @@ impl Builder {
 
     fn push(&mut self, mode: Mode, feature: u32, threshold: f32, missing: u8) -> u32 {
         self.e.mode.push(mode);
-        self.e.feature.push(feature);
-        self.e.threshold.push(threshold);
+        self.e.nodes.push(Packed {
+            feature: feature
+                | if missing & NAN_TRUE != 0 {
+                    PACKED_NAN_TRUE
+                } else {
+                    0
+                },
+            threshold,
+            child: [UNSET; 2],
+        });
         self.e.missing.push(missing);
-        self.e.true_child.push(UNSET);
-        self.e.false_child.push(UNSET);
         self.e.set.push((0, 0));
         self.weights.push(Vec::new());
         (self.e.mode.len() - 1) as u32
@@ -244,8 +244,7 @@ impl Builder {
     /// Adds a leaf; its values come with [`Builder::weight`].
     pub fn leaf(&mut self) -> u32 {
         let node = self.push(Mode::Leaf, 0, 0.0, 0);
-        self.e.true_child[node as usize] = node;
-        self.e.false_child[node as usize] = node;
+        self.e.nodes[node as usize].child = [node; 2];
         node
     }
 
@@ -258,8 +257,7 @@ impl Builder {
     }
 
     pub fn connect(&mut self, node: u32, true_child: u32, false_child: u32) {
-        self.e.true_child[node as usize] = true_child;
-        self.e.false_child[node as usize] = false_child;
+        self.e.nodes[node as usize].child = [false_child, true_child];
     }
 
     /// Adds `weight` to `target` at `leaf`.
@@ -294,7 +292,7 @@ impl Builder {
         let n = self.e.mode.len();
         let mut is_child = vec![false; n];
         for i in 0..n {
-            let (t, f) = (self.e.true_child[i], self.e.false_child[i]);
+            let [f, t] = self.e.nodes[i].child;
             if t as usize >= n || f as usize >= n {
                 return Err(self.error("a branch names a child that does not exist"));
             }
@@ -361,8 +359,9 @@ impl Builder {
                 state[i] = 1;
                 stack.push((node, true));
                 if e.mode[i] != Mode::Leaf {
-                    stack.push((e.true_child[i], false));
-                    stack.push((e.false_child[i], false));
+                    for child in e.nodes[i].child {
+                        stack.push((child, false));
+                    }
                 }
             }
         }
@@ -371,7 +370,8 @@ impl Builder {
 }
 
 impl TreeEnsemble {
-    /// The [`Fast`] form, where the nodes allow it (the tree has no cycle: checked before).
+    /// The [`Fast`] walk's depths, where the nodes allow it (the tree has no cycle: checked
+    /// before).
     fn pack(&self) -> Option<Fast> {
         let branches = || (0..self.mode.len()).filter(|&i| self.mode[i] != Mode::Leaf);
         let mode = branches().next().map_or(Mode::Leq, |i| self.mode[i]);
@@ -380,18 +380,6 @@ impl TreeEnsemble {
         {
             return None;
         }
-        let nodes = (0..self.mode.len())
-            .map(|i| Packed {
-                feature: self.feature[i]
-                    | if self.missing[i] & NAN_TRUE != 0 {
-                        PACKED_NAN_TRUE
-                    } else {
-                        0
-                    },
-                threshold: self.threshold[i],
-                child: [self.false_child[i], self.true_child[i]],
-            })
-            .collect();
         let depth: Vec<u32> = self.roots.iter().map(|&r| self.depth(r)).collect();
         let group_depth = depth
             .chunks(LANES)
@@ -399,7 +387,6 @@ impl TreeEnsemble {
             .collect();
         Some(Fast {
             mode,
-            nodes,
             depth,
             group_depth,
         })
@@ -414,8 +401,9 @@ impl TreeEnsemble {
             if self.mode[i] == Mode::Leaf {
                 deepest = deepest.max(d);
             } else {
-                stack.push((self.true_child[i], d + 1));
-                stack.push((self.false_child[i], d + 1));
+                for child in self.nodes[i].child {
+                    stack.push((child, d + 1));
+                }
             }
         }
         deepest
@@ -448,8 +436,9 @@ impl TreeEnsemble {
             if mode == Mode::Leaf {
                 return n;
             }
-            let x = row[self.feature[n] as usize];
-            let t = self.threshold[n];
+            let node = &self.nodes[n];
+            let x = row[(node.feature & !PACKED_NAN_TRUE) as usize];
+            let t = node.threshold;
             let missing = self.missing[n];
             let go_true = if x.is_nan() || (missing & ZERO_MISSING != 0 && x.abs() <= ZERO) {
                 missing & NAN_TRUE != 0
@@ -470,11 +459,7 @@ impl TreeEnsemble {
                     Mode::Leaf => unreachable!("returned above"),
                 }
             };
-            n = if go_true {
-                self.true_child[n]
-            } else {
-                self.false_child[n]
-            } as usize;
+            n = node.child[usize::from(go_true)] as usize;
         }
     }
 
@@ -559,7 +544,7 @@ impl TreeEnsemble {
                     let mut at = [root; LANES];
                     // Lanes past the batch walk its last row again, unused.
                     let lanes: [&[f32]; LANES] = std::array::from_fn(|l| row(first + l.min(n - 1)));
-                    Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.depth[tree]);
+                    Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.depth[tree]);
                     for (l, &leaf) in at[..n].iter().enumerate() {
                         let r = first + l;
                         self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
@@ -573,7 +558,7 @@ impl TreeEnsemble {
                     // Lanes past the last tree walk it again, unused.
                     let mut at: [u32; LANES] =
                         std::array::from_fn(|l| roots[l.min(roots.len() - 1)]);
-                    Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.group_depth[group]);
+                    Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.group_depth[group]);
                     for &leaf in &at[..roots.len()] {
                         self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
                     }

@@ -2,7 +2,9 @@
 //! `models/generate_exported.py`): tree regressors and classifiers (2 and 5 classes, with and
 //! without ZipMap) and the libraries' own files on the tree engine, scaler pipelines on the
 //! MLP path, compared with onnxruntime's answers (Booster.predict's for the native files, and
-//! the library's own predict) through the ring client, `tie predict` and HTTP.
+//! the library's own predict) through the ring client, `tie predict` and HTTP; and window
+//! models as PyTorch exports them (`models/generate_sequence.py`: GRU, LSTM and RNN, unrolled
+//! for tract; Conv1d with LayerNormalization; attention), compared with onnxruntime.
 
 use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Priority};
@@ -24,7 +26,14 @@ fn number(v: &Value) -> f32 {
 }
 
 pub(crate) fn fixtures() -> Vec<Fixture> {
-    let dir = root().join("tests/fixtures/exported");
+    let all = fixtures_in("exported");
+    assert!(all.len() >= 16, "{}", all.len());
+    all
+}
+
+/// The fixtures of `tests/fixtures/<set>`.
+fn fixtures_in(set: &str) -> Vec<Fixture> {
+    let dir = root().join("tests/fixtures").join(set);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| {
@@ -33,7 +42,6 @@ pub(crate) fn fixtures() -> Vec<Fixture> {
         })
         .collect();
     names.sort();
-    assert!(names.len() >= 16, "{names:?}");
     names
         .into_iter()
         .map(|name| {
@@ -65,6 +73,26 @@ pub(crate) fn fixtures() -> Vec<Fixture> {
         .collect()
 }
 
+/// The `models/loaded` entry of `model`.
+fn loaded_entry<'a>(loaded: &'a Value, model: &str) -> &'a Value {
+    loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model_name"] == model)
+        .unwrap_or_else(|| panic!("{model} not loaded: {loaded}"))
+}
+
+/// The values of an HTTP predict answer, in order.
+fn predicted(body: &Value) -> Vec<f32> {
+    body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap() as f32)
+        .collect()
+}
+
 fn close(got: f32, want: f32, tolerance: f32) -> bool {
     if !want.is_finite() {
         // NaN in, NaN out (the layout allows non-finite values), or an overflow.
@@ -79,12 +107,7 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
     let base = server.http();
     let (_, loaded) = get(&format!("{base}/api/v1/internal/inference/models/loaded"));
     for f in fixtures() {
-        let entry = loaded
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["model_name"] == f.model.as_str())
-            .unwrap_or_else(|| panic!("{} not loaded: {loaded}", f.model));
+        let entry = loaded_entry(&loaded, &f.model);
         // Pipelines are MLP-shaped: the MLP path on the CPU, or the GPU where one is usable.
         let engines: &[&str] = if f.model.starts_with("pipe_") {
             &["cpu-mlp", "cuda"]
@@ -209,17 +232,68 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
         );
         assert_eq!(code, 200, "{body}");
         let width = f.expected[0].len();
-        let values: Vec<f32> = body["predictions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["value"].as_f64().unwrap() as f32)
-            .collect();
+        let values = predicted(&body);
         let want: Vec<f32> = f.expected[..16].iter().flatten().copied().collect();
         assert_eq!(values.len(), 16 * width, "{body}");
         for (g, w) in values.iter().zip(&want) {
             assert!(
                 close(*g, *w, 1e-5),
+                "{} over HTTP: {g} against {w}",
+                f.model
+            );
+        }
+    }
+}
+
+#[test]
+fn sequence_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
+    let server = TestServer::start_with(TEST_CONFIG, &root().join("tests/fixtures/sequence"));
+    let base = server.http();
+    let (_, loaded) = get(&format!("{base}/api/v1/internal/inference/models/loaded"));
+    let fixtures = fixtures_in("sequence");
+    let mut names: Vec<&str> = fixtures.iter().map(|f| f.model.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["attention", "conv_ln", "gru", "gru_bi", "lstm", "rnn"]
+    );
+    for f in &fixtures {
+        let entry = loaded_entry(&loaded, &f.model);
+        assert_eq!(entry["engine"], "cpu-tract", "{}: {entry}", f.model);
+        let mut client = Client::connect("test", &f.model, server.options()).unwrap();
+        for (i, (row, want)) in f.inputs.iter().zip(&f.expected).enumerate() {
+            let got = client.predict(row).unwrap();
+            assert_eq!(got.outputs().len(), want.len(), "{} row {i}", f.model);
+            for (g, w) in got.outputs().iter().zip(want) {
+                assert!(
+                    close(*g, *w, 1e-4),
+                    "{} row {i}: {g} against onnxruntime's {w}",
+                    f.model
+                );
+            }
+            if let Some(lib) = &f.library[i] {
+                for (g, l) in got.outputs().iter().zip(lib) {
+                    assert!(
+                        close(*g, *l, 1e-4),
+                        "{} row {i}: {g} against PyTorch's {l}",
+                        f.model
+                    );
+                }
+            }
+        }
+        // All rows in one HTTP request: one batch of 19.
+        let request = inference_request("sequence", &f.model, None, &f.inputs, Value::Null);
+        let (code, body) = post(
+            &format!("{base}/api/v1/internal/inference/predict"),
+            &request,
+        );
+        assert_eq!(code, 200, "{body}");
+        let values = predicted(&body);
+        let want: Vec<f32> = f.expected.iter().flatten().copied().collect();
+        assert_eq!(values.len(), want.len(), "{body}");
+        for (g, w) in values.iter().zip(&want) {
+            assert!(
+                close(*g, *w, 1e-4),
                 "{} over HTTP: {g} against {w}",
                 f.model
             );

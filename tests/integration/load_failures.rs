@@ -9,66 +9,39 @@ use tie_client::Client;
 use crate::common::onnx;
 use crate::common::{add_version, fails_within, get, root, scratch_dir, TestServer, TEST_CONFIG};
 
-/// A GRU over a window of 8 steps of 4 features (`Reshape → Transpose → GRU → Squeeze →
-/// Gemm`, batch dimension symbolic): tract 0.23 panics while building it
-/// (`UndeterminedSymbol("N")`).
-fn gru_window() -> Vec<u8> {
-    let (steps, features, hidden) = (8i64, 4i64, 16i64);
-    let zeros = |name: &str, dims: &[i64]| {
-        let n: i64 = dims.iter().product();
-        onnx::floats(name, dims, &vec![0.1; n as usize])
-    };
-    let mut gru = onnx::node("GRU", &["seq_t", "W", "R", "B"], "unused");
-    gru.output = vec![String::new(), "h".into()];
-    gru.attribute
-        .push(onnx::int_attribute("hidden_size", hidden));
-    let mut transpose = onnx::node("Transpose", &["seq"], "seq_t");
-    transpose.attribute.push(tract_onnx::pb::AttributeProto {
-        name: "perm".into(),
-        r#type: tract_onnx::pb::attribute_proto::AttributeType::Ints as i32,
-        ints: vec![1, 0, 2],
-        ..Default::default()
-    });
-    let mut gemm = onnx::node("Gemm", &["last", "fc_w", "fc_b"], "y");
-    gemm.attribute.push(onnx::int_attribute("transB", 1));
+/// A graph that makes tract 0.23 panic while typing it: `Range` with a step of 0 (its shape
+/// inference divides by the step, `attempt to divide by zero`).
+fn range_step_zero() -> Vec<u8> {
+    let mut cast = onnx::node("Cast", &["positions"], "offsets");
+    cast.attribute.push(onnx::int_attribute("to", 1));
     onnx::model(
         vec![
-            onnx::node("Reshape", &["x", "shape"], "seq"),
-            transpose,
-            gru,
-            onnx::node("Squeeze", &["h", "axes"], "last"),
-            gemm,
+            onnx::node("Range", &["start", "limit", "delta"], "positions"),
+            cast,
+            onnx::node("Add", &["x", "offsets"], "y"),
         ],
         vec![
-            onnx::ints("shape", &[3], &[-1, steps, features]),
-            zeros("W", &[1, 3 * hidden, features]),
-            zeros("R", &[1, 3 * hidden, hidden]),
-            zeros("B", &[1, 6 * hidden]),
-            onnx::ints("axes", &[1], &[0]),
-            zeros("fc_w", &[2, hidden]),
-            zeros("fc_b", &[2]),
+            onnx::ints("start", &[], &[0]),
+            onnx::ints("limit", &[], &[4]),
+            onnx::ints("delta", &[], &[0]),
         ],
-        steps * features,
-        2,
+        4,
+        4,
     )
 }
 
-/// A repository with the identity model, the GRU that makes tract panic, and a model whose
-/// config is invalid.
+/// A repository with the identity model, a graph that makes tract panic, a model whose
+/// config is invalid, and one with an ONNX-ML op no engine runs.
 fn repository() -> std::path::PathBuf {
     let repo = scratch_dir("load-failures");
     add_version(&repo, "identity", 1, "identity", 1);
-    onnx::install(&repo, "gru", &gru_window());
+    onnx::install(&repo, "panics", &range_step_zero());
     add_version(&repo, "identity", 1, "badconfig", 1);
     std::fs::write(repo.join("badconfig/config.toml"), "layuot = \"x\"\n").unwrap();
     // An ONNX-ML op no engine runs.
-    let mut normalizer = onnx::node("Normalizer", &["x"], "y");
-    normalizer.domain = "ai.onnx.ml".into();
-    onnx::install(
-        &repo,
-        "normalizer",
-        &onnx::model(vec![normalizer], vec![], 4, 4),
-    );
+    let mut svm = onnx::node("SVMRegressor", &["x"], "y");
+    svm.domain = "ai.onnx.ml".into();
+    onnx::install(&repo, "svm", &onnx::model(vec![svm], vec![], 4, 4));
     repo
 }
 
@@ -76,7 +49,7 @@ fn repository() -> std::path::PathBuf {
 fn a_model_that_panics_while_loading_stops_start_up_by_default_with_its_file_named() {
     let repo = repository();
     std::fs::remove_dir_all(repo.join("badconfig")).unwrap();
-    std::fs::remove_dir_all(repo.join("normalizer")).unwrap();
+    std::fs::remove_dir_all(repo.join("svm")).unwrap();
     let dir = scratch_dir("exit-on-error");
     // The config says go on; the flag, given last, says stop.
     std::fs::write(
@@ -105,9 +78,9 @@ fn a_model_that_panics_while_loading_stops_start_up_by_default_with_its_file_nam
             .arg(&dir),
     );
     assert_eq!(status.code(), Some(1), "{stderr}");
-    let file = repo.join("gru/1/model.onnx");
+    let file = repo.join("panics/1/model.onnx");
     assert!(
-        stderr.contains("error: model gru version 1")
+        stderr.contains("error: model panics version 1")
             && stderr.contains(&format!("loading {} panicked", file.display())),
         "{stderr}"
     );
@@ -139,13 +112,13 @@ fn with_exit_on_error_off_the_others_serve_and_the_failed_ones_are_listed() {
             .clone()
     };
     assert_eq!(entry("identity:1")["available"], true);
-    let gru = entry("gru:1");
-    assert_eq!(gru["available"], false, "{gru}");
+    let panics = entry("panics:1");
+    assert_eq!(panics["available"], false, "{panics}");
     assert!(
-        gru["not_ready_reason"]
+        panics["not_ready_reason"]
             .as_str()
-            .is_some_and(|r| r.contains("panicked") && r.contains("gru/1/model.onnx")),
-        "{gru}"
+            .is_some_and(|r| r.contains("panicked") && r.contains("panics/1/model.onnx")),
+        "{panics}"
     );
     let bad = entry("badconfig");
     assert!(
@@ -154,12 +127,12 @@ fn with_exit_on_error_off_the_others_serve_and_the_failed_ones_are_listed() {
             .is_some_and(|r| r.contains("layuot")),
         "{bad}"
     );
-    let normalizer = entry("normalizer:1");
+    let svm = entry("svm:1");
     assert!(
-        normalizer["not_ready_reason"]
+        svm["not_ready_reason"]
             .as_str()
-            .is_some_and(|r| r.contains("op Normalizer of domain ai.onnx.ml")),
-        "{normalizer}"
+            .is_some_and(|r| r.contains("op SVMRegressor of domain ai.onnx.ml")),
+        "{svm}"
     );
     let (code, ready) = get(&format!("{base}/health/ready"));
     assert_eq!(code, 503, "{ready}");
@@ -171,7 +144,7 @@ fn with_exit_on_error_off_the_others_serve_and_the_failed_ones_are_listed() {
         .filter_map(|m| m["model_key"].as_str())
         .collect();
     assert!(
-        listed.contains(&"gru:1") && listed.contains(&"badconfig"),
+        listed.contains(&"panics:1") && listed.contains(&"badconfig"),
         "{ready}"
     );
     // Nothing of the server went down with the panic.

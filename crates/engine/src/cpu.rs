@@ -131,7 +131,12 @@ pub fn load_cpu_with(
         None => {
             // ONNX-ML ops off the MLP path are refused by name rather than left to tract.
             crate::trees::refuse_foreign_ops(&proto)?;
-            Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?)
+            let unrolled = crate::recurrent::unroll(&proto, io.input_width)?;
+            Arc::new(TractBackend::new(
+                unrolled.as_ref().unwrap_or(&proto),
+                io,
+                max_tensor_bytes,
+            )?)
         }
     })
 }

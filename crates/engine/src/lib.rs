@@ -24,6 +24,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod attributes;
 mod backend;
 pub mod bounds;
 mod cpu;
@@ -33,6 +34,7 @@ pub mod devices;
 mod lower;
 mod mlp;
 pub mod profile;
+mod recurrent;
 mod tract;
 pub mod trees;
 
@@ -43,3 +45,25 @@ pub use cpu::{load_cpu, load_cpu_with, read_mlp, BackendLoadError, CpuEngine};
 pub use lower::{lower_mlp, LowerError};
 pub use mlp::{Activation, Dense, MlpBackend, MlpPlan};
 pub use tract::TractBackend;
+
+/// Helpers of the unit tests that read the fixtures under `tests/fixtures`.
+#[cfg(test)]
+mod fixtures {
+    /// `tests/fixtures/<file>`, parsed as JSON.
+    pub(crate) fn json<T: serde::de::DeserializeOwned>(file: &str) -> T {
+        let path = format!("{}/../../tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    /// A model stored in a fixture as base64.
+    pub(crate) fn model(base64: &str) -> tract_onnx::pb::ModelProto {
+        use base64::Engine as _;
+        use tract_onnx::prelude::Framework as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(base64)
+            .unwrap();
+        tract_onnx::onnx()
+            .proto_model_for_read(&mut bytes.as_slice())
+            .unwrap()
+    }
+}

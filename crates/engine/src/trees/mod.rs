@@ -28,7 +28,7 @@ pub use onnx::{plan, refuse_foreign_ops, ML_DOMAIN};
 
 use crate::BackendLoadError;
 
-fn unsupported(why: impl Into<String>) -> BackendLoadError {
+pub(crate) fn unsupported(why: impl Into<String>) -> BackendLoadError {
     BackendLoadError::UnsupportedOp(why.into())
 }
 

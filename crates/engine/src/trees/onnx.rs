@@ -11,7 +11,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
+use tract_onnx::pb::{ModelProto, NodeProto};
+
+use crate::attributes::Attributes;
 
 use super::ensemble::{Aggregate, Branch, Builder, Mode, Output, PostTransform, TreeEnsemble};
 use super::unsupported;
@@ -26,88 +28,6 @@ const TREE_OPS: [&str; 3] = [
     "TreeEnsembleClassifier",
     "TreeEnsemble",
 ];
-
-/// The attributes of a node by name.
-struct Attributes<'a>(HashMap<&'a str, &'a AttributeProto>);
-
-impl<'a> Attributes<'a> {
-    fn of(node: &'a NodeProto) -> Self {
-        Self(
-            node.attribute
-                .iter()
-                .map(|a| (a.name.as_str(), a))
-                .collect(),
-        )
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.0.contains_key(name)
-    }
-
-    fn ints(&self, name: &str) -> &'a [i64] {
-        self.0.get(name).map_or(&[], |a| a.ints.as_slice())
-    }
-
-    fn int(&self, name: &str, default: i64) -> i64 {
-        self.0.get(name).map_or(default, |a| a.i)
-    }
-
-    fn string(&self, name: &str, default: &'a str) -> &'a [u8] {
-        self.0
-            .get(name)
-            .map_or(default.as_bytes(), |a| a.s.as_slice())
-    }
-
-    fn strings(&self, name: &str) -> Vec<&'a [u8]> {
-        self.0
-            .get(name)
-            .map_or_else(Vec::new, |a| a.strings.iter().map(Vec::as_slice).collect())
-    }
-
-    /// Float values given as `name` (floats) or `name_as_tensor` (a float or double tensor).
-    fn floats(&self, name: &str) -> Result<Vec<f64>, BackendLoadError> {
-        if let Some(a) = self.0.get(name) {
-            if let Some(t) = &a.t {
-                return self.tensor_floats(name, t);
-            }
-            return Ok(a.floats.iter().map(|&v| f64::from(v)).collect());
-        }
-        match self
-            .0
-            .get(format!("{name}_as_tensor").as_str())
-            .and_then(|a| a.t.as_ref())
-        {
-            Some(t) => self.tensor_floats(name, t),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    fn tensor_floats(
-        &self,
-        name: &str,
-        t: &tract_onnx::pb::TensorProto,
-    ) -> Result<Vec<f64>, BackendLoadError> {
-        crate::bounds::floats(t)
-            .ok_or_else(|| unsupported(format!("{name} is not a float or double tensor")))
-    }
-
-    /// A tensor of small integers (opset 5's `nodes_modes`, uint8; or int64).
-    fn tensor_ints(&self, name: &str) -> Result<Vec<i64>, BackendLoadError> {
-        /// ONNX's UINT8 element type.
-        const UINT8: i32 = 2;
-        match self.0.get(name).and_then(|a| a.t.as_ref()) {
-            Some(t) if t.data_type == UINT8 && !t.int32_data.is_empty() => {
-                Ok(t.int32_data.iter().map(|&v| i64::from(v)).collect())
-            }
-            Some(t) if t.data_type == UINT8 => {
-                Ok(t.raw_data.iter().map(|&v| i64::from(v)).collect())
-            }
-            Some(t) => crate::bounds::int64s(t)
-                .ok_or_else(|| unsupported(format!("{name} is not a uint8 or int64 tensor"))),
-            None => Ok(Vec::new()),
-        }
-    }
-}
 
 fn same_lengths(op: &str, n: usize, arrays: &[(&str, usize)]) -> Result<(), BackendLoadError> {
     for (what, len) in arrays {
@@ -674,6 +594,7 @@ pub fn refuse_foreign_ops(proto: &ModelProto) -> Result<(), BackendLoadError> {
 #[cfg(test)]
 mod tests {
     use tract_onnx::pb::attribute_proto::AttributeType;
+    use tract_onnx::pb::AttributeProto;
 
     use super::super::ensemble::post_transform;
     use super::*;
@@ -1012,8 +933,6 @@ mod tests {
     /// `models/random_trees.py`) answer as onnxruntime did.
     #[test]
     fn random_ensembles_answer_as_onnxruntime() {
-        use base64::Engine as _;
-        use tract_onnx::prelude::Framework as _;
         #[derive(serde::Deserialize)]
         struct Case {
             kind: String,
@@ -1024,21 +943,11 @@ mod tests {
             oracle: String,
             expected: Vec<Vec<serde_json::Value>>,
         }
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/random_trees.json"
-        );
-        let cases: Vec<Case> =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases: Vec<Case> = crate::fixtures::json("random_trees.json");
         assert!(cases.len() >= 100);
         let mut failures = Vec::new();
         for (i, case) in cases.iter().enumerate() {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&case.model)
-                .unwrap();
-            let proto = tract_onnx::onnx()
-                .proto_model_for_read(&mut bytes.as_slice())
-                .unwrap();
+            let proto = crate::fixtures::model(&case.model);
             let (io, ensemble) = match plan(&proto) {
                 Ok(Some(planned)) => planned,
                 other => {

@@ -1,0 +1,758 @@
+//! ONNX's recurrent ops (`GRU`, `LSTM`, `RNN`) unrolled over their window into plain ops
+//! (`Gather`, `MatMul`, `Add`, `Mul`, `Sub`, the gate activations, `Reshape`, `Concat`,
+//! `Transpose`), before tract sees the graph.
+//!
+//! A window model's sequence length is fixed by the graph (the row is reshaped into
+//! `[batch, steps, features]`), while its batch dimension is symbolic; tract's own recurrent
+//! ops need a concrete batch (it panics without one) and its GRU has given answers that differ
+//! from onnxruntime's. Unrolled, the graph keeps its symbolic batch and every step is ops
+//! whose answers are checked against onnxruntime on the exporters' models.
+//!
+//! Supported: all three ops in the forward, reverse and bidirectional directions, both
+//! layouts, `linear_before_reset`, initial states, LSTM peepholes, and the gate activations
+//! `Sigmoid`, `Tanh` and `Relu`. Refused by name: `sequence_lens` (padded batches), `clip`,
+//! LSTM's `input_forget`, other activations, and weights that are not constants.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::attribute_proto::AttributeType;
+use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::DimLike;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::attributes::Attributes;
+use crate::trees::unsupported;
+use crate::BackendLoadError;
+
+/// The recurrent ops, by their ONNX name.
+const OPS: [&str; 3] = ["GRU", "LSTM", "RNN"];
+
+const ONNX_FLOAT: i32 = 1;
+const ONNX_INT64: i32 = 7;
+
+fn is_recurrent(node: &NodeProto) -> bool {
+    (node.domain.is_empty() || node.domain == "ai.onnx") && OPS.contains(&node.op_type.as_str())
+}
+
+/// `proto` with its recurrent ops unrolled, or `None` when it has none.
+///
+/// `input_width` is the width of the graph's `[batch, width]` input, used to learn each
+/// recurrent op's sequence length.
+///
+/// # Errors
+/// [`BackendLoadError::UnsupportedOp`] for a recurrent op used in a way this does not unroll
+/// (see the module's list), or whose sequence length the graph does not fix.
+pub(crate) fn unroll(
+    proto: &ModelProto,
+    input_width: usize,
+) -> Result<Option<ModelProto>, BackendLoadError> {
+    let Some(graph) = proto.graph.as_ref() else {
+        return Ok(None);
+    };
+    if !graph.node.iter().any(is_recurrent) {
+        return Ok(None);
+    }
+    let lengths = sequence_lengths(proto, input_width)?;
+    let constants: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut out = Emitter::default();
+    for (k, node) in graph.node.iter().enumerate() {
+        if !is_recurrent(node) {
+            out.nodes.push(node.clone());
+            continue;
+        }
+        out.prefix = format!("tie.unroll{k}.");
+        let x = &node.input[0];
+        let steps = lengths.get(x.as_str()).copied().flatten().ok_or_else(|| {
+            unsupported(format!(
+                "{} {:?}: the graph does not fix the length of its sequence {x:?}",
+                node.op_type, node.name
+            ))
+        })?;
+        let cell = Cell::read(node, &constants)?;
+        cell.unroll(node, steps, &mut out)?;
+    }
+    let mut proto = proto.clone();
+    let graph = proto.graph.as_mut().expect("checked above");
+    graph.node = out.nodes;
+    graph.initializer.extend(out.constants);
+    Ok(Some(proto))
+}
+
+/// The sequence length of every recurrent op's input, learned by tract's shape inference
+/// with a batch of one (`None` where it could not tell).
+fn sequence_lengths(
+    proto: &ModelProto,
+    input_width: usize,
+) -> Result<HashMap<String, Option<usize>>, BackendLoadError> {
+    let tract_err = |e: TractError| BackendLoadError::Tract(format!("{e:#}"));
+    let graph = proto.graph.as_ref().expect("the caller checked");
+    let mut model = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .map_err(tract_err)?;
+    model
+        .set_input_fact(
+            0,
+            InferenceFact::dt_shape(f32::datum_type(), tvec!(1, input_width)),
+        )
+        .map_err(tract_err)?;
+    // Facts are filled as far as analysis gets; a failure further on is reported when the
+    // unrolled graph is built.
+    let _ = model.analyse(false);
+    let mut facts = HashMap::new();
+    for node in model.nodes() {
+        for ix in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, ix);
+            if let (Some(label), Ok(fact)) = (model.outlet_label(outlet), model.outlet_fact(outlet))
+            {
+                facts.insert(label.to_string(), fact.clone());
+            }
+        }
+    }
+    let mut lengths = HashMap::new();
+    for node in graph.node.iter().filter(|n| is_recurrent(n)) {
+        let layout = Attributes::of(node).int("layout", 0);
+        let axis = usize::from(layout == 1);
+        let x = &node.input[0];
+        let length = facts.get(x).and_then(|f| {
+            let dims: Vec<_> = f.shape.dims().collect();
+            dims.get(axis)?.concretize()?.to_usize().ok()
+        });
+        lengths.insert(x.clone(), length);
+    }
+    Ok(lengths)
+}
+
+/// Which recurrent op.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Gru,
+    Lstm,
+    Rnn,
+}
+
+impl Kind {
+    /// Gates in W, R and each half of B (GRU: z r h; LSTM: i o f c; RNN: one).
+    fn gates(self) -> usize {
+        match self {
+            Kind::Gru => 3,
+            Kind::Lstm => 4,
+            Kind::Rnn => 1,
+        }
+    }
+
+    /// Activations per direction, and their defaults.
+    fn default_activations(self) -> &'static [&'static str] {
+        match self {
+            Kind::Gru => &["Sigmoid", "Tanh"],
+            Kind::Lstm => &["Sigmoid", "Tanh", "Tanh"],
+            Kind::Rnn => &["Tanh"],
+        }
+    }
+}
+
+/// One direction's constants, each gate's transposed so that a step is `x · Wᵀ`.
+struct Direction {
+    /// Per gate: `Wᵀ` `[input, hidden]`.
+    w: Vec<Vec<f32>>,
+    /// Per gate: `Rᵀ` `[hidden, hidden]`.
+    r: Vec<Vec<f32>>,
+    /// Per gate: the bias added to the input projection.
+    bias: Vec<Vec<f32>>,
+    /// GRU with `linear_before_reset`: `Rb` of the h gate, added inside the reset.
+    reset_bias: Option<Vec<f32>>,
+    /// LSTM peepholes (i, o, f).
+    peepholes: Option<[Vec<f32>; 3]>,
+    /// Activation names (see [`Kind::default_activations`]).
+    activations: Vec<String>,
+    /// Whether it walks the window from the last step.
+    reverse: bool,
+}
+
+/// A recurrent node's constants and options.
+struct Cell {
+    kind: Kind,
+    hidden: usize,
+    input: usize,
+    batch_first: bool,
+    directions: Vec<Direction>,
+}
+
+impl Cell {
+    fn read(
+        node: &NodeProto,
+        constants: &HashMap<&str, &TensorProto>,
+    ) -> Result<Self, BackendLoadError> {
+        let kind = match node.op_type.as_str() {
+            "GRU" => Kind::Gru,
+            "LSTM" => Kind::Lstm,
+            _ => Kind::Rnn,
+        };
+        let op = format!("{} {:?}", node.op_type, node.name);
+        let a = Attributes::of(node);
+        let input_name = |i: usize| node.input.get(i).filter(|s| !s.is_empty());
+        if input_name(4).is_some() {
+            return Err(unsupported(format!(
+                "{op}: sequence_lens (a batch of padded sequences) is not supported"
+            )));
+        }
+        if a.has("clip") {
+            return Err(unsupported(format!("{op}: clip is not supported")));
+        }
+        if kind == Kind::Lstm && a.int("input_forget", 0) != 0 {
+            return Err(unsupported(format!("{op}: input_forget is not supported")));
+        }
+        let directions = match a.string("direction", "forward") {
+            b"forward" => vec![false],
+            b"reverse" => vec![true],
+            b"bidirectional" => vec![false, true],
+            other => {
+                return Err(unsupported(format!(
+                    "{op}: direction {:?}",
+                    String::from_utf8_lossy(other)
+                )))
+            }
+        };
+        let d = directions.len();
+        let hidden = usize::try_from(a.int("hidden_size", 0))
+            .ok()
+            .filter(|&h| h > 0)
+            .ok_or_else(|| unsupported(format!("{op}: hidden_size is not given")))?;
+        let g = kind.gates();
+        let constant = |i: usize, what: &str| -> Result<Option<Vec<f32>>, BackendLoadError> {
+            let Some(name) = input_name(i) else {
+                return Ok(None);
+            };
+            let t = constants
+                .get(name.as_str())
+                .ok_or_else(|| unsupported(format!("{op}: {what} {name:?} is not a constant")))?;
+            let values = crate::bounds::floats(t).ok_or_else(|| {
+                unsupported(format!("{op}: {what} {name:?} is not a float tensor"))
+            })?;
+            Ok(Some(values.into_iter().map(|v| v as f32).collect()))
+        };
+        let w = constant(1, "W")?.ok_or_else(|| unsupported(format!("{op}: W is not given")))?;
+        let r = constant(2, "R")?.ok_or_else(|| unsupported(format!("{op}: R is not given")))?;
+        let b = constant(3, "B")?.unwrap_or_else(|| vec![0.0; d * 2 * g * hidden]);
+        let p = if kind == Kind::Lstm {
+            constant(7, "P")?
+        } else {
+            None
+        };
+        let input = w.len() / (d * g * hidden).max(1);
+        let sizes = [
+            ("W", w.len(), d * g * hidden * input),
+            ("R", r.len(), d * g * hidden * hidden),
+            ("B", b.len(), d * 2 * g * hidden),
+            (
+                "P",
+                p.as_ref().map_or(d * 3 * hidden, Vec::len),
+                d * 3 * hidden,
+            ),
+        ];
+        for (what, got, want) in sizes {
+            if got != want || want == 0 {
+                return Err(unsupported(format!(
+                    "{op}: {what} has {got} values, {want} expected for hidden_size {hidden}"
+                )));
+            }
+        }
+        let defaults = kind.default_activations();
+        let names = a.strings("activations");
+        let activations: Vec<String> = if names.is_empty() {
+            directions
+                .iter()
+                .flat_map(|_| defaults.iter().map(|s| (*s).to_string()))
+                .collect()
+        } else {
+            names
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        };
+        if activations.len() != d * defaults.len() {
+            return Err(unsupported(format!(
+                "{op}: {} activations for {d} direction(s)",
+                activations.len()
+            )));
+        }
+        if let Some(other) = activations
+            .iter()
+            .find(|s| !matches!(s.as_str(), "Sigmoid" | "Tanh" | "Relu"))
+        {
+            return Err(unsupported(format!(
+                "{op}: activation {other} (Sigmoid, Tanh and Relu are supported)"
+            )));
+        }
+        let linear_before_reset = kind == Kind::Gru && a.int("linear_before_reset", 0) != 0;
+        // Rows `first..first + hidden` of a `[rows, cols]` matrix, transposed.
+        let transposed = |m: &[f32], first: usize, cols: usize| -> Vec<f32> {
+            let mut t = vec![0.0; cols * hidden];
+            for j in 0..hidden {
+                for i in 0..cols {
+                    t[i * hidden + j] = m[(first + j) * cols + i];
+                }
+            }
+            t
+        };
+        let directions = directions
+            .iter()
+            .enumerate()
+            .map(|(dir, &reverse)| {
+                let w = &w[dir * g * hidden * input..(dir + 1) * g * hidden * input];
+                let r = &r[dir * g * hidden * hidden..(dir + 1) * g * hidden * hidden];
+                let b = &b[dir * 2 * g * hidden..(dir + 1) * 2 * g * hidden];
+                let slice = |v: &[f32], k: usize| v[k * hidden..(k + 1) * hidden].to_vec();
+                let (wb, rb) = b.split_at(g * hidden);
+                let bias = (0..g)
+                    .map(|k| {
+                        let inside = linear_before_reset && k == 2;
+                        slice(wb, k)
+                            .iter()
+                            .zip(slice(rb, k))
+                            .map(|(x, y)| if inside { *x } else { x + y })
+                            .collect()
+                    })
+                    .collect();
+                Direction {
+                    w: (0..g).map(|k| transposed(w, k * hidden, input)).collect(),
+                    r: (0..g).map(|k| transposed(r, k * hidden, hidden)).collect(),
+                    bias,
+                    reset_bias: linear_before_reset.then(|| slice(rb, 2)),
+                    peepholes: p.as_ref().map(|p| {
+                        let p = &p[dir * 3 * hidden..(dir + 1) * 3 * hidden];
+                        [slice(p, 0), slice(p, 1), slice(p, 2)]
+                    }),
+                    activations: activations[dir * defaults.len()..(dir + 1) * defaults.len()]
+                        .to_vec(),
+                    reverse,
+                }
+            })
+            .collect();
+        Ok(Self {
+            kind,
+            hidden,
+            input,
+            batch_first: a.int("layout", 0) == 1,
+            directions,
+        })
+    }
+
+    /// Writes the unrolled steps of `node` over `steps` steps, ending in its outputs' names.
+    fn unroll(
+        &self,
+        node: &NodeProto,
+        steps: usize,
+        out: &mut Emitter,
+    ) -> Result<(), BackendLoadError> {
+        let (h, i) = (self.hidden, self.input);
+        let input_name = |k: usize| node.input.get(k).filter(|s| !s.is_empty()).cloned();
+        // X as [steps, batch, input].
+        let x = if self.batch_first {
+            out.op(
+                "Transpose",
+                &[&node.input[0]],
+                vec![ints_attribute("perm", &[1, 0, 2])],
+            )
+        } else {
+            node.input[0].clone()
+        };
+        let ndir = self.directions.len();
+        // Initial states, per direction as [batch, hidden].
+        let state_axis = i64::from(self.batch_first);
+        let initial = |out: &mut Emitter, k: usize, dir: usize| {
+            input_name(k).map(|s| {
+                let index = out.scalar_i64(dir as i64);
+                out.op(
+                    "Gather",
+                    &[&s, &index],
+                    vec![int_attribute("axis", state_axis)],
+                )
+            })
+        };
+        let mut ys: Vec<Vec<String>> = vec![Vec::new(); steps];
+        let mut last_h = Vec::new();
+        let mut last_c = Vec::new();
+        for (dir, d) in self.directions.iter().enumerate() {
+            let gates = self.kind.gates();
+            let projected: Vec<String> = (0..gates)
+                .map(|k| {
+                    let w = out.constant_f32(&[i, h], &d.w[k]);
+                    let b = out.constant_f32(&[h], &d.bias[k]);
+                    let xw = out.op("MatMul", &[&x, &w], vec![]);
+                    out.op("Add", &[&xw, &b], vec![])
+                })
+                .collect();
+            let r: Vec<String> = (0..gates)
+                .map(|k| out.constant_f32(&[h, h], &d.r[k]))
+                .collect();
+            let act =
+                |out: &mut Emitter, k: usize, v: &str| out.op(&d.activations[k], &[v], vec![]);
+            let mut state = initial(out, 5, dir);
+            let mut cell = if self.kind == Kind::Lstm {
+                initial(out, 6, dir)
+            } else {
+                None
+            };
+            let order: Vec<usize> = if d.reverse {
+                (0..steps).rev().collect()
+            } else {
+                (0..steps).collect()
+            };
+            for t in order {
+                let index = out.scalar_i64(t as i64);
+                let xt: Vec<String> = projected
+                    .iter()
+                    .map(|p| out.op("Gather", &[p, &index], vec![int_attribute("axis", 0)]))
+                    .collect();
+                // x + h · Rᵀ for gate k (x alone while the state is zero).
+                let recur = |out: &mut Emitter, k: usize, state: &Option<String>| match state {
+                    Some(s) => {
+                        let hr = out.op("MatMul", &[s, &r[k]], vec![]);
+                        out.op("Add", &[&xt[k], &hr], vec![])
+                    }
+                    None => xt[k].clone(),
+                };
+                let next = match self.kind {
+                    Kind::Rnn => {
+                        let v = recur(out, 0, &state);
+                        act(out, 0, &v)
+                    }
+                    Kind::Gru => {
+                        let z = recur(out, 0, &state);
+                        let z = act(out, 0, &z);
+                        let rr = recur(out, 1, &state);
+                        let rr = act(out, 0, &rr);
+                        let inner = match (&state, &d.reset_bias) {
+                            (Some(s), None) => {
+                                let rs = out.op("Mul", &[&rr, s], vec![]);
+                                let rsr = out.op("MatMul", &[&rs, &r[2]], vec![]);
+                                out.op("Add", &[&xt[2], &rsr], vec![])
+                            }
+                            (None, None) => xt[2].clone(),
+                            (Some(s), Some(rb)) => {
+                                let hr = out.op("MatMul", &[s, &r[2]], vec![]);
+                                let rb = out.constant_f32(&[h], rb);
+                                let hrb = out.op("Add", &[&hr, &rb], vec![]);
+                                let gated = out.op("Mul", &[&rr, &hrb], vec![]);
+                                out.op("Add", &[&xt[2], &gated], vec![])
+                            }
+                            (None, Some(rb)) => {
+                                let rb = out.constant_f32(&[h], rb);
+                                let gated = out.op("Mul", &[&rr, &rb], vec![]);
+                                out.op("Add", &[&xt[2], &gated], vec![])
+                            }
+                        };
+                        let candidate = act(out, 1, &inner);
+                        // h' = (1 - z) ⊙ candidate + z ⊙ h = candidate + z ⊙ (h - candidate)
+                        match &state {
+                            Some(s) => {
+                                let diff = out.op("Sub", &[s, &candidate], vec![]);
+                                let zd = out.op("Mul", &[&z, &diff], vec![]);
+                                out.op("Add", &[&candidate, &zd], vec![])
+                            }
+                            None => {
+                                let zc = out.op("Mul", &[&z, &candidate], vec![]);
+                                out.op("Sub", &[&candidate, &zc], vec![])
+                            }
+                        }
+                    }
+                    Kind::Lstm => {
+                        // Gates in W's order: i o f c; peepholes i o f.
+                        let peep =
+                            |out: &mut Emitter, v: String, k: usize, c: &Option<String>| match (
+                                c,
+                                &d.peepholes,
+                            ) {
+                                (Some(c), Some(p)) => {
+                                    let p = out.constant_f32(&[h], &p[k]);
+                                    let pc = out.op("Mul", &[c, &p], vec![]);
+                                    out.op("Add", &[&v, &pc], vec![])
+                                }
+                                _ => v,
+                            };
+                        let gi = recur(out, 0, &state);
+                        let gi = peep(out, gi, 0, &cell);
+                        let gi = act(out, 0, &gi);
+                        let gf = recur(out, 2, &state);
+                        let gf = peep(out, gf, 2, &cell);
+                        let gf = act(out, 0, &gf);
+                        let gc = recur(out, 3, &state);
+                        let gc = act(out, 1, &gc);
+                        let ic = out.op("Mul", &[&gi, &gc], vec![]);
+                        let c = match &cell {
+                            Some(c) => {
+                                let fc = out.op("Mul", &[&gf, c], vec![]);
+                                out.op("Add", &[&fc, &ic], vec![])
+                            }
+                            None => ic,
+                        };
+                        let go = recur(out, 1, &state);
+                        let go = peep(out, go, 1, &Some(c.clone()));
+                        let go = act(out, 0, &go);
+                        let hc = act(out, 2, &c);
+                        cell = Some(c);
+                        out.op("Mul", &[&go, &hc], vec![])
+                    }
+                };
+                ys[t].push(next.clone());
+                state = Some(next);
+            }
+            last_h.push(state.expect("at least one step"));
+            if let Some(c) = cell {
+                last_c.push(c);
+            }
+        }
+        let output = |k: usize| node.output.get(k).filter(|s| !s.is_empty());
+        // Y: [steps, directions, batch, hidden] ([batch, steps, directions, hidden] batch-first).
+        if let Some(y) = output(0) {
+            let shape = out.constant_i64(&[4], &[1, 1, -1, h as i64]);
+            let per_step: Vec<String> = ys
+                .iter()
+                .map(|hs| {
+                    let parts: Vec<String> = hs
+                        .iter()
+                        .map(|s| out.op("Reshape", &[s, &shape], vec![]))
+                        .collect();
+                    out.concat(&parts, 1)
+                })
+                .collect();
+            let stacked = out.concat(&per_step, 0);
+            if self.batch_first {
+                out.op_into(
+                    "Transpose",
+                    &[&stacked],
+                    vec![ints_attribute("perm", &[2, 0, 1, 3])],
+                    y,
+                );
+            } else {
+                out.op_into("Identity", &[&stacked], vec![], y);
+            }
+        }
+        // Y_h and Y_c: [directions, batch, hidden] ([batch, directions, hidden] batch-first).
+        for (k, finals) in [(1, &last_h), (2, &last_c)] {
+            let Some(name) = output(k) else { continue };
+            let shape = out.constant_i64(&[3], &[1, -1, h as i64]);
+            let parts: Vec<String> = finals
+                .iter()
+                .map(|s| out.op("Reshape", &[s, &shape], vec![]))
+                .collect();
+            debug_assert_eq!(parts.len(), ndir);
+            let stacked = out.concat(&parts, 0);
+            if self.batch_first {
+                out.op_into(
+                    "Transpose",
+                    &[&stacked],
+                    vec![ints_attribute("perm", &[1, 0, 2])],
+                    name,
+                );
+            } else {
+                out.op_into("Identity", &[&stacked], vec![], name);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn int_attribute(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..Default::default()
+    }
+}
+
+fn ints_attribute(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Collects the nodes and constants of the unrolled graph, naming new values uniquely.
+#[derive(Default)]
+struct Emitter {
+    nodes: Vec<NodeProto>,
+    constants: Vec<TensorProto>,
+    /// Prefix of the names of the op being unrolled.
+    prefix: String,
+    count: usize,
+    /// The int64 scalars made so far, by value.
+    scalars: HashMap<i64, String>,
+}
+
+impl Emitter {
+    fn fresh(&mut self, what: &str) -> String {
+        self.count += 1;
+        format!("{}{what}{}", self.prefix, self.count)
+    }
+
+    /// Adds `op` and returns its (new) output's name.
+    fn op(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
+        let output = self.fresh(op);
+        self.op_into(op, inputs, attribute, &output);
+        output
+    }
+
+    /// Adds `op` writing `output`.
+    fn op_into(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>, output: &str) {
+        self.nodes.push(NodeProto {
+            op_type: op.into(),
+            name: format!("{output}.node"),
+            input: inputs.iter().map(|s| (*s).to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    fn concat(&mut self, parts: &[String], axis: i64) -> String {
+        if parts.len() == 1 {
+            return parts[0].clone();
+        }
+        let inputs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.op("Concat", &inputs, vec![int_attribute("axis", axis)])
+    }
+
+    fn constant_f32(&mut self, dims: &[usize], values: &[f32]) -> String {
+        let name = self.fresh("const");
+        self.constants.push(TensorProto {
+            name: name.clone(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: ONNX_FLOAT,
+            float_data: values.to_vec(),
+            ..Default::default()
+        });
+        name
+    }
+
+    fn constant_i64(&mut self, dims: &[usize], values: &[i64]) -> String {
+        let name = self.fresh("const");
+        self.constants.push(TensorProto {
+            name: name.clone(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: ONNX_INT64,
+            int64_data: values.to_vec(),
+            ..Default::default()
+        });
+        name
+    }
+
+    fn scalar_i64(&mut self, value: i64) -> String {
+        if let Some(name) = self.scalars.get(&value) {
+            return name.clone();
+        }
+        let name = self.constant_i64(&[], &[value]);
+        self.scalars.insert(value, name.clone());
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{load_cpu, Backend as _, CpuEngine};
+
+    /// The window models of `tests/fixtures/sequence` (PyTorch's exporter; made by
+    /// `models/generate_sequence.py`) load with a symbolic batch and answer as onnxruntime
+    /// did, one row at a time and all rows in one batch.
+    #[test]
+    fn exported_sequence_models_answer_as_onnxruntime() {
+        #[derive(serde::Deserialize)]
+        struct Fixture {
+            model: String,
+            inputs: Vec<Vec<f32>>,
+            expected: Vec<Vec<f32>>,
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sequence");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let f: Fixture =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let model = format!("{dir}/{}/1/model.onnx", f.model);
+            let backend = load_cpu(model.as_ref(), CpuEngine::Auto)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.model));
+            let io = &backend.info().io;
+            let (iw, ow) = (io.input_width, io.output_width);
+            assert_eq!(ow, f.expected[0].len(), "{}", f.model);
+            let rows = f.inputs.len();
+            let input: Vec<f32> = f.inputs.concat();
+            let mut batch = vec![0.0; rows * ow];
+            backend.run_batch(&input, rows, &mut batch).unwrap();
+            for (r, want) in f.expected.iter().enumerate() {
+                let mut one = vec![0.0; ow];
+                backend
+                    .run_batch(&input[r * iw..(r + 1) * iw], 1, &mut one)
+                    .unwrap();
+                for (c, w) in want.iter().enumerate() {
+                    for (how, got) in [("alone", one[c]), ("in the batch", batch[r * ow + c])] {
+                        assert!(
+                            (got - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{} row {r} output {c} {how}: {got} against onnxruntime's {w}",
+                            f.model
+                        );
+                    }
+                }
+            }
+            checked.push(f.model);
+        }
+        checked.sort();
+        assert_eq!(
+            checked,
+            ["attention", "conv_ln", "gru", "gru_bi", "lstm", "rnn"],
+            "fixtures checked"
+        );
+    }
+    /// The random recurrent graphs of `tests/fixtures/random_recurrent.json` (every op,
+    /// direction, layout, activation, initial state, peepholes and linear_before_reset; made
+    /// by `models/random_recurrent.py`) answer, unrolled, as onnxruntime did.
+    #[test]
+    fn random_recurrent_graphs_answer_as_onnxruntime() {
+        #[derive(serde::Deserialize)]
+        struct Case {
+            description: String,
+            model: String,
+            inputs: Vec<Vec<f32>>,
+            expected: Vec<Vec<f32>>,
+        }
+        let cases: Vec<Case> = crate::fixtures::json("random_recurrent.json");
+        assert!(cases.len() >= 60);
+        let mut failures = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let proto = crate::fixtures::model(&case.model);
+            let io = crate::lower::model_io(&proto).unwrap();
+            let unrolled = super::unroll(&proto, io.input_width)
+                .unwrap()
+                .expect("a recurrent op");
+            let backend = crate::TractBackend::new(&unrolled, io, u64::MAX)
+                .unwrap_or_else(|e| panic!("case {i} ({}): {e}", case.description));
+            let (rows, width) = (case.inputs.len(), case.expected[0].len());
+            let mut output = vec![0.0; rows * width];
+            backend
+                .run_batch(&case.inputs.concat(), rows, &mut output)
+                .unwrap();
+            for (r, want) in case.expected.iter().enumerate() {
+                for (c, w) in want.iter().enumerate() {
+                    let got = output[r * width + c];
+                    if (got - w).abs() > 1e-4 * w.abs().max(1.0) {
+                        failures.push(format!(
+                            "case {i} ({}), row {r} output {c}: {got} against onnxruntime's {w}",
+                            case.description
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}

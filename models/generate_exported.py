@@ -18,6 +18,15 @@ What it writes (paths relative to the repository root):
       lgbm_c5      LightGBM LGBMClassifier, 5 classes (label + ZipMap)    (onnxmltools)
       xgb_c2       XGBoost XGBClassifier, 2 classes                        (onnxmltools)
       xgb_c5       XGBoost XGBClassifier, 5 classes                        (onnxmltools)
+      lin_c2       LogisticRegression, 2 classes (LinearClassifier LOGISTIC, ZipMap)  (skl2onnx)
+      lin_c5       LogisticRegression, 5 classes (SOFTMAX, Normalizer L1, ZipMap)
+      svc_c2       LinearSVC, 2 classes (scores [-s, s], the second picked; no ZipMap)
+      svc_c5       LinearSVC, 5 classes
+      prep_impute_c5  SimpleImputer + StandardScaler + LogisticRegression (Imputer, Scaler)
+      prep_norm    Normalizer (L2) + Ridge
+      prep_binar   SimpleImputer + Binarizer + Ridge
+      prep_mixed   ColumnTransformer (SimpleImputer, then StandardScaler, Binarizer or
+                   Normalizer L1 on column groups: ArrayFeatureExtractor, Concat) + Ridge
   tests/fixtures/exported/<model>/1/model.txt    LightGBM's own file (Booster.save_model):
       lgbm_native     the lgbm regressor;  lgbm_native_c5  the 5-class classifier
   tests/fixtures/exported/<model>/1/model.json   XGBoost's own file (save_model):
@@ -55,10 +64,13 @@ from sklearn.ensemble import (
     RandomForestClassifier,
     RandomForestRegressor,
 )
-from sklearn.linear_model import Ridge
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import Binarizer, Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
 
 from random_trees import random_cases
 
@@ -111,15 +123,16 @@ def onnxruntime_outputs(path, x):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     model = onnx.load(path)
-    tree = [n for n in model.graph.node if n.op_type.startswith("TreeEnsembleClassifier")]
-    if tree:
-        # Ask for the tensor before ZipMap: add it as a graph output.
-        name = tree[0].output[1]
-        if name not in [o.name for o in model.graph.output]:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    zipmap = [n for n in model.graph.node if n.op_type == "ZipMap"]
+    floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if zipmap:
+        # Ask for the tensor ZipMap reads: add it as a graph output.
+        name = zipmap[0].input[0]
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         wanted = [name]
     else:
-        wanted = [model.graph.output[0].name]
+        # A classifier without ZipMap: its float output (the other is the label).
+        wanted = floats[-1:]
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     (out,) = sess.run(wanted, {sess.get_inputs()[0].name: x})
     return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
@@ -174,6 +187,32 @@ def main():
     models.append(("xgb_c2", xgc2, convert_xgboost(xgc2, initial_types=initial, target_opset=15)))
     xgc5 = xgb.XGBClassifier(n_estimators=20, max_depth=4, random_state=0).fit(x_nan, y5n)
     models.append(("xgb_c5", xgc5, convert_xgboost(xgc5, initial_types=initial, target_opset=15)))
+    # Linear classifiers (LinearClassifier, with ZipMap or a tensor) and preprocessing
+    # pipelines (Imputer, Normalizer, Binarizer, ArrayFeatureExtractor + Concat) on tract.
+    lin_c2 = LogisticRegression().fit(x_clean, y2c)
+    models.append(("lin_c2", lin_c2, to_onnx(lin_c2, x_clean[:1], target_opset=skl)))
+    lin_c5 = LogisticRegression(max_iter=500).fit(x_clean, y5c)
+    models.append(("lin_c5", lin_c5, to_onnx(lin_c5, x_clean[:1], target_opset=skl)))
+    svc_c2 = LinearSVC().fit(x_clean, y2c)
+    models.append(("svc_c2", svc_c2, to_onnx(svc_c2, x_clean[:1], target_opset=skl)))
+    svc_c5 = LinearSVC().fit(x_clean, y5c)
+    models.append(("svc_c5", svc_c5, to_onnx(svc_c5, x_clean[:1], target_opset=skl)))
+    impute_c5 = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=500))
+    impute_c5.fit(x_nan, y5n)
+    models.append(("prep_impute_c5", impute_c5, to_onnx(impute_c5, x_clean[:1], target_opset=skl)))
+    norm = make_pipeline(Normalizer(), Ridge()).fit(x_clean, y)
+    models.append(("prep_norm", norm, to_onnx(norm, x_clean[:1], target_opset=skl)))
+    binar = make_pipeline(SimpleImputer(), Binarizer(threshold=0.2), Ridge()).fit(x_nan, y_nan)
+    models.append(("prep_binar", binar, to_onnx(binar, x_clean[:1], target_opset=skl)))
+    columns = ColumnTransformer(
+        [
+            ("scale", make_pipeline(SimpleImputer(), StandardScaler()), [0, 1, 2, 3, 4]),
+            ("bin", make_pipeline(SimpleImputer(strategy="median"), Binarizer()), [5, 6]),
+            ("norm", make_pipeline(SimpleImputer(), Normalizer(norm="l1")), [7, 8, 9]),
+        ]
+    )
+    mixed = make_pipeline(columns, Ridge()).fit(x_nan, y_nan)
+    models.append(("prep_mixed", mixed, to_onnx(mixed, x_clean[:1], target_opset=skl)))
     # The libraries' own files: answers are Booster.predict's.
     natives = [
         ("lgbm_native", "model.txt", lambda p: lg.booster_.save_model(str(p)), lambda x: lg.booster_.predict(x)),
@@ -196,9 +235,15 @@ def main():
         (OUT / name / "config.toml").write_text('layout = "exported10"\n')
         x = rows_for(model, seed)
         expected = onnxruntime_outputs(path, x)
-        # scikit-learn takes no NaN: its models' rows with one have no library answer.
-        nan_ok = not name.startswith(("skl_", "pipe_"))
+        # scikit-learn takes no NaN (but behind an imputer): its models' rows with one have
+        # no library answer.
+        nan_ok = not name.startswith(("skl_", "pipe_", "lin_", "svc_", "prep_norm"))
         predict = estimator.predict_proba if hasattr(estimator, "predict_proba") else estimator.predict
+        if name.startswith("svc_"):
+            # The scores are the decision function's (one column for two classes: the
+            # graph picks the positive class's score out of [-s, s]).
+            def predict(r, e=estimator):
+                return np.asarray(e.decision_function(r), dtype=np.float32)
         library = [
             floats(np.asarray(predict(r[None, :]), dtype=np.float32).reshape(-1))
             if nan_ok or not np.isnan(r).any()

@@ -1,7 +1,8 @@
 //! Models as scikit-learn, LightGBM and XGBoost export them (the fixtures of
 //! `models/generate_exported.py`): tree regressors and classifiers (2 and 5 classes, with and
 //! without ZipMap) and the libraries' own files on the tree engine, scaler pipelines on the
-//! MLP path, compared with onnxruntime's answers (Booster.predict's for the native files, and
+//! MLP path, linear classifiers and preprocessing pipelines (Imputer, Normalizer, Binarizer,
+//! ArrayFeatureExtractor) on tract, compared with onnxruntime's answers (Booster.predict's for the native files, and
 //! the library's own predict) through the ring client, `tie predict` and HTTP; and window
 //! models as PyTorch exports them (`models/generate_sequence.py`: GRU, LSTM and RNN, unrolled
 //! for tract; Conv1d with LayerNormalization; attention), compared with onnxruntime.
@@ -109,8 +110,14 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
     for f in fixtures() {
         let entry = loaded_entry(&loaded, &f.model);
         // Pipelines are MLP-shaped: the MLP path on the CPU, or the GPU where one is usable.
+        // Linear classifiers and other preprocessing run on tract, rewritten into ONNX's ops.
         let engines: &[&str] = if f.model.starts_with("pipe_") {
             &["cpu-mlp", "cuda"]
+        } else if ["lin_", "svc_", "prep_"]
+            .iter()
+            .any(|p| f.model.starts_with(p))
+        {
+            &["cpu-tract"]
         } else {
             &["cpu-trees"]
         };

@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use tract_onnx::pb::ModelProto;
+
 use crate::lower::{self, lower_mlp, LowerError};
 use crate::{Backend, MlpBackend, MlpPlan, ModelIo, TractBackend};
 
@@ -106,11 +108,26 @@ pub fn load_cpu_with(
     if let Some(native) = crate::trees::load_native(path) {
         return native.map(trees);
     }
-    let proto = read_proto(path)?;
-    if let Some(planned) = crate::trees::plan(&proto)? {
-        return Ok(trees(planned));
+    load_proto(read_proto(path)?, path, engine, max_tensor_bytes)
+}
+
+/// [`load_cpu_with`] for an ONNX graph read from `path`.
+pub(crate) fn load_proto(
+    proto: ModelProto,
+    path: &Path,
+    engine: CpuEngine,
+    max_tensor_bytes: u64,
+) -> Result<Arc<dyn Backend>, BackendLoadError> {
+    if let Some((io, ensemble)) = crate::trees::plan(&proto)? {
+        return Ok(Arc::new(crate::trees::TreeBackend::new(io, ensemble)));
     }
-    let io = lower::model_io(&proto)?;
+    // A classifier serves its probabilities (its label output and ZipMap dropped).
+    let (proto, note) = match crate::rewrite::onnx_ml::serve_probabilities(&proto) {
+        Some((proto, note)) => (proto, Some(note)),
+        None => (proto, None),
+    };
+    let mut io = lower::model_io(&proto)?;
+    io.output_note = note;
     let mlp = match engine {
         CpuEngine::Tract => None,
         CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),
@@ -124,19 +141,16 @@ pub fn load_cpu_with(
     };
     Ok(match mlp {
         Some(plan) => {
-            let mut io = io;
             io.output_width = plan.output_width();
             Arc::new(MlpBackend::new(io, plan))
         }
         None => {
-            // ONNX-ML ops off the MLP path are refused by name rather than left to tract.
+            // ONNX-ML preprocessing and linear ops as ONNX's own; any other ONNX-ML op is
+            // refused by name rather than left to tract; recurrent ops unrolled.
+            let proto = crate::rewrite::onnx_ml::rewrite(&proto)?.unwrap_or(proto);
             crate::trees::refuse_foreign_ops(&proto)?;
-            let unrolled = crate::recurrent::unroll(&proto, io.input_width)?;
-            Arc::new(TractBackend::new(
-                unrolled.as_ref().unwrap_or(&proto),
-                io,
-                max_tensor_bytes,
-            )?)
+            let proto = crate::rewrite::recurrent::unroll(&proto, io.input_width)?.unwrap_or(proto);
+            Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?)
         }
     })
 }

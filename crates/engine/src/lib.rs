@@ -34,7 +34,7 @@ pub mod devices;
 mod lower;
 mod mlp;
 pub mod profile;
-mod recurrent;
+mod rewrite;
 mod tract;
 pub mod trees;
 
@@ -53,6 +53,14 @@ mod fixtures {
     pub(crate) fn json<T: serde::de::DeserializeOwned>(file: &str) -> T {
         let path = format!("{}/../../tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    /// Rows of a fixture as one batch, `None` (JSON's null) as NaN.
+    pub(crate) fn rows(rows: &[Vec<Option<f32>>]) -> Vec<f32> {
+        rows.iter()
+            .flatten()
+            .map(|v| v.unwrap_or(f32::NAN))
+            .collect()
     }
 
     /// A model stored in a fixture as base64.

@@ -734,6 +734,15 @@ pub fn lower_mlp(proto: &ModelProto, io: &ModelIo) -> Result<MlpPlan, LowerError
     if chain.current != io.output_name {
         return err(LowerError::ChainEnd);
     }
+    // A Scaler with no dense layer after it is elementwise: a diagonal layer would spread a
+    // NaN feature over every output (0 · NaN), so such a graph goes to tract.
+    let has = |ops: &[&str]| graph.node.iter().any(|n| ops.contains(&n.op_type.as_str()));
+    if has(&["Scaler"]) && !has(&["Gemm", "MatMul", "LinearRegressor"]) {
+        return err(LowerError::Unsupported {
+            op: "Scaler",
+            rule: "without a dense layer after it",
+        });
+    }
     if io.output_width != 0 && chain.width != io.output_width {
         return err(LowerError::OutputWidth {
             chain: chain.width,

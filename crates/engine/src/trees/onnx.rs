@@ -520,20 +520,7 @@ pub fn plan(proto: &ModelProto) -> Result<Option<(ModelIo, TreeEnsemble)>, Backe
         );
     }
     let output_note = classifier.then(|| {
-        let labels = Attributes::of(tree);
-        let names: Vec<String> = if labels.has("classlabels_strings") {
-            labels
-                .strings("classlabels_strings")
-                .iter()
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect()
-        } else {
-            labels
-                .ints("classlabels_int64s")
-                .iter()
-                .map(i64::to_string)
-                .collect()
-        };
+        let names = crate::rewrite::onnx_ml::labels_of(tree).unwrap_or_default();
         format!(
             "class probabilities, one column per class label [{}]{}{}",
             names.join(", "),
@@ -962,12 +949,7 @@ mod tests {
             };
             assert_eq!(io.output_width, case.width, "case {i}");
             let rows = case.inputs.len();
-            let input: Vec<f32> = case
-                .inputs
-                .iter()
-                .flatten()
-                .map(|v| v.unwrap_or(f32::NAN))
-                .collect();
+            let input = crate::fixtures::rows(&case.inputs);
             let mut output = vec![0.0; rows * case.width];
             ensemble.run(&input, rows, &mut output);
             for (r, want) in case.expected.iter().enumerate() {

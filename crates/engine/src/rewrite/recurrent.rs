@@ -15,21 +15,18 @@
 
 use std::collections::HashMap;
 
-use tract_onnx::pb::attribute_proto::AttributeType;
-use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::pb::{ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::{int_attribute, ints_attribute, Emitter};
 use crate::attributes::Attributes;
 use crate::trees::unsupported;
 use crate::BackendLoadError;
 
 /// The recurrent ops, by their ONNX name.
 const OPS: [&str; 3] = ["GRU", "LSTM", "RNN"];
-
-const ONNX_FLOAT: i32 = 1;
-const ONNX_INT64: i32 = 7;
 
 fn is_recurrent(node: &NodeProto) -> bool {
     (node.domain.is_empty() || node.domain == "ai.onnx") && OPS.contains(&node.op_type.as_str())
@@ -555,103 +552,6 @@ impl Cell {
             }
         }
         Ok(())
-    }
-}
-
-fn int_attribute(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i: value,
-        ..Default::default()
-    }
-}
-
-fn ints_attribute(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: values.to_vec(),
-        ..Default::default()
-    }
-}
-
-/// Collects the nodes and constants of the unrolled graph, naming new values uniquely.
-#[derive(Default)]
-struct Emitter {
-    nodes: Vec<NodeProto>,
-    constants: Vec<TensorProto>,
-    /// Prefix of the names of the op being unrolled.
-    prefix: String,
-    count: usize,
-    /// The int64 scalars made so far, by value.
-    scalars: HashMap<i64, String>,
-}
-
-impl Emitter {
-    fn fresh(&mut self, what: &str) -> String {
-        self.count += 1;
-        format!("{}{what}{}", self.prefix, self.count)
-    }
-
-    /// Adds `op` and returns its (new) output's name.
-    fn op(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
-        let output = self.fresh(op);
-        self.op_into(op, inputs, attribute, &output);
-        output
-    }
-
-    /// Adds `op` writing `output`.
-    fn op_into(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>, output: &str) {
-        self.nodes.push(NodeProto {
-            op_type: op.into(),
-            name: format!("{output}.node"),
-            input: inputs.iter().map(|s| (*s).to_string()).collect(),
-            output: vec![output.into()],
-            attribute,
-            ..Default::default()
-        });
-    }
-
-    fn concat(&mut self, parts: &[String], axis: i64) -> String {
-        if parts.len() == 1 {
-            return parts[0].clone();
-        }
-        let inputs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        self.op("Concat", &inputs, vec![int_attribute("axis", axis)])
-    }
-
-    fn constant_f32(&mut self, dims: &[usize], values: &[f32]) -> String {
-        let name = self.fresh("const");
-        self.constants.push(TensorProto {
-            name: name.clone(),
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: ONNX_FLOAT,
-            float_data: values.to_vec(),
-            ..Default::default()
-        });
-        name
-    }
-
-    fn constant_i64(&mut self, dims: &[usize], values: &[i64]) -> String {
-        let name = self.fresh("const");
-        self.constants.push(TensorProto {
-            name: name.clone(),
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: ONNX_INT64,
-            int64_data: values.to_vec(),
-            ..Default::default()
-        });
-        name
-    }
-
-    fn scalar_i64(&mut self, value: i64) -> String {
-        if let Some(name) = self.scalars.get(&value) {
-            return name.clone();
-        }
-        let name = self.constant_i64(&[], &[value]);
-        self.scalars.insert(value, name.clone());
-        name
     }
 }
 

@@ -20,13 +20,16 @@ What it writes (paths relative to the repository root):
       xgb_c5       XGBoost XGBClassifier, 5 classes                        (onnxmltools)
       lin_c2       LogisticRegression, 2 classes (LinearClassifier LOGISTIC, ZipMap)  (skl2onnx)
       lin_c5       LogisticRegression, 5 classes (SOFTMAX, Normalizer L1, ZipMap)
-      svc_c2       LinearSVC, 2 classes (scores [-s, s], the second picked; no ZipMap)
+      svc_c2       LinearSVC, 2 classes (scores [1 - s, s], the graph picks s; no ZipMap)
       svc_c5       LinearSVC, 5 classes
       prep_impute_c5  SimpleImputer + StandardScaler + LogisticRegression (Imputer, Scaler)
       prep_norm    Normalizer (L2) + Ridge
       prep_binar   SimpleImputer + Binarizer + Ridge
       prep_mixed   ColumnTransformer (SimpleImputer, then StandardScaler, Binarizer or
                    Normalizer L1 on column groups: ArrayFeatureExtractor, Concat) + Ridge
+      cb           CatBoost CatBoostRegressor, 60 trees, depth 4 (CatBoost's ONNX export)
+      cb_c2        CatBoost CatBoostClassifier, 2 classes (label + ZipMap)
+      cb_c5        CatBoost CatBoostClassifier, 5 classes (MultiClass)
   tests/fixtures/exported/<model>/1/model.txt    LightGBM's own file (Booster.save_model):
       lgbm_native     the lgbm regressor;  lgbm_native_c5  the 5-class classifier
   tests/fixtures/exported/<model>/1/model.json   XGBoost's own file (save_model):
@@ -51,6 +54,7 @@ import json
 from pathlib import Path
 
 import lightgbm as lgb
+from catboost import CatBoostClassifier, CatBoostRegressor
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -213,6 +217,18 @@ def main():
     )
     mixed = make_pipeline(columns, Ridge()).fit(x_nan, y_nan)
     models.append(("prep_mixed", mixed, to_onnx(mixed, x_clean[:1], target_opset=skl)))
+    # CatBoost's own ONNX export (oblivious trees as TreeEnsembleRegressor/Classifier,
+    # ai.onnx.ml opset 2, NaN in training).
+    for name, model, target in [
+        ("cb", CatBoostRegressor(iterations=60, depth=4, random_seed=0, verbose=0), y_nan),
+        ("cb_c2", CatBoostClassifier(iterations=40, depth=4, random_seed=0, verbose=0), y2n),
+        ("cb_c5", CatBoostClassifier(iterations=20, depth=4, random_seed=0, verbose=0, loss_function="MultiClass"), y5n),
+    ]:
+        model.fit(x_nan, target)
+        path = OUT / f"{name}.catboost.onnx"
+        model.save_model(str(path), format="onnx")
+        models.append((name, model, onnx.load(path)))
+        path.unlink()
     # The libraries' own files: answers are Booster.predict's.
     natives = [
         ("lgbm_native", "model.txt", lambda p: lg.booster_.save_model(str(p)), lambda x: lg.booster_.predict(x)),

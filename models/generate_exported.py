@@ -220,9 +220,9 @@ def main():
     # CatBoost's own ONNX export (oblivious trees as TreeEnsembleRegressor/Classifier,
     # ai.onnx.ml opset 2, NaN in training).
     for name, model, target in [
-        ("cb", CatBoostRegressor(iterations=60, depth=4, random_seed=0, verbose=0), y_nan),
-        ("cb_c2", CatBoostClassifier(iterations=40, depth=4, random_seed=0, verbose=0), y2n),
-        ("cb_c5", CatBoostClassifier(iterations=20, depth=4, random_seed=0, verbose=0, loss_function="MultiClass"), y5n),
+        ("cb", CatBoostRegressor(iterations=60, depth=4, random_seed=0, verbose=0, allow_writing_files=False), y_nan),
+        ("cb_c2", CatBoostClassifier(iterations=40, depth=4, random_seed=0, verbose=0, allow_writing_files=False), y2n),
+        ("cb_c5", CatBoostClassifier(iterations=20, depth=4, random_seed=0, verbose=0, loss_function="MultiClass", allow_writing_files=False), y5n),
     ]:
         model.fit(x_nan, target)
         path = OUT / f"{name}.catboost.onnx"

@@ -3,11 +3,11 @@
 their rewriting into ONNX's own ops (crates/engine/src/rewrite/onnx_ml.rs): every norm of
 Normalizer, Binarizer, Imputer (NaN and a value replaced, one value or one per feature),
 Scaler, LinearRegressor (several targets), LinearClassifier (one score for two classes under
-NONE and LOGISTIC; several under NONE, LOGISTIC and SOFTMAX; int and string labels, with and
+NONE, LOGISTIC and SOFTMAX; several under NONE, LOGISTIC and SOFTMAX; int and string labels, with and
 without ZipMap) and ArrayFeatureExtractor (a scalar index and a list).
 
-Rows: random, negative, zero, and (but for Binarizer, which onnxruntime refuses on NaN) a
-row with NaN. Writes tests/fixtures/ml_ops.json; run from the repository root:
+Rows: random, negative, zero, and (but for Binarizer, which onnxruntime refuses on NaN)
+rows with NaN in the first, a middle and the last column. Writes tests/fixtures/ml_ops.json; run from the repository root:
 
     python3 models/ml_ops.py
 """
@@ -84,6 +84,7 @@ def cases():
     for classes, post, labels, zipmap in [
         (2, "NONE", "ints", False),
         (2, "LOGISTIC", "strings", True),
+        (2, "SOFTMAX", "ints", False),
         (3, "NONE", "ints", False),
         (3, "LOGISTIC", "ints", True),
         (4, "SOFTMAX", "strings", False),
@@ -103,7 +104,7 @@ def main():
     rng = np.random.default_rng(5)
     rows = rng.normal(0, 1.5, (5, WIDTH)).astype(np.float32)
     rows = np.concatenate([rows, [[-1, -2, -3, -4], [0, 0, 0, 0], [0.3, 0, -0.5, 2]]]).astype(np.float32)
-    nan_row = np.array([[np.nan, 1.0, -2.0, 0.0]], np.float32)
+    nan_row = np.array([[np.nan, 1.0, -2.0, 0.0], [1.0, np.nan, -2.0, 0.5], [1.0, -2.0, 0.5, np.nan]], np.float32)
     fixtures = []
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1

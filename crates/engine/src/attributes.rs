@@ -32,6 +32,10 @@ impl<'a> Attributes<'a> {
         self.0.get(name).map_or(default, |a| a.i)
     }
 
+    pub(crate) fn float(&self, name: &str, default: f32) -> f32 {
+        self.0.get(name).map_or(default, |a| a.f)
+    }
+
     pub(crate) fn string(&self, name: &str, default: &'a str) -> &'a [u8] {
         self.0
             .get(name)
@@ -87,4 +91,21 @@ impl<'a> Attributes<'a> {
             None => Ok(Vec::new()),
         }
     }
+}
+
+/// The class labels a node names (`ZipMap`'s, a classifier's), as text.
+pub(crate) fn labels_of(node: &NodeProto) -> Option<Vec<String>> {
+    let a = Attributes::of(node);
+    if a.has("classlabels_strings") {
+        return Some(
+            a.strings("classlabels_strings")
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect(),
+        );
+    }
+    ["classlabels_int64s", "classlabels_ints"]
+        .iter()
+        .find(|n| a.has(n))
+        .map(|n| a.ints(n).iter().map(i64::to_string).collect())
 }

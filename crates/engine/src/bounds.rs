@@ -13,8 +13,8 @@ use crate::BackendLoadError;
 pub const DEFAULT_MAX_TENSOR_BYTES: u64 = 1 << 30;
 
 /// ONNX `TensorProto.DataType` FLOAT, INT64 and DOUBLE.
-const ONNX_FLOAT: i32 = 1;
-const ONNX_INT64: i32 = 7;
+pub(crate) const ONNX_FLOAT: i32 = 1;
+pub(crate) const ONNX_INT64: i32 = 7;
 const ONNX_DOUBLE: i32 = 11;
 
 /// The raw bytes of `t` in `size`-byte little-endian elements (`None` when they do not divide).

@@ -62,6 +62,18 @@ fn read_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, BackendLoadErro
         })
 }
 
+/// The graph as served and its I/O: a classifier serves its probabilities (its label output
+/// and ZipMap dropped, the output's note saying so).
+fn served(proto: ModelProto) -> Result<(ModelProto, ModelIo), BackendLoadError> {
+    let (proto, note) = match crate::rewrite::onnx_ml::serve_probabilities(&proto) {
+        Some((proto, note)) => (proto, Some(note)),
+        None => (proto, None),
+    };
+    let mut io = lower::model_io(&proto)?;
+    io.output_note = note;
+    Ok((proto, io))
+}
+
 /// Reads an ONNX file: its I/O and, when it is MLP-shaped, its [`MlpPlan`] (else why not).
 ///
 /// # Errors
@@ -72,8 +84,7 @@ pub fn read_mlp(path: &Path) -> Result<(ModelIo, Result<MlpPlan, LowerError>), B
             "a LightGBM or XGBoost file runs on the CPU tree engine".into(),
         ));
     }
-    let proto = read_proto(path)?;
-    let mut io = lower::model_io(&proto)?;
+    let (proto, mut io) = served(read_proto(path)?)?;
     let plan = lower_mlp(&proto, &io);
     if let Ok(plan) = &plan {
         io.output_width = plan.output_width();
@@ -121,13 +132,7 @@ pub(crate) fn load_proto(
     if let Some((io, ensemble)) = crate::trees::plan(&proto)? {
         return Ok(Arc::new(crate::trees::TreeBackend::new(io, ensemble)));
     }
-    // A classifier serves its probabilities (its label output and ZipMap dropped).
-    let (proto, note) = match crate::rewrite::onnx_ml::serve_probabilities(&proto) {
-        Some((proto, note)) => (proto, Some(note)),
-        None => (proto, None),
-    };
-    let mut io = lower::model_io(&proto)?;
-    io.output_note = note;
+    let (proto, mut io) = served(proto)?;
     let mlp = match engine {
         CpuEngine::Tract => None,
         CpuEngine::Mlp => Some(lower_mlp(&proto, &io)?),
@@ -147,9 +152,11 @@ pub(crate) fn load_proto(
         None => {
             // ONNX-ML preprocessing and linear ops as ONNX's own; any other ONNX-ML op is
             // refused by name rather than left to tract; recurrent ops unrolled.
-            let proto = crate::rewrite::onnx_ml::rewrite(&proto)?.unwrap_or(proto);
+            let proto = crate::rewrite::onnx_ml::rewrite(&proto, io.input_width)?.unwrap_or(proto);
             crate::trees::refuse_foreign_ops(&proto)?;
-            let proto = crate::rewrite::recurrent::unroll(&proto, io.input_width)?.unwrap_or(proto);
+            let proto =
+                crate::rewrite::recurrent::unroll(&proto, io.input_width, max_tensor_bytes)?
+                    .unwrap_or(proto);
             Arc::new(TractBackend::new(&proto, io, max_tensor_bytes)?)
         }
     })

@@ -149,7 +149,7 @@ fn err<T>(e: LowerError) -> Result<T, LowerError> {
     Err(e)
 }
 
-const ONNX_FLOAT: i32 = 1;
+use crate::bounds::ONNX_FLOAT;
 
 /// A `[batch, n]` f32 value's name and `n` (`None` when the file does not fix it).
 pub(crate) fn value_2d(v: &pb::ValueInfoProto) -> Result<(String, Option<usize>), String> {
@@ -734,13 +734,13 @@ pub fn lower_mlp(proto: &ModelProto, io: &ModelIo) -> Result<MlpPlan, LowerError
     if chain.current != io.output_name {
         return err(LowerError::ChainEnd);
     }
-    // A Scaler with no dense layer after it is elementwise: a diagonal layer would spread a
-    // NaN feature over every output (0 · NaN), so such a graph goes to tract.
+    // A graph with a Scaler and no dense layer is elementwise: as a diagonal layer it would
+    // spread a NaN feature over every output (0 · NaN), so it goes to tract.
     let has = |ops: &[&str]| graph.node.iter().any(|n| ops.contains(&n.op_type.as_str()));
     if has(&["Scaler"]) && !has(&["Gemm", "MatMul", "LinearRegressor"]) {
         return err(LowerError::Unsupported {
             op: "Scaler",
-            rule: "without a dense layer after it",
+            rule: "in a graph without a dense layer",
         });
     }
     if io.output_width != 0 && chain.width != io.output_width {

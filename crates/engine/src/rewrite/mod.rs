@@ -13,8 +13,28 @@ use tract_onnx::pb::{AttributeProto, NodeProto, TensorProto};
 pub(crate) mod onnx_ml;
 pub(crate) mod recurrent;
 
-const ONNX_FLOAT: i32 = 1;
-const ONNX_INT64: i32 = 7;
+use crate::bounds::{ONNX_FLOAT, ONNX_INT64};
+use crate::trees::unsupported;
+use crate::BackendLoadError;
+
+/// The prefix of every name a rewrite makes.
+pub(crate) const PREFIX: &str = "tie.";
+
+/// Refuses a graph that already names a value with [`PREFIX`], so that the names a rewrite
+/// makes cannot collide with the graph's own.
+pub(crate) fn check_names(graph: &tract_onnx::pb::GraphProto) -> Result<(), BackendLoadError> {
+    let names = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .chain(graph.initializer.iter().map(|t| &t.name));
+    match names.into_iter().find(|n| n.starts_with(PREFIX)) {
+        Some(n) => Err(unsupported(format!(
+            "the graph names a value {n:?}: names starting with {PREFIX:?} are kept for tie's rewrites"
+        ))),
+        None => Ok(()),
+    }
+}
 
 pub(crate) fn int_attribute(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
@@ -34,12 +54,13 @@ pub(crate) fn ints_attribute(name: &str, values: &[i64]) -> AttributeProto {
     }
 }
 
-/// Collects the nodes and constants of the unrolled graph, naming new values uniquely.
+/// Collects the nodes and constants of a rewritten graph, naming new values uniquely (under
+/// [`PREFIX`], which [`check_names`] keeps out of the graphs it takes).
 #[derive(Default)]
 pub(crate) struct Emitter {
     pub(crate) nodes: Vec<NodeProto>,
     pub(crate) constants: Vec<TensorProto>,
-    /// Prefix of the names of the op being unrolled.
+    /// Prefix of the names made for the op being rewritten.
     pub(crate) prefix: String,
     count: usize,
     /// The int64 scalars made so far, by value.

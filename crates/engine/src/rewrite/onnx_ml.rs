@@ -13,22 +13,22 @@
 //!
 //! Ops of the domain not listed are left in place, for the caller to refuse by name.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
 use tract_onnx::pb::{
-    type_proto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    type_proto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
 };
 
 use super::{int_attribute, Emitter};
-use crate::attributes::Attributes;
+use crate::attributes::{labels_of, Attributes};
 use crate::trees::{unsupported, ML_DOMAIN};
 use crate::BackendLoadError;
 
-const ONNX_FLOAT: i32 = 1;
+use crate::bounds::{ONNX_FLOAT, ONNX_INT64};
+
 const ONNX_INT32: i32 = 6;
-const ONNX_INT64: i32 = 7;
 const ONNX_STRING: i32 = 8;
 
 fn is_ml(node: &NodeProto, op: &str) -> bool {
@@ -48,7 +48,11 @@ fn elem_type(v: &ValueInfoProto) -> Option<i32> {
 /// `None` for any other graph.
 pub(crate) fn serve_probabilities(proto: &ModelProto) -> Option<(ModelProto, String)> {
     let graph = proto.graph.as_ref()?;
-    if graph.output.len() != 2 {
+    // A classifier: an ONNX-ML classifier op, or a label made by ArgMax.
+    let classifies = graph.node.iter().any(|n| {
+        (n.domain == ML_DOMAIN && n.op_type.ends_with("Classifier")) || n.op_type == "ArgMax"
+    });
+    if graph.output.len() != 2 || !classifies {
         return None;
     }
     let producer = |name: &str| {
@@ -120,23 +124,6 @@ pub(crate) fn serve_probabilities(proto: &ModelProto) -> Option<(ModelProto, Str
     Some((proto, note))
 }
 
-/// The class labels a node names (`ZipMap`'s, a classifier's), as text.
-pub(crate) fn labels_of(node: &NodeProto) -> Option<Vec<String>> {
-    let a = Attributes::of(node);
-    if a.has("classlabels_strings") {
-        return Some(
-            a.strings("classlabels_strings")
-                .iter()
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect(),
-        );
-    }
-    ["classlabels_int64s", "classlabels_ints"]
-        .iter()
-        .find(|n| a.has(n))
-        .map(|n| a.ints(n).iter().map(i64::to_string).collect())
-}
-
 /// A float `[N, width]` tensor type (`width` unknown: symbolic).
 fn float_matrix(width: Option<usize>) -> TypeProto {
     let dim = |value| Dimension {
@@ -158,13 +145,18 @@ fn float_matrix(width: Option<usize>) -> TypeProto {
     }
 }
 
-/// `proto` with its ONNX-ML preprocessing and linear ops as ONNX's own ops, or `None` when it
-/// has none.
+/// `proto` (whose input is `[N, input_width]`) with its ONNX-ML preprocessing and linear ops
+/// as ONNX's own ops, or `None` when it has none.
 ///
 /// # Errors
 /// [`BackendLoadError::UnsupportedOp`] for such an op with attributes this does not rewrite
-/// (named with the rule), or a classifier whose label output the graph uses.
-pub(crate) fn rewrite(proto: &ModelProto) -> Result<Option<ModelProto>, BackendLoadError> {
+/// (named with the rule), a classifier whose label output the graph uses, indices of
+/// ArrayFeatureExtractor that are not constants within the width they read, or a graph that
+/// uses the names rewrites make.
+pub(crate) fn rewrite(
+    proto: &ModelProto,
+    input_width: usize,
+) -> Result<Option<ModelProto>, BackendLoadError> {
     const OPS: [&str; 7] = [
         "Scaler",
         "Normalizer",
@@ -189,6 +181,7 @@ pub(crate) fn rewrite(proto: &ModelProto) -> Result<Option<ModelProto>, BackendL
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version);
+    super::check_names(graph)?;
     let mut out = Emitter::default();
     let used: HashSet<&str> = graph
         .node
@@ -197,26 +190,62 @@ pub(crate) fn rewrite(proto: &ModelProto) -> Result<Option<ModelProto>, BackendL
         .chain(graph.output.iter().map(|o| &o.name))
         .map(String::as_str)
         .collect();
+    let constants: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    // The widths of `[N, width]` values, as far as they are known (for the bounds of
+    // ArrayFeatureExtractor's indices).
+    let mut widths: HashMap<String, usize> = HashMap::new();
+    if let Some(input) = graph
+        .input
+        .iter()
+        .find(|i| !constants.contains_key(i.name.as_str()))
+    {
+        widths.insert(input.name.clone(), input_width);
+    }
     for (k, node) in graph.node.iter().enumerate() {
+        let width_in = node.input.first().and_then(|i| widths.get(i)).copied();
         if node.domain != ML_DOMAIN || !OPS.contains(&node.op_type.as_str()) {
+            let a = Attributes::of(node);
+            let width = match node.op_type.as_str() {
+                "Identity" | "Cast" => width_in,
+                "Concat" if matches!(a.int("axis", 0), 1 | -1) => node
+                    .input
+                    .iter()
+                    .map(|i| widths.get(i).copied())
+                    .sum::<Option<usize>>(),
+                _ => None,
+            };
+            if let (Some(w), Some(o)) = (width, node.output.first()) {
+                widths.insert(o.clone(), w);
+            }
             out.nodes.push(node.clone());
             continue;
         }
-        out.prefix = format!("tie.ml{k}.");
+        out.prefix = format!("{}ml{k}.", super::PREFIX);
         let op = Op {
             node,
             name: format!("{} {:?}", node.op_type, node.name),
             attributes: Attributes::of(node),
             opset: opset.unwrap_or(13),
         };
-        match node.op_type.as_str() {
-            "Scaler" => op.scaler(&mut out)?,
-            "Normalizer" => op.normalizer(&mut out)?,
-            "Binarizer" => op.binarizer(&mut out),
-            "Imputer" => op.imputer(&mut out)?,
-            "LinearRegressor" => op.linear_regressor(&mut out)?,
-            "LinearClassifier" => op.linear_classifier(&mut out, &used)?,
-            _ => op.array_feature_extractor(&mut out)?,
+        // The output written and its width.
+        let (output, width) = match node.op_type.as_str() {
+            "Scaler" => (0, op.scaler(&mut out).map(|()| width_in)?),
+            "Normalizer" => (0, op.normalizer(&mut out).map(|()| width_in)?),
+            "Binarizer" => (0, op.binarizer(&mut out).map(|()| width_in)?),
+            "Imputer" => (0, op.imputer(&mut out).map(|()| width_in)?),
+            "LinearRegressor" => (0, Some(op.linear_regressor(&mut out)?)),
+            "LinearClassifier" => (1, Some(op.linear_classifier(&mut out, &used)?)),
+            _ => (
+                0,
+                Some(op.array_feature_extractor(&mut out, &constants, width_in)?),
+            ),
+        };
+        if let (Some(w), Some(o)) = (width, op.output(output)) {
+            widths.insert(o.to_string(), w);
         }
     }
     let mut proto = proto.clone();
@@ -332,7 +361,11 @@ impl Op<'_> {
         let zero = out.constant_f32(&[], &[0.0]);
         let (norm, normalized) = match self.attributes.string("norm", "MAX") {
             b"MAX" => {
-                let max = self.reduce(out, "ReduceMax", x);
+                // As onnxruntime, a NaN is not a row's maximum.
+                let nan = out.op("IsNaN", &[x], vec![]);
+                let lowest = out.constant_f32(&[], &[f32::MIN]);
+                let finite = out.op("Where", &[&nan, &lowest, x], vec![]);
+                let max = self.reduce(out, "ReduceMax", &finite);
                 let y = out.op("Div", &[x, &max], vec![]);
                 (max, y)
             }
@@ -367,14 +400,9 @@ impl Op<'_> {
     }
 
     /// 1 where `x > threshold`, else 0; NaN stays NaN.
-    fn binarizer(&self, out: &mut Emitter) {
-        let Ok(x) = self.input() else { return };
-        let threshold = self
-            .node
-            .attribute
-            .iter()
-            .find(|a| a.name == "threshold")
-            .map_or(0.0, |a| a.f);
+    fn binarizer(&self, out: &mut Emitter) -> Result<(), BackendLoadError> {
+        let x = self.input()?;
+        let threshold = self.attributes.float("threshold", 0.0);
         let t = out.constant_f32(&[], &[threshold]);
         let one = out.constant_f32(&[], &[1.0]);
         let zero = out.constant_f32(&[], &[0.0]);
@@ -383,6 +411,7 @@ impl Op<'_> {
         let nan = out.op("IsNaN", &[x], vec![]);
         let y = out.op("Where", &[&nan, x, &bits], vec![]);
         self.finish(out, &y);
+        Ok(())
     }
 
     /// The replaced value (NaN, or `replaced_value_float`) becomes the imputed one, per
@@ -396,12 +425,7 @@ impl Op<'_> {
                 self.name
             )));
         }
-        let replaced = self
-            .node
-            .attribute
-            .iter()
-            .find(|a| a.name == "replaced_value_float")
-            .map_or(0.0, |a| a.f);
+        let replaced = self.attributes.float("replaced_value_float", 0.0);
         let hit = if replaced.is_nan() {
             out.op("IsNaN", &[x], vec![])
         } else {
@@ -449,7 +473,8 @@ impl Op<'_> {
         Ok(y)
     }
 
-    fn linear_regressor(&self, out: &mut Emitter) -> Result<(), BackendLoadError> {
+    /// Returns the width written (the targets).
+    fn linear_regressor(&self, out: &mut Emitter) -> Result<usize, BackendLoadError> {
         let post = self.post_transform();
         if post != "NONE" {
             return Err(unsupported(format!("{}: post_transform {post}", self.name)));
@@ -457,16 +482,16 @@ impl Op<'_> {
         let targets = usize::try_from(self.attributes.int("targets", 1)).unwrap_or(0);
         let y = self.affine(out, targets)?;
         self.finish(out, &y);
-        Ok(())
+        Ok(targets)
     }
 
     /// The scores output (the second); the label output is not computed, so nothing in the
-    /// graph may read it.
+    /// graph may read it. Returns the width written.
     fn linear_classifier(
         &self,
         out: &mut Emitter,
         used: &HashSet<&str>,
-    ) -> Result<(), BackendLoadError> {
+    ) -> Result<usize, BackendLoadError> {
         if let Some(label) = self.output(0).filter(|l| used.contains(l)) {
             return Err(unsupported(format!(
                 "{}: its label output {label:?} is read by the graph (tie serves the scores)",
@@ -474,7 +499,7 @@ impl Op<'_> {
             )));
         }
         let Some(scores) = self.output(1) else {
-            return Ok(());
+            return Ok(0);
         };
         // onnxruntime's rule: as many scores as intercepts.
         let classes = self.floats("intercepts")?.len();
@@ -482,7 +507,8 @@ impl Op<'_> {
         let s = self.affine(out, classes)?;
         let post = self.post_transform();
         let y = match (classes == 1 && labels == 2, post.as_str()) {
-            (true, "NONE") => {
+            // onnxruntime applies no softmax to one score for two classes.
+            (true, "NONE" | "SOFTMAX" | "SOFTMAX_ZERO") => {
                 let one = out.constant_f32(&[], &[1.0]);
                 let complement = out.op("Sub", &[&one, &s], vec![]);
                 out.concat(&[complement, s], 1)
@@ -509,23 +535,57 @@ impl Op<'_> {
             }
         };
         out.op_into("Identity", &[&y], vec![], scores);
-        Ok(())
+        Ok(if classes == 1 && labels == 2 {
+            2
+        } else {
+            classes
+        })
     }
 
-    /// The features at the given indices (along the last axis).
-    fn array_feature_extractor(&self, out: &mut Emitter) -> Result<(), BackendLoadError> {
+    /// The features at the given indices (along the last axis): constants within the width
+    /// of the value read (which must be known), as onnxruntime refuses others. Returns the
+    /// width written.
+    fn array_feature_extractor(
+        &self,
+        out: &mut Emitter,
+        constants: &HashMap<&str, &TensorProto>,
+        width_in: Option<usize>,
+    ) -> Result<usize, BackendLoadError> {
         let x = self.input()?;
         let indices = self
             .node
             .input
             .get(1)
             .ok_or_else(|| unsupported(format!("{} has no indices", self.name)))?;
+        let values = constants
+            .get(indices.as_str())
+            .and_then(|t| crate::bounds::int64s(t))
+            .ok_or_else(|| {
+                unsupported(format!(
+                    "{}: its indices {indices:?} are not an int64 constant",
+                    self.name
+                ))
+            })?;
+        let width = width_in.ok_or_else(|| {
+            unsupported(format!(
+                "{}: the width of the value it reads ({x:?}) is not known at load",
+                self.name
+            ))
+        })?;
+        if let Some(bad) = values
+            .iter()
+            .find(|&&i| usize::try_from(i).map_or(true, |i| i >= width))
+        {
+            return Err(unsupported(format!(
+                "{}: index {bad} is outside the {width} columns it reads",
+                self.name
+            )));
+        }
         // As onnxruntime: the last axis keeps one entry per index, a scalar index included.
-        let flat_shape = out.constant_i64(&[1], &[-1]);
-        let flat = out.op("Reshape", &[indices, &flat_shape], vec![]);
+        let flat = out.constant_i64(&[values.len()], &values);
         let y = out.op("Gather", &[x, &flat], vec![int_attribute("axis", -1)]);
         self.finish(out, &y);
-        Ok(())
+        Ok(values.len())
     }
 }
 
@@ -581,5 +641,38 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    /// An ArrayFeatureExtractor index outside the columns it reads, or a graph that uses the
+    /// names rewrites make, is refused at load, saying why.
+    #[test]
+    fn out_of_range_indices_and_reserved_names_are_refused() {
+        #[derive(serde::Deserialize)]
+        struct Case {
+            description: String,
+            model: String,
+        }
+        let cases: Vec<Case> = crate::fixtures::json("ml_ops.json");
+        let afe = cases
+            .iter()
+            .find(|c| c.description.starts_with("ArrayFeatureExtractor [3, 1]"))
+            .unwrap();
+        let load = |proto| {
+            crate::cpu::load_proto(proto, "ml_ops".as_ref(), CpuEngine::Auto, u64::MAX)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut proto = crate::fixtures::model(&afe.model);
+        let graph = proto.graph.as_mut().unwrap();
+        graph.initializer[0].int64_data = vec![3, 4];
+        graph.initializer[0].raw_data.clear();
+        let err = load(proto);
+        assert!(err.contains("index 4 is outside the 4 columns"), "{err}");
+        let mut proto = crate::fixtures::model(&afe.model);
+        let graph = proto.graph.as_mut().unwrap();
+        graph.node[0].output[0] = "tie.y".into();
+        graph.output[0].name = "tie.y".into();
+        let err = load(proto);
+        assert!(err.contains("names starting with \"tie.\""), "{err}");
     }
 }

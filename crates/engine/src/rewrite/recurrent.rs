@@ -43,6 +43,7 @@ fn is_recurrent(node: &NodeProto) -> bool {
 pub(crate) fn unroll(
     proto: &ModelProto,
     input_width: usize,
+    max_tensor_bytes: u64,
 ) -> Result<Option<ModelProto>, BackendLoadError> {
     let Some(graph) = proto.graph.as_ref() else {
         return Ok(None);
@@ -50,6 +51,9 @@ pub(crate) fn unroll(
     if !graph.node.iter().any(is_recurrent) {
         return Ok(None);
     }
+    super::check_names(graph)?;
+    // Shape inference folds constants: the graph's tensors are bounded first.
+    crate::bounds::check_proto(proto, max_tensor_bytes)?;
     let lengths = sequence_lengths(proto, input_width)?;
     let constants: HashMap<&str, &TensorProto> = graph
         .initializer
@@ -62,16 +66,25 @@ pub(crate) fn unroll(
             out.nodes.push(node.clone());
             continue;
         }
-        out.prefix = format!("tie.unroll{k}.");
-        let x = &node.input[0];
-        let steps = lengths.get(x.as_str()).copied().flatten().ok_or_else(|| {
-            unsupported(format!(
-                "{} {:?}: the graph does not fix the length of its sequence {x:?}",
-                node.op_type, node.name
-            ))
-        })?;
+        out.prefix = format!("{}unroll{k}.", super::PREFIX);
+        let op = format!("{} {:?}", node.op_type, node.name);
+        let x = optional_input(node, 0)
+            .ok_or_else(|| unsupported(format!("{op}: no input sequence")))?;
+        let steps = match lengths.get(&k).copied().flatten() {
+            Some(steps @ 1..=MAX_STEPS) => steps,
+            Some(steps) => {
+                return Err(unsupported(format!(
+                    "{op}: a sequence of {steps} steps (1 to {MAX_STEPS} are unrolled)"
+                )))
+            }
+            None => {
+                return Err(unsupported(format!(
+                    "{op}: the graph does not fix the length of its sequence {x:?} (it may not depend on the batch)"
+                )))
+            }
+        };
         let cell = Cell::read(node, &constants)?;
-        cell.unroll(node, steps, &mut out)?;
+        cell.unroll(node, x, steps, &mut out)?;
     }
     let mut proto = proto.clone();
     let graph = proto.graph.as_mut().expect("checked above");
@@ -80,21 +93,35 @@ pub(crate) fn unroll(
     Ok(Some(proto))
 }
 
-/// The sequence length of every recurrent op's input, learned by tract's shape inference
-/// with a batch of one (`None` where it could not tell).
+/// The longest sequence unrolled: each step is some twenty ops, and tract's optimisation of
+/// the graph grows with them (a 256-step GRU loads in seconds).
+const MAX_STEPS: usize = 1024;
+
+/// Input `k` of `node`, if given (an empty name is an input left out).
+fn optional_input(node: &NodeProto, k: usize) -> Option<&String> {
+    node.input.get(k).filter(|s| !s.is_empty())
+}
+
+/// The sequence length of each recurrent node (by its index in the graph), learned by tract's
+/// shape inference with the batch left symbolic (`None` where it could not tell, or where the
+/// length depends on the batch).
 fn sequence_lengths(
     proto: &ModelProto,
     input_width: usize,
-) -> Result<HashMap<String, Option<usize>>, BackendLoadError> {
+) -> Result<HashMap<usize, Option<usize>>, BackendLoadError> {
     let tract_err = |e: TractError| BackendLoadError::Tract(format!("{e:#}"));
     let graph = proto.graph.as_ref().expect("the caller checked");
     let mut model = tract_onnx::onnx()
         .model_for_proto_model(proto)
         .map_err(tract_err)?;
+    let batch = model.symbols.sym("N");
     model
         .set_input_fact(
             0,
-            InferenceFact::dt_shape(f32::datum_type(), tvec!(1, input_width)),
+            InferenceFact::dt_shape(
+                f32::datum_type(),
+                tvec!(batch.to_dim(), input_width.to_dim()),
+            ),
         )
         .map_err(tract_err)?;
     // Facts are filled as far as analysis gets; a failure further on is reported when the
@@ -111,15 +138,18 @@ fn sequence_lengths(
         }
     }
     let mut lengths = HashMap::new();
-    for node in graph.node.iter().filter(|n| is_recurrent(n)) {
-        let layout = Attributes::of(node).int("layout", 0);
-        let axis = usize::from(layout == 1);
-        let x = &node.input[0];
-        let length = facts.get(x).and_then(|f| {
-            let dims: Vec<_> = f.shape.dims().collect();
-            dims.get(axis)?.concretize()?.to_usize().ok()
-        });
-        lengths.insert(x.clone(), length);
+    for (k, node) in graph.node.iter().enumerate() {
+        if !is_recurrent(node) {
+            continue;
+        }
+        let axis = usize::from(Attributes::of(node).int("layout", 0) == 1);
+        let length = optional_input(node, 0)
+            .and_then(|x| facts.get(x))
+            .and_then(|f| {
+                let dims: Vec<_> = f.shape.dims().collect();
+                dims.get(axis)?.concretize()?.to_usize().ok()
+            });
+        lengths.insert(k, length);
     }
     Ok(lengths)
 }
@@ -191,7 +221,7 @@ impl Cell {
         };
         let op = format!("{} {:?}", node.op_type, node.name);
         let a = Attributes::of(node);
-        let input_name = |i: usize| node.input.get(i).filter(|s| !s.is_empty());
+        let input_name = |i: usize| optional_input(node, i);
         if input_name(4).is_some() {
             return Err(unsupported(format!(
                 "{op}: sequence_lens (a batch of padded sequences) is not supported"
@@ -224,9 +254,11 @@ impl Cell {
             let Some(name) = input_name(i) else {
                 return Ok(None);
             };
-            let t = constants
-                .get(name.as_str())
-                .ok_or_else(|| unsupported(format!("{op}: {what} {name:?} is not a constant")))?;
+            let t = constants.get(name.as_str()).ok_or_else(|| {
+                unsupported(format!(
+                    "{op}: {what} {name:?} is not an initializer (the weights must be constant tensors)"
+                ))
+            })?;
             let values = crate::bounds::floats(t).ok_or_else(|| {
                 unsupported(format!("{op}: {what} {name:?} is not a float tensor"))
             })?;
@@ -234,29 +266,43 @@ impl Cell {
         };
         let w = constant(1, "W")?.ok_or_else(|| unsupported(format!("{op}: W is not given")))?;
         let r = constant(2, "R")?.ok_or_else(|| unsupported(format!("{op}: R is not given")))?;
-        let b = constant(3, "B")?.unwrap_or_else(|| vec![0.0; d * 2 * g * hidden]);
+        // Sizes in checked arithmetic (hidden_size is the file's word), R's first: it bounds
+        // hidden_size by the data the file holds, before anything is made from it.
+        let wrong = |what: &str, got: usize, want: Option<usize>| {
+            unsupported(format!(
+                "{op}: {what} has {got} values, {} expected for hidden_size {hidden}",
+                want.map_or_else(|| "more than can be".to_string(), |w| w.to_string())
+            ))
+        };
+        let dgh = d.checked_mul(g).and_then(|n| n.checked_mul(hidden));
+        let want_r = dgh.and_then(|n| n.checked_mul(hidden));
+        if want_r != Some(r.len()) {
+            return Err(wrong("R", r.len(), want_r));
+        }
+        let dgh = dgh.expect("R's size was checked");
+        let input = w.len() / dgh;
+        if input == 0 || input * dgh != w.len() {
+            return Err(wrong("W", w.len(), Some(dgh * input.max(1))));
+        }
+        let b = constant(3, "B")?.unwrap_or_else(|| vec![0.0; 2 * dgh]);
+        if b.len() != 2 * dgh {
+            return Err(wrong("B", b.len(), Some(2 * dgh)));
+        }
         let p = if kind == Kind::Lstm {
             constant(7, "P")?
         } else {
             None
         };
-        let input = w.len() / (d * g * hidden).max(1);
-        let sizes = [
-            ("W", w.len(), d * g * hidden * input),
-            ("R", r.len(), d * g * hidden * hidden),
-            ("B", b.len(), d * 2 * g * hidden),
-            (
-                "P",
-                p.as_ref().map_or(d * 3 * hidden, Vec::len),
-                d * 3 * hidden,
-            ),
-        ];
-        for (what, got, want) in sizes {
-            if got != want || want == 0 {
-                return Err(unsupported(format!(
-                    "{op}: {what} has {got} values, {want} expected for hidden_size {hidden}"
-                )));
-            }
+        if let Some(p) = p.as_ref().filter(|p| p.len() != d * 3 * hidden) {
+            return Err(wrong("P", p.len(), Some(d * 3 * hidden)));
+        }
+        let outputs = if kind == Kind::Lstm { 3 } else { 2 };
+        if node.output.iter().skip(outputs).any(|o| !o.is_empty()) {
+            return Err(unsupported(format!(
+                "{op}: {} outputs ({} has {outputs})",
+                node.output.len(),
+                node.op_type
+            )));
         }
         let defaults = kind.default_activations();
         let names = a.strings("activations");
@@ -343,22 +389,18 @@ impl Cell {
     fn unroll(
         &self,
         node: &NodeProto,
+        x: &str,
         steps: usize,
         out: &mut Emitter,
     ) -> Result<(), BackendLoadError> {
         let (h, i) = (self.hidden, self.input);
-        let input_name = |k: usize| node.input.get(k).filter(|s| !s.is_empty()).cloned();
+        let input_name = |k: usize| optional_input(node, k).cloned();
         // X as [steps, batch, input].
         let x = if self.batch_first {
-            out.op(
-                "Transpose",
-                &[&node.input[0]],
-                vec![ints_attribute("perm", &[1, 0, 2])],
-            )
+            out.op("Transpose", &[x], vec![ints_attribute("perm", &[1, 0, 2])])
         } else {
-            node.input[0].clone()
+            x.to_string()
         };
-        let ndir = self.directions.len();
         // Initial states, per direction as [batch, hidden].
         let state_axis = i64::from(self.batch_first);
         let initial = |out: &mut Emitter, k: usize, dir: usize| {
@@ -387,6 +429,11 @@ impl Cell {
             let r: Vec<String> = (0..gates)
                 .map(|k| out.constant_f32(&[h, h], &d.r[k]))
                 .collect();
+            let reset_bias = d.reset_bias.as_ref().map(|rb| out.constant_f32(&[h], rb));
+            let peepholes = d
+                .peepholes
+                .as_ref()
+                .map(|p| p.clone().map(|p| out.constant_f32(&[h], &p)));
             let act =
                 |out: &mut Emitter, k: usize, v: &str| out.op(&d.activations[k], &[v], vec![]);
             let mut state = initial(out, 5, dir);
@@ -424,7 +471,7 @@ impl Cell {
                         let z = act(out, 0, &z);
                         let rr = recur(out, 1, &state);
                         let rr = act(out, 0, &rr);
-                        let inner = match (&state, &d.reset_bias) {
+                        let inner = match (&state, &reset_bias) {
                             (Some(s), None) => {
                                 let rs = out.op("Mul", &[&rr, s], vec![]);
                                 let rsr = out.op("MatMul", &[&rs, &r[2]], vec![]);
@@ -433,14 +480,12 @@ impl Cell {
                             (None, None) => xt[2].clone(),
                             (Some(s), Some(rb)) => {
                                 let hr = out.op("MatMul", &[s, &r[2]], vec![]);
-                                let rb = out.constant_f32(&[h], rb);
-                                let hrb = out.op("Add", &[&hr, &rb], vec![]);
+                                let hrb = out.op("Add", &[&hr, rb], vec![]);
                                 let gated = out.op("Mul", &[&rr, &hrb], vec![]);
                                 out.op("Add", &[&xt[2], &gated], vec![])
                             }
                             (None, Some(rb)) => {
-                                let rb = out.constant_f32(&[h], rb);
-                                let gated = out.op("Mul", &[&rr, &rb], vec![]);
+                                let gated = out.op("Mul", &[&rr, rb], vec![]);
                                 out.op("Add", &[&xt[2], &gated], vec![])
                             }
                         };
@@ -462,12 +507,10 @@ impl Cell {
                         // Gates in W's order: i o f c; peepholes i o f.
                         let peep =
                             |out: &mut Emitter, v: String, k: usize, c: &Option<String>| match (
-                                c,
-                                &d.peepholes,
+                                c, &peepholes,
                             ) {
                                 (Some(c), Some(p)) => {
-                                    let p = out.constant_f32(&[h], &p[k]);
-                                    let pc = out.op("Mul", &[c, &p], vec![]);
+                                    let pc = out.op("Mul", &[c, &p[k]], vec![]);
                                     out.op("Add", &[&v, &pc], vec![])
                                 }
                                 _ => v,
@@ -538,7 +581,6 @@ impl Cell {
                 .iter()
                 .map(|s| out.op("Reshape", &[s, &shape], vec![]))
                 .collect();
-            debug_assert_eq!(parts.len(), ndir);
             let stacked = out.concat(&parts, 0);
             if self.batch_first {
                 out.op_into(
@@ -631,7 +673,7 @@ mod tests {
         for (i, case) in cases.iter().enumerate() {
             let proto = crate::fixtures::model(&case.model);
             let io = crate::lower::model_io(&proto).unwrap();
-            let unrolled = super::unroll(&proto, io.input_width)
+            let unrolled = super::unroll(&proto, io.input_width, u64::MAX)
                 .unwrap()
                 .expect("a recurrent op");
             let backend = crate::TractBackend::new(&unrolled, io, u64::MAX)
@@ -654,5 +696,50 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    /// A recurrent op whose hidden_size does not match its weights (up to sizes that
+    /// overflow), or whose sequence is longer than is unrolled, is refused at load.
+    #[test]
+    fn wrong_sizes_and_long_sequences_are_refused() {
+        #[derive(serde::Deserialize)]
+        struct Case {
+            model: String,
+        }
+        let cases: Vec<Case> = crate::fixtures::json("random_recurrent.json");
+        let proto = crate::fixtures::model(&cases[0].model);
+        let io = crate::lower::model_io(&proto).unwrap();
+        for hidden in [7, 1 << 40, (1 << 61) + 1] {
+            let mut bad = proto.clone();
+            let graph = bad.graph.as_mut().unwrap();
+            let node = graph
+                .node
+                .iter_mut()
+                .find(|n| super::is_recurrent(n))
+                .unwrap();
+            let a = node
+                .attribute
+                .iter_mut()
+                .find(|a| a.name == "hidden_size")
+                .unwrap();
+            a.i = hidden;
+            let err = super::unroll(&bad, io.input_width, u64::MAX)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("R has"), "hidden_size {hidden}: {err}");
+        }
+        // The row reshaped into 2,000 steps of one feature.
+        let mut long = proto.clone();
+        let graph = long.graph.as_mut().unwrap();
+        let shape = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "shape")
+            .unwrap();
+        shape.int64_data = vec![-1, 2000, 1];
+        shape.raw_data.clear();
+        let err = super::unroll(&long, 2000, u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2000 steps (1 to 1024"), "{err}");
     }
 }

@@ -520,7 +520,7 @@ pub fn plan(proto: &ModelProto) -> Result<Option<(ModelIo, TreeEnsemble)>, Backe
         );
     }
     let output_note = classifier.then(|| {
-        let names = crate::rewrite::onnx_ml::labels_of(tree).unwrap_or_default();
+        let names = crate::attributes::labels_of(tree).unwrap_or_default();
         format!(
             "class probabilities, one column per class label [{}]{}{}",
             names.join(", "),

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tie_client::each_cause_once(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -195,3 +195,56 @@ impl std::fmt::Display for ServerError {
         }
     }
 }
+
+/// `error` and its causes (its `source()` chain), joined by `: `, leaving out a cause whose
+/// text is already in the message so far (an error that prints its source in its own
+/// message). How the tools print an error.
+pub fn each_cause_once(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod each_cause_once_tests {
+    use super::each_cause_once;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let os = Layer("No such file or directory (os error 2)", None);
+        let read = Layer(
+            "cannot read models: No such file or directory (os error 2)",
+            Some(Box::new(os)),
+        );
+        let top = Layer("model repository", Some(Box::new(read)));
+        assert_eq!(
+            each_cause_once(&top),
+            "model repository: cannot read models: No such file or directory (os error 2)"
+        );
+    }
+}

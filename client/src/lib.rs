@@ -34,7 +34,7 @@ mod words;
 
 pub use client::{Backoff, Client, ConnectOptions, Prediction, Priority, RequestId, Response};
 pub use clock::monotonic_ns;
-pub use error::{ConnectError, PredictError, ServerError, SubmitError};
+pub use error::{each_cause_once, ConnectError, PredictError, ServerError, SubmitError};
 pub use tie_layouts as layouts;
 pub use tie_layouts::abi::Status;
 pub use wait::WaitStrategy;

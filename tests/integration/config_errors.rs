@@ -55,6 +55,23 @@ fn unknown_service_config_keys_are_named() {
 }
 
 #[test]
+fn errors_name_each_cause_once() {
+    // A repository that does not exist: the OS's reason once, not once per layer.
+    let err = serve_fails("", &scratch_dir("missing").join("models-missing"));
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // A model the loader refuses: the backend's reason once.
+    let repo = repository_with("");
+    std::fs::write(repo.join("m/1/model.onnx"), b"not a model").unwrap();
+    let err = serve_fails("", &repo);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or(&err);
+    assert_eq!(line.matches("cannot read ONNX model").count(), 1, "{err}");
+    assert_eq!(line.matches("failed to decode").count(), 1, "{err}");
+}
+
+#[test]
 fn bad_model_configs_are_named() {
     let err = serve_fails("", &repository_with("layuot = \"mlp64\"\n"));
     assert!(err.contains("layuot"), "{err}");

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tie-inspect: {e:#}");
+            eprintln!("tie-inspect: {}", tie_client::each_cause_once(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tie-loadgen: {e:#}");
+            eprintln!("tie-loadgen: {}", tie_client::each_cause_once(e.as_ref()));
             ExitCode::FAILURE
         }
     }

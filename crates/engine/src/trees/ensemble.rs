@@ -97,22 +97,34 @@ pub struct TreeEnsemble {
     /// The fast walk's depths, when every branch compares the same way ([`Mode::Leq`],
     /// [`Mode::Lt`], [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing.
     fast: Option<Fast>,
+    /// Of an ensemble of one target summed or averaged: each node's leaf weight (0 where it
+    /// has none, which sums as no score does), added without the general walk over a leaf's
+    /// entries.
+    single: Option<Vec<f64>>,
 }
 
 /// A walk without branches on the data: at most a tree's depth of steps (a leaf steps to
 /// itself; the walk ends once every lane is at its leaf), [`LANES`] walks in lockstep (rows
-/// of a batch, or trees of a row) so that their loads overlap.
+/// of a batch, or trees of a row) so that their loads overlap, and no test for NaN (see
+/// [`Fast::missing`]).
 #[derive(Debug)]
 struct Fast {
     mode: Mode,
+    /// What a NaN feature becomes in the second of the two planes of a row the fast walk reads
+    /// (the row as it is, then again): the first is read by the nodes that send NaN the false
+    /// way (every comparison with NaN is false), the second by those that send it the true
+    /// way, where NaN becomes a value every threshold sends the true way (−∞ for `<=` and
+    /// `<`, +∞ for `>=` and `>`), so that a step needs no test for NaN.
+    missing: f32,
     /// Per tree: the most steps from its root to a leaf.
     depth: Vec<u32>,
     /// Per group of [`LANES`] trees: their largest depth.
     group_depth: Vec<u32>,
 }
 
-/// A node: the feature (bit 31: NaN goes the true way, as [`NAN_TRUE`] says), the threshold,
-/// and the children as `[false, true]` (a leaf's both itself).
+/// A node: the feature (plus the feature count where NaN goes the true way, as [`NAN_TRUE`]
+/// says: the fast walk's second plane of the row), the threshold, and the children as
+/// `[false, true]` (a leaf's both itself).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Packed {
@@ -121,15 +133,19 @@ struct Packed {
     child: [u32; 2],
 }
 
-const PACKED_NAN_TRUE: u32 = 1 << 31;
-
 /// Walks in lockstep.
-const LANES: usize = 8;
+const LANES: usize = 16;
 
-/// One step of the fast walk from `p` for `row` (`M`: the mode, as `Mode as u8`).
+/// One step of the fast walk from `p` for `planes`, a row as the fast walk reads it (see
+/// [`Fast::missing`]; `M`: the mode, as `Mode as u8`).
+///
+/// # Safety
+/// `planes` holds twice the ensemble's features (`p.feature` is below that: `Builder::branch`
+/// checks the feature, `Builder::push` adds at most the feature count).
 #[inline(always)]
-fn step<const M: u8>(p: &Packed, row: &[f32]) -> u32 {
-    let x = row[(p.feature & !PACKED_NAN_TRUE) as usize];
+unsafe fn step<const M: u8>(p: &Packed, planes: &[f32]) -> u32 {
+    // SAFETY: as the caller promises.
+    let x = unsafe { *planes.get_unchecked(p.feature as usize) };
     let t = p.threshold;
     let holds = match M {
         0 => x <= t,
@@ -137,8 +153,7 @@ fn step<const M: u8>(p: &Packed, row: &[f32]) -> u32 {
         2 => x >= t,
         _ => x > t,
     };
-    let nan = x.is_nan() & (p.feature & PACKED_NAN_TRUE != 0);
-    p.child[usize::from(holds | nan)]
+    p.child[usize::from(holds)]
 }
 
 /// A branch as a format describes it, before its children are known.
@@ -185,6 +200,7 @@ impl Builder {
                 post: PostTransform::None,
                 output: Output::Scores,
                 fast: None,
+                single: None,
             },
             weights: Vec::new(),
         }
@@ -196,13 +212,13 @@ impl Builder {
 
     fn push(&mut self, mode: Mode, feature: u32, threshold: f32, missing: u8) -> u32 {
         self.e.mode.push(mode);
+        let plane = if missing & NAN_TRUE != 0 {
+            self.e.features as u32
+        } else {
+            0
+        };
         self.e.nodes.push(Packed {
-            feature: feature
-                | if missing & NAN_TRUE != 0 {
-                    PACKED_NAN_TRUE
-                } else {
-                    0
-                },
+            feature: feature + plane,
             threshold,
             child: [UNSET; 2],
         });
@@ -335,6 +351,19 @@ impl Builder {
         }
         self.check_acyclic()?;
         self.e.fast = self.e.pack();
+        if self.e.targets == 1 && matches!(aggregate, Aggregate::Sum | Aggregate::Average) {
+            let e = &self.e;
+            self.e.single = Some(
+                (0..n)
+                    .map(|leaf| {
+                        let start = e.leaf_start[leaf] as usize;
+                        e.leaf_weight[start..start + e.leaf_len[leaf] as usize]
+                            .iter()
+                            .sum()
+                    })
+                    .collect(),
+            );
+        }
         Ok(self.e)
     }
 
@@ -375,8 +404,21 @@ impl TreeEnsemble {
     fn pack(&self) -> Option<Fast> {
         let branches = || (0..self.mode.len()).filter(|&i| self.mode[i] != Mode::Leaf);
         let mode = branches().next().map_or(Mode::Leq, |i| self.mode[i]);
+        let missing = match mode {
+            Mode::Leq | Mode::Lt => f32::NEG_INFINITY,
+            _ => f32::INFINITY,
+        };
+        // −∞ < −∞ and +∞ > +∞ are false: a node sending NaN the true way with that
+        // threshold needs the NaN test of the other walk.
+        let strict = matches!(mode, Mode::Lt | Mode::Gt);
         if !matches!(mode, Mode::Leq | Mode::Lt | Mode::Gte | Mode::Gt)
-            || branches().any(|i| self.mode[i] != mode || self.missing[i] & ZERO_MISSING != 0)
+            || branches().any(|i| {
+                let t = self.nodes[i].threshold;
+                self.mode[i] != mode
+                    || self.missing[i] & ZERO_MISSING != 0
+                    || t.is_nan()
+                    || (strict && self.missing[i] & NAN_TRUE != 0 && t == missing)
+            })
         {
             return None;
         }
@@ -387,6 +429,7 @@ impl TreeEnsemble {
             .collect();
         Some(Fast {
             mode,
+            missing,
             depth,
             group_depth,
         })
@@ -437,7 +480,12 @@ impl TreeEnsemble {
                 return n;
             }
             let node = &self.nodes[n];
-            let x = row[(node.feature & !PACKED_NAN_TRUE) as usize];
+            let f = node.feature as usize;
+            let x = row[if f >= self.features {
+                f - self.features
+            } else {
+                f
+            }];
             let t = node.threshold;
             let missing = self.missing[n];
             let go_true = if x.is_nan() || (missing & ZERO_MISSING != 0 && x.abs() <= ZERO) {
@@ -466,8 +514,9 @@ impl TreeEnsemble {
     /// Scores `rows` rows of `input` into `output` (`rows * outputs()` values).
     pub fn run(&self, input: &[f32], rows: usize, output: &mut [f32]) {
         let (w, k) = (self.features, self.targets);
-        // NaN: no tree has scored this target yet.
-        let mut acc = vec![f64::NAN; rows * k];
+        // NaN: no tree has scored this target yet (0 with `single`, where it is the same).
+        let unscored = if self.single.is_some() { 0.0 } else { f64::NAN };
+        let mut acc = vec![unscored; rows * k];
         match self.fast.as_ref().map(|f| f.mode) {
             Some(Mode::Leq) => self.run_fast::<0>(input, rows, &mut acc),
             Some(Mode::Lt) => self.run_fast::<1>(input, rows, &mut acc),
@@ -491,6 +540,18 @@ impl TreeEnsemble {
         }
     }
 
+    /// Adds the weights of `leaf` to row `r`'s scores in `acc`.
+    #[inline(always)]
+    fn add_fast(&self, leaf: usize, r: usize, acc: &mut [f64]) {
+        match &self.single {
+            Some(values) => acc[r] += values[leaf],
+            None => {
+                let k = self.targets;
+                self.add(leaf, &mut acc[r * k..(r + 1) * k]);
+            }
+        }
+    }
+
     /// Adds the weights of `leaf` to a row's `scores`.
     #[inline]
     fn add(&self, leaf: usize, scores: &mut [f64]) {
@@ -509,8 +570,11 @@ impl TreeEnsemble {
     }
 
     /// [`LANES`] walks of `depth` steps in lockstep.
+    ///
+    /// # Safety
+    /// Each of `rows` holds twice the ensemble's features (the planes of `run_fast`).
     #[inline(always)]
-    fn walk<const M: u8>(
+    unsafe fn walk<const M: u8>(
         nodes: &[Packed],
         at: &mut [u32; LANES],
         rows: &[&[f32]; LANES],
@@ -519,7 +583,9 @@ impl TreeEnsemble {
         for _ in 0..depth {
             let mut moved = false;
             for k in 0..LANES {
-                let next = step::<M>(&nodes[at[k] as usize], rows[k]);
+                // SAFETY: a walk starts at a root and moves to a child, and `Builder::finish`
+                // checked that every root and child is a node; the caller promises the rows.
+                let next = unsafe { step::<M>(nodes.get_unchecked(at[k] as usize), rows[k]) };
                 moved |= next != at[k];
                 at[k] = next;
             }
@@ -535,8 +601,17 @@ impl TreeEnsemble {
     /// [`LANES`] trees at a time for each row.
     fn run_fast<const M: u8>(&self, input: &[f32], rows: usize, acc: &mut [f64]) {
         let Some(fast) = &self.fast else { return };
-        let (w, k) = (self.features, self.targets);
-        let row = |r: usize| &input[r * w..(r + 1) * w];
+        let w = self.features;
+        // Each row as two planes, NaN replaced in the second (see `Fast::missing`).
+        let mut planes = vec![0.0f32; rows * 2 * w];
+        for (src, dst) in input.chunks_exact(w).zip(planes.chunks_exact_mut(2 * w)) {
+            let (as_is, replaced) = dst.split_at_mut(w);
+            as_is.copy_from_slice(src);
+            for (x, r) in src.iter().zip(replaced) {
+                *r = if x.is_nan() { fast.missing } else { *x };
+            }
+        }
+        let row = |r: usize| &planes[r * 2 * w..(r + 1) * 2 * w];
         if rows >= LANES {
             for (tree, &root) in self.roots.iter().enumerate() {
                 for first in (0..rows).step_by(LANES) {
@@ -544,10 +619,11 @@ impl TreeEnsemble {
                     let mut at = [root; LANES];
                     // Lanes past the batch walk its last row again, unused.
                     let lanes: [&[f32]; LANES] = std::array::from_fn(|l| row(first + l.min(n - 1)));
-                    Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.depth[tree]);
+                    // SAFETY: the lanes are rows of `planes`.
+                    unsafe { Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.depth[tree]) };
                     for (l, &leaf) in at[..n].iter().enumerate() {
                         let r = first + l;
-                        self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
+                        self.add_fast(leaf as usize, r, acc);
                     }
                 }
             }
@@ -558,9 +634,12 @@ impl TreeEnsemble {
                     // Lanes past the last tree walk it again, unused.
                     let mut at: [u32; LANES] =
                         std::array::from_fn(|l| roots[l.min(roots.len() - 1)]);
-                    Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.group_depth[group]);
+                    // SAFETY: the lanes are a row of `planes`.
+                    unsafe {
+                        Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.group_depth[group])
+                    };
                     for &leaf in &at[..roots.len()] {
-                        self.add(leaf as usize, &mut acc[r * k..(r + 1) * k]);
+                        self.add_fast(leaf as usize, r, acc);
                     }
                 }
             }
@@ -645,6 +724,86 @@ pub(super) fn post_transform(post: PostTransform, scores: &mut [f64]) {
             if sum > 0.0 {
                 for s in scores.iter_mut() {
                     *s /= sum;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One tree: a branch on feature 0 against `threshold` (NaN the way `missing_true` says),
+    /// scoring 1 on the true side and 2 on the false side.
+    fn stump(mode: Mode, threshold: f32, missing_true: bool) -> TreeEnsemble {
+        let mut b = Builder::new("stump", 1, 1);
+        let branch = b
+            .branch(Branch {
+                mode,
+                feature: 0,
+                threshold,
+                missing_true,
+                zero_missing: false,
+                set: Vec::new(),
+            })
+            .unwrap();
+        let (yes, no) = (b.leaf(), b.leaf());
+        b.weight(yes, 0, 1.0).unwrap();
+        b.weight(no, 0, 2.0).unwrap();
+        b.connect(branch, yes, no);
+        b.finish(
+            None,
+            Vec::new(),
+            Aggregate::Sum,
+            PostTransform::None,
+            Output::Scores,
+        )
+        .unwrap()
+    }
+
+    /// NaN goes the way each node says on both walks, infinite thresholds and values
+    /// included, at batch sizes under and over the lanes; a strict comparison with the
+    /// infinity that NaN would become sends such an ensemble to the walk that tests NaN.
+    #[test]
+    fn nan_takes_each_nodes_way_against_infinite_thresholds() {
+        let values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -1.5, 2.5];
+        for mode in [Mode::Leq, Mode::Lt, Mode::Gte, Mode::Gt] {
+            for threshold in [f32::INFINITY, f32::NEG_INFINITY, 0.0] {
+                for missing_true in [false, true] {
+                    let e = stump(mode, threshold, missing_true);
+                    let strict_on_sentinel = missing_true
+                        && matches!(
+                            (mode, threshold),
+                            (Mode::Lt, f32::NEG_INFINITY) | (Mode::Gt, f32::INFINITY)
+                        );
+                    assert_eq!(
+                        e.fast.is_some(),
+                        !strict_on_sentinel,
+                        "{mode:?} {threshold}"
+                    );
+                    for rows in [1, LANES + 3] {
+                        let input: Vec<f32> = (0..rows).map(|r| values[r % values.len()]).collect();
+                        let mut out = vec![0.0; rows];
+                        e.run(&input, rows, &mut out);
+                        for (x, got) in input.iter().zip(&out) {
+                            let holds = if x.is_nan() {
+                                missing_true
+                            } else {
+                                match mode {
+                                    Mode::Leq => *x <= threshold,
+                                    Mode::Lt => *x < threshold,
+                                    Mode::Gte => *x >= threshold,
+                                    _ => *x > threshold,
+                                }
+                            };
+                            let want = if holds { 1.0 } else { 2.0 };
+                            assert_eq!(
+                                *got, want,
+                                "{mode:?} {threshold} NaN-true {missing_true}, x {x}, {rows} rows"
+                            );
+                        }
+                    }
                 }
             }
         }

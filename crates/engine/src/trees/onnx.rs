@@ -696,12 +696,14 @@ mod tests {
                     ("LEAF".to_string(), 0, 0.0)
                 } else {
                     let mode = MODES[uniform.unwrap_or_else(|| rng.below(6) as usize)].to_string();
-                    // Thresholds on a coarse grid, so rows hit them exactly.
-                    (
-                        mode,
-                        rng.below(features as u64) as usize,
-                        (rng.below(9) as f32 - 4.0) / 2.0,
-                    )
+                    // Thresholds on a coarse grid, so rows hit them exactly; some infinite
+                    // (LightGBM writes `inf` where only NaN is split off).
+                    let value = match rng.below(12) {
+                        0 => f32::INFINITY,
+                        1 => f32::NEG_INFINITY,
+                        _ => (rng.below(9) as f32 - 4.0) / 2.0,
+                    };
+                    (mode, rng.below(features as u64) as usize, value)
                 };
                 let (t, f) = if leaf {
                     (0, 0)
@@ -852,10 +854,12 @@ mod tests {
             let r = random(&mut rng);
             let e = compile(&r.node, r.features).unwrap();
             // Fewer rows than the fast walk's lanes, and more.
-            let rows = 1 + rng.below(20) as usize;
+            let rows = 1 + rng.below(40) as usize;
             let input: Vec<f32> = (0..rows * r.features)
-                .map(|_| match rng.below(6) {
+                .map(|_| match rng.below(8) {
                     0 => f32::NAN,
+                    6 => f32::INFINITY,
+                    7 => f32::NEG_INFINITY,
                     // On the thresholds' grid.
                     1 | 2 => (rng.below(9) as f32 - 4.0) / 2.0,
                     _ => rng.float(),

@@ -116,10 +116,18 @@ struct Fast {
     /// way, where NaN becomes a value every threshold sends the true way (−∞ for `<=` and
     /// `<`, +∞ for `>=` and `>`), so that a step needs no test for NaN.
     missing: f32,
-    /// Per tree: the most steps from its root to a leaf.
-    depth: Vec<u32>,
-    /// Per group of [`LANES`] trees: their largest depth.
-    group_depth: Vec<u32>,
+    /// The trees again, breadth first with each node's children side by side (`[false,
+    /// true]` from `children`), so that a step adds the comparison to an index instead of
+    /// loading the child; a leaf is its own child, with a NaN threshold (no comparison holds).
+    nodes: Vec<FastNode>,
+    /// Per tree: its root in `nodes`.
+    roots: Vec<u32>,
+    /// Per entry of `nodes`: the ensemble's node it copies (for a leaf's weights).
+    origin: Vec<u32>,
+    /// Per tree: the fewest and the most steps from its root to a leaf.
+    depth: Vec<(u32, u32)>,
+    /// Per group of [`LANES`] trees: the fewest and the most steps of any of them.
+    group_depth: Vec<(u32, u32)>,
 }
 
 /// A node: the feature (plus the feature count where NaN goes the true way, as [`NAN_TRUE`]
@@ -133,6 +141,17 @@ struct Packed {
     child: [u32; 2],
 }
 
+/// A node of the fast walk (see [`Fast::nodes`]).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct FastNode {
+    /// As [`Packed::feature`].
+    feature: u32,
+    threshold: f32,
+    /// The false child; the true one follows it.
+    children: u32,
+}
+
 /// Walks in lockstep.
 const LANES: usize = 16;
 
@@ -143,7 +162,7 @@ const LANES: usize = 16;
 /// `planes` holds twice the ensemble's features (`p.feature` is below that: `Builder::branch`
 /// checks the feature, `Builder::push` adds at most the feature count).
 #[inline(always)]
-unsafe fn step<const M: u8>(p: &Packed, planes: &[f32]) -> u32 {
+unsafe fn step<const M: u8>(p: &FastNode, planes: &[f32]) -> u32 {
     // SAFETY: as the caller promises.
     let x = unsafe { *planes.get_unchecked(p.feature as usize) };
     let t = p.threshold;
@@ -153,7 +172,7 @@ unsafe fn step<const M: u8>(p: &Packed, planes: &[f32]) -> u32 {
         2 => x >= t,
         _ => x > t,
     };
-    p.child[usize::from(holds)]
+    p.children + u32::from(holds)
 }
 
 /// A branch as a format describes it, before its children are known.
@@ -422,26 +441,73 @@ impl TreeEnsemble {
         {
             return None;
         }
-        let depth: Vec<u32> = self.roots.iter().map(|&r| self.depth(r)).collect();
+        let depth: Vec<(u32, u32)> = self.roots.iter().map(|&r| self.depth(r)).collect();
         let group_depth = depth
             .chunks(LANES)
-            .map(|g| g.iter().copied().max().unwrap_or(0))
+            .map(|g| {
+                let shallowest = g.iter().map(|d| d.0).min().unwrap_or(0);
+                (shallowest, g.iter().map(|d| d.1).max().unwrap_or(0))
+            })
             .collect();
+        // A node two parents share is copied for each; past twice the ensemble's nodes the
+        // walk that follows the children is kept.
+        let limit = 2 * self.nodes.len() + 2;
+        let unset = FastNode {
+            feature: 0,
+            threshold: f32::NAN,
+            children: 0,
+        };
+        let (mut nodes, mut origin, mut roots) = (Vec::new(), Vec::new(), Vec::new());
+        for &root in &self.roots {
+            roots.push(nodes.len() as u32);
+            nodes.push(unset);
+            origin.push(root);
+            let mut i = nodes.len() - 1;
+            while i < nodes.len() {
+                if nodes.len() > limit {
+                    return None;
+                }
+                let old = origin[i] as usize;
+                nodes[i] = if self.mode[old] == Mode::Leaf {
+                    FastNode {
+                        children: i as u32,
+                        ..unset
+                    }
+                } else {
+                    let p = self.nodes[old];
+                    let children = nodes.len() as u32;
+                    for child in p.child {
+                        nodes.push(unset);
+                        origin.push(child);
+                    }
+                    FastNode {
+                        feature: p.feature,
+                        threshold: p.threshold,
+                        children,
+                    }
+                };
+                i += 1;
+            }
+        }
         Some(Fast {
             mode,
             missing,
+            nodes,
+            roots,
+            origin,
             depth,
             group_depth,
         })
     }
 
-    /// The most steps from `root` to a leaf.
-    fn depth(&self, root: u32) -> u32 {
-        let mut deepest = 0;
+    /// The fewest and the most steps from `root` to a leaf.
+    fn depth(&self, root: u32) -> (u32, u32) {
+        let (mut shallowest, mut deepest) = (u32::MAX, 0);
         let mut stack = vec![(root, 0u32)];
         while let Some((n, d)) = stack.pop() {
             let i = n as usize;
             if self.mode[i] == Mode::Leaf {
+                shallowest = shallowest.min(d);
                 deepest = deepest.max(d);
             } else {
                 for child in self.nodes[i].child {
@@ -449,7 +515,7 @@ impl TreeEnsemble {
                 }
             }
         }
-        deepest
+        (shallowest.min(deepest), deepest)
     }
 
     /// Features per row.
@@ -569,22 +635,29 @@ impl TreeEnsemble {
         }
     }
 
-    /// [`LANES`] walks of `depth` steps in lockstep.
+    /// [`LANES`] walks in lockstep, of `depth.1` steps at most: the first `depth.0` (no walk
+    /// reaches a leaf sooner) without looking, then until every walk is at its leaf.
     ///
     /// # Safety
     /// Each of `rows` holds twice the ensemble's features (the planes of `run_fast`).
     #[inline(always)]
     unsafe fn walk<const M: u8>(
-        nodes: &[Packed],
+        nodes: &[FastNode],
         at: &mut [u32; LANES],
         rows: &[&[f32]; LANES],
-        depth: u32,
+        depth: (u32, u32),
     ) {
-        for _ in 0..depth {
+        for _ in 0..depth.0 {
+            for k in 0..LANES {
+                // SAFETY: a walk starts at a root and moves to a child, and `pack` made every
+                // root and child a node; the caller promises the rows.
+                at[k] = unsafe { step::<M>(nodes.get_unchecked(at[k] as usize), rows[k]) };
+            }
+        }
+        for _ in depth.0..depth.1 {
             let mut moved = false;
             for k in 0..LANES {
-                // SAFETY: a walk starts at a root and moves to a child, and `Builder::finish`
-                // checked that every root and child is a node; the caller promises the rows.
+                // SAFETY: as above.
                 let next = unsafe { step::<M>(nodes.get_unchecked(at[k] as usize), rows[k]) };
                 moved |= next != at[k];
                 at[k] = next;
@@ -613,33 +686,33 @@ impl TreeEnsemble {
         }
         let row = |r: usize| &planes[r * 2 * w..(r + 1) * 2 * w];
         if rows >= LANES {
-            for (tree, &root) in self.roots.iter().enumerate() {
+            for (tree, &root) in fast.roots.iter().enumerate() {
                 for first in (0..rows).step_by(LANES) {
                     let n = (rows - first).min(LANES);
                     let mut at = [root; LANES];
                     // Lanes past the batch walk its last row again, unused.
                     let lanes: [&[f32]; LANES] = std::array::from_fn(|l| row(first + l.min(n - 1)));
                     // SAFETY: the lanes are rows of `planes`.
-                    unsafe { Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.depth[tree]) };
+                    unsafe { Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.depth[tree]) };
                     for (l, &leaf) in at[..n].iter().enumerate() {
                         let r = first + l;
-                        self.add_fast(leaf as usize, r, acc);
+                        self.add_fast(fast.origin[leaf as usize] as usize, r, acc);
                     }
                 }
             }
         } else {
             for r in 0..rows {
                 let lanes = [row(r); LANES];
-                for (group, roots) in self.roots.chunks(LANES).enumerate() {
+                for (group, roots) in fast.roots.chunks(LANES).enumerate() {
                     // Lanes past the last tree walk it again, unused.
                     let mut at: [u32; LANES] =
                         std::array::from_fn(|l| roots[l.min(roots.len() - 1)]);
                     // SAFETY: the lanes are a row of `planes`.
                     unsafe {
-                        Self::walk::<M>(&self.nodes, &mut at, &lanes, fast.group_depth[group])
+                        Self::walk::<M>(&fast.nodes, &mut at, &lanes, fast.group_depth[group])
                     };
                     for &leaf in &at[..roots.len()] {
-                        self.add_fast(leaf as usize, r, acc);
+                        self.add_fast(fast.origin[leaf as usize] as usize, r, acc);
                     }
                 }
             }

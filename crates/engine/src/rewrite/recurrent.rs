@@ -615,12 +615,11 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sequence");
         let mut checked = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".json") {
                 continue;
             }
-            let f: Fixture =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let f: Fixture = crate::fixtures::json(&format!("sequence/{name}"));
             let model = format!("{dir}/{}/1/model.onnx", f.model);
             let backend = load_cpu(model.as_ref(), CpuEngine::Auto)
                 .unwrap_or_else(|e| panic!("{}: {e}", f.model));

@@ -77,7 +77,8 @@ pub struct TreeEnsemble {
     /// Scores per row.
     targets: usize,
     roots: Vec<u32>,
-    /// Per node: feature, threshold and children (both walks read them).
+    /// Per node: feature, threshold and children (the general walk reads them; the fast walk
+    /// reads its own copy, [`Fast::nodes`]).
     nodes: Vec<Packed>,
     mode: Vec<Mode>,
     /// [`NAN_TRUE`] | [`ZERO_MISSING`].
@@ -94,8 +95,8 @@ pub struct TreeEnsemble {
     aggregate: Aggregate,
     post: PostTransform,
     output: Output,
-    /// The fast walk's depths, when every branch compares the same way ([`Mode::Leq`],
-    /// [`Mode::Lt`], [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing.
+    /// The fast walk, when every branch compares the same way ([`Mode::Leq`], [`Mode::Lt`],
+    /// [`Mode::Gte`] or [`Mode::Gt`]) and only NaN is missing (see [`TreeEnsemble::pack`]).
     fast: Option<Fast>,
     /// Of an ensemble of one target summed or averaged: each node's leaf weight (0 where it
     /// has none, which sums as no score does), added without the general walk over a leaf's
@@ -131,8 +132,8 @@ struct Fast {
 }
 
 /// A node: the feature (plus the feature count where NaN goes the true way, as [`NAN_TRUE`]
-/// says: the fast walk's second plane of the row), the threshold, and the children as
-/// `[false, true]` (a leaf's both itself).
+/// says: the index the fast walk reads in its two planes of a row, see [`Fast::missing`]),
+/// the threshold, and the children as `[false, true]` (a leaf's both itself).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Packed {
@@ -159,8 +160,9 @@ const LANES: usize = 16;
 /// [`Fast::missing`]; `M`: the mode, as `Mode as u8`).
 ///
 /// # Safety
-/// `planes` holds twice the ensemble's features (`p.feature` is below that: `Builder::branch`
-/// checks the feature, `Builder::push` adds at most the feature count).
+/// `planes` holds twice the ensemble's features, at least one (`p.feature` is below that:
+/// `Builder::branch` checks the feature, `Builder::push` adds at most the feature count, and a
+/// leaf reads feature 0).
 #[inline(always)]
 unsafe fn step<const M: u8>(p: &FastNode, planes: &[f32]) -> u32 {
     // SAFETY: as the caller promises.
@@ -249,6 +251,14 @@ impl Builder {
 
     /// Adds a branch; its children come with [`Builder::connect`].
     pub fn branch(&mut self, b: Branch) -> Result<u32, BackendLoadError> {
+        // A node's feature index holds the feature count added (see `Packed`).
+        if self.e.features > (u32::MAX / 2) as usize {
+            return Err(self.error(format!(
+                "{} features: the tree engine reads at most {}",
+                self.e.features,
+                u32::MAX / 2
+            )));
+        }
         let feature = usize::try_from(b.feature)
             .ok()
             .filter(|&f| f < self.e.features)
@@ -370,7 +380,11 @@ impl Builder {
         }
         self.check_acyclic()?;
         self.e.fast = self.e.pack();
-        if self.e.targets == 1 && matches!(aggregate, Aggregate::Sum | Aggregate::Average) {
+        // With finite weights: a NaN weight counts as no score in the general walk's sums.
+        if self.e.targets == 1
+            && matches!(aggregate, Aggregate::Sum | Aggregate::Average)
+            && self.e.leaf_weight.iter().all(|w| w.is_finite())
+        {
             let e = &self.e;
             self.e.single = Some(
                 (0..n)
@@ -418,8 +432,9 @@ impl Builder {
 }
 
 impl TreeEnsemble {
-    /// The [`Fast`] walk's depths, where the nodes allow it (the tree has no cycle: checked
-    /// before).
+    /// The [`Fast`] walk, where the nodes allow it (the tree has no cycle: checked before): one
+    /// way of comparing, only NaN missing, no NaN threshold, at least one feature, and no
+    /// strict comparison with the infinity NaN becomes on a node sending NaN the true way.
     fn pack(&self) -> Option<Fast> {
         let branches = || (0..self.mode.len()).filter(|&i| self.mode[i] != Mode::Leaf);
         let mode = branches().next().map_or(Mode::Leq, |i| self.mode[i]);
@@ -431,6 +446,7 @@ impl TreeEnsemble {
         // threshold needs the NaN test of the other walk.
         let strict = matches!(mode, Mode::Lt | Mode::Gt);
         if !matches!(mode, Mode::Leq | Mode::Lt | Mode::Gte | Mode::Gt)
+            || self.features == 0
             || branches().any(|i| {
                 let t = self.nodes[i].threshold;
                 self.mode[i] != mode

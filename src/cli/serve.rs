@@ -135,6 +135,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     manager.record_failures(failures);
     manager.load_routing()?;
     http.serve(manager.clone());
+    // Said once both planes serve the models (scripts and tests wait for it).
+    tracing::info!(socket = %server.socket_path().display(), pollers = server.pollers(), "serving");
     // Versions unused for `auto_unload_unused_hours` are unloaded (and load again on demand).
     let unloader = config.model_deployment.unload_after().map(|after| {
         let (manager, stop) = (manager.clone(), stop.clone());

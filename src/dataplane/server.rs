@@ -207,7 +207,7 @@ impl Server {
         let background = start_monitors(config, &monitor, &all_models, &background_stopping)?;
         let workers = pollers.handles;
         let stats = pollers.stats;
-        tracing::info!(socket = %socket_path.display(), pollers = workers.len(), "serving");
+        tracing::debug!(socket = %socket_path.display(), pollers = workers.len(), "rings accepting");
         Ok(Self {
             stopping,
             listener_stopping,
@@ -275,6 +275,11 @@ impl Server {
     /// The endpoint's socket path.
     pub fn socket_path(&self) -> &std::path::Path {
         &self.socket_path
+    }
+
+    /// Poller threads running.
+    pub fn pollers(&self) -> usize {
+        self.workers.len()
     }
 
     /// Stops accepting, answers every frame already submitted, marks sessions closing, then

@@ -325,7 +325,8 @@ pub struct PerformanceThresholdsSection {
     pub max_latency_ms: f32,
     /// Error rate above which an alert fires.
     pub max_error_rate: f32,
-    /// Throughput below which an alert fires.
+    /// Throughput of an interval with traffic below which an alert fires (0, the default:
+    /// off).
     pub min_throughput_rps: f32,
     /// Memory above which an alert fires (MB).
     pub max_memory_usage_mb: f32,
@@ -338,7 +339,8 @@ impl Default for PerformanceThresholdsSection {
         Self {
             max_latency_ms: 20.0,
             max_error_rate: 0.01,
-            min_throughput_rps: 100.0,
+            // Off: trading traffic comes and goes, and an idle model is not a slow one.
+            min_throughput_rps: 0.0,
             max_memory_usage_mb: 4096.0,
             min_gpu_utilization: 0.7,
         }

@@ -305,7 +305,7 @@ impl ModelManager {
             .name("tie-model-wake".into())
             .spawn(move || match this.restore(&owned, version.as_deref()) {
                 Ok(Some(ms)) => {
-                    tracing::info!(model = %owned, load_ms = ms, "loaded again for a session")
+                    tracing::info!(model = %owned, load_ms = super::repository::log_ms(ms), "loaded again for a session")
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -468,7 +468,7 @@ impl ModelManager {
         tracing::info!(
             model = name,
             versions = ?wanted.iter().map(|u| u.version).collect::<Vec<_>>(),
-            load_ms = ms,
+            load_ms = super::repository::log_ms(ms),
             "loaded again after going unused"
         );
         Ok(Some(ms))

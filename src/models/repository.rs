@@ -821,7 +821,7 @@ fn load_model(
         layout = %layout.name,
         default = is_default,
         optimal_batch_size = profile.as_ref().map(|p| p.optimal_batch_size),
-        load_ms = started.elapsed().as_secs_f64() * 1e3,
+        load_ms = log_ms(started.elapsed().as_secs_f64() * 1e3),
         "model loaded"
     );
     let (backend, fault) = if options.fault_injection {
@@ -971,4 +971,9 @@ fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), tie_engine::Backen
         backend.run_batch(&input, 1, &mut output)?;
     }
     Ok(())
+}
+
+/// Milliseconds rounded to two decimals, as logs give them (`load_ms=1.19`).
+pub(crate) fn log_ms(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
 }

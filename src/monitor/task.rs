@@ -66,23 +66,30 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
     }
 }
 
+/// `v` as the f64 of its shortest decimal form, so that a log says `0.01`, not the f32's
+/// exact `0.009999999776482582`.
+fn as_written(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
+}
+
 /// Logs an alert transition and queues it for the webhook, if there is one (never waiting:
 /// an event the webhook's backlog has no room for is logged as not posted).
 fn report_alert(e: AlertEvent, webhook: Option<&std::sync::mpsc::SyncSender<AlertEvent>>) {
+    let (value, threshold) = (as_written(e.value), as_written(e.threshold));
     if e.state == "raised" {
         tracing::warn!(
             model = %e.model_key,
             alert = e.kind.name(),
-            value = e.value,
-            threshold = e.threshold,
+            value,
+            threshold,
             "performance alert raised"
         );
     } else {
         tracing::info!(
             model = %e.model_key,
             alert = e.kind.name(),
-            value = e.value,
-            threshold = e.threshold,
+            value,
+            threshold,
             "performance alert cleared"
         );
     }

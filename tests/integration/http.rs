@@ -725,3 +725,45 @@ min_gpu_utilization = 0.0
     assert_eq!(log.matches("model ready again").count(), 1, "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn an_idle_server_raises_no_throughput_alert_and_logs_figures_as_written() {
+    // Default thresholds but latency's, which every request crosses.
+    let config = format!(
+        "{}[monitoring]\ninterval_ms = 100\n[performance_thresholds]\nmax_latency_ms = 0.0001\n",
+        crate::common::TEST_CONFIG
+    );
+    let server = TestServer::start_with(&config, &root().join("models"));
+    let mlp = fixture("mlp64_v1");
+    let mut client = Client::connect("test", "mlp64", server.options()).unwrap();
+    for row in &mlp.inputs[..3] {
+        client.predict(row).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .log()
+            .contains("performance alert raised")),
+        "{}",
+        server.log()
+    );
+    // A few requests a second are no alert: throughput alerts are off unless configured.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log();
+    assert!(!log.contains("alert=\"throughput\""), "{log}");
+    // The threshold as configured (not the f32's 0.00009999999747378752), load times in
+    // hundredths of a millisecond.
+    assert!(
+        log.split_whitespace().any(|t| t == "threshold=0.0001"),
+        "{log}"
+    );
+    let loads: Vec<&str> = log
+        .split("load_ms=")
+        .skip(1)
+        .map(|rest| rest.split_whitespace().next().unwrap())
+        .collect();
+    assert!(!loads.is_empty(), "{log}");
+    for ms in loads {
+        let decimals = ms.split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 2, "load_ms={ms}");
+    }
+}

@@ -9,7 +9,8 @@ use anyhow::Context;
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
     /// `.hlog` files (the server's `[monitoring] hlog_dir`, tie-loadgen's, or any HdrHistogram
-    /// interval log), and tie-loadgen's `summary.json` and `sweep.json` files.
+    /// interval log), and tie-loadgen's `summary.json` and `sweep.json` files. A log with no
+    /// interval yet (an idle model's) is skipped with a note; none with one is an error.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Values in the logs are in this unit per microsecond (1000 for nanoseconds).
@@ -28,6 +29,7 @@ pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let mut out = String::new();
     let mut logs = Vec::new();
     let mut sweeps = Vec::new();
+    let mut skipped = 0;
     for file in &args.files {
         let text =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -46,10 +48,24 @@ pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
             }
             continue;
         }
-        let log = tie_hlog::read_hlog(&text)
-            .with_context(|| format!("{name} is not an HdrHistogram interval log"))?;
+        let log = match tie_hlog::read_hlog(&text) {
+            Ok(log) => log,
+            // The server writes a log for every model, idle ones too.
+            Err(tie_hlog::HlogReadError::Empty) => {
+                eprintln!("note: {name}: no interval in the log (nothing recorded yet): skipped");
+                skipped += 1;
+                continue;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("{name} is not an HdrHistogram interval log")))
+            }
+        };
         tie_loadgen::report::write_report(&mut out, &name, &log, args.units_per_us, !args.summary);
         logs.push((name, log));
+    }
+    if skipped == args.files.len() {
+        anyhow::bail!("nothing to report: no log has an interval");
     }
     print!("{out}");
     if let Some(chart) = &args.chart {

@@ -656,6 +656,30 @@ min_gpu_utilization = 0.0
     assert!(ok, "{text}");
     assert_eq!(count_of(&text, "end_to_end"), Some(sent - 1), "{text}");
     assert!(text.contains("total percentile distribution"), "{text}");
+    // Every model's log at once: the idle models' logs have no interval and are skipped with
+    // a note, the rest reported.
+    let all: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "hlog"))
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("report")
+        .args(&all)
+        .arg("--summary")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no interval in the log") && stderr.contains("skipped"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mlp64.v1.hlog"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // A canary that no longer matches turns the model not ready, and back.
     let mut client = Client::connect("test", "mlp64", server.options()).unwrap();

@@ -82,10 +82,13 @@ pub struct InferenceMetrics {
 #[serde(tag = "kind")]
 pub enum InferenceError {
     /// Unknown model.
-    #[error("Model not found: {model_name}")]
+    #[error("Model not found: {model_name}{}", served_list(served))]
     ModelNotFound {
         /// The model.
         model_name: String,
+        /// The models served, where the server knows them (`name:version`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        served: Vec<String>,
     },
     /// Wrong feature count.
     #[error("Invalid input shape: expected {expected}, got {actual}")]
@@ -167,6 +170,12 @@ pub enum InferenceError {
         /// The limit.
         message: String,
     },
+    /// A body that does not say it is JSON (`Content-Type: application/json`).
+    #[error("Unsupported media type: {message}")]
+    UnsupportedMediaType {
+        /// What was wrong.
+        message: String,
+    },
     /// The operation is disabled on this server.
     #[error("Forbidden: {message}")]
     Forbidden {
@@ -208,6 +217,7 @@ impl InferenceError {
         match e.status {
             Status::MODEL_NOT_FOUND => Self::ModelNotFound {
                 model_name: model.into(),
+                served: Vec::new(),
             },
             Status::INVALID_INPUT_SHAPE => Self::InvalidInputShape {
                 expected: e.detail_a as usize,
@@ -261,7 +271,8 @@ impl InferenceError {
             | Self::PayloadTooLarge { .. }
             | Self::Forbidden { .. }
             | Self::Unauthorized { .. }
-            | Self::Conflict { .. } => Status::REJECTED,
+            | Self::Conflict { .. }
+            | Self::UnsupportedMediaType { .. } => Status::REJECTED,
         }
     }
 
@@ -285,6 +296,7 @@ impl InferenceError {
             Self::LoadFailed { .. } => "LoadFailed",
             Self::Conflict { .. } => "Conflict",
             Self::Unauthorized { .. } => "Unauthorized",
+            Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
         }
     }
 
@@ -300,6 +312,7 @@ impl InferenceError {
             Self::Conflict { .. } => 409,
             Self::LoadFailed { .. } => 422,
             Self::PayloadTooLarge { .. } => 413,
+            Self::UnsupportedMediaType { .. } => 415,
             Self::QueueFull { .. } => 429,
             Self::NotReady { .. } | Self::Disconnected { .. } => 503,
             Self::Timeout { .. } => 504,
@@ -477,4 +490,13 @@ pub struct ErrorBody {
     pub error: InferenceError,
     /// Its message.
     pub message: String,
+}
+
+/// `; served: a, b` for a not-found error's list of served models (nothing when empty).
+fn served_list(served: &[String]) -> String {
+    if served.is_empty() {
+        String::new()
+    } else {
+        format!("; served: {}", served.join(", "))
+    }
 }

@@ -56,6 +56,11 @@ where
                     message: format!("the body exceeds {MAX_BODY_BYTES} bytes"),
                 }))
             }
+            Err(rejection) if rejection.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                Err(ApiError(InferenceError::UnsupportedMediaType {
+                    message: rejection.body_text(),
+                }))
+            }
             Err(rejection) => Err(ApiError(InferenceError::InvalidRequest {
                 message: rejection.body_text(),
             })),
@@ -75,9 +80,15 @@ pub(super) fn answer<T: IntoResponse>(result: Result<T, ApiError>) -> Response {
 pub(super) fn change_error(e: ChangeError, model: &str) -> InferenceError {
     match e {
         ChangeError::Load(RepositoryLoadError::UnknownModel { model, .. }) => {
-            InferenceError::ModelNotFound { model_name: model }
+            InferenceError::ModelNotFound {
+                model_name: model,
+                served: Vec::new(),
+            }
         }
-        ChangeError::NotLoaded(key) => InferenceError::ModelNotFound { model_name: key },
+        ChangeError::NotLoaded(key) => InferenceError::ModelNotFound {
+            model_name: key,
+            served: Vec::new(),
+        },
         e @ ChangeError::LayoutChange { .. } => InferenceError::Conflict {
             message: e.to_string(),
         },

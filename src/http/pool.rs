@@ -83,6 +83,7 @@ impl Serving {
                 Some(v) => format!("{name}:{v}"),
                 None => name.to_string(),
             },
+            served: set.keys(),
         };
         let pinned = match version {
             None => None,
@@ -94,6 +95,7 @@ impl Serving {
                         model_name: format!(
                             "{name}:{v} (neither a version number nor a label of {name})"
                         ),
+                        served: set.keys(),
                     }
                 }
             })?),
@@ -158,6 +160,7 @@ impl Serving {
                 ..
             } => InferenceError::ModelNotFound {
                 model_name: target.model.key(),
+                served: Vec::new(),
             },
             e => InferenceError::NotReady {
                 model_name: target.model.key(),

@@ -155,7 +155,14 @@ fn errors_counted(state: &HttpState) -> String {
 fn every_error_kind_has_its_status_json_kind_and_message() {
     let m = || "m".to_string();
     let table = [
-        (InferenceError::ModelNotFound { model_name: m() }, 404),
+        (
+            InferenceError::ModelNotFound {
+                model_name: m(),
+                served: Vec::new(),
+            },
+            404,
+        ),
+        (InferenceError::UnsupportedMediaType { message: m() }, 415),
         (
             InferenceError::InvalidInputShape {
                 expected: 2,

@@ -188,13 +188,36 @@ min_throughput_rps = 0.0
     *errors.borrow_mut().entry("ModelNotFound").or_default() += 1.0;
     *errors.borrow_mut().entry("InvalidInputShape").or_default() += 1.0;
 
-    // Every error has its status and JSON body.
+    // Every error has its status and JSON body; an unknown model's lists those served.
     let predict = format!("{api}/predict");
-    expect_error(
+    let body = expect_error(
         404,
         "ModelNotFound",
         post(&predict, &request("nope", None, &mlp.inputs[..1])),
     );
+    assert!(
+        body["error"]["served"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|m| m == "mlp64:1"))
+            && body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("served: ") && m.contains("mlp64:1")),
+        "{body}"
+    );
+    // A body that does not say it is JSON.
+    let response = crate::common::agent()
+        .post(&predict)
+        .header("content-type", "text/plain")
+        .send(serde_json::to_vec(&request("mlp64", None, &mlp.inputs[..1])).unwrap())
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415);
+    let text = response.into_body().read_to_string().unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["kind"], "UnsupportedMediaType", "{body}");
+    *errors
+        .borrow_mut()
+        .entry("UnsupportedMediaType")
+        .or_default() += 1.0;
     expect_error(
         404,
         "ModelNotFound",

@@ -11,7 +11,10 @@ use crate::segment::SegmentOpenError;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Nothing listens at the endpoint's socket.
-    #[error("tie server is not running at {}: {source}", path.display())]
+    #[error(
+        "tie server is not running at {}: {source} (start `tie serve`, or point the client at its socket directory: --socket-dir or TIE_SOCKET_DIR)",
+        path.display()
+    )]
     ServerNotRunning {
         /// The socket path tried.
         path: PathBuf,

@@ -106,6 +106,13 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // A socket directory the server cannot use is said before the models load.
     tie::dataplane::check_socket_dir(&config)?;
+    // So is a model repository it cannot read.
+    std::fs::read_dir(&config.server.model_repository).with_context(|| {
+        format!(
+            "cannot read the model repository {} (set server.model_repository or --model-repository)",
+            config.server.model_repository.display()
+        )
+    })?;
     // The control plane first: /health/live answers while the models load.
     let http = tie::http::HttpServer::start(&config).with_context(|| {
         if config.server.http_unix_socket {

@@ -59,6 +59,11 @@ fn errors_name_each_cause_once() {
     // A repository that does not exist: the OS's reason once, not once per layer.
     let err = serve_fails("", &scratch_dir("missing").join("models-missing"));
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // Said as the model repository, with where to set it.
+    assert!(
+        err.contains("cannot read the model repository") && err.contains("--model-repository"),
+        "{err}"
+    );
     // A model the loader refuses: the backend's reason once.
     let repo = repository_with("");
     std::fs::write(repo.join("m/1/model.onnx"), b"not a model").unwrap();

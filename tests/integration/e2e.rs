@@ -107,7 +107,12 @@ fn unknown_models_versions_and_missing_servers_are_clear_errors() {
     ));
     match Client::connect("no-such-endpoint", "mlp64", server.options()) {
         Err(e @ ConnectError::ServerNotRunning { .. }) => {
-            assert!(e.to_string().contains("not running"), "{e}")
+            // What to do next is said.
+            let text = e.to_string();
+            assert!(
+                text.contains("not running") && text.contains("start `tie serve`"),
+                "{text}"
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -114,17 +114,24 @@ fn ensure_fd_limit(server: &crate::config::ServerSection) -> Result<(), ServerSt
 }
 
 /// Checks the endpoint's socket directory as [`Server::start`] will (creating it if missing),
-/// so that a directory the server cannot use is refused before the models load.
+/// and that no server answers at the endpoint, so that either is refused before the models
+/// load.
 ///
 /// # Errors
-/// [`ServerStartError::SocketDir`] or [`ServerStartError::Endpoint`].
+/// [`ServerStartError::SocketDir`], [`ServerStartError::Endpoint`] or
+/// [`ServerStartError::AlreadyRunning`].
 pub fn check_socket_dir(config: &ServiceConfig) -> Result<(), ServerStartError> {
     let path = tie_client::endpoint::socket_path(
         config.server.socket_dir.as_deref(),
         &config.server.endpoint,
     )?;
     let dir = path.parent().unwrap_or(std::path::Path::new("/"));
-    socket_file::open_socket_dir(dir, config.server.allowed_gid).map(drop)
+    socket_file::open_socket_dir(dir, config.server.allowed_gid)?;
+    // A server answering at the endpoint already: said now, not after the models load.
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(ServerStartError::AlreadyRunning { path });
+    }
+    Ok(())
 }
 
 /// Whether a segment can be made on huge pages: one is made and dropped.

@@ -224,3 +224,25 @@ fn lock_memory_locks_the_servers_memory_or_fails_naming_the_limit() {
         }
     }
 }
+
+#[test]
+fn a_second_server_on_the_endpoint_is_refused_before_its_models_load() {
+    let first = TestServer::start();
+    let (status, stderr) = crate::common::fails_within(
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(root())
+            .args(["serve", "--config"])
+            .arg(first.dir.join("tie.toml"))
+            .arg("--model-repository")
+            .arg(root().join("models"))
+            .args(["--endpoint", &first.endpoint])
+            .args(["--http-addr", "127.0.0.1:0", "--socket-dir"])
+            .arg(&first.dir),
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another tie server is already listening"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("loading model"), "{stderr}");
+}

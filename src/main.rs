@@ -8,7 +8,8 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", tie_client::each_cause_once(e.as_ref()));
+            let message = tie_client::each_cause_once(e.as_ref());
+            eprintln!("{}", tie::logging::fatal_line(&message));
             ExitCode::FAILURE
         }
     }

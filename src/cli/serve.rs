@@ -16,7 +16,7 @@ use tie::models::{load_repository_with, LoadOptions};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Service config (TOML); every key has a default.
-    #[arg(long)]
+    #[arg(long, env = "TIE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Model repository (overrides `server.model_repository`).
     #[arg(long)]
@@ -25,7 +25,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub endpoint: Option<String>,
     /// HTTP control-plane address (overrides `server.http_addr`; port 0 picks a free one, logged).
-    #[arg(long)]
+    #[arg(long, env = "TIE_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
     /// Socket directory (overrides `server.socket_dir`).
     #[arg(long)]
@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// unavailable).
     #[arg(long, value_name = "BOOL")]
     pub exit_on_error: Option<bool>,
+    /// Log format (overrides `server.log_format`; also for an error before the config is read).
+    #[arg(long, env = "TIE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<tie::config::LogFormat>,
 }
 
 /// Warns about poller cores on another NUMA node than a GPU in use.
@@ -65,7 +68,13 @@ pub(super) fn warn_far_pollers(config: &ServiceConfig, gpus: &tie_engine::device
 }
 
 pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(f) = args.log_format {
+        tie::logging::announce(f);
+    }
     let mut config = ServiceConfig::load(args.config.as_deref())?;
+    if let Some(f) = args.log_format {
+        config.server.log_format = f;
+    }
     if let Some(r) = args.model_repository {
         config.server.model_repository = r;
     }

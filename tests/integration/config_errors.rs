@@ -126,6 +126,52 @@ fn logs_are_json_when_configured() {
     assert!(lines.iter().any(|l| l["level"] == "INFO"), "{log}");
 }
 
+#[test]
+fn settings_from_the_environment_and_fatal_errors_in_the_log_format() {
+    // TIE_CONFIG names the config (its bad key is reported), TIE_LOG_FORMAT makes the fatal
+    // error a JSON line like the log's, even one before the config is read.
+    let dir = scratch_dir("env");
+    let config = dir.join("tie.toml");
+    std::fs::write(
+        &config,
+        "[server]
+endpiont = \"x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .arg("serve")
+        .env("TIE_CONFIG", &config)
+        .env("TIE_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("endpiont")),
+        "{stderr}"
+    );
+    // TIE_HTTP_ADDR is read as --http-addr is.
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .arg("serve")
+        .env("TIE_HTTP_ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("not-an-address")
+            && stderr.contains("--http-addr"),
+        "{stderr}"
+    );
+}
+
 /// `tie devices`' report where no GPU is usable; `None` (after saying so) where one is.
 fn no_gpu_report() -> Option<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_tie"))

@@ -8,6 +8,33 @@ use tract_onnx::tract_core::plan::SimpleState;
 
 use crate::{Backend, BackendError, BackendInfo, BackendLoadError, ModelIo};
 
+/// A tract error as a load error.
+fn tract_err(e: TractError) -> BackendLoadError {
+    BackendLoadError::Tract(format!("{e:#}"))
+}
+
+/// `proto` as tract's inference model, its input `[N, input_width]` with the batch `N`
+/// symbolic.
+pub(crate) fn inference_model(
+    proto: &ModelProto,
+    input_width: usize,
+) -> Result<InferenceModel, BackendLoadError> {
+    let mut model = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .map_err(tract_err)?;
+    let batch = model.symbols.sym("N");
+    model
+        .set_input_fact(
+            0,
+            InferenceFact::dt_shape(
+                f32::datum_type(),
+                tvec!(batch.to_dim(), input_width.to_dim()),
+            ),
+        )
+        .map_err(tract_err)?;
+    Ok(model)
+}
+
 /// Runs an ONNX graph with tract.
 pub struct TractBackend {
     info: BackendInfo,
@@ -28,21 +55,8 @@ impl TractBackend {
         mut io: ModelIo,
         max_tensor_bytes: u64,
     ) -> Result<Self, BackendLoadError> {
-        let tract_err = |e: TractError| BackendLoadError::Tract(format!("{e:#}"));
         crate::bounds::check_proto(proto, max_tensor_bytes)?;
-        let mut model = tract_onnx::onnx()
-            .model_for_proto_model(proto)
-            .map_err(tract_err)?;
-        let batch = model.symbols.sym("N");
-        model
-            .set_input_fact(
-                0,
-                InferenceFact::dt_shape(
-                    f32::datum_type(),
-                    tvec!(batch.to_dim(), io.input_width.to_dim()),
-                ),
-            )
-            .map_err(tract_err)?;
+        let model = inference_model(proto, io.input_width)?;
         let typed = model.into_typed().map_err(tract_err)?;
         crate::bounds::check_typed(&typed, max_tensor_bytes)?;
         let typed = typed.into_optimized().map_err(tract_err)?;

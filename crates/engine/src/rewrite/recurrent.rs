@@ -109,21 +109,8 @@ fn sequence_lengths(
     proto: &ModelProto,
     input_width: usize,
 ) -> Result<HashMap<usize, Option<usize>>, BackendLoadError> {
-    let tract_err = |e: TractError| BackendLoadError::Tract(format!("{e:#}"));
     let graph = proto.graph.as_ref().expect("the caller checked");
-    let mut model = tract_onnx::onnx()
-        .model_for_proto_model(proto)
-        .map_err(tract_err)?;
-    let batch = model.symbols.sym("N");
-    model
-        .set_input_fact(
-            0,
-            InferenceFact::dt_shape(
-                f32::datum_type(),
-                tvec!(batch.to_dim(), input_width.to_dim()),
-            ),
-        )
-        .map_err(tract_err)?;
+    let mut model = crate::tract::inference_model(proto, input_width)?;
     // Facts are filled as far as analysis gets; a failure further on is reported when the
     // unrolled graph is built.
     let _ = model.analyse(false);

@@ -200,19 +200,21 @@ impl std::fmt::Display for ServerError {
 }
 
 /// `error` and its causes (its `source()` chain), joined by `: `, leaving out a cause whose
-/// text is already in the message so far (an error that prints its source in its own
+/// text the one before it already holds (an error that prints its source in its own
 /// message). How the tools print an error.
 pub fn each_cause_once(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
+    let mut before = String::new();
     let mut next = Some(error);
     while let Some(cause) = next {
         let line = cause.to_string();
-        if !text.contains(&line) {
+        if !before.contains(&line) {
             if !text.is_empty() {
                 text.push_str(": ");
             }
             text.push_str(&line);
         }
+        before = line;
         next = cause.source();
     }
     text
@@ -248,6 +250,17 @@ mod each_cause_once_tests {
         assert_eq!(
             each_cause_once(&top),
             "model repository: cannot read models: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn a_cause_an_earlier_layer_happens_to_contain_is_kept() {
+        let cause = Layer("timed out", None);
+        let middle = Layer("no answer", Some(Box::new(cause)));
+        let top = Layer("model timed out-v2", Some(Box::new(middle)));
+        assert_eq!(
+            each_cause_once(&top),
+            "model timed out-v2: no answer: timed out"
         );
     }
 }

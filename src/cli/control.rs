@@ -12,10 +12,10 @@ use tie::config::ServiceConfig;
 #[derive(Debug, clap::Args)]
 pub struct ControlArgs {
     /// The server's config (TOML): its `server.http_addr` and `server.api_token_file`.
-    #[arg(long)]
+    #[arg(long, env = "TIE_CONFIG")]
     pub config: Option<PathBuf>,
     /// The control plane's address (overrides the config's).
-    #[arg(long)]
+    #[arg(long, env = "TIE_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
 }
 

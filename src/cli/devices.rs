@@ -9,7 +9,7 @@ use tie::config::ServiceConfig;
 #[derive(Debug, clap::Args)]
 pub struct DevicesArgs {
     /// Service config (TOML), for `[gpu_config]`.
-    #[arg(long)]
+    #[arg(long, env = "TIE_CONFIG")]
     pub config: Option<PathBuf>,
 }
 

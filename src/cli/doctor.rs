@@ -9,7 +9,7 @@ use tie::config::ServiceConfig;
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
     /// Service config (TOML): the poller cores and GPUs to check.
-    #[arg(long)]
+    #[arg(long, env = "TIE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Print the checks as JSON.
     #[arg(long)]

@@ -50,8 +50,8 @@ pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         }
         let log = match tie_hlog::read_hlog(&text) {
             Ok(log) => log,
-            // The server writes a log for every model, idle ones too.
-            Err(tie_hlog::HlogReadError::Empty) => {
+            // The server writes a log for every model, idle ones too: its header, no interval.
+            Err(tie_hlog::HlogReadError::Empty) if text.starts_with(b"#") => {
                 eprintln!("note: {name}: no interval in the log (nothing recorded yet): skipped");
                 skipped += 1;
                 continue;

@@ -128,7 +128,7 @@ pub fn check_socket_dir(config: &ServiceConfig) -> Result<(), ServerStartError> 
     let dir = path.parent().unwrap_or(std::path::Path::new("/"));
     socket_file::open_socket_dir(dir, config.server.allowed_gid)?;
     // A server answering at the endpoint already: said now, not after the models load.
-    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+    if socket_file::server_answers(&path) {
         return Err(ServerStartError::AlreadyRunning { path });
     }
     Ok(())

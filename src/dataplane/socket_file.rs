@@ -214,6 +214,12 @@ pub(crate) fn open_socket_dir(
     Ok(fd)
 }
 
+/// Whether a server answers at the socket `path` (a connection it accepts and drops before a
+/// hello is not logged).
+pub(super) fn server_answers(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
 /// Binds the endpoint's socket at `path` (its directory checked by [`open_socket_dir`]),
 /// removing a stale one left by a server that is gone. The socket gets mode 0600, or 0660
 /// with group `allowed_gid`, before it appears at `path`.
@@ -236,7 +242,7 @@ pub(crate) fn bind(
     let dir_fd = open_socket_dir(dir, allowed_gid)?;
     match rustix::fs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(_) => {
-            if UnixStream::connect(path).is_ok() {
+            if server_answers(path) {
                 return Err(ServerStartError::AlreadyRunning { path: path.into() });
             }
             rustix::fs::unlinkat(&dir_fd, name, AtFlags::empty())

@@ -345,6 +345,7 @@ fn into_response(a: Answered<'_>) -> InferenceResponse {
         (status = 400, description = "Invalid request, wrong feature count, non-finite value", body = ErrorBody),
         (status = 404, description = "Unknown model or version", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "The body is not said to be JSON (Content-Type)", body = ErrorBody),
         (status = 429, description = "Queue full or too many requests in progress", body = ErrorBody),
         (status = 500, description = "Inference error", body = ErrorBody),
         (status = 503, description = "Not ready (loading, or the model failed its health check)", body = ErrorBody),
@@ -374,6 +375,7 @@ pub(super) async fn predict(
     responses(
         (status = 200, description = "Batch prediction completed (each response carries its own error)", body = Vec<InferenceResponse>),
         (status = 400, description = "Not a list of requests, or more than 1024", body = ErrorBody),
+        (status = 415, description = "The body is not said to be JSON (Content-Type)", body = ErrorBody),
         (status = 429, description = "Too many requests in progress", body = ErrorBody),
         (status = 503, description = "The server is loading", body = ErrorBody)
     )

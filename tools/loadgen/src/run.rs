@@ -645,7 +645,10 @@ pub fn sweep(
             // A run that fails (its workers could not connect) is the end of the sweep, and
             // the points so far are kept.
             Err(e) => {
-                eprintln!("rate {rate}/s failed: {e:#}");
+                eprintln!(
+                    "rate {rate}/s failed: {}",
+                    tie_client::each_cause_once(e.as_ref())
+                );
                 report.crossed = true;
                 report.points.push(SweepPoint {
                     offered_rps: rate,

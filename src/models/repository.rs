@@ -125,6 +125,16 @@ pub enum RepositoryLoadError {
         /// The repository.
         path: PathBuf,
     },
+    /// A model directory of the repository with no version directory holding a model file.
+    #[error("model {model}: no version directory of {} holds a model file (<version>/model.onnx, model.txt or model.json){found}", dir.display())]
+    NoVersion {
+        /// The model.
+        model: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// What the directory holds instead (`; it holds: 1/model.onx, v2/`), or nothing.
+        found: String,
+    },
     /// The model file is not the one its checksum file names, or changed while loading.
     #[error("model {model} version {version}: {}: {why}", path.display())]
     Integrity {
@@ -376,8 +386,57 @@ pub fn plan_repository(
 ) -> Result<Vec<ModelPlan>, RepositoryLoadError> {
     plan_each(repo, skipped)?
         .into_iter()
+        // A directory with nothing to load was said (and is listed unavailable at start).
+        .filter(|(_, planned)| !matches!(planned, Err(RepositoryLoadError::NoVersion { .. })))
         .map(|(_, planned)| planned)
         .collect()
+}
+
+/// What model directory `dir` holds, two levels down (`; it holds: 1/model.onx, v2/`), for
+/// saying why none of it loads; nothing for an empty directory.
+fn holds(dir: &Path) -> String {
+    const MOST: usize = 6;
+    let mut found = Vec::new();
+    for entry in read_dir(dir).unwrap_or_default() {
+        let Some(name) = entry.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if name == "config.toml" || name.starts_with('.') {
+            continue;
+        }
+        match read_dir(&entry) {
+            Ok(inner) if inner.is_empty() => found.push(format!("{name}/")),
+            Ok(inner) => found.extend(inner.iter().map(|f| {
+                let leaf = f
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                let dangling = f.symlink_metadata().is_ok() && !f.exists();
+                format!(
+                    "{name}/{leaf}{}",
+                    if dangling {
+                        " (a symlink to nothing)"
+                    } else {
+                        ""
+                    }
+                )
+            })),
+            Err(_) => found.push(name),
+        }
+    }
+    if found.is_empty() {
+        return String::new();
+    }
+    let more = found.len().saturating_sub(MOST);
+    found.truncate(MOST);
+    format!(
+        "; it holds: {}{}",
+        found.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// A model's name and its plan, or why it has none.
@@ -420,9 +479,16 @@ pub fn plan_each(repo: &Path, skipped: Skipped) -> Result<Vec<Planned>, Reposito
         }
         match plan_model_with(repo, name, skipped) {
             Err(RepositoryLoadError::UnknownModel { .. }) => {
+                // Listed as unavailable, with what the directory holds, by the caller.
+                let e = RepositoryLoadError::NoVersion {
+                    model: name.to_string(),
+                    dir: dir.clone(),
+                    found: holds(&dir),
+                };
                 if skipped == Skipped::Warn {
-                    tracing::warn!(dir = %dir.display(), "skipped: no version directory with a model file (<name>/<version>/model.onnx, model.txt or model.json)");
+                    tracing::warn!(dir = %dir.display(), "skipped: {e}");
                 }
+                plans.push((name.to_string(), Err(e)));
             }
             planned => plans.push((name.to_string(), planned)),
         }
@@ -493,6 +559,11 @@ pub fn load_repository_with(
     for (name, planned) in plan_each(repo, Skipped::Warn)? {
         let plan = match planned {
             Ok(plan) => plan,
+            // Nothing of it could load: listed unavailable, whatever `exit_on_error` says.
+            Err(e @ RepositoryLoadError::NoVersion { .. }) => {
+                fail(name, None, e);
+                continue;
+            }
             Err(e) if !exit_on_error => {
                 fail(name, None, e);
                 continue;

@@ -151,3 +151,62 @@ fn with_exit_on_error_off_the_others_serve_and_the_failed_ones_are_listed() {
     assert!(server.log().contains("the panic was caught"));
     assert!(client.predict(&[4.0, 3.0, 2.0, 1.0]).is_ok());
 }
+
+#[test]
+fn a_model_directory_with_nothing_to_load_is_listed_unavailable_saying_what_it_holds() {
+    let repo = scratch_dir("nothing-to-load");
+    add_version(&repo, "identity", 1, "identity", 1);
+    // A misnamed file, a version directory that is no number, a dangling symlink, and a
+    // model.onnx that is a directory.
+    std::fs::create_dir_all(repo.join("misnamed/1")).unwrap();
+    std::fs::write(repo.join("misnamed/1/model.onx"), b"x").unwrap();
+    std::fs::create_dir_all(repo.join("lettered/v1")).unwrap();
+    std::fs::copy(
+        root().join("models/identity/1/model.onnx"),
+        repo.join("lettered/v1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(repo.join("dangling/1")).unwrap();
+    std::os::unix::fs::symlink(
+        repo.join("nowhere.onnx"),
+        repo.join("dangling/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(repo.join("folder/1/model.onnx")).unwrap();
+    // The default: the server starts (the others serve), and is not ready.
+    let server = TestServer::start_with(TEST_CONFIG, &repo);
+    let mut client = Client::connect("test", "identity", server.options()).unwrap();
+    assert!(client.predict(&[1.0, 2.0, 3.0, 4.0]).is_ok());
+    let base = server.http();
+    let (_, loaded) = get(&format!("{base}/api/v1/internal/inference/models/loaded"));
+    let reason = |key: &str| -> String {
+        let entry = loaded
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model_key"] == key)
+            .unwrap_or_else(|| panic!("{key} not listed: {loaded}"));
+        assert_eq!(entry["available"], false, "{entry}");
+        entry["not_ready_reason"].as_str().unwrap_or("").to_string()
+    };
+    for (key, holds) in [
+        ("misnamed", "1/model.onx"),
+        ("lettered", "v1/model.onnx"),
+        ("dangling", "1/model.onnx (a symlink to nothing)"),
+        ("folder", "1/model.onnx"),
+    ] {
+        let why = reason(key);
+        assert!(
+            why.contains("no version directory") && why.contains(holds),
+            "{key}: {why}"
+        );
+    }
+    let (code, ready) = get(&format!("{base}/health/ready"));
+    assert_eq!(code, 503, "{ready}");
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("misnamed") && l.contains("model.onx")),
+        "{log}"
+    );
+}

@@ -374,13 +374,16 @@ impl ModelManager {
     }
 
     /// The failures recorded that still stand: versions not served now, and models none of
-    /// whose versions is served.
+    /// whose versions is served, whose directory is still in the repository.
     pub fn failures(&self) -> Vec<repository::FailedVersion> {
         let set = self.models.snapshot();
         let mut failed = self.failed.locked();
-        failed.retain(|_, f| match f.version {
-            Some(v) => set.resolve(&f.name, Some(v)).is_none(),
-            None => set.resolve(&f.name, None).is_none(),
+        failed.retain(|_, f| {
+            let unserved = match f.version {
+                Some(v) => set.resolve(&f.name, Some(v)).is_none(),
+                None => set.resolve(&f.name, None).is_none(),
+            };
+            unserved && self.repository.join(&f.name).is_dir()
         });
         failed.values().cloned().collect()
     }

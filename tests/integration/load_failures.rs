@@ -209,4 +209,10 @@ fn a_model_directory_with_nothing_to_load_is_listed_unavailable_saying_what_it_h
             .any(|l| l.contains("WARN") && l.contains("misnamed") && l.contains("model.onx")),
         "{log}"
     );
+    // Once the directories are fixed or gone, readiness follows.
+    for dir in ["misnamed", "lettered", "dangling", "folder"] {
+        std::fs::remove_dir_all(repo.join(dir)).unwrap();
+    }
+    let (code, ready) = get(&format!("{base}/health/ready"));
+    assert_eq!(code, 200, "{ready}");
 }

@@ -372,6 +372,21 @@ impl Cell {
         })
     }
 
+    /// Writes `value` (in layout 0) into output `name`, transposed by `perm` into the
+    /// batch-first layout where the op has it.
+    fn write_output(&self, out: &mut Emitter, value: &str, perm: &[i64], name: &str) {
+        if self.batch_first {
+            out.op_into(
+                "Transpose",
+                &[value],
+                vec![ints_attribute("perm", perm)],
+                name,
+            );
+        } else {
+            out.op_into("Identity", &[value], vec![], name);
+        }
+    }
+
     /// Writes the unrolled steps of `node` over `steps` steps, ending in its outputs' names.
     fn unroll(
         &self,
@@ -549,16 +564,7 @@ impl Cell {
                 })
                 .collect();
             let stacked = out.concat(&per_step, 0);
-            if self.batch_first {
-                out.op_into(
-                    "Transpose",
-                    &[&stacked],
-                    vec![ints_attribute("perm", &[2, 0, 1, 3])],
-                    y,
-                );
-            } else {
-                out.op_into("Identity", &[&stacked], vec![], y);
-            }
+            self.write_output(out, &stacked, &[2, 0, 1, 3], y);
         }
         // Y_h and Y_c: [directions, batch, hidden] ([batch, directions, hidden] batch-first).
         for (k, finals) in [(1, &last_h), (2, &last_c)] {
@@ -569,16 +575,7 @@ impl Cell {
                 .map(|s| out.op("Reshape", &[s, &shape], vec![]))
                 .collect();
             let stacked = out.concat(&parts, 0);
-            if self.batch_first {
-                out.op_into(
-                    "Transpose",
-                    &[&stacked],
-                    vec![ints_attribute("perm", &[1, 0, 2])],
-                    name,
-                );
-            } else {
-                out.op_into("Identity", &[&stacked], vec![], name);
-            }
+            self.write_output(out, &stacked, &[1, 0, 2], name);
         }
         Ok(())
     }

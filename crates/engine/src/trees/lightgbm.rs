@@ -309,18 +309,12 @@ pub fn parse(text: &str) -> Result<(ModelIo, TreeEnsemble), BackendLoadError> {
         objective.post,
         Output::Scores,
     )?;
-    let io = ModelIo {
-        input_name: "input".into(),
-        input_width: features,
-        output_name: "output".into(),
-        output_width: ensemble.outputs(),
-        output_note: Some(format!(
-            "LightGBM objective {}: {}, as Booster.predict answers",
-            header.get("objective")?.trim(),
-            objective.note
-        )),
-    };
-    Ok((io, ensemble))
+    let note = format!(
+        "LightGBM objective {}: {}, as Booster.predict answers",
+        header.get("objective")?.trim(),
+        objective.note
+    );
+    Ok((super::native_io(features, &ensemble, note), ensemble))
 }
 
 #[cfg(test)]

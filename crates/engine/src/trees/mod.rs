@@ -32,6 +32,18 @@ pub(crate) fn unsupported(why: impl Into<String>) -> BackendLoadError {
     BackendLoadError::UnsupportedOp(why.into())
 }
 
+/// The I/O of a native tree file's ensemble: `features` in, the ensemble's outputs out, and
+/// `note` (what the output is, as the library's predict answers) as the output's description.
+fn native_io(features: usize, ensemble: &TreeEnsemble, note: String) -> crate::ModelIo {
+    crate::ModelIo {
+        input_name: "input".into(),
+        input_width: features,
+        output_name: "output".into(),
+        output_width: ensemble.outputs(),
+        output_note: Some(note),
+    }
+}
+
 /// Whether `path` names a native tree file (`model.txt`, `model.json`).
 pub fn is_native(path: &std::path::Path) -> bool {
     path.file_name()

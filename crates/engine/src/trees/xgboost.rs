@@ -254,15 +254,9 @@ pub fn parse(text: &str) -> Result<(ModelIo, TreeEnsemble), BackendLoadError> {
     }
     let base = base.into_iter().map(margin).collect();
     let ensemble = b.finish(Some(roots), base, Aggregate::Sum, post, Output::Scores)?;
-    let io = ModelIo {
-        input_name: "input".into(),
-        input_width: features,
-        output_name: "output".into(),
-        output_width: ensemble.outputs(),
-        output_note: Some(format!(
-            "XGBoost objective {}: {note}, as Booster.predict answers",
-            learner.objective.name
-        )),
-    };
-    Ok((io, ensemble))
+    let note = format!(
+        "XGBoost objective {}: {note}, as Booster.predict answers",
+        learner.objective.name
+    );
+    Ok((super::native_io(features, &ensemble, note), ensemble))
 }

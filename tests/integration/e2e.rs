@@ -417,21 +417,7 @@ fn eight_client_processes_ten_thousand_requests_each_answered_exactly_once() {
 fn tie_predict_prints_the_inference_response() {
     let server = TestServer::start();
     let f = fixture("multi_v2");
-    let features: Vec<String> = f.inputs[0].iter().map(|v| format!("{v:?}")).collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
-        .args([
-            "predict",
-            "--endpoint",
-            "test",
-            "--model",
-            "multi",
-            "--features",
-        ])
-        .arg(features.join(","))
-        .arg("--socket-dir")
-        .arg(&server.dir)
-        .output()
-        .unwrap();
+    let out = server.predict_cli("multi", &f.inputs[0]);
     assert!(
         out.status.success(),
         "{}",

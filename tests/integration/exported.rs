@@ -174,20 +174,7 @@ fn exported_models_answer_as_onnxruntime_does_through_the_ring_and_http() {
             }
         }
         // `tie predict` on the row with NaN in some features (row 16).
-        let features: Vec<String> = f.inputs[16].iter().map(|v| v.to_string()).collect();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
-            .args([
-                "predict",
-                "--endpoint",
-                &server.endpoint,
-                "--model",
-                &f.model,
-            ])
-            .arg(format!("--features={}", features.join(",")))
-            .arg("--socket-dir")
-            .arg(&server.dir)
-            .output()
-            .unwrap();
+        let out = server.predict_cli(&f.model, &f.inputs[16]);
         assert!(
             out.status.success(),
             "{}: {}",

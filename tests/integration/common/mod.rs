@@ -184,6 +184,20 @@ impl TestServer {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// `tie predict` of one row of `model` against this server (its output, whatever its
+    /// status).
+    pub fn predict_cli(&self, model: &str, features: &[f32]) -> std::process::Output {
+        let features: Vec<String> = features.iter().map(|v| v.to_string()).collect();
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .args(["predict", "--endpoint", &self.endpoint, "--model", model])
+            // `=`: a first value that starts with `-` is not taken for a flag.
+            .arg(format!("--features={}", features.join(",")))
+            .arg("--socket-dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap()
+    }
+
     /// Connect options for this server: its socket directory, spin-then-yield waiting.
     pub fn options(&self) -> ConnectOptions {
         ConnectOptions {

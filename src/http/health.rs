@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::app::*;
+use crate::monitor;
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/health/live", responses((status = 200, description = "Alive")))]
@@ -108,7 +109,7 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain"))
 )]
 pub(super) async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
-    let mut out = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
     if let Some(s) = state.serving.get() {
         let set = s.models.snapshot();
         // The versions served now (one unloaded a moment ago may still have an entry) and the
@@ -127,15 +128,14 @@ pub(super) async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
                 ready.insert(i, members_ready);
             }
         }
-        s.monitor.prometheus(&|i| ready.get(&i).copied(), &mut out);
+        s.monitor
+            .register(&|i| ready.get(&i).copied(), &mut registry);
     }
-    state.counters.prometheus(&mut out);
+    state.counters.register(&mut registry);
+    registry.register_collector(Box::new(monitor::ProcessFamilies));
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
+        [(header::CONTENT_TYPE, monitor::CONTENT_TYPE)],
+        monitor::prometheus::encode(&registry),
     )
         .into_response()
 }

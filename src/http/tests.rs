@@ -146,9 +146,9 @@ fn post(path: &str, content_type: &str, body: &str) -> Request<Body> {
 }
 
 fn errors_counted(state: &HttpState) -> String {
-    let mut text = String::new();
-    state.counters.prometheus(&mut text);
-    text
+    let mut registry = prometheus_client::registry::Registry::default();
+    state.counters.register(&mut registry);
+    crate::monitor::prometheus::encode(&registry)
 }
 
 #[test]
@@ -236,7 +236,7 @@ async fn malformed_json_is_an_invalid_request_counted_once() {
     assert_eq!(body["error"]["kind"], "InvalidRequest", "{body}");
     let counted = errors_counted(&state);
     assert!(
-        counted.contains("tie_http_errors_total{kind=\"InvalidRequest\"} 1"),
+        counted.contains("tie_http_errors_total{kind=\"invalid_request\"} 1"),
         "{counted}"
     );
 }

@@ -30,11 +30,9 @@ pub struct StageSummary {
 }
 
 impl StageSummary {
+    /// The summary of a histogram that holds a value.
     pub(super) fn of(h: &Histogram<u64>) -> Self {
         let ms = |ns: u64| ns as f64 / 1e6;
-        if h.is_empty() {
-            return Self::default();
-        }
         Self {
             count: h.len(),
             mean_ms: h.mean() / 1e6,
@@ -97,7 +95,9 @@ pub struct ModelPerformanceMetrics {
     pub batches: u64,
     /// Rows executed.
     pub rows: u64,
-    /// Per stage (see the monitor's docs).
+    /// Per stage measured so far (see the monitor's docs); a stage with no value yet (no
+    /// request, `end_to_end` before a client reported one, `gather`/`execute` before a timed
+    /// batch) is absent.
     pub stages: BTreeMap<String, StageSummary>,
     /// Alerts in effect.
     pub alerts: Vec<Alert>,
@@ -150,6 +150,7 @@ pub(super) fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
         rows: t.rows,
         stages: Stage::ALL
             .iter()
+            .filter(|st| !t.hist[**st as usize].is_empty())
             .map(|st| {
                 (
                     st.name().to_string(),

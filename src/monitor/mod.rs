@@ -31,7 +31,7 @@
 mod alerts;
 mod hlog_files;
 mod metrics;
-mod prometheus;
+pub mod prometheus;
 mod sample;
 mod state;
 mod task;
@@ -39,6 +39,7 @@ mod task;
 pub use alerts::*;
 pub use hlog_files::*;
 pub use metrics::*;
+pub use prometheus::{ProcessFamilies, CONTENT_TYPE, LATENCY_BUCKETS};
 pub use sample::*;
 pub use state::*;
 pub use task::*;
@@ -80,6 +81,8 @@ mod tests {
             PerformanceThresholdsSection::default(),
             MonitoringSection::default(),
         );
+        // Nothing measured yet: no stage is reported (not a row of zeros).
+        assert!(monitor.metrics(0).stages.is_empty());
         let mut r = monitor.recorder(0);
         for round in 0..10u64 {
             let s = r.sample();
@@ -97,6 +100,11 @@ mod tests {
         assert_eq!(m.timeouts, 10);
         assert_eq!(m.errors_by_kind.get("Timeout"), Some(&10));
         assert_eq!(m.stages["total"].count, 10);
+        assert_eq!(
+            m.stages.keys().collect::<Vec<_>>(),
+            ["total"],
+            "only the stage recorded is reported"
+        );
         assert!(
             (m.max_latency_ms.unwrap() - 0.010).abs() < 1e-4,
             "{:?}",

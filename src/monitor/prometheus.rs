@@ -1,219 +1,507 @@
-//! Prometheus text exposition of the monitor's figures.
+//! Prometheus exposition (text format 0.0.4, encoded by `prometheus-client`) of the monitor's
+//! figures, the control plane's counters and the process's own `process_*` figures.
+//!
+//! The figures live in the monitor (HdrHistograms and counters the pollers hand over); each
+//! scrape copies what it exposes into a [`Collector`] of a fresh registry and encodes that.
 #![forbid(unsafe_code)]
 
-use std::fmt::Write as _;
+use std::fmt;
 
+use heck::ToSnakeCase;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tie_layouts::abi::Status;
 
 use super::*;
 use crate::sync::Locked;
 
-/// A family with one sample per model, labelled `model`.
-pub(super) struct PerModel {
-    pub(super) name: &'static str,
-    pub(super) kind: &'static str,
-    pub(super) help: &'static str,
-    /// The model's value as written; `None` leaves the model out (not measured).
-    pub(super) value: fn(&ModelState) -> Option<String>,
-}
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// The per-model families with one value each, in exposition order.
-pub(super) const PER_MODEL: [PerModel; 8] = [
-    PerModel {
-        name: "tie_requests_total",
-        kind: "counter",
-        help: "Frames accepted.",
-        value: |s| Some(s.total.requests.to_string()),
-    },
-    PerModel {
-        name: "tie_batches_total",
-        kind: "counter",
-        help: "Batches run.",
-        value: |s| Some(s.total.batches.to_string()),
-    },
-    PerModel {
-        name: "tie_batch_rows_total",
-        kind: "counter",
-        help: "Rows run in batches (padding excluded).",
-        value: |s| Some(s.total.rows.to_string()),
-    },
-    PerModel {
-        name: "tie_latency_avg_seconds",
-        kind: "gauge",
-        help: "The spec's EMA of server-side latency.",
-        value: |s| s.ema_ms.map(|ema| (ema / 1e3).to_string()),
-    },
-    PerModel {
-        name: "tie_throughput_rps",
-        kind: "gauge",
-        help: "Predictions per second, last interval.",
-        value: |s| Some(s.throughput_rps.to_string()),
-    },
-    PerModel {
-        name: "tie_error_rate",
-        kind: "gauge",
-        help: "Errors over responses, last interval with traffic.",
-        value: |s| s.recent_error_rate.map(|r| r.to_string()),
-    },
-    PerModel {
-        name: "tie_model_memory_bytes",
-        kind: "gauge",
-        help: "Device memory the model holds.",
-        value: |s| s.entry.device_memory_bytes.map(|b| b.to_string()),
-    },
-    PerModel {
-        name: "tie_model_gpu_utilization_ratio",
-        kind: "gauge",
-        help: "NVML utilisation of the model's GPUs.",
-        value: |s| s.gpu_utilization.map(|u| u.to_string()),
-    },
+/// Upper bounds (seconds) of the `tie_latency_seconds` buckets: 1-2-5 steps from 500 ns to
+/// 10 s (the `+Inf` bucket follows).
+pub const LATENCY_BUCKETS: [f64; 23] = [
+    5e-7, 1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+    0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
-/// Writes a family's `# HELP` and `# TYPE` lines.
-pub(super) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// Encodes `registry` as Prometheus text.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+        .expect("writing to a String does not fail");
+    out
+}
+
+/// A label value as exposed: `ModelNotFound` → `model_not_found`.
+pub fn snake_label(name: &str) -> String {
+    name.to_snake_case()
+}
+
+/// The labels `model` and `version` of a key `name:version` (an ensemble's version is
+/// `ensemble`).
+fn model_labels(key: &str) -> [(&'static str, String); 2] {
+    let (name, version) = key.rsplit_once(':').unwrap_or((key, ""));
+    [
+        ("model", name.to_string()),
+        ("version", version.to_string()),
+    ]
+}
+
+/// One stage's histogram as exposed.
+#[derive(Debug)]
+struct StageBuckets {
+    stage: &'static str,
+    /// Seconds.
+    sum: f64,
+    count: u64,
+    /// Per bound of [`LATENCY_BUCKETS`], the values in it (not cumulative).
+    buckets: Vec<(f64, u64)>,
+}
+
+impl StageBuckets {
+    fn of(stage: Stage, h: &hdrhistogram::Histogram<u64>) -> Self {
+        let mut below = 0;
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .map(|&bound| {
+                // Values up to the bound, as precisely as the histogram keeps them (2
+                // significant digits: a value within 1% above the bound may count in it).
+                let upto = if h.is_empty() {
+                    0
+                } else {
+                    h.count_between(0, (bound * 1e9) as u64)
+                };
+                let n = upto - below;
+                below = upto;
+                (bound, n)
+            })
+            .collect();
+        Self {
+            stage: stage.name(),
+            sum: h.mean() * h.len() as f64 / 1e9,
+            count: h.len(),
+            buckets,
+        }
+    }
+}
+
+/// What a scrape exposes of one model (or named ensemble).
+#[derive(Debug)]
+struct ModelFigures {
+    labels: [(&'static str, String); 2],
+    ready: bool,
+    requests: u64,
+    batches: u64,
+    rows: u64,
+    ema_seconds: Option<f64>,
+    memory_bytes: Option<u64>,
+    gpu_utilization: Option<f64>,
+    /// Status label and count; statuses never sent are left out, but `ok`.
+    responses: Vec<(String, u64)>,
+    latency: Vec<StageBuckets>,
+    alerts: Vec<(&'static str, bool)>,
+}
+
+impl ModelFigures {
+    fn of(s: &ModelState, ready: bool) -> Self {
+        let t = &s.total;
+        Self {
+            labels: model_labels(&s.entry.key),
+            ready,
+            requests: t.requests,
+            batches: t.batches,
+            rows: t.rows,
+            ema_seconds: s.ema_ms.map(|ms| ms / 1e3),
+            memory_bytes: s.entry.device_memory_bytes,
+            gpu_utilization: s.gpu_utilization.map(f64::from),
+            responses: t
+                .responses
+                .iter()
+                .enumerate()
+                .filter(|&(code, &n)| n > 0 || code == 0)
+                .map(|(code, &n)| {
+                    let name = Status(code as u32).name().unwrap_or("Other");
+                    (snake_label(name), n)
+                })
+                .collect(),
+            latency: Stage::ALL
+                .iter()
+                .map(|&stage| StageBuckets::of(stage, &t.hist[stage as usize]))
+                .collect(),
+            alerts: ALERT_KINDS
+                .iter()
+                .enumerate()
+                .map(|(i, kind)| (kind.name(), s.alerts[i].is_some()))
+                .collect(),
+        }
+    }
+}
+
+/// The per-model families of one scrape.
+#[derive(Debug)]
+struct ModelFamilies {
+    models: Vec<ModelFigures>,
+    alert_events: u64,
+}
+
+/// Writes a family's descriptor, then one sample per item that `value` gives one for.
+fn family<'a, T: 'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    items: impl IntoIterator<Item = &'a T>,
+    mut sample: impl FnMut(&'a T, &mut MetricEncoder) -> fmt::Result,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for item in items {
+        sample(item, &mut m)?;
+    }
+    Ok(())
+}
+
+/// A counter sample.
+fn counter(
+    m: &mut MetricEncoder,
+    labels: &impl prometheus_client::encoding::EncodeLabelSet,
+    v: u64,
+) -> fmt::Result {
+    ConstCounter::new(v).encode(m.encode_family(labels)?)
+}
+
+/// A gauge sample.
+fn gauge(
+    m: &mut MetricEncoder,
+    labels: &impl prometheus_client::encoding::EncodeLabelSet,
+    v: f64,
+) -> fmt::Result {
+    ConstGauge::new(v).encode(m.encode_family(labels)?)
+}
+
+impl Collector for ModelFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let models = &self.models;
+        let per_model = |e: &mut DescriptorEncoder,
+                         name: &str,
+                         help: &str,
+                         kind: MetricType,
+                         value: fn(&ModelFigures) -> Option<f64>| {
+            family(e, name, help, kind, models, |f, m| match value(f) {
+                Some(v) if matches!(kind, MetricType::Counter) => counter(m, &f.labels, v as u64),
+                Some(v) => gauge(m, &f.labels, v),
+                None => Ok(()),
+            })
+        };
+        use MetricType::{Counter, Gauge};
+        per_model(
+            &mut e,
+            "tie_model_ready",
+            "1 when the model passed its last health check.",
+            Gauge,
+            |f| Some(f64::from(u8::from(f.ready))),
+        )?;
+        per_model(&mut e, "tie_requests", "Frames accepted.", Counter, |f| {
+            Some(f.requests as f64)
+        })?;
+        per_model(&mut e, "tie_batches", "Batches run.", Counter, |f| {
+            Some(f.batches as f64)
+        })?;
+        per_model(
+            &mut e,
+            "tie_batch_rows",
+            "Rows run in batches (padding excluded).",
+            Counter,
+            |f| Some(f.rows as f64),
+        )?;
+        per_model(
+            &mut e,
+            "tie_latency_avg_seconds",
+            "EMA of server-side total latency (weight 0.1 per request).",
+            Gauge,
+            |f| f.ema_seconds,
+        )?;
+        per_model(
+            &mut e,
+            "tie_model_memory_bytes",
+            "Device memory the model holds.",
+            Gauge,
+            |f| f.memory_bytes.map(|b| b as f64),
+        )?;
+        per_model(
+            &mut e,
+            "tie_model_gpu_utilization_ratio",
+            "NVML utilisation of the model's GPUs, last interval.",
+            Gauge,
+            |f| f.gpu_utilization,
+        )?;
+        family(
+            &mut e,
+            "tie_responses",
+            "Responses sent, by status.",
+            Counter,
+            models,
+            |f, m| {
+                for (status, n) in &f.responses {
+                    counter(m, &(f.labels.clone(), [("status", status.as_str())]), *n)?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            &mut e,
+            "tie_latency_seconds",
+            "Latency by stage since start (see the README's Monitoring section).",
+            MetricType::Histogram,
+            models,
+            |f, m| {
+                for st in &f.latency {
+                    let labels = (f.labels.clone(), [("stage", st.stage)]);
+                    m.encode_family(&labels)?
+                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            st.sum,
+                            st.count,
+                            &st.buckets,
+                            None,
+                        )?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            &mut e,
+            "tie_alert",
+            "1 while a performance alert is in effect.",
+            Gauge,
+            models,
+            |f, m| {
+                for (kind, on) in &f.alerts {
+                    gauge(
+                        m,
+                        &(f.labels.clone(), [("kind", *kind)]),
+                        f64::from(u8::from(*on)),
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        let m = e.encode_descriptor(
+            "tie_alert_events",
+            "Alert transitions (raised or cleared).",
+            None,
+            Counter,
+        )?;
+        ConstCounter::new(self.alert_events).encode(m)
+    }
 }
 
 impl Monitor {
-    /// Prometheus text exposition of the figures of the models `ready` knows (`ready(i)`: model
-    /// `i`'s readiness; `None`: not served now, left out) and the control-plane counters.
-    pub fn prometheus(&self, ready: &dyn Fn(usize) -> Option<bool>, out: &mut String) {
+    /// Registers the figures of the models `ready` knows (`ready(i)`: model `i`'s readiness;
+    /// `None`: not served now, left out) for one scrape.
+    pub fn register(&self, ready: &dyn Fn(usize) -> Option<bool>, registry: &mut Registry) {
         self.collect();
-        let all = self.all();
         // Unloaded models leave the exposition (their counters end with them).
-        let (indices, states): (Vec<usize>, Vec<_>) = all
+        let models = self
+            .all()
             .iter()
             .enumerate()
-            .map(|(i, m)| (i, m.locked()))
-            .filter(|(i, s)| !s.retired && ready(*i).is_some())
-            .unzip();
-        let states: Vec<&ModelState> = states.iter().map(|s| &**s).collect();
-        self.server_families(out);
+            .filter_map(|(i, m)| {
+                let s = m.locked();
+                let ready = ready(i)?;
+                (!s.retired).then(|| ModelFigures::of(&s, ready))
+            })
+            .collect();
+        registry.register_collector(Box::new(ModelFamilies {
+            models,
+            alert_events: self.alert_events(),
+        }));
+    }
+}
+
+/// The control plane's counters as of one scrape.
+#[derive(Debug)]
+struct HttpFamilies {
+    by_route: Vec<((String, u16), u64)>,
+    by_kind: Vec<(String, u64)>,
+}
+
+impl Collector for HttpFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         family(
-            out,
-            "tie_model_ready",
-            "gauge",
-            "1 when the model passed its last health check.",
-        );
-        for (&i, s) in indices.iter().zip(&states) {
-            let ready = u8::from(ready(i) == Some(true));
-            let _ = writeln!(
-                out,
-                "tie_model_ready{{model=\"{}\"}} {ready}",
-                label(&s.entry.key)
-            );
-        }
-        for f in &PER_MODEL {
-            family(out, f.name, f.kind, f.help);
-            for s in &states {
-                if let Some(v) = (f.value)(s) {
-                    let _ = writeln!(out, "{}{{model=\"{}\"}} {v}", f.name, label(&s.entry.key));
-                }
-            }
-        }
-        responses(out, &states);
-        latency(out, &states);
-        alerts(out, &states);
+            &mut e,
+            "tie_http_responses",
+            "HTTP responses by route and code.",
+            MetricType::Counter,
+            &self.by_route,
+            |((route, code), n), m| {
+                counter(
+                    m,
+                    &[("route", route.clone()), ("code", code.to_string())],
+                    *n,
+                )
+            },
+        )?;
         family(
-            out,
-            "tie_alert_events_total",
-            "counter",
-            "Alert transitions (raised or cleared).",
-        );
-        let _ = writeln!(out, "tie_alert_events_total {}", self.alert_events());
-    }
-
-    /// The server's own families: up and uptime.
-    pub(super) fn server_families(&self, out: &mut String) {
-        family(out, "tie_up", "gauge", "1 while the server runs.");
-        let _ = writeln!(out, "tie_up 1");
-        family(
-            out,
-            "tie_uptime_seconds",
-            "gauge",
-            "Seconds since the server started.",
-        );
-        let _ = writeln!(out, "tie_uptime_seconds {:.3}", self.uptime().as_secs_f64());
+            &mut e,
+            "tie_http_errors",
+            "HTTP error responses by kind.",
+            MetricType::Counter,
+            &self.by_kind,
+            |(kind, n), m| counter(m, &[("kind", kind.as_str())], *n),
+        )
     }
 }
 
-/// `tie_responses_total` by model and status (statuses never sent left out, but OK).
-pub(super) fn responses(out: &mut String, states: &[&ModelState]) {
-    family(
-        out,
-        "tie_responses_total",
-        "counter",
-        "Responses sent, by status.",
-    );
-    for s in states {
-        for (code, &n) in s.total.responses.iter().enumerate() {
-            if n > 0 || code == 0 {
-                let name = Status(code as u32).name().unwrap_or("Other");
-                let _ = writeln!(
-                    out,
-                    "tie_responses_total{{model=\"{}\",status=\"{name}\"}} {n}",
-                    label(&s.entry.key)
-                );
+impl HttpCounters {
+    /// Registers the counters as they are now.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register_collector(Box::new(HttpFamilies {
+            by_route: self
+                .by_route
+                .locked()
+                .iter()
+                .map(|(k, &n)| (k.clone(), n))
+                .collect(),
+            by_kind: self
+                .by_kind
+                .locked()
+                .iter()
+                .map(|(kind, &n)| (snake_label(kind), n))
+                .collect(),
+        }));
+    }
+}
+
+/// The standard `process_*` figures of this process, read from `/proc` at each scrape.
+#[derive(Debug)]
+pub struct ProcessFamilies;
+
+impl Collector for ProcessFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let p = metrics_process::collector::collect();
+        let one = |e: &mut DescriptorEncoder, name: &str, help: &str, kind, v: Option<f64>| {
+            let Some(v) = v else { return Ok(()) };
+            let m = e.encode_descriptor(name, help, None, kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(v).encode(m),
+                _ => ConstGauge::new(v).encode(m),
             }
-        }
+        };
+        let f = |v: Option<u64>| v.map(|v| v as f64);
+        use MetricType::{Counter, Gauge};
+        one(
+            &mut e,
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            Counter,
+            p.cpu_seconds_total,
+        )?;
+        one(
+            &mut e,
+            "process_open_fds",
+            "Number of open file descriptors.",
+            Gauge,
+            f(p.open_fds),
+        )?;
+        one(
+            &mut e,
+            "process_max_fds",
+            "Maximum number of open file descriptors (0: unlimited).",
+            Gauge,
+            f(p.max_fds),
+        )?;
+        one(
+            &mut e,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            Gauge,
+            f(p.virtual_memory_bytes),
+        )?;
+        one(
+            &mut e,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            Gauge,
+            f(p.resident_memory_bytes),
+        )?;
+        one(
+            &mut e,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds.",
+            Gauge,
+            f(p.start_time_seconds),
+        )?;
+        one(
+            &mut e,
+            "process_threads",
+            "Number of OS threads in the process.",
+            Gauge,
+            f(p.threads),
+        )
     }
 }
 
-/// `tie_latency_seconds`: a summary per model and stage, since start.
-pub(super) fn latency(out: &mut String, states: &[&ModelState]) {
-    family(
-        out,
-        "tie_latency_seconds",
-        "summary",
-        "Latency by stage since start (see the README's Monitoring section).",
-    );
-    for s in states {
-        for stage in Stage::ALL {
-            let h = &s.total.hist[stage as usize];
-            let labels = format!(
-                "model=\"{}\",stage=\"{}\"",
-                label(&s.entry.key),
-                stage.name()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MonitoringSection, PerformanceThresholdsSection};
+
+    #[test]
+    fn latency_buckets_count_each_value_once_up_to_its_bound() {
+        let monitor = Monitor::new(
+            vec![ModelEntry {
+                key: "m:3".into(),
+                device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
+            }],
+            PerformanceThresholdsSection::default(),
+            MonitoringSection::default(),
+        );
+        let mut r = monitor.recorder(0);
+        let s = r.sample();
+        s.record_n(Stage::Total, 1_000, 3);
+        s.record_n(Stage::Total, 3_000, 2);
+        s.record(Stage::Total, 20_000_000);
+        s.record(Stage::Total, 30_000_000_000);
+        s.respond(Status::MODEL_NOT_FOUND);
+        r.flush(u64::MAX, 0);
+        let mut registry = Registry::default();
+        monitor.register(&|_| Some(true), &mut registry);
+        let text = encode(&registry);
+        let bucket = |le: &str| {
+            let line = format!(
+                "tie_latency_seconds_bucket{{model=\"m\",version=\"3\",stage=\"total\",le=\"{le}\"}} "
             );
-            for q in [0.5, 0.9, 0.99, 0.999] {
-                let v = if h.is_empty() {
-                    f64::NAN
-                } else {
-                    h.value_at_quantile(q) as f64 / 1e9
-                };
-                let _ = writeln!(out, "tie_latency_seconds{{{labels},quantile=\"{q}\"}} {v}");
-            }
-            let sum = h.mean() * h.len() as f64 / 1e9;
-            let _ = writeln!(out, "tie_latency_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(out, "tie_latency_seconds_count{{{labels}}} {}", h.len());
-        }
+            let at = text
+                .find(&line)
+                .unwrap_or_else(|| panic!("{line} in\n{text}"));
+            let rest = &text[at + line.len()..];
+            rest[..rest.find('\n').unwrap()].parse::<u64>().unwrap()
+        };
+        assert_eq!(bucket("5e-07"), 0);
+        assert_eq!(bucket("1e-06"), 3);
+        assert_eq!(bucket("2e-06"), 3);
+        assert_eq!(bucket("5e-06"), 5);
+        assert_eq!(bucket("0.01"), 5);
+        assert_eq!(bucket("0.02"), 6);
+        assert_eq!(bucket("10"), 6);
+        assert_eq!(bucket("+Inf"), 7);
+        assert!(text
+            .contains("tie_latency_seconds_count{model=\"m\",version=\"3\",stage=\"total\"} 7\n"));
+        // A stage never measured is a histogram of nothing.
+        assert!(text
+            .contains("tie_latency_seconds_count{model=\"m\",version=\"3\",stage=\"gather\"} 0\n"));
+        assert!(text.contains(
+            "tie_responses_total{model=\"m\",version=\"3\",status=\"model_not_found\"} 1\n"
+        ));
+        assert!(text.contains("tie_responses_total{model=\"m\",version=\"3\",status=\"ok\"} 0\n"));
+        // Left out: a model not served now.
+        let mut registry = Registry::default();
+        monitor.register(&|_| None, &mut registry);
+        assert!(!encode(&registry).contains("model=\"m\""));
     }
-}
-
-/// `tie_alert`: 1 per model and alert kind while the alert is in effect.
-pub(super) fn alerts(out: &mut String, states: &[&ModelState]) {
-    family(
-        out,
-        "tie_alert",
-        "gauge",
-        "1 while a performance alert is in effect.",
-    );
-    for s in states {
-        for (i, kind) in ALERT_KINDS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tie_alert{{model=\"{}\",kind=\"{}\"}} {}",
-                label(&s.entry.key),
-                kind.name(),
-                u8::from(s.alerts[i].is_some())
-            );
-        }
-    }
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-pub(super) fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

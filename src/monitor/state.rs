@@ -2,10 +2,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tie_layouts::abi::Status;
@@ -65,27 +64,6 @@ impl HttpCounters {
             .entry((route.to_string(), code))
             .or_default() += 1;
     }
-
-    /// Prometheus text of the counters.
-    pub fn prometheus(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP tie_http_responses_total HTTP responses by route and code.\n# TYPE tie_http_responses_total counter"
-        );
-        for ((route, code), n) in self.by_route.locked().iter() {
-            let _ = writeln!(
-                out,
-                "tie_http_responses_total{{route=\"{route}\",code=\"{code}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tie_http_errors_total HTTP error responses by kind.\n# TYPE tie_http_errors_total counter"
-        );
-        for (kind, n) in self.by_kind.locked().iter() {
-            let _ = writeln!(out, "tie_http_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-    }
 }
 
 /// The performance monitor of a server.
@@ -96,7 +74,6 @@ pub struct Monitor {
     pub(super) exchanges: Mutex<Vec<Arc<Exchange>>>,
     pub(super) thresholds: PerformanceThresholdsSection,
     pub(super) settings: MonitoringSection,
-    pub(super) started: SystemTime,
     /// Alert transitions so far (raised and cleared).
     pub(super) alert_events: AtomicU64,
 }
@@ -114,7 +91,6 @@ impl Monitor {
             exchanges: Mutex::new(Vec::new()),
             thresholds,
             settings,
-            started: SystemTime::now(),
             alert_events: AtomicU64::new(0),
         };
         for entry in models {
@@ -251,11 +227,6 @@ impl Monitor {
         let model = self.model(index);
         let state = model.locked();
         metrics_of(&state)
-    }
-
-    /// Seconds since the monitor started.
-    pub(super) fn uptime(&self) -> Duration {
-        self.started.elapsed().unwrap_or_default()
     }
 
     /// Ends an interval of `elapsed`: updates rates and the EMA, evaluates the thresholds,

@@ -350,29 +350,83 @@ min_throughput_rps = 0.0
     );
     assert_eq!(identity()["errors_by_kind"]["ExecutionFailed"], 1);
     let scrape = metrics(&base);
+    // Label values in snake_case: `ModelNotFound` is `model_not_found`.
+    assert!(errors.borrow().contains_key("ModelNotFound"));
     for (kind, n) in errors.borrow().iter() {
+        let label = heck::ToSnakeCase::to_snake_case(*kind);
         assert_eq!(
-            sample(&scrape, "tie_http_errors_total", &[("kind", kind)]),
+            sample(&scrape, "tie_http_errors_total", &[("kind", &label)]),
             Some(*n),
             "errors of kind {kind}"
         );
     }
-    assert_eq!(
-        sample(&scrape, "tie_requests_total", &[("model", "mlp64:1")]),
-        Some(2.0)
-    );
+    assert!(sample(
+        &scrape,
+        "tie_http_errors_total",
+        &[("kind", "model_not_found")]
+    )
+    .is_some());
+    // Model and version are labels of their own.
+    let mlp = [("model", "mlp64"), ("version", "1")];
+    assert_eq!(sample(&scrape, "tie_requests_total", &mlp), Some(2.0));
     assert_eq!(
         sample(
             &scrape,
             "tie_responses_total",
-            &[("model", "identity:1"), ("status", "ExecutionFailed")]
+            &[
+                ("model", "identity"),
+                ("version", "1"),
+                ("status", "execution_failed")
+            ]
         ),
         Some(1.0)
     );
+    assert_eq!(sample(&scrape, "tie_model_ready", &mlp), Some(1.0));
+    // Latency is a histogram with buckets: cumulative, ending with every request at +Inf.
+    let total = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "tie_latency_seconds"
+                && s.labels.get("model") == Some("mlp64")
+                && s.labels.get("stage") == Some("total")
+        })
+        .expect("tie_latency_seconds of mlp64's total stage");
+    let prometheus_parse::Value::Histogram(buckets) = &total.value else {
+        panic!("tie_latency_seconds is not a histogram: {:?}", total.value)
+    };
+    assert!(buckets.len() > 20, "{buckets:?}");
+    assert!(buckets
+        .windows(2)
+        .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count));
+    assert_eq!(buckets.first().unwrap().less_than, 5e-7);
+    let last = buckets.last().unwrap();
+    assert_eq!((last.less_than, last.count), (f64::INFINITY, 2.0));
     assert_eq!(
-        sample(&scrape, "tie_model_ready", &[("model", "mlp64:1")]),
-        Some(1.0)
+        sample(
+            &scrape,
+            "tie_latency_seconds_count",
+            &[("model", "mlp64"), ("stage", "total")]
+        ),
+        Some(2.0)
     );
+    // Rates are the counters' (`rate()`), `up` is Prometheus's own, and the process is
+    // described by the standard `process_*` figures.
+    for gone in [
+        "tie_up",
+        "tie_throughput_rps",
+        "tie_error_rate",
+        "tie_uptime_seconds",
+    ] {
+        assert!(
+            !scrape.samples.iter().any(|s| s.metric == gone),
+            "{gone} is still exposed"
+        );
+    }
+    assert!(sample(&scrape, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 1e6));
+    assert!(sample(&scrape, "process_cpu_seconds_total", &[]).is_some_and(|v| v > 0.0));
+    assert!(sample(&scrape, "process_start_time_seconds", &[]).is_some_and(|v| v > 1.7e9));
+    assert!(sample(&scrape, "process_open_fds", &[]).is_some_and(|v| v > 2.0));
     assert_eq!(
         sample(
             &scrape,
@@ -583,7 +637,7 @@ min_gpu_utilization = 0.0
         sample(
             &scrape,
             "tie_alert",
-            &[("model", "mlp64:1"), ("kind", "latency")]
+            &[("model", "mlp64"), ("kind", "latency")]
         ),
         Some(1.0)
     );
@@ -591,7 +645,7 @@ min_gpu_utilization = 0.0
         sample(
             &scrape,
             "tie_alert",
-            &[("model", "mlp64:1"), ("kind", "error_rate")]
+            &[("model", "mlp64"), ("kind", "error_rate")]
         ),
         Some(0.0)
     );
@@ -626,12 +680,12 @@ min_gpu_utilization = 0.0
         sample(
             &scrape,
             "tie_alert",
-            &[("model", "mlp64:1"), ("kind", "latency")]
+            &[("model", "mlp64"), ("kind", "latency")]
         ),
         Some(0.0)
     );
     assert_eq!(
-        sample(&scrape, "tie_requests_total", &[("model", "mlp64:1")]),
+        sample(&scrape, "tie_requests_total", &[("model", "mlp64")]),
         Some(sent as f64)
     );
     // Each frame reports the round trip of the response before it.
@@ -639,7 +693,7 @@ min_gpu_utilization = 0.0
         sample(
             &scrape,
             "tie_latency_seconds_count",
-            &[("model", "mlp64:1"), ("stage", "end_to_end")]
+            &[("model", "mlp64"), ("stage", "end_to_end")]
         ),
         Some(sent as f64 - 1.0)
     );
@@ -746,7 +800,7 @@ min_gpu_utilization = 0.0
         "{body}"
     );
     assert_eq!(
-        sample(&metrics(&base), "tie_model_ready", &[("model", "mlp64:1")]),
+        sample(&metrics(&base), "tie_model_ready", &[("model", "mlp64")]),
         Some(0.0)
     );
     assert_eq!(

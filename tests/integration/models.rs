@@ -469,10 +469,10 @@ fn labels_pins_and_unload() {
     assert_eq!(code, 404);
     let metrics = crate::common::send("GET", &format!("{}/metrics", server.http()), None).1;
     assert!(
-        !metrics.contains("multi:"),
+        !metrics.contains("model=\"multi\""),
         "unloaded models leave /metrics:\n{metrics}"
     );
-    assert!(metrics.contains("identity:1"));
+    assert!(metrics.contains("model=\"identity\",version=\"1\""));
 
     // Reloading the repository brings multi back (a new model for the server).
     let (code, body) = post_empty(&format!("{api}/models/reload"), None);

@@ -295,7 +295,7 @@ fn ensembles_combine_their_members_computed_separately() {
     assert_eq!(odd["failed_requests"], 3, "{odd}");
     let metrics = crate::common::send("GET", &format!("{}/metrics", server.http()), None).1;
     assert!(
-        metrics.contains("tie_model_ready{model=\"blend:ensemble\"} 1"),
+        metrics.contains("tie_model_ready{model=\"blend\",version=\"ensemble\"} 1"),
         "{metrics}"
     );
     let _ = std::fs::remove_dir_all(&repo);

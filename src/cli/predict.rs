@@ -87,8 +87,11 @@ pub(super) fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
                 predictions: p
                     .outputs()
                     .iter()
-                    .map(|&value| Prediction {
+                    .enumerate()
+                    .map(|(output, &value)| Prediction {
                         value,
+                        row: 0,
+                        output: output as u32,
                         confidence: tie::dataplane::confidence(value),
                         timestamp: now,
                         feature_contributions: None,

@@ -21,6 +21,7 @@ use super::{app::*, error::*, pool::*};
 /// The models loaded, with their specs, load profile and health.
 #[utoipa::path(
     get,
+    tag = "models",
     path = "/api/v1/internal/inference/models/loaded",
     responses(
         (status = 200, description = "Loaded models", body = Vec<LoadedModelInfo>),
@@ -152,10 +153,13 @@ pub(super) fn model_info(
     }
 }
 
-/// A model's performance figures (`model_key`: `name:version`, or `name` for its default
-/// version; a named ensemble by `name` or `name:ensemble`).
+/// A model's performance figures.
+///
+/// `model_key`: `name:version`, or `name` for its default version; a named ensemble by
+/// `name` or `name:ensemble`.
 #[utoipa::path(
     get,
+    tag = "monitoring",
     path = "/api/v1/internal/inference/performance/{model_key}",
     params(("model_key" = String, Path, description = "name:version, or name for the default version")),
     responses(
@@ -187,10 +191,14 @@ pub struct FaultRequest {
     pub mode: FaultMode,
 }
 
-/// Injects a fault into a model's backend (only with `server.fault_injection = true`): for
-/// drills and tests of alerts and health checks.
+/// Injects a fault into a model's backend.
+///
+/// Only with `server.fault_injection = true`: for drills and tests of alerts and health
+/// checks.
 #[utoipa::path(
     post,
+    tag = "models",
+    security(("bearer" = [])),
     path = "/api/v1/internal/inference/models/{model_key}/fault",
     params(("model_key" = String, Path, description = "name:version, or name for the default version")),
     request_body = FaultRequest,
@@ -248,11 +256,15 @@ pub(super) async fn change(
     }
 }
 
-/// Reloads the whole repository: every model's versions as its config's policy asks (new
-/// ones built and warmed before anything switches), new models loaded, models whose
-/// directory is gone unloaded. A failure changes nothing.
+/// Reloads the whole repository.
+///
+/// Every model's versions as its config's policy asks (new ones built and warmed before
+/// anything switches), new models loaded, models whose directory is gone unloaded. A failure
+/// changes nothing.
 #[utoipa::path(
     post,
+    tag = "models",
+    security(("bearer" = [])),
     path = "/api/v1/internal/inference/models/reload",
     responses(
         (status = 200, description = "Reloaded", body = ChangeReport),
@@ -270,16 +282,21 @@ pub(super) async fn reload_models(
 
 /// A version the load must include.
 #[derive(Clone, Copy, Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LoadQuery {
     /// Refused unless the model's version policy loads it; the load itself loads what the
     /// policy picks.
     pub version: Option<u32>,
 }
 
-/// Loads or reloads one model from the repository (its config read again); the new versions
-/// are built and warmed before sessions switch to them. A failure changes nothing.
+/// Loads or reloads one model from the repository.
+///
+/// Its config is read again; the new versions are built and warmed before sessions switch to
+/// them. A failure changes nothing.
 #[utoipa::path(
     post,
+    tag = "models",
+    security(("bearer" = [])),
     path = "/api/v1/internal/inference/models/{model_name}/load",
     params(("model_name" = String, Path, description = "The model's directory in the repository"), LoadQuery),
     responses(
@@ -313,13 +330,17 @@ pub(super) async fn load_model(
     )
 }
 
-/// Unloads a version (`name:version`, a label accepted) or every version of a model (`name`).
-/// Sessions following the model's default move to its highest remaining compatible version
+/// Unloads a version, or every version of a model.
+///
+/// `name:version` (a label accepted) unloads one version, `name` every version. Sessions
+/// following the model's default move to its highest remaining compatible version
 /// (the new default; with none, the model has no default and they close); sessions pinned to
 /// it have their requests answered, then close.
 #[utoipa::path(
     post,
     path = "/api/v1/internal/inference/models/{model_key}/unload",
+    tag = "models",
+    security(("bearer" = [])),
     params(("model_key" = String, Path, description = "name:version, or name for every version")),
     responses(
         (status = 200, description = "Unloaded", body = ChangeReport),
@@ -339,6 +360,7 @@ pub(super) async fn unload_model(
 /// This document.
 #[utoipa::path(
     get,
+    tag = "monitoring",
     path = "/api/v1/internal/inference/openapi.json",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
 )]

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The spec's `InferenceResponse`.
+/// The answer to an `InferenceRequest`.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceResponse {
     /// The request's id.
@@ -19,13 +19,22 @@ pub struct InferenceResponse {
     pub error: Option<InferenceError>,
 }
 
-/// The spec's `Prediction`.
+/// One value of the answer: output `output` of row `row`. A response lists them row by row,
+/// and within a row output by output (`predictions[row × outputs + output]`, an uncertainty
+/// output left out).
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
     /// The value.
     pub value: f32,
+    /// The request's row (0-based).
+    #[serde(default)]
+    pub row: u32,
+    /// The model's output column (0-based; the uncertainty output keeps its index, so a
+    /// column after it is numbered as in the model).
+    #[serde(default)]
+    pub output: u32,
     /// With an uncertainty output (`uncertainty_output` in the model's config):
-    /// `1 - min(|uncertainty|, 1)`; without: `1 / (1 + e^-|value|)` (the spec's rules).
+    /// `1 - min(|uncertainty|, 1)`; without: `1 / (1 + e^-|value|)`.
     pub confidence: f32,
     /// When the response was read.
     pub timestamp: DateTime<Utc>,
@@ -33,7 +42,7 @@ pub struct Prediction {
     pub feature_contributions: Option<std::collections::HashMap<String, f32>>,
 }
 
-/// The spec's `ModelInferenceMetadata`.
+/// What answered a request.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInferenceMetadata {
     /// Model name.
@@ -53,8 +62,8 @@ pub struct ModelInferenceMetadata {
     pub batch_size_used: usize,
 }
 
-/// The spec's `InferenceMetrics`. A figure that was not measured is absent (`null`), never
-/// made up.
+/// Timings of one request. A figure that was not measured is absent (`null`), never made
+/// up.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceMetrics {
     /// Server time from accepting the frame to its batch starting (validation and queueing).
@@ -77,7 +86,7 @@ pub struct InferenceMetrics {
     pub model_load_time_ms: Option<f32>,
 }
 
-/// The spec's `InferenceError` kinds, plus the data plane's own.
+/// The kinds of error, each with its HTTP status.
 #[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
 #[serde(tag = "kind")]
 pub enum InferenceError {
@@ -324,7 +333,7 @@ impl InferenceError {
     }
 }
 
-/// The spec's `RequestPriority`.
+/// A request's priority in the batcher.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum RequestPriority {
     /// Batched last.
@@ -338,7 +347,7 @@ pub enum RequestPriority {
     Critical,
 }
 
-/// The spec's `StrategyContext` (see [`crate::models::routing`]).
+/// Routing, ensembles and feature contributions (see [`crate::models::routing`]).
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StrategyContext {
     /// A strategy of `routing.toml`: it picks the model and version (the request then names
@@ -356,8 +365,16 @@ pub struct StrategyContext {
     pub ensemble_config: Option<crate::models::routing::EnsembleConfig>,
 }
 
-/// The spec's `InferenceRequest`: `batch_size` rows of features, row-major.
+/// A prediction request: `batch_size` rows of features, row-major.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "request_id": "order-42",
+    "model_name": "multi",
+    "model_version": "2",
+    "input_features": [0.1, -0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, -1.6],
+    "batch_size": 1,
+    "timeout_ms": 5
+}))]
 pub struct InferenceRequest {
     /// Echoed in the response.
     pub request_id: String,
@@ -370,9 +387,10 @@ pub struct InferenceRequest {
     /// The layout's feature names, to check the order; empty: not checked.
     #[serde(default)]
     pub feature_names: Vec<String>,
-    /// Rows.
+    /// Rows (1 to 4096).
+    #[schema(minimum = 1, maximum = 4096)]
     pub batch_size: usize,
-    /// The spec's priority. Accepted, but HTTP requests always run at `Low` in the batcher,
+    /// Accepted, but HTTP requests always run at `Low` in the batcher,
     /// behind every ring client's work.
     #[serde(default)]
     pub priority: RequestPriority,
@@ -383,7 +401,7 @@ pub struct InferenceRequest {
     pub strategy_context: Option<StrategyContext>,
 }
 
-/// The spec's `TensorSpec`, for what a loaded model reads and writes.
+/// A tensor a loaded model reads or writes.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TensorSpec {
     /// The graph's tensor name.
@@ -404,8 +422,8 @@ pub struct TensorSpec {
     pub max_shape: Option<Vec<i32>>,
 }
 
-/// The spec's `ModelPerformanceProfile`, measured at load (batch 1 percentiles, best
-/// throughput over the batch sizes profiled). A figure not measured is absent.
+/// A model's performance measured at load (batch 1 percentiles, best throughput over the
+/// batch sizes profiled). A figure not measured is absent.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelPerformanceProfile {
     /// Not measured by the profiler (it keeps percentiles): absent.
@@ -485,6 +503,10 @@ pub struct LoadedModelInfo {
 
 /// An error answer of the control plane.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "error": {"kind": "ModelNotFound", "model_name": "mlp65", "served": ["mlp64", "multi"]},
+    "message": "model mlp65 not found; served: mlp64, multi"
+}))]
 pub struct ErrorBody {
     /// The error, tagged by `kind`.
     pub error: InferenceError,

@@ -335,8 +335,17 @@ impl Drop for HttpServer {
 #[openapi(
     info(
         title = "tie control plane",
-        description = "The spec's inference API, health and metrics."
+        description = "Predictions over HTTP, model management, health and metrics of a tie server. \
+            State-changing endpoints need the bearer token of `server.api_token_file`; with \
+            `server.http_token_everywhere` every endpoint does."
     ),
+    tags(
+        (name = "inference", description = "Predictions, through the same batcher and backends as the shared-memory rings"),
+        (name = "models", description = "Loading, reloading and unloading models; fault injection"),
+        (name = "monitoring", description = "Performance figures, Prometheus metrics and this document"),
+        (name = "health", description = "Liveness and readiness probes")
+    ),
+    modifiers(&BearerToken),
     paths(
         predict,
         batch_predict,
@@ -351,9 +360,30 @@ impl Drop for HttpServer {
         ready,
         metrics
     ),
-    components(schemas(ErrorBody, FaultRequest, ReadyReport, ModelReadiness, ChangeReport))
+    components(schemas(ErrorBody, FaultRequest, ReadyReport, ModelReadiness, ChangeReport, Liveness))
 )]
 pub struct ApiDoc;
+
+/// Adds the bearer-token scheme the state-changing endpoints name.
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The token in `server.api_token_file` (`Authorization: Bearer <token>`)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 pub(super) fn router(state: Arc<HttpState>) -> Router {
     Router::new()

@@ -150,8 +150,11 @@ fn combined(
                 .map(|(a, m)| (a.predictions[i].value, m.weight))
                 .collect();
             let value = crate::models::routing::combine(config.combine, &values);
+            let first = &answers[0].predictions[i];
             Prediction {
                 value,
+                row: first.row,
+                output: first.output,
                 confidence: crate::dataplane::confidence(value),
                 timestamp: now,
                 feature_contributions: None,

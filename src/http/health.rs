@@ -13,9 +13,21 @@ use super::app::*;
 use crate::monitor;
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/health/live", responses((status = 200, description = "Alive")))]
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = Liveness, example = json!({"status": "live"})))
+)]
 pub(super) async fn live() -> Response {
-    Json(serde_json::json!({"status": "live"})).into_response()
+    Json(Liveness { status: "live" }).into_response()
+}
+
+/// The answer of the liveness probe.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Liveness {
+    /// Always `live`.
+    pub status: &'static str,
 }
 
 /// Readiness of one model.
@@ -40,12 +52,15 @@ pub struct ReadyReport {
     pub models: Vec<ModelReadiness>,
 }
 
-/// Readiness: 200 when every version the repository's configs asked for at the last load or
-/// reload is loaded, warmed up and passes its health check (or was unloaded as unused and
+/// Readiness of the server and of each model.
+///
+/// 200 when every version the repository's configs asked for at the last load or reload is
+/// loaded, warmed up and passes its health check (or was unloaded as unused and
 /// loads on demand); 503 otherwise, with the reasons (a version missing is listed with why).
 #[utoipa::path(
     get,
     path = "/health/ready",
+    tag = "health",
     responses(
         (status = 200, description = "Ready", body = ReadyReport),
         (status = 503, description = "Loading, or a model failed its health check", body = ReadyReport)
@@ -106,6 +121,7 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
 #[utoipa::path(
     get,
     path = "/metrics",
+    tag = "monitoring",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain"))
 )]
 pub(super) async fn metrics(State(state): State<Arc<HttpState>>) -> Response {

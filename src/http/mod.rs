@@ -44,6 +44,6 @@ pub use app::{
     MAX_TIMEOUT_MS, SESSIONS_PER_MODEL,
 };
 pub use error::{ApiError, ApiJson};
-pub use health::{ModelReadiness, ReadyReport};
+pub use health::{Liveness, ModelReadiness, ReadyReport};
 pub use listen::{HttpEndpoint, HEADER_TIMEOUT};
 pub use pool::{Serving, POOL_IDLE};

@@ -264,6 +264,8 @@ fn predictions(
             }
             predictions.push(Prediction {
                 value,
+                row: r as u32,
+                output: o as u32,
                 confidence: match uncertainty {
                     Some(k) => crate::dataplane::confidence_from_uncertainty(outputs[k]),
                     None => crate::dataplane::confidence(value),
@@ -339,6 +341,7 @@ fn into_response(a: Answered<'_>) -> InferenceResponse {
 #[utoipa::path(
     post,
     path = "/api/v1/internal/inference/predict",
+    tag = "inference",
     request_body = InferenceRequest,
     responses(
         (status = 200, description = "Prediction completed", body = InferenceResponse),
@@ -371,6 +374,7 @@ pub(super) async fn predict(
 #[utoipa::path(
     post,
     path = "/api/v1/internal/inference/batch-predict",
+    tag = "inference",
     request_body = Vec<InferenceRequest>,
     responses(
         (status = 200, description = "Batch prediction completed (each response carries its own error)", body = Vec<InferenceResponse>),

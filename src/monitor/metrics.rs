@@ -45,7 +45,8 @@ impl StageSummary {
     }
 }
 
-/// The spec's `ModelPerformanceMetrics`, with more percentiles, the stages and the alerts.
+/// A model's performance figures: counts, latency percentiles, stages and alerts.
+///
 /// Percentiles are over everything since the server started; rates are of the last monitor
 /// interval; a figure that is not measured on this host is absent.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -66,7 +67,7 @@ pub struct ModelPerformanceMetrics {
     pub rejections: u64,
     /// Error responses by kind.
     pub errors_by_kind: BTreeMap<String, u64>,
-    /// Server-side total latency, EMA with weight 0.1 per request (the spec's rule; applied
+    /// Server-side total latency, EMA with weight 0.1 per request (applied
     /// per monitor interval as if each request had the interval's mean). Absent until a
     /// request completed, as are the percentiles.
     pub avg_latency_ms: Option<f32>,
@@ -82,7 +83,7 @@ pub struct ModelPerformanceMetrics {
     pub max_latency_ms: Option<f32>,
     /// Predictions per second in the last monitor interval.
     pub throughput_rps: f32,
-    /// `failed_requests / total_requests` (the spec's, since start).
+    /// `failed_requests / total_requests`, since start.
     pub error_rate: f32,
     /// Error rate of the last monitor interval with traffic.
     pub recent_error_rate: Option<f32>,

@@ -155,6 +155,15 @@ min_throughput_rps = 0.0
         "{values:?} {expected:?}"
     );
     assert_eq!(body["model_metadata"]["output_shape"], json!([3, 4]));
+    // Row by row, output by output, each numbered.
+    let indices: Vec<(u64, u64)> = body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["row"].as_u64().unwrap(), p["output"].as_u64().unwrap()))
+        .collect();
+    let expected: Vec<(u64, u64)> = (0..3).flat_map(|r| (0..4).map(move |o| (r, o))).collect();
+    assert_eq!(indices, expected);
     let multi1 = fixture("multi_v1");
     let (code, body) = post(
         &format!("{api}/predict"),
@@ -483,6 +492,62 @@ min_throughput_rps = 0.0
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
+    // A real validator accepts the document.
+    let file = crate::common::scratch_dir("openapi").join("openapi.json");
+    std::fs::write(&file, &text).unwrap();
+    let validator = crate::common::python_tools(&["openapi-spec-validator==0.9.0"])
+        .join("openapi-spec-validator");
+    let out = std::process::Command::new(&validator)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every operation is tagged, with a one-line summary; the state-changing ones name the
+    // bearer scheme; `version` of a load is a query parameter; the request's batch size
+    // starts at 1 and the request has an example; no text speaks of a spec the user has not.
+    let raw: Value = serde_json::from_str(&text).unwrap();
+    for (path, ops) in raw["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            assert!(
+                op["tags"].as_array().is_some_and(|t| !t.is_empty()),
+                "{method} {path}"
+            );
+            let summary = op["summary"].as_str().unwrap_or_default();
+            assert!(
+                !summary.is_empty() && !summary.contains('\n'),
+                "{method} {path}: {summary:?}"
+            );
+            let protected = method == "post" && !path.ends_with("predict");
+            assert_eq!(
+                op["security"] == json!([{"bearer": []}]),
+                protected,
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(
+        raw["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let load = &raw["paths"]["/api/v1/internal/inference/models/{model_name}/load"]["post"];
+    let version = load["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "version");
+    assert_eq!(version.unwrap()["in"], "query");
+    let request = &raw["components"]["schemas"]["InferenceRequest"];
+    assert_eq!(request["properties"]["batch_size"]["minimum"], 1);
+    assert!(request["example"].is_object());
+    assert!(
+        !text.to_lowercase().contains("spec's"),
+        "the document speaks of a spec"
+    );
 }
 
 #[test]

@@ -409,6 +409,15 @@ fn contributions_match_finite_differences_and_confidence_follows_the_uncertainty
     let body = predict(request("u", "multi_u", None, &f.inputs[..1], Value::Null));
     let preds = body["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 3);
+    let outputs: Vec<_> = preds
+        .iter()
+        .map(|p| p["output"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        outputs,
+        [0, 1, 2],
+        "the model's columns, the uncertainty left out"
+    );
     let want = 1.0 - f.outputs[0][3].abs().min(1.0);
     for p in preds {
         assert!(

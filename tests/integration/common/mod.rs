@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod onnx;
+mod python;
 mod skip;
 
+pub use python::python_tools;
 pub use skip::{skip, Need};
 
 use std::path::{Path, PathBuf};

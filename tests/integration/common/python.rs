@@ -1,0 +1,59 @@
+//! Python tools the tests run (validators, reference clients), installed by the tests
+//! themselves into a virtual environment under the target directory: `cargo test` needs
+//! only `python3` with `venv` and a package index.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `bin` directory of a virtual environment holding `requirements` (pinned `name==x.y`),
+/// made on first use. Concurrent callers (tests of one binary or of several) wait for one
+/// install; a failed install fails the test with pip's output.
+pub fn python_tools(requirements: &[&str]) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python");
+    std::fs::create_dir_all(&root).unwrap();
+    let lock = std::fs::File::create(root.join(".lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let venv = root.join("venv");
+    let bin = venv.join("bin");
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    if !bin.join("python").exists() {
+        run(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv (the tests need python3 with venv)",
+        );
+    }
+    // One stamp per requirement: what an earlier test installed is not installed again.
+    let missing: Vec<&str> = requirements
+        .iter()
+        .copied()
+        .filter(|r| !root.join(format!("installed-{r}")).exists())
+        .collect();
+    if !missing.is_empty() {
+        run(
+            Command::new(bin.join("python"))
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(&missing),
+            &format!("pip install {}", missing.join(" ")),
+        );
+        for r in missing {
+            std::fs::write(root.join(format!("installed-{r}")), "").unwrap();
+        }
+    }
+    bin
+}

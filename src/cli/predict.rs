@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use tie_client::{Client, ConnectOptions, PredictError, Response, WaitStrategy};
 
 use tie::http::api::{
@@ -23,9 +22,10 @@ pub struct PredictArgs {
     /// Model version (default: the server's default for the model).
     #[arg(long)]
     pub version: Option<u32>,
-    /// Comma-separated feature values, e.g. `0.1,-0.2,3`.
-    #[arg(long, allow_hyphen_values = true)]
-    pub features: String,
+    /// Feature values, comma-separated (`0.1,-0.2,3`, spaces allowed around values) or
+    /// repeated (`--features 0.1 --features -0.2`).
+    #[arg(long, required = true, allow_hyphen_values = true, value_delimiter = ',', value_parser = feature_value)]
+    pub features: Vec<f32>,
     /// Socket directory (default: `$TIE_SOCKET_DIR`, else `$XDG_RUNTIME_DIR/tie` then /run/tie).
     #[arg(long)]
     pub socket_dir: Option<PathBuf>,
@@ -34,20 +34,17 @@ pub struct PredictArgs {
     pub timeout_ms: u64,
 }
 
-/// Parses `0.1,-0.2,3` (spaces allowed around values).
-pub(super) fn parse_features(text: &str) -> anyhow::Result<Vec<f32>> {
-    text.split(',')
-        .enumerate()
-        .map(|(i, v)| {
-            v.trim()
-                .parse::<f32>()
-                .with_context(|| format!("feature {i} ({:?}) is not a number", v.trim()))
-        })
-        .collect()
+/// One feature value of `--features`: a finite number, spaces around it allowed.
+fn feature_value(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err("not a finite number".into()),
+        Err(e) => Err(format!("not a number ({e})")),
+    }
 }
 
 pub(super) fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let features = parse_features(&args.features)?;
+    let features = args.features;
     let options = ConnectOptions {
         version: args.version,
         socket_dir: args.socket_dir,
@@ -149,28 +146,33 @@ pub(super) fn to_inference_error(e: &PredictError, model: &str) -> InferenceErro
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
 
     #[test]
-    fn negative_features_parse_with_or_without_equals() {
-        for argv in [
-            vec![
-                "tie",
-                "predict",
-                "--model",
-                "m",
-                "--features",
-                "-0.5,0.25,-3",
-            ],
-            vec!["tie", "predict", "--model", "m", "--features=-0.5,0.25,-3"],
-        ] {
-            let Command::Predict(p) = Cli::try_parse_from(argv).unwrap().command else {
-                panic!("not predict");
-            };
-            assert_eq!(parse_features(&p.features).unwrap(), vec![-0.5, 0.25, -3.0]);
-        }
-        assert!(parse_features("1,x").is_err());
+    fn features_split_on_commas_with_or_without_equals_negative_or_spaced() {
+        let parse = |argv: &[&str]| {
+            let argv = ["tie", "predict", "--model", "m"].iter().chain(argv);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Predict(p) => p.features,
+                _ => panic!("not predict"),
+            })
+        };
+        let want = vec![-0.5, 0.25, -3.0];
+        assert_eq!(parse(&["--features", "-0.5,0.25,-3"]).unwrap(), want);
+        assert_eq!(parse(&["--features=-0.5,0.25,-3"]).unwrap(), want);
+        assert_eq!(parse(&["--features", "-0.5, 0.25 ,-3"]).unwrap(), want);
+        assert_eq!(
+            parse(&["--features", "-0.5", "--features", "0.25,-3"]).unwrap(),
+            want
+        );
+        let error = parse(&["--features", "1,x"]).unwrap_err().to_string();
+        assert!(
+            error.contains("'x'") && error.contains("not a number"),
+            "{error}"
+        );
+        let error = parse(&["--features", "1,inf"]).unwrap_err().to_string();
+        assert!(error.contains("not a finite number"), "{error}");
+        assert!(parse(&[]).is_err());
     }
 }

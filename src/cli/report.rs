@@ -19,6 +19,10 @@ pub struct ReportArgs {
     /// Print only the percentile table, not the distribution.
     #[arg(long)]
     pub summary: bool,
+    /// Add the logs up and report them as one (the workers of one tie-loadgen run: the
+    /// figures are then those of its `summary.json`).
+    #[arg(long)]
+    pub merge: bool,
     /// Draw the latency percentile distributions (and the sweeps' latency against
     /// throughput) into this PNG.
     #[arg(long)]
@@ -61,11 +65,36 @@ pub(super) fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
                     .context(format!("{name} is not an HdrHistogram interval log")))
             }
         };
-        tie_loadgen::report::write_report(&mut out, &name, &log, args.units_per_us, !args.summary);
+        if !args.merge {
+            tie_loadgen::report::write_report(
+                &mut out,
+                &name,
+                &log,
+                args.units_per_us,
+                !args.summary,
+            );
+        }
         logs.push((name, log));
     }
     if skipped == args.files.len() {
         anyhow::bail!("nothing to report: no log has an interval");
+    }
+    if args.merge && !logs.is_empty() {
+        let mut merged = tie_hlog::HlogSummary::default();
+        for (name, log) in &logs {
+            merged
+                .merge(log)
+                .with_context(|| format!("cannot add {name} to the others"))?;
+        }
+        let name = format!("{} logs added up", logs.len());
+        tie_loadgen::report::write_report(
+            &mut out,
+            &name,
+            &merged,
+            args.units_per_us,
+            !args.summary,
+        );
+        logs = vec![(name, merged)];
     }
     print!("{out}");
     if let Some(chart) = &args.chart {

@@ -9,15 +9,21 @@ use std::time::Duration;
 use crate::common::{scratch_dir, TestServer};
 use serde_json::Value;
 
-fn loadgen(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_tie-loadgen"))
+/// Runs tie-loadgen against `server`; its exit status is the caller's to check.
+fn loadgen_status(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tie-loadgen"))
         .args(args)
         .args(["--endpoint", "test", "--socket-dir"])
         .arg(&server.dir)
         .arg("--out")
         .arg(out)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs tie-loadgen against `server`, which must succeed.
+fn loadgen(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Output {
+    let output = loadgen_status(server, out, args);
     assert!(
         output.status.success(),
         "{}\n{}",
@@ -25,6 +31,24 @@ fn loadgen(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Outp
         server.log()
     );
     output
+}
+
+/// Every request sent is accounted for: warm-up answers, predictions, errors by kind and
+/// unanswered ones add up to what was sent, and the predictions split at the window's end.
+fn accounted(s: &Value) {
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
+    let errors: u64 = s["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        n("sent"),
+        n("warmup") + n("ok") + errors + n("unanswered"),
+        "{s}"
+    );
+    assert_eq!(n("ok"), n("ok_in_window") + n("ok_after_window"), "{s}");
 }
 
 fn summary(out: &Path) -> Value {
@@ -168,10 +192,40 @@ fn summaries_name_every_figure_and_errors_by_kind() {
         s["p50_us"].as_f64() <= s["p99_us"].as_f64()
             && s["p99_us"].as_f64() <= s["max_us"].as_f64()
     );
+    accounted(&s);
+    // One definition of the percentiles: the workers' logs added up give the summary's.
+    let report = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["report", "--merge", "--summary"])
+        .args(
+            s["hlogs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap()),
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{text}");
+    assert!(text.contains("2 logs added up"), "{text}");
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("latency"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[1], count.to_string(), "{text}");
+    for (column, key) in [(3, "p50_us"), (5, "p99_us"), (6, "p99_9_us"), (9, "max_us")] {
+        assert_eq!(
+            row[column],
+            format!("{:.2}", s[key].as_f64().unwrap()),
+            "{key}: {text}"
+        );
+    }
 
     // A deadline of 1 µs after the schedule: the server answers Timeout.
     let out = scratch_dir("loadgen-deadline");
-    loadgen(
+    let failed = loadgen_status(
         &server,
         &out,
         &[
@@ -188,12 +242,17 @@ fn summaries_name_every_figure_and_errors_by_kind() {
             "1",
         ],
     );
+    // Requests failed: the run says so and exits 3.
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("error answers"), "{stderr}");
     let s = summary(&out);
     let timeouts = s["errors"]["Timeout"].as_u64().unwrap_or(0);
     assert!(timeouts >= 90, "{s}");
     // Every request is in the latencies, answered with a prediction or not.
     assert_eq!(s["count"], 100, "{s}");
     assert_eq!(timeouts + s["ok"].as_u64().unwrap(), 100, "{s}");
+    accounted(&s);
 
     // The closed loop keeps its requests in flight and records every answer.
     let out = scratch_dir("loadgen-closed");
@@ -214,7 +273,141 @@ fn summaries_name_every_figure_and_errors_by_kind() {
     );
     let s = summary(&out);
     assert_eq!(s["mode"], "closed");
+    assert!(
+        s["offered_rps"].is_null(),
+        "a closed loop offers no rate: {s}"
+    );
     assert!(s["count"].as_u64().unwrap() > 100, "{s}");
+    accounted(&s);
+    // The same with a warm-up: its answers are counted, not lost.
+    let out = scratch_dir("loadgen-closed-warm");
+    loadgen(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.6",
+            "--warmup",
+            "0.3",
+        ],
+    );
+    let s = summary(&out);
+    assert!(s["warmup"].as_u64().unwrap() > 0, "{s}");
+    accounted(&s);
+}
+
+#[test]
+fn rows_files_pins_progress_and_help_are_what_they_say() {
+    let server = TestServer::start();
+    // A CSV with a header line of names.
+    let out = scratch_dir("loadgen-rows");
+    let rows = out.join("rows.csv");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(&rows, "f0,f1,f2,f3\n0.5,1,2,3\n-1,-2,-3,-4\n").unwrap();
+    let run = loadgen(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--rate",
+            "100",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--features",
+            rows.to_str().unwrap(),
+            "--progress",
+            "always",
+        ],
+    );
+    let s = summary(&out);
+    assert_eq!(s["ok"], 50, "{s}");
+    // Progress once a second on stderr (asked for; by default only on a terminal).
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("p99 so far"), "{stderr}");
+    // A header that does not name every column is refused.
+    std::fs::write(&rows, "f0,f1\n0.5,1,2,3\n").unwrap();
+    let refused = loadgen_status(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--rate",
+            "100",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--features",
+            rows.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("rows.csv:1: 2 column names, the model reads 4"),
+        "{stderr}"
+    );
+    // A core the process may not run on is an error, before any load.
+    let refused = loadgen_status(
+        &server,
+        &out,
+        &[
+            "run",
+            "--model",
+            "identity",
+            "--rate",
+            "100",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--cores",
+            "100000",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("core 100000 is not one this process may run on"),
+        "{stderr}"
+    );
+    // `sweep --help` lists what a sweep takes, and not the options of a single run.
+    let help = |sub: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tie-loadgen"))
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sweep = help("sweep");
+    assert!(
+        sweep.contains("--rates") && sweep.contains("--p99-bound-us"),
+        "{sweep}"
+    );
+    assert!(
+        !sweep.contains("--rate ") && !sweep.contains("--concurrency"),
+        "{sweep}"
+    );
+    let run = help("run");
+    assert!(
+        run.contains("--rate ") && run.contains("--concurrency"),
+        "{run}"
+    );
+    assert!(
+        !run.contains("--rates") && !run.contains("--p99-bound-us"),
+        "{run}"
+    );
 }
 
 #[test]
@@ -277,7 +470,8 @@ fn a_sweep_stops_at_the_first_rate_over_the_bound() {
     let out = scratch_dir("loadgen-sweep-tight");
     let mut tight = args.to_vec();
     tight.extend(["--p99-bound-us", "0.001"]);
-    loadgen(&server, &out, &tight);
+    let failed = loadgen_status(&server, &out, &tight);
+    assert_eq!(failed.status.code(), Some(3), "no rate sustained: exit 3");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
     assert!(report["knee_rps"].is_null(), "{report}");

@@ -40,6 +40,43 @@ pub struct HlogSummary {
     pub tags: BTreeMap<String, TagSummary>,
 }
 
+impl HlogSummary {
+    /// Adds `other`'s tags to these (logs of one run written side by side, a load generator's
+    /// workers): histograms added, intervals counted, the longer span kept.
+    ///
+    /// # Errors
+    /// A histogram of `other` does not fit one of these.
+    pub fn merge(&mut self, other: &HlogSummary) -> Result<(), HistogramDecodeError> {
+        for (tag, t) in &other.tags {
+            match self.tags.get_mut(tag) {
+                Some(mine) => {
+                    mine.histogram
+                        .add(&t.histogram)
+                        .map_err(|e| HistogramDecodeError::Add(format!("{e:?}")))?;
+                    mine.intervals += t.intervals;
+                    mine.span = mine.span.max(t.span);
+                }
+                None => {
+                    let mut histogram = Histogram::new_from(&t.histogram);
+                    histogram.auto(true);
+                    histogram
+                        .add(&t.histogram)
+                        .map_err(|e| HistogramDecodeError::Add(format!("{e:?}")))?;
+                    self.tags.insert(
+                        tag.clone(),
+                        TagSummary {
+                            histogram,
+                            intervals: t.intervals,
+                            span: t.span,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a log could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HlogReadError {

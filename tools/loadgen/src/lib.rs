@@ -22,6 +22,6 @@ pub mod report;
 mod run;
 
 pub use run::{
-    read_rows, run, run_worker, sweep, RunSpec, Summary, SweepPoint, SweepReport, WorkerResult,
-    WorkerSpec,
+    read_rows, run, run_worker, shortfalls, sweep, RunSpec, Summary, SweepPoint, SweepReport,
+    WorkerResult, WorkerSpec,
 };

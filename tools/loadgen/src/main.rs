@@ -1,6 +1,7 @@
 //! `tie-loadgen`: open-loop (or closed-loop) load from client processes against a running tie
 //! server, with latency histograms free of coordinated omission. See the `tie_loadgen` library.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,7 +19,20 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// One run at a fixed rate (open loop) or concurrency (closed loop).
-    Run(Load),
+    Run {
+        #[command(flatten)]
+        load: Load,
+        /// Requests per second, all workers together (open loop).
+        #[arg(
+            long,
+            conflicts_with = "concurrency",
+            required_unless_present = "concurrency"
+        )]
+        rate: Option<f64>,
+        /// Requests in flight per worker (closed loop).
+        #[arg(long)]
+        concurrency: Option<u32>,
+    },
     /// Open-loop runs at rising rates until p99 crosses a bound: the highest sustained rate.
     Sweep {
         #[command(flatten)]
@@ -35,6 +49,18 @@ enum Command {
     Worker,
 }
 
+/// When to print progress.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Progress {
+    /// When stderr is a terminal.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// What `run` and `sweep` share.
 #[derive(Clone, Debug, clap::Args)]
 struct Load {
     /// Server endpoint.
@@ -49,16 +75,11 @@ struct Load {
     /// Model version (default: the server's default).
     #[arg(long)]
     version: Option<u32>,
-    /// Requests per second, all workers together (open loop).
-    #[arg(long, conflicts_with = "concurrency")]
-    rate: Option<f64>,
-    /// Requests in flight per worker (closed loop).
-    #[arg(long)]
-    concurrency: Option<u32>,
     /// Worker processes.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Cores to pin the workers to, in turn (e.g. 4,5,6).
+    /// Cores to pin the workers to, in turn (e.g. 4,5,6); a core the process may not run on
+    /// is an error.
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
     /// Seconds of load.
@@ -73,7 +94,8 @@ struct Load {
     /// Deadline of each request after its scheduled send, µs.
     #[arg(long)]
     deadline_us: Option<u64>,
-    /// Feature rows to send in turn (CSV, one row per line); default: random rows.
+    /// Feature rows to send in turn: a CSV file, one row per line, an optional header line of
+    /// names; default: random rows.
     #[arg(long)]
     features: Option<PathBuf>,
     /// Output directory (interval logs, summary.json).
@@ -82,6 +104,9 @@ struct Load {
     /// Seed of the random rows.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Progress (elapsed, rate, p99 so far) on stderr once a second.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Progress,
     /// Ring slots of each worker's session (default: 2 s of its rate, or its concurrency);
     /// fewer make sends wait for answers, still timed from their schedule.
     #[arg(long, hide = true)]
@@ -89,17 +114,11 @@ struct Load {
 }
 
 impl Load {
-    fn spec(&self) -> anyhow::Result<RunSpec> {
-        anyhow::ensure!(
-            self.rate.is_some() != self.concurrency.is_some(),
-            "give --rate (open loop) or --concurrency (closed loop)"
-        );
+    /// The spec of a run at `rate` (open loop) or `concurrency` (closed loop).
+    fn spec(&self, rate: Option<f64>, concurrency: Option<u32>) -> anyhow::Result<RunSpec> {
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
-        anyhow::ensure!(
-            self.concurrency != Some(0),
-            "--concurrency must be at least 1"
-        );
-        anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+        anyhow::ensure!(concurrency != Some(0), "--concurrency must be at least 1");
+        anyhow::ensure!(rate.is_none_or(|r| r > 0.0), "--rate must be positive");
         anyhow::ensure!(
             self.duration > self.warmup,
             "--duration must exceed --warmup"
@@ -115,7 +134,7 @@ impl Load {
                 model: self.model.clone(),
                 version: self.version,
                 rate: None,
-                concurrency: self.concurrency.unwrap_or(1),
+                concurrency: concurrency.unwrap_or(1),
                 start_ns: 0,
                 duration_s: self.duration,
                 warmup_s: self.warmup,
@@ -129,10 +148,19 @@ impl Load {
             },
             workers: self.workers,
             cores: self.cores.clone(),
-            total_rate: self.rate,
+            total_rate: rate,
+            progress: match self.progress {
+                Progress::Auto => std::io::stderr().is_terminal(),
+                Progress::Always => true,
+                Progress::Never => false,
+            },
         })
     }
 }
+
+/// Exit status of a run that ran but failed requests or fell short of its rate, and of a
+/// sweep that sustained no rate.
+const FELL_SHORT: u8 = 3;
 
 fn main() -> ExitCode {
     match run() {
@@ -152,58 +180,38 @@ fn run() -> anyhow::Result<ExitCode> {
             let result = loadgen::run_worker(&spec)?;
             println!("{}", serde_json::to_string(&result)?);
         }
-        Command::Run(load) => {
-            let s = loadgen::run(&exe, &load.spec()?)?;
-            println!(
-                "{} {} workers: offered {:.0}/s, sent {:.0}/s, achieved {:.0}/s; p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}, unsent {}, unanswered {}; send lag p99 {:.2} max {:.2} µs",
-                s.mode, s.workers, s.offered_rps, s.sent_rps, s.achieved_rps, s.p50_us, s.p90_us,
-                s.p99_us, s.p99_9_us, s.p99_99_us, s.max_us, s.errors, s.unsent, s.unanswered,
-                s.send_lag_p99_us, s.max_send_lag_us
-            );
+        Command::Run {
+            load,
+            rate,
+            concurrency,
+        } => {
+            let s = loadgen::run(&exe, &load.spec(rate, concurrency)?)?;
+            let mut line = String::new();
+            loadgen::report::write_summary(&mut line, "run", &s);
+            print!("{line}");
             println!("{}", load.out.join("summary.json").display());
+            let shortfalls = loadgen::shortfalls(&s);
+            if !shortfalls.is_empty() {
+                eprintln!("tie-loadgen: {}", shortfalls.join("; "));
+                return Ok(ExitCode::from(FELL_SHORT));
+            }
         }
         Command::Sweep {
             load,
             rates,
             p99_bound_us,
         } => {
-            anyhow::ensure!(
-                load.concurrency.is_none(),
-                "a sweep is open loop: no --concurrency"
-            );
-            let mut spec = load.spec_open()?;
-            spec.total_rate = None;
+            let spec = load.spec(Some(1.0), None)?;
             let report = loadgen::sweep(&exe, &spec, &rates, p99_bound_us)?;
-            for p in &report.points {
-                println!(
-                    "offered {:>10.0}/s achieved {:>10.0}/s p50 {:>9.2} p99 {:>9.2} p99.9 {:>9.2} µs failures {:>6} {}",
-                    p.offered_rps, p.achieved_rps, p.p50_us, p.p99_us, p.p99_9_us, p.failures,
-                    if p.sustained { "ok" } else { "NOT sustained" }
-                );
-            }
-            match report.knee_rps {
-                Some(r) if report.crossed => {
-                    println!("highest rate with p99 <= {p99_bound_us} µs: {r:.0}/s")
-                }
-                Some(r) => {
-                    println!("every rate kept p99 <= {p99_bound_us} µs: the knee is above {r:.0}/s")
-                }
-                None => println!("no rate kept p99 <= {p99_bound_us} µs"),
-            }
+            let mut text = String::new();
+            loadgen::report::write_sweep(&mut text, "sweep", &report);
+            print!("{text}");
             println!("{}", load.out.join("sweep.json").display());
+            if report.knee_rps.is_none() {
+                eprintln!("tie-loadgen: no rate kept p99 <= {p99_bound_us} µs");
+                return Ok(ExitCode::from(FELL_SHORT));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-impl Load {
-    /// The spec of a sweep's runs (their rates come from the sweep).
-    fn spec_open(&self) -> anyhow::Result<RunSpec> {
-        Load {
-            rate: Some(1.0),
-            concurrency: None,
-            ..self.clone()
-        }
-        .spec()
-    }
 }

@@ -127,14 +127,23 @@ pub fn write_sweep(out: &mut String, name: &str, sweep: &Sweep) {
     };
 }
 
-/// Appends a run summary's line to `out`.
+/// Appends a run summary's lines to `out`: rates, percentiles, and where every request sent
+/// went.
 pub fn write_summary(out: &mut String, name: &str, s: &crate::Summary) {
+    let offered = s
+        .offered_rps
+        .map_or(String::new(), |r| format!("offered {r:.0}/s, "));
     let _ = writeln!(
         out,
-        "{name}: {} loop, {} workers, offered {:.0}/s, sent {:.0}/s, achieved {:.0}/s, {} latencies: p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; errors {:?}, unsent {}, unanswered {}, send lag p99 {:.2} max {:.2} µs",
-        s.mode, s.workers, s.offered_rps, s.sent_rps, s.achieved_rps, s.count, s.p50_us, s.p90_us,
-        s.p99_us, s.p99_9_us, s.p99_99_us, s.max_us, s.errors, s.unsent, s.unanswered,
-        s.send_lag_p99_us, s.max_send_lag_us
+        "{name}: {} loop, {} workers, {offered}sent {:.0}/s, achieved {:.0}/s; {} latencies: p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2} max {:.2} µs; send lag p99 {:.2} max {:.2} µs",
+        s.mode, s.workers, s.sent_rps, s.achieved_rps, s.count, s.p50_us, s.p90_us, s.p99_us,
+        s.p99_9_us, s.p99_99_us, s.max_us, s.send_lag_p99_us, s.max_send_lag_us
+    );
+    let _ = writeln!(
+        out,
+        "  sent {} = warm-up {} + ok {} ({} in the window, {} after) + errors {:?} + unanswered {}; unsent {}{}",
+        s.sent, s.warmup, s.ok, s.ok_in_window, s.ok_after_window, s.errors, s.unanswered,
+        s.unsent, if s.disconnected { "; the server went away" } else { "" }
     );
 }
 

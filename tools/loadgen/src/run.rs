@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status, SubmitError};
@@ -59,8 +60,12 @@ pub struct WorkerResult {
     pub histogram: String,
     /// Base64 of the histogram of send lags: how late past its schedule each request went out.
     pub send_lag: String,
-    /// Requests sent (by the end of the load).
+    /// Requests sent (all of them: in the warm-up, the load window, and late ones after it).
     pub sent: u64,
+    /// Requests sent within the load window (for the send rate).
+    pub sent_in_window: u64,
+    /// Answers (of any status) to requests scheduled in the warm-up: not recorded.
+    pub warmup: u64,
     /// Predictions after the warm-up.
     pub ok: u64,
     /// Predictions read within the load window (after the warm-up, before the end).
@@ -86,9 +91,10 @@ pub struct Summary {
     pub model: String,
     /// Worker processes.
     pub workers: usize,
-    /// Requests per second asked for (open loop; 0 for closed).
-    pub offered_rps: f64,
-    /// Requests sent per second of load.
+    /// Requests per second asked for (open loop; absent in the closed loop, which offers no
+    /// rate).
+    pub offered_rps: Option<f64>,
+    /// Requests sent per second of load (sends within the load window).
     pub sent_rps: f64,
     /// Predictions read per second within the load window (after the warm-up, before the
     /// end): a backlog drained after the end does not count.
@@ -113,11 +119,18 @@ pub struct Summary {
     pub max_us: f64,
     /// Mean (µs).
     pub mean_us: f64,
-    /// Requests sent.
+    /// Requests sent, every one accounted for: `sent = warmup + ok + Σ errors + unanswered`.
     pub sent: u64,
-    /// Predictions after the warm-up.
+    /// Answers (of any status) to requests scheduled in the warm-up: not recorded.
+    pub warmup: u64,
+    /// Predictions to requests scheduled after the warm-up (`ok_in_window` +
+    /// `ok_after_window`).
     pub ok: u64,
-    /// Error answers after the warm-up, by kind.
+    /// Predictions read within the load window (what `achieved_rps` counts).
+    pub ok_in_window: u64,
+    /// Predictions read after the load window (a backlog drained at the end).
+    pub ok_after_window: u64,
+    /// Error answers to requests scheduled after the warm-up, by kind.
     pub errors: BTreeMap<String, u64>,
     /// Requests never sent (see [`WorkerResult::unsent`]).
     pub unsent: u64,
@@ -160,36 +173,52 @@ fn priority_of(i: u64, weights: &[u32; 4]) -> Priority {
     Priority::Normal
 }
 
-/// Reads feature rows: one per line, values separated by commas.
+/// Reads feature rows from a CSV file: one row per record, values separated by commas. A first
+/// record of names (no field a number) is a header and is skipped; `#` starts a comment line.
 ///
 /// # Errors
-/// The file cannot be read, a value is not a number, or the widths differ from `width`.
+/// The file cannot be read or is not CSV, a value is not a finite number, a row's width (or
+/// the header's) differs from `width`, or there is no row.
 pub fn read_rows(path: &Path, width: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-    let text = std::fs::read_to_string(path)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_path(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let mut rows = Vec::new();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let row: Vec<f32> = line
-            .split(',')
-            .map(|v| v.trim().parse::<f32>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?;
-        anyhow::ensure!(
-            row.iter().all(|v| v.is_finite()),
-            "{}:{}: a value is not finite",
+    let mut first = true;
+    for record in reader.records() {
+        let record = record.with_context(|| format!("{} is not CSV", path.display()))?;
+        let at = format!(
+            "{}:{}",
             path.display(),
-            n + 1
+            record.position().map_or(0, |p| p.line())
         );
+        let is_header = first && record.iter().all(|f| f.parse::<f32>().is_err());
+        first = false;
         anyhow::ensure!(
-            row.len() == width,
-            "{}:{}: {} values, the model reads {width}",
-            path.display(),
-            n + 1,
-            row.len()
+            record.len() == width,
+            "{at}: {} {}, the model reads {width}",
+            record.len(),
+            if is_header { "column names" } else { "values" }
         );
+        if is_header {
+            continue;
+        }
+        let row: Vec<f32> = record
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .with_context(|| {
+                        format!("{at}: value {} ({v:?}) is not a finite number", i + 1)
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
         rows.push(row);
     }
     anyhow::ensure!(!rows.is_empty(), "{}: no rows", path.display());
@@ -267,6 +296,8 @@ impl IntervalLog {
                 length,
                 &self.interval,
             )?;
+            // Whole intervals reach the file as they end (the parent's progress reads them).
+            self.file.flush()?;
             self.interval.reset();
         }
         self.interval_start_ns = now_ns;
@@ -280,9 +311,12 @@ impl IntervalLog {
 /// The session cannot be opened, the features file is bad, or the log cannot be written.
 pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
     if let Some(core) = spec.core {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            eprintln!("worker {}: cannot pin to core {core}", spec.index);
-        }
+        // An unpinned worker would time the scheduler, not the server: no silent fallback.
+        anyhow::ensure!(
+            core_affinity::set_for_current(core_affinity::CoreId { id: core }),
+            "worker {}: cannot pin to core {core} (is it in this process's CPU set?)",
+            spec.index
+        );
     }
     let mut capacity = spec.capacity.unwrap_or(match spec.rate {
         // Room for 2 s of load in flight (a stalled server), within the ring limit.
@@ -365,8 +399,9 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
                         record(&mut lag, now.saturating_sub(scheduled));
                     }
                     in_flight.push_back((id, scheduled));
+                    result.sent += 1;
                     if now <= end {
-                        result.sent += 1;
+                        result.sent_in_window += 1;
                     }
                     next += 1;
                 }
@@ -396,6 +431,7 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
                 break;
             }
             if sent_at < record_from {
+                result.warmup += 1;
                 continue;
             }
             let ns = read.saturating_sub(sent_at);
@@ -418,22 +454,18 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
             None => now >= end,
         };
         if (all_sent && in_flight.is_empty()) || result.disconnected || now >= drain_until {
-            // What is left is recorded from its schedule to now: a lower bound of its latency.
-            for &(_, sent_at) in &in_flight {
-                if sent_at >= record_from {
-                    record(&mut total, now.saturating_sub(sent_at));
-                }
+            // What is left is recorded from its schedule to now: a lower bound of its latency,
+            // in the totals and the interval log alike (one set of latencies, one definition).
+            let left = in_flight
+                .iter()
+                .map(|&(_, sent_at)| sent_at)
+                .chain((next..count.unwrap_or(next)).map(scheduled_at));
+            for at in left.filter(|&at| at >= record_from) {
+                record(&mut total, now.saturating_sub(at));
+                record(&mut log.interval, now.saturating_sub(at));
             }
             result.unanswered = in_flight.len() as u64;
-            if let Some(count) = count {
-                for i in next..count {
-                    let at = scheduled_at(i);
-                    if at >= record_from {
-                        record(&mut total, now.saturating_sub(at).max(1));
-                    }
-                }
-                result.unsent = count - next;
-            }
+            result.unsent = count.map_or(0, |count| count - next);
             break;
         }
         // An unpinned worker sleeps when the next send is far; a pinned one spins (a late
@@ -467,6 +499,49 @@ pub struct RunSpec {
     pub cores: Vec<usize>,
     /// Total requests per second (open loop), split evenly among the workers.
     pub total_rate: Option<f64>,
+    /// Print progress (elapsed, rate, p99 so far) to stderr once a second.
+    pub progress: bool,
+}
+
+/// Prints a run's progress to stderr once a second until `done`: elapsed time, the rate of
+/// latencies recorded in the last second and p99 so far, read from the workers' interval logs.
+fn show_progress(spec: &RunSpec, start_ns: u64, done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let logs: Vec<PathBuf> = (0..spec.workers)
+        .map(|i| spec.worker.out_dir.join(format!("worker-{i}.hlog")))
+        .collect();
+    let mut last = (monotonic_ns(), 0u64);
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = monotonic_ns();
+        if now < last.0 + 1_000_000_000 {
+            continue;
+        }
+        let mut merged = histogram();
+        for path in &logs {
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            if let Ok(log) = tie_hlog::read_hlog(&bytes) {
+                if let Some(t) = log.tags.get("latency") {
+                    let _ = merged.add(&t.histogram);
+                }
+            }
+        }
+        let rate = (merged.len() - last.1.min(merged.len())) as f64 * 1e9 / (now - last.0) as f64;
+        let elapsed = now.saturating_sub(start_ns) as f64 / 1e9;
+        let p99 = if merged.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2} µs", merged.value_at_quantile(0.99) as f64 / 1e3)
+        };
+        eprint!(
+            "\r{elapsed:>6.1} s of {:.1}: {rate:>10.0}/s answered, p99 so far {p99:<14}",
+            spec.worker.duration_s
+        );
+        last = (now, merged.len());
+    }
+    eprintln!();
 }
 
 /// Runs `spec`'s workers as processes of `exe` (this program, whose `worker` subcommand reads
@@ -477,6 +552,19 @@ pub struct RunSpec {
 /// A worker fails, or the output cannot be written.
 pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(&spec.worker.out_dir)?;
+    if !spec.cores.is_empty() {
+        let usable: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        for core in &spec.cores {
+            anyhow::ensure!(
+                usable.contains(core),
+                "--cores: core {core} is not one this process may run on (it may use {usable:?})"
+            );
+        }
+    }
     // Time for every worker to start and connect before the common start.
     let start_ns = monotonic_ns() + 500_000_000 + 50_000_000 * spec.workers as u64;
     // Workers left running by an error are killed, not left loading the server.
@@ -503,17 +591,15 @@ pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
             .spawn()?;
         children.0.push(child);
     }
-    let mut results = Vec::new();
-    for i in 0..children.0.len() {
-        let mut stdout = String::new();
-        if let Some(mut out) = children.0[i].stdout.take() {
-            std::io::Read::read_to_string(&mut out, &mut stdout)?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|scope| {
+        if spec.progress {
+            scope.spawn(|| show_progress(spec, start_ns, &done));
         }
-        let status = children.0[i].wait()?;
-        anyhow::ensure!(status.success(), "worker {i} failed ({status})");
-        let line = stdout.lines().last().unwrap_or_default();
-        results.push(serde_json::from_str::<WorkerResult>(line)?);
-    }
+        let results = collect(&mut children.0);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    })?;
     children.0.clear();
     let summary = summarise(spec, &results)?;
     std::fs::write(
@@ -521,6 +607,22 @@ pub fn run(exe: &Path, spec: &RunSpec) -> anyhow::Result<Summary> {
         serde_json::to_string_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// Waits for every worker and reads its result.
+fn collect(children: &mut [std::process::Child]) -> anyhow::Result<Vec<WorkerResult>> {
+    let mut results = Vec::new();
+    for (i, child) in children.iter_mut().enumerate() {
+        let mut stdout = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            std::io::Read::read_to_string(&mut out, &mut stdout)?;
+        }
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "worker {i} failed ({status})");
+        let line = stdout.lines().last().unwrap_or_default();
+        results.push(serde_json::from_str::<WorkerResult>(line)?);
+    }
+    Ok(results)
 }
 
 fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary> {
@@ -535,11 +637,11 @@ fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary
         .into(),
         model: spec.worker.model.clone(),
         workers: spec.workers,
-        offered_rps: spec.total_rate.unwrap_or(0.0),
+        offered_rps: spec.total_rate,
         duration_s: spec.worker.duration_s,
         ..Summary::default()
     };
-    let mut ok_in_window = 0;
+    let mut sent_in_window = 0;
     for r in results {
         let merge = |into: &mut Histogram<u64>, text: &str| -> anyhow::Result<()> {
             into.add(decode(text)?)
@@ -548,8 +650,10 @@ fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary
         merge(&mut total, &r.histogram)?;
         merge(&mut lag, &r.send_lag)?;
         s.sent += r.sent;
+        sent_in_window += r.sent_in_window;
+        s.warmup += r.warmup;
         s.ok += r.ok;
-        ok_in_window += r.ok_in_window;
+        s.ok_in_window += r.ok_in_window;
         s.unsent += r.unsent;
         s.unanswered += r.unanswered;
         s.disconnected |= r.disconnected;
@@ -559,8 +663,19 @@ fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary
     }
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
     let loaded = (spec.worker.duration_s - spec.worker.warmup_s).max(1e-9);
-    s.sent_rps = s.sent as f64 / spec.worker.duration_s.max(1e-9);
-    s.achieved_rps = ok_in_window as f64 / loaded;
+    s.ok_after_window = s.ok - s.ok_in_window;
+    s.sent_rps = sent_in_window as f64 / spec.worker.duration_s.max(1e-9);
+    s.achieved_rps = s.ok_in_window as f64 / loaded;
+    let answered = s.warmup + s.ok + s.errors.values().sum::<u64>() + s.unanswered;
+    anyhow::ensure!(
+        answered == s.sent,
+        "accounting: {} sent, but warm-up {} + ok {} + errors {:?} + unanswered {} = {answered}",
+        s.sent,
+        s.warmup,
+        s.ok,
+        s.errors,
+        s.unanswered
+    );
     s.count = total.len();
     if !total.is_empty() {
         s.p50_us = us(&total, 0.5);
@@ -579,6 +694,35 @@ fn summarise(spec: &RunSpec, results: &[WorkerResult]) -> anyhow::Result<Summary
         .map(|i| spec.worker.out_dir.join(format!("worker-{i}.hlog")))
         .collect();
     Ok(s)
+}
+
+/// What keeps a run from being clean, one phrase each: error answers, requests unsent or
+/// unanswered, a server gone, or (open loop) under 95% of the offered rate achieved. Empty:
+/// nothing.
+pub fn shortfalls(s: &Summary) -> Vec<String> {
+    let mut out = Vec::new();
+    let errors: u64 = s.errors.values().sum();
+    if errors > 0 {
+        out.push(format!("{errors} error answers {:?}", s.errors));
+    }
+    if s.unsent > 0 {
+        out.push(format!("{} requests never sent", s.unsent));
+    }
+    if s.unanswered > 0 {
+        out.push(format!("{} requests never answered", s.unanswered));
+    }
+    if s.disconnected {
+        out.push("the server went away".into());
+    }
+    if let Some(offered) = s.offered_rps {
+        if s.achieved_rps < 0.95 * offered {
+            out.push(format!(
+                "achieved {:.0}/s of the {offered:.0}/s offered (under 95%)",
+                s.achieved_rps
+            ));
+        }
+    }
+    out
 }
 
 /// One rate of a sweep.
@@ -666,10 +810,8 @@ pub fn sweep(
             + summary.unsent
             + summary.unanswered
             + u64::from(summary.disconnected);
-        let sustained = summary.count > 0
-            && summary.p99_us <= p99_bound_us
-            && failures == 0
-            && summary.achieved_rps >= 0.95 * rate;
+        let sustained =
+            summary.count > 0 && summary.p99_us <= p99_bound_us && shortfalls(&summary).is_empty();
         report.points.push(SweepPoint {
             offered_rps: rate,
             achieved_rps: summary.achieved_rps,
@@ -725,12 +867,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("the model reads 4"));
-        let bad = dir.join("bad.csv");
-        std::fs::write(&bad, "1,x,3\n").unwrap();
-        assert!(read_rows(&bad, 3)
-            .unwrap_err()
-            .to_string()
-            .contains("bad.csv:1"));
+        let error = |text: &str, width| {
+            let bad = dir.join("bad.csv");
+            std::fs::write(&bad, text).unwrap();
+            format!("{:#}", read_rows(&bad, width).unwrap_err())
+        };
+        assert!(error("1,x,3\n", 3).contains("bad.csv:1: value 2 (\"x\")"));
+        assert!(error("1,2,3\n4,5,x\n", 3).contains("bad.csv:2"));
+        assert!(error("1,2,3\n4,5,inf\n", 3).contains("not a finite number"));
+        // A header is skipped once, and must name every column.
+        let header = dir.join("header.csv");
+        std::fs::write(&header, "a, b ,c\n# a comment\n1,2,3\n").unwrap();
+        assert_eq!(read_rows(&header, 3).unwrap(), vec![vec![1.0, 2.0, 3.0]]);
+        assert!(error("a,b\n1,2,3\n", 3).contains("2 column names, the model reads 3"));
+        assert!(error("a,b,c\nd,e,f\n", 3).contains("bad.csv:2: value 1"));
+        assert!(error("a,b,c\n", 3).contains("no rows"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -3,8 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tie::config::ServiceConfig;
-
 /// `tie doctor`.
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
@@ -14,11 +12,19 @@ pub struct DoctorArgs {
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Exit non-zero when a check warns, not only when one fails.
+    #[arg(long)]
+    pub strict: bool,
 }
 
+/// Runs every check, an invalid config included (reported as a failed check, the host then
+/// checked against what could be read of it). Exit status 1 when a check failed, or with
+/// `--strict` warned.
 pub(super) fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let config = ServiceConfig::load(args.config.as_deref())?;
-    let checks = super::host_checks::run(&config);
+    use super::host_checks::Verdict;
+    let (config_check, config) = super::host_checks::config_check(args.config.as_deref());
+    let mut checks = vec![config_check];
+    checks.extend(super::host_checks::run(&config));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
@@ -27,6 +33,7 @@ pub(super) fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
                 super::host_checks::Verdict::Ok => "ok",
                 super::host_checks::Verdict::Warn => "WARN",
                 super::host_checks::Verdict::Unknown => "??",
+                super::host_checks::Verdict::Fail => "FAIL",
             };
             println!("{verdict:<5} {:<30} {}", c.name, c.value);
             if !c.fix.is_empty() {
@@ -34,5 +41,12 @@ pub(super) fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    let failed = checks
+        .iter()
+        .any(|c| c.verdict == Verdict::Fail || (args.strict && c.verdict == Verdict::Warn));
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -20,6 +20,8 @@ pub enum Verdict {
     Warn,
     /// Cannot be read on this host.
     Unknown,
+    /// `tie serve` would refuse to start (an invalid config).
+    Fail,
 }
 
 /// One check.
@@ -45,6 +47,36 @@ fn check(name: &'static str, verdict: Verdict, value: impl Into<String>, fix: &s
         } else {
             fix.to_string()
         },
+    }
+}
+
+/// The config check: `Ok` naming what was read, or `Fail` with why `tie serve` would refuse
+/// it; with the config to check the host against (the defaults when the file could not be
+/// parsed, the file's values when only a value is out of range).
+pub fn config_check(path: Option<&Path>) -> (Check, ServiceConfig) {
+    let name = "config";
+    let shown = path.map_or("the defaults (no --config)".to_string(), |p| {
+        p.display().to_string()
+    });
+    match ServiceConfig::load(path) {
+        Ok(config) => (
+            check(name, Verdict::Ok, format!("{shown}: valid"), ""),
+            config,
+        ),
+        Err(e) => {
+            let fix = "correct the config: tie serve refuses it";
+            let config = match &e {
+                tie::config::ConfigLoadError::Invalid { .. } => path
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .and_then(|text| ServiceConfig::parse(&text).ok())
+                    .unwrap_or_default(),
+                _ => ServiceConfig::default(),
+            };
+            (
+                check(name, Verdict::Fail, e.to_string().trim_end(), fix),
+                config,
+            )
+        }
     }
 }
 

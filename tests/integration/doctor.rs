@@ -5,22 +5,78 @@ use std::process::Command;
 
 use crate::common::scratch_dir;
 
-fn doctor(config: &str, json: bool) -> std::process::Output {
+/// `tie doctor --config` of `config`, with `args`; its exit status is the caller's to check.
+fn doctor_status(config: &str, args: &[&str]) -> std::process::Output {
     let dir = scratch_dir("doctor");
     let path = dir.join("tie.toml");
     std::fs::write(&path, config).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tie"));
-    cmd.args(["doctor", "--config"]).arg(&path);
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["doctor", "--config"])
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `tie doctor` of a valid config, which must exit 0 (nothing fails, warnings are not
+/// errors without `--strict`).
+fn doctor(config: &str, json: bool) -> std::process::Output {
+    let out = doctor_status(config, if json { &["--json"] } else { &[] });
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+#[test]
+fn an_invalid_config_is_a_failed_check_and_the_others_still_run() {
+    let checks = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // A core this host lacks: the config fails, the host is still checked (its cores too).
+    let out = doctor_status("[server]\npoller_cores = [0, 100000]\n", &["--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = checks(&out);
+    assert_eq!(all[0]["name"], "config");
+    assert_eq!(all[0]["verdict"], "fail");
+    assert!(
+        all[0]["value"]
+            .as_str()
+            .unwrap()
+            .contains("server.poller_cores = 100000: no such core"),
+        "{}",
+        all[0]
+    );
+    let isolated = all.iter().find(|c| c["name"] == "isolated cores").unwrap();
+    assert!(
+        isolated["value"].as_str().unwrap().contains("100000"),
+        "{isolated}"
+    );
+    assert!(all.len() > 5, "{all:?}");
+    // TOML that does not parse: the defaults are checked.
+    let out = doctor_status("[server]\nidle = \"park\"\n", &["--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = checks(&out);
+    assert!(
+        all[0]["value"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `park`"),
+        "{}",
+        all[0]
+    );
+    assert!(all.len() > 5);
+    // A valid config: exit 0; with --strict, exit 1 exactly when a check warns.
+    let out = doctor_status("", &["--json"]);
+    assert!(out.status.success());
+    let all = checks(&out);
+    assert_eq!(all[0]["verdict"], "ok");
+    let warns = all.iter().any(|c| c["verdict"] == "warn");
+    let strict = doctor_status("", &["--json", "--strict"]);
+    assert_eq!(strict.status.success(), !warns, "{all:?}");
 }
 
 fn read(path: &str) -> Option<String> {
@@ -43,7 +99,7 @@ fn doctor_reports_the_hosts_real_values() {
     };
     for c in &checks {
         let verdict = c["verdict"].as_str().unwrap();
-        assert!(["ok", "warn", "unknown"].contains(&verdict), "{c}");
+        assert!(["ok", "warn", "unknown", "fail"].contains(&verdict), "{c}");
         // A warning always says what to do.
         assert_eq!(
             verdict == "warn",

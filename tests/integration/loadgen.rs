@@ -464,7 +464,7 @@ fn a_sweep_stops_at_the_first_rate_over_the_bound() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     // Width and height from the IHDR chunk: the sweep's panel is below the percentiles'.
     let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
-    assert_eq!((size(16), size(20)), (1200, 1100));
+    assert_eq!((size(16), size(20)), (1400, 1120));
     assert!(png.len() > 20_000, "{} bytes: an empty chart?", png.len());
     // No rate keeps p99 under a nanosecond: the first point fails and the sweep stops there.
     let out = scratch_dir("loadgen-sweep-tight");

@@ -20,6 +20,7 @@
 
 pub mod report;
 mod run;
+mod text;
 
 pub use run::{
     read_rows, run, run_worker, shortfalls, sweep, RunSpec, Summary, SweepPoint, SweepReport,

@@ -332,6 +332,11 @@ min_throughput_rps = 0.0
     let (_, perf) = get(&format!("{api}/performance/mlp64"));
     assert_eq!(perf["model_key"], "mlp64:1");
     assert_eq!(perf["stages"]["compute"]["count"], 2);
+    // A model never asked: no stage measured, none reported (not a row of zeros).
+    let (code, idle) = get(&format!("{api}/performance/bnorm:1"));
+    assert_eq!(code, 200, "{idle}");
+    assert_eq!(idle["stages"], json!({}), "{idle}");
+    assert!(idle["p50_latency_ms"].is_null(), "{idle}");
     assert!(perf["p99_latency_ms"].as_f64().unwrap() > 0.0);
     // Device memory is the model's on a GPU, absent on the CPU (never a made-up figure).
     let (_, loaded) = get(&format!("{api}/models/loaded"));

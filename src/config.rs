@@ -379,21 +379,28 @@ impl ServiceConfig {
     /// [`ConfigLoadError`] for an unreadable file, invalid TOML, an unknown key or a value out
     /// of range.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigLoadError> {
-        let config = match path {
-            None => Self::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
-                    path: path.into(),
-                    source,
-                })?;
-                Self::parse(&text).map_err(|source| ConfigLoadError::Parse {
-                    path: path.into(),
-                    source: Box::new(source),
-                })?
-            }
-        };
+        let config = Self::read(path)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads and parses `path`, or the defaults when `None`, without checking the values'
+    /// ranges ([`ServiceConfig::validate`]).
+    ///
+    /// # Errors
+    /// [`ConfigLoadError::Io`] or [`ConfigLoadError::Parse`].
+    pub fn read(path: Option<&Path>) -> Result<Self, ConfigLoadError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigLoadError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })
     }
 
     /// Parses TOML text (no validation of ranges).

@@ -58,25 +58,19 @@ pub fn config_check(path: Option<&Path>) -> (Check, ServiceConfig) {
     let shown = path.map_or("the defaults (no --config)".to_string(), |p| {
         p.display().to_string()
     });
-    match ServiceConfig::load(path) {
-        Ok(config) => (
-            check(name, Verdict::Ok, format!("{shown}: valid"), ""),
-            config,
-        ),
-        Err(e) => {
-            let fix = "correct the config: tie serve refuses it";
-            let config = match &e {
-                tie::config::ConfigLoadError::Invalid { .. } => path
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .and_then(|text| ServiceConfig::parse(&text).ok())
-                    .unwrap_or_default(),
-                _ => ServiceConfig::default(),
-            };
-            (
-                check(name, Verdict::Fail, e.to_string().trim_end(), fix),
+    let fail = |e: tie::config::ConfigLoadError| {
+        let fix = "correct the config: tie serve refuses it";
+        check(name, Verdict::Fail, e.to_string().trim_end(), fix)
+    };
+    match ServiceConfig::read(path) {
+        Err(e) => (fail(e), ServiceConfig::default()),
+        Ok(config) => match config.validate() {
+            Ok(()) => (
+                check(name, Verdict::Ok, format!("{shown}: valid"), ""),
                 config,
-            )
-        }
+            ),
+            Err(e) => (fail(e), config),
+        },
     }
 }
 

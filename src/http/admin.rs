@@ -204,6 +204,7 @@ pub struct FaultRequest {
     request_body = FaultRequest,
     responses(
         (status = 200, description = "Fault set", body = FaultRequest),
+        (status = 401, description = "Bearer token missing or wrong", body = ErrorBody),
         (status = 403, description = "Fault injection is disabled", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody)
     )

@@ -20,18 +20,16 @@ pub struct InferenceResponse {
 }
 
 /// One value of the answer: output `output` of row `row`. A response lists them row by row,
-/// and within a row output by output (`predictions[row × outputs + output]`, an uncertainty
-/// output left out).
+/// and within a row output by output (an uncertainty output left out, the others keeping the
+/// model's numbers).
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
     /// The value.
     pub value: f32,
     /// The request's row (0-based).
-    #[serde(default)]
     pub row: u32,
-    /// The model's output column (0-based; the uncertainty output keeps its index, so a
-    /// column after it is numbered as in the model).
-    #[serde(default)]
+    /// The model's output column (0-based, as numbered in the model: with an uncertainty
+    /// output left out, the columns after it keep their numbers).
     pub output: u32,
     /// With an uncertainty output (`uncertainty_output` in the model's config):
     /// `1 - min(|uncertainty|, 1)`; without: `1 / (1 + e^-|value|)`.

@@ -336,8 +336,9 @@ impl Drop for HttpServer {
     info(
         title = "tie control plane",
         description = "Predictions over HTTP, model management, health and metrics of a tie server. \
-            State-changing endpoints need the bearer token of `server.api_token_file`; with \
-            `server.http_token_everywhere` every endpoint does."
+            State-changing endpoints need the bearer token of `server.api_token_file` (unless \
+            `server.http_admin_without_token` is set); with `server.http_token_everywhere` \
+            every endpoint does."
     ),
     tags(
         (name = "inference", description = "Predictions, through the same batcher and backends as the shared-memory rings"),

@@ -117,16 +117,22 @@ async fn run_members(
     if let Some(e) = failed {
         return Err(e);
     }
-    let count = answers[0].predictions.len();
-    if let Some(odd) = answers.iter().find(|a| a.predictions.len() != count) {
+    // Values are combined place by place: every member must answer the same rows and outputs
+    // (an uncertainty output left out elsewhere would shift them).
+    let places = |a: &InferenceResponse| -> Vec<(u32, u32)> {
+        a.predictions.iter().map(|p| (p.row, p.output)).collect()
+    };
+    let first = places(&answers[0]);
+    if let Some(odd) = answers.iter().find(|a| places(a) != first) {
         return Err(InferenceError::InvalidRequest {
             message: format!(
-                "ensemble {label:?}: member {}:{} gives {} values, {}:{} gives {count}",
+                "ensemble {label:?}: member {}:{} gives {} values, {}:{} gives {} (or of other outputs)",
                 odd.model_metadata.model_name,
                 odd.model_metadata.model_version,
                 odd.predictions.len(),
                 answers[0].model_metadata.model_name,
-                answers[0].model_metadata.model_version
+                answers[0].model_metadata.model_version,
+                first.len()
             ),
         });
     }

@@ -186,57 +186,60 @@ fn gauge(
 impl Collector for ModelFamilies {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let models = &self.models;
-        let per_model = |e: &mut DescriptorEncoder,
-                         name: &str,
-                         help: &str,
-                         kind: MetricType,
-                         value: fn(&ModelFigures) -> Option<f64>| {
-            family(e, name, help, kind, models, |f, m| match value(f) {
-                Some(v) if matches!(kind, MetricType::Counter) => counter(m, &f.labels, v as u64),
-                Some(v) => gauge(m, &f.labels, v),
-                None => Ok(()),
-            })
+        // One sample per model: counters as integers, gauges where measured.
+        let counters =
+            |e: &mut DescriptorEncoder, name: &str, help: &str, value: fn(&ModelFigures) -> u64| {
+                family(e, name, help, MetricType::Counter, models, |f, m| {
+                    counter(m, &f.labels, value(f))
+                })
+            };
+        let gauges = |e: &mut DescriptorEncoder,
+                      name: &str,
+                      help: &str,
+                      value: fn(&ModelFigures) -> Option<f64>| {
+            family(
+                e,
+                name,
+                help,
+                MetricType::Gauge,
+                models,
+                |f, m| match value(f) {
+                    Some(v) => gauge(m, &f.labels, v),
+                    None => Ok(()),
+                },
+            )
         };
         use MetricType::{Counter, Gauge};
-        per_model(
+        gauges(
             &mut e,
             "tie_model_ready",
             "1 when the model passed its last health check.",
-            Gauge,
             |f| Some(f64::from(u8::from(f.ready))),
         )?;
-        per_model(&mut e, "tie_requests", "Frames accepted.", Counter, |f| {
-            Some(f.requests as f64)
-        })?;
-        per_model(&mut e, "tie_batches", "Batches run.", Counter, |f| {
-            Some(f.batches as f64)
-        })?;
-        per_model(
+        counters(&mut e, "tie_requests", "Frames accepted.", |f| f.requests)?;
+        counters(&mut e, "tie_batches", "Batches run.", |f| f.batches)?;
+        counters(
             &mut e,
             "tie_batch_rows",
             "Rows run in batches (padding excluded).",
-            Counter,
-            |f| Some(f.rows as f64),
+            |f| f.rows,
         )?;
-        per_model(
+        gauges(
             &mut e,
             "tie_latency_avg_seconds",
             "EMA of server-side total latency (weight 0.1 per request).",
-            Gauge,
             |f| f.ema_seconds,
         )?;
-        per_model(
+        gauges(
             &mut e,
             "tie_model_memory_bytes",
             "Device memory the model holds.",
-            Gauge,
             |f| f.memory_bytes.map(|b| b as f64),
         )?;
-        per_model(
+        gauges(
             &mut e,
             "tie_model_gpu_utilization_ratio",
             "NVML utilisation of the model's GPUs, last interval.",
-            Gauge,
             |f| f.gpu_utilization,
         )?;
         family(
@@ -259,6 +262,7 @@ impl Collector for ModelFamilies {
             MetricType::Histogram,
             models,
             |f, m| {
+                // Buckets as counted (the encoder adds them up, and adds `+Inf` as the count).
                 for st in &f.latency {
                     let labels = (f.labels.clone(), [("stage", st.stage)]);
                     m.encode_family(&labels)?

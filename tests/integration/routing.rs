@@ -38,6 +38,7 @@ fn repository() -> std::path::PathBuf {
     add_version(&repo, "multi", 1, "multi", 1);
     add_version(&repo, "multi", 2, "multi", 2);
     add_version(&repo, "multi", 1, "multi_u", 1);
+    add_version(&repo, "multi", 1, "multi_u0", 1);
     add_version(&repo, "identity", 1, "identity", 1);
     add_version(&repo, "mlp64", 1, "mlp64", 1);
     std::fs::write(
@@ -46,6 +47,11 @@ fn repository() -> std::path::PathBuf {
     )
     .unwrap();
     std::fs::write(repo.join("multi_u/config.toml"), "uncertainty_output = 3\n").unwrap();
+    std::fs::write(
+        repo.join("multi_u0/config.toml"),
+        "uncertainty_output = 0\n",
+    )
+    .unwrap();
     std::fs::write(repo.join("mlp64/config.toml"), "layout = \"mlp64\"\n").unwrap();
     std::fs::write(repo.join("routing.toml"), ROUTING).unwrap();
     repo
@@ -418,6 +424,26 @@ fn contributions_match_finite_differences_and_confidence_follows_the_uncertainty
         [0, 1, 2],
         "the model's columns, the uncertainty left out"
     );
+    // With the uncertainty first, the other columns keep the model's numbers.
+    let body = predict(request("u0", "multi_u0", None, &f.inputs[..2], Value::Null));
+    let places: Vec<_> = body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["row"].as_u64().unwrap(), p["output"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        places,
+        [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)],
+        "{body}"
+    );
+    let values: Vec<f32> = body["predictions"].as_array().unwrap()[..3]
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap() as f32)
+        .collect();
+    for (got, want) in values.iter().zip(&f.outputs[0][1..]) {
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{body}");
+    }
     let want = 1.0 - f.outputs[0][3].abs().min(1.0);
     for p in preds {
         assert!(

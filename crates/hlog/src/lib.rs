@@ -41,6 +41,32 @@ pub struct HlogSummary {
 }
 
 impl HlogSummary {
+    /// Adds `h` to `tag`'s histogram (made on first use, resizing as values need), counting
+    /// `intervals` more and keeping the longer span.
+    fn add(
+        &mut self,
+        tag: &str,
+        h: &Histogram<u64>,
+        intervals: usize,
+        span: Duration,
+    ) -> Result<(), HistogramDecodeError> {
+        let t = self.tags.entry(tag.to_string()).or_insert_with(|| {
+            let mut histogram = Histogram::new_from(h);
+            histogram.auto(true);
+            TagSummary {
+                histogram,
+                intervals: 0,
+                span: Duration::ZERO,
+            }
+        });
+        t.histogram
+            .add(h)
+            .map_err(|e| HistogramDecodeError::Add(format!("{e:?}")))?;
+        t.intervals += intervals;
+        t.span = t.span.max(span);
+        Ok(())
+    }
+
     /// Adds `other`'s tags to these (logs of one run written side by side, a load generator's
     /// workers): histograms added, intervals counted, the longer span kept.
     ///
@@ -48,30 +74,7 @@ impl HlogSummary {
     /// A histogram of `other` does not fit one of these.
     pub fn merge(&mut self, other: &HlogSummary) -> Result<(), HistogramDecodeError> {
         for (tag, t) in &other.tags {
-            match self.tags.get_mut(tag) {
-                Some(mine) => {
-                    mine.histogram
-                        .add(&t.histogram)
-                        .map_err(|e| HistogramDecodeError::Add(format!("{e:?}")))?;
-                    mine.intervals += t.intervals;
-                    mine.span = mine.span.max(t.span);
-                }
-                None => {
-                    let mut histogram = Histogram::new_from(&t.histogram);
-                    histogram.auto(true);
-                    histogram
-                        .add(&t.histogram)
-                        .map_err(|e| HistogramDecodeError::Add(format!("{e:?}")))?;
-                    self.tags.insert(
-                        tag.clone(),
-                        TagSummary {
-                            histogram,
-                            intervals: t.intervals,
-                            span: t.span,
-                        },
-                    );
-                }
-            }
+            self.add(tag, &t.histogram, t.intervals, t.span)?;
         }
         Ok(())
     }
@@ -126,29 +129,7 @@ pub fn read_hlog(bytes: &[u8]) -> Result<HlogSummary, HlogReadError> {
         let span = spans.entry(tag.clone()).or_insert((start, end));
         span.0 = span.0.min(start);
         span.1 = span.1.max(end);
-        match summary.tags.get_mut(&tag) {
-            Some(t) => {
-                t.histogram
-                    .add(&h)
-                    .map_err(|e| bad(HistogramDecodeError::Add(format!("{e:?}"))))?;
-                t.intervals += 1;
-            }
-            None => {
-                let mut total = Histogram::new_from(&h);
-                total.auto(true);
-                total
-                    .add(&h)
-                    .map_err(|e| bad(HistogramDecodeError::Add(format!("{e:?}"))))?;
-                summary.tags.insert(
-                    tag.clone(),
-                    TagSummary {
-                        histogram: total,
-                        intervals: 1,
-                        span: Duration::ZERO,
-                    },
-                );
-            }
-        }
+        summary.add(&tag, &h, 1, Duration::ZERO).map_err(bad)?;
         index += 1;
     }
     if index == 0 {

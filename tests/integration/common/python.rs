@@ -26,17 +26,24 @@ pub fn python_tools(requirements: &[&str]) -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    if !bin.join("python").exists() {
+    // Made aside and renamed into place: a half-made environment (no `venv` module, no
+    // ensurepip) is never taken for a ready one.
+    if !venv.exists() {
+        let aside = root.join("venv.partial");
+        let _ = std::fs::remove_dir_all(&aside);
         run(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            "python3 -m venv (the tests need python3 with venv)",
+            Command::new("python3").args(["-m", "venv"]).arg(&aside),
+            "python3 -m venv (the tests need python3 with venv and pip)",
         );
+        std::fs::rename(&aside, &venv).unwrap();
     }
-    // One stamp per requirement: what an earlier test installed is not installed again.
+    // One stamp per requirement, inside the environment: what an earlier test installed is
+    // not installed again, and a removed environment takes its stamps with it.
+    let stamp = |r: &str| venv.join(format!("installed-{r}"));
     let missing: Vec<&str> = requirements
         .iter()
         .copied()
-        .filter(|r| !root.join(format!("installed-{r}")).exists())
+        .filter(|r| !stamp(r).exists())
         .collect();
     if !missing.is_empty() {
         run(
@@ -52,7 +59,7 @@ pub fn python_tools(requirements: &[&str]) -> PathBuf {
             &format!("pip install {}", missing.join(" ")),
         );
         for r in missing {
-            std::fs::write(root.join(format!("installed-{r}")), "").unwrap();
+            std::fs::write(stamp(r), "").unwrap();
         }
     }
     bin

@@ -27,20 +27,22 @@ pub(crate) struct Pen<'f> {
 }
 
 impl Pen<'_> {
-    /// The width of `text` in pixels.
-    pub(crate) fn width(&self, text: &str) -> f32 {
+    /// The glyphs of `text` at their pen positions (kerned advances), and the width.
+    fn layout(&self, text: &str) -> (Vec<(ab_glyph::GlyphId, f32)>, f32) {
         let font = self.font.as_scaled(PxScale::from(self.px));
-        let mut width = 0.0;
+        let mut x = 0.0;
         let mut prev = None;
+        let mut glyphs = Vec::with_capacity(text.len());
         for c in text.chars() {
             let id = font.glyph_id(c);
             if let Some(p) = prev {
-                width += font.kern(p, id);
+                x += font.kern(p, id);
             }
-            width += font.h_advance(id);
+            glyphs.push((id, x));
+            x += font.h_advance(id);
             prev = Some(id);
         }
-        width
+        (glyphs, x)
     }
 
     /// Draws `text` on `area` (backend pixels) with its `anchor` at `at`.
@@ -55,42 +57,35 @@ impl Pen<'_> {
         anchor: Anchor,
     ) -> Result<(), plotters::drawing::DrawingAreaErrorKind<DB::ErrorType>> {
         let font = self.font.as_scaled(PxScale::from(self.px));
-        let (width, height) = (self.width(text), font.ascent() - font.descent());
+        let (glyphs, width) = self.layout(text);
+        let height = font.ascent() - font.descent();
         let (dx, dy) = match anchor {
             Anchor::Left => (0.0, height / 2.0),
             Anchor::Right => (width, height / 2.0),
             Anchor::Top => (width / 2.0, 0.0),
         };
         let origin = (at.0 as f32 - dx, at.1 as f32 - dy + font.ascent());
-        let mut pen_x = 0.0;
-        let mut prev = None;
-        for c in text.chars() {
-            let id = font.glyph_id(c);
-            if let Some(p) = prev {
-                pen_x += font.kern(p, id);
-            }
+        for (id, x) in glyphs {
             let glyph = id.with_scale_and_position(
                 PxScale::from(self.px),
-                ab_glyph::point(origin.0 + pen_x, origin.1),
+                ab_glyph::point(origin.0 + x, origin.1),
             );
-            if let Some(outline) = self.font.outline_glyph(glyph) {
-                let bounds = outline.px_bounds();
-                let mut pixels = Vec::new();
-                outline.draw(|x, y, coverage| pixels.push((x, y, coverage)));
-                for (x, y, coverage) in pixels {
-                    if coverage > 0.0 {
-                        area.draw_pixel(
-                            (
-                                bounds.min.x as i32 + x as i32,
-                                bounds.min.y as i32 + y as i32,
-                            ),
-                            &self.colour.mix(f64::from(coverage.min(1.0))),
-                        )?;
-                    }
-                }
+            let Some(outline) = self.font.outline_glyph(glyph) else {
+                continue;
+            };
+            // The glyph's pixels from its own bounds: its bearing kept.
+            let bounds = outline.px_bounds();
+            let mut pixels = Vec::new();
+            outline.draw(|x, y, coverage| pixels.push((x, y, coverage)));
+            for (x, y, coverage) in pixels.into_iter().filter(|p| p.2 > 0.0) {
+                area.draw_pixel(
+                    (
+                        bounds.min.x as i32 + x as i32,
+                        bounds.min.y as i32 + y as i32,
+                    ),
+                    &self.colour.mix(f64::from(coverage.min(1.0))),
+                )?;
             }
-            pen_x += font.h_advance(id);
-            prev = Some(id);
         }
         Ok(())
     }

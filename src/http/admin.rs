@@ -29,16 +29,19 @@ use super::{app::*, error::*, pool::*};
     )
 )]
 pub(super) async fn loaded_models(State(state): State<Arc<HttpState>>) -> Response {
-    answer(state.serving().map(|serving| {
-        let set = serving.models.snapshot();
-        let mut list: Vec<LoadedModelInfo> = set
-            .loaded()
-            .into_iter()
-            .map(|(i, m)| model_info(serving, &set, i, m))
-            .collect();
-        list.extend(serving.manager.failures().iter().map(unavailable_info));
-        Json(list)
-    }))
+    answer(state.serving().map(|serving| Json(all_models(serving))))
+}
+
+/// Every version loaded, then every one that failed to load (unavailable, with why).
+pub(super) fn all_models(serving: &Serving) -> Vec<LoadedModelInfo> {
+    let set = serving.models.snapshot();
+    let mut list: Vec<LoadedModelInfo> = set
+        .loaded()
+        .into_iter()
+        .map(|(i, m)| model_info(serving, &set, i, m))
+        .collect();
+    list.extend(serving.manager.failures().iter().map(unavailable_info));
+    list
 }
 
 /// The entry of a model or version that failed to load: not ready, `available` false, the

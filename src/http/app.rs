@@ -344,7 +344,8 @@ impl Drop for HttpServer {
         (name = "inference", description = "Predictions, through the same batcher and backends as the shared-memory rings"),
         (name = "models", description = "Loading, reloading and unloading models; fault injection"),
         (name = "monitoring", description = "Performance figures, Prometheus metrics and this document"),
-        (name = "health", description = "Liveness and readiness probes")
+        (name = "health", description = "Liveness and readiness probes"),
+        (name = "open-inference-protocol", description = "The Open Inference Protocol (KServe v2) REST API, with the binary tensor data extension and Triton's statistics and model repository extensions: tritonclient and KServe clients work unchanged")
     ),
     modifiers(&BearerToken),
     paths(
@@ -359,7 +360,17 @@ impl Drop for HttpServer {
         openapi_json,
         live,
         ready,
-        metrics
+        metrics,
+        super::v2::server_metadata,
+        super::v2::live,
+        super::v2::ready,
+        super::v2::model_metadata,
+        super::v2::model_ready,
+        super::v2::infer,
+        super::v2::model_stats,
+        super::v2::repository_index,
+        super::v2::repository_load,
+        super::v2::repository_unload
     ),
     components(schemas(ErrorBody, FaultRequest, ReadyReport, ModelReadiness, ChangeReport, Liveness))
 )]
@@ -384,6 +395,34 @@ impl utoipa::Modify for BearerToken {
             ),
         );
     }
+}
+
+/// The Open Inference Protocol's REST routes (see [`super::v2`]); a model's routes also take
+/// `/versions/{version}` after its name.
+fn open_inference_protocol() -> Router<Arc<HttpState>> {
+    use super::v2;
+    let mut router = Router::new()
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/stats", get(v2::model_stats))
+        .route("/v2/repository/index", post(v2::repository_index))
+        .route(
+            "/v2/repository/models/{name}/load",
+            post(v2::repository_load),
+        )
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(v2::repository_unload),
+        );
+    for model in ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"] {
+        router = router
+            .route(model, get(v2::model_metadata))
+            .route(&format!("{model}/ready"), get(v2::model_ready))
+            .route(&format!("{model}/infer"), post(v2::infer))
+            .route(&format!("{model}/stats"), get(v2::model_stats));
+    }
+    router
 }
 
 pub(super) fn router(state: Arc<HttpState>) -> Router {
@@ -412,6 +451,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(open_inference_protocol())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -67,7 +67,18 @@ pub struct ReadyReport {
     )
 )]
 pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
-    let report = match state.serving.get() {
+    let report = ready_report(&state).await;
+    let code = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(report)).into_response()
+}
+
+/// The server's readiness and each model's (see [`ready`]).
+pub(super) async fn ready_report(state: &HttpState) -> ReadyReport {
+    match state.serving.get() {
         None => ReadyReport {
             ready: false,
             loading: true,
@@ -108,13 +119,7 @@ pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> Response {
                 models,
             }
         }
-    };
-    let code = if report.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(report)).into_response()
+    }
 }
 
 /// Prometheus text exposition.

@@ -37,6 +37,7 @@ mod pool;
 mod predict;
 #[cfg(test)]
 mod tests;
+mod v2;
 
 pub use admin::{FaultRequest, LoadQuery};
 pub use app::{

@@ -86,14 +86,7 @@ pub(super) async fn run_model(
     // Feature contributions run two perturbed rows per feature asked for and row.
     let perturbed = wanted.as_ref().map_or(0, |w| 2 * w.len() * rows);
     serving.take_rows(rows.saturating_add(perturbed))?;
-    let wait = request
-        .timeout_ms
-        .map_or(DEFAULT_WAIT, Duration::from_millis);
-    let deadline_ns = request
-        .timeout_ms
-        .map(|ms| monotonic_ns().saturating_add(ms.saturating_mul(1_000_000)));
-    // The server answers a passed deadline itself; the grace covers that answer's way back.
-    let wait_until = Instant::now() + wait + Duration::from_millis(100);
+    let (deadline_ns, wait_until) = timing(request.timeout_ms);
     let prio = priority(request.priority);
     let responses = run_rows(
         &serving,
@@ -142,9 +135,25 @@ pub(super) async fn run_model(
     }))
 }
 
+/// A request's deadline (monotonic ns) from its `timeout_ms`, and how long to wait for its
+/// answers: the timeout (or [`DEFAULT_WAIT`]) and a grace for the answer to a passed deadline,
+/// which the server makes itself, to come back.
+pub(super) fn timing(timeout_ms: Option<u64>) -> (Option<u64>, Instant) {
+    let wait = timeout_ms.map_or(DEFAULT_WAIT, Duration::from_millis);
+    let deadline_ns =
+        timeout_ms.map(|ms| monotonic_ns().saturating_add(ms.saturating_mul(1_000_000)));
+    (
+        deadline_ns,
+        Instant::now() + wait + Duration::from_millis(100),
+    )
+}
+
 /// Checks a request against the model it resolved to: the batch size, the timeout, the
 /// feature count and names, and non-finite values (unless the layout allows them).
-fn validate(request: &InferenceRequest, model: &LoadedModel) -> Result<(), InferenceError> {
+pub(super) fn validate(
+    request: &InferenceRequest,
+    model: &LoadedModel,
+) -> Result<(), InferenceError> {
     let width = model.input_width();
     let rows = request.batch_size;
     if rows == 0 || rows > MAX_ROWS {
@@ -228,7 +237,7 @@ fn wanted_contributions(
 /// The version that answered, and every version that did in order: a request that named none
 /// follows the default, which a reload may move between two of its rows (then the answering
 /// instance is `None` when it is gone).
-fn answering_version(
+pub(super) fn answering_version(
     serving: &Serving,
     model: &Arc<LoadedModel>,
     responses: &[tie_client::Response],

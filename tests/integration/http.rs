@@ -527,7 +527,10 @@ min_throughput_rps = 0.0
                 !summary.is_empty() && !summary.contains('\n'),
                 "{method} {path}: {summary:?}"
             );
-            let protected = method == "post" && !path.ends_with("predict");
+            let protected = method == "post"
+                && ["/load", "/unload", "/reload", "/fault"]
+                    .iter()
+                    .any(|end| path.ends_with(end));
             assert_eq!(
                 op["security"] == json!([{"bearer": []}]),
                 protected,

@@ -18,6 +18,7 @@ mod huge_pages;
 mod load_failures;
 mod loadgen;
 mod models;
+mod oip;
 mod reliability;
 mod routing;
 mod security;

@@ -1,0 +1,728 @@
+//! The Open Inference Protocol (KServe v2) over REST, beside tie's own API: server and model
+//! metadata, health and readiness, inference with JSON tensors or the binary tensor data
+//! extension (what `tritonclient` sends by default), and Triton's statistics and model
+//! repository extensions. Requests run through the same sessions, batcher and backends as
+//! tie's own HTTP predictions; errors take the protocol's form, `{"error": "…"}`, with the
+//! status of their kind.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::http::api::{InferenceError, InferenceRequest, RequestPriority};
+use crate::models::{ChangeReport, LoadedModel};
+
+use super::{admin::*, app::*, error::*, health::*, pool::*, predict::*};
+
+/// The binary tensor data extension's header: the length of the JSON at the body's start.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The only tensor data type tie's models read and write.
+const FP32: &str = "FP32";
+
+/// An error in the protocol's form, counted by kind like every error answer.
+pub(super) struct V2Error(InferenceError);
+
+impl From<InferenceError> for V2Error {
+    fn from(e: InferenceError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<ApiError> for V2Error {
+    fn from(e: ApiError) -> Self {
+        Self(e.0)
+    }
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(json!({"error": self.0.to_string()}))).into_response();
+        response.extensions_mut().insert(CountedKind(self.0.kind()));
+        response
+    }
+}
+
+fn invalid(message: String) -> V2Error {
+    V2Error(InferenceError::InvalidRequest { message })
+}
+
+/// A model and an optional version (a number or a label) from the route.
+fn model_of(params: &HashMap<String, String>) -> (String, Option<String>) {
+    (
+        params.get("name").cloned().unwrap_or_default(),
+        params.get("version").cloned(),
+    )
+}
+
+/// The server's metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    /// `tie`.
+    pub name: String,
+    /// The server's version.
+    pub version: String,
+    /// Protocol extensions served.
+    pub extensions: Vec<String>,
+}
+
+/// Server metadata (Open Inference Protocol).
+#[utoipa::path(get, path = "/v2", tag = "open-inference-protocol",
+    operation_id = "v2_server_metadata",
+    responses((status = 200, description = "Name, version and extensions", body = ServerMetadata)))]
+pub(super) async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata {
+        name: "tie".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: ["binary_tensor_data", "statistics", "model_repository"]
+            .map(String::from)
+            .to_vec(),
+    })
+}
+
+/// Liveness (Open Inference Protocol): 200 while the process answers.
+#[utoipa::path(get, path = "/v2/health/live", tag = "open-inference-protocol",
+    operation_id = "v2_live",
+    responses((status = 200, description = "Alive")))]
+pub(super) async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness (Open Inference Protocol): as `/health/ready`, without the report.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "open-inference-protocol",
+    operation_id = "v2_ready",
+    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready")))]
+pub(super) async fn ready(State(state): State<Arc<HttpState>>) -> StatusCode {
+    if ready_report(&state).await.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// A tensor's metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TensorMetadata {
+    /// The graph's tensor name.
+    pub name: String,
+    /// `FP32`.
+    pub datatype: String,
+    /// `[-1, width]`: any number of rows.
+    pub shape: Vec<i64>,
+}
+
+/// A model's metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    /// The model's name.
+    pub name: String,
+    /// Its versions loaded now.
+    pub versions: Vec<String>,
+    /// The engine that runs the version asked for (`cpu-mlp`, `tract`, `cuda-graph`, …).
+    pub platform: String,
+    /// What it reads: one tensor of rows.
+    pub inputs: Vec<TensorMetadata>,
+    /// What it writes: one tensor of rows.
+    pub outputs: Vec<TensorMetadata>,
+}
+
+fn tensors(model: &LoadedModel) -> (TensorMetadata, TensorMetadata) {
+    let io = &model.backend.info().io;
+    let tensor = |name: &str, width: usize| TensorMetadata {
+        name: name.to_string(),
+        datatype: FP32.into(),
+        shape: vec![-1, width as i64],
+    };
+    (
+        tensor(&io.input_name, io.input_width),
+        tensor(&io.output_name, io.output_width),
+    )
+}
+
+/// A model's metadata (Open Inference Protocol); without a version, the default version's.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "open-inference-protocol",
+    operation_id = "v2_model_metadata",
+    params(("name" = String, Path, description = "The model (`…/versions/{version}/…` names a version: a number or a label)")),
+    responses((status = 200, description = "The model's tensors", body = ModelMetadata),
+        (status = 404, description = "No such model or version")))]
+pub(super) async fn model_metadata(
+    State(state): State<Arc<HttpState>>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<Json<ModelMetadata>, V2Error> {
+    let (name, version) = model_of(&params);
+    let serving = state.serving()?;
+    let model = serving.resolve(&name, version.as_deref())?.model;
+    let set = serving.models.snapshot();
+    let versions = set
+        .loaded()
+        .into_iter()
+        .filter(|(_, m)| m.name == name)
+        .map(|(_, m)| m.version.to_string())
+        .collect();
+    let (input, output) = tensors(&model);
+    Ok(Json(ModelMetadata {
+        name,
+        versions,
+        platform: model.backend.info().engine.to_string(),
+        inputs: vec![input],
+        outputs: vec![output],
+    }))
+}
+
+/// A model's readiness (Open Inference Protocol): 200 when it passed its last health check.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "open-inference-protocol",
+    operation_id = "v2_model_ready",
+    params(("name" = String, Path, description = "The model (`…/versions/{version}/…` names a version: a number or a label)")),
+    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready"),
+        (status = 404, description = "No such model or version")))]
+pub(super) async fn model_ready(
+    State(state): State<Arc<HttpState>>,
+    Path(params): Path<HashMap<String, String>>,
+) -> Result<StatusCode, V2Error> {
+    let (name, version) = model_of(&params);
+    let model = state.serving()?.resolve(&name, version.as_deref())?.model;
+    Ok(if model.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
+}
+
+/// A tensor of an inference request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferInput {
+    /// The model's input tensor's name.
+    pub name: String,
+    /// `[rows, width]`.
+    pub shape: Vec<i64>,
+    /// `FP32`.
+    pub datatype: String,
+    /// `binary_data_size`: the tensor's bytes follow the JSON (binary tensor data extension).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub parameters: HashMap<String, Value>,
+    /// The values, row-major, flat or nested (absent with `binary_data_size`).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<f32>>)]
+    pub data: Option<Value>,
+}
+
+/// An output asked for.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferRequestedOutput {
+    /// The model's output tensor's name.
+    pub name: String,
+    /// `binary_data: true` for the values as bytes after the JSON.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub parameters: HashMap<String, Value>,
+}
+
+/// An inference request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferRequest {
+    /// Echoed in the response.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `binary_data_output: true` (every output as bytes), `timeout` (µs: the answer is useless
+    /// after it, as tie's `timeout_ms`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub parameters: HashMap<String, Value>,
+    /// One tensor: the model's input.
+    pub inputs: Vec<InferInput>,
+    /// The outputs wanted (absent: all).
+    #[serde(default)]
+    pub outputs: Option<Vec<InferRequestedOutput>>,
+}
+
+fn flag(parameters: &HashMap<String, Value>, key: &str) -> bool {
+    parameters
+        .get(key)
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// Appends the numbers of `value` (a number, or arrays of them nested) to `out`.
+fn flatten(value: &Value, out: &mut Vec<f32>) -> Result<(), V2Error> {
+    match value {
+        Value::Array(items) => items.iter().try_for_each(|v| flatten(v, out)),
+        Value::Number(n) => {
+            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
+            Ok(())
+        }
+        other => Err(invalid(format!("tensor data holds {other}, not a number"))),
+    }
+}
+
+/// The input's values: from `data`, or from the binary part (advanced past them).
+fn input_values(
+    input: &InferInput,
+    values: usize,
+    binary: &mut &[u8],
+) -> Result<Vec<f32>, V2Error> {
+    let features = match input.parameters.get("binary_data_size") {
+        Some(size) => {
+            let size = size
+                .as_u64()
+                .ok_or_else(|| invalid("binary_data_size is not a number of bytes".into()))?
+                as usize;
+            if size != values * 4 {
+                return Err(invalid(format!(
+                    "binary_data_size is {size} bytes; shape {:?} of FP32 is {}",
+                    input.shape,
+                    values * 4
+                )));
+            }
+            if binary.len() < size {
+                return Err(invalid(format!(
+                    "binary_data_size is {size} bytes; the body holds {} after the JSON",
+                    binary.len()
+                )));
+            }
+            let (bytes, rest) = binary.split_at(size);
+            *binary = rest;
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        }
+        None => {
+            let data = input
+                .data
+                .as_ref()
+                .ok_or_else(|| invalid(format!("input {} has no data", input.name)))?;
+            let mut out = Vec::with_capacity(values);
+            flatten(data, &mut out)?;
+            out
+        }
+    };
+    if features.len() != values {
+        return Err(V2Error(InferenceError::InvalidInputShape {
+            expected: values,
+            actual: features.len(),
+        }));
+    }
+    Ok(features)
+}
+
+/// An output tensor of a response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InferOutput {
+    /// The model's output tensor's name.
+    pub name: String,
+    /// `FP32`.
+    pub datatype: String,
+    /// `[rows, width]`.
+    pub shape: Vec<i64>,
+    /// `binary_data_size` when its values follow the JSON.
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub parameters: HashMap<String, Value>,
+    /// The values, row-major (absent when they are bytes after the JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Vec<f32>>,
+}
+
+/// An inference response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InferResponse {
+    /// The model.
+    pub model_name: String,
+    /// The version that answered (versions in order, comma-separated, when a reload moved the
+    /// default between rows).
+    pub model_version: String,
+    /// The request's id, when it gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The model's output.
+    pub outputs: Vec<InferOutput>,
+}
+
+/// Inference (Open Inference Protocol), JSON tensors or the binary tensor data extension.
+///
+/// The body is the request's JSON, or with `Inference-Header-Content-Length: n` its first `n`
+/// bytes, the input's bytes (little-endian FP32) following. Outputs asked for with
+/// `binary_data` (or all, with the request's `binary_data_output`) come back as bytes after the
+/// response's JSON, whose length is then in the same header.
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "open-inference-protocol",
+    operation_id = "v2_infer",
+    params(("name" = String, Path, description = "The model (`…/versions/{version}/…` names a version: a number or a label)")),
+    request_body = InferRequest,
+    responses((status = 200, description = "The outputs", body = InferResponse),
+        (status = 400, description = "A malformed request, or a tensor of the wrong name, type or shape"),
+        (status = 404, description = "No such model or version"),
+        (status = 429, description = "Queue full or too many requests in progress"),
+        (status = 503, description = "Not ready"),
+        (status = 504, description = "The timeout passed")))]
+pub(super) async fn infer(
+    State(state): State<Arc<HttpState>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, V2Error> {
+    let (name, version) = model_of(&params);
+    let serving = state.serving()?.clone();
+    let _permit = state.limit_permit()?;
+    let json_length = match headers.get(HEADER_LENGTH) {
+        None => body.len(),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{HEADER_LENGTH} must be a length within the body's {} bytes",
+                    body.len()
+                ))
+            })?,
+    };
+    let request: InferRequest = serde_json::from_slice(&body[..json_length])
+        .map_err(|e| invalid(format!("the request's JSON: {e}")))?;
+    let mut binary = &body[json_length..];
+    let (target, _) = resolve_loading(&serving, &name, version.as_deref()).await?;
+    let model = target.model.clone();
+    let (input_meta, output_meta) = tensors(&model);
+    let [input] = request.inputs.as_slice() else {
+        return Err(invalid(format!(
+            "{} reads one input, {:?}; the request has {}",
+            model.key(),
+            input_meta.name,
+            request.inputs.len()
+        )));
+    };
+    if input.name != input_meta.name {
+        return Err(invalid(format!(
+            "{} has no input {:?}: its input is {:?}",
+            model.key(),
+            input.name,
+            input_meta.name
+        )));
+    }
+    if input.datatype != FP32 {
+        return Err(invalid(format!(
+            "input {:?} is {}; {} reads FP32",
+            input.name,
+            input.datatype,
+            model.key()
+        )));
+    }
+    let width = model.input_width();
+    let rows = match input.shape.as_slice() {
+        [rows, w] if *w == width as i64 && *rows >= 1 => *rows as usize,
+        _ => {
+            return Err(invalid(format!(
+                "input {:?} has shape {:?}; {} reads [rows, {width}]",
+                input.name,
+                input.shape,
+                model.key()
+            )))
+        }
+    };
+    if rows > MAX_ROWS {
+        return Err(invalid(format!(
+            "{rows} rows; at most {MAX_ROWS} a request"
+        )));
+    }
+    let features = input_values(input, rows * width, &mut binary)?;
+    if !binary.is_empty() {
+        return Err(invalid(format!(
+            "{} bytes after the input's binary data belong to no input",
+            binary.len()
+        )));
+    }
+    // The outputs asked for, each as JSON or bytes.
+    let all_binary = flag(&request.parameters, "binary_data_output");
+    let binary_output = match &request.outputs {
+        None => all_binary,
+        Some(outputs) => match outputs.as_slice() {
+            [] => all_binary,
+            [o] if o.name == output_meta.name => flag(&o.parameters, "binary_data"),
+            _ => {
+                let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+                return Err(invalid(format!(
+                    "{} has one output, {:?}; the request asks for {names:?}",
+                    model.key(),
+                    output_meta.name
+                )));
+            }
+        },
+    };
+    let timeout_ms = match request.parameters.get("timeout") {
+        None => None,
+        Some(us) => Some(
+            us.as_u64()
+                .ok_or_else(|| invalid("the timeout parameter is not a number of µs".into()))?
+                .div_ceil(1000),
+        ),
+    };
+    let shaped = InferenceRequest {
+        request_id: request.id.clone().unwrap_or_default(),
+        model_name: name.clone(),
+        model_version: version.clone(),
+        input_features: features,
+        feature_names: Vec::new(),
+        batch_size: rows,
+        priority: RequestPriority::Normal,
+        timeout_ms,
+        strategy_context: None,
+    };
+    validate(&shaped, &model)?;
+    serving.take_rows(rows)?;
+    let (deadline_ns, wait_until) = timing(timeout_ms);
+    let prio = priority(shaped.priority);
+    let responses = run_rows(
+        &serving,
+        &target,
+        shaped.input_features,
+        rows,
+        prio,
+        deadline_ns,
+        wait_until,
+    )
+    .await?;
+    let (_, versions) = answering_version(&serving, &model, &responses);
+    let values: Vec<f32> = responses
+        .iter()
+        .flat_map(|r| r.outputs().iter().copied())
+        .collect();
+    let mut output = InferOutput {
+        name: output_meta.name,
+        datatype: FP32.into(),
+        shape: vec![rows as i64, model.output_width() as i64],
+        parameters: HashMap::new(),
+        data: None,
+    };
+    let bytes: Option<Vec<u8>> =
+        binary_output.then(|| values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    match &bytes {
+        Some(b) => {
+            output
+                .parameters
+                .insert("binary_data_size".into(), json!(b.len()));
+        }
+        None => output.data = Some(values),
+    }
+    let answer = InferResponse {
+        model_name: name,
+        model_version: versions
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        id: request.id,
+        outputs: vec![output],
+    };
+    let json = serde_json::to_vec(&answer).map_err(|e| {
+        V2Error(InferenceError::BatchProcessingError {
+            operation: format!("writing the response: {e}"),
+        })
+    })?;
+    Ok(match bytes {
+        None => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Some(b) => {
+            let length = json.len();
+            let mut body = json;
+            body.extend_from_slice(&b);
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (
+                        header::HeaderName::from_static(HEADER_LENGTH),
+                        length.to_string(),
+                    ),
+                ],
+                body,
+            )
+                .into_response()
+        }
+    })
+}
+
+/// A count and the time it took (Triton's statistics extension).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatDuration {
+    /// Values.
+    pub count: u64,
+    /// Their sum, ns (absent where not measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ns: Option<u64>,
+}
+
+/// A model version's figures (Triton's statistics extension).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelStatistics {
+    /// The model.
+    pub name: String,
+    /// The version.
+    pub version: String,
+    /// When it last got a request, ms since the Unix epoch (0: never).
+    pub last_inference: u64,
+    /// Predictions made (rows answered with one).
+    pub inference_count: u64,
+    /// Batches run.
+    pub execution_count: u64,
+    /// Per stage: `success` (the total stage of requests answered: accepted to outputs ready),
+    /// `fail` (count only), `queue`, `compute_input` (rows into staging) and `compute_infer`
+    /// (a staged batch run); the last two count the batches timed (1 in 8). A stage not
+    /// measured yet is absent.
+    pub inference_stats: HashMap<String, StatDuration>,
+}
+
+/// Statistics of models (Triton's statistics extension).
+///
+/// Of every model version (`/v2/models/stats`), or of one model's versions, from the monitor's
+/// figures.
+#[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "open-inference-protocol",
+    operation_id = "v2_model_stats",
+    params(("name" = String, Path, description = "The model (`…/versions/{version}/…` names a version: a number or a label)")),
+    responses((status = 200, description = "`{\"model_stats\": [...]}`", body = Vec<ModelStatistics>),
+        (status = 404, description = "No such model or version")))]
+pub(super) async fn model_stats(
+    State(state): State<Arc<HttpState>>,
+    params: Option<Path<HashMap<String, String>>>,
+) -> Result<Json<Value>, V2Error> {
+    let serving = state.serving()?;
+    let set = serving.models.snapshot();
+    let models: Vec<Arc<LoadedModel>> = match params.as_ref().map(|p| model_of(p)) {
+        None => set.loaded().into_iter().map(|(_, m)| m.clone()).collect(),
+        Some((name, Some(version))) => vec![serving.resolve(&name, Some(&version))?.model],
+        Some((name, None)) => {
+            let versions: Vec<Arc<LoadedModel>> = set
+                .loaded()
+                .into_iter()
+                .filter(|(_, m)| m.name == name)
+                .map(|(_, m)| m.clone())
+                .collect();
+            if versions.is_empty() {
+                // The same error as any other request naming it.
+                serving.resolve(&name, None)?;
+            }
+            versions
+        }
+    };
+    let stats: Vec<ModelStatistics> = models.iter().map(|m| statistics(serving, m)).collect();
+    Ok(Json(json!({ "model_stats": stats })))
+}
+
+fn statistics(serving: &Serving, m: &LoadedModel) -> ModelStatistics {
+    let metrics = serving.monitor.metrics(m.monitor_index);
+    let mut inference_stats = HashMap::new();
+    let stage = |name: &str| {
+        metrics.stages.get(name).map(|s| StatDuration {
+            count: s.count,
+            ns: Some((s.mean_ms * 1e6 * s.count as f64) as u64),
+        })
+    };
+    for (key, name) in [
+        ("success", "total"),
+        ("queue", "queue"),
+        ("compute_input", "gather"),
+        ("compute_infer", "execute"),
+    ] {
+        if let Some(v) = stage(name) {
+            inference_stats.insert(key.to_string(), v);
+        }
+    }
+    let fail = StatDuration {
+        count: metrics.failed_requests,
+        ns: None,
+    };
+    inference_stats.insert("fail".into(), fail);
+    ModelStatistics {
+        name: m.name.clone(),
+        version: m.version.to_string(),
+        last_inference: serving
+            .monitor
+            .last_request(m.monitor_index)
+            .map_or(0, |t| t.timestamp_millis().max(0) as u64),
+        inference_count: metrics.successful_requests,
+        execution_count: metrics.batches,
+        inference_stats,
+    }
+}
+
+/// A model of the repository index (Triton's model repository extension).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RepositoryEntry {
+    /// The model.
+    pub name: String,
+    /// The version (empty for a model that has none to load).
+    pub version: String,
+    /// `READY` or `UNAVAILABLE`.
+    pub state: String,
+    /// Why it is not ready.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// The repository's models (Triton's model repository extension).
+///
+/// Every version loaded, and every one that failed to load.
+#[utoipa::path(post, path = "/v2/repository/index", tag = "open-inference-protocol",
+    operation_id = "v2_repository_index",
+    responses((status = 200, description = "The models", body = Vec<RepositoryEntry>)))]
+pub(super) async fn repository_index(
+    State(state): State<Arc<HttpState>>,
+) -> Result<Json<Vec<RepositoryEntry>>, V2Error> {
+    let serving = state.serving()?;
+    Ok(Json(
+        all_models(serving)
+            .into_iter()
+            .map(|m| RepositoryEntry {
+                name: m.model_name,
+                version: m.version,
+                state: if m.ready { "READY" } else { "UNAVAILABLE" }.into(),
+                reason: m.not_ready_reason.unwrap_or_default(),
+            })
+            .collect(),
+    ))
+}
+
+/// Loads or reloads a model (Triton's model repository extension).
+///
+/// As tie's `models/{model_name}/load`, with the same token rules.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/load", tag = "open-inference-protocol",
+    operation_id = "v2_repository_load",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The model's directory in the repository")),
+    responses((status = 200, description = "Loaded: what changed", body = ChangeReport), (status = 401, description = "Bearer token missing or wrong"),
+        (status = 404, description = "No such model in the repository"),
+        (status = 422, description = "A version failed to load; nothing changed")))]
+pub(super) async fn repository_load(
+    State(state): State<Arc<HttpState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ChangeReport>, V2Error> {
+    let model = name.clone();
+    Ok(change(&state, &headers, &name, move |m| m.reload(&model, None)).await?)
+}
+
+/// Unloads every version of a model (Triton's model repository extension).
+///
+/// As tie's `models/{model_key}/unload` of the name, with the same token rules.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/unload", tag = "open-inference-protocol",
+    operation_id = "v2_repository_unload",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The model")),
+    responses((status = 200, description = "Unloaded: what changed", body = ChangeReport), (status = 401, description = "Bearer token missing or wrong"),
+        (status = 404, description = "Not loaded")))]
+pub(super) async fn repository_unload(
+    State(state): State<Arc<HttpState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ChangeReport>, V2Error> {
+    let model = name.clone();
+    Ok(change(&state, &headers, &name, move |m| m.unload(&model)).await?)
+}

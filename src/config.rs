@@ -125,6 +125,9 @@ pub struct ServerSection {
     pub layouts_dir: PathBuf,
     /// HTTP control-plane address; unset: 127.0.0.1 and `[tensorrt_inference_engine].port`.
     pub http_addr: Option<SocketAddr>,
+    /// The Open Inference Protocol's gRPC service (KServe v2); unset: off. Port 0 picks a free
+    /// port (logged).
+    pub grpc_addr: Option<SocketAddr>,
     /// Cores to pin poller threads to, one thread per core; empty: one unpinned poller.
     pub poller_cores: Vec<usize>,
     /// How an idle poller waits.
@@ -180,6 +183,7 @@ impl Default for ServerSection {
             model_repository: "models".into(),
             layouts_dir: "layouts/features".into(),
             http_addr: None,
+            grpc_addr: None,
             poller_cores: Vec::new(),
             idle: IdleStrategy::Spin,
             idle_spin_us: 100,

@@ -176,6 +176,9 @@ pub struct HttpServer {
     pub(super) endpoint: HttpEndpoint,
     pub(super) runtime: Option<tokio::runtime::Runtime>,
     pub(super) shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where the gRPC service listens, when it does.
+    pub(super) grpc_addr: Option<std::net::SocketAddr>,
+    pub(super) grpc_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl HttpServer {
@@ -236,17 +239,42 @@ impl HttpServer {
         let max_connections = config.server.http_max_connections as usize;
         runtime.spawn(super::listen::serve(listener, app, max_connections, rx));
         tracing::info!(addr = %endpoint, "HTTP control plane listening");
+        let grpc = match config.server.grpc_addr {
+            None => None,
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("server.grpc_addr {addr}: {e}"))
+                })?;
+                listener.set_nonblocking(true)?;
+                let addr = listener.local_addr()?;
+                let listener = {
+                    let _guard = runtime.enter();
+                    tokio::net::TcpListener::from_std(listener)?
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                runtime.spawn(super::grpc::serve(listener, state.clone(), rx));
+                tracing::info!(%addr, "gRPC inference service (Open Inference Protocol) listening");
+                Some((addr, tx))
+            }
+        };
         Ok(Self {
             state,
             endpoint,
+            grpc_addr: grpc.as_ref().map(|g| g.0),
             runtime: Some(runtime),
             shutdown: Some(tx),
+            grpc_shutdown: grpc.map(|g| g.1),
         })
     }
 
     /// Where it listens.
     pub fn endpoint(&self) -> &HttpEndpoint {
         &self.endpoint
+    }
+
+    /// Where the gRPC service listens (`server.grpc_addr`), when it does.
+    pub fn grpc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.grpc_addr
     }
 
     /// Starts serving the models of `manager` (the server's).
@@ -285,6 +313,9 @@ impl HttpServer {
 
     pub(super) fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.grpc_shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(rt) = self.runtime.take() {

@@ -31,6 +31,7 @@ mod app;
 mod contributions;
 mod ensemble;
 mod error;
+mod grpc;
 mod health;
 mod listen;
 mod pool;

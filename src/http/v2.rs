@@ -160,8 +160,17 @@ pub(super) async fn model_metadata(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<Json<ModelMetadata>, V2Error> {
     let (name, version) = model_of(&params);
-    let serving = state.serving()?;
-    let model = serving.resolve(&name, version.as_deref())?.model;
+    Ok(Json(metadata_of(&state, name, version.as_deref())?))
+}
+
+/// A model's metadata: its versions loaded, and the version asked for's engine and tensors.
+pub(super) fn metadata_of(
+    state: &HttpState,
+    name: String,
+    version: Option<&str>,
+) -> Result<ModelMetadata, InferenceError> {
+    let serving = state.serving().map_err(|e| e.0)?;
+    let model = serving.resolve(&name, version)?.model;
     let set = serving.models.snapshot();
     let versions = set
         .loaded()
@@ -170,13 +179,23 @@ pub(super) async fn model_metadata(
         .map(|(_, m)| m.version.to_string())
         .collect();
     let (input, output) = tensors(&model);
-    Ok(Json(ModelMetadata {
+    Ok(ModelMetadata {
         name,
         versions,
         platform: model.backend.info().engine.to_string(),
         inputs: vec![input],
         outputs: vec![output],
-    }))
+    })
+}
+
+/// Whether the model (a version, when named) passed its last health check.
+pub(super) fn is_ready(
+    state: &HttpState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<bool, InferenceError> {
+    let serving = state.serving().map_err(|e| e.0)?;
+    Ok(serving.resolve(name, version)?.model.health.is_ready())
 }
 
 /// A model's readiness (Open Inference Protocol): 200 when it passed its last health check.
@@ -190,8 +209,7 @@ pub(super) async fn model_ready(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<StatusCode, V2Error> {
     let (name, version) = model_of(&params);
-    let model = state.serving()?.resolve(&name, version.as_deref())?.model;
-    Ok(if model.health.is_ready() {
+    Ok(if is_ready(&state, &name, version.as_deref())? {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -265,12 +283,24 @@ fn flatten(value: &Value, out: &mut Vec<f32>) -> Result<(), V2Error> {
     }
 }
 
+/// The number of values of a tensor of `shape`, if it is a shape of rows (non-negative
+/// dimensions, a product that fits).
+pub(super) fn element_count(shape: &[i64]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    })
+}
+
 /// The input's values: from `data`, or from the binary part (advanced past them).
-fn input_values(
-    input: &InferInput,
-    values: usize,
-    binary: &mut &[u8],
-) -> Result<Vec<f32>, V2Error> {
+fn input_values(input: &InferInput, binary: &mut &[u8]) -> Result<Vec<f32>, V2Error> {
+    let values = element_count(&input.shape)
+        .filter(|&n| n <= MAX_BODY_BYTES)
+        .ok_or_else(|| {
+            invalid(format!(
+                "input {:?} has shape {:?}",
+                input.name, input.shape
+            ))
+        })?;
     let features = match input.parameters.get("binary_data_size") {
         Some(size) => {
             let size = size
@@ -292,10 +322,7 @@ fn input_values(
             }
             let (bytes, rest) = binary.split_at(size);
             *binary = rest;
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            floats(bytes)
         }
         None => {
             let data = input
@@ -314,6 +341,137 @@ fn input_values(
         }));
     }
     Ok(features)
+}
+
+/// Little-endian FP32 values of `bytes` (a whole number of them).
+pub(super) fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// An input tensor, decoded from whichever form it came in.
+pub(super) struct TensorIn {
+    pub(super) name: String,
+    pub(super) datatype: String,
+    pub(super) shape: Vec<i64>,
+    pub(super) values: Vec<f32>,
+}
+
+/// An inference request, decoded from REST or gRPC.
+pub(super) struct Call {
+    pub(super) id: Option<String>,
+    pub(super) model: String,
+    pub(super) version: Option<String>,
+    pub(super) inputs: Vec<TensorIn>,
+    /// The outputs asked for by name (empty: all).
+    pub(super) outputs: Vec<String>,
+    pub(super) timeout_ms: Option<u64>,
+}
+
+/// The answer to a [`Call`]: the model's one output.
+pub(super) struct Answer {
+    pub(super) model_name: String,
+    pub(super) model_version: String,
+    pub(super) output_name: String,
+    pub(super) shape: Vec<i64>,
+    pub(super) values: Vec<f32>,
+}
+
+/// Runs a call: its tensor checked against the model's, then its rows through the model's
+/// sessions as tie's own HTTP predictions run.
+pub(super) async fn run_call(state: &HttpState, call: Call) -> Result<Answer, InferenceError> {
+    let serving = state.serving().map_err(|e| e.0)?.clone();
+    let _permit = state.limit_permit()?;
+    let (target, _) = resolve_loading(&serving, &call.model, call.version.as_deref()).await?;
+    let model = target.model.clone();
+    let (input_meta, output_meta) = tensors(&model);
+    let refuse = |message: String| InferenceError::InvalidRequest { message };
+    let [input] = call.inputs.as_slice() else {
+        return Err(refuse(format!(
+            "{} reads one input, {:?}; the request has {}",
+            model.key(),
+            input_meta.name,
+            call.inputs.len()
+        )));
+    };
+    if input.name != input_meta.name {
+        return Err(refuse(format!(
+            "{} has no input {:?}: its input is {:?}",
+            model.key(),
+            input.name,
+            input_meta.name
+        )));
+    }
+    if input.datatype != FP32 {
+        return Err(refuse(format!(
+            "input {:?} is {}; {} reads FP32",
+            input.name,
+            input.datatype,
+            model.key()
+        )));
+    }
+    let width = model.input_width();
+    let rows = match input.shape.as_slice() {
+        [rows, w] if *w == width as i64 && (1..=MAX_ROWS as i64).contains(rows) => *rows as usize,
+        _ => {
+            return Err(refuse(format!(
+                "input {:?} has shape {:?}; {} reads [rows, {width}], 1 to {MAX_ROWS} rows",
+                input.name,
+                input.shape,
+                model.key()
+            )))
+        }
+    };
+    if call.outputs.iter().any(|o| *o != output_meta.name) {
+        return Err(refuse(format!(
+            "{} has one output, {:?}; the request asks for {:?}",
+            model.key(),
+            output_meta.name,
+            call.outputs
+        )));
+    }
+    let shaped = InferenceRequest {
+        request_id: call.id.unwrap_or_default(),
+        model_name: call.model.clone(),
+        model_version: call.version,
+        input_features: input.values.clone(),
+        feature_names: Vec::new(),
+        batch_size: rows,
+        priority: RequestPriority::Normal,
+        timeout_ms: call.timeout_ms,
+        strategy_context: None,
+    };
+    validate(&shaped, &model)?;
+    serving.take_rows(rows)?;
+    let (deadline_ns, wait_until) = timing(call.timeout_ms);
+    let prio = priority(shaped.priority);
+    let responses = run_rows(
+        &serving,
+        &target,
+        shaped.input_features,
+        rows,
+        prio,
+        deadline_ns,
+        wait_until,
+    )
+    .await?;
+    let (_, versions) = answering_version(&serving, &model, &responses);
+    Ok(Answer {
+        model_name: call.model,
+        model_version: versions
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        output_name: output_meta.name,
+        shape: vec![rows as i64, model.output_width() as i64],
+        values: responses
+            .iter()
+            .flat_map(|r| r.outputs().iter().copied())
+            .collect(),
+    })
 }
 
 /// An output tensor of a response.
@@ -371,9 +529,7 @@ pub(super) async fn infer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, V2Error> {
-    let (name, version) = model_of(&params);
-    let serving = state.serving()?.clone();
-    let _permit = state.limit_permit()?;
+    let (model, version) = model_of(&params);
     let json_length = match headers.get(HEADER_LENGTH) {
         None => body.len(),
         Some(v) => v
@@ -391,73 +547,26 @@ pub(super) async fn infer(
     let request: InferRequest = serde_json::from_slice(&body[..json_length])
         .map_err(|e| invalid(format!("the request's JSON: {e}")))?;
     let mut binary = &body[json_length..];
-    let (target, _) = resolve_loading(&serving, &name, version.as_deref()).await?;
-    let model = target.model.clone();
-    let (input_meta, output_meta) = tensors(&model);
-    let [input] = request.inputs.as_slice() else {
-        return Err(invalid(format!(
-            "{} reads one input, {:?}; the request has {}",
-            model.key(),
-            input_meta.name,
-            request.inputs.len()
-        )));
-    };
-    if input.name != input_meta.name {
-        return Err(invalid(format!(
-            "{} has no input {:?}: its input is {:?}",
-            model.key(),
-            input.name,
-            input_meta.name
-        )));
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in &request.inputs {
+        inputs.push(TensorIn {
+            name: input.name.clone(),
+            datatype: input.datatype.clone(),
+            shape: input.shape.clone(),
+            values: input_values(input, &mut binary)?,
+        });
     }
-    if input.datatype != FP32 {
-        return Err(invalid(format!(
-            "input {:?} is {}; {} reads FP32",
-            input.name,
-            input.datatype,
-            model.key()
-        )));
-    }
-    let width = model.input_width();
-    let rows = match input.shape.as_slice() {
-        [rows, w] if *w == width as i64 && *rows >= 1 => *rows as usize,
-        _ => {
-            return Err(invalid(format!(
-                "input {:?} has shape {:?}; {} reads [rows, {width}]",
-                input.name,
-                input.shape,
-                model.key()
-            )))
-        }
-    };
-    if rows > MAX_ROWS {
-        return Err(invalid(format!(
-            "{rows} rows; at most {MAX_ROWS} a request"
-        )));
-    }
-    let features = input_values(input, rows * width, &mut binary)?;
     if !binary.is_empty() {
         return Err(invalid(format!(
-            "{} bytes after the input's binary data belong to no input",
+            "{} bytes after the inputs' binary data belong to no input",
             binary.len()
         )));
     }
-    // The outputs asked for, each as JSON or bytes.
-    let all_binary = flag(&request.parameters, "binary_data_output");
-    let binary_output = match &request.outputs {
-        None => all_binary,
-        Some(outputs) => match outputs.as_slice() {
-            [] => all_binary,
-            [o] if o.name == output_meta.name => flag(&o.parameters, "binary_data"),
-            _ => {
-                let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
-                return Err(invalid(format!(
-                    "{} has one output, {:?}; the request asks for {names:?}",
-                    model.key(),
-                    output_meta.name
-                )));
-            }
-        },
+    // Each output as JSON, or as bytes after it.
+    let outputs = request.outputs.unwrap_or_default();
+    let binary_output = match outputs.as_slice() {
+        [] => flag(&request.parameters, "binary_data_output"),
+        outputs => outputs.iter().any(|o| flag(&o.parameters, "binary_data")),
     };
     let timeout_ms = match request.parameters.get("timeout") {
         None => None,
@@ -467,64 +576,42 @@ pub(super) async fn infer(
                 .div_ceil(1000),
         ),
     };
-    let shaped = InferenceRequest {
-        request_id: request.id.clone().unwrap_or_default(),
-        model_name: name.clone(),
-        model_version: version.clone(),
-        input_features: features,
-        feature_names: Vec::new(),
-        batch_size: rows,
-        priority: RequestPriority::Normal,
-        timeout_ms,
-        strategy_context: None,
-    };
-    validate(&shaped, &model)?;
-    serving.take_rows(rows)?;
-    let (deadline_ns, wait_until) = timing(timeout_ms);
-    let prio = priority(shaped.priority);
-    let responses = run_rows(
-        &serving,
-        &target,
-        shaped.input_features,
-        rows,
-        prio,
-        deadline_ns,
-        wait_until,
+    let answer = run_call(
+        &state,
+        Call {
+            id: request.id.clone(),
+            model,
+            version,
+            inputs,
+            outputs: outputs.into_iter().map(|o| o.name).collect(),
+            timeout_ms,
+        },
     )
     .await?;
-    let (_, versions) = answering_version(&serving, &model, &responses);
-    let values: Vec<f32> = responses
-        .iter()
-        .flat_map(|r| r.outputs().iter().copied())
-        .collect();
     let mut output = InferOutput {
-        name: output_meta.name,
+        name: answer.output_name,
         datatype: FP32.into(),
-        shape: vec![rows as i64, model.output_width() as i64],
+        shape: answer.shape,
         parameters: HashMap::new(),
         data: None,
     };
     let bytes: Option<Vec<u8>> =
-        binary_output.then(|| values.iter().flat_map(|v| v.to_le_bytes()).collect());
+        binary_output.then(|| answer.values.iter().flat_map(|v| v.to_le_bytes()).collect());
     match &bytes {
         Some(b) => {
             output
                 .parameters
                 .insert("binary_data_size".into(), json!(b.len()));
         }
-        None => output.data = Some(values),
+        None => output.data = Some(answer.values),
     }
-    let answer = InferResponse {
-        model_name: name,
-        model_version: versions
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+    let response = InferResponse {
+        model_name: answer.model_name,
+        model_version: answer.model_version,
         id: request.id,
         outputs: vec![output],
     };
-    let json = serde_json::to_vec(&answer).map_err(|e| {
+    let json = serde_json::to_vec(&response).map_err(|e| {
         V2Error(InferenceError::BatchProcessingError {
             operation: format!("writing the response: {e}"),
         })

@@ -9,6 +9,7 @@ use crate::common::{fixture, python_tools, root, scratch_dir, send, TestServer};
 
 /// `tritonclient` as pinned here.
 const TRITONCLIENT: &str = "tritonclient[http]==2.73.0";
+const TRITONCLIENT_GRPC: &str = "tritonclient[grpc]==2.73.0";
 
 #[test]
 fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
@@ -185,4 +186,120 @@ fn the_protocols_json_form_reads_nested_data_and_refuses_what_does_not_fit() {
         200
     );
     assert_eq!(send("GET", &format!("{base}/v2/health/live"), None).0, 200);
+}
+
+#[test]
+fn tritonclient_over_grpc_infers_with_raw_tensors() {
+    let config = crate::common::TEST_CONFIG.replacen(
+        "[server]\n",
+        "[server]\ngrpc_addr = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let server = TestServer::start_with(&config, &root().join("models"));
+    let f = fixture("mlp64_v1");
+    let out = scratch_dir("oip-grpc").join("seen.json");
+    let python = python_tools(&[TRITONCLIENT_GRPC]).join("python");
+    let run = Command::new(python)
+        .arg(root().join("tests/python/oip_grpc.py"))
+        .args([server.grpc().as_str(), "mlp64"])
+        .arg(root().join("tests/fixtures/expected/mlp64_v1.json"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        server.log()
+    );
+    let seen: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for key in ["live", "ready", "model_ready", "version_ready"] {
+        assert_eq!(seen[key], true, "{key}: {seen}");
+    }
+    assert_eq!(seen["server"]["name"], "tie");
+    assert_eq!(
+        seen["metadata"]["inputs"][0]["shape"],
+        serde_json::json!(["-1", "64"])
+    );
+    let got: Vec<Vec<f32>> = serde_json::from_value(seen["outputs"].clone()).unwrap();
+    assert_eq!(got.len(), f.outputs.len());
+    for (g, want) in got.iter().zip(&f.outputs) {
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+    let one: Vec<Vec<f32>> = serde_json::from_value(seen["one_row"].clone()).unwrap();
+    assert!((one[0][0] - f.outputs[0][0]).abs() <= 1e-4 * f.outputs[0][0].abs().max(1.0));
+    let response = &seen["response"];
+    assert_eq!(response["model_name"], "mlp64", "{response}");
+    assert_eq!(response["model_version"], "1", "{response}");
+    assert_eq!(response["id"], "grpc-1", "{response}");
+    // Errors as gRPC statuses, with tie's messages.
+    let error = |key: &str, status: &str, says: &str| {
+        let e = &seen[key];
+        assert_eq!(e["status"], status, "{key}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{key}: {e}");
+    };
+    error("unknown_model", "StatusCode.NOT_FOUND", "no-such-model");
+    error(
+        "unknown_model_ready",
+        "StatusCode.NOT_FOUND",
+        "no-such-model",
+    );
+    error(
+        "wrong_shape",
+        "StatusCode.INVALID_ARGUMENT",
+        "reads [rows, 64]",
+    );
+    // Counted under their gRPC paths.
+    let (_, metrics) = send("GET", &format!("{}/metrics", server.http()), None);
+    assert!(
+        metrics.contains(
+            "tie_http_responses_total{route=\"/inference.GRPCInferenceService/ModelInfer\",code=\"200\"} 2"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn with_the_token_everywhere_grpc_needs_it_too() {
+    let dir = scratch_dir("oip-grpc-token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let config = crate::common::TEST_CONFIG.replacen(
+        "[server]\n",
+        &format!(
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\napi_token_file = {token_file:?}\nhttp_token_everywhere = true\n"
+        ),
+        1,
+    );
+    let server = TestServer::start_with(&config, &root().join("models"));
+    let python = python_tools(&[TRITONCLIENT_GRPC]).join("python");
+    let script = r#"
+import sys
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+client = grpcclient.InferenceServerClient(url=sys.argv[1])
+try:
+    client.is_server_live()
+    print("live without the token")
+except InferenceServerException as e:
+    print(e.status())
+print(client.is_server_live(headers={"authorization": "Bearer s3cret"}))
+"#;
+    let run = Command::new(python)
+        .args(["-c", script, server.grpc().as_str()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["StatusCode.UNAUTHENTICATED", "True"],
+        "{out}"
+    );
 }

@@ -165,17 +165,29 @@ impl TestServer {
 
     /// `http://127.0.0.1:PORT` of the control plane (from the server's log).
     pub fn http(&self) -> String {
-        const MARK: &str = "HTTP control plane listening addr=";
+        format!(
+            "http://{}",
+            self.logged_addr("HTTP control plane listening addr=")
+        )
+    }
+
+    /// `127.0.0.1:PORT` of the gRPC service (from the server's log).
+    pub fn grpc(&self) -> String {
+        self.logged_addr("(Open Inference Protocol) listening addr=")
+    }
+
+    /// The address the log line with `mark` names after it.
+    fn logged_addr(&self, mark: &str) -> String {
         let mut found = None;
         let seen = eventually(Duration::from_secs(30), || {
             found = self.log().lines().find_map(|l| {
-                let at = l.find(MARK)?;
-                Some(l[at + MARK.len()..].split_whitespace().next()?.to_string())
+                let at = l.find(mark)?;
+                Some(l[at + mark.len()..].split_whitespace().next()?.to_string())
             });
             found.is_some()
         });
-        assert!(seen, "no HTTP address in the log:\n{}", self.log());
-        format!("http://{}", found.unwrap())
+        assert!(seen, "no {mark:?} in the log:\n{}", self.log());
+        found.unwrap()
     }
 
     pub fn pid(&self) -> i32 {

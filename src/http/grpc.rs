@@ -1,0 +1,273 @@
+//! The Open Inference Protocol's gRPC service (KServe v2, `inference.GRPCInferenceService`,
+//! `proto/inference.proto`) on `server.grpc_addr`: liveness, readiness, metadata and
+//! inference with `raw_input_contents`/`raw_output_contents` or typed contents, answered by
+//! the same code as the REST routes ([`super::v2`]) under the same rules (the bearer token
+//! with `server.http_token_everywhere`, `max_concurrent_requests`, the HTTP row budget). Each
+//! answer is counted in `tie_http_responses_total` under its gRPC path (gRPC is HTTP/2), with
+//! the HTTP status of its error kind.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::http::api::InferenceError;
+
+use super::app::HttpState;
+use super::v2;
+
+/// The code generated from `proto/inference.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::GrpcInferenceService;
+use proto::*;
+
+/// The service, over the control plane's state.
+pub(super) struct Inference {
+    pub(super) state: Arc<HttpState>,
+}
+
+/// The gRPC status of an error kind.
+fn status(e: &InferenceError) -> Status {
+    let message = e.to_string();
+    match e.http_status() {
+        400 | 413 | 415 => Status::invalid_argument(message),
+        401 => Status::unauthenticated(message),
+        403 => Status::permission_denied(message),
+        404 => Status::not_found(message),
+        409 | 422 => Status::failed_precondition(message),
+        429 => Status::resource_exhausted(message),
+        503 => Status::unavailable(message),
+        504 => Status::deadline_exceeded(message),
+        _ => Status::internal(message),
+    }
+}
+
+impl Inference {
+    /// Runs `answer` for a request of `method` once it passed the token rule, and counts the
+    /// outcome.
+    async fn serve<T, R>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        answer: impl AsyncFnOnce(T) -> Result<R, InferenceError>,
+    ) -> Result<Response<R>, Status> {
+        let route = format!("/inference.GRPCInferenceService/{method}");
+        let headers = request.metadata().clone().into_headers();
+        let result = match self.state.token_everywhere {
+            true => self.state.authorize(&headers),
+            false => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => answer(request.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(r) => {
+                self.state.counters.response(&route, 200);
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                self.state.counters.response(&route, e.http_status());
+                self.state.counters.error(e.kind());
+                Err(status(&e))
+            }
+        }
+    }
+}
+
+/// A version from a request: empty is none (the default version).
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Inference {
+    async fn server_live(
+        &self,
+        request: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        self.serve("ServerLive", request, async |_| {
+            Ok(ServerLiveResponse { live: true })
+        })
+        .await
+    }
+
+    async fn server_ready(
+        &self,
+        request: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        self.serve("ServerReady", request, async |_| {
+            Ok(ServerReadyResponse {
+                ready: super::health::ready_report(&self.state).await.ready,
+            })
+        })
+        .await
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.serve("ModelReady", request, async |r| {
+            Ok(ModelReadyResponse {
+                ready: v2::is_ready(&self.state, &r.name, version(&r.version))?,
+            })
+        })
+        .await
+    }
+
+    async fn server_metadata(
+        &self,
+        request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        self.serve("ServerMetadata", request, async |_| {
+            let m = v2::server_metadata().await.0;
+            // The REST API's extensions (statistics, repository) have no RPCs here.
+            Ok(ServerMetadataResponse {
+                name: m.name,
+                version: m.version,
+                extensions: Vec::new(),
+            })
+        })
+        .await
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.serve("ModelMetadata", request, async |r| {
+            let m = v2::metadata_of(&self.state, r.name, version(&r.version))?;
+            let tensor = |t: v2::TensorMetadata| model_metadata_response::TensorMetadata {
+                name: t.name,
+                datatype: t.datatype,
+                shape: t.shape,
+            };
+            Ok(ModelMetadataResponse {
+                name: m.name,
+                versions: m.versions,
+                platform: m.platform,
+                inputs: m.inputs.into_iter().map(tensor).collect(),
+                outputs: m.outputs.into_iter().map(tensor).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        self.serve("ModelInfer", request, async |r| {
+            let invalid = |message: String| InferenceError::InvalidRequest { message };
+            let raw = !r.raw_input_contents.is_empty();
+            if raw && r.raw_input_contents.len() != r.inputs.len() {
+                return Err(invalid(format!(
+                    "{} raw_input_contents for {} inputs",
+                    r.raw_input_contents.len(),
+                    r.inputs.len()
+                )));
+            }
+            let mut inputs = Vec::with_capacity(r.inputs.len());
+            for (i, t) in r.inputs.into_iter().enumerate() {
+                let values = if raw {
+                    let bytes = &r.raw_input_contents[i];
+                    if bytes.len() % 4 != 0 {
+                        return Err(invalid(format!(
+                            "raw_input_contents of {:?} is {} bytes, not whole FP32 values",
+                            t.name,
+                            bytes.len()
+                        )));
+                    }
+                    v2::floats(bytes)
+                } else {
+                    t.contents.map(|c| c.fp32_contents).unwrap_or_default()
+                };
+                let expected = v2::element_count(&t.shape).unwrap_or(usize::MAX);
+                if values.len() != expected {
+                    return Err(InferenceError::InvalidInputShape {
+                        expected,
+                        actual: values.len(),
+                    });
+                }
+                inputs.push(v2::TensorIn {
+                    name: t.name,
+                    datatype: t.datatype,
+                    shape: t.shape,
+                    values,
+                });
+            }
+            let timeout_ms = match r
+                .parameters
+                .get("timeout")
+                .and_then(|p| p.parameter_choice.as_ref())
+            {
+                None => None,
+                Some(infer_parameter::ParameterChoice::Int64Param(us)) if *us >= 0 => {
+                    Some((*us as u64).div_ceil(1000))
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        "the timeout parameter is not a number of µs".into(),
+                    ))
+                }
+            };
+            let answer = v2::run_call(
+                &self.state,
+                v2::Call {
+                    id: (!r.id.is_empty()).then(|| r.id.clone()),
+                    model: r.model_name,
+                    version: version(&r.model_version).map(str::to_string),
+                    inputs,
+                    outputs: r.outputs.into_iter().map(|o| o.name).collect(),
+                    timeout_ms,
+                },
+            )
+            .await?;
+            Ok(ModelInferResponse {
+                model_name: answer.model_name,
+                model_version: answer.model_version,
+                id: r.id,
+                parameters: Default::default(),
+                outputs: vec![model_infer_response::InferOutputTensor {
+                    name: answer.output_name,
+                    datatype: "FP32".into(),
+                    shape: answer.shape,
+                    parameters: Default::default(),
+                    contents: None,
+                }],
+                raw_output_contents: vec![answer
+                    .values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect()],
+            })
+        })
+        .await
+    }
+}
+
+/// Serves the service on `listener` until `shutdown`.
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let service =
+        proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(Inference { state })
+            .max_decoding_message_size(super::app::MAX_BODY_BYTES);
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = shutdown.await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the gRPC service stopped");
+    }
+}

@@ -257,7 +257,8 @@ pub(super) async fn serve(
     state: Arc<HttpState>,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // No Nagle: a small answer is not held back waiting for the client's ACK (40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let service =
         proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(Inference { state })
             .max_decoding_message_size(super::app::MAX_BODY_BYTES);

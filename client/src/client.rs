@@ -621,6 +621,12 @@ impl Client {
         self.pending.len()
     }
 
+    /// Requests submitted whose answers `poll` will return: those in flight less the ones a
+    /// timed-out `predict` gave up on (their answers are dropped when they come).
+    pub fn awaited(&self) -> usize {
+        self.pending.iter().filter(|p| !p.abandoned).count()
+    }
+
     /// Sends one request without waiting. Never blocks and never allocates while the session
     /// stands.
     ///
@@ -817,13 +823,33 @@ impl Client {
     /// [`PredictError`]: the request was not sent, the server answered with an error, no
     /// answer came in time, or `submit`ted requests are still in flight.
     pub fn predict(&mut self, features: &[f32]) -> Result<Prediction, PredictError> {
-        let count = self.pending.iter().filter(|p| !p.abandoned).count();
+        let count = self.awaited();
         if count > 0 {
             return Err(PredictError::RequestsInFlight {
                 count: count as u32,
             });
         }
         let id = self.submit(features, Priority::Normal, None)?;
+        self.wait_for(id)
+    }
+
+    /// Waits for the answer to `id`, the one request in flight (as [`Client::predict`] does
+    /// after submitting it: a binding can submit while it holds its lock and wait without it).
+    ///
+    /// # Errors
+    /// As [`Client::predict`]; `RequestsInFlight` when `id` is not the one request in flight.
+    pub fn wait_for(&mut self, id: RequestId) -> Result<Prediction, PredictError> {
+        let live: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|p| !p.abandoned)
+            .map(|p| p.id)
+            .collect();
+        if live != [id] {
+            return Err(PredictError::RequestsInFlight {
+                count: live.len() as u32,
+            });
+        }
         let started = Instant::now();
         let mut spins = 0u32;
         loop {

@@ -6,7 +6,7 @@ pub mod onnx;
 mod python;
 mod skip;
 
-pub use python::python_tools;
+pub use python::{python_client, python_tools};
 pub use skip::{skip, Need};
 
 use std::path::{Path, PathBuf};

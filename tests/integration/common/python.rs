@@ -64,3 +64,51 @@ pub fn python_tools(requirements: &[&str]) -> PathBuf {
     }
     bin
 }
+
+/// The tools' environment with tie's own Python package (`python/`) built from this tree
+/// (maturin, dev profile) and installed, and pytest: its `bin` directory.
+pub fn python_client() -> PathBuf {
+    let bin = python_tools(&["maturin==1.16.0", "pytest==9.2.0", "numpy==2.4.6"]);
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python");
+    let lock = std::fs::File::create(root.join(".lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let wheels = root.join("wheels");
+    let _ = std::fs::remove_dir_all(&wheels);
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python");
+    let built = Command::new(bin.join("maturin"))
+        .args(["build", "--profile", "dev", "--locked", "--quiet", "-o"])
+        .arg(&wheels)
+        .current_dir(&crate_dir)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "maturin build failed:\n{}{}",
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let wheel = std::fs::read_dir(&wheels)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .expect("a wheel");
+    let installed = Command::new(bin.join("python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--force-reinstall", "--no-deps"])
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "pip install {}:\n{}",
+        wheel.display(),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    bin
+}

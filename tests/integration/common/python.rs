@@ -66,8 +66,14 @@ pub fn python_tools(requirements: &[&str]) -> PathBuf {
 }
 
 /// The tools' environment with tie's own Python package (`python/`) built from this tree
-/// (maturin, dev profile) and installed, and pytest: its `bin` directory.
+/// (maturin, dev profile) and installed, and pytest: its `bin` directory. Built and installed
+/// once per test process (a reinstall under a running test's feet would break its imports).
 pub fn python_client() -> PathBuf {
+    static INSTALLED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(build_python_client).clone()
+}
+
+fn build_python_client() -> PathBuf {
     let bin = python_tools(&["maturin==1.16.0", "pytest==9.2.0", "numpy==2.4.6"]);
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python");
     let lock = std::fs::File::create(root.join(".lock")).unwrap();

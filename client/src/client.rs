@@ -834,20 +834,16 @@ impl Client {
     }
 
     /// Waits for the answer to `id`, the one request in flight (as [`Client::predict`] does
-    /// after submitting it: a binding can submit while it holds its lock and wait without it).
+    /// after submitting it: a binding can submit while it holds the interpreter's lock and wait
+    /// without it).
     ///
     /// # Errors
     /// As [`Client::predict`]; `RequestsInFlight` when `id` is not the one request in flight.
     pub fn wait_for(&mut self, id: RequestId) -> Result<Prediction, PredictError> {
-        let live: Vec<RequestId> = self
-            .pending
-            .iter()
-            .filter(|p| !p.abandoned)
-            .map(|p| p.id)
-            .collect();
-        if live != [id] {
+        let mut live = self.pending.iter().filter(|p| !p.abandoned).map(|p| p.id);
+        if !live.clone().eq([id]) {
             return Err(PredictError::RequestsInFlight {
-                count: live.len() as u32,
+                count: live.by_ref().count() as u32,
             });
         }
         let started = Instant::now();

@@ -134,6 +134,7 @@ create_exception!(
     "The model is not ready (loading, or failed its health check)."
 );
 create_exception!(_native, ClosedError, TieError, "The client was closed.");
+create_exception!(_native, ClientBusy, TieError, "Another thread's call on this client is in progress.");
 
 /// The exception of a server's error answer.
 fn server_error(e: &ServerError) -> PyErr {
@@ -198,8 +199,10 @@ fn priority(name: &str) -> PyResult<Priority> {
     })
 }
 
-/// A session with a tie server for one model.
-#[pyclass(module = "tie_client._native")]
+/// A session with a tie server for one model. One thread uses it at a time: a call while
+/// another thread's call is in progress raises `ClientBusy` (it never waits for the other
+/// call, which may be waiting for an answer without the GIL).
+#[pyclass(module = "tie_client._native", frozen)]
 struct Client {
     inner: Mutex<Option<tie_client::Client>>,
     timeout: Duration,
@@ -208,10 +211,7 @@ struct Client {
 impl Client {
     /// Runs `f` on the open session.
     fn with<R>(&self, f: impl FnOnce(&mut tie_client::Client) -> PyResult<R>) -> PyResult<R> {
-        let mut guard = self
-            .inner
-            .lock()
-            .map_err(|_| TieError::new_err("the client's lock was poisoned"))?;
+        let mut guard = self.lock()?;
         match guard.as_mut() {
             Some(client) => f(client),
             None => Err(ClosedError::new_err("the client is closed")),
@@ -242,6 +242,21 @@ fn next_answer(
             std::hint::spin_loop();
         }
     })
+}
+
+impl Client {
+    /// The session's lock, or `ClientBusy` while another thread's call holds it.
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Option<tie_client::Client>>> {
+        match self.inner.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::WouldBlock) => Err(ClientBusy::new_err(
+                "the client is in use by another thread: give each thread its own client",
+            )),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                Err(TieError::new_err("a call on this client panicked; open a new one"))
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -355,7 +370,9 @@ impl Client {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let (n_rows, n_cols) = rows.as_array().dim();
         let shape = [n_rows, n_cols];
-        let data = rows.as_slice()?;
+        // A copy: the waits below run without the GIL, when other Python threads may write
+        // into the caller's array.
+        let data = rows.as_slice()?.to_vec();
         let timeout = self.timeout;
         let (n, outputs, values) = self.with(|c| {
             let width = c.feature_count() as usize;
@@ -443,13 +460,10 @@ impl Client {
         Ok(Some((r.request_id, r.outputs().to_vec().into_pyarray(py))))
     }
 
-    /// Ends the session (and any wait on it); later calls raise `ClosedError`.
+    /// Ends the session; later calls raise `ClosedError` (`ClientBusy` while another thread's
+    /// call is in progress).
     fn close(&self) -> PyResult<()> {
-        let mut guard = self
-            .inner
-            .lock()
-            .map_err(|_| TieError::new_err("the client's lock was poisoned"))?;
-        guard.take();
+        self.lock()?.take();
         Ok(())
     }
 
@@ -509,5 +523,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Rejected", py.get_type::<Rejected>())?;
     m.add("NotReady", py.get_type::<NotReady>())?;
     m.add("ClosedError", py.get_type::<ClosedError>())?;
+    m.add("ClientBusy", py.get_type::<ClientBusy>())?;
     Ok(())
 }

@@ -164,7 +164,7 @@ pub(super) async fn require_token(
 ) -> Response {
     if state.token_everywhere {
         if let Err(e) = state.authorize(req.headers()) {
-            return ApiError(e).into_response();
+            return super::v2::error_response(req.uri().path(), e);
         }
     }
     next.run(req).await
@@ -560,21 +560,35 @@ pub(super) async fn read_body_in_time(req: Request, next: Next) -> Response {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct CountedKind(pub(super) &'static str);
 
+/// The body of a route-level error: the Open Inference Protocol's form under `/v2`, tie's
+/// elsewhere.
+fn route_error(path: &str, kind: &str, message: String) -> serde_json::Value {
+    if path.starts_with("/v2") {
+        serde_json::json!({ "error": message })
+    } else {
+        serde_json::json!({ "error": {"kind": kind}, "message": message })
+    }
+}
+
 pub(super) async fn no_route(req: Request) -> Response {
-    let body = serde_json::json!({
-        "error": {"kind": "NotFound"},
-        "message": format!("no route {} {}", req.method(), req.uri().path()),
-    });
+    let path = req.uri().path();
+    let body = route_error(
+        path,
+        "NotFound",
+        format!("no route {} {path}", req.method()),
+    );
     let mut response = (StatusCode::NOT_FOUND, Json(body)).into_response();
     response.extensions_mut().insert(CountedKind("NotFound"));
     response
 }
 
 pub(super) async fn wrong_method(req: Request) -> Response {
-    let body = serde_json::json!({
-        "error": {"kind": "MethodNotAllowed"},
-        "message": format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    });
+    let path = req.uri().path();
+    let body = route_error(
+        path,
+        "MethodNotAllowed",
+        format!("{} is not allowed on {path}", req.method()),
+    );
     let mut response = (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response();
     response
         .extensions_mut()

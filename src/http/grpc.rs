@@ -141,7 +141,7 @@ impl GrpcInferenceService for Inference {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         self.serve("ModelMetadata", request, async |r| {
-            let m = v2::metadata_of(&self.state, r.name, version(&r.version))?;
+            let m = v2::metadata_of(&self.state, r.name, version(&r.version)).await?;
             let tensor = |t: v2::TensorMetadata| model_metadata_response::TensorMetadata {
                 name: t.name,
                 datatype: t.datatype,
@@ -174,6 +174,15 @@ impl GrpcInferenceService for Inference {
             }
             let mut inputs = Vec::with_capacity(r.inputs.len());
             for (i, t) in r.inputs.into_iter().enumerate() {
+                if raw && t.contents.is_some() {
+                    return Err(invalid(format!(
+                        "input {:?} has contents and raw_input_contents: one or the other",
+                        t.name
+                    )));
+                }
+                let expected = v2::element_count(&t.shape).ok_or_else(|| {
+                    invalid(format!("input {:?} has shape {:?}", t.name, t.shape))
+                })?;
                 let values = if raw {
                     let bytes = &r.raw_input_contents[i];
                     if bytes.len() % 4 != 0 {
@@ -187,7 +196,6 @@ impl GrpcInferenceService for Inference {
                 } else {
                     t.contents.map(|c| c.fp32_contents).unwrap_or_default()
                 };
-                let expected = v2::element_count(&t.shape).unwrap_or(usize::MAX);
                 if values.len() != expected {
                     return Err(InferenceError::InvalidInputShape {
                         expected,
@@ -208,7 +216,7 @@ impl GrpcInferenceService for Inference {
             {
                 None => None,
                 Some(infer_parameter::ParameterChoice::Int64Param(us)) if *us >= 0 => {
-                    Some((*us as u64).div_ceil(1000))
+                    v2::timeout_ms(*us as u64)?
                 }
                 Some(_) => {
                     return Err(invalid(

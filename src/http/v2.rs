@@ -53,6 +53,16 @@ impl IntoResponse for V2Error {
     }
 }
 
+/// An error answer in the form of the API `path` belongs to: the protocol's under `/v2`, tie's
+/// elsewhere.
+pub(super) fn error_response(path: &str, e: InferenceError) -> Response {
+    if path.starts_with("/v2") {
+        V2Error(e).into_response()
+    } else {
+        ApiError(e).into_response()
+    }
+}
+
 fn invalid(message: String) -> V2Error {
     V2Error(InferenceError::InvalidRequest { message })
 }
@@ -160,17 +170,18 @@ pub(super) async fn model_metadata(
     Path(params): Path<HashMap<String, String>>,
 ) -> Result<Json<ModelMetadata>, V2Error> {
     let (name, version) = model_of(&params);
-    Ok(Json(metadata_of(&state, name, version.as_deref())?))
+    Ok(Json(metadata_of(&state, name, version.as_deref()).await?))
 }
 
-/// A model's metadata: its versions loaded, and the version asked for's engine and tensors.
-pub(super) fn metadata_of(
+/// A model's metadata: its versions loaded, and the version asked for's engine and tensors (a
+/// version unloaded for going unused is loaded again, as for an inference).
+pub(super) async fn metadata_of(
     state: &HttpState,
     name: String,
     version: Option<&str>,
 ) -> Result<ModelMetadata, InferenceError> {
-    let serving = state.serving().map_err(|e| e.0)?;
-    let model = serving.resolve(&name, version)?.model;
+    let serving = state.serving().map_err(|e| e.0)?.clone();
+    let model = resolve_loading(&serving, &name, version).await?.0.model;
     let set = serving.models.snapshot();
     let versions = set
         .loaded()
@@ -188,14 +199,21 @@ pub(super) fn metadata_of(
     })
 }
 
-/// Whether the model (a version, when named) passed its last health check.
+/// Whether the model (a version, when named) passed its last health check; a version unloaded
+/// for going unused is not ready (an inference loads it again).
 pub(super) fn is_ready(
     state: &HttpState,
     name: &str,
     version: Option<&str>,
 ) -> Result<bool, InferenceError> {
     let serving = state.serving().map_err(|e| e.0)?;
-    Ok(serving.resolve(name, version)?.model.health.is_ready())
+    match serving.resolve(name, version) {
+        Ok(target) => Ok(target.model.health.is_ready()),
+        Err(InferenceError::ModelNotFound { .. }) if serving.manager.can_restore(name, version) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A model's readiness (Open Inference Protocol): 200 when it passed its last health check.
@@ -293,6 +311,12 @@ pub(super) fn element_count(shape: &[i64]) -> Option<usize> {
 
 /// The input's values: from `data`, or from the binary part (advanced past them).
 fn input_values(input: &InferInput, binary: &mut &[u8]) -> Result<Vec<f32>, V2Error> {
+    if input.datatype != FP32 {
+        return Err(invalid(format!(
+            "input {:?} is {}; tie's models read FP32",
+            input.name, input.datatype
+        )));
+    }
     let values = element_count(&input.shape)
         .filter(|&n| n <= MAX_BODY_BYTES)
         .ok_or_else(|| {
@@ -329,7 +353,8 @@ fn input_values(input: &InferInput, binary: &mut &[u8]) -> Result<Vec<f32>, V2Er
                 .data
                 .as_ref()
                 .ok_or_else(|| invalid(format!("input {} has no data", input.name)))?;
-            let mut out = Vec::with_capacity(values);
+            // Grown as the data is read: a shape alone reserves nothing.
+            let mut out = Vec::new();
             flatten(data, &mut out)?;
             out
         }
@@ -349,6 +374,19 @@ pub(super) fn floats(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+/// The request's `timeout` parameter (µs) as tie's deadline in ms: 0 is none, as in Triton.
+pub(super) fn timeout_ms(us: u64) -> Result<Option<u64>, InferenceError> {
+    if us > MAX_TIMEOUT_MS * 1000 {
+        return Err(InferenceError::InvalidRequest {
+            message: format!(
+                "the timeout parameter is {us} µs; at most {} µs",
+                MAX_TIMEOUT_MS * 1000
+            ),
+        });
+    }
+    Ok((us > 0).then(|| us.div_ceil(1000)))
 }
 
 /// An input tensor, decoded from whichever form it came in.
@@ -460,11 +498,8 @@ pub(super) async fn run_call(state: &HttpState, call: Call) -> Result<Answer, In
     let (_, versions) = answering_version(&serving, &model, &responses);
     Ok(Answer {
         model_name: call.model,
-        model_version: versions
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        // The version of the last row (a reload may have moved the default between rows).
+        model_version: versions.last().unwrap_or(&model.version).to_string(),
         output_name: output_meta.name,
         shape: vec![rows as i64, model.output_width() as i64],
         values: responses
@@ -564,17 +599,23 @@ pub(super) async fn infer(
     }
     // Each output as JSON, or as bytes after it.
     let outputs = request.outputs.unwrap_or_default();
+    // An output's own `binary_data`, else the request's `binary_data_output`.
+    let all_binary = flag(&request.parameters, "binary_data_output");
     let binary_output = match outputs.as_slice() {
-        [] => flag(&request.parameters, "binary_data_output"),
-        outputs => outputs.iter().any(|o| flag(&o.parameters, "binary_data")),
+        [] => all_binary,
+        outputs => outputs.iter().any(|o| {
+            o.parameters
+                .get("binary_data")
+                .and_then(Value::as_bool)
+                .unwrap_or(all_binary)
+        }),
     };
     let timeout_ms = match request.parameters.get("timeout") {
         None => None,
-        Some(us) => Some(
+        Some(us) => timeout_ms(
             us.as_u64()
-                .ok_or_else(|| invalid("the timeout parameter is not a number of µs".into()))?
-                .div_ceil(1000),
-        ),
+                .ok_or_else(|| invalid("the timeout parameter is not a number of µs".into()))?,
+        )?,
     };
     let answer = run_call(
         &state,
@@ -647,6 +688,13 @@ pub struct StatDuration {
     pub ns: Option<u64>,
 }
 
+/// The statistics answer (Triton's statistics extension).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelStatsResponse {
+    /// One entry per model version.
+    pub model_stats: Vec<ModelStatistics>,
+}
+
 /// A model version's figures (Triton's statistics extension).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelStatistics {
@@ -674,14 +722,16 @@ pub struct ModelStatistics {
 #[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "open-inference-protocol",
     operation_id = "v2_model_stats",
     params(("name" = String, Path, description = "The model (`…/versions/{version}/…` names a version: a number or a label)")),
-    responses((status = 200, description = "`{\"model_stats\": [...]}`", body = Vec<ModelStatistics>),
+    responses((status = 200, description = "`{\"model_stats\": [...]}`", body = ModelStatsResponse),
         (status = 404, description = "No such model or version")))]
 pub(super) async fn model_stats(
     State(state): State<Arc<HttpState>>,
     params: Option<Path<HashMap<String, String>>>,
-) -> Result<Json<Value>, V2Error> {
+) -> Result<Json<ModelStatsResponse>, V2Error> {
     let serving = state.serving()?;
     let set = serving.models.snapshot();
+    // `/v2/models/stats` has no parameters: every model.
+    let params = params.filter(|p| !p.is_empty());
     let models: Vec<Arc<LoadedModel>> = match params.as_ref().map(|p| model_of(p)) {
         None => set.loaded().into_iter().map(|(_, m)| m.clone()).collect(),
         Some((name, Some(version))) => vec![serving.resolve(&name, Some(&version))?.model],
@@ -699,8 +749,9 @@ pub(super) async fn model_stats(
             versions
         }
     };
-    let stats: Vec<ModelStatistics> = models.iter().map(|m| statistics(serving, m)).collect();
-    Ok(Json(json!({ "model_stats": stats })))
+    Ok(Json(ModelStatsResponse {
+        model_stats: models.iter().map(|m| statistics(serving, m)).collect(),
+    }))
 }
 
 fn statistics(serving: &Serving, m: &LoadedModel) -> ModelStatistics {

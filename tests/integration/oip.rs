@@ -85,6 +85,16 @@ fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
     );
     assert!(seen["binary_False"]["response"]["outputs"][0]["data"].is_array());
     close(&seen["default_outputs"], 1);
+    close(&seen["timeout_0"], 1);
+    // No outputs named: every output, as bytes (tritonclient's binary_data_output).
+    let default = &seen["default_response"]["outputs"][0];
+    assert_eq!(default["name"], "score", "{default}");
+    assert_eq!(default["parameters"]["binary_data_size"], 4, "{default}");
+    let all = seen["all_stats"]["model_stats"].as_array().unwrap();
+    assert!(
+        all.len() >= 7 && all.iter().any(|m| m["name"] == "mlp64"),
+        "{all:?}"
+    );
     // Errors in the protocol's form, with tie's statuses.
     let error = |key: &str, status: &str, says: &str| {
         let e = &seen[key];
@@ -146,7 +156,7 @@ fn the_protocols_json_form_reads_nested_data_and_refuses_what_does_not_fit() {
     for (body, says) in [
         (
             serde_json::json!({"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP64", "data": f.inputs[0]}]}),
-            "reads FP32",
+            "is FP64; tie's models read FP32",
         ),
         (
             serde_json::json!({"inputs": [{"name": "features", "shape": [2, 64], "datatype": "FP32", "data": f.inputs[0]}]}),
@@ -186,6 +196,14 @@ fn the_protocols_json_form_reads_nested_data_and_refuses_what_does_not_fit() {
         200
     );
     assert_eq!(send("GET", &format!("{base}/v2/health/live"), None).0, 200);
+    // A route tie does not serve answers in the protocol's form too.
+    let (code, text) = send("GET", &format!("{base}/v2/models/mlp64/config"), None);
+    assert_eq!(code, 404, "{text}");
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("no route")),
+        "{text}"
+    );
 }
 
 #[test]

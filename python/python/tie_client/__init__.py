@@ -6,9 +6,9 @@
     with tie_client.Client("tie", "mlp64") as client:
         scores = client.predict(np.zeros(client.feature_count, np.float32))
 
-Rows are float32. An array that already is contiguous float32 is read in place (written
-straight into the ring); any other (float64, a list, a strided view) is converted once, with
-``numpy.ascontiguousarray``. Waits for answers release the GIL. Every error is a
+Rows are float32. A row that already is contiguous float32 is written into the ring straight
+from its buffer; any other input (float64, a list, a strided view) is converted once, with
+``numpy.ascontiguousarray``, and ``predict_batch`` copies its array once. Waits for answers release the GIL. Every error is a
 ``TieError``; each kind has its own subclass (``ServerNotRunning``, ``WrongFeatureCount``,
 ``ModelNotFound``, ``Timeout``, ...).
 """
@@ -23,6 +23,7 @@ from . import _native
 from ._native import (
     BackendError,
     BatchProcessingError,
+    ClientBusy,
     ClosedError,
     ConnectFailed,
     Disconnected,
@@ -69,6 +70,7 @@ __all__ = [
     "Rejected",
     "NotReady",
     "ClosedError",
+    "ClientBusy",
 ]
 
 ArrayLike = Union[np.ndarray, "list[float]"]
@@ -95,6 +97,11 @@ class Client:
     bounds each wait for an answer. With ``reconnect`` (the default) a session the server
     ended is opened again on the next call, as the Rust client does. ``capacity`` sets the
     ring slots (default: the Rust client's).
+
+    One thread uses a client at a time: a call while another thread's is in progress raises
+    ``ClientBusy``. ``predict`` writes the row into the ring from its own buffer;
+    ``predict_batch`` copies the array once (its waits let other threads run, which could
+    change the array meanwhile).
     """
 
     def __init__(

@@ -47,8 +47,7 @@ fn status(e: &InferenceError) -> Status {
 }
 
 impl Inference {
-    /// Runs `answer` for a request of `method` once it passed the token rule, and counts the
-    /// outcome.
+    /// Runs `answer` for a request of `method` (past the token rule) and counts the outcome.
     async fn serve<T, R>(
         &self,
         method: &'static str,
@@ -56,15 +55,8 @@ impl Inference {
         answer: impl AsyncFnOnce(T) -> Result<R, InferenceError>,
     ) -> Result<Response<R>, Status> {
         let route = format!("/inference.GRPCInferenceService/{method}");
-        let headers = request.metadata().clone().into_headers();
-        let result = match self.state.token_everywhere {
-            true => self.state.authorize(&headers),
-            false => Ok(()),
-        };
-        let result = match result {
-            Ok(()) => answer(request.into_inner()).await,
-            Err(e) => Err(e),
-        };
+        // The token rule ran already, in the interceptor (before the message was decoded).
+        let result = answer(request.into_inner()).await;
         match result {
             Ok(r) => {
                 self.state.counters.response(&route, 200);
@@ -259,6 +251,9 @@ impl GrpcInferenceService for Inference {
     }
 }
 
+/// Calls a connection may have in progress at once.
+const STREAMS_PER_CONNECTION: usize = 64;
+
 /// Serves the service on `listener` until `shutdown`.
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
@@ -267,10 +262,35 @@ pub(super) async fn serve(
 ) {
     // No Nagle: a small answer is not held back waiting for the client's ACK (40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(Inference {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(super::app::MAX_BODY_BYTES);
+    // With `server.http_token_everywhere`, a call without the token is refused from its
+    // headers, before its message is read.
     let service =
-        proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(Inference { state })
-            .max_decoding_message_size(super::app::MAX_BODY_BYTES);
+        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+            if state.token_everywhere {
+                let headers = request.metadata().clone().into_headers();
+                if let Err(e) = state.authorize(&headers) {
+                    state
+                        .counters
+                        .response("/inference.GRPCInferenceService", e.http_status());
+                    state.counters.error(e.kind());
+                    return Err(status(&e));
+                }
+            }
+            Ok(request)
+        });
     let served = tonic::transport::Server::builder()
+        // Bounds of a connection and a call: streams at once, and the longest call (the
+        // longest timeout a request may ask for, and some).
+        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION as u32)
+        .timeout(std::time::Duration::from_millis(
+            super::app::MAX_TIMEOUT_MS + 10_000,
+        ))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = shutdown.await;

@@ -18,123 +18,133 @@ use tie_client::{
     Backoff, ConnectError, ConnectOptions, PredictError, Priority, ServerError, Status, SubmitError,
 };
 
-create_exception!(_native, TieError, PyException, "Every error of the client.");
 create_exception!(
-    _native,
+    tie_client,
+    TieError,
+    PyException,
+    "Every error of the client."
+);
+create_exception!(
+    tie_client,
     ConnectFailed,
     TieError,
     "The session could not be opened."
 );
 create_exception!(
-    _native,
+    tie_client,
     ServerNotRunning,
     ConnectFailed,
     "No server listens at the endpoint."
 );
 create_exception!(
-    _native,
+    tie_client,
     PermissionDenied,
     ConnectFailed,
     "The socket may not be opened by this user."
 );
 create_exception!(
-    _native,
+    tie_client,
     UntrustedServer,
     ConnectFailed,
     "The server runs as a user this client does not trust."
 );
 create_exception!(
-    _native,
+    tie_client,
     Refused,
     ConnectFailed,
     "The server refused the session (unknown model, layout, limits)."
 );
 create_exception!(
-    _native,
+    tie_client,
     WrongFeatureCount,
     TieError,
     "A row's width is not the model's."
 );
 create_exception!(
-    _native,
+    tie_client,
     NonFinite,
     TieError,
     "A feature is NaN or infinite and the layout refuses it."
 );
 create_exception!(
-    _native,
+    tie_client,
     QueueFull,
     TieError,
     "The ring or the server's queue is full."
 );
 create_exception!(
-    _native,
+    tie_client,
     Disconnected,
     TieError,
     "The server went away (a reconnect is tried on the next call when enabled)."
 );
 create_exception!(
-    _native,
+    tie_client,
     Timeout,
     TieError,
     "No answer in time, or the request's deadline passed at the server."
 );
 create_exception!(
-    _native,
+    tie_client,
     RequestsInFlight,
     TieError,
     "predict() while submitted requests are unanswered."
 );
 create_exception!(
-    _native,
+    tie_client,
     ModelNotFound,
     TieError,
     "The server answered ModelNotFound."
 );
 create_exception!(
-    _native,
+    tie_client,
     InvalidInputShape,
     TieError,
     "The server answered InvalidInputShape."
 );
 create_exception!(
-    _native,
+    tie_client,
     ExecutionFailed,
     TieError,
     "The server answered ExecutionFailed."
 );
 create_exception!(
-    _native,
+    tie_client,
     OutOfMemory,
     TieError,
     "The server answered OutOfMemory."
 );
 create_exception!(
-    _native,
+    tie_client,
     BatchProcessingError,
     TieError,
     "The server answered BatchProcessingError."
 );
 create_exception!(
-    _native,
+    tie_client,
     BackendError,
     TieError,
     "The server answered BackendError."
 );
 create_exception!(
-    _native,
+    tie_client,
     Rejected,
     TieError,
     "The server rejected the frame (a non-finite feature, a bad sequence)."
 );
 create_exception!(
-    _native,
+    tie_client,
     NotReady,
     TieError,
     "The model is not ready (loading, or failed its health check)."
 );
-create_exception!(_native, ClosedError, TieError, "The client was closed.");
-create_exception!(_native, ClientBusy, TieError, "Another thread's call on this client is in progress.");
+create_exception!(tie_client, ClosedError, TieError, "The client was closed.");
+create_exception!(
+    tie_client,
+    ClientBusy,
+    TieError,
+    "Another thread's call on this client is in progress."
+);
 
 /// The exception of a server's error answer.
 fn server_error(e: &ServerError) -> PyErr {
@@ -252,9 +262,9 @@ impl Client {
             Err(std::sync::TryLockError::WouldBlock) => Err(ClientBusy::new_err(
                 "the client is in use by another thread: give each thread its own client",
             )),
-            Err(std::sync::TryLockError::Poisoned(_)) => {
-                Err(TieError::new_err("a call on this client panicked; open a new one"))
-            }
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(TieError::new_err(
+                "a call on this client panicked; open a new one",
+            )),
         }
     }
 }

@@ -24,13 +24,21 @@ fn loadgen_status(server: &TestServer, out: &Path, args: &[&str]) -> std::proces
 /// Runs tie-loadgen against `server`, which must succeed.
 fn loadgen(server: &TestServer, out: &Path, args: &[&str]) -> std::process::Output {
     let output = loadgen_status(server, out, args);
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        server.log()
-    );
+    assert_ran(&output, &server.log());
     output
+}
+
+/// A run that completed with every request answered. On a machine loaded by the other tests
+/// an open loop may fall short of 95% of its rate within the window (exit 3): that alone is
+/// accepted here, any other shortfall is not.
+fn assert_ran(output: &std::process::Output, log: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let only_rate = output.status.code() == Some(3)
+        && stderr.contains("of the")
+        && !["error answers", "never sent", "never answered", "went away"]
+            .iter()
+            .any(|s| stderr.contains(s));
+    assert!(output.status.success() || only_rate, "{stderr}\n{log}");
 }
 
 /// Every request sent is accounted for: warm-up answers, predictions, errors by kind and
@@ -106,11 +114,7 @@ fn a_stalled_server_shows_as_late_answers_at_the_offered_rate() {
     std::thread::sleep(stall);
     server.signal(18);
     let output = run.join().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ran(&output, &server.log());
     let h = latencies(&out);
     let s = summary(&out);
     assert_eq!(s["count"].as_u64(), Some(h.len()));

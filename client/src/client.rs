@@ -846,31 +846,39 @@ impl Client {
                 count: live.by_ref().count() as u32,
             });
         }
-        let started = Instant::now();
+        let Some(response) = self.poll_within(Instant::now()) else {
+            if let Some(p) = self.pending.iter_mut().find(|p| p.id == id) {
+                p.abandoned = true;
+            }
+            return Err(PredictError::Timeout {
+                timeout_ms: self.timeout.as_millis() as u64,
+            });
+        };
+        debug_assert_eq!(response.request_id, id);
+        if let Some(error) = response.error() {
+            if error.status == Status::DISCONNECTED {
+                return Err(PredictError::Submit(SubmitError::Disconnected));
+            }
+            return Err(PredictError::Server(error));
+        }
+        Ok(Prediction {
+            round_trip_ns: response.round_trip_ns,
+            response,
+        })
+    }
+
+    /// The next answer, waited for with the connect options' wait strategy until their
+    /// timeout has passed since `started`; `None` when none came in time.
+    pub fn poll_within(&mut self, started: Instant) -> Option<Response> {
         let mut spins = 0u32;
         loop {
             if let Some(response) = self.poll() {
-                debug_assert_eq!(response.request_id, id);
-                if let Some(error) = response.error() {
-                    if error.status == Status::DISCONNECTED {
-                        return Err(PredictError::Submit(SubmitError::Disconnected));
-                    }
-                    return Err(PredictError::Server(error));
-                }
-                return Ok(Prediction {
-                    round_trip_ns: response.round_trip_ns,
-                    response,
-                });
+                return Some(response);
             }
             spins = spins.wrapping_add(1);
             // The clock is read every 64 empty polls, not on every spin.
             if spins.is_multiple_of(64) && started.elapsed() >= self.timeout {
-                if let Some(p) = self.pending.iter_mut().find(|p| p.id == id) {
-                    p.abandoned = true;
-                }
-                return Err(PredictError::Timeout {
-                    timeout_ms: self.timeout.as_millis() as u64,
-                });
+                return None;
             }
             self.wait.pause(started);
         }

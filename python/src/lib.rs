@@ -229,29 +229,14 @@ impl Client {
     }
 }
 
-/// Polls `client` until an answer comes or `timeout` passes since `started`, without the GIL.
+/// The client's next answer, waited for without the GIL (its wait strategy and timeout,
+/// counted from `started`).
 fn next_answer(
     py: Python<'_>,
     client: &mut tie_client::Client,
     started: std::time::Instant,
-    timeout: Duration,
 ) -> Option<tie_client::Response> {
-    py.detach(|| {
-        let mut spins = 0u32;
-        loop {
-            if let Some(r) = client.poll() {
-                return Some(r);
-            }
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) {
-                if started.elapsed() >= timeout {
-                    return None;
-                }
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
-        }
-    })
+    py.detach(|| client.poll_within(started))
 }
 
 impl Client {
@@ -412,14 +397,14 @@ impl Client {
                         Ok(_) => sent += 1,
                         Err(SubmitError::QueueFull { .. }) => break,
                         Err(e) => {
-                            drain(py, c, timeout);
+                            drain(py, c);
                             return Err(submit_error(&e));
                         }
                     }
                 }
                 let started = std::time::Instant::now();
-                let Some(r) = next_answer(py, c, started, timeout) else {
-                    drain(py, c, timeout);
+                let Some(r) = next_answer(py, c, started) else {
+                    drain(py, c);
                     return Err(Timeout::new_err(format!(
                         "no answer within {} ms ({} of {n} rows answered)",
                         timeout.as_millis(),
@@ -427,7 +412,7 @@ impl Client {
                     )));
                 };
                 if let Some(e) = r.error() {
-                    drain(py, c, timeout);
+                    drain(py, c);
                     return Err(server_error(&e));
                 }
                 values.extend_from_slice(r.outputs());
@@ -489,10 +474,10 @@ impl Client {
 }
 
 /// Reads what is left in flight after a failed batch, so the session is clean for the next
-/// call (each answer waited for at most `timeout`).
-fn drain(py: Python<'_>, client: &mut tie_client::Client, timeout: Duration) {
+/// call (each answer waited for at most the client's timeout).
+fn drain(py: Python<'_>, client: &mut tie_client::Client) {
     while client.awaited() > 0 {
-        if next_answer(py, client, std::time::Instant::now(), timeout).is_none() {
+        if next_answer(py, client, std::time::Instant::now()).is_none() {
             break;
         }
     }

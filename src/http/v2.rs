@@ -184,10 +184,9 @@ pub(super) async fn metadata_of(
     let model = resolve_loading(&serving, &name, version).await?.0.model;
     let set = serving.models.snapshot();
     let versions = set
-        .loaded()
-        .into_iter()
-        .filter(|(_, m)| m.name == name)
-        .map(|(_, m)| m.version.to_string())
+        .versions_of(&name)
+        .iter()
+        .map(|m| m.version.to_string())
         .collect();
     let (input, output) = tensors(&model);
     Ok(ModelMetadata {
@@ -470,11 +469,18 @@ pub(super) async fn run_call(state: &HttpState, call: Call) -> Result<Answer, In
             call.outputs
         )));
     }
+    // The input's values move into the request (one input: checked above).
+    let features = call
+        .inputs
+        .into_iter()
+        .next()
+        .map(|i| i.values)
+        .unwrap_or_default();
     let shaped = InferenceRequest {
         request_id: call.id.unwrap_or_default(),
         model_name: call.model.clone(),
         model_version: call.version,
-        input_features: input.values.clone(),
+        input_features: features,
         feature_names: Vec::new(),
         batch_size: rows,
         priority: RequestPriority::Normal,
@@ -736,12 +742,8 @@ pub(super) async fn model_stats(
         None => set.loaded().into_iter().map(|(_, m)| m.clone()).collect(),
         Some((name, Some(version))) => vec![serving.resolve(&name, Some(&version))?.model],
         Some((name, None)) => {
-            let versions: Vec<Arc<LoadedModel>> = set
-                .loaded()
-                .into_iter()
-                .filter(|(_, m)| m.name == name)
-                .map(|(_, m)| m.clone())
-                .collect();
+            let versions: Vec<Arc<LoadedModel>> =
+                set.versions_of(&name).into_iter().cloned().collect();
             if versions.is_empty() {
                 // The same error as any other request naming it.
                 serving.resolve(&name, None)?;

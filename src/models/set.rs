@@ -71,6 +71,15 @@ impl ModelSet {
         all
     }
 
+    /// The loaded versions of model `name`, lowest first.
+    pub fn versions_of(&self, name: &str) -> Vec<&Arc<LoadedModel>> {
+        self.loaded()
+            .into_iter()
+            .filter(|(_, m)| m.name == name)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
     /// Whether nothing is loaded.
     pub fn is_empty(&self) -> bool {
         self.slots.iter().all(Option::is_none)

@@ -343,23 +343,13 @@ fn rows_files_pins_progress_and_help_are_what_they_say() {
     assert!(stderr.contains("p99 so far"), "{stderr}");
     // A header that does not name every column is refused.
     std::fs::write(&rows, "f0,f1\n0.5,1,2,3\n").unwrap();
-    let refused = loadgen_status(
-        &server,
-        &out,
-        &[
-            "run",
-            "--model",
-            "identity",
-            "--rate",
-            "100",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--features",
-            rows.to_str().unwrap(),
-        ],
-    );
+    // A short run of identity with `extra`, expected to be refused.
+    let refused_run = |extra: &[&str]| {
+        let base = ["run", "--model", "identity", "--rate", "100"];
+        let short = ["--duration", "0.3", "--warmup", "0"];
+        loadgen_status(&server, &out, &[&base[..], &short, extra].concat())
+    };
+    let refused = refused_run(&["--features", rows.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
@@ -367,23 +357,7 @@ fn rows_files_pins_progress_and_help_are_what_they_say() {
         "{stderr}"
     );
     // A core the process may not run on is an error, before any load.
-    let refused = loadgen_status(
-        &server,
-        &out,
-        &[
-            "run",
-            "--model",
-            "identity",
-            "--rate",
-            "100",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--cores",
-            "100000",
-        ],
-    );
+    let refused = refused_run(&["--cores", "100000"]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(

@@ -11,6 +11,48 @@ use crate::common::{fixture, python_tools, root, scratch_dir, send, TestServer};
 const TRITONCLIENT: &str = "tritonclient[http]==2.73.0";
 const TRITONCLIENT_GRPC: &str = "tritonclient[grpc]==2.73.0";
 
+/// Runs `tests/python/<script>` (with `requirement` installed) with `args` and the path of
+/// the JSON it writes, which it must write; returns that JSON.
+fn run_client(server: &TestServer, requirement: &str, script: &str, args: &[&str]) -> Value {
+    let out = scratch_dir("oip-client").join("seen.json");
+    let python = python_tools(&[requirement]).join("python");
+    let run = Command::new(python)
+        .arg(root().join("tests/python").join(script))
+        .args(args)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        server.log()
+    );
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+/// The fixture `tests/python` scripts send: mlp64's rows, with onnxruntime's answers.
+const FIXTURE: &str = "tests/fixtures/expected/mlp64_v1.json";
+
+/// Asserts `got` (rows of outputs) are the fixture's first `rows` answers.
+fn answers_match_the_fixture(got: &Value, rows: usize) {
+    let want = fixture("mlp64_v1").outputs;
+    let got: Vec<Vec<f32>> = serde_json::from_value(got.clone()).unwrap();
+    assert_eq!(got.len(), rows);
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
+
+/// Asserts the client saw, at `key`, an error of `status` whose message says `says`.
+fn error(seen: &Value, key: &str, status: &str, says: &str) {
+    let e = &seen[key];
+    assert_eq!(e["status"], status, "{key}: {e}");
+    assert!(e["message"].as_str().unwrap().contains(says), "{key}: {e}");
+}
+
 #[test]
 fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
     let dir = scratch_dir("oip");
@@ -24,23 +66,17 @@ fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
     let server = TestServer::start_with(&config, &root().join("models"));
     let url = server.http().trim_start_matches("http://").to_string();
     let f = fixture("mlp64_v1");
-    let out = dir.join("seen.json");
-    let python = python_tools(&[TRITONCLIENT]).join("python");
-    let run = Command::new(python)
-        .arg(root().join("tests/python/oip_http.py"))
-        .args([url.as_str(), "mlp64"])
-        .arg(root().join("tests/fixtures/expected/mlp64_v1.json"))
-        .arg("s3cret")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stderr),
-        server.log()
+    let seen = run_client(
+        &server,
+        TRITONCLIENT,
+        "oip_http.py",
+        &[
+            &url,
+            "mlp64",
+            &root().join(FIXTURE).to_string_lossy(),
+            "s3cret",
+        ],
     );
-    let seen: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for key in [
         "live",
         "ready",
@@ -58,20 +94,8 @@ fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 64]));
     assert_eq!(meta["outputs"][0]["shape"], serde_json::json!([-1, 1]));
     // Binary and JSON tensors give the fixture's answers (onnxruntime's).
-    let close = |got: &Value, rows: usize| {
-        let got: Vec<Vec<f64>> = serde_json::from_value(got.clone()).unwrap();
-        assert_eq!(got.len(), rows);
-        for (g, want) in got.iter().zip(&f.outputs) {
-            for (a, b) in g.iter().zip(want) {
-                assert!(
-                    (*a as f32 - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "{a} vs {b}"
-                );
-            }
-        }
-    };
     for binary in ["binary_True", "binary_False"] {
-        close(&seen[binary]["outputs"], f.inputs.len());
+        answers_match_the_fixture(&seen[binary]["outputs"], f.inputs.len());
         let response = &seen[binary]["response"];
         assert_eq!(response["model_name"], "mlp64", "{response}");
         assert_eq!(response["model_version"], "1", "{response}");
@@ -84,8 +108,8 @@ fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
             .is_some_and(|n| n == 8 * 4)
     );
     assert!(seen["binary_False"]["response"]["outputs"][0]["data"].is_array());
-    close(&seen["default_outputs"], 1);
-    close(&seen["timeout_0"], 1);
+    answers_match_the_fixture(&seen["default_outputs"], 1);
+    answers_match_the_fixture(&seen["timeout_0"], 1);
     // No outputs named: every output, as bytes (tritonclient's binary_data_output).
     let default = &seen["default_response"]["outputs"][0];
     assert_eq!(default["name"], "score", "{default}");
@@ -96,15 +120,15 @@ fn tritonclient_over_http_infers_with_json_and_binary_tensors() {
         "{all:?}"
     );
     // Errors in the protocol's form, with tie's statuses.
-    let error = |key: &str, status: &str, says: &str| {
-        let e = &seen[key];
-        assert_eq!(e["status"], status, "{key}: {e}");
-        assert!(e["message"].as_str().unwrap().contains(says), "{key}: {e}");
-    };
-    error("unknown_model", "404", "no-such-model");
-    error("wrong_shape", "400", "reads [rows, 64]");
-    error("wrong_input", "400", "has no input \"not-the-input\"");
-    error("load_without_token", "401", "bearer token");
+    error(&seen, "unknown_model", "404", "no-such-model");
+    error(&seen, "wrong_shape", "400", "reads [rows, 64]");
+    error(
+        &seen,
+        "wrong_input",
+        "400",
+        "has no input \"not-the-input\"",
+    );
+    error(&seen, "load_without_token", "401", "bearer token");
     // Statistics from the monitor: the two 8-row requests at least (the last one's figures
     // may still be with its poller).
     let stats = &seen["stats"]["model_stats"][0];
@@ -214,23 +238,16 @@ fn tritonclient_over_grpc_infers_with_raw_tensors() {
         1,
     );
     let server = TestServer::start_with(&config, &root().join("models"));
-    let f = fixture("mlp64_v1");
-    let out = scratch_dir("oip-grpc").join("seen.json");
-    let python = python_tools(&[TRITONCLIENT_GRPC]).join("python");
-    let run = Command::new(python)
-        .arg(root().join("tests/python/oip_grpc.py"))
-        .args([server.grpc().as_str(), "mlp64"])
-        .arg(root().join("tests/fixtures/expected/mlp64_v1.json"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stderr),
-        server.log()
+    let seen = run_client(
+        &server,
+        TRITONCLIENT_GRPC,
+        "oip_grpc.py",
+        &[
+            &server.grpc(),
+            "mlp64",
+            &root().join(FIXTURE).to_string_lossy(),
+        ],
     );
-    let seen: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for key in ["live", "ready", "model_ready", "version_ready"] {
         assert_eq!(seen[key], true, "{key}: {seen}");
     }
@@ -239,32 +256,27 @@ fn tritonclient_over_grpc_infers_with_raw_tensors() {
         seen["metadata"]["inputs"][0]["shape"],
         serde_json::json!(["-1", "64"])
     );
-    let got: Vec<Vec<f32>> = serde_json::from_value(seen["outputs"].clone()).unwrap();
-    assert_eq!(got.len(), f.outputs.len());
-    for (g, want) in got.iter().zip(&f.outputs) {
-        for (a, b) in g.iter().zip(want) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
-        }
-    }
-    let one: Vec<Vec<f32>> = serde_json::from_value(seen["one_row"].clone()).unwrap();
-    assert!((one[0][0] - f.outputs[0][0]).abs() <= 1e-4 * f.outputs[0][0].abs().max(1.0));
+    answers_match_the_fixture(&seen["outputs"], 8);
+    answers_match_the_fixture(&seen["one_row"], 1);
     let response = &seen["response"];
     assert_eq!(response["model_name"], "mlp64", "{response}");
     assert_eq!(response["model_version"], "1", "{response}");
     assert_eq!(response["id"], "grpc-1", "{response}");
     // Errors as gRPC statuses, with tie's messages.
-    let error = |key: &str, status: &str, says: &str| {
-        let e = &seen[key];
-        assert_eq!(e["status"], status, "{key}: {e}");
-        assert!(e["message"].as_str().unwrap().contains(says), "{key}: {e}");
-    };
-    error("unknown_model", "StatusCode.NOT_FOUND", "no-such-model");
     error(
+        &seen,
+        "unknown_model",
+        "StatusCode.NOT_FOUND",
+        "no-such-model",
+    );
+    error(
+        &seen,
         "unknown_model_ready",
         "StatusCode.NOT_FOUND",
         "no-such-model",
     );
     error(
+        &seen,
         "wrong_shape",
         "StatusCode.INVALID_ARGUMENT",
         "reads [rows, 64]",

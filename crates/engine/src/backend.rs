@@ -140,6 +140,50 @@ pub trait Backend: Send + Sync {
     fn health(&self) -> BackendHealth {
         BackendHealth::Healthy
     }
+
+    /// A pipeline of its own, `depth` batches deep, for one caller that keeps batches in
+    /// flight (a poller's lane), where the engine runs batches asynchronously (the GPU);
+    /// `None` where it has none (the CPU engines: see [`crate::ThreadPipeline`]) or the
+    /// pipeline's resources could not be had.
+    fn pipeline(&self, depth: usize) -> Option<Box<dyn Pipeline>> {
+        let _ = depth;
+        None
+    }
+}
+
+/// Batches in flight on an asynchronous engine, for one caller: the caller gathers a batch
+/// into a free slot's staging memory and launches it, goes on with other work, and collects
+/// the outputs in launch order. Nothing in it waits for a batch to compute (a batch rerun
+/// elsewhere after its device failed aside).
+///
+/// Every launched batch is collected exactly once: [`ready`](Self::ready) gives the oldest
+/// one's outputs (or its failure) once it is done, and [`retire`](Self::retire) frees its slot.
+pub trait Pipeline: Send {
+    /// Whether a slot is free for another batch.
+    fn has_room(&self) -> bool;
+
+    /// Batches launched and not yet retired.
+    fn in_flight(&self) -> usize;
+
+    /// Gathers a batch into a free slot (as [`Backend::run_gathered`] does) and launches it.
+    /// Returns the rows `gather` returned (padding included); 0: nothing was gathered and
+    /// nothing launched. A launch that fails is reported by [`ready`](Self::ready) for that
+    /// batch.
+    ///
+    /// # Panics
+    /// When no slot is free ([`has_room`](Self::has_room)).
+    fn launch(&mut self, gather: &mut dyn FnMut(&mut [f32]) -> usize) -> usize;
+
+    /// The oldest batch's outputs (`rows * output_width` values) once it is done; `None`
+    /// while it runs or when nothing is in flight. Once it answered `Some`, the caller
+    /// retires the batch before asking again.
+    ///
+    /// # Errors
+    /// [`BackendError`] when the batch failed and could not be run elsewhere.
+    fn ready(&mut self) -> Option<Result<&mut [f32], BackendError>>;
+
+    /// Frees the oldest batch's slot, once [`ready`](Self::ready) answered for it.
+    fn retire(&mut self);
 }
 
 /// Checks that `input` holds `rows` rows of `iw` values and `output` room for `rows` of `ow`.

@@ -33,17 +33,19 @@ pub mod cuda;
 pub mod devices;
 mod lower;
 mod mlp;
+mod pipeline;
 pub mod profile;
 mod rewrite;
 mod tract;
 pub mod trees;
 
 pub use backend::{
-    check_shape, Backend, BackendError, BackendHealth, BackendInfo, ModelIo, Precision,
+    check_shape, Backend, BackendError, BackendHealth, BackendInfo, ModelIo, Pipeline, Precision,
 };
 pub use cpu::{load_cpu, load_cpu_with, read_mlp, BackendLoadError, CpuEngine};
 pub use lower::{lower_mlp, LowerError};
 pub use mlp::{Activation, Dense, MlpBackend, MlpPlan};
+pub use pipeline::ThreadPipeline;
 pub use tract::TractBackend;
 
 /// Helpers of the unit tests that read the fixtures under `tests/fixtures`.

@@ -15,6 +15,7 @@
 
 mod blaslt;
 mod kernels;
+mod pipeline;
 mod runtime;
 
 use std::ffi::c_void;
@@ -25,7 +26,9 @@ use std::time::Instant;
 use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstreamCaptureMode};
 use cudarc::driver::{result as cu, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError};
 
-use crate::{Backend, BackendError, BackendHealth, BackendInfo, MlpPlan, ModelIo, Precision};
+use crate::{
+    Backend, BackendError, BackendHealth, BackendInfo, MlpPlan, ModelIo, Pipeline, Precision,
+};
 pub use blaslt::BlasltPlanError;
 use blaslt::LayerMatmuls;
 pub use runtime::{GpuDevice, GpuProbeError, GpuRuntime, MemoryLimits, OutOfMemory, Reservation};
@@ -135,16 +138,31 @@ impl HostBuffer {
 
     fn as_mut_slice(&mut self, len: usize) -> &mut [f32] {
         assert!(len <= self.len);
-        // SAFETY: `ptr` holds `self.len` f32s, no copy is in flight (the stream is synchronised
-        // after every batch) and `&mut self` makes this the only reference.
+        // SAFETY: `ptr` holds `self.len` f32s, no copy is in flight (the synchronous path waits
+        // for every batch; a pipeline hands out a slot's buffers only while its batch is not
+        // running) and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
     }
 
     fn as_slice(&self, len: usize) -> &[f32] {
         assert!(len <= self.len);
-        // SAFETY: as above; no copy writes it while the stream is idle.
+        // SAFETY: as above; nothing writes it while no batch of its own runs.
         unsafe { std::slice::from_raw_parts(self.ptr, len) }
     }
+}
+
+/// The buffers one execution reads and writes: the pinned staging buffers (as the host and the
+/// device address them) and the device's input, output, activations and cuBLASLt workspace.
+#[derive(Clone, Copy)]
+struct Io {
+    host_in: *mut f32,
+    host_in_device: CUdeviceptr,
+    host_out: *mut f32,
+    host_out_device: CUdeviceptr,
+    input: CUdeviceptr,
+    output: CUdeviceptr,
+    act: [CUdeviceptr; 2],
+    workspace: CUdeviceptr,
 }
 
 /// The fused kernels that fit, by rows per block.
@@ -177,6 +195,8 @@ struct InstanceState {
     /// Biases in the storage type, read by the cuBLASLt epilogues through `matmuls`.
     _bias_stored: DeviceBuffer,
     act: [DeviceBuffer; 2],
+    /// Bytes of each activation buffer.
+    act_bytes: usize,
     workspace: Option<DeviceBuffer>,
     fused: Vec<Fused>,
     conv_in: CUfunction,
@@ -193,6 +213,8 @@ struct InstanceState {
 // context is bound (every entry point binds it); the state is only used under its instance's
 // mutex.
 unsafe impl Send for InstanceState {}
+// SAFETY: as above; `Io` holds addresses of allocations whose owners outlive its uses.
+unsafe impl Send for Io {}
 
 impl Drop for InstanceState {
     fn drop(&mut self) {
@@ -208,6 +230,8 @@ impl Drop for InstanceState {
 struct Instance {
     device: Arc<GpuDevice>,
     outstanding: AtomicUsize,
+    /// Pipelines built on it (the next goes to the instance with the fewest).
+    pipelines: AtomicUsize,
     healthy: AtomicBool,
     /// Fail the next batch as a broken device would (tests of the failover).
     inject_failure: AtomicBool,
@@ -218,11 +242,20 @@ struct Instance {
 
 /// Runs an [`MlpPlan`] on one or more GPUs.
 pub struct CudaBackend {
+    precision: Precision,
+    shared: Arc<Shared>,
+}
+
+/// What the backend and its pipelines share.
+struct Shared {
     info: BackendInfo,
     plan_shape: (usize, usize),
-    precision: Precision,
     largest: usize,
-    instances: Vec<Instance>,
+    instances: Vec<Arc<Instance>>,
+    /// Memory rules, for the pipelines' buffers.
+    limits: MemoryLimits,
+    /// Executions are captured as CUDA graphs (pipelines need them).
+    graphs: bool,
 }
 
 impl CudaBackend {
@@ -291,14 +324,15 @@ impl CudaBackend {
                     continue;
                 }
             };
-            instances.push(Instance {
+            instances.push(Arc::new(Instance {
                 device: device.clone(),
                 outstanding: AtomicUsize::new(0),
+                pipelines: AtomicUsize::new(0),
                 healthy: AtomicBool::new(true),
                 inject_failure: AtomicBool::new(false),
                 state: Mutex::new(state),
                 _reservation: reservation,
-            });
+            }));
         }
         if instances.is_empty() {
             return Err(failed.unwrap_or_else(|| {
@@ -312,22 +346,27 @@ impl CudaBackend {
             .iter()
             .map(|i| format!("cuda:{}", i.device.ordinal()))
             .collect();
+        let info = BackendInfo {
+            io,
+            architecture: "mlp".into(),
+            device: devices.join(","),
+            engine: "cuda",
+            device_memory_bytes: Some(bytes as u64 * instances.len() as u64),
+            pci_bus_ids: instances
+                .iter()
+                .filter_map(|i| i.device.pci_address().map(str::to_string))
+                .collect(),
+        };
         Ok(Self {
-            info: BackendInfo {
-                io,
-                architecture: "mlp".into(),
-                device: devices.join(","),
-                engine: "cuda",
-                device_memory_bytes: Some(bytes as u64 * instances.len() as u64),
-                pci_bus_ids: instances
-                    .iter()
-                    .filter_map(|i| i.device.pci_address().map(str::to_string))
-                    .collect(),
-            },
-            plan_shape: (plan.input_width, plan.output_width()),
             precision,
-            largest,
-            instances,
+            shared: Arc::new(Shared {
+                info,
+                plan_shape: (plan.input_width, plan.output_width()),
+                largest,
+                instances,
+                limits: runtime.limits(),
+                graphs: runtime.graphs(),
+            }),
         })
     }
 
@@ -339,7 +378,7 @@ impl CudaBackend {
     /// Each bucket's size, engine and the median run time measured when it was chosen (H2D,
     /// kernels, D2H and the wait), for the first instance.
     pub fn engines(&self) -> Vec<(usize, Engine, u64)> {
-        let state = self.instances[0]
+        let state = self.shared.instances[0]
             .state
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -352,7 +391,8 @@ impl CudaBackend {
 
     /// The devices serving the model and whether each is in rotation.
     pub fn devices(&self) -> Vec<(usize, bool)> {
-        self.instances
+        self.shared
+            .instances
             .iter()
             .map(|i| (i.device.ordinal(), i.healthy.load(Ordering::Relaxed)))
             .collect()
@@ -382,6 +422,7 @@ impl CudaBackend {
     ) -> bool {
         let mut found = false;
         for i in self
+            .shared
             .instances
             .iter()
             .filter(|i| i.device.ordinal() == ordinal)
@@ -391,19 +432,26 @@ impl CudaBackend {
         }
         found
     }
+}
 
+impl Shared {
     /// The healthy instance with the least outstanding work.
-    fn pick(&self) -> Option<&Instance> {
+    fn pick(&self) -> Option<&Arc<Instance>> {
         self.instances
             .iter()
             .filter(|i| i.healthy.load(Ordering::Relaxed))
             .min_by_key(|i| i.outstanding.load(Ordering::Relaxed))
     }
-}
 
-impl Backend for CudaBackend {
-    fn info(&self) -> &BackendInfo {
-        &self.info
+    /// Takes `instance` out of rotation after it failed a batch.
+    fn fail(instance: &Instance, e: &DriverError) {
+        // A failed launch or copy leaves the context unusable: out of rotation.
+        instance.healthy.store(false, Ordering::Relaxed);
+        tracing::error!(
+            device = instance.device.ordinal(),
+            error = %e,
+            "GPU failed a batch; device taken out of rotation for this model"
+        );
     }
 
     fn run_batch(
@@ -428,7 +476,6 @@ impl Backend for CudaBackend {
                 staging[..input.len()].copy_from_slice(input);
                 rows
             },
-            &mut [],
             output,
         )
         .map(|_| ())
@@ -437,7 +484,6 @@ impl Backend for CudaBackend {
     fn run_gathered(
         &self,
         gather: &mut dyn FnMut(&mut [f32]) -> usize,
-        _scratch: &mut [f32],
         output: &mut [f32],
     ) -> Result<usize, BackendError> {
         let (iw, ow) = self.plan_shape;
@@ -482,30 +528,51 @@ impl Backend for CudaBackend {
             instance.outstanding.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(rows) => return Ok(rows),
-                Err(e) => {
-                    // A failed launch or copy leaves the context unusable: out of rotation.
-                    instance.healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(
-                        device = instance.device.ordinal(),
-                        error = %e,
-                        "GPU failed a batch; device taken out of rotation for this model"
-                    );
-                }
+                Err(e) => Self::fail(instance, &e),
             }
         }
         Err(BackendError::Execution(
             "no GPU instance of the model is in rotation".into(),
         ))
     }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.shared.info
+    }
+
+    fn run_batch(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        self.shared.run_batch(input, rows, output)
+    }
+
+    fn run_gathered(
+        &self,
+        gather: &mut dyn FnMut(&mut [f32]) -> usize,
+        _scratch: &mut [f32],
+        output: &mut [f32],
+    ) -> Result<usize, BackendError> {
+        self.shared.run_gathered(gather, output)
+    }
+
+    fn pipeline(&self, depth: usize) -> Option<Box<dyn Pipeline>> {
+        pipeline::CudaPipeline::build(&self.shared, depth).map(|p| Box::new(p) as Box<dyn Pipeline>)
+    }
 
     fn health(&self) -> BackendHealth {
         let out: Vec<String> = self
+            .shared
             .instances
             .iter()
             .filter(|i| !i.healthy.load(Ordering::Relaxed))
             .map(|i| format!("cuda:{}", i.device.ordinal()))
             .collect();
-        if out.len() == self.instances.len() {
+        if out.len() == self.shared.instances.len() {
             BackendHealth::Unhealthy(format!("every GPU instance failed ({})", out.join(", ")))
         } else {
             BackendHealth::Healthy
@@ -530,7 +597,7 @@ impl InstanceState {
             Some(graph) => graph.launch()?,
             None => {
                 let (size, engine) = (self.buckets[b].size, self.buckets[b].engine);
-                self.enqueue(size, engine)?;
+                self.enqueue(&self.io(), self.stream.cu_stream(), size, engine)?;
             }
         }
         self.wait()?;
@@ -552,9 +619,29 @@ impl InstanceState {
         }
     }
 
-    /// Puts one batch of `size` rows on the stream: H2D, the engine's kernels, D2H.
-    fn enqueue(&self, size: usize, engine: Engine) -> Result<(), DriverError> {
-        let stream = self.stream.cu_stream();
+    /// The instance's own buffers (the synchronous path's).
+    fn io(&self) -> Io {
+        Io {
+            host_in: self.host_in.ptr,
+            host_in_device: self.host_in.device,
+            host_out: self.host_out.ptr,
+            host_out_device: self.host_out.device,
+            input: self.input.ptr,
+            output: self.output.ptr,
+            act: [self.act[0].ptr, self.act[1].ptr],
+            workspace: self.workspace.as_ref().map_or(0, |w| w.ptr),
+        }
+    }
+
+    /// Puts one batch of `size` rows on `stream`, reading and writing `io`: H2D, the engine's
+    /// kernels, D2H.
+    fn enqueue(
+        &self,
+        io: &Io,
+        stream: cudarc::driver::sys::CUstream,
+        size: usize,
+        engine: Engine,
+    ) -> Result<(), DriverError> {
         let (iw, ow) = (self.iw, self.ow);
         let mapped = matches!(engine, Engine::FusedMapped(_));
         if !mapped {
@@ -562,7 +649,8 @@ impl InstanceState {
             // graph that captured these copies (graphs are dropped first); device buffers
             // likewise.
             unsafe {
-                cu::memcpy_htod_async(self.input.ptr, self.host_in.as_slice(size * iw), stream)?;
+                let input = std::slice::from_raw_parts(io.host_in, size * iw);
+                cu::memcpy_htod_async(io.input, input, stream)?;
             }
         }
         match engine {
@@ -573,9 +661,9 @@ impl InstanceState {
                     .find(|f| f.rows == r)
                     .expect("engine chosen from the fused kernels");
                 let (x, y) = if mapped {
-                    (self.host_in.device, self.host_out.device)
+                    (io.host_in_device, io.host_out_device)
                 } else {
-                    (self.input.ptr, self.output.ptr)
+                    (io.input, io.output)
                 };
                 let (w, bias) = (self.weights.ptr, self.bias.ptr);
                 let rows = size as i32;
@@ -608,10 +696,10 @@ impl InstanceState {
                 m.enqueue(
                     size,
                     &blaslt::Buffers {
-                        input: self.input.ptr,
-                        output: self.output.ptr,
-                        act: [self.act[0].ptr, self.act[1].ptr],
-                        workspace: self.workspace.as_ref().map_or(0, |w| w.ptr),
+                        input: io.input,
+                        output: io.output,
+                        act: io.act,
+                        workspace: io.workspace,
                         workspace_bytes: WORKSPACE_BYTES,
                         conv_in: self.conv_in,
                         acts: &self.acts,
@@ -624,21 +712,25 @@ impl InstanceState {
         if !mapped {
             // SAFETY: as for the input copy.
             unsafe {
-                let out = std::slice::from_raw_parts_mut(self.host_out.ptr, size * ow);
-                cu::memcpy_dtoh_async(out, self.output.ptr, stream)?;
+                let out = std::slice::from_raw_parts_mut(io.host_out, size * ow);
+                cu::memcpy_dtoh_async(out, io.output, stream)?;
             }
         }
         Ok(())
     }
 
-    fn capture(&self, size: usize, engine: Engine) -> Result<CudaGraph, DriverError> {
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let enqueued = self.enqueue(size, engine);
+    /// Captures one batch of `size` rows on `stream`, reading and writing `io`, as a graph.
+    fn capture(
+        &self,
+        io: &Io,
+        stream: &Arc<CudaStream>,
+        size: usize,
+        engine: Engine,
+    ) -> Result<CudaGraph, DriverError> {
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let enqueued = self.enqueue(io, stream.cu_stream(), size, engine);
         // End the capture whatever happened, so the stream is usable again.
-        let graph = self
-            .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         enqueued?;
         let graph = graph?.ok_or(DriverError(
             cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
@@ -660,7 +752,7 @@ impl InstanceState {
             let t = Instant::now();
             match graph {
                 Some(g) => g.launch()?,
-                None => self.enqueue(size, engine)?,
+                None => self.enqueue(&self.io(), self.stream.cu_stream(), size, engine)?,
             }
             self.wait()?;
             if i >= 5 {
@@ -938,6 +1030,7 @@ fn allocate_instance(
         bias,
         _bias_stored: bias_stored,
         act,
+        act_bytes: largest * widest * elem,
         workspace,
         fused,
         conv_in,
@@ -1000,7 +1093,7 @@ fn choose_engines(
             let graph = if graphs {
                 Some(
                     state
-                        .capture(size, engine)
+                        .capture(&state.io(), &state.stream, size, engine)
                         .map_err(cuda_err("capturing a CUDA graph"))?,
                 )
             } else {

@@ -43,17 +43,19 @@ struct Ledger {
     models: u32,
 }
 
-/// Device memory booked for one model instance; given back on drop.
+/// Device memory booked for one model instance (or one of its pipelines); given back on drop.
 pub struct Reservation {
     device: Arc<GpuDevice>,
     bytes: u64,
+    /// It counts as a model against `max_models`.
+    model: bool,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut l = self.device.ledger.lock().unwrap_or_else(|e| e.into_inner());
         l.bytes -= self.bytes;
-        l.models -= 1;
+        l.models -= u32::from(self.model);
     }
 }
 
@@ -108,6 +110,28 @@ impl GpuDevice {
         bytes: usize,
         limits: MemoryLimits,
     ) -> Result<Reservation, OutOfMemory> {
+        self.book(bytes, limits, true)
+    }
+
+    /// Books `bytes` more for a model already on the device (a pipeline's buffers): the pool
+    /// and the free memory limit it, the per-model limits do not.
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] naming the limit it would cross.
+    pub fn reserve_more(
+        self: &Arc<Self>,
+        bytes: usize,
+        limits: MemoryLimits,
+    ) -> Result<Reservation, OutOfMemory> {
+        self.book(bytes, limits, false)
+    }
+
+    fn book(
+        self: &Arc<Self>,
+        bytes: usize,
+        limits: MemoryLimits,
+        model: bool,
+    ) -> Result<Reservation, OutOfMemory> {
         let requested_mb = bytes.div_ceil(1 << 20);
         let refuse = |why: String| Err(OutOfMemory { requested_mb, why });
         let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
@@ -117,13 +141,13 @@ impl GpuDevice {
             limits.pool_bytes.min(self.total_bytes)
         };
         let bytes = bytes as u64;
-        if limits.max_models != 0 && l.models >= limits.max_models {
+        if model && limits.max_models != 0 && l.models >= limits.max_models {
             return refuse(format!(
                 "GPU {} already holds max_models_per_gpu = {} models",
                 self.ordinal, limits.max_models
             ));
         }
-        if limits.fraction_per_model > 0.0 {
+        if model && limits.fraction_per_model > 0.0 {
             let cap = (pool as f64 * limits.fraction_per_model as f64) as u64;
             if bytes > cap {
                 return refuse(format!(
@@ -148,10 +172,11 @@ impl GpuDevice {
             }
         }
         l.bytes += bytes;
-        l.models += 1;
+        l.models += u32::from(model);
         Ok(Reservation {
             device: self.clone(),
             bytes,
+            model,
         })
     }
 }

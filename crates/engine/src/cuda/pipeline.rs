@@ -1,0 +1,339 @@
+//! [`CudaPipeline`]: batches in flight on one GPU instance for one caller (a poller's lane).
+//!
+//! A pipeline owns a stream, `depth` slots (pinned input and output staging buffers, an
+//! event, and one captured graph per bucket that reads and writes that slot's buffers) and the
+//! device buffers its graphs share (its one stream runs them in launch order, so the slots can
+//! share them). A batch is gathered into a free slot and its bucket's graph launched; the
+//! caller goes on and polls for completion, never waits.
+//!
+//! Completion: the last batch launched is done when the stream is idle (`cuStreamQuery`, as the
+//! synchronous path waits); a batch with another launched behind it has its slot's event
+//! recorded just before that launch, and is done when the event is. A lone batch therefore
+//! costs what it costs on the synchronous path: one graph launch, no event.
+//!
+//! When the device fails a batch, its instance leaves rotation and the batch runs again on
+//! another instance through the backend's synchronous failover; so do the pipeline's later
+//! batches.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{result as cu, CudaEvent, CudaGraph, CudaStream, DriverError};
+
+use super::{DeviceBuffer, Engine, HostBuffer, Instance, Io, Reservation, Shared, WORKSPACE_BYTES};
+use crate::{BackendError, Pipeline};
+
+enum SlotState {
+    Free,
+    /// Launched; `event` says whether its event was recorded behind it.
+    Running {
+        event: bool,
+    },
+    /// Done: outputs in `host_out`, or why it failed.
+    Done(Result<(), String>),
+}
+
+struct Slot {
+    // The graphs first: they are dropped before the buffers they read and write.
+    /// One per bucket, reading `host_in` and writing `host_out`.
+    graphs: Vec<CudaGraph>,
+    event: CudaEvent,
+    host_in: HostBuffer,
+    host_out: HostBuffer,
+    rows: usize,
+    state: SlotState,
+}
+
+/// Batches in flight on one instance of a [`super::CudaBackend`] (see the module's notes).
+pub(super) struct CudaPipeline {
+    shared: Arc<Shared>,
+    instance: Arc<Instance>,
+    /// Bucket sizes, ascending: the index of a slot's graph.
+    buckets: Vec<usize>,
+    slots: Vec<Slot>,
+    /// The oldest batch in flight.
+    head: usize,
+    /// Batches in flight.
+    len: usize,
+    /// Device input, output, activations and workspace the slots' graphs share.
+    _device: Vec<DeviceBuffer>,
+    stream: Arc<CudaStream>,
+    _reservation: Reservation,
+}
+
+// SAFETY: the raw pointers in the slots' buffers are CUDA allocations valid in any thread once
+// the context is bound (every entry point binds it); a pipeline has one owner at a time.
+unsafe impl Send for CudaPipeline {}
+
+impl Drop for CudaPipeline {
+    fn drop(&mut self) {
+        // Nothing may run into the buffers once they are freed.
+        let _ = self.stream.context().bind_to_thread();
+        let _ = self.stream.synchronize();
+        self.slots.clear();
+        self.instance.pipelines.fetch_sub(1, Ordering::Relaxed);
+        self.instance
+            .outstanding
+            .fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+impl CudaPipeline {
+    /// A pipeline on the healthy instance with the fewest pipelines, each bucket captured with
+    /// the engine the instance chose for it. `None` (logged) when executions are not captured
+    /// as graphs, or the device refuses the memory or a step fails: the caller then runs its
+    /// batches synchronously.
+    pub(super) fn build(shared: &Arc<Shared>, depth: usize) -> Option<Self> {
+        if !shared.graphs || depth == 0 {
+            return None;
+        }
+        let instance = shared
+            .instances
+            .iter()
+            .filter(|i| i.healthy.load(Ordering::Relaxed))
+            .min_by_key(|i| i.pipelines.load(Ordering::Relaxed))?
+            .clone();
+        let started = Instant::now();
+        match Self::build_on(shared, &instance, depth) {
+            Ok(p) => {
+                tracing::info!(
+                    device = instance.device.ordinal(),
+                    depth,
+                    graphs = p.buckets.len() * depth,
+                    ms = started.elapsed().as_millis() as u64,
+                    "GPU pipeline built"
+                );
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    device = instance.device.ordinal(),
+                    error = %e,
+                    "no GPU pipeline for this poller"
+                );
+                None
+            }
+        }
+    }
+
+    fn build_on(
+        shared: &Arc<Shared>,
+        instance: &Arc<Instance>,
+        depth: usize,
+    ) -> Result<Self, String> {
+        let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+        let ctx = instance.device.context();
+        let err = |what: &'static str| move |e: DriverError| format!("{what}: {e}");
+        ctx.bind_to_thread().map_err(err("binding the context"))?;
+        let largest = shared.largest;
+        let (iw, ow) = shared.plan_shape;
+        let blaslt = state.buckets.iter().any(|b| b.engine == Engine::Blaslt);
+        let workspace = if blaslt { WORKSPACE_BYTES } else { 0 };
+        let sizes = [
+            largest * iw * 4,
+            largest * ow * 4,
+            state.act_bytes,
+            state.act_bytes,
+            workspace,
+        ];
+        let reservation = instance
+            .device
+            .reserve_more(sizes.iter().sum(), shared.limits)
+            .map_err(|e| e.to_string())?;
+        let device = sizes
+            .iter()
+            .map(|&bytes| DeviceBuffer::new(bytes))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err("allocating device buffers"))?;
+        let stream = ctx.new_stream().map_err(err("creating a stream"))?;
+        let mut slots = Vec::with_capacity(depth);
+        for _ in 0..depth {
+            let host_in = HostBuffer::new(
+                largest * iw,
+                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+            )
+            .map_err(err("allocating pinned input"))?;
+            let host_out =
+                HostBuffer::new(largest * ow, 0).map_err(err("allocating pinned output"))?;
+            let io = Io {
+                host_in: host_in.ptr,
+                host_in_device: host_in.device,
+                host_out: host_out.ptr,
+                host_out_device: host_out.device,
+                input: device[0].ptr,
+                output: device[1].ptr,
+                act: [device[2].ptr, device[3].ptr],
+                workspace: if blaslt { device[4].ptr } else { 0 },
+            };
+            let graphs = state
+                .buckets
+                .iter()
+                .map(|b| state.capture(&io, &stream, b.size, b.engine))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err("capturing a CUDA graph"))?;
+            let event = ctx.new_event(None).map_err(err("creating an event"))?;
+            slots.push(Slot {
+                graphs,
+                event,
+                host_in,
+                host_out,
+                rows: 0,
+                state: SlotState::Free,
+            });
+        }
+        instance.pipelines.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            shared: shared.clone(),
+            instance: instance.clone(),
+            buckets: state.buckets.iter().map(|b| b.size).collect(),
+            slots,
+            head: 0,
+            len: 0,
+            _device: device,
+            stream,
+            _reservation: reservation,
+        })
+    }
+
+    /// Launches slot `i`'s batch: records the event of the batch launched before it (it is no
+    /// longer the last on the stream), then replays the bucket's graph.
+    fn start(&mut self, i: usize) -> Result<(), DriverError> {
+        // The input was written through write-combining buffers: drain them before the GPU
+        // reads it (a kernel reading mapped memory gets no fence from a copy call).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.stream.context().bind_to_thread()?;
+        if self.len > 1 {
+            let prev = (i + self.slots.len() - 1) % self.slots.len();
+            if let SlotState::Running { event: false } = self.slots[prev].state {
+                // SAFETY: a live event and stream of the bound context.
+                unsafe {
+                    cu::event::record(self.slots[prev].event.cu_event(), self.stream.cu_stream())
+                }?;
+                self.slots[prev].state = SlotState::Running { event: true };
+            }
+        }
+        if self.instance.inject_failure.swap(false, Ordering::Relaxed) {
+            return Err(DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED));
+        }
+        let rows = self.slots[i].rows;
+        let b = self
+            .buckets
+            .iter()
+            .position(|&s| s >= rows)
+            .expect("rows <= largest bucket");
+        self.slots[i].graphs[b].launch()
+    }
+
+    /// Runs slot `i`'s batch on another instance (synchronously), after its device failed.
+    fn rerun(&mut self, i: usize) -> SlotState {
+        let (iw, ow) = self.shared.plan_shape;
+        let Slot {
+            host_in,
+            host_out,
+            rows,
+            ..
+        } = &mut self.slots[i];
+        let rows = *rows;
+        let result = self.shared.run_batch(
+            host_in.as_slice(rows * iw),
+            rows,
+            host_out.as_mut_slice(rows * ow),
+        );
+        SlotState::Done(result.map_err(|e| e.to_string()))
+    }
+
+    /// Whether the batch in slot `i` is done: by its event, or, as the last on the stream,
+    /// by the stream going idle.
+    fn query(&self, i: usize, event: bool) -> Result<bool, DriverError> {
+        // SAFETY: a live event and stream.
+        let r = unsafe {
+            if event {
+                cudarc::driver::sys::cuEventQuery(self.slots[i].event.cu_event())
+            } else {
+                cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream())
+            }
+        };
+        match r {
+            CUresult::CUDA_SUCCESS => Ok(true),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            e => Err(DriverError(e)),
+        }
+    }
+}
+
+impl Pipeline for CudaPipeline {
+    fn has_room(&self) -> bool {
+        self.len < self.slots.len()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.len
+    }
+
+    fn launch(&mut self, gather: &mut dyn FnMut(&mut [f32]) -> usize) -> usize {
+        assert!(self.has_room(), "launch with every slot in flight");
+        let i = (self.head + self.len) % self.slots.len();
+        let (iw, _) = self.shared.plan_shape;
+        let largest = self.shared.largest;
+        let rows = gather(self.slots[i].host_in.as_mut_slice(largest * iw));
+        if rows == 0 {
+            return 0;
+        }
+        self.slots[i].rows = rows;
+        self.len += 1;
+        self.instance.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.slots[i].state = if rows > largest {
+            SlotState::Done(Err(format!("{rows} rows gathered: at most {largest} fit")))
+        } else if !self.instance.healthy.load(Ordering::Relaxed) {
+            self.rerun(i)
+        } else {
+            match self.start(i) {
+                Ok(()) => SlotState::Running { event: false },
+                Err(e) => {
+                    Shared::fail(&self.instance, &e);
+                    self.rerun(i)
+                }
+            }
+        };
+        rows
+    }
+
+    fn ready(&mut self) -> Option<Result<&mut [f32], BackendError>> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = self.head;
+        if let SlotState::Running { event } = self.slots[i].state {
+            self.slots[i].state = match self.query(i, event) {
+                Ok(false) => return None,
+                Ok(true) => SlotState::Done(Ok(())),
+                Err(e) => {
+                    Shared::fail(&self.instance, &e);
+                    self.rerun(i)
+                }
+            };
+        }
+        let ow = self.shared.plan_shape.1;
+        let slot = &mut self.slots[i];
+        match &slot.state {
+            SlotState::Done(Ok(())) => Some(Ok(slot.host_out.as_mut_slice(slot.rows * ow))),
+            SlotState::Done(Err(why)) => Some(Err(BackendError::Execution(why.clone()))),
+            SlotState::Free | SlotState::Running { .. } => unreachable!("head is in flight"),
+        }
+    }
+
+    fn retire(&mut self) {
+        assert!(self.len > 0, "retire with nothing in flight");
+        let slot = &mut self.slots[self.head];
+        assert!(
+            matches!(slot.state, SlotState::Done(_)),
+            "retire before the batch was ready"
+        );
+        slot.state = SlotState::Free;
+        self.head = (self.head + 1) % self.slots.len();
+        self.len -= 1;
+        self.instance.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -4,8 +4,10 @@
 //! `cargo bench --bench e2e_latency` (env: `ITERS`, default 200000; `CLIENT_CORE`, default 0;
 //! `SERVER_CORE`, default 1; `REPO`, the model repository, default `models/`; `MODELS`, the
 //! models measured, default `identity,mlp64`; `BATCHES`, the backend's batch sizes, default
-//! `1,4,16,64`). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute time of
-//! a batch (and rows per second) for comparison.
+//! `1,4,16,64`; `IDLE_SESSIONS`, sessions connected to each model and left idle while its
+//! round trip is measured, default 0; `COLD_SAMPLES`, round trips each after 3 ms without a
+//! request, default 300). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute
+//! time of a batch (and rows per second) for comparison.
 //!
 //! Rows: feature `i` of row `r` is `2 sin(0.37 i + 1.7 r)`, 256 rows in turn (as
 //! `benches/trees_anchor.py` feeds its anchors).
@@ -40,12 +42,65 @@ fn report(name: &str, h: &Histogram<u64>) {
     );
 }
 
+/// This process's resident memory (`/proc/self/statm`), in bytes.
+fn rss_bytes() -> u64 {
+    procfs::process::Process::myself()
+        .and_then(|p| p.statm())
+        .map_or(0, |s| s.resident * procfs::page_size())
+}
+
 /// Row `r` of the benchmark's rows, `width` features.
 fn row(r: usize, width: usize) -> impl Iterator<Item = f32> {
     (0..width).map(move |i| 2.0 * (0.37 * i as f32 + 1.7 * (r % 256) as f32).sin())
 }
 
+/// Starts this program again as a process holding `n` idle sessions to `model`; returns once
+/// they are connected. It exits when its stdin closes.
+fn idle_child(socket_dir: &std::path::Path, model: &str, n: usize) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("E2E_IDLE_CHILD", format!("{n}"))
+        .env("E2E_IDLE_MODEL", model)
+        .env("E2E_IDLE_SOCKETS", socket_dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the idle sessions' process");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "connected",
+        "the idle sessions' process failed"
+    );
+    child
+}
+
+/// The idle sessions' process (see [`idle_child`]).
+fn idle_sessions(n: usize) {
+    let options = ConnectOptions {
+        socket_dir: Some(std::env::var_os("E2E_IDLE_SOCKETS").unwrap().into()),
+        timeout: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    };
+    let model = std::env::var("E2E_IDLE_MODEL").unwrap();
+    let clients: Vec<Client> = (0..n)
+        .map(|_| Client::connect("bench", &model, options.clone()).expect("connect"))
+        .collect();
+    println!("connected");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(clients);
+}
+
 fn main() {
+    if let Some(n) = std::env::var("E2E_IDLE_CHILD")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        return idle_sessions(n);
+    }
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
     let iters = env("ITERS", 200_000);
     let client_core = env("CLIENT_CORE", 0);
@@ -126,18 +181,29 @@ fn main() {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: client_core }) {
         eprintln!("warning: cannot pin the client to core {client_core}");
     }
+    let idle_sessions = env("IDLE_SESSIONS", 0);
+    let options = ConnectOptions {
+        socket_dir: Some(socket_dir.clone()),
+        wait: WaitStrategy::BusySpin,
+        timeout: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    };
     for model in &names {
-        let mut client = Client::connect(
-            "bench",
-            model,
-            ConnectOptions {
-                socket_dir: Some(socket_dir.clone()),
-                wait: WaitStrategy::BusySpin,
-                timeout: Duration::from_secs(5),
-                ..ConnectOptions::default()
-            },
-        )
-        .expect("connect");
+        // Sessions that stay connected and send nothing while the round trip is measured, from
+        // another process (this one's sessions would count as the control plane's).
+        let rss_before = rss_bytes();
+        let idle = (idle_sessions > 0).then(|| idle_child(&socket_dir, model, idle_sessions));
+        if idle.is_some() {
+            // Let the pollers adopt them before measuring.
+            std::thread::sleep(Duration::from_millis(200));
+            let grown = rss_bytes().saturating_sub(rss_before) as f64;
+            println!(
+                "{model}: {idle_sessions} idle sessions: server RSS +{:.1} MiB ({:.1} KiB each)",
+                grown / (1 << 20) as f64,
+                grown / 1024.0 / idle_sessions as f64
+            );
+        }
+        let mut client = Client::connect("bench", model, options.clone()).expect("connect");
         let width = client.feature_count() as usize;
         let rows: Vec<Vec<f32>> = (0..256).map(|r| row(r, width).collect()).collect();
         let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
@@ -147,7 +213,27 @@ fn main() {
                 h.record(p.round_trip_ns.max(1)).unwrap();
             }
         }
-        report(&format!("e2e {model} batch 1 (round trip)"), &h);
+        let with_idle = if idle_sessions > 0 {
+            format!(", {idle_sessions} idle sessions")
+        } else {
+            String::new()
+        };
+        report(&format!("e2e {model} batch 1 (round trip){with_idle}"), &h);
+        // The first request after the session sat quiet past the time a session goes cold.
+        let mut cold = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
+        for i in 0..env("COLD_SAMPLES", 300) {
+            std::thread::sleep(Duration::from_millis(3));
+            let p = client.predict(&rows[i % 256]).expect("predict");
+            cold.record(p.round_trip_ns.max(1)).unwrap();
+        }
+        if !cold.is_empty() {
+            report(&format!("e2e {model} after 3 ms quiet{with_idle}"), &cold);
+        }
+        if let Some(mut child) = idle {
+            // Its stdin closes: it hangs up its sessions and exits.
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
     }
     server.shutdown();
     let _ = std::fs::remove_dir_all(&socket_dir);

@@ -363,6 +363,29 @@ impl std::fmt::Debug for RingEnds {
     }
 }
 
+/// A look at the tail of a ring (see [`RingEnds::peer_tail_watch`]): one load of one cache
+/// line, with nothing else of the session touched.
+pub struct TailWatch {
+    // Field order is drop order: the word goes before the segment it points into.
+    tail: &'static AtomicU64,
+    _segment: Arc<Segment>,
+}
+
+impl TailWatch {
+    /// The tail as it is now, unchecked (see [`Consumer::peer_tail`]).
+    #[inline]
+    pub fn load(&self) -> u64 {
+        // SYNC(tail): Acquire pairs with the producer's Release in `Producer::publish`.
+        self.tail.load(Ordering::Acquire)
+    }
+}
+
+impl std::fmt::Debug for TailWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TailWatch").finish_non_exhaustive()
+    }
+}
+
 /// Which side of a session a [`RingEnds`] is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -477,5 +500,25 @@ impl RingEnds {
     #[inline]
     pub fn popped(&self) -> u64 {
         self.consumer.popped()
+    }
+
+    /// A watch on the tail of the ring this side consumes, which keeps the segment mapped.
+    pub fn peer_tail_watch(&self) -> TailWatch {
+        TailWatch {
+            tail: self.consumer.tail_word(),
+            _segment: self.segment.clone(),
+        }
+    }
+
+    /// See [`Consumer::stamped`].
+    #[inline]
+    pub fn stamped(&self, stamp: u64) -> bool {
+        self.consumer.stamped(stamp)
+    }
+
+    /// See [`Consumer::peer_tail`].
+    #[inline]
+    pub fn peer_tail(&self) -> u64 {
+        self.consumer.peer_tail()
     }
 }

@@ -348,6 +348,30 @@ impl<'a> Consumer<'a> {
         self.head
     }
 
+    /// Whether the next slot holds a frame stamped `stamp` (published or not yet), without
+    /// taking it.
+    #[inline]
+    pub fn stamped(&self, stamp: u64) -> bool {
+        let start = self.ring.slot_start(self.head);
+        // SYNC(stamp): Acquire pairs with the producer's Release in `RingView::write_slot`.
+        self.ring.slots[start].load(Ordering::Acquire) == stamp
+    }
+
+    /// The producer's tail word itself, for a watcher that looks at it without this end (see
+    /// [`Consumer::peer_tail`]).
+    pub fn tail_word(&self) -> &'a AtomicU64 {
+        self.ring.tail
+    }
+
+    /// The producer's tail as it is now, unchecked: a hint that frames were published since
+    /// it was last seen (a watcher compares it with an earlier value; [`Consumer::available`]
+    /// checks it).
+    #[inline]
+    pub fn peer_tail(&self) -> u64 {
+        // SYNC(tail): Acquire pairs with the producer's Release in `Producer::publish`.
+        self.ring.tail.load(Ordering::Acquire)
+    }
+
     /// Frames ready to pop, reloading the producer's index.
     ///
     /// # Errors

@@ -7,10 +7,17 @@
 //! that need no batch and for a batch to run, run it, write the responses and publish each
 //! touched ring once.
 //!
+//! A model with `pipeline_depth > 0` has its batches launched on a [`Pipeline`] (the GPU's
+//! streams, or a batch thread) instead: the loop goes on while they run and answers each, in
+//! launch order, once it is done (`Flight`s). A session with requests in a batch in flight
+//! has its later resolved answers held back until that batch is answered, and keeps its slot
+//! (even once dead) until then.
+//!
 //! Credits: a session may have at most as many requests accepted and not yet consumed as its
 //! response ring holds. A client that stops reading responses stops being read from; its
 //! frames wait in its request ring and no other session is held up.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -28,6 +35,7 @@ use crate::dataplane::batch::{BatchQueue, BatchStats, Decision, Outcome, Request
 use crate::models::LoadedModel;
 use crate::models::{ModelSet, Models};
 use crate::monitor::{Monitor, Recorder, Stage};
+use tie_engine::{BackendError, Pipeline};
 
 /// A session handed from the listener to a poller.
 pub(crate) struct NewSession {
@@ -101,6 +109,15 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// Shortest wait for a batch that a parked poller sleeps for (shorter ones are spun).
 const SLEEP_FLOOR: Duration = Duration::from_micros(60);
 
+/// A session that sent nothing for this long, and is owed nothing, goes cold (see `scan`).
+const COLD_AFTER_NS: u64 = 1_000_000;
+
+/// Cold sessions looked at per round (see `scan`).
+const COLD_PER_ROUND: usize = 8;
+
+/// Rounds between two looks for hot sessions that went quiet.
+const COOLING_ROUNDS: u32 = 1024;
+
 /// Counters of one poller, reported when it stops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerStats {
@@ -166,6 +183,10 @@ impl SharedStats {
 pub(super) struct PollerContext {
     pub index: usize,
     pub core: Option<usize>,
+    /// Every poller's core (kept free of batch threads).
+    pub poller_cores: Vec<usize>,
+    /// Sessions whose client hung up, counted by the listener.
+    pub hangups: Arc<std::sync::atomic::AtomicU64>,
     pub models: Arc<Models>,
     pub new_sessions: mpsc::Receiver<NewSession>,
     pub stopping: Arc<AtomicBool>,
@@ -193,13 +214,28 @@ struct WorkerSession {
     accepted: u64,
     /// Responses the client had consumed when last loaded.
     consumed: u64,
-    /// Responses pushed and not yet published.
+    /// Responses pushed and not yet published (its slot is then in the poller's `touched`).
     unpublished: bool,
+    /// When it last sent a frame (or was adopted).
+    last_frame_ns: u64,
+    /// It is cold (see `Poller::scan`).
+    cold: bool,
     /// Responses sent with an error status (mirrored into the segment for observers).
     errors: u64,
+    /// Requests taken into batches in flight and not yet answered: its later answers wait for
+    /// them, and its slot is not reused before they are answered.
+    in_flight: u32,
     /// Once the server stops: frames popped plus those the tail showed then. Nothing past it
     /// is read, so a client that keeps sending cannot hold the shutdown up.
     stop_at: Option<u64>,
+}
+
+/// A cold session (see [`Poller::scan`]).
+struct Cold {
+    slot: usize,
+    /// Its request ring's tail when it went cold.
+    tail: u64,
+    watch: tie_client::segment::TailWatch,
 }
 
 /// Where a session goes when its model leaves the set or its default changes.
@@ -225,6 +261,18 @@ struct Item {
     detail_b: u32,
 }
 
+/// A batch launched on a lane's pipeline and not yet answered.
+struct Flight {
+    /// Every request it answers, in answer order (its rows, and the resolved or late heads
+    /// met while gathering them).
+    taken: Vec<Taken<Item>>,
+    /// Rows launched; 0: nothing was launched (only resolved or late heads were taken).
+    rows: usize,
+    started_ns: u64,
+    /// When its rows were gathered, on a batch whose stages are timed; else 0.
+    gathered_ns: u64,
+}
+
 /// Per-model state of a poller.
 struct ModelLane {
     /// The version it runs (held until the lane is dropped).
@@ -238,10 +286,19 @@ struct ModelLane {
     rec: Recorder,
     /// Batches run, for sampling the gather and execute stages.
     batches_run: u64,
+    /// Batches run on the GPU without waiting for them, where the backend can.
+    pipeline: Option<Box<dyn Pipeline>>,
+    /// Batches launched on the pipeline (or taken with no row to launch) and not yet
+    /// answered, oldest first: answered in this order.
+    flights: VecDeque<Flight>,
+    /// Answered flights' lists, reused.
+    spare: Vec<Vec<Taken<Item>>>,
+    /// When the last flight answered was found done.
+    last_done_ns: u64,
 }
 
 impl ModelLane {
-    fn new(model: Arc<LoadedModel>, rec: Recorder) -> Self {
+    fn new(model: Arc<LoadedModel>, rec: Recorder, poller_cores: &[usize]) -> Self {
         let largest = model.batch.largest_batch();
         let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
         if let Some(p) = &model.profile {
@@ -251,6 +308,7 @@ impl ModelLane {
             .profile
             .as_ref()
             .map_or(0, |p| p.compute_ns(queue.full_size()));
+        let pipeline = pipeline_for(&model, largest, poller_cores);
         Self {
             input: vec![0.0; largest * model.input_width()],
             output: vec![0.0; largest * model.output_width()],
@@ -259,8 +317,69 @@ impl ModelLane {
             batch_compute_ns,
             rec,
             batches_run: 0,
+            pipeline,
+            flights: VecDeque::new(),
+            spare: Vec::new(),
+            last_done_ns: 0,
         }
     }
+}
+
+/// The pipeline a lane of `model` keeps its batches in flight in (`pipeline_depth`): the
+/// backend's own (the GPU's streams), else a batch thread of the lane's own, which runs on the
+/// process's CPUs but the pollers' (`poller_cores`); `None` at depth 0, or when neither can be
+/// had (logged: the poller then waits for each batch).
+///
+/// Built on the poller's thread, once per model and poller (on the GPU, graph captures: a few
+/// milliseconds, logged).
+fn pipeline_for(
+    model: &Arc<LoadedModel>,
+    largest: usize,
+    poller_cores: &[usize],
+) -> Option<Box<dyn Pipeline>> {
+    let depth = model.config.pipeline_depth;
+    if depth == 0 {
+        return None;
+    }
+    if let Some(p) = model.backend.pipeline(depth) {
+        return Some(p);
+    }
+    match tie_engine::ThreadPipeline::new(
+        model.backend.clone(),
+        depth,
+        largest,
+        format!("tie-batch-{}", model.name),
+        off_poller_cores(poller_cores.to_vec()),
+    ) {
+        Ok(p) => {
+            tracing::info!(model = %model.key(), depth, "batches computed on a batch thread");
+            Some(Box::new(p))
+        }
+        Err(e) => {
+            tracing::warn!(model = %model.key(), error = %e, "no batch thread: the poller waits for each batch");
+            None
+        }
+    }
+}
+
+/// Moves the thread that runs it off the pollers' cores: onto the CPUs the process's main
+/// thread may run on, but `poller_cores` (a thread started by a pinned poller inherits its one
+/// core). Where that leaves none it stays where it is.
+fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+        let Ok(mut cpus) = sched_getaffinity(Some(rustix::process::getpid())) else {
+            return;
+        };
+        for &core in poller_cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+            cpus.unset(core);
+        }
+        if cpus.count() > 0 {
+            if let Err(e) = sched_setaffinity(None, &cpus) {
+                tracing::warn!(error = %e, "a batch thread stays on its poller's core");
+            }
+        }
+    })
 }
 
 /// The spec's confidence for a prediction with no uncertainty output: `1 / (1 + e^-|v|)`.
@@ -289,6 +408,9 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         }
     }
     let mut p = Poller {
+        poller_cores: ctx.poller_cores.clone(),
+        hangups: ctx.hangups.clone(),
+        hangups_seen: 0,
         lanes: Vec::new(),
         // The generation first: a change in between is then seen at the first refresh.
         generation: ctx.models.generation(),
@@ -300,6 +422,10 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         frame: Vec::new(),
         taken: Vec::new(),
         stats: WorkerStats::default(),
+        hot: Vec::new(),
+        cold: Vec::new(),
+        cold_next: 0,
+        touched: Vec::new(),
     };
     let mut rounds = Rounds::default();
     loop {
@@ -317,9 +443,12 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
             p.fix_stop_points();
         }
         let accepted = p.scan();
-        let (answered, wake_ns) = p.run_lanes(stopping);
+        let (answered, wake_ns, flying) = p.run_lanes(stopping);
         p.reap();
-        if accepted > 0 || answered > 0 {
+        if rounds.round.is_multiple_of(COOLING_ROUNDS) && !stopping {
+            p.cool();
+        }
+        if accepted > 0 || answered > 0 || flying {
             ctx.shared.store(&p.stats);
             if rounds.round.is_multiple_of(256) {
                 ctx.shared.store_batch(&p.lanes);
@@ -331,7 +460,10 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         }
         p.idle_round(&ctx, &mut rounds);
         if stopping
-            && p.lanes.iter().flatten().all(|l| l.queue.is_empty())
+            && p.lanes
+                .iter()
+                .flatten()
+                .all(|l| l.queue.is_empty() && l.flights.is_empty())
             && (!p.frames_before_stop_unread()
                 || rounds
                     .stop_started
@@ -427,6 +559,11 @@ impl Drop for Poller {
 }
 
 struct Poller {
+    /// Every poller's core (kept free of batch threads).
+    poller_cores: Vec<usize>,
+    /// Sessions whose client hung up, counted by the listener, and the count last seen.
+    hangups: Arc<std::sync::atomic::AtomicU64>,
+    hangups_seen: u64,
     models: Arc<Models>,
     /// The model set as this poller last read it.
     set: Arc<ModelSet>,
@@ -445,6 +582,14 @@ struct Poller {
     /// Requests leaving a queue, reused.
     taken: Vec<Taken<Item>>,
     stats: WorkerStats,
+    /// Slots of the sessions read every round (see [`Poller::scan`]).
+    hot: Vec<usize>,
+    /// The cold sessions, looked at [`COLD_PER_ROUND`] a round, in turn.
+    cold: Vec<Cold>,
+    /// The cold session the next round looks at first.
+    cold_next: usize,
+    /// Slots of the sessions with responses not yet published this round.
+    touched: Vec<usize>,
 }
 
 impl Poller {
@@ -470,6 +615,10 @@ impl Poller {
                 None => continue,
             };
             self.sessions[slot].as_mut().expect("checked").switch = switch;
+            if switch.is_some() {
+                // Moved or closed at once, not when it next sends.
+                self.warm(slot);
+            }
         }
         self.retiring = true;
     }
@@ -507,7 +656,7 @@ impl Poller {
         }
         if self.lanes[slot].is_none() {
             let rec = self.monitor.recorder(model.monitor_index);
-            self.lanes[slot] = Some(ModelLane::new(model.clone(), rec));
+            self.lanes[slot] = Some(ModelLane::new(model.clone(), rec, &self.poller_cores));
         }
     }
 
@@ -523,7 +672,7 @@ impl Poller {
                 continue;
             }
             let bound = self.sessions.iter().flatten().any(|s| s.model == slot);
-            if bound || !lane.queue.is_empty() {
+            if bound || !lane.queue.is_empty() || !lane.flights.is_empty() {
                 waiting = true;
                 continue;
             }
@@ -577,13 +726,23 @@ impl Poller {
             accepted: 0,
             consumed: 0,
             unpublished: false,
+            last_frame_ns: monotonic_ns(),
+            cold: false,
             errors: 0,
+            in_flight: 0,
             stop_at: None,
         };
-        match self.sessions.iter().position(Option::is_none) {
-            Some(slot) => self.sessions[slot] = Some(session),
-            None => self.sessions.push(Some(session)),
-        }
+        let slot = match self.sessions.iter().position(Option::is_none) {
+            Some(slot) => {
+                self.sessions[slot] = Some(session);
+                slot
+            }
+            None => {
+                self.sessions.push(Some(session));
+                self.sessions.len() - 1
+            }
+        };
+        self.hot.push(slot);
     }
 
     /// Moves session `slot` where the model set sends it, once every request it sent to its
@@ -637,6 +796,14 @@ impl Poller {
 
     /// Bounds what each session may still send once the server stops (see `stop_at`).
     fn fix_stop_points(&mut self) {
+        // Every session is read every round until the stop.
+        while let Some(c) = self.cold.pop() {
+            self.sessions[c.slot]
+                .as_mut()
+                .expect("cold sessions live")
+                .cold = false;
+            self.hot.push(c.slot);
+        }
         for s in self
             .sessions
             .iter_mut()
@@ -657,13 +824,112 @@ impl Poller {
         })
     }
 
-    /// Reads frames from every session into the queues; returns how many were accepted.
+    /// Reads frames from the sessions into the queues; returns how many were accepted.
+    ///
+    /// Hot sessions are read every round. A session that sent nothing for [`COLD_AFTER_NS`]
+    /// and is owed nothing goes cold ([`Poller::cool`]): cold ones are looked at
+    /// [`COLD_PER_ROUND`] a round, in turn, by their request ring's tail alone (one cache line
+    /// that stays in this core's cache while the client sends nothing); one whose tail moved is
+    /// hot again and read at once. One whose client hung up is made hot when the listener's
+    /// count of hang-ups moves, to be reaped. So a round costs the hot sessions and a few cold
+    /// tails, however many sessions sit idle; a cold session's first frame waits for its turn
+    /// (at most `cold sessions / COLD_PER_ROUND` rounds).
     fn scan(&mut self) -> usize {
         let mut accepted = 0;
-        for slot in 0..self.sessions.len() {
+        for i in 0..self.hot.len() {
+            accepted += self.drain_session(self.hot[i]);
+        }
+        for _ in 0..self.cold.len().min(COLD_PER_ROUND) {
+            if self.cold_next >= self.cold.len() {
+                self.cold_next = 0;
+            }
+            let c = &self.cold[self.cold_next];
+            if c.watch.load() == c.tail {
+                self.cold_next += 1;
+                continue;
+            }
+            let slot = self.cold.swap_remove(self.cold_next).slot;
+            self.sessions[slot]
+                .as_mut()
+                .expect("cold sessions live")
+                .cold = false;
+            self.hot.push(slot);
             accepted += self.drain_session(slot);
         }
+        if !self.cold.is_empty() {
+            let hangups = self.hangups.load(Ordering::Relaxed);
+            if hangups != self.hangups_seen {
+                self.hangups_seen = hangups;
+                self.warm_dead();
+            }
+        }
         accepted
+    }
+
+    /// Makes the cold sessions whose client hung up hot, so that they are reaped.
+    fn warm_dead(&mut self) {
+        let mut i = 0;
+        while i < self.cold.len() {
+            let slot = self.cold[i].slot;
+            let s = self.sessions[slot].as_mut().expect("cold sessions live");
+            if s.link.dead.load(Ordering::Relaxed) {
+                s.cold = false;
+                self.cold.swap_remove(i);
+                self.hot.push(slot);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Moves the hot sessions that went quiet (nothing sent for [`COLD_AFTER_NS`], nothing
+    /// owed, in use or pending, no frame left in the ring: not one published and unread, as
+    /// when the client has no credits, nor one stamped and not yet published) to the cold ones
+    /// (see [`Poller::scan`]).
+    fn cool(&mut self) {
+        let now = monotonic_ns();
+        let mut i = 0;
+        while i < self.hot.len() {
+            let slot = self.hot[i];
+            let s = self.sessions[slot].as_mut().expect("hot sessions live");
+            let quiet = now.saturating_sub(s.last_frame_ns) > COLD_AFTER_NS
+                && s.accepted == s.responded
+                && s.in_flight == 0
+                && s.switch.is_none()
+                && s.stop_at.is_none()
+                && !s.unpublished
+                && !s.link.dead.load(Ordering::Relaxed)
+                && s.rings.peer_tail() == s.rings.popped()
+                && !s.rings.stamped(s.expected_seq);
+            if quiet {
+                s.cold = true;
+                let watch = s.rings.peer_tail_watch();
+                self.cold.push(Cold {
+                    slot,
+                    tail: watch.load(),
+                    watch,
+                });
+                self.hot.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Makes session `slot` hot (read every round) if it is cold.
+    fn warm(&mut self, slot: usize) {
+        let Some(s) = self.sessions[slot].as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut s.cold) {
+            let i = self
+                .cold
+                .iter()
+                .position(|c| c.slot == slot)
+                .expect("a cold session is listed");
+            self.cold.swap_remove(i);
+            self.hot.push(slot);
+        }
     }
 
     fn drain_session(&mut self, slot: usize) -> usize {
@@ -722,37 +988,54 @@ impl Poller {
         }
         if taken > 0 {
             s.rings.release();
+            s.last_frame_ns = now;
             self.stats.requests += taken as u64;
         }
         taken
     }
 
     /// Answers what needs no batch and runs the batches the policy asks for. Returns the
-    /// responses written and the earliest time a waiting batch must be looked at again.
-    fn run_lanes(&mut self, stopping: bool) -> (usize, Option<u64>) {
+    /// responses written, the earliest time a waiting batch must be looked at again, and
+    /// whether batches are in flight (the poller then stays busy: it looks again at once).
+    fn run_lanes(&mut self, stopping: bool) -> (usize, Option<u64>, bool) {
         let mut answered = 0;
         let mut wake: Option<u64> = None;
+        let mut flying = false;
         for m in 0..self.lanes.len() {
             let Some(lane) = self.lanes[m].as_mut() else {
                 continue;
             };
+            if !lane.flights.is_empty() {
+                answered += self.collect(m);
+            }
+            let lane = self.lanes[m].as_mut().expect("checked");
             if lane.queue.is_empty() {
+                flying |= !lane.flights.is_empty();
                 continue;
             }
             let now = monotonic_ns();
             self.taken.clear();
-            lane.queue.take_resolved(now, &mut self.taken);
+            let sessions = &self.sessions;
+            lane.queue.take_resolved(now, &mut self.taken, |s| {
+                sessions[s].as_ref().is_some_and(|s| s.in_flight > 0)
+            });
             answered += self.respond(m, now, 0, now);
             let lane = self.lanes[m].as_mut().expect("checked");
+            // With every pipeline slot in flight the batch waits (and grows) until one frees.
+            let room = lane.pipeline.as_ref().is_none_or(|p| p.has_room());
             match lane.queue.decide(now, lane.batch_compute_ns) {
                 Decision::Idle => {}
                 // A stopping server does not wait for batches to fill.
                 Decision::WaitUntil(t) if !stopping => wake = Some(wake.map_or(t, |w| w.min(t))),
-                Decision::WaitUntil(_) | Decision::Run => answered += self.run_batch(m, now),
+                Decision::WaitUntil(_) | Decision::Run if room => {
+                    answered += self.run_batch(m, now);
+                }
+                Decision::WaitUntil(_) | Decision::Run => {}
             }
+            flying |= !self.lanes[m].as_ref().expect("checked").flights.is_empty();
         }
-        for s in self.sessions.iter_mut().flatten() {
-            if s.unpublished {
+        for slot in self.touched.drain(..) {
+            if let Some(s) = self.sessions[slot].as_mut() {
                 s.rings.publish();
                 s.unpublished = false;
             }
@@ -764,11 +1047,14 @@ impl Poller {
                 lane.rec.sample().settle();
             }
         }
-        (answered, wake)
+        (answered, wake, flying)
     }
 
     fn run_batch(&mut self, m: usize, started_ns: u64) -> usize {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
+        if lane.pipeline.is_some() {
+            return self.launch_batch(m, started_ns);
+        }
         self.taken.clear();
         let ModelLane {
             model,
@@ -827,17 +1113,135 @@ impl Poller {
             lane.batch_compute_ns =
                 lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
             if let Err(e) = result {
-                tracing::error!(model = %model.key(), rows, error = %e, "batch failed");
-                model.health.batch_failed(&model.key(), &e);
-                for t in self.taken.iter_mut() {
-                    if let Outcome::Execute { .. } = t.outcome {
-                        t.outcome = Outcome::Resolved;
-                        t.request.item.status = Status::EXECUTION_FAILED;
-                    }
-                }
+                batch_failed(model, &mut self.taken, rows, &e);
             }
         }
         self.respond(m, started_ns, compute_ns, done_ns)
+    }
+
+    /// Gathers a batch into a free slot of the lane's pipeline and launches it; its answers
+    /// are written once it is done (see [`Poller::collect`]). Returns the responses written
+    /// now: those of earlier batches done meanwhile, or of this one when it took only resolved
+    /// or late requests.
+    fn launch_batch(&mut self, m: usize, started_ns: u64) -> usize {
+        let lane = self.lanes[m].as_mut().expect("run for a lane");
+        let mut taken = lane.spare.pop().unwrap_or_default();
+        taken.clear();
+        lane.batches_run = lane.batches_run.wrapping_add(1);
+        let time_stages = lane.batches_run.is_multiple_of(GATHER_SAMPLING);
+        let mut gathered_ns = 0;
+        let mut rows = 0;
+        let ModelLane {
+            queue, pipeline, ..
+        } = lane;
+        let pipeline = pipeline.as_mut().expect("a lane with a pipeline");
+        pipeline.launch(&mut |staging| {
+            let (r, padded) = queue.take(started_ns, staging, &mut taken);
+            if time_stages {
+                gathered_ns = monotonic_ns();
+            }
+            rows = r;
+            if r == 0 {
+                0
+            } else {
+                padded
+            }
+        });
+        if taken.is_empty() {
+            lane.spare.push(taken);
+            return 0;
+        }
+        if rows > 0 {
+            self.stats.batches += 1;
+            self.stats.rows += rows as u64;
+            let sample = lane.rec.sample();
+            sample.batches += 1;
+            sample.rows += rows as u64;
+        }
+        for t in &taken {
+            if let Some(s) = self.sessions[t.request.session].as_mut() {
+                s.in_flight += 1;
+            }
+        }
+        lane.flights.push_back(Flight {
+            taken,
+            rows,
+            started_ns,
+            gathered_ns,
+        });
+        self.collect(m)
+    }
+
+    /// Answers the lane's flights that are done, oldest first; stops at the first still on
+    /// the GPU. Returns the responses written.
+    fn collect(&mut self, m: usize) -> usize {
+        let Some(lane) = self.lanes[m].as_mut() else {
+            return 0;
+        };
+        let mut written = 0;
+        while let Some(front) = lane.flights.front() {
+            let launched = front.rows > 0;
+            let outcome = if launched {
+                match lane
+                    .pipeline
+                    .as_mut()
+                    .expect("launched on the pipeline")
+                    .ready()
+                {
+                    None => break,
+                    Some(outcome) => Some(outcome),
+                }
+            } else {
+                None
+            };
+            let mut flight = lane.flights.pop_front().expect("a front");
+            let done_ns = monotonic_ns();
+            // Its own compute time: from its launch, or from when the batch before it was
+            // done, if it waited behind that one.
+            let compute_ns = done_ns.saturating_sub(flight.started_ns.max(lane.last_done_ns));
+            if launched {
+                lane.last_done_ns = done_ns;
+                // The deadline estimate follows what batches really take (EMA, 1/8 weight).
+                lane.batch_compute_ns =
+                    lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
+            }
+            let output: &[f32] = match outcome {
+                None => &[],
+                Some(Ok(output)) => {
+                    if flight.gathered_ns != 0 {
+                        let sample = lane.rec.sample();
+                        let gather = flight.gathered_ns.saturating_sub(flight.started_ns);
+                        sample.later(Stage::Gather, gather, 1);
+                        sample.later(Stage::Execute, compute_ns, 1);
+                    }
+                    output
+                }
+                Some(Err(e)) => {
+                    batch_failed(&lane.model, &mut flight.taken, flight.rows, &e);
+                    &[]
+                }
+            };
+            written += respond(
+                &mut self.sessions,
+                &mut self.touched,
+                &mut self.stats,
+                &lane.model,
+                &mut lane.rec,
+                Answers {
+                    taken: &flight.taken,
+                    output,
+                    started_ns: flight.started_ns,
+                    compute_ns: if launched { compute_ns } else { 0 },
+                    now_ns: done_ns,
+                    in_flight: true,
+                },
+            );
+            if launched {
+                lane.pipeline.as_mut().expect("launched").retire();
+            }
+            lane.spare.push(flight.taken);
+        }
+        written
     }
 
     /// Writes a response for every request in `self.taken`, in order; `now_ns` is when their
@@ -847,77 +1251,152 @@ impl Poller {
             return 0;
         }
         let lane = self.lanes[m].as_mut().expect("answered from a lane");
-        let model = &lane.model;
-        let sample = lane.rec.sample();
-        let mut executed = 0;
-        let ow = model.output_width();
-        let response_words = abi::response_words(ow as u32);
-        let mut written = 0;
-        for t in &self.taken {
-            let item = &t.request.item;
-            let frame = response_frame(t, model, &lane.output, started_ns, compute_ns);
-            let Some(s) = self.sessions[item.session].as_mut() else {
-                continue;
-            };
-            if s.link.dead.load(Ordering::Relaxed) {
-                continue;
-            }
-            let words: [u64; RESPONSE_WORDS] = bytemuck::cast(frame);
-            // Only the header and the outputs: for up to 4 outputs, one cache line.
-            match s.rings.try_push(&words[..response_words]) {
-                Ok(()) => {
-                    s.unpublished = true;
-                    s.responded += 1;
-                    written += 1;
-                    sample.respond(Status(frame.status));
-                    // Stages of answers that reached their session only, as the counts.
-                    if let Outcome::Execute { .. } = t.outcome {
-                        let arrival = t.request.arrival_ns;
-                        sample.later(Stage::Queue, started_ns.saturating_sub(arrival), 1);
-                        sample.later(Stage::Total, now_ns.saturating_sub(arrival), 1);
-                        executed += 1;
-                    }
-                    if frame.status != Status::OK.0 {
-                        s.errors += 1;
-                        s.rings.segment().set_server_errors(s.errors);
-                    }
-                }
-                // Credits make this impossible for a client that follows the protocol.
-                Err(PushError::Full) => {
-                    tracing::warn!(
-                        session = s.link.id,
-                        "response ring full: client broke the credit rule"
-                    );
-                    fault(s, FaultReason::ResponseIndexCorrupt);
-                }
-                Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
-            }
-        }
-        if executed > 0 {
-            sample.later(Stage::Compute, compute_ns, executed);
-        }
-        self.stats.responses += written as u64;
-        written
+        respond(
+            &mut self.sessions,
+            &mut self.touched,
+            &mut self.stats,
+            &lane.model,
+            &mut lane.rec,
+            Answers {
+                taken: &self.taken,
+                output: &lane.output,
+                started_ns,
+                compute_ns,
+                now_ns,
+                in_flight: false,
+            },
+        )
     }
 
     /// Drops sessions that are dead (hung up or faulted) with their queued requests; their
     /// segments unmap here.
+    ///
+    /// Hot sessions only: a cold one that hangs up is made hot by [`Poller::scan`] first.
     fn reap(&mut self) {
-        for slot in 0..self.sessions.len() {
+        let mut i = 0;
+        while i < self.hot.len() {
+            let slot = self.hot[i];
+            // A session with answers still owed by a batch in flight keeps its slot until they
+            // are written (skipped): a new session there must not get them.
             let dead = self.sessions[slot]
                 .as_ref()
-                .is_some_and(|s| s.link.dead.load(Ordering::Relaxed));
-            if dead {
-                let s = self.sessions[slot].take().expect("checked");
-                if let Some(lane) = self.lanes[s.model].as_mut() {
-                    lane.queue.remove_session(slot);
-                    lane.model.sessions.fetch_sub(1, Ordering::Relaxed);
-                }
-                self.retiring = true;
+                .is_some_and(|s| s.link.dead.load(Ordering::Relaxed) && s.in_flight == 0);
+            if !dead {
+                i += 1;
+                continue;
             }
+            self.hot.swap_remove(i);
+            let s = self.sessions[slot].take().expect("checked");
+            if let Some(lane) = self.lanes[s.model].as_mut() {
+                lane.queue.remove_session(slot);
+                lane.model.sessions.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.retiring = true;
         }
     }
 }
+/// What [`respond`] answers: the requests taken, in answer order, and the batch's outputs.
+struct Answers<'a> {
+    taken: &'a [Taken<Item>],
+    /// The batch's outputs, `output_width` per row (empty when nothing ran).
+    output: &'a [f32],
+    started_ns: u64,
+    compute_ns: u64,
+    /// When the outputs (or errors) were ready.
+    now_ns: u64,
+    /// They were counted in their sessions' `in_flight` (a pipeline's batch).
+    in_flight: bool,
+}
+
+/// Writes a response for every request in `a.taken`, in order, into its session's ring.
+/// Returns the responses written.
+fn respond(
+    sessions: &mut [Option<WorkerSession>],
+    touched: &mut Vec<usize>,
+    stats: &mut WorkerStats,
+    model: &LoadedModel,
+    rec: &mut Recorder,
+    a: Answers<'_>,
+) -> usize {
+    let Answers {
+        taken,
+        output,
+        started_ns,
+        compute_ns,
+        now_ns,
+        in_flight,
+    } = a;
+    let sample = rec.sample();
+    let mut executed = 0;
+    let ow = model.output_width();
+    let response_words = abi::response_words(ow as u32);
+    let mut written = 0;
+    for t in taken {
+        let item = &t.request.item;
+        let Some(s) = sessions[item.session].as_mut() else {
+            continue;
+        };
+        if in_flight {
+            s.in_flight -= 1;
+        }
+        if s.link.dead.load(Ordering::Relaxed) {
+            continue;
+        }
+        let frame = response_frame(t, model, output, started_ns, compute_ns);
+        let words: [u64; RESPONSE_WORDS] = bytemuck::cast(frame);
+        // Only the header and the outputs: for up to 4 outputs, one cache line.
+        match s.rings.try_push(&words[..response_words]) {
+            Ok(()) => {
+                if !s.unpublished {
+                    s.unpublished = true;
+                    touched.push(item.session);
+                }
+                s.responded += 1;
+                written += 1;
+                sample.respond(Status(frame.status));
+                // Stages of answers that reached their session only, as the counts.
+                if let Outcome::Execute { .. } = t.outcome {
+                    let arrival = t.request.arrival_ns;
+                    sample.later(Stage::Queue, started_ns.saturating_sub(arrival), 1);
+                    sample.later(Stage::Total, now_ns.saturating_sub(arrival), 1);
+                    executed += 1;
+                }
+                if frame.status != Status::OK.0 {
+                    s.errors += 1;
+                    s.rings.segment().set_server_errors(s.errors);
+                }
+            }
+            // Credits make this impossible for a client that follows the protocol.
+            Err(PushError::Full) => {
+                tracing::warn!(
+                    session = s.link.id,
+                    "response ring full: client broke the credit rule"
+                );
+                fault(s, FaultReason::ResponseIndexCorrupt);
+            }
+            Err(PushError::Corrupt(_)) => fault(s, FaultReason::ResponseIndexCorrupt),
+        }
+    }
+    if executed > 0 {
+        sample.later(Stage::Compute, compute_ns, executed);
+    }
+    stats.responses += written as u64;
+    written
+}
+
+/// A batch failed: logged, counted against the model's health, and its rows answered
+/// `ExecutionFailed`.
+fn batch_failed(model: &LoadedModel, taken: &mut [Taken<Item>], rows: usize, e: &BackendError) {
+    tracing::error!(model = %model.key(), rows, error = %e, "batch failed");
+    model.health.batch_failed(&model.key(), e);
+    for t in taken.iter_mut() {
+        if let Outcome::Execute { .. } = t.outcome {
+            t.outcome = Outcome::Resolved;
+            t.request.item.status = Status::EXECUTION_FAILED;
+        }
+    }
+}
+
 /// The responses `s` may be sent now: its client's free response slots (the client's head
 /// reloaded only when the cached one leaves none, so an idle scan does not pull the client's
 /// cache line), and once the server stops, no more than the frames before the stop. `None`

@@ -191,7 +191,8 @@ impl Server {
         let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
 
-        let pollers = start_pollers(config, &models, &monitor, &stopping)?;
+        let hangups = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pollers = start_pollers(config, &models, &monitor, &stopping, &hangups)?;
         let listener_stopping = Arc::new(AtomicBool::new(false));
         let ctx = listener::ListenerContext {
             listener: listen,
@@ -205,6 +206,7 @@ impl Server {
             huge_pages: config.server.huge_pages,
             pollers_by_model: Default::default(),
             socket_file: socket_file.clone(),
+            hangups,
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())
@@ -341,6 +343,7 @@ fn start_pollers(
     models: &Arc<Models>,
     monitor: &Arc<Monitor>,
     stopping: &Arc<AtomicBool>,
+    hangups: &Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Pollers, ServerStartError> {
     let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
         vec![None]
@@ -366,6 +369,8 @@ fn start_pollers(
         let ctx = poller::PollerContext {
             index: i,
             core,
+            poller_cores: config.server.poller_cores.clone(),
+            hangups: hangups.clone(),
             models: models.clone(),
             new_sessions: rx,
             stopping: stopping.clone(),

@@ -55,7 +55,14 @@ pub struct ModelConfig {
     /// intermediate results; the batch dimension counted as one row). A model over it is
     /// refused at load. Default: 1024.
     pub max_tensor_mb: Option<u32>,
+    /// Batches each poller keeps in flight for this model without waiting for them (at most
+    /// [`MAX_PIPELINE_DEPTH`]): on the GPU, in CUDA streams of its own; on the CPU, computed
+    /// on a thread of its own. 0 (the default): the poller runs each batch and waits for it.
+    pub pipeline_depth: usize,
 }
+
+/// The deepest `pipeline_depth`.
+pub const MAX_PIPELINE_DEPTH: usize = 8;
 
 impl ModelConfig {
     /// `max_tensor_mb` in bytes, or the default.

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use tie_engine::{Backend, BackendError, BackendHealth, BackendInfo};
+use tie_engine::{Backend, BackendError, BackendHealth, BackendInfo, Pipeline};
 
 /// What an injected fault does to a model's batches.
 #[derive(
@@ -110,5 +110,51 @@ impl Backend for Faulty {
 
     fn health(&self) -> BackendHealth {
         self.inner.health()
+    }
+
+    fn pipeline(&self, depth: usize) -> Option<Box<dyn Pipeline>> {
+        let inner = self.inner.pipeline(depth)?;
+        Some(Box::new(FaultyPipeline {
+            inner,
+            switch: self.switch.clone(),
+        }))
+    }
+}
+
+/// The inner backend's pipeline, with the fault applied to each batch as it completes.
+struct FaultyPipeline {
+    inner: Box<dyn Pipeline>,
+    switch: Arc<FaultSwitch>,
+}
+
+impl Pipeline for FaultyPipeline {
+    fn has_room(&self) -> bool {
+        self.inner.has_room()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+
+    fn launch(&mut self, gather: &mut dyn FnMut(&mut [f32]) -> usize) -> usize {
+        self.inner.launch(gather)
+    }
+
+    fn ready(&mut self) -> Option<Result<&mut [f32], BackendError>> {
+        let mode = self.switch.get();
+        Some(self.inner.ready()?.and_then(|output| match mode {
+            FaultMode::None => Ok(output),
+            FaultMode::Fail => Err(BackendError::Execution("injected fault".into())),
+            FaultMode::Corrupt => {
+                for v in output.iter_mut() {
+                    *v += 1.0;
+                }
+                Ok(output)
+            }
+        }))
+    }
+
+    fn retire(&mut self) {
+        self.inner.retire();
     }
 }

@@ -758,6 +758,13 @@ impl Loading<'_> {
                 )));
             }
         }
+        if self.config.pipeline_depth > super::config::MAX_PIPELINE_DEPTH {
+            return Err(self.unsupported(format!(
+                "pipeline_depth = {}: at most {} batches can be kept in flight",
+                self.config.pipeline_depth,
+                super::config::MAX_PIPELINE_DEPTH
+            )));
+        }
         if io.output_width == 0 || io.output_width > MAX_OUTPUTS {
             return Err(RepositoryLoadError::TooManyOutputs {
                 model: self.name.into(),

@@ -38,6 +38,16 @@ fn runtime(ids: &[u32], graphs: bool, limits: MemoryLimits) -> Option<Arc<GpuRun
     }
 }
 
+/// The runtime on GPUs 0 and 1, or `None` after saying why the test skips.
+fn two_gpus() -> Option<Arc<GpuRuntime>> {
+    let rt = runtime(&[0, 1], true, NO_LIMITS)?;
+    if rt.devices().len() < 2 {
+        crate::common::skip(Need::Gpus(2), "one GPU present; failover needs two");
+        return None;
+    }
+    Some(rt)
+}
+
 /// Bound on ‖gpu − reference‖ / ‖reference‖ over a batch, per precision: f32 differs from the
 /// CPU only in summation order; TF32 keeps 10 mantissa bits of each product's operands, f16
 /// 10 bits and bf16 7 bits of every weight and activation.
@@ -306,13 +316,9 @@ fn models_that_do_not_fit_are_refused_with_the_size_they_asked_for() {
 
 #[test]
 fn batches_spread_over_devices_and_a_failed_device_leaves_rotation() {
-    let Some(rt) = runtime(&[0, 1], true, NO_LIMITS) else {
+    let Some(rt) = two_gpus() else {
         return;
     };
-    if rt.devices().len() < 2 {
-        crate::common::skip(Need::Gpus(2), "one GPU present; failover needs two");
-        return;
-    }
     let (io, plan) = mlp256();
     let cpu = MlpBackend::new(io.clone(), plan.clone());
     let gpu =
@@ -450,4 +456,209 @@ fn tie_devices_reports_the_gpu_and_nvml_figures() {
         "{report}"
     );
     println!("{report}");
+}
+
+/// Runs `cycles` rounds on a pipeline of `gpu`: launches batches of the sizes in `sizes` (in
+/// turn) while a slot is free, collects the oldest when it is done, and checks every batch
+/// against `cpu` in launch order.
+fn drive_pipeline(gpu: &CudaBackend, cpu: &dyn Backend, sizes: &[usize], batches: usize, tol: f64) {
+    use std::collections::VecDeque;
+    let io = gpu.info().io.clone();
+    let mut pipeline = gpu.pipeline(3).expect("a pipeline where graphs are on");
+    let mut rng = Rng(11);
+    let mut launched: VecDeque<(usize, Vec<f32>)> = VecDeque::new();
+    let (mut sent, mut checked) = (0, 0);
+    while checked < batches {
+        if sent < batches && pipeline.has_room() {
+            let rows = sizes[sent % sizes.len()];
+            let input: Vec<f32> = (0..rows * io.input_width).map(|_| rng.uniform()).collect();
+            let n = pipeline.launch(&mut |staging| {
+                staging[..input.len()].copy_from_slice(&input);
+                rows
+            });
+            assert_eq!(n, rows);
+            launched.push_back((rows, input));
+            sent += 1;
+            assert_eq!(pipeline.in_flight(), launched.len());
+            continue;
+        }
+        let Some(result) = pipeline.ready() else {
+            std::hint::spin_loop();
+            continue;
+        };
+        let output = result.expect("batch ran").to_vec();
+        pipeline.retire();
+        let (rows, input) = launched.pop_front().unwrap();
+        assert_eq!(output.len(), rows * io.output_width);
+        let mut reference = vec![0.0f32; rows * io.output_width];
+        cpu.run_batch(&input, rows, &mut reference).unwrap();
+        let err = crate::conformance::rel_norm(&output, &reference);
+        assert!(
+            err <= tol,
+            "batch {checked} of {rows} rows: error {err} > {tol}"
+        );
+        checked += 1;
+    }
+    assert_eq!(pipeline.in_flight(), 0);
+    assert!(pipeline.ready().is_none());
+}
+
+#[test]
+fn pipelines_keep_batches_in_flight_and_answer_each_in_launch_order() {
+    let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
+        return;
+    };
+    let (small_io, small_plan) = read_mlp(&root().join("models/mlp64/1/model.onnx")).unwrap();
+    let small = (small_io, small_plan.unwrap());
+    for ((io, plan), what) in [(mlp256(), "mlp256"), (small, "mlp64")] {
+        let cpu = MlpBackend::new(io.clone(), plan.clone());
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let gpu =
+                CudaBackend::load(&rt, io.clone(), &plan, precision, &[1, 8, 64, 256]).unwrap();
+            eprintln!("{what} {precision:?}: engines {:?}", gpu.engines());
+            // Sizes that land in every bucket, some padded.
+            drive_pipeline(
+                &gpu,
+                &cpu,
+                &[1, 8, 37, 256, 3, 64],
+                300,
+                tolerance(precision),
+            );
+            // Two pipelines of one model at once (two pollers), each its own stream.
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| drive_pipeline(&gpu, &cpu, &[256, 200], 100, tolerance(precision)));
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn without_graphs_there_is_no_pipeline() {
+    let Some(rt) = runtime(&[0], false, NO_LIMITS) else {
+        return;
+    };
+    let (io, plan) = mlp256();
+    let gpu = CudaBackend::load(&rt, io, &plan, Precision::Fp32, &[1, 8]).unwrap();
+    assert!(gpu.pipeline(3).is_none());
+}
+
+#[test]
+fn a_pipeline_batch_on_a_failed_device_is_answered_with_the_error() {
+    let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
+        return;
+    };
+    let (io, plan) = mlp256();
+    let gpu = CudaBackend::load(&rt, io.clone(), &plan, Precision::Fp32, &[1, 8]).unwrap();
+    let mut pipeline = gpu.pipeline(3).unwrap();
+    assert!(gpu.inject_failure(0));
+    let input = vec![0.5f32; io.input_width];
+    assert_eq!(
+        pipeline.launch(&mut |staging| {
+            staging[..input.len()].copy_from_slice(&input);
+            1
+        }),
+        1
+    );
+    let err = loop {
+        if let Some(r) = pipeline.ready() {
+            break r.map(|_| ()).unwrap_err();
+        }
+    };
+    assert!(err.to_string().contains("no GPU instance"), "{err}");
+    pipeline.retire();
+    assert!(matches!(gpu.health(), BackendHealth::Unhealthy(_)));
+}
+
+#[test]
+fn a_pipeline_batch_on_a_failed_device_runs_again_on_another() {
+    let Some(rt) = two_gpus() else {
+        return;
+    };
+    let (io, plan) = mlp256();
+    let cpu = MlpBackend::new(io.clone(), plan.clone());
+    let gpu = CudaBackend::load(&rt, io.clone(), &plan, Precision::Fp32, &[1, 8]).unwrap();
+    // The first pipeline goes to GPU 0 (fewest pipelines), the second to GPU 1.
+    let mut first = gpu.pipeline(3).unwrap();
+    let _second = gpu.pipeline(3).unwrap();
+    assert!(gpu.inject_failure(0));
+    let mut rng = Rng(3);
+    let input: Vec<f32> = (0..8 * io.input_width).map(|_| rng.uniform()).collect();
+    first.launch(&mut |staging| {
+        staging[..input.len()].copy_from_slice(&input);
+        8
+    });
+    let output = loop {
+        if let Some(r) = first.ready() {
+            break r.unwrap().to_vec();
+        }
+    };
+    first.retire();
+    let mut reference = vec![0.0f32; 8 * io.output_width];
+    cpu.run_batch(&input, 8, &mut reference).unwrap();
+    assert!(crate::conformance::rel_norm(&output, &reference) <= 1e-5);
+    assert_eq!(gpu.devices(), vec![(0, false), (1, true)]);
+    assert_eq!(gpu.health(), BackendHealth::Healthy);
+}
+
+#[test]
+fn a_gpu_model_answers_many_clients_in_flight_each_in_order() {
+    if let Err(why) = GpuRuntime::probe(&[0], true, NO_LIMITS) {
+        crate::common::skip(Need::Gpus(1), &format!("no usable GPU: {why}"));
+        return;
+    }
+    let repo = crate::common::scratch_dir("gpu-flight-repo");
+    std::fs::create_dir_all(repo.join("wide/1")).unwrap();
+    std::fs::copy(
+        root().join("models/mlp256/1/model.onnx"),
+        repo.join("wide/1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("wide/config.toml"),
+        "backend = \"cuda\"\nbatch_timeout_us = 20\nmax_batch_size = 64\npipeline_depth = 3\n",
+    )
+    .unwrap();
+    let server = TestServer::start_with(crate::common::TEST_CONFIG, &repo);
+    let (io, plan) = mlp256();
+    let cpu = MlpBackend::new(io.clone(), plan);
+    std::thread::scope(|s| {
+        for c in 0..4usize {
+            let (server, cpu, io) = (&server, &cpu, &io);
+            s.spawn(move || {
+                let mut options = server.options();
+                options.request_capacity = 64;
+                options.response_capacity = 64;
+                let mut client =
+                    tie_client::Client::connect(&server.endpoint, "wide", options).unwrap();
+                let mut sent = std::collections::VecDeque::new();
+                let mut answered = 0;
+                let mut next = 0usize;
+                while answered < 3000 {
+                    while next < 3000 && sent.len() < 48 {
+                        let features: Vec<f32> = (0..io.input_width)
+                            .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
+                            .collect();
+                        let id = client
+                            .submit(&features, tie_client::Priority::Normal, None)
+                            .unwrap();
+                        sent.push_back((id, features));
+                        next += 1;
+                    }
+                    let Some(r) = client.poll() else { continue };
+                    let (id, features) = sent.pop_front().unwrap();
+                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
+                    assert!(r.status.is_ok(), "client {c}: {:?}", r.status);
+                    let mut expected = vec![0.0f32; io.output_width];
+                    cpu.run_batch(&features, 1, &mut expected).unwrap();
+                    let err = crate::conformance::rel_norm(r.outputs(), &expected);
+                    assert!(err <= 1e-5, "client {c}, request {answered}: error {err}");
+                    answered += 1;
+                }
+            });
+        }
+    });
+    let log = server.log();
+    assert!(log.contains("GPU pipeline built"), "{log}");
 }

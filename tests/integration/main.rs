@@ -19,6 +19,7 @@ mod load_failures;
 mod loadgen;
 mod models;
 mod oip;
+mod pipeline;
 mod python_client;
 mod reliability;
 mod routing;

@@ -345,17 +345,7 @@ fn a_backend_failing_mid_batch_fails_that_batch_and_only_its_model() {
     let got = responses(&mut failing, ids.len());
     let statuses: Vec<Status> = got.iter().map(|r| r.status).collect();
     assert_eq!(got.iter().map(|r| r.request_id).collect::<Vec<_>>(), ids);
-    // The failed batch (or batches, if the poller woke mid-way) answered ExecutionFailed;
-    // anything read after the model was marked not ready is NotReady. Nothing else.
-    let failed = statuses
-        .iter()
-        .take_while(|s| **s == Status::EXECUTION_FAILED)
-        .count();
-    assert!(failed > 0, "{statuses:?}");
-    assert!(
-        statuses[failed..].iter().all(|s| *s == Status::NOT_READY),
-        "{statuses:?}"
-    );
+    let failed = crate::common::failed_then_not_ready(&statuses);
     let log = server.log();
     let rows_failed: usize = log
         .lines()
@@ -1211,4 +1201,46 @@ fn soak_with_kills_and_a_reload_conserves_every_request() {
         last < first + 64 * 1024,
         "RSS grew from {first} to {last} KiB: {series:?}"
     );
+}
+
+#[test]
+fn sessions_left_idle_are_served_when_they_send_again_and_reclaimed_when_they_go() {
+    let server = TestServer::start();
+    let f = fixture("mlp64_v1");
+    let mut clients: Vec<Client> = (0..40).map(|_| connect(&server, "mlp64")).collect();
+    for c in &mut clients {
+        c.predict(&f.inputs[0]).unwrap();
+    }
+    let maps = segment_maps(&server);
+    for round in 0..3 {
+        // Quiet for longer than a session takes to go cold (1 ms, checked every 1024 poller
+        // rounds): then each sends again, one at a time, then all at once.
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, c) in clients.iter_mut().enumerate() {
+            let row = (i + round) % f.inputs.len();
+            let p = c.predict(&f.inputs[row]).unwrap();
+            assert!(rel_err(p.outputs()[0], f.outputs[row][0]) <= 1e-5);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let ids: Vec<u64> = clients
+            .iter_mut()
+            .map(|c| c.submit(&f.inputs[round], Priority::Normal, None).unwrap())
+            .collect();
+        for (c, id) in clients.iter_mut().zip(ids) {
+            let r = responses(c, 1)[0];
+            assert_eq!((r.request_id, r.status), (id, Status::OK));
+        }
+    }
+    // Half of them hang up while cold: the poller still notices and unmaps their segments.
+    std::thread::sleep(Duration::from_millis(100));
+    clients.truncate(20);
+    assert!(
+        eventually(Duration::from_secs(10), || segment_maps(&server) + 20
+            <= maps),
+        "{} session segments still mapped, {maps} before 20 hung up",
+        segment_maps(&server)
+    );
+    for c in &mut clients {
+        c.predict(&f.inputs[1]).unwrap();
+    }
 }

@@ -124,6 +124,8 @@ struct SessionFifo<T> {
     queue: VecDeque<Queued<T>>,
     /// Executable requests queued, per priority.
     counts: [u32; PRIORITIES],
+    /// Its place in `BatchQueue::waiting` while it holds requests.
+    place: usize,
 }
 
 impl<T> Default for SessionFifo<T> {
@@ -131,6 +133,7 @@ impl<T> Default for SessionFifo<T> {
         Self {
             queue: VecDeque::new(),
             counts: [0; PRIORITIES],
+            place: usize::MAX,
         }
     }
 }
@@ -143,6 +146,9 @@ pub struct BatchQueue<T> {
     arena: Vec<f32>,
     free_rows: Vec<u32>,
     sessions: Vec<SessionFifo<T>>,
+    /// The sessions holding requests, in no order: what every scan of the sessions walks, so
+    /// that sessions with nothing queued cost nothing.
+    waiting: Vec<usize>,
     /// Executable requests queued, per priority.
     queued: [usize; PRIORITIES],
     /// Resolved requests queued.
@@ -162,6 +168,7 @@ impl<T: Copy> BatchQueue<T> {
             config,
             width,
             sessions: Vec::new(),
+            waiting: Vec::new(),
             queued: [0; PRIORITIES],
             resolved: 0,
             optimal_batch_size: None,
@@ -203,11 +210,17 @@ impl<T: Copy> BatchQueue<T> {
         full.min(self.config.largest_batch()).max(1)
     }
 
-    fn fifo(&mut self, session: usize) -> &mut SessionFifo<T> {
+    /// Appends to a session's FIFO, listing the session as waiting if it held nothing.
+    fn push_queued(&mut self, session: usize, queued: Queued<T>) {
         if self.sessions.len() <= session {
             self.sessions.resize_with(session + 1, SessionFifo::default);
         }
-        &mut self.sessions[session]
+        let fifo = &mut self.sessions[session];
+        if fifo.queue.is_empty() {
+            fifo.place = self.waiting.len();
+            self.waiting.push(session);
+        }
+        fifo.queue.push_back(queued);
     }
 
     /// Queues an executable request with its features.
@@ -233,12 +246,14 @@ impl<T: Copy> BatchQueue<T> {
         let w = self.width;
         self.arena[row as usize * w..(row as usize + 1) * w].copy_from_slice(features);
         self.queued[p] += 1;
-        let fifo = self.fifo(request.session);
-        fifo.counts[p] += 1;
-        fifo.queue.push_back(Queued {
-            request,
-            row: Some(row),
-        });
+        self.push_queued(
+            request.session,
+            Queued {
+                request,
+                row: Some(row),
+            },
+        );
+        self.sessions[request.session].counts[p] += 1;
         Ok(())
     }
 
@@ -246,20 +261,34 @@ impl<T: Copy> BatchQueue<T> {
     /// goes out in its session's order.
     pub fn push_resolved(&mut self, request: Request<T>) {
         self.resolved += 1;
-        self.fifo(request.session)
-            .queue
-            .push_back(Queued { request, row: None });
+        self.push_queued(request.session, Queued { request, row: None });
     }
 
     /// Takes every session's leading requests that need no batch: resolved ones, and ones
     /// whose deadline has passed. Appends them to `out` in the order to answer them.
-    pub fn take_resolved(&mut self, now_ns: u64, out: &mut Vec<Taken<T>>) {
+    ///
+    /// Sessions for which `held` is true are skipped: the caller still owes them answers to
+    /// requests taken earlier (a batch in flight), which must go out first.
+    pub fn take_resolved(
+        &mut self,
+        now_ns: u64,
+        out: &mut Vec<Taken<T>>,
+        held: impl Fn(usize) -> bool,
+    ) {
         if self.resolved == 0 && !self.any_deadlines() {
             return;
         }
-        for s in 0..self.sessions.len() {
-            while let Some(taken) = self.take_head_without_batch(s, now_ns) {
-                out.push(taken);
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let s = self.waiting[i];
+            if !held(s) {
+                while let Some(taken) = self.take_head_without_batch(s, now_ns) {
+                    out.push(taken);
+                }
+            }
+            // A session left with nothing is no longer listed: another took its place.
+            if self.waiting.get(i) == Some(&s) {
+                i += 1;
             }
         }
     }
@@ -296,6 +325,14 @@ impl<T: Copy> BatchQueue<T> {
 
     fn pop_head(&mut self, s: usize) -> Queued<T> {
         let q = self.sessions[s].queue.pop_front().expect("a head");
+        if self.sessions[s].queue.is_empty() {
+            let place = self.sessions[s].place;
+            self.waiting.swap_remove(place);
+            if let Some(&moved) = self.waiting.get(place) {
+                self.sessions[moved].place = place;
+            }
+            self.sessions[s].place = usize::MAX;
+        }
         match q.row {
             None => self.resolved -= 1,
             Some(row) => {
@@ -340,8 +377,8 @@ impl<T: Copy> BatchQueue<T> {
         }
         let mut oldest = u64::MAX;
         let mut earliest_deadline = u64::MAX;
-        for fifo in &self.sessions {
-            for q in fifo.queue.iter().filter(|q| q.row.is_some()) {
+        for &s in &self.waiting {
+            for q in self.sessions[s].queue.iter().filter(|q| q.row.is_some()) {
                 oldest = oldest.min(q.request.arrival_ns);
                 if q.request.deadline_ns != 0 {
                     earliest_deadline = earliest_deadline.min(q.request.deadline_ns);
@@ -372,27 +409,26 @@ impl<T: Copy> BatchQueue<T> {
         let w = self.width;
         let mut rows = 0;
         while rows < cap {
-            // The session to serve: highest effective priority, oldest head among equals.
-            let mut best: Option<(u8, u64, usize)> = None;
-            for s in 0..self.sessions.len() {
-                let Some(head) = self.sessions[s].queue.front() else {
-                    continue;
-                };
-                let key = (
-                    self.effective_priority(s, now_ns),
-                    head.request.arrival_ns,
-                    s,
-                );
-                best = match best {
-                    Some(b)
-                        if (b.0, std::cmp::Reverse(b.1)) >= (key.0, std::cmp::Reverse(key.1)) =>
-                    {
-                        Some(b)
-                    }
-                    _ => Some(key),
-                };
-            }
-            let Some((_, _, s)) = best else { break };
+            // The session to serve: highest effective priority, oldest head among equals (the
+            // lowest session slot among those).
+            let best = self
+                .waiting
+                .iter()
+                .map(|&s| {
+                    let head = self.sessions[s]
+                        .queue
+                        .front()
+                        .expect("waiting sessions hold");
+                    (
+                        self.effective_priority(s, now_ns),
+                        std::cmp::Reverse(head.request.arrival_ns),
+                        std::cmp::Reverse(s),
+                    )
+                })
+                .max();
+            let Some((_, _, std::cmp::Reverse(s))) = best else {
+                break;
+            };
             if let Some(taken) = self.take_head_without_batch(s, now_ns) {
                 out.push(taken);
                 continue;
@@ -604,12 +640,29 @@ mod tests {
         push(&mut q, r);
         push(&mut q, req(2, 0, 1, 1));
         let mut out = Vec::new();
-        q.take_resolved(60 * US, &mut out);
+        q.take_resolved(60 * US, &mut out, |_| false);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, Outcome::TimedOut { late_ns: 10 * US });
         assert_eq!(q.stats().timeouts[1], 1);
         let (executed, _) = take(&mut q, 60 * US);
         assert_eq!(executed, [2]);
+    }
+
+    #[test]
+    fn a_held_session_keeps_its_resolved_and_late_heads() {
+        let mut q = BatchQueue::new(config(), 1);
+        let mut late = req(1, 0, 1, 0);
+        late.deadline_ns = 5 * US;
+        push(&mut q, late);
+        q.push_resolved(req(2, 1, 1, 0));
+        let mut out = Vec::new();
+        q.take_resolved(10 * US, &mut out, |s| s == 0);
+        let items: Vec<u32> = out.iter().map(|t| t.request.item).collect();
+        assert_eq!(items, [2], "session 0 is held: its late head waits");
+        out.clear();
+        q.take_resolved(10 * US, &mut out, |_| false);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::TimedOut { late_ns: 5 * US });
     }
 
     #[test]
@@ -619,7 +672,7 @@ mod tests {
         r.deadline_ns = u64::MAX;
         push(&mut q, r);
         let mut out = Vec::new();
-        q.take_resolved(10 * US, &mut out);
+        q.take_resolved(10 * US, &mut out, |_| false);
         assert!(out.is_empty());
         assert_eq!(take(&mut q, 10 * US).0, [1]);
     }
@@ -707,7 +760,7 @@ mod tests {
         // The refusal is answered in the session's order.
         q.push_resolved(req(2, 0, 0, 0));
         let mut out = Vec::new();
-        q.take_resolved(0, &mut out);
+        q.take_resolved(0, &mut out, |_| false);
         assert!(
             out.is_empty(),
             "a resolved request waits behind its session's earlier ones"

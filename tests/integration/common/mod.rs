@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tie_client::{Client, ConnectOptions, Response, WaitStrategy};
+use tie_client::{Client, ConnectOptions, Response, Status, WaitStrategy};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -415,6 +415,22 @@ pub fn responses(client: &mut Client, n: usize) -> Vec<Response> {
     let got: Vec<Response> = (0..n).map(|_| next_response(client)).collect();
     assert_eq!(client.poll(), None, "an extra response");
     got
+}
+
+/// Answers to a burst sent to a model whose batches fail: the failed batch (or batches, if the
+/// poller woke mid-way) answered `ExecutionFailed`, then, once the model is marked not ready,
+/// `NotReady`. Nothing else. Returns how many failed.
+pub fn failed_then_not_ready(statuses: &[Status]) -> usize {
+    let failed = statuses
+        .iter()
+        .take_while(|s| **s == Status::EXECUTION_FAILED)
+        .count();
+    assert!(failed > 0, "{statuses:?}");
+    assert!(
+        statuses[failed..].iter().all(|s| *s == Status::NOT_READY),
+        "{statuses:?}"
+    );
+    failed
 }
 
 // HTTP helpers for the control plane.

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# GPU throughput under load, end to end: `wide16` (models/mlp256, 256→512→512→256→8, fp16 on
+# the GPU, batch_timeout_us = 20, max_batch_size = 256) served by `tie serve` with pinned,
+# spinning pollers; tie-loadgen open loop from several worker processes at each rate; NVML's GPU
+# utilisation sampled by nvidia-smi during each run; PyTorch's CUDA-graph anchor in the same
+# call. Prints one line per rate and the anchor.
+#
+#   bash benches/gpu_throughput.sh OUT_DIR     # on the lent GPU machine, from the bundle
+#                                              # (../shared/tools/gpu-bundle --features cuda;
+#                                              #  carry [".gpu-bundle", ".anchors"])
+#
+# Environment: POLLER_CORES (default 2,3), WORKER_CORES (default 6-13, one worker each),
+# RATES (requests per second, all workers together; default 1000000,2000000,4000000),
+# SECONDS (per rate, default 4), ANCHORS (default .anchors).
+set -u
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${1:-gpu-throughput-out}")
+mkdir -p "$out"
+anchors=$(realpath -m "${ANCHORS:-.anchors}")
+poller_cores=${POLLER_CORES:-2,3}
+worker_cores=${WORKER_CORES:-6,7,8,9,10,11,12,13}
+workers=$(echo "$worker_cores" | tr ',' '\n' | wc -l)
+rates=${RATES:-1000000,2000000,4000000}
+seconds=${SECONDS_PER_RATE:-${SECONDS:-4}}
+
+if [ -d .gpu-bundle ]; then
+  bash .gpu-bundle/run.sh exec true >/dev/null
+  root=$(cat .gpu-bundle/ROOT)
+  tie_bin=$root/$(grep '^bin tie ' .gpu-bundle/manifest | awk '{print $3}')
+  loadgen=$root/$(grep '^bin tie-loadgen ' .gpu-bundle/manifest | awk '{print $3}')
+else
+  cargo build --release --features cuda --bins >&2 || exit 1
+  root=$(pwd)
+  tie_bin=$root/target/release/tie; loadgen=$root/target/release/tie-loadgen
+fi
+
+work=$(mktemp -d)
+mkdir -p "$work/models/wide16/1"
+cp "$root/models/mlp256/1/model.onnx" "$work/models/wide16/1/model.onnx"
+printf 'backend = "cuda"\nprecision = "fp16"\nbatch_timeout_us = 20\nmax_batch_size = 256\n' \
+  > "$work/models/wide16/config.toml"
+printf '[server]\npoller_cores = [%s]\nidle = "spin"\n' "$poller_cores" > "$out/serve.toml"
+"$tie_bin" serve --config "$out/serve.toml" --model-repository "$work/models" --socket-dir "$work" \
+  --endpoint gpu --http-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
+serve_pid=$!
+for _ in $(seq 1 600); do [ -S "$work/gpu.sock" ] && break; kill -0 $serve_pid 2>/dev/null || break; sleep 0.2; done
+if [ ! -S "$work/gpu.sock" ]; then
+  echo "the server did not start: see $out/serve.log"; tail -20 "$out/serve.log"; exit 1
+fi
+
+echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+echo "pollers on cores $poller_cores (spinning); $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
+IFS=',' read -r -a rate_list <<< "$rates"
+for rate in "${rate_list[@]}"; do
+  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/nvml-$rate.txt" 2>/dev/null &
+  smi=$!
+  "$loadgen" run --endpoint gpu --socket-dir "$work" --model wide16 --rate "$rate" --workers "$workers" \
+    --cores "$worker_cores" --duration "$seconds" --warmup 1 --progress never --out "$out/run-$rate" \
+    > "$out/run-$rate.txt" 2>&1
+  status=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  python3 - "$out/run-$rate/summary.json" "$out/nvml-$rate.txt" "$rate" "$status" <<'PY'
+import json, sys
+summary, nvml, rate, status = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+try:
+    s = json.load(open(summary))
+except Exception as e:
+    print(f"rate {rate}: no summary ({e}); exit {status}")
+    sys.exit(0)
+util = [float(l) for l in open(nvml) if l.strip().replace('.', '', 1).isdigit()]
+# The middle of the run (the first and last second are warm-up and drain).
+mid = util[10:-10] if len(util) > 30 else util
+mean = sum(mid) / len(mid) if mid else float('nan')
+print(f"rate {int(rate):>9}/s: achieved {s['achieved_rps']/1e6:.3f} M/s, p50 {s['p50_us']:.1f} us, "
+      f"p99 {s['p99_us']:.1f} us, p99.9 {s['p99_9_us']:.1f} us, errors {sum(s['errors'].values())}, "
+      f"GPU utilisation (NVML) mean {mean:.0f}% max {max(mid) if mid else float('nan'):.0f}%; exit {status}")
+PY
+done
+kill -TERM $serve_pid; wait $serve_pid 2>/dev/null
+grep -E "GPU pipeline built|engines=" "$out/serve.log" | head -8 | cut -c1-400
+if [ -f "$anchors/gpu_mlp_anchor.py" ]; then
+  (N=3000 timeout 200 python3 "$anchors/gpu_mlp_anchor.py") > "$out/anchor-torch.txt" 2>&1
+  grep -i "cudagraph" "$out/anchor-torch.txt" | sed 's/^/anchor torch /'
+else
+  echo "anchor: not measured ($anchors/gpu_mlp_anchor.py missing)"
+fi
+rm -rf "$work"

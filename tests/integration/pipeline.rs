@@ -1,0 +1,223 @@
+//! Batches kept in flight (`pipeline_depth`): the poller reads and answers requests while
+//! batches compute (on the CPU, on a batch thread of the poller's lane; the GPU's streams are
+//! tested in `gpu`). Every request is answered once, in its session's order, with its own answer, whatever
+//! is in flight when its session goes.
+
+use std::collections::VecDeque;
+
+use crate::common::{fixture, rel_err, responses, root, scratch_dir, TestServer};
+use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status};
+
+/// A repository with the example `model` (features named by position), two batches deep.
+fn repository(model: &str) -> std::path::PathBuf {
+    let repo = scratch_dir("pipeline-repo");
+    std::fs::create_dir_all(repo.join(model).join("1")).unwrap();
+    std::fs::copy(
+        root().join(format!("models/{model}/1/model.onnx")),
+        repo.join(model).join("1/model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(repo.join(model).join("config.toml"), "pipeline_depth = 2\n").unwrap();
+    repo
+}
+
+fn server_of(model: &str, batching: &str) -> TestServer {
+    let config = format!(
+        "{}\n[batch_processing]\n{batching}\n",
+        crate::common::TEST_CONFIG
+    );
+    TestServer::start_with(&config, &repository(model))
+}
+
+fn server(batching: &str) -> TestServer {
+    server_of("mlp64", batching)
+}
+
+fn connect_to(server: &TestServer, model: &str) -> Client {
+    let options = ConnectOptions {
+        request_capacity: 256,
+        response_capacity: 256,
+        ..server.options()
+    };
+    Client::connect(&server.endpoint, model, options).unwrap()
+}
+
+fn connect(server: &TestServer) -> Client {
+    connect_to(server, "mlp64")
+}
+
+#[test]
+fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
+    let server = server("max_batch_size = 16\nbatch_timeout_us = 20");
+    let f = fixture("mlp64_v1");
+    std::thread::scope(|s| {
+        for c in 0..3usize {
+            let (server, f) = (&server, &f);
+            s.spawn(move || {
+                let mut client = connect(server);
+                let mut sent = VecDeque::new();
+                let (mut next, mut answered) = (0usize, 0usize);
+                while answered < 3000 {
+                    while next < 3000 && sent.len() < 48 {
+                        let row = (next + c) % f.inputs.len();
+                        let id = client
+                            .submit(&f.inputs[row], Priority::Normal, None)
+                            .unwrap();
+                        sent.push_back((id, row));
+                        next += 1;
+                    }
+                    let Some(r) = client.poll() else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    let (id, row) = sent.pop_front().expect("an answer per request");
+                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
+                    assert_eq!(r.status, Status::OK, "client {c}");
+                    assert!(
+                        rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
+                        "client {c}: row {row}: {} vs {}",
+                        r.outputs()[0],
+                        f.outputs[row][0]
+                    );
+                    answered += 1;
+                }
+                assert_eq!(client.poll(), None, "an extra response");
+            });
+        }
+    });
+    let log = server.log();
+    assert!(log.contains("batches computed on a batch thread"), "{log}");
+}
+
+#[test]
+fn late_and_refused_requests_wait_for_the_batches_in_flight_before_them() {
+    // Batches of 2 with two in flight: while they compute, the session's late and refused
+    // requests behind them are ready to answer at once, and must still come after them.
+    let server = server("max_batch_size = 2\nbatch_timeout_us = 0\nmax_queue_size = 24");
+    let f = fixture("mlp64_v1");
+    let mut client = connect(&server);
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..20 {
+        server.pause();
+        let soon = monotonic_ns() + 1_000_000;
+        let mut expected = Vec::new();
+        for i in 0..40 {
+            let row = (i + round) % f.inputs.len();
+            // One in four already late when read.
+            let deadline = (i % 4 == 3).then_some(soon);
+            let id = client
+                .submit(&f.inputs[row], Priority::Normal, deadline)
+                .unwrap();
+            expected.push((id, row, deadline.is_some()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        server.signal(18);
+        let got = responses(&mut client, expected.len());
+        // Read in one scan (unless the poller woke mid-way), the first 24 are queued and the
+        // rest refused; whatever the split, late ones never run and order holds.
+        for (i, (r, (id, row, late))) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(r.request_id, *id, "round {round}: answers out of order");
+            match (r.status, late) {
+                (Status::OK, false) => {
+                    assert!(rel_err(r.outputs()[0], f.outputs[*row][0]) <= 1e-5);
+                }
+                (Status::TIMEOUT, true) | (Status::QUEUE_FULL, _) => {}
+                other => panic!("round {round}, request {i}: {other:?}"),
+            }
+            seen.insert(r.status);
+        }
+    }
+    assert!(
+        seen.contains(&Status::TIMEOUT) && seen.contains(&Status::QUEUE_FULL),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_session_gone_with_batches_in_flight_leaves_no_answer_to_the_next() {
+    // mlp256 in batches of 64: milliseconds each on the CPU, so batches are still in flight
+    // when the server notices the session went, and the next session may take its slot.
+    let server = server_of("mlp256", "max_batch_size = 64\nbatch_timeout_us = 0");
+    let f = fixture("mlp256_v1");
+    for _ in 0..10 {
+        let mut gone = connect_to(&server, "mlp256");
+        server.pause();
+        for i in 0..256 {
+            gone.submit(&f.inputs[i % f.inputs.len()], Priority::Normal, None)
+                .unwrap();
+        }
+        server.signal(18);
+        drop(gone);
+        let mut next = connect_to(&server, "mlp256");
+        for i in 0..20 {
+            let row = i % f.inputs.len();
+            let p = next.predict(&f.inputs[row]).unwrap();
+            for (got, want) in p.outputs().iter().zip(&f.outputs[row]) {
+                assert!(rel_err(*got, *want) <= 1e-4, "{got} vs {want}");
+            }
+        }
+        assert_eq!(next.poll(), None, "an answer the session did not ask for");
+    }
+}
+
+#[test]
+fn a_pipelined_model_that_fails_a_batch_answers_it_execution_failed() {
+    let config = crate::common::TEST_CONFIG
+        .replacen("[server]\n", "[server]\nfault_injection = true\n", 1)
+        .replacen(
+            "[model_deployment]\n",
+            "[model_deployment]\nhealth_check_interval_sec = 3600\n",
+            1,
+        )
+        + "[batch_processing]\nmax_batch_size = 8\nbatch_timeout_us = 0\n";
+    let server = TestServer::start_with(&config, &repository("mlp64"));
+    let f = fixture("mlp64_v1");
+    let mut client = connect(&server);
+    client.predict(&f.inputs[0]).unwrap();
+    let fault = format!(
+        "{}/api/v1/internal/inference/models/mlp64:1/fault",
+        server.http()
+    );
+    assert_eq!(
+        crate::common::post(&fault, &serde_json::json!({"mode": "fail"})).0,
+        200
+    );
+    server.pause();
+    let ids: Vec<u64> = (0..32)
+        .map(|i| {
+            client
+                .submit(&f.inputs[i % 8], Priority::Normal, None)
+                .unwrap()
+        })
+        .collect();
+    server.signal(18);
+    let got = responses(&mut client, ids.len());
+    assert_eq!(got.iter().map(|r| r.request_id).collect::<Vec<_>>(), ids);
+    let statuses: Vec<Status> = got.iter().map(|r| r.status).collect();
+    crate::common::failed_then_not_ready(&statuses);
+    assert!(server.log().contains("injected fault"), "{}", server.log());
+}
+
+#[test]
+fn a_pipeline_deeper_than_allowed_is_refused_at_load() {
+    let repo = repository("mlp64");
+    std::fs::write(repo.join("mlp64/config.toml"), "pipeline_depth = 9\n").unwrap();
+    let dir = scratch_dir("pipeline-depth");
+    std::fs::write(dir.join("tie.toml"), crate::common::TEST_CONFIG).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--config"])
+        .arg(dir.join("tie.toml"))
+        .arg("--model-repository")
+        .arg(&repo)
+        .args(["--http-addr", "127.0.0.1:0", "--socket-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("pipeline_depth = 9") && stderr.contains("at most 8"),
+        "{stderr}"
+    );
+}

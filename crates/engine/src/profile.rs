@@ -6,6 +6,11 @@ use std::time::Instant;
 
 use crate::{Backend, BackendError};
 
+/// A batch size's timed runs stop early once they have taken this long together...
+pub const SIZE_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+/// ...and there are at least this many (so a large model profiles in seconds, not minutes).
+pub const MIN_RUNS: u32 = 3;
+
 /// Timings of one batch size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchTiming {
@@ -39,7 +44,9 @@ pub struct ModelProfile {
 impl ModelProfile {
     /// Runs each batch size in `sizes` (ascending: the sizes the batcher will run, the allowed
     /// sizes or powers of two up to the largest batch) `iterations` times on fixed non-zero
-    /// inputs and keeps the percentiles.
+    /// inputs, after one run not timed, and keeps the percentiles. A size stops early, after
+    /// [`MIN_RUNS`] runs or more, once its runs have taken [`SIZE_BUDGET`]; a first run that
+    /// alone takes the budget is kept as a sample.
     ///
     /// # Errors
     /// The backend's error, if a run fails.
@@ -76,12 +83,26 @@ impl ModelProfile {
                 &input[..rows * io.input_width],
                 &mut output[..rows * io.output_width],
             );
-            backend.run_batch(input, rows, output)?;
             samples.clear();
-            for _ in 0..iterations.max(1) {
+            let mut spent = 0;
+            // One run not timed (caches, first touches), unless it alone takes the size's
+            // budget: a model that large gains nothing from it, and its run is a sample.
+            let t = Instant::now();
+            backend.run_batch(input, rows, output)?;
+            let first = t.elapsed().as_nanos() as u64;
+            if first >= SIZE_BUDGET.as_nanos() as u64 {
+                samples.push(first);
+                spent = first;
+            }
+            while samples.len() < iterations.max(1) as usize {
+                if samples.len() >= MIN_RUNS as usize && spent >= SIZE_BUDGET.as_nanos() as u64 {
+                    break;
+                }
                 let t = Instant::now();
                 backend.run_batch(input, rows, output)?;
-                samples.push(t.elapsed().as_nanos() as u64);
+                let ns = t.elapsed().as_nanos() as u64;
+                samples.push(ns);
+                spent += ns;
             }
             samples.sort_unstable();
             let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
@@ -114,5 +135,69 @@ impl ModelProfile {
             .find(|t| t.batch_size >= rows)
             .or(self.timings.last())
             .map_or(0, |t| t.p99_ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::{BackendInfo, ModelIo};
+
+    /// Takes `ns` per run and counts the runs.
+    struct Slow {
+        info: BackendInfo,
+        ns: u64,
+        runs: AtomicU32,
+    }
+
+    impl Backend for Slow {
+        fn info(&self) -> &BackendInfo {
+            &self.info
+        }
+
+        fn run_batch(&self, _: &[f32], _: usize, _: &mut [f32]) -> Result<(), BackendError> {
+            self.runs.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_nanos(self.ns));
+            Ok(())
+        }
+    }
+
+    fn slow(ns: u64) -> Slow {
+        Slow {
+            info: BackendInfo {
+                io: ModelIo {
+                    input_name: "x".into(),
+                    input_width: 1,
+                    output_name: "y".into(),
+                    output_width: 1,
+                    output_note: None,
+                },
+                architecture: "test".into(),
+                device: "cpu".into(),
+                engine: "test",
+                device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
+            },
+            ns,
+            runs: AtomicU32::new(0),
+        }
+    }
+
+    #[test]
+    fn a_slow_size_stops_after_its_budget_and_a_fast_one_runs_every_iteration() {
+        let b = slow(100_000_000);
+        let p = ModelProfile::measure(&b, &[1, 2], 20).unwrap();
+        // One run not timed, then 3: 300 ms is past the budget.
+        assert_eq!(b.runs.load(Ordering::Relaxed), 2 * (1 + MIN_RUNS));
+        assert_eq!(p.timings.len(), 2);
+        // A first run that alone takes the budget is a sample.
+        let b = slow(300_000_000);
+        ModelProfile::measure(&b, &[1], 20).unwrap();
+        assert_eq!(b.runs.load(Ordering::Relaxed), MIN_RUNS);
+        let b = slow(1_000);
+        ModelProfile::measure(&b, &[1], 20).unwrap();
+        assert_eq!(b.runs.load(Ordering::Relaxed), 1 + 20);
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use tie::config::ServiceConfig;
-use tie::host::{cpu_numa_node, parse_cpu_list, read_trimmed as read};
+use tie::host::{parse_cpu_list, read_trimmed as read};
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -307,7 +307,10 @@ fn gpu_check(gpus: &tie_engine::devices::Gpus, pinned: &[usize]) -> Check {
     let mut far = false;
     for d in rt.devices() {
         let node = d.numa_node();
-        let cores_node: Vec<Option<i64>> = pinned.iter().map(|c| cpu_numa_node(*c)).collect();
+        let cores_node: Vec<Option<i64>> = pinned
+            .iter()
+            .map(|c| tie::host::cpu_numa_node(*c))
+            .collect();
         if let Some(n) = node {
             far |= cores_node.iter().any(|c| c.is_some_and(|c| c != n));
         }

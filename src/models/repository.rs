@@ -809,6 +809,12 @@ impl Loading<'_> {
         };
         progress.show("warming up", None);
         warmup(backend, self.options.warmup_requests).map_err(|e| failed("warmup", e))?;
+        if self.config.deterministic {
+            progress.show("checking that answers do not depend on the batch", None);
+            check_deterministic(backend, &batch.run_sizes())
+                .map_err(|e| failed("the determinism check", e))?
+                .map_or(Ok(()), |why| Err(self.unsupported(why)))?;
+        }
         let canary = Canary::record(backend).map_err(|e| failed("canary inference", e))?;
         let profile = match self.options.profile_iterations {
             0 => None,
@@ -899,6 +905,7 @@ fn load_model(
         layout = %layout.name,
         default = is_default,
         optimal_batch_size = profile.as_ref().map(|p| p.optimal_batch_size),
+        deterministic = config.deterministic,
         load_ms = log_ms(started.elapsed().as_secs_f64() * 1e3),
         "model loaded"
     );
@@ -960,7 +967,20 @@ fn load_gpu(
             why: "the graph has no layer: nothing for a GPU to compute".into(),
         });
     }
-    match CudaBackend::load(runtime, io, &plan, config.precision, &batch.run_sizes()) {
+    // Deterministic: the fused kernels only (each row summed in one fixed order, whatever the
+    // batch); cuBLASLt picks algorithms per batch size.
+    let allow = |e: tie_engine::cuda::Engine| {
+        !config.deterministic || !matches!(e, tie_engine::cuda::Engine::Blaslt)
+    };
+    let loaded = CudaBackend::load_with_engines(
+        runtime,
+        io,
+        &plan,
+        config.precision,
+        &batch.run_sizes(),
+        &allow,
+    );
+    match loaded {
         Ok(b) => {
             tracing::info!(
                 model = name,
@@ -982,6 +1002,12 @@ fn load_gpu(
             requested_mb: e.requested_mb,
             why: e.why,
         }),
+        Err(CudaLoadError::Cuda(message)) if config.deterministic => {
+            Err(RepositoryLoadError::Unsupported {
+                model: name.into(),
+                why: format!("GPU: {message}; deterministic = true runs only the fused kernel on the GPU, which needs every layer to fit its shared memory (or serve it on the CPU: backend = \"cpu\")"),
+            })
+        }
         Err(CudaLoadError::Cuda(message)) => Err(RepositoryLoadError::Unsupported {
             model: name.into(),
             why: format!("GPU: {message}"),
@@ -1051,7 +1077,119 @@ fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), tie_engine::Backen
     Ok(())
 }
 
+/// Rows the determinism check runs alone and inside batches.
+const DETERMINISM_ROWS: usize = 8;
+
+/// For `deterministic = true`: runs [`DETERMINISM_ROWS`] varied rows alone, then batches of
+/// every size in `sizes` made of those rows in turn, and compares every row's bits with its
+/// answer alone. `Ok(Some(why))` names the first difference.
+fn check_deterministic(
+    backend: &dyn Backend,
+    sizes: &[usize],
+) -> Result<Option<String>, tie_engine::BackendError> {
+    let io = &backend.info().io;
+    let (iw, ow) = (io.input_width, io.output_width);
+    let rows: Vec<f32> = (0..DETERMINISM_ROWS * iw)
+        .map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0)
+        .collect();
+    let mut alone = vec![0.0f32; DETERMINISM_ROWS * ow];
+    for r in 0..DETERMINISM_ROWS {
+        backend.run_batch(
+            &rows[r * iw..(r + 1) * iw],
+            1,
+            &mut alone[r * ow..(r + 1) * ow],
+        )?;
+    }
+    for &n in sizes {
+        let input: Vec<f32> = (0..n)
+            .flat_map(|r| rows[(r % DETERMINISM_ROWS) * iw..][..iw].iter().copied())
+            .collect();
+        let mut output = vec![0.0f32; n * ow];
+        backend.run_batch(&input, n, &mut output)?;
+        for r in 0..n {
+            let want = &alone[(r % DETERMINISM_ROWS) * ow..][..ow];
+            let got = &output[r * ow..][..ow];
+            if got
+                .iter()
+                .zip(want)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Ok(Some(format!(
+                    "deterministic = true, but the {} engine answers row {r} of a batch of {n} with {got:?}, and the same row alone with {want:?}",
+                    backend.info().engine
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Milliseconds rounded to two decimals, as logs give them (`load_ms=1.19`).
 pub(crate) fn log_ms(ms: f64) -> f64 {
     (ms * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tie_engine::{BackendError, BackendInfo, ModelIo};
+
+    /// Sums each row's two inputs, plus `drift` times the batch's row count.
+    struct Sum {
+        info: BackendInfo,
+        drift: f32,
+    }
+
+    impl Backend for Sum {
+        fn info(&self) -> &BackendInfo {
+            &self.info
+        }
+
+        fn run_batch(
+            &self,
+            input: &[f32],
+            rows: usize,
+            output: &mut [f32],
+        ) -> Result<(), BackendError> {
+            for r in 0..rows {
+                output[r] = input[2 * r] + input[2 * r + 1] + self.drift * rows as f32;
+            }
+            Ok(())
+        }
+    }
+
+    fn sum(drift: f32) -> Sum {
+        Sum {
+            info: BackendInfo {
+                io: ModelIo {
+                    input_name: "x".into(),
+                    input_width: 2,
+                    output_name: "y".into(),
+                    output_width: 1,
+                    output_note: None,
+                },
+                architecture: "test".into(),
+                device: "cpu".into(),
+                engine: "test",
+                device_memory_bytes: None,
+                pci_bus_ids: Vec::new(),
+            },
+            drift,
+        }
+    }
+
+    #[test]
+    fn the_determinism_check_passes_row_wise_engines_and_names_the_first_difference() {
+        assert_eq!(
+            check_deterministic(&sum(0.0), &[1, 2, 4, 64]).unwrap(),
+            None
+        );
+        let why = check_deterministic(&sum(1e-3), &[1, 2, 4])
+            .unwrap()
+            .expect("a batch of 2 differs");
+        assert!(
+            why.contains("row 0 of a batch of 2") && why.contains("test engine"),
+            "{why}"
+        );
+    }
 }

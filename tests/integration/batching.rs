@@ -303,3 +303,68 @@ fn the_server_counts_timeouts_rejections_and_executions_per_priority() {
     assert!(counted, "{:?}", server.batch_stats());
     server.shutdown();
 }
+
+#[test]
+fn with_deterministic_each_row_gets_the_same_bits_alone_and_in_batches() {
+    // The example MLP and exported models of each engine (the MLP path, tract, the tree
+    // engine), all `deterministic = true`: each loads (its check at load passes), and through
+    // the rings a row batched with others gets the bits it gets alone.
+    let repo = crate::common::scratch_dir("deterministic-repo");
+    let copy = |from: std::path::PathBuf, name: &str| {
+        let to = repo.join(name);
+        std::fs::create_dir_all(to.join("1")).unwrap();
+        for file in std::fs::read_dir(from.join("1")).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), to.join("1").join(file.file_name())).unwrap();
+        }
+        let config = std::fs::read_to_string(from.join("config.toml")).unwrap_or_default();
+        std::fs::write(to.join("config.toml"), config + "\ndeterministic = true\n").unwrap();
+    };
+    copy(root().join("models/mlp64"), "mlp64");
+    copy(root().join("models/softmax3"), "softmax3");
+    for name in ["lgbm", "xgb_native", "pipe_mlp", "svc_c5", "skl_rf2"] {
+        copy(root().join("tests/fixtures/exported").join(name), name);
+    }
+    let config = format!(
+        "{}\n[batch_processing]\nmax_batch_size = 64\nbatch_timeout_us = 0\n",
+        crate::common::TEST_CONFIG
+    );
+    let server = TestServer::start_with(&config, &repo);
+    let log = server.log();
+    assert_eq!(
+        log.matches("deterministic=true").count(),
+        7,
+        "every model loads, its check passed: {log}"
+    );
+    let f = fixture("mlp64_v1");
+    let mut client = connect(&server);
+    let alone: Vec<u32> = f
+        .inputs
+        .iter()
+        .map(|row| client.predict(row).unwrap().outputs()[0].to_bits())
+        .collect();
+    for round in 0..5 {
+        server.pause();
+        let ids: Vec<u64> = (0..200)
+            .map(|i| {
+                client
+                    .submit(
+                        &f.inputs[(i + round) % f.inputs.len()],
+                        Priority::Normal,
+                        None,
+                    )
+                    .unwrap()
+            })
+            .collect();
+        server.signal(18);
+        let got = responses(&mut client, ids.len());
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.status, Status::OK);
+            assert_eq!(
+                r.outputs()[0].to_bits(),
+                alone[(i + round) % f.inputs.len()],
+                "round {round}, request {i}: batched bits differ from alone"
+            );
+        }
+    }
+}

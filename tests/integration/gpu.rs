@@ -662,3 +662,50 @@ fn a_gpu_model_answers_many_clients_in_flight_each_in_order() {
     let log = server.log();
     assert!(log.contains("GPU pipeline built"), "{log}");
 }
+
+#[test]
+fn the_fused_kernels_give_each_row_the_same_bits_in_every_batch() {
+    // What `deterministic = true` relies on: the fused kernels (any rows per block, mapped or
+    // not) sum each row in one fixed order, so a row's bits do not depend on its batch.
+    let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
+        return;
+    };
+    let (small_io, small_plan) = read_mlp(&root().join("models/mlp64/1/model.onnx")).unwrap();
+    let fused = |e: Engine| matches!(e, Engine::Fused(_) | Engine::FusedMapped(_));
+    for (io, plan) in [mlp256(), (small_io, small_plan.unwrap())] {
+        for precision in PRECISIONS {
+            let sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+            let gpu =
+                CudaBackend::load_with_engines(&rt, io.clone(), &plan, precision, &sizes, &fused)
+                    .unwrap();
+            let mut rng = Rng(5);
+            let input: Vec<f32> = (0..256 * io.input_width).map(|_| rng.uniform()).collect();
+            let mut alone = vec![0.0f32; 256 * io.output_width];
+            for r in 0..256 {
+                gpu.run_batch(
+                    &input[r * io.input_width..(r + 1) * io.input_width],
+                    1,
+                    &mut alone[r * io.output_width..(r + 1) * io.output_width],
+                )
+                .unwrap();
+            }
+            for n in [2, 3, 7, 16, 33, 64, 100, 256] {
+                for start in [0, 256 - n] {
+                    let mut out = vec![0.0f32; n * io.output_width];
+                    gpu.run_batch(
+                        &input[start * io.input_width..(start + n) * io.input_width],
+                        n,
+                        &mut out,
+                    )
+                    .unwrap();
+                    let want = &alone[start * io.output_width..(start + n) * io.output_width];
+                    assert!(
+                        out.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{precision:?}, engines {:?}: rows {start}.. in a batch of {n} differ from alone",
+                        gpu.engines()
+                    );
+                }
+            }
+        }
+    }
+}

@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn a_worker_that_dies_fails_its_batches_and_every_later_one_in_order() {
         let mut p = ThreadPipeline::new(double(), 3, 4, "test".into(), Box::new(|| ())).unwrap();
-        let mut launch = |p: &mut ThreadPipeline, first: f32| {
+        let launch = |p: &mut ThreadPipeline, first: f32| {
             p.launch(&mut |input| {
                 input[0] = first;
                 1

@@ -404,8 +404,9 @@ impl RingEnds {
         };
         // SAFETY: the views borrow the mapping owned by `segment`, which this struct holds in
         // an `Arc` and drops after them (field order); the mapping's address never changes
-        // while it is alive. The 'static views never leave this struct: every method returns
-        // plain values.
+        // while it is alive. The 'static views never leave this struct (every method returns
+        // plain values) but for a `TailWatch`'s tail word, which the watch keeps beside its own
+        // `Arc` of the segment.
         let (produce, consume) = unsafe {
             (
                 std::mem::transmute::<RingView<'_>, RingView<'static>>(produce),

@@ -46,9 +46,8 @@ pub(super) struct ListenerContext {
     pub pollers_by_model: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// The socket file, checked every [`SOCKET_CHECK_INTERVAL`] while serving.
     pub socket_file: Arc<SocketFile>,
-    /// Sessions whose client hung up, counted: the pollers look at their cold sessions'
-    /// flags when it moves.
-    pub hangups: Arc<std::sync::atomic::AtomicU64>,
+    /// Each poller's count of its sessions' hang-ups (given to each session's link).
+    pub hangups: Vec<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -120,7 +119,7 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
         let Some(ready) = state.poll(&ctx) else {
             continue;
         };
-        state.close_hung(&ready.hung, &ctx.hangups);
+        state.close_hung(&ready.hung);
         state.advance_handshakes(&ctx, &ready.hello_ready);
         state.log_flood();
         state.check_socket(&ctx);
@@ -221,14 +220,13 @@ impl ListenerState {
 
     /// Drops the sessions whose client hung up (clients never send after the hello: a
     /// readable session socket has hung up) or that a poller faulted.
-    fn close_hung(&mut self, hung: &[bool], hangups: &std::sync::atomic::AtomicU64) {
+    fn close_hung(&mut self, hung: &[bool]) {
         let mut i = 0;
         self.sessions.retain(|OpenSession { link, .. }| {
             let gone = hung[i] || link.dead.load(Ordering::SeqCst);
             i += 1;
             if gone {
-                link.dead.store(true, Ordering::SeqCst);
-                hangups.fetch_add(1, Ordering::SeqCst);
+                link.hang_up();
                 tracing::info!(session = link.id, "session closed");
             }
             !gone

@@ -185,7 +185,7 @@ pub(super) struct PollerContext {
     pub core: Option<usize>,
     /// Every poller's core (kept free of batch threads).
     pub poller_cores: Vec<usize>,
-    /// Sessions whose client hung up, counted by the listener.
+    /// Its sessions' hang-ups, counted by the listener.
     pub hangups: Arc<std::sync::atomic::AtomicU64>,
     pub models: Arc<Models>,
     pub new_sessions: mpsc::Receiver<NewSession>,
@@ -561,7 +561,7 @@ impl Drop for Poller {
 struct Poller {
     /// Every poller's core (kept free of batch threads).
     poller_cores: Vec<usize>,
-    /// Sessions whose client hung up, counted by the listener, and the count last seen.
+    /// Its sessions' hang-ups, counted by the listener, and the count last seen.
     hangups: Arc<std::sync::atomic::AtomicU64>,
     hangups_seen: u64,
     models: Arc<Models>,
@@ -615,11 +615,18 @@ impl Poller {
                 None => continue,
             };
             self.sessions[slot].as_mut().expect("checked").switch = switch;
-            if switch.is_some() {
-                // Moved or closed at once, not when it next sends.
-                self.warm(slot);
-            }
         }
+        // Sessions to move or close are hot: moved or closed at once, not when they next send.
+        let (sessions, hot) = (&mut self.sessions, &mut self.hot);
+        self.cold.retain(|c| {
+            let s = sessions[c.slot].as_mut().expect("cold sessions live");
+            if s.switch.is_none() {
+                return true;
+            }
+            s.cold = false;
+            hot.push(c.slot);
+            false
+        });
         self.retiring = true;
     }
 
@@ -857,7 +864,9 @@ impl Poller {
             accepted += self.drain_session(slot);
         }
         if !self.cold.is_empty() {
-            let hangups = self.hangups.load(Ordering::Relaxed);
+            // SYNC(hangups): Acquire pairs with `SessionLink::hang_up`'s Release: the flags of
+            // the sessions counted are seen set.
+            let hangups = self.hangups.load(Ordering::Acquire);
             if hangups != self.hangups_seen {
                 self.hangups_seen = hangups;
                 self.warm_dead();
@@ -903,32 +912,17 @@ impl Poller {
                 && !s.rings.stamped(s.expected_seq);
             if quiet {
                 s.cold = true;
-                let watch = s.rings.peer_tail_watch();
+                // The tail it was just seen at (equal to what was popped), not the tail read
+                // again now: a frame published in between would then never wake it.
                 self.cold.push(Cold {
                     slot,
-                    tail: watch.load(),
-                    watch,
+                    tail: s.rings.popped(),
+                    watch: s.rings.peer_tail_watch(),
                 });
                 self.hot.swap_remove(i);
             } else {
                 i += 1;
             }
-        }
-    }
-
-    /// Makes session `slot` hot (read every round) if it is cold.
-    fn warm(&mut self, slot: usize) {
-        let Some(s) = self.sessions[slot].as_mut() else {
-            return;
-        };
-        if std::mem::take(&mut s.cold) {
-            let i = self
-                .cold
-                .iter()
-                .position(|c| c.slot == slot)
-                .expect("a cold session is listed");
-            self.cold.swap_remove(i);
-            self.hot.push(slot);
         }
     }
 

@@ -19,6 +19,20 @@ pub(crate) struct SessionLink {
     pub id: u64,
     /// Set by the listener when the client hangs up, or by a poller that faulted the session.
     pub dead: AtomicBool,
+    /// The hang-ups its poller was told of, counted (see `SessionLink::hang_up`).
+    pub hangups: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SessionLink {
+    /// Marks the session dead for its client hung up, and counts it for its poller (which
+    /// then looks for the dead among its cold sessions).
+    pub fn hang_up(&self) {
+        if !self.dead.swap(true, Ordering::SeqCst) {
+            // SYNC(hangups): Release pairs with the poller's Acquire: it sees `dead` set.
+            self.hangups
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 /// Why the server could not start.
@@ -191,8 +205,7 @@ impl Server {
         let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
 
-        let hangups = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let pollers = start_pollers(config, &models, &monitor, &stopping, &hangups)?;
+        let pollers = start_pollers(config, &models, &monitor, &stopping)?;
         let listener_stopping = Arc::new(AtomicBool::new(false));
         let ctx = listener::ListenerContext {
             listener: listen,
@@ -206,7 +219,7 @@ impl Server {
             huge_pages: config.server.huge_pages,
             pollers_by_model: Default::default(),
             socket_file: socket_file.clone(),
-            hangups,
+            hangups: pollers.hangups,
         };
         let listener = std::thread::Builder::new()
             .name("tie-listener".into())
@@ -335,6 +348,8 @@ struct Pollers {
     senders: Vec<mpsc::Sender<poller::NewSession>>,
     handles: Vec<JoinHandle<WorkerStats>>,
     stats: Vec<Arc<SharedStats>>,
+    /// Each poller's count of its sessions' hang-ups.
+    hangups: Vec<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// One poller per configured core (one unpinned poller when none is configured).
@@ -343,7 +358,6 @@ fn start_pollers(
     models: &Arc<Models>,
     monitor: &Arc<Monitor>,
     stopping: &Arc<AtomicBool>,
-    hangups: &Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Pollers, ServerStartError> {
     let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
         vec![None]
@@ -360,17 +374,20 @@ fn start_pollers(
         senders: Vec::new(),
         handles: Vec::new(),
         stats: Vec::new(),
+        hangups: Vec::new(),
     };
     for (i, core) in cores.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
         pollers.senders.push(tx);
+        let hangups = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        pollers.hangups.push(hangups.clone());
         let shared = Arc::new(SharedStats::default());
         pollers.stats.push(shared.clone());
         let ctx = poller::PollerContext {
             index: i,
             core,
             poller_cores: config.server.poller_cores.clone(),
-            hangups: hangups.clone(),
+            hangups,
             models: models.clone(),
             new_sessions: rx,
             stopping: stopping.clone(),

@@ -343,10 +343,6 @@ fn register(
         tracing::warn!(session = id, "client left during the handshake");
         return Err(Refusal::Dropped);
     }
-    let link = Arc::new(SessionLink {
-        id,
-        dead: AtomicBool::new(false),
-    });
     // By model name: a model's sessions share one poller (one lane, full batches) across
     // versions and reloads; models are spread over the pollers in the order they are first
     // asked for.
@@ -355,6 +351,11 @@ fn register(
         let next = pollers.len() % ctx.workers.len();
         *pollers.entry(model.name.clone()).or_insert(next)
     };
+    let link = Arc::new(SessionLink {
+        id,
+        dead: AtomicBool::new(false),
+        hangups: ctx.hangups[poller].clone(),
+    });
     let new = NewSession {
         link: link.clone(),
         segment: segment.clone(),

@@ -59,10 +59,11 @@ pub struct ModelConfig {
     /// [`MAX_PIPELINE_DEPTH`]): on the GPU, in CUDA streams of its own; on the CPU, computed
     /// on a thread of its own. 0 (the default): the poller runs each batch and waits for it.
     pub pipeline_depth: usize,
-    /// Every row's answer bitwise the same whatever batch it is in, whatever its place there
-    /// and whichever device runs it: on the GPU only the fused kernels (one fixed summation
-    /// order per row) are used; at load, rows alone are checked against the same rows in
-    /// batches of every size, and a model that differs is refused.
+    /// Every row's answer bitwise the same whatever batch it is in and whatever its place
+    /// there, on the engine the model loaded on (and on any of its GPUs, which run the same
+    /// kernels): on the GPU only the fused kernels (one fixed summation order per row) are
+    /// used; at load, rows alone are checked against the same rows in batches of sizes 1 to 20,
+    /// each padded size and the largest less one, and a model that differs is refused.
     pub deterministic: bool,
 }
 

@@ -811,7 +811,7 @@ impl Loading<'_> {
         warmup(backend, self.options.warmup_requests).map_err(|e| failed("warmup", e))?;
         if self.config.deterministic {
             progress.show("checking that answers do not depend on the batch", None);
-            check_deterministic(backend, &batch.run_sizes())
+            check_deterministic(backend, &determinism_sizes(&batch.run_sizes()))
                 .map_err(|e| failed("the determinism check", e))?
                 .map_or(Ok(()), |why| Err(self.unsupported(why)))?;
         }
@@ -1077,6 +1077,21 @@ fn warmup(backend: &dyn Backend, requests: u32) -> Result<(), tie_engine::Backen
     Ok(())
 }
 
+/// The batch sizes the determinism check runs: every size from 1 to 20, each size the batcher
+/// pads batches to (`run_sizes`), and the largest less one (on the CPU a batch runs unpadded,
+/// at any size).
+fn determinism_sizes(run_sizes: &[usize]) -> Vec<usize> {
+    let largest = run_sizes.iter().copied().max().unwrap_or(1);
+    let mut sizes: Vec<usize> = (1..=largest.min(20))
+        .chain(run_sizes.iter().copied())
+        .chain([largest - 1])
+        .filter(|&n| n > 0)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
 /// Rows the determinism check runs alone and inside batches.
 const DETERMINISM_ROWS: usize = 8;
 
@@ -1176,6 +1191,14 @@ mod tests {
             },
             drift,
         }
+    }
+
+    #[test]
+    fn the_determinism_check_runs_small_sizes_padded_sizes_and_the_largest_less_one() {
+        let sizes = determinism_sizes(&[1, 2, 4, 8, 16, 32, 64]);
+        let want: Vec<usize> = (1..=20).chain([32, 63, 64]).collect();
+        assert_eq!(sizes, want);
+        assert_eq!(determinism_sizes(&[1]), [1]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Environment: `ITERS` (batch-1 round trips, default 100,000), `CLIENT_CORE` (1), `SERVER_CORE`
 //! (2), `POLLER_CORES` (extra poller cores for the throughput run, default none), `CLIENTS`
 //! (throughput clients, 8, pinned from `FIRST_CLIENT_CORE`, default 4), `WINDOW` (requests in
-//! flight per client, 64), `SECONDS` (throughput run length, 3).
+//! flight per client, 64), `SECONDS` (throughput run length, 3), `PIPELINE_DEPTH` (the
+//! throughput model's `pipeline_depth`, default 0: the poller waits for each batch).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -53,10 +54,16 @@ fn repository(root: &std::path::Path, dir: &std::path::Path) {
             d.join("1/model.onnx"),
         )
         .unwrap();
+        // The throughput model keeps PIPELINE_DEPTH batches in flight.
+        let depth = if timeout_us > 0 {
+            env("PIPELINE_DEPTH", 0)
+        } else {
+            0
+        };
         std::fs::write(
             d.join("config.toml"),
             format!(
-                "backend = \"cuda\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\n"
+                "backend = \"cuda\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\npipeline_depth = {depth}\n"
             ),
         )
         .unwrap();

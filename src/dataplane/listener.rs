@@ -102,6 +102,16 @@ impl Handshake {
 
 pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     let mut state = ListenerState {
+        // The session sockets are watched through epoll: a pass costs the sockets that hung
+        // up, not every session's.
+        watch: match rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "no epoll instance: session sockets are polled one by one");
+                None
+            }
+        },
+        events: Vec::with_capacity(EPOLL_EVENTS),
         sessions: Vec::new(),
         handshakes: Vec::new(),
         next_id: AtomicU64::new(1),
@@ -130,8 +140,16 @@ pub(super) fn listener_task(ctx: ListenerContext) -> Sessions {
     state.sessions
 }
 
+/// Hang-ups taken from epoll per pass.
+const EPOLL_EVENTS: usize = 256;
+
 /// What the listener holds between passes.
 struct ListenerState {
+    /// The epoll instance watching every open session's socket (by session id); `None`: the
+    /// sockets are polled one by one.
+    watch: Option<OwnedFd>,
+    /// Its events, reused.
+    events: Vec<rustix::event::epoll::Event>,
     sessions: Sessions,
     /// Connections whose hello is not complete yet, oldest first.
     handshakes: Vec<Handshake>,
@@ -168,8 +186,8 @@ fn reserve_fd() -> Option<OwnedFd> {
 /// What one poll found ready.
 struct Ready {
     accept: bool,
-    /// Per open session: its socket is readable (hung up).
-    hung: Vec<bool>,
+    /// The ids of the open sessions whose socket is readable (hung up), in no order.
+    hung: Vec<u64>,
     /// Per handshake: more of its hello has arrived.
     hello_ready: Vec<bool>,
 }
@@ -198,7 +216,14 @@ impl ListenerState {
             PollFlags::empty()
         };
         fds.push(PollFd::new(&ctx.listener, events));
-        for s in &self.sessions {
+        let polled = match &self.watch {
+            Some(watch) => {
+                fds.push(PollFd::new(watch, PollFlags::IN));
+                &[][..]
+            }
+            None => &self.sessions[..],
+        };
+        for s in polled {
             fds.push(PollFd::new(&s.socket, PollFlags::IN | PollFlags::RDHUP));
         }
         for h in &self.handshakes {
@@ -210,21 +235,66 @@ impl ListenerState {
         };
         rustix::event::poll(&mut fds, Some(&timeout)).ok()?;
         let ready = |f: &PollFd<'_>| !f.revents().is_empty();
-        let n = self.sessions.len();
+        let watched = usize::from(self.watch.is_some());
+        let n = watched + polled.len();
+        let mut hung: Vec<u64> = polled
+            .iter()
+            .zip(&fds[1..1 + n])
+            .filter(|(_, f)| ready(f))
+            .map(|(s, _)| s.link.id)
+            .collect();
+        let accept = ready(&fds[0]);
+        let hello_ready = fds[1 + n..].iter().map(ready).collect();
+        if watched == 1 && ready(&fds[1]) {
+            let watch = self.watch.as_ref().expect("watched");
+            self.events.clear();
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // What is not taken now is taken on the next pass.
+            if rustix::event::epoll::wait(
+                watch,
+                rustix::buffer::spare_capacity(&mut self.events),
+                Some(&zero),
+            )
+            .is_ok()
+            {
+                hung.extend(self.events.iter().map(|e| e.data.u64()));
+            }
+        }
         Some(Ready {
-            accept: ready(&fds[0]),
-            hung: fds[1..1 + n].iter().map(ready).collect(),
-            hello_ready: fds[1 + n..].iter().map(ready).collect(),
+            accept,
+            hung,
+            hello_ready,
         })
     }
 
+    /// Watches a new session's socket for its hang-up, and keeps it among `sessions`.
+    fn watch(watch: Option<&OwnedFd>, sessions: &mut Sessions, s: OpenSession) {
+        if let Some(watch) = watch {
+            use rustix::event::epoll;
+            if let Err(e) = epoll::add(
+                watch,
+                &s.socket,
+                epoll::EventData::new_u64(s.link.id),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+            ) {
+                // Its hang-up could not be seen: closed now rather than never reclaimed.
+                tracing::warn!(session = s.link.id, error = %e, "session closed: its socket cannot be watched");
+                s.link.hang_up();
+                return;
+            }
+        }
+        sessions.push(s);
+    }
+
     /// Drops the sessions whose client hung up (clients never send after the hello: a
-    /// readable session socket has hung up) or that a poller faulted.
-    fn close_hung(&mut self, hung: &[bool]) {
-        let mut i = 0;
+    /// readable session socket has hung up) or that a poller faulted. A dropped session's
+    /// socket closes, which takes it out of the epoll instance.
+    fn close_hung(&mut self, hung: &[u64]) {
         self.sessions.retain(|OpenSession { link, .. }| {
-            let gone = hung[i] || link.dead.load(Ordering::SeqCst);
-            i += 1;
+            let gone = hung.contains(&link.id) || link.dead.load(Ordering::SeqCst);
             if gone {
                 link.hang_up();
                 tracing::info!(session = link.id, "session closed");
@@ -246,7 +316,7 @@ impl ListenerState {
                 if let Some(s) =
                     open_session(ctx, h.stream, &h.hello, &self.next_id, &self.sessions)
                 {
-                    self.sessions.push(s);
+                    Self::watch(self.watch.as_ref(), &mut self.sessions, s);
                 }
             } else if now >= h.deadline {
                 self.dropped += 1;
@@ -388,7 +458,7 @@ impl ListenerState {
         }
         if h.received == size_of::<Hello>() {
             if let Some(s) = open_session(ctx, h.stream, &h.hello, &self.next_id, &self.sessions) {
-                self.sessions.push(s);
+                Self::watch(self.watch.as_ref(), &mut self.sessions, s);
             }
             return;
         }

@@ -262,20 +262,17 @@ mod tests {
     }
 
     fn double() -> Arc<dyn Backend> {
-        Arc::new(Double(BackendInfo {
-            io: tie_engine::ModelIo {
+        Arc::new(Double(BackendInfo::cpu(
+            tie_engine::ModelIo {
                 input_name: "x".into(),
                 input_width: 3,
                 output_name: "y".into(),
                 output_width: 1,
                 output_note: None,
             },
-            architecture: "test".into(),
-            device: "cpu".into(),
-            engine: "test",
-            device_memory_bytes: None,
-            pci_bus_ids: Vec::new(),
-        }))
+            "test",
+            "test",
+        )))
     }
 
     /// A backend whose every batch is accompanied by a failure of another batch.

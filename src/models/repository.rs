@@ -1175,20 +1175,17 @@ mod tests {
 
     fn sum(drift: f32) -> Sum {
         Sum {
-            info: BackendInfo {
-                io: ModelIo {
+            info: BackendInfo::cpu(
+                ModelIo {
                     input_name: "x".into(),
                     input_width: 2,
                     output_name: "y".into(),
                     output_width: 1,
                     output_note: None,
                 },
-                architecture: "test".into(),
-                device: "cpu".into(),
-                engine: "test",
-                device_memory_bytes: None,
-                pci_bus_ids: Vec::new(),
-            },
+                "test",
+                "test",
+            ),
             drift,
         }
     }

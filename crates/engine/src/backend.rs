@@ -35,6 +35,20 @@ pub struct BackendInfo {
     pub pci_bus_ids: Vec<String>,
 }
 
+impl BackendInfo {
+    /// A backend on the CPU: no device memory, no GPU.
+    pub fn cpu(io: ModelIo, architecture: impl Into<String>, engine: &'static str) -> Self {
+        Self {
+            io,
+            architecture: architecture.into(),
+            device: "cpu".into(),
+            engine,
+            device_memory_bytes: None,
+            pci_bus_ids: Vec::new(),
+        }
+    }
+}
+
 /// Arithmetic of a model on the GPU (the CPU backends compute in f32 whatever is asked).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -347,14 +347,7 @@ impl MlpBackend {
         #[cfg(not(target_arch = "x86_64"))]
         let avx2 = false;
         Self {
-            info: BackendInfo {
-                io,
-                architecture: "mlp".into(),
-                device: "cpu".into(),
-                engine: "cpu-mlp",
-                device_memory_bytes: None,
-                pci_bus_ids: Vec::new(),
-            },
+            info: BackendInfo::cpu(io, "mlp", "cpu-mlp"),
             plan,
             scratch: Mutex::new(Scratch {
                 a: vec![0.0; BLOCK_ROWS * widest],

@@ -233,20 +233,17 @@ mod tests {
     }
 
     fn double() -> Arc<dyn Backend> {
-        Arc::new(Double(BackendInfo {
-            io: ModelIo {
+        Arc::new(Double(BackendInfo::cpu(
+            ModelIo {
                 input_name: "x".into(),
                 input_width: 1,
                 output_name: "y".into(),
                 output_width: 1,
                 output_note: None,
             },
-            architecture: "test".into(),
-            device: "cpu".into(),
-            engine: "test",
-            device_memory_bytes: None,
-            pci_bus_ids: Vec::new(),
-        }))
+            "test",
+            "test",
+        )))
     }
 
     fn ready(p: &mut ThreadPipeline) -> Result<Vec<f32>, String> {

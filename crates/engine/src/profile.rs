@@ -166,20 +166,17 @@ mod tests {
 
     fn slow(ns: u64) -> Slow {
         Slow {
-            info: BackendInfo {
-                io: ModelIo {
+            info: BackendInfo::cpu(
+                ModelIo {
                     input_name: "x".into(),
                     input_width: 1,
                     output_name: "y".into(),
                     output_width: 1,
                     output_note: None,
                 },
-                architecture: "test".into(),
-                device: "cpu".into(),
-                engine: "test",
-                device_memory_bytes: None,
-                pci_bus_ids: Vec::new(),
-            },
+                "test",
+                "test",
+            ),
             ns,
             runs: AtomicU32::new(0),
         }

@@ -82,14 +82,7 @@ impl TractBackend {
         let plan = typed.into_runnable().map_err(tract_err)?;
         let state = SimpleState::new(&plan).map_err(tract_err)?;
         Ok(Self {
-            info: BackendInfo {
-                io,
-                architecture: "onnx-graph".into(),
-                device: "cpu".into(),
-                engine: "cpu-tract",
-                device_memory_bytes: None,
-                pci_bus_ids: Vec::new(),
-            },
+            info: BackendInfo::cpu(io, "onnx-graph", "cpu-tract"),
             state: Mutex::new(state),
         })
     }

@@ -14,14 +14,11 @@ impl TreeBackend {
     pub fn new(mut io: ModelIo, ensemble: TreeEnsemble) -> Self {
         io.output_width = ensemble.outputs();
         Self {
-            info: BackendInfo {
+            info: BackendInfo::cpu(
                 io,
-                architecture: format!("tree-ensemble ({} trees)", ensemble.trees()),
-                device: "cpu".into(),
-                engine: "cpu-trees",
-                device_memory_bytes: None,
-                pci_bus_ids: Vec::new(),
-            },
+                format!("tree-ensemble ({} trees)", ensemble.trees()),
+                "cpu-trees",
+            ),
             ensemble,
         }
     }

@@ -165,6 +165,47 @@ struct Io {
     workspace: CUdeviceptr,
 }
 
+impl Io {
+    /// The staging buffers `host_in` and `host_out` with the device's `[input, output]`,
+    /// activations and workspace (0: none).
+    fn new(
+        host_in: &HostBuffer,
+        host_out: &HostBuffer,
+        [input, output]: [CUdeviceptr; 2],
+        act: [CUdeviceptr; 2],
+        workspace: CUdeviceptr,
+    ) -> Self {
+        Self {
+            host_in: host_in.ptr,
+            host_in_device: host_in.device,
+            host_out: host_out.ptr,
+            host_out_device: host_out.device,
+            input,
+            output,
+            act,
+            workspace,
+        }
+    }
+}
+
+/// `cuStreamQuery` or `cuEventQuery`'s answer (see [`done`]).
+type Query = cudarc::driver::sys::CUresult;
+
+/// Whether the work a stream holds is done (without waiting).
+fn query_stream(stream: &CudaStream) -> Query {
+    // SAFETY: a live stream (borrowed).
+    unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) }
+}
+
+/// A query's answer: done, not yet, or the error.
+fn done(q: Query) -> Result<bool, DriverError> {
+    match q {
+        Query::CUDA_SUCCESS => Ok(true),
+        Query::CUDA_ERROR_NOT_READY => Ok(false),
+        e => Err(DriverError(e)),
+    }
+}
+
 /// The fused kernels that fit, by rows per block.
 struct Fused {
     rows: usize,
@@ -213,8 +254,6 @@ struct InstanceState {
 // context is bound (every entry point binds it); the state is only used under its instance's
 // mutex.
 unsafe impl Send for InstanceState {}
-// SAFETY: as above; `Io` holds addresses of allocations whose owners outlive its uses.
-unsafe impl Send for Io {}
 
 impl Drop for InstanceState {
     fn drop(&mut self) {
@@ -608,29 +647,21 @@ impl InstanceState {
     /// Spins until the stream is idle: the poller owns its core, and a spin answers sooner than
     /// the driver's blocking wait.
     fn wait(&self) -> Result<(), DriverError> {
-        use cudarc::driver::sys::CUresult;
-        loop {
-            // SAFETY: the stream is live (owned by this state).
-            match unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) } {
-                CUresult::CUDA_SUCCESS => return Ok(()),
-                CUresult::CUDA_ERROR_NOT_READY => std::hint::spin_loop(),
-                e => return Err(DriverError(e)),
-            }
+        while !done(query_stream(&self.stream))? {
+            std::hint::spin_loop();
         }
+        Ok(())
     }
 
     /// The instance's own buffers (the synchronous path's).
     fn io(&self) -> Io {
-        Io {
-            host_in: self.host_in.ptr,
-            host_in_device: self.host_in.device,
-            host_out: self.host_out.ptr,
-            host_out_device: self.host_out.device,
-            input: self.input.ptr,
-            output: self.output.ptr,
-            act: [self.act[0].ptr, self.act[1].ptr],
-            workspace: self.workspace.as_ref().map_or(0, |w| w.ptr),
-        }
+        Io::new(
+            &self.host_in,
+            &self.host_out,
+            [self.input.ptr, self.output.ptr],
+            [self.act[0].ptr, self.act[1].ptr],
+            self.workspace.as_ref().map_or(0, |w| w.ptr),
+        )
     }
 
     /// Puts one batch of `size` rows on `stream`, reading and writing `io`: H2D, the engine's

@@ -22,7 +22,10 @@ use std::time::Instant;
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{result as cu, CudaEvent, CudaGraph, CudaStream, DriverError};
 
-use super::{DeviceBuffer, Engine, HostBuffer, Instance, Io, Reservation, Shared, WORKSPACE_BYTES};
+use super::{
+    done, query_stream, DeviceBuffer, Engine, HostBuffer, Instance, Io, Reservation, Shared,
+    WORKSPACE_BYTES,
+};
 use crate::{BackendError, Pipeline};
 
 enum SlotState {
@@ -157,16 +160,13 @@ impl CudaPipeline {
             .map_err(err("allocating pinned input"))?;
             let host_out =
                 HostBuffer::new(largest * ow, 0).map_err(err("allocating pinned output"))?;
-            let io = Io {
-                host_in: host_in.ptr,
-                host_in_device: host_in.device,
-                host_out: host_out.ptr,
-                host_out_device: host_out.device,
-                input: device[0].ptr,
-                output: device[1].ptr,
-                act: [device[2].ptr, device[3].ptr],
-                workspace: if blaslt { device[4].ptr } else { 0 },
-            };
+            let io = Io::new(
+                &host_in,
+                &host_out,
+                [device[0].ptr, device[1].ptr],
+                [device[2].ptr, device[3].ptr],
+                if blaslt { device[4].ptr } else { 0 },
+            );
             let graphs = state
                 .buckets
                 .iter()
@@ -247,19 +247,12 @@ impl CudaPipeline {
     /// Whether the batch in slot `i` is done: by its event, or, as the last on the stream,
     /// by the stream going idle.
     fn query(&self, i: usize, event: bool) -> Result<bool, DriverError> {
-        // SAFETY: a live event and stream.
-        let r = unsafe {
-            if event {
-                cudarc::driver::sys::cuEventQuery(self.slots[i].event.cu_event())
-            } else {
-                cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream())
-            }
-        };
-        match r {
-            CUresult::CUDA_SUCCESS => Ok(true),
-            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            e => Err(DriverError(e)),
-        }
+        done(if event {
+            // SAFETY: a live event (owned by the slot).
+            unsafe { cudarc::driver::sys::cuEventQuery(self.slots[i].event.cu_event()) }
+        } else {
+            query_stream(&self.stream)
+        })
     }
 }
 

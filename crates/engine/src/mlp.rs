@@ -106,18 +106,37 @@ impl MlpPlan {
         a: &mut [f32],
         b: &mut [f32],
     ) {
+        let stride = self.widest();
+        self.run_layers(input, R, output, a, b, |layer, x, y| {
+            dense::<R, FMA>(layer, x, stride, y, stride);
+        });
+    }
+
+    /// Runs `rows` rows (`input` row-major) through every layer with `layer(layer, x, y)`,
+    /// which computes a layer's rows of `y` from those of `x`: the rows go into `a` (with the
+    /// input activation), `widest()` apart, then from buffer to buffer, then into `output`.
+    #[inline(always)]
+    fn run_layers(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+        a: &mut [f32],
+        b: &mut [f32],
+        layer: impl Fn(&Dense, &[f32], &mut [f32]),
+    ) {
         let (iw, ow, stride) = (self.input_width, self.output_width(), self.widest());
-        for r in 0..R {
+        for r in 0..rows {
             let row = &mut a[r * stride..r * stride + iw];
             row.copy_from_slice(&input[r * iw..(r + 1) * iw]);
             self.input_activation.apply(row);
         }
         let (mut cur, mut next) = (a, b);
-        for layer in &self.layers {
-            dense::<R, FMA>(layer, cur, stride, next, stride);
+        for l in &self.layers {
+            layer(l, cur, next);
             std::mem::swap(&mut cur, &mut next);
         }
-        for r in 0..R {
+        for r in 0..rows {
             output[r * ow..(r + 1) * ow].copy_from_slice(&cur[r * stride..r * stride + ow]);
         }
     }
@@ -133,25 +152,20 @@ impl MlpPlan {
         output: &mut [f32],
         s: &mut Scratch,
     ) {
-        let (iw, ow, stride) = (self.input_width, self.output_width(), self.widest());
+        let stride = self.widest();
         let need = rows * stride;
         if s.a.len() < need {
             s.a.resize(need, 0.0);
             s.b.resize(need, 0.0);
         }
-        for r in 0..rows {
-            let row = &mut s.a[r * stride..r * stride + iw];
-            row.copy_from_slice(&input[r * iw..(r + 1) * iw]);
-            self.input_activation.apply(row);
-        }
-        let (mut cur, mut next) = (&mut s.a[..need], &mut s.b[..need]);
-        for layer in &self.layers {
-            dense_panels::<FMA>(layer, cur, next, rows, stride);
-            std::mem::swap(&mut cur, &mut next);
-        }
-        for r in 0..rows {
-            output[r * ow..(r + 1) * ow].copy_from_slice(&cur[r * stride..r * stride + ow]);
-        }
+        self.run_layers(
+            input,
+            rows,
+            output,
+            &mut s.a[..need],
+            &mut s.b[..need],
+            |layer, x, y| dense_panels::<FMA>(layer, x, y, rows, stride),
+        );
     }
 
     #[inline(always)]

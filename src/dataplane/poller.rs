@@ -382,6 +382,44 @@ fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
     })
 }
 
+/// The deadline estimate (a lane's `batch_compute_ns`) follows what batches really take (EMA,
+/// 1/8 weight).
+fn observe_compute(estimate: &mut u64, compute_ns: u64) {
+    *estimate = *estimate - *estimate / 8 + compute_ns / 8;
+}
+
+/// Counts a batch about to be gathered; whether its gather and execute stages are timed: on
+/// one batch in [`GATHER_SAMPLING`] (a clock read each), the other stages being timed on every
+/// request.
+fn timed_batch(batches_run: &mut u64) -> bool {
+    *batches_run = batches_run.wrapping_add(1);
+    batches_run.is_multiple_of(GATHER_SAMPLING)
+}
+
+/// Takes a batch from `queue` into `staging` (a backend's or a pipeline's), appending what it
+/// answers to `taken`. Returns the rows taken, when they were (if `timed`, else 0), and the
+/// rows to run (padding included; 0 when no row was taken).
+fn gather(
+    queue: &mut BatchQueue<Item>,
+    started_ns: u64,
+    staging: &mut [f32],
+    taken: &mut Vec<Taken<Item>>,
+    timed: bool,
+) -> (usize, u64, usize) {
+    let (rows, padded) = queue.take(started_ns, staging, taken);
+    let at = if timed { monotonic_ns() } else { 0 };
+    (rows, at, if rows == 0 { 0 } else { padded })
+}
+
+/// Counts a batch of `rows` run: the poller's figures and the model's.
+fn count_batch(stats: &mut WorkerStats, rec: &mut Recorder, rows: usize) {
+    stats.batches += 1;
+    stats.rows += rows as u64;
+    let sample = rec.sample();
+    sample.batches += 1;
+    sample.rows += rows as u64;
+}
+
 /// The spec's confidence for a prediction with no uncertainty output: `1 / (1 + e^-|v|)`.
 pub fn confidence(value: f32) -> f32 {
     1.0 / (1.0 + (-value.abs()).exp())
@@ -1055,30 +1093,21 @@ impl Poller {
             queue,
             input,
             output,
+            batches_run,
             ..
         } = lane;
         let taken = &mut self.taken;
         let mut rows = 0;
         let mut gathered = false;
-        // The gather and execute stages are timed on one batch in GATHER_SAMPLING (a clock read
-        // each): the other stages are timed on every request.
-        lane.batches_run = lane.batches_run.wrapping_add(1);
-        let time_stages = lane.batches_run.is_multiple_of(GATHER_SAMPLING);
+        let time_stages = timed_batch(batches_run);
         let mut gathered_ns = 0;
         // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
         let result = model.backend.run_gathered(
             &mut |staging| {
                 gathered = true;
-                let (r, padded) = queue.take(started_ns, staging, taken);
-                if time_stages {
-                    gathered_ns = monotonic_ns();
-                }
-                rows = r;
-                if r == 0 {
-                    0
-                } else {
-                    padded
-                }
+                let (r, at, run) = gather(queue, started_ns, staging, taken, time_stages);
+                (rows, gathered_ns) = (r, at);
+                run
             },
             input,
             output,
@@ -1092,20 +1121,15 @@ impl Poller {
         if rows > 0 {
             done_ns = monotonic_ns();
             compute_ns = done_ns - started_ns;
-            self.stats.batches += 1;
-            self.stats.rows += rows as u64;
+            count_batch(&mut self.stats, &mut lane.rec, rows);
             let sample = lane.rec.sample();
-            sample.batches += 1;
-            sample.rows += rows as u64;
             if gathered && time_stages {
                 sample.later(Stage::Gather, gathered_ns.saturating_sub(started_ns), 1);
                 if result.is_ok() {
                     sample.later(Stage::Execute, done_ns.saturating_sub(gathered_ns), 1);
                 }
             }
-            // The deadline estimate follows what batches really take (EMA, 1/8 weight).
-            lane.batch_compute_ns =
-                lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
+            observe_compute(&mut lane.batch_compute_ns, compute_ns);
             if let Err(e) = result {
                 batch_failed(model, &mut self.taken, rows, &e);
             }
@@ -1121,8 +1145,7 @@ impl Poller {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
         let mut taken = lane.spare.pop().unwrap_or_default();
         taken.clear();
-        lane.batches_run = lane.batches_run.wrapping_add(1);
-        let time_stages = lane.batches_run.is_multiple_of(GATHER_SAMPLING);
+        let time_stages = timed_batch(&mut lane.batches_run);
         let mut gathered_ns = 0;
         let mut rows = 0;
         let ModelLane {
@@ -1130,27 +1153,16 @@ impl Poller {
         } = lane;
         let pipeline = pipeline.as_mut().expect("a lane with a pipeline");
         pipeline.launch(&mut |staging| {
-            let (r, padded) = queue.take(started_ns, staging, &mut taken);
-            if time_stages {
-                gathered_ns = monotonic_ns();
-            }
-            rows = r;
-            if r == 0 {
-                0
-            } else {
-                padded
-            }
+            let (r, at, run) = gather(queue, started_ns, staging, &mut taken, time_stages);
+            (rows, gathered_ns) = (r, at);
+            run
         });
         if taken.is_empty() {
             lane.spare.push(taken);
             return 0;
         }
         if rows > 0 {
-            self.stats.batches += 1;
-            self.stats.rows += rows as u64;
-            let sample = lane.rec.sample();
-            sample.batches += 1;
-            sample.rows += rows as u64;
+            count_batch(&mut self.stats, &mut lane.rec, rows);
         }
         for t in &taken {
             if let Some(s) = self.sessions[t.request.session].as_mut() {
@@ -1195,9 +1207,7 @@ impl Poller {
             let compute_ns = done_ns.saturating_sub(flight.started_ns.max(lane.last_done_ns));
             if launched {
                 lane.last_done_ns = done_ns;
-                // The deadline estimate follows what batches really take (EMA, 1/8 weight).
-                lane.batch_compute_ns =
-                    lane.batch_compute_ns - lane.batch_compute_ns / 8 + compute_ns / 8;
+                observe_compute(&mut lane.batch_compute_ns, compute_ns);
             }
             let output: &[f32] = match outcome {
                 None => &[],

@@ -38,14 +38,17 @@ fn report(name: &str, h: &Histogram<u64>, rows: usize) {
     );
 }
 
-/// A repository of GPU models: mlp64 in fp32 and fp16, mlp256 in fp16 and fp32.
+/// A repository of GPU models: mlp64 in fp32 and fp16, mlp256 in fp16 and fp32; and mlp64 on
+/// the CPU and with `backend = "auto"` (each batch on the engine measured faster for its size).
 fn repository(root: &std::path::Path, dir: &std::path::Path) {
     // Batch-1 models never wait for a batch to fill; wide16 (the throughput run) waits 20 us.
-    for (name, source, precision, timeout_us) in [
-        ("gpu64", "mlp64", "fp32", 0),
-        ("gpu64h", "mlp64", "fp16", 0),
-        ("wide16", "mlp256", "fp16", 20),
-        ("wide32", "mlp256", "fp32", 0),
+    for (name, source, backend, precision, timeout_us) in [
+        ("cpu64", "mlp64", "cpu", "fp32", 0),
+        ("auto64", "mlp64", "auto", "fp32", 0),
+        ("gpu64", "mlp64", "cuda", "fp32", 0),
+        ("gpu64h", "mlp64", "cuda", "fp16", 0),
+        ("wide16", "mlp256", "cuda", "fp16", 20),
+        ("wide32", "mlp256", "cuda", "fp32", 0),
     ] {
         let d = dir.join(name);
         std::fs::create_dir_all(d.join("1")).unwrap();
@@ -63,7 +66,7 @@ fn repository(root: &std::path::Path, dir: &std::path::Path) {
         std::fs::write(
             d.join("config.toml"),
             format!(
-                "backend = \"cuda\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\npipeline_depth = {depth}\n"
+                "backend = \"{backend}\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\npipeline_depth = {depth}\n"
             ),
         )
         .unwrap();
@@ -168,7 +171,7 @@ fn main() {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: client_core }) {
                 eprintln!("warning: cannot pin the client to core {client_core}");
             }
-            for model in ["gpu64", "gpu64h", "wide32"] {
+            for model in ["cpu64", "auto64", "gpu64", "gpu64h", "wide32"] {
                 let mut client = connect(model);
                 let sets: Vec<Vec<f32>> = (0..8)
                     .map(|s| {

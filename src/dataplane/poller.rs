@@ -1084,7 +1084,11 @@ impl Poller {
 
     fn run_batch(&mut self, m: usize, started_ns: u64) -> usize {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
-        if lane.pipeline.is_some() {
+        // A model split by batch size runs a small batch on its CPU engine, here and now,
+        // unless batches are in flight on its pipeline (its answers would overtake theirs).
+        let rows_next = lane.queue.executable().min(lane.queue.full_size());
+        let faster = lane.model.backend.faster_engine_for(rows_next).is_some();
+        if lane.pipeline.is_some() && (!faster || !lane.flights.is_empty()) {
             return self.launch_batch(m, started_ns);
         }
         self.taken.clear();
@@ -1096,13 +1100,17 @@ impl Poller {
             batches_run,
             ..
         } = lane;
+        let backend = model
+            .backend
+            .faster_engine_for(rows_next)
+            .unwrap_or(model.backend.as_ref());
         let taken = &mut self.taken;
         let mut rows = 0;
         let mut gathered = false;
         let time_stages = timed_batch(batches_run);
         let mut gathered_ns = 0;
         // The batch is gathered straight into the backend's staging memory (pinned, on a GPU).
-        let result = model.backend.run_gathered(
+        let result = backend.run_gathered(
             &mut |staging| {
                 gathered = true;
                 let (r, at, run) = gather(queue, started_ns, staging, taken, time_stages);

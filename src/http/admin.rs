@@ -9,7 +9,8 @@ use axum::Json;
 use utoipa::OpenApi;
 
 use crate::http::api::{
-    ErrorBody, InferenceError, LoadedModelInfo, ModelPerformanceProfile, TensorSpec,
+    ErrorBody, InferenceError, LoadedModelInfo, ModelPerformanceProfile, ModelPlacement,
+    PlacementTiming, TensorSpec,
 };
 use crate::models::fault::FaultMode;
 use crate::models::LoadedModel;
@@ -71,6 +72,7 @@ fn unavailable_info(f: &crate::models::FailedVersion) -> LoadedModelInfo {
             gpu_utilization: None,
             throughput_samples_per_sec: None,
         },
+        placement: None,
         load_timestamp: f.at,
         last_used: None,
         usage_count: 0,
@@ -142,6 +144,21 @@ pub(super) fn model_info(
                     .reduce(f32::max)
             }),
         },
+        placement: m.placement.as_ref().map(|p| ModelPlacement {
+            rule: p.rule(),
+            cpu_up_to_batch_size: p.cpu_up_to() as u32,
+            cpu_engine: p.cpu_engine.into(),
+            gpu_engine: p.gpu_engine.into(),
+            measured: p
+                .measured
+                .iter()
+                .map(|&(size, cpu, gpu)| PlacementTiming {
+                    batch_size: size as u32,
+                    cpu_p50_us: cpu as f64 / 1e3,
+                    gpu_p50_us: gpu as f64 / 1e3,
+                })
+                .collect(),
+        }),
         load_timestamp: m.loaded_at,
         last_used: serving.monitor.last_request(m.monitor_index),
         usage_count: metrics.total_requests,

@@ -445,6 +445,34 @@ pub struct ModelPerformanceProfile {
     pub throughput_samples_per_sec: Option<f32>,
 }
 
+/// Where `backend = "auto"` runs a model's batches, from both engines' median latency per
+/// batch size measured at load: small batches on the CPU, larger ones on the GPU, or all on
+/// one of them.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelPlacement {
+    /// The rule in words, with the figures at the crossover.
+    pub rule: String,
+    /// Batches of up to this many rows run on the CPU (0: none; the largest batch: all).
+    pub cpu_up_to_batch_size: u32,
+    /// The CPU engine (`cpu-mlp`).
+    pub cpu_engine: String,
+    /// The GPU engine (`cuda`).
+    pub gpu_engine: String,
+    /// Each batch size measured, both engines' medians.
+    pub measured: Vec<PlacementTiming>,
+}
+
+/// One batch size's median latency on both engines, measured at load.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PlacementTiming {
+    /// Rows.
+    pub batch_size: u32,
+    /// On the CPU, microseconds.
+    pub cpu_p50_us: f64,
+    /// On the GPU (copies and synchronisation included), microseconds.
+    pub gpu_p50_us: f64,
+}
+
 /// One loaded model, as `GET /api/v1/internal/inference/models/loaded` lists it.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LoadedModelInfo {
@@ -474,6 +502,9 @@ pub struct LoadedModelInfo {
     pub feature_names: Vec<String>,
     /// Measured at load.
     pub performance_profile: ModelPerformanceProfile,
+    /// Where `backend = "auto"` put its batches, when both the CPU and a GPU can run it;
+    /// absent otherwise.
+    pub placement: Option<ModelPlacement>,
     /// When it finished loading.
     pub load_timestamp: DateTime<Utc>,
     /// When it last accepted a request (absent: never).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tie_engine::profile::ModelProfile;
-use tie_engine::Backend;
+use tie_engine::{Backend, Crossover};
 use tie_layouts::FeatureLayout;
 
 use super::config::ModelConfig;
@@ -28,6 +28,8 @@ pub struct LoadedModel {
     pub batch: BatchConfig,
     /// Its measured batch timings, when profiled at load.
     pub profile: Option<ModelProfile>,
+    /// Where `backend = "auto"` put its batches, when both the CPU and a GPU could run it.
+    pub placement: Option<Placement>,
     /// What runs it.
     pub backend: Arc<dyn Backend>,
     /// The file it came from.
@@ -77,5 +79,73 @@ impl LoadedModel {
     /// Values per row.
     pub fn output_width(&self) -> usize {
         self.backend.info().io.output_width
+    }
+}
+
+/// Where `backend = "auto"` put a model that both the CPU and a GPU can run, from both
+/// engines' median latency at each batch size the batcher runs, measured at load.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// The split.
+    pub crossover: Crossover,
+    /// The CPU engine (`cpu-mlp`).
+    pub cpu_engine: &'static str,
+    /// The GPU engine (`cuda`).
+    pub gpu_engine: &'static str,
+    /// Its devices (`cuda:0`).
+    pub gpu_device: String,
+    /// `(batch size, CPU median, GPU median)`, nanoseconds, ascending sizes.
+    pub measured: Vec<(usize, u64, u64)>,
+}
+
+impl Placement {
+    /// The rule in words, for the load log and `models/loaded`.
+    pub fn rule(&self) -> String {
+        let us = |ns: u64| ns as f64 / 1e3;
+        let at = |size: usize| self.measured.iter().find(|m| m.0 == size).copied();
+        let largest = self.measured.last().map_or(0, |m| m.0);
+        match self.crossover {
+            Crossover::UpTo(n) => {
+                let next = self.measured.iter().find(|m| m.0 > n);
+                format!(
+                    "batches of up to {n} rows on the CPU ({}), larger ones on the GPU ({}, {}){}",
+                    self.cpu_engine,
+                    self.gpu_engine,
+                    self.gpu_device,
+                    next.map_or(String::new(), |&(size, cpu, gpu)| format!(
+                        ": at {size} rows the GPU took {:.1} us, the CPU {:.1} us",
+                        us(gpu),
+                        us(cpu)
+                    ))
+                )
+            }
+            Crossover::LargeOnly => format!(
+                "every batch on the GPU ({}, {}){}",
+                self.gpu_engine,
+                self.gpu_device,
+                at(self.measured.first().map_or(1, |m| m.0)).map_or(
+                    String::new(),
+                    |(size, cpu, gpu)| format!(
+                        ": at {size} rows it took {:.1} us, the CPU ({}) {:.1} us",
+                        us(gpu),
+                        self.cpu_engine,
+                        us(cpu)
+                    )
+                )
+            ),
+            Crossover::SmallOnly => format!(
+                "every batch on the CPU ({}): faster than the GPU ({}) at every batch size up to {largest}",
+                self.cpu_engine, self.gpu_engine
+            ),
+        }
+    }
+
+    /// The largest batch run on the CPU (0: none).
+    pub fn cpu_up_to(&self) -> usize {
+        match self.crossover {
+            Crossover::UpTo(n) => n,
+            Crossover::LargeOnly => 0,
+            Crossover::SmallOnly => self.measured.last().map_or(0, |m| m.0),
+        }
     }
 }

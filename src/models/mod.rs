@@ -25,7 +25,7 @@ pub mod set;
 
 pub use batching::{BatchConfig, BatchConfigError, CRITICAL, PRIORITIES};
 pub use config::{BackendChoice, ModelConfig, VersionPickError, VersionPolicy};
-pub use loaded::LoadedModel;
+pub use loaded::{LoadedModel, Placement};
 pub use manager::{ChangeError, ChangeReport, LoadedVersion, ModelManager, RESTORE_RETRY};
 pub use repository::{
     load_repository, load_repository_with, load_version, plan_each, plan_model, plan_repository,

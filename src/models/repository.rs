@@ -12,11 +12,11 @@ use tie_layouts::FeatureLayout;
 
 use tie_engine::devices::Gpus;
 use tie_engine::profile::ModelProfile;
-use tie_engine::{Backend, BackendLoadError};
+use tie_engine::{Backend, BackendLoadError, Crossover, SplitBackend};
 
 use super::config::{BackendChoice, ModelConfig};
 use super::health::Canary;
-use super::loaded::LoadedModel;
+use super::loaded::{LoadedModel, Placement};
 use super::BatchConfig;
 use crate::config::BatchProcessingSection;
 
@@ -742,6 +742,84 @@ impl Loading<'_> {
         }
     }
 
+    /// `auto` with a model on the GPU: also builds it on the CPU, measures both engines at
+    /// each batch size the batcher runs, and keeps the faster one per size (a
+    /// [`SplitBackend`] where each wins some sizes). Not with `deterministic = true` (the two
+    /// engines' bits differ), nor for a model the CPU cannot build.
+    fn place(
+        &self,
+        gpu: Arc<dyn Backend>,
+        batch: &BatchConfig,
+        progress: &Progress,
+    ) -> Result<(Arc<dyn Backend>, Option<Placement>), RepositoryLoadError> {
+        let (name, version) = (self.name, self.version);
+        if self.config.backend != BackendChoice::Auto || gpu.info().device == "cpu" {
+            return Ok((gpu, None));
+        }
+        if self.config.deterministic {
+            tracing::info!(
+                model = name,
+                version,
+                "every batch on the GPU: deterministic = true keeps a model on one engine"
+            );
+            return Ok((gpu, None));
+        }
+        let cpu = match tie_engine::load_cpu_with(
+            self.file,
+            self.config.cpu_engine,
+            self.config.max_tensor_bytes(),
+        ) {
+            Ok(cpu) => cpu,
+            Err(e) => {
+                tracing::info!(model = name, version, reason = %e, "every batch on the GPU: the CPU engine could not build the model");
+                return Ok((gpu, None));
+            }
+        };
+        let failed = |e: tie_engine::BackendError| {
+            self.backend_error(BackendLoadError::Tract(format!(
+                "measuring the CPU and the GPU per batch size failed: {e}"
+            )))
+        };
+        progress.show("measuring the CPU and the GPU per batch size", None);
+        let sizes = batch.run_sizes();
+        let measure = |b: &dyn Backend| {
+            warmup(b, self.options.warmup_requests.max(PLACEMENT_WARMUP)).map_err(failed)?;
+            ModelProfile::measure(b, &sizes, PLACEMENT_ITERATIONS).map_err(failed)
+        };
+        let (on_cpu, on_gpu) = (measure(cpu.as_ref())?, measure(gpu.as_ref())?);
+        let crossover = Crossover::from_profiles(&on_cpu, &on_gpu);
+        let placement = Placement {
+            crossover,
+            cpu_engine: cpu.info().engine,
+            gpu_engine: gpu.info().engine,
+            gpu_device: gpu.info().device.clone(),
+            measured: on_cpu
+                .timings
+                .iter()
+                .zip(&on_gpu.timings)
+                .map(|(c, g)| (c.batch_size, c.p50_ns, g.p50_ns))
+                .collect(),
+        };
+        tracing::info!(
+            model = name,
+            version,
+            rule = %placement.rule(),
+            cpu_up_to = placement.cpu_up_to(),
+            measured_us = ?placement
+                .measured
+                .iter()
+                .map(|(size, c, g)| format!("{size}:cpu {:.1}/gpu {:.1}", *c as f64 / 1e3, *g as f64 / 1e3))
+                .collect::<Vec<_>>(),
+            "batches placed by size"
+        );
+        let backend: Arc<dyn Backend> = match crossover {
+            Crossover::LargeOnly => gpu,
+            Crossover::SmallOnly => cpu,
+            Crossover::UpTo(n) => Arc::new(SplitBackend::new(cpu, gpu, n)),
+        };
+        Ok((backend, Some(placement)))
+    }
+
     /// The model's I/O against what a frame carries and the uncertainty column.
     fn check_io(&self, io: &tie_engine::ModelIo) -> Result<(), RepositoryLoadError> {
         if io.input_width > MAX_FEATURES as usize {
@@ -886,6 +964,7 @@ fn load_model(
     let io = backend.info().io.clone();
     loading.check_io(&io)?;
     let layout = loading.layout(io.input_width)?;
+    let (backend, placement) = loading.place(backend, &batch, &progress)?;
     let (canary, profile) = loading.prepare(backend.as_ref(), &batch, &progress)?;
     if let Some(i) = canary.expected.iter().position(|v| !v.is_finite()) {
         if !layout.allow_non_finite {
@@ -923,6 +1002,7 @@ fn load_model(
         layout,
         batch,
         profile,
+        placement,
         backend,
         path: file.into(),
         health: Arc::new(super::health::ModelHealth::new(canary)),
@@ -1094,6 +1174,11 @@ fn determinism_sizes(run_sizes: &[usize]) -> Vec<usize> {
 
 /// Rows the determinism check runs alone and inside batches.
 const DETERMINISM_ROWS: usize = 8;
+
+/// Timed runs per batch size and engine when `auto` places a model's batches.
+const PLACEMENT_ITERATIONS: u32 = 30;
+/// Runs of one row on each engine before they are timed.
+const PLACEMENT_WARMUP: u32 = 20;
 
 /// For `deterministic = true`: runs [`DETERMINISM_ROWS`] varied rows alone, then batches of
 /// every size in `sizes` made of those rows in turn, and compares every row's bits with its

@@ -709,3 +709,109 @@ fn the_fused_kernels_give_each_row_the_same_bits_in_every_batch() {
         }
     }
 }
+
+#[test]
+fn auto_places_each_batch_on_the_engine_measured_faster_for_its_size() {
+    if let Err(why) = GpuRuntime::probe(&[0], true, NO_LIMITS) {
+        crate::common::skip(Need::Gpus(1), &format!("no usable GPU: {why}"));
+        return;
+    }
+    let repo = crate::common::scratch_dir("gpu-auto-repo");
+    for (name, depth) in [("auto", 0), ("auto_flight", 3)] {
+        std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
+        std::fs::copy(
+            root().join("models/mlp64/1/model.onnx"),
+            repo.join(name).join("1/model.onnx"),
+        )
+        .unwrap();
+        std::fs::write(
+            repo.join(name).join("config.toml"),
+            format!("backend = \"auto\"\nbatch_timeout_us = 20\nmax_batch_size = 64\npipeline_depth = {depth}\n"),
+        )
+        .unwrap();
+    }
+    let server = TestServer::start_with(crate::common::TEST_CONFIG, &repo);
+    let (_, loaded) = crate::common::get(&format!(
+        "{}/api/v1/internal/inference/models/loaded",
+        server.http()
+    ));
+    for name in ["auto", "auto_flight"] {
+        let entry = loaded
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model_name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {loaded}"));
+        let placement = &entry["placement"];
+        let measured = placement["measured"]
+            .as_array()
+            .expect("placement measured");
+        let sizes: Vec<u64> = measured
+            .iter()
+            .map(|m| m["batch_size"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sizes.first(), Some(&1), "{placement}");
+        assert_eq!(sizes.last(), Some(&64), "{placement}");
+        // The split is the measured one: the CPU keeps every size up to the first it does not
+        // win.
+        let up_to = measured
+            .iter()
+            .take_while(|m| m["cpu_p50_us"].as_f64() < m["gpu_p50_us"].as_f64())
+            .last()
+            .map_or(0, |m| m["batch_size"].as_u64().unwrap());
+        assert_eq!(placement["cpu_up_to_batch_size"], up_to, "{placement}");
+        let device = entry["inference_device"].as_str().unwrap();
+        assert_eq!(device == "cpu", up_to == 64, "{entry}");
+        assert!(!placement["rule"].as_str().unwrap().is_empty());
+    }
+    assert!(server.log().contains("batches placed by size"));
+    // Lone requests and full batches, from clients in flight: every answer the model's, in
+    // order, whichever engine ran it.
+    let (io, plan) = {
+        let file = root().join("models/mlp64/1/model.onnx");
+        let (io, plan) = tie_engine::read_mlp(&file).unwrap();
+        (io, plan.unwrap())
+    };
+    let cpu = MlpBackend::new(io.clone(), plan);
+    for name in ["auto", "auto_flight"] {
+        std::thread::scope(|s| {
+            for c in 0..3usize {
+                let (server, cpu, io) = (&server, &cpu, &io);
+                s.spawn(move || {
+                    let mut client =
+                        tie_client::Client::connect(&server.endpoint, name, server.options())
+                            .unwrap();
+                    let mut sent = std::collections::VecDeque::new();
+                    let mut answered = 0;
+                    let mut next = 0usize;
+                    while answered < 2000 {
+                        // Alternately one request at a time and bursts of 40.
+                        let burst = if (next / 200).is_multiple_of(2) { 1 } else { 40 };
+                        while next < 2000 && sent.len() < burst {
+                            let features: Vec<f32> = (0..io.input_width)
+                                .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
+                                .collect();
+                            let id = client
+                                .submit(&features, tie_client::Priority::Normal, None)
+                                .unwrap();
+                            sent.push_back((id, features));
+                            next += 1;
+                        }
+                        let Some(r) = client.poll() else { continue };
+                        let (id, features) = sent.pop_front().unwrap();
+                        assert_eq!(r.request_id, id, "{name}, client {c}: answers out of order");
+                        assert!(r.status.is_ok(), "{name}, client {c}: {:?}", r.status);
+                        let mut expected = vec![0.0f32; io.output_width];
+                        cpu.run_batch(&features, 1, &mut expected).unwrap();
+                        let err = crate::conformance::rel_norm(r.outputs(), &expected);
+                        assert!(
+                            err <= 1e-5,
+                            "{name}, client {c}, request {answered}: error {err}"
+                        );
+                        answered += 1;
+                    }
+                });
+            }
+        });
+    }
+}

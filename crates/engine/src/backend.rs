@@ -163,6 +163,16 @@ pub trait Backend: Send + Sync {
         let _ = depth;
         None
     }
+
+    /// Another engine of the same model that runs a batch of `rows` rows faster than this
+    /// backend's [`run_gathered`](Self::run_gathered) and [`pipeline`](Self::pipeline) would
+    /// (the CPU engine of a model split by batch size: see [`crate::SplitBackend`]); `None`
+    /// where there is none. A caller that knows a batch's size before gathering it asks
+    /// first, so the batch is gathered straight into the right engine's staging memory.
+    fn faster_engine_for(&self, rows: usize) -> Option<&dyn Backend> {
+        let _ = rows;
+        None
+    }
 }
 
 /// Batches in flight on an asynchronous engine, for one caller: the caller gathers a batch

@@ -1,0 +1,229 @@
+//! [`SplitBackend`]: one model on two engines, each batch on the one measured faster for its
+//! size (`backend = "auto"` on a GPU host: small batches on the CPU, larger ones on the GPU),
+//! and [`Crossover`], the rule that picks the split from both engines' load-time profiles.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use crate::profile::ModelProfile;
+use crate::{Backend, BackendError, BackendHealth, BackendInfo, Pipeline};
+
+/// Where a model's batches run, from both engines' timings per batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crossover {
+    /// The large-batch engine (the GPU) is as fast or faster already at the smallest size.
+    LargeOnly,
+    /// The small-batch engine (the CPU) is faster at every size measured.
+    SmallOnly,
+    /// Batches of up to this many rows run on the small-batch engine, larger ones on the other.
+    UpTo(usize),
+}
+
+impl Crossover {
+    /// The split from the two engines' profiles (same sizes, ascending): the small-batch
+    /// engine keeps every size up to the first where its median is not below the other's.
+    /// Sizes past that point stay on the large-batch engine even where the small one is
+    /// measured faster again (a batch's engine then only changes once as batches grow).
+    ///
+    /// # Panics
+    /// When the profiles' sizes differ.
+    pub fn from_profiles(small: &ModelProfile, large: &ModelProfile) -> Self {
+        assert_eq!(small.timings.len(), large.timings.len(), "same sizes");
+        let mut up_to = 0;
+        for (s, l) in small.timings.iter().zip(&large.timings) {
+            assert_eq!(s.batch_size, l.batch_size, "same sizes");
+            if s.p50_ns >= l.p50_ns {
+                break;
+            }
+            up_to = s.batch_size;
+        }
+        match small.timings.last() {
+            _ if up_to == 0 => Self::LargeOnly,
+            Some(last) if up_to == last.batch_size => Self::SmallOnly,
+            _ => Self::UpTo(up_to),
+        }
+    }
+}
+
+/// A model loaded on two engines: batches of up to `up_to` rows run on `small`, larger ones on
+/// `large`. What it reports ([`Backend::info`]), its pipeline and [`Backend::run_gathered`]
+/// are the large-batch engine's; [`Backend::run_batch`] picks by the batch's rows, and a
+/// caller that knows a batch's size before gathering it asks
+/// [`Backend::faster_engine_for`] (the poller does).
+pub struct SplitBackend {
+    small: Arc<dyn Backend>,
+    large: Arc<dyn Backend>,
+    up_to: usize,
+}
+
+impl SplitBackend {
+    /// Batches of up to `up_to` rows on `small`, larger ones on `large`.
+    ///
+    /// # Panics
+    /// When the engines' I/O differ.
+    pub fn new(small: Arc<dyn Backend>, large: Arc<dyn Backend>, up_to: usize) -> Self {
+        assert_eq!(
+            small.info().io,
+            large.info().io,
+            "one model on both engines"
+        );
+        Self {
+            small,
+            large,
+            up_to,
+        }
+    }
+
+    /// The engine of small batches.
+    pub fn small(&self) -> &dyn Backend {
+        self.small.as_ref()
+    }
+
+    /// The largest batch run on the small-batch engine.
+    pub fn up_to(&self) -> usize {
+        self.up_to
+    }
+}
+
+impl Backend for SplitBackend {
+    fn info(&self) -> &BackendInfo {
+        self.large.info()
+    }
+
+    fn run_batch(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        match self.faster_engine_for(rows) {
+            Some(small) => small.run_batch(input, rows, output),
+            None => self.large.run_batch(input, rows, output),
+        }
+    }
+
+    fn run_gathered(
+        &self,
+        gather: &mut dyn FnMut(&mut [f32]) -> usize,
+        scratch: &mut [f32],
+        output: &mut [f32],
+    ) -> Result<usize, BackendError> {
+        self.large.run_gathered(gather, scratch, output)
+    }
+
+    fn health(&self) -> BackendHealth {
+        match self.large.health() {
+            BackendHealth::Healthy => self.small.health(),
+            unhealthy => unhealthy,
+        }
+    }
+
+    fn pipeline(&self, depth: usize) -> Option<Box<dyn Pipeline>> {
+        self.large.pipeline(depth)
+    }
+
+    fn faster_engine_for(&self, rows: usize) -> Option<&dyn Backend> {
+        (rows <= self.up_to).then_some(self.small.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::BatchTiming;
+    use crate::ModelIo;
+
+    fn profile(p50s: &[(usize, u64)]) -> ModelProfile {
+        ModelProfile {
+            timings: p50s
+                .iter()
+                .map(|&(batch_size, p50_ns)| BatchTiming {
+                    batch_size,
+                    p50_ns,
+                    p95_ns: p50_ns,
+                    p99_ns: p50_ns,
+                })
+                .collect(),
+            optimal_batch_size: 1,
+        }
+    }
+
+    #[test]
+    fn the_crossover_is_the_first_size_the_small_engine_does_not_win() {
+        let cpu = profile(&[(1, 2_000), (2, 3_000), (4, 6_000), (8, 12_000), (16, 9_000)]);
+        let gpu = profile(&[
+            (1, 10_000),
+            (2, 10_000),
+            (4, 10_000),
+            (8, 10_000),
+            (16, 10_000),
+        ]);
+        // Faster again at 16 (noise, or a better kernel): still after the crossover.
+        assert_eq!(Crossover::from_profiles(&cpu, &gpu), Crossover::UpTo(4));
+        let equal = profile(&[
+            (1, 10_000),
+            (2, 10_000),
+            (4, 10_000),
+            (8, 10_000),
+            (16, 10_000),
+        ]);
+        assert_eq!(
+            Crossover::from_profiles(&equal, &gpu),
+            Crossover::LargeOnly,
+            "a tie goes to the large-batch engine"
+        );
+        let fast = profile(&[(1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]);
+        assert_eq!(Crossover::from_profiles(&fast, &gpu), Crossover::SmallOnly);
+    }
+
+    /// Answers each row with its engine's mark.
+    struct Marked {
+        info: BackendInfo,
+        mark: f32,
+    }
+
+    impl Backend for Marked {
+        fn info(&self) -> &BackendInfo {
+            &self.info
+        }
+        fn run_batch(
+            &self,
+            _input: &[f32],
+            rows: usize,
+            output: &mut [f32],
+        ) -> Result<(), BackendError> {
+            output[..rows].fill(self.mark);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn batches_run_on_the_engine_of_their_size() {
+        let io = ModelIo {
+            input_name: "x".into(),
+            input_width: 1,
+            output_name: "y".into(),
+            output_width: 1,
+            output_note: None,
+        };
+        let marked = |mark| -> Arc<dyn Backend> {
+            Arc::new(Marked {
+                info: BackendInfo::cpu(io.clone(), "test", "test"),
+                mark,
+            })
+        };
+        let split = SplitBackend::new(marked(1.0), marked(2.0), 4);
+        let mut out = [0.0f32; 8];
+        for (rows, mark) in [(1, 1.0), (4, 1.0), (5, 2.0), (8, 2.0)] {
+            split.run_batch(&[0.0; 8][..rows], rows, &mut out).unwrap();
+            assert_eq!(out[rows - 1], mark, "{rows} rows");
+            assert_eq!(split.faster_engine_for(rows).is_some(), mark == 1.0);
+        }
+        // Gathered batches are the large-batch engine's (the poller asks first).
+        let mut scratch = [0.0f32; 8];
+        split
+            .run_gathered(&mut |_| 1, &mut scratch, &mut out)
+            .unwrap();
+        assert_eq!(out[0], 2.0);
+    }
+}

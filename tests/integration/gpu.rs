@@ -786,7 +786,11 @@ fn auto_places_each_batch_on_the_engine_measured_faster_for_its_size() {
                     let mut next = 0usize;
                     while answered < 2000 {
                         // Alternately one request at a time and bursts of 40.
-                        let burst = if (next / 200).is_multiple_of(2) { 1 } else { 40 };
+                        let burst = if (next / 200).is_multiple_of(2) {
+                            1
+                        } else {
+                            40
+                        };
                         while next < 2000 && sent.len() < burst {
                             let features: Vec<f32> = (0..io.input_width)
                                 .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)

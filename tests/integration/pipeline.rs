@@ -221,3 +221,147 @@ fn a_pipeline_deeper_than_allowed_is_refused_at_load() {
         "{stderr}"
     );
 }
+
+/// Counts the batches an engine runs, those run on a poller's thread, and the largest.
+struct Counted {
+    inner: std::sync::Arc<dyn tie_engine::Backend>,
+    batches: std::sync::atomic::AtomicUsize,
+    on_poller: std::sync::atomic::AtomicUsize,
+    fewest: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl Counted {
+    fn new(inner: std::sync::Arc<dyn tie_engine::Backend>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            inner,
+            batches: 0.into(),
+            on_poller: 0.into(),
+            fewest: usize::MAX.into(),
+            most: 0.into(),
+        })
+    }
+}
+
+impl tie_engine::Backend for Counted {
+    fn info(&self) -> &tie_engine::BackendInfo {
+        self.inner.info()
+    }
+
+    fn run_batch(
+        &self,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), tie_engine::BackendError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.batches.fetch_add(1, Relaxed);
+        if std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("tie-poller"))
+        {
+            self.on_poller.fetch_add(1, Relaxed);
+        }
+        self.fewest.fetch_min(rows, Relaxed);
+        self.most.fetch_max(rows, Relaxed);
+        self.inner.run_batch(input, rows, output)
+    }
+}
+
+/// What `backend = "auto"` builds where both engines win some batch sizes (a GPU host), here
+/// with two CPU engines: small batches run on the poller at once unless batches are in flight,
+/// larger ones on the pipeline; every answer is its request's, once, in order.
+#[test]
+fn a_model_split_by_batch_size_runs_each_batch_on_its_engine_and_answers_in_order() {
+    use std::sync::Arc;
+    let dir = scratch_dir("split");
+    let socket_dir = dir.join("sockets");
+    std::fs::create_dir_all(&socket_dir).unwrap();
+    let mut config = tie::config::ServiceConfig::parse(&format!(
+        "{}\n[batch_processing]\nmax_batch_size = 32\nbatch_timeout_us = 50\nenable_dynamic_batching = false\n",
+        crate::common::TEST_CONFIG
+    ))
+    .unwrap();
+    config.server.endpoint = "split".into();
+    config.server.socket_dir = Some(socket_dir.clone());
+    let options = tie::models::LoadOptions {
+        layouts_dir: root().join("layouts/features"),
+        ..tie::models::LoadOptions::from_config_with(
+            &config,
+            tie_engine::devices::Gpus::none("the test runs on the CPU"),
+        )
+    };
+    let mut models = tie::models::load_repository(&repository("mlp64"), &options).unwrap();
+    assert_eq!(models.len(), 1);
+    let model = &mut models[0];
+    assert_eq!(model.config.pipeline_depth, 2);
+    let reference = model.backend.clone();
+    let small = Counted::new(reference.clone());
+    let large = Counted::new(reference.clone());
+    model.backend = Arc::new(tie_engine::SplitBackend::new(
+        small.clone(),
+        large.clone(),
+        4,
+    ));
+    let server = tie::dataplane::Server::start(&config, models).unwrap();
+    std::thread::scope(|s| {
+        for c in 0..3usize {
+            let (socket_dir, reference) = (&socket_dir, &reference);
+            s.spawn(move || {
+                let options = ConnectOptions {
+                    socket_dir: Some(socket_dir.clone()),
+                    request_capacity: 256,
+                    response_capacity: 256,
+                    timeout: std::time::Duration::from_secs(10),
+                    ..ConnectOptions::default()
+                };
+                let mut client = Client::connect("split", "mlp64", options).unwrap();
+                let width = client.feature_count() as usize;
+                let mut sent = VecDeque::new();
+                let (mut next, mut answered) = (0usize, 0usize);
+                while answered < 2000 {
+                    // Alternately one request at a time and bursts of up to 60.
+                    let window = if (next / 100).is_multiple_of(2) {
+                        1
+                    } else {
+                        60
+                    };
+                    while next < 2000 && sent.len() < window {
+                        let features: Vec<f32> = (0..width)
+                            .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
+                            .collect();
+                        let id = client.submit(&features, Priority::Normal, None).unwrap();
+                        sent.push_back((id, features));
+                        next += 1;
+                    }
+                    let Some(r) = client.poll() else { continue };
+                    let (id, features) = sent.pop_front().unwrap();
+                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
+                    assert_eq!(r.status, Status::OK, "client {c}");
+                    let mut expected = [0.0f32];
+                    reference.run_batch(&features, 1, &mut expected).unwrap();
+                    assert!(
+                        rel_err(r.outputs()[0], expected[0]) <= 1e-5,
+                        "client {c}, request {answered}: {} vs {}",
+                        r.outputs()[0],
+                        expected[0]
+                    );
+                    answered += 1;
+                }
+            });
+        }
+    });
+    server.shutdown();
+    use std::sync::atomic::Ordering::Relaxed;
+    // Lone requests ran on the small-batch engine, on the poller; bursts made batches of more
+    // than 4 rows, which only the other engine ran (and small ones too, behind batches in
+    // flight).
+    assert!(small.on_poller.load(Relaxed) > 0);
+    assert!(
+        small.most.load(Relaxed) <= 4,
+        "{}",
+        small.most.load(Relaxed)
+    );
+    assert!(large.batches.load(Relaxed) > 0);
+    assert!(large.most.load(Relaxed) > 4, "{}", large.most.load(Relaxed));
+}

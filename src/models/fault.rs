@@ -51,13 +51,13 @@ impl Faulty {
     /// Wraps `inner`; returns the wrapper and its switch.
     pub fn wrap(inner: Arc<dyn Backend>) -> (Arc<dyn Backend>, Arc<FaultSwitch>) {
         let switch = Arc::new(FaultSwitch::default());
-        (
-            Arc::new(Self {
-                inner,
-                switch: switch.clone(),
-            }),
-            switch,
-        )
+        (Self::with_switch(inner, switch.clone()), switch)
+    }
+
+    /// Wraps `inner` behind an existing switch (each engine of a model split by batch size,
+    /// so that one switch faults both).
+    pub fn with_switch(inner: Arc<dyn Backend>, switch: Arc<FaultSwitch>) -> Arc<dyn Backend> {
+        Arc::new(Self { inner, switch })
     }
 
     fn after(

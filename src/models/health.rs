@@ -67,6 +67,9 @@ pub struct Canary {
     pub input: Vec<f32>,
     /// The model's output for it at load.
     pub expected: Vec<f32>,
+    /// For a model split by batch size (whose one-row batches run on the CPU), the output of
+    /// its other engine, the one its larger batches run on, at load.
+    pub expected_large: Option<Vec<f32>>,
 }
 
 impl Canary {
@@ -82,16 +85,34 @@ impl Canary {
             .collect();
         let mut expected = vec![0.0; io.output_width];
         backend.run_batch(&input, 1, &mut expected)?;
-        Ok(Self { input, expected })
+        let expected_large = match backend.faster_engine_for(1) {
+            Some(_) => Some(run_large(backend, &input)?),
+            None => None,
+        };
+        Ok(Self {
+            input,
+            expected,
+            expected_large,
+        })
     }
 
-    /// Runs the canary again; `Err` says how the answer differs.
+    /// Runs the canary again (on each engine of a split model); `Err` says how the answer
+    /// differs.
     fn check(&self, backend: &dyn Backend) -> Result<(), CheckFailure> {
         let mut output = vec![0.0; self.expected.len()];
         backend
             .run_batch(&self.input, 1, &mut output)
             .map_err(CheckFailure::Inference)?;
-        for (i, (got, want)) in output.iter().zip(&self.expected).enumerate() {
+        Self::compare(&output, &self.expected)?;
+        if let Some(expected) = &self.expected_large {
+            let output = run_large(backend, &self.input).map_err(CheckFailure::Inference)?;
+            Self::compare(&output, expected)?;
+        }
+        Ok(())
+    }
+
+    fn compare(output: &[f32], expected: &[f32]) -> Result<(), CheckFailure> {
+        for (i, (got, want)) in output.iter().zip(expected).enumerate() {
             // The same engine on the same input gives the same answer; the margin covers a
             // GPU engine re-chosen with another summation order.
             let same = if want.is_finite() {
@@ -110,6 +131,23 @@ impl Canary {
         }
         Ok(())
     }
+}
+
+/// The canary row run on the engine of a split model's larger batches (a gathered batch of
+/// one row goes there: see [`tie_engine::SplitBackend`]).
+fn run_large(backend: &dyn Backend, input: &[f32]) -> Result<Vec<f32>, BackendError> {
+    let io = &backend.info().io;
+    let mut scratch = vec![0.0; io.input_width];
+    let mut output = vec![0.0; io.output_width];
+    backend.run_gathered(
+        &mut |staging| {
+            staging[..input.len()].copy_from_slice(input);
+            1
+        },
+        &mut scratch,
+        &mut output,
+    )?;
+    Ok(output)
 }
 
 impl ModelHealth {
@@ -334,5 +372,22 @@ mod tests {
         assert!(health.check("m:1", backend.as_ref()));
         assert!(health.is_ready() && health.reason().is_none());
         assert_eq!(health.counts(), (4, 2));
+    }
+
+    #[test]
+    fn a_split_model_s_canary_checks_the_engine_of_its_larger_batches_too() {
+        // One-row batches run on the small engine; the large one is faulted alone.
+        let (large, switch) = Faulty::wrap(double());
+        let split = tie_engine::SplitBackend::new(double(), large, 4);
+        let health = ModelHealth::new(Canary::record(&split).unwrap());
+        assert!(health.canary().expected_large.is_some());
+        assert!(health.check("m:1", &split));
+        switch.set(FaultMode::Corrupt);
+        assert!(!health.check("m:1", &split));
+        switch.set(FaultMode::Fail);
+        assert!(!health.check("m:1", &split));
+        assert!(health.reason().unwrap().contains("injected fault"));
+        switch.set(FaultMode::None);
+        assert!(health.check("m:1", &split));
     }
 }

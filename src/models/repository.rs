@@ -15,6 +15,7 @@ use tie_engine::profile::ModelProfile;
 use tie_engine::{Backend, BackendLoadError, Crossover, SplitBackend};
 
 use super::config::{BackendChoice, ModelConfig};
+use super::fault::FaultSwitch;
 use super::health::Canary;
 use super::loaded::{LoadedModel, Placement};
 use super::BatchConfig;
@@ -751,6 +752,7 @@ impl Loading<'_> {
         gpu: Arc<dyn Backend>,
         batch: &BatchConfig,
         progress: &Progress,
+        fault: Option<&Arc<FaultSwitch>>,
     ) -> Result<(Arc<dyn Backend>, Option<Placement>), RepositoryLoadError> {
         let (name, version) = (self.name, self.version);
         if self.config.backend != BackendChoice::Auto || gpu.info().device == "cpu" {
@@ -764,29 +766,40 @@ impl Loading<'_> {
             );
             return Ok((gpu, None));
         }
+        let gpu_only = |why: String| {
+            tracing::info!(model = name, version, reason = %why, "every batch on the GPU");
+            Ok((gpu.clone(), None))
+        };
         let cpu = match tie_engine::load_cpu_with(
             self.file,
             self.config.cpu_engine,
             self.config.max_tensor_bytes(),
         ) {
             Ok(cpu) => cpu,
-            Err(e) => {
-                tracing::info!(model = name, version, reason = %e, "every batch on the GPU: the CPU engine could not build the model");
-                return Ok((gpu, None));
-            }
+            Err(e) => return gpu_only(format!("the CPU engine could not build the model: {e}")),
         };
-        let failed = |e: tie_engine::BackendError| {
-            self.backend_error(BackendLoadError::Tract(format!(
-                "measuring the CPU and the GPU per batch size failed: {e}"
-            )))
-        };
+        if cpu.info().io != gpu.info().io {
+            return gpu_only(format!(
+                "the CPU engine reads the model's I/O otherwise ({:?} against {:?})",
+                cpu.info().io,
+                gpu.info().io
+            ));
+        }
         progress.show("measuring the CPU and the GPU per batch size", None);
         let sizes = batch.run_sizes();
         let measure = |b: &dyn Backend| {
-            warmup(b, self.options.warmup_requests.max(PLACEMENT_WARMUP)).map_err(failed)?;
-            ModelProfile::measure(b, &sizes, PLACEMENT_ITERATIONS).map_err(failed)
+            warmup(b, self.options.warmup_requests.max(PLACEMENT_WARMUP))?;
+            ModelProfile::measure(b, &sizes, PLACEMENT_ITERATIONS)
         };
-        let (on_cpu, on_gpu) = (measure(cpu.as_ref())?, measure(gpu.as_ref())?);
+        let on_cpu = match measure(cpu.as_ref()) {
+            Ok(p) => p,
+            Err(e) => return gpu_only(format!("the CPU engine failed a timed batch: {e}")),
+        };
+        let on_gpu = measure(gpu.as_ref()).map_err(|e| {
+            self.backend_error(BackendLoadError::Tract(format!(
+                "timing the GPU per batch size failed: {e}"
+            )))
+        })?;
         let crossover = Crossover::from_profiles(&on_cpu, &on_gpu);
         let placement = Placement {
             crossover,
@@ -815,7 +828,15 @@ impl Loading<'_> {
         let backend: Arc<dyn Backend> = match crossover {
             Crossover::LargeOnly => gpu,
             Crossover::SmallOnly => cpu,
-            Crossover::UpTo(n) => Arc::new(SplitBackend::new(cpu, gpu, n)),
+            Crossover::UpTo(n) => {
+                // With fault injection each engine is wrapped, behind one switch: a wrapper
+                // around the split would not see the batches the poller runs on the CPU.
+                let wrap = |b: Arc<dyn Backend>| match fault {
+                    Some(switch) => super::fault::Faulty::with_switch(b, switch.clone()),
+                    None => b,
+                };
+                Arc::new(SplitBackend::new(wrap(cpu), wrap(gpu), n))
+            }
         };
         Ok((backend, Some(placement)))
     }
@@ -964,7 +985,10 @@ fn load_model(
     let io = backend.info().io.clone();
     loading.check_io(&io)?;
     let layout = loading.layout(io.input_width)?;
-    let (backend, placement) = loading.place(backend, &batch, &progress)?;
+    let fault = options
+        .fault_injection
+        .then(|| Arc::new(super::fault::FaultSwitch::default()));
+    let (backend, placement) = loading.place(backend, &batch, &progress, fault.as_ref())?;
     let (canary, profile) = loading.prepare(backend.as_ref(), &batch, &progress)?;
     if let Some(i) = canary.expected.iter().position(|v| !v.is_finite()) {
         if !layout.allow_non_finite {
@@ -988,11 +1012,13 @@ fn load_model(
         load_ms = log_ms(started.elapsed().as_secs_f64() * 1e3),
         "model loaded"
     );
-    let (backend, fault) = if options.fault_injection {
-        let (b, switch) = super::fault::Faulty::wrap(backend);
-        (b, Some(switch))
-    } else {
-        (backend, None)
+    let split = placement
+        .as_ref()
+        .is_some_and(|p| matches!(p.crossover, Crossover::UpTo(_)));
+    let backend = match &fault {
+        // A split model's engines are each behind the switch already.
+        Some(switch) if !split => super::fault::Faulty::with_switch(backend, switch.clone()),
+        _ => backend,
     };
     Ok(LoadedModel {
         name: name.into(),

@@ -1137,7 +1137,11 @@ impl Poller {
                     sample.later(Stage::Execute, done_ns.saturating_sub(gathered_ns), 1);
                 }
             }
-            observe_compute(&mut lane.batch_compute_ns, compute_ns);
+            // The deadline estimate follows the model's own engine: a split model's small
+            // batches, run on its faster engine, would pull it below what a full batch takes.
+            if !faster {
+                observe_compute(&mut lane.batch_compute_ns, compute_ns);
+            }
             if let Err(e) = result {
                 batch_failed(model, &mut self.taken, rows, &e);
             }

@@ -625,37 +625,22 @@ fn a_gpu_model_answers_many_clients_in_flight_each_in_order() {
     let cpu = MlpBackend::new(io.clone(), plan);
     std::thread::scope(|s| {
         for c in 0..4usize {
-            let (server, cpu, io) = (&server, &cpu, &io);
+            let (server, cpu) = (&server, &cpu);
             s.spawn(move || {
                 let mut options = server.options();
                 options.request_capacity = 64;
                 options.response_capacity = 64;
                 let mut client =
                     tie_client::Client::connect(&server.endpoint, "wide", options).unwrap();
-                let mut sent = std::collections::VecDeque::new();
-                let mut answered = 0;
-                let mut next = 0usize;
-                while answered < 3000 {
-                    while next < 3000 && sent.len() < 48 {
-                        let features: Vec<f32> = (0..io.input_width)
-                            .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
-                            .collect();
-                        let id = client
-                            .submit(&features, tie_client::Priority::Normal, None)
-                            .unwrap();
-                        sent.push_back((id, features));
-                        next += 1;
-                    }
-                    let Some(r) = client.poll() else { continue };
-                    let (id, features) = sent.pop_front().unwrap();
-                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
-                    assert!(r.status.is_ok(), "client {c}: {:?}", r.status);
-                    let mut expected = vec![0.0f32; io.output_width];
-                    cpu.run_batch(&features, 1, &mut expected).unwrap();
-                    let err = crate::conformance::rel_norm(r.outputs(), &expected);
-                    assert!(err <= 1e-5, "client {c}, request {answered}: error {err}");
-                    answered += 1;
-                }
+                crate::common::stream_checked(
+                    &mut client,
+                    &format!("client {c}"),
+                    c,
+                    3000,
+                    &|_| 48,
+                    cpu,
+                    1e-5,
+                );
             });
         }
     });
@@ -776,44 +761,27 @@ fn auto_places_each_batch_on_the_engine_measured_faster_for_its_size() {
     for name in ["auto", "auto_flight"] {
         std::thread::scope(|s| {
             for c in 0..3usize {
-                let (server, cpu, io) = (&server, &cpu, &io);
+                let (server, cpu) = (&server, &cpu);
                 s.spawn(move || {
                     let mut client =
                         tie_client::Client::connect(&server.endpoint, name, server.options())
                             .unwrap();
-                    let mut sent = std::collections::VecDeque::new();
-                    let mut answered = 0;
-                    let mut next = 0usize;
-                    while answered < 2000 {
-                        // Alternately one request at a time and bursts of 40.
-                        let burst = if (next / 200).is_multiple_of(2) {
-                            1
-                        } else {
-                            40
-                        };
-                        while next < 2000 && sent.len() < burst {
-                            let features: Vec<f32> = (0..io.input_width)
-                                .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
-                                .collect();
-                            let id = client
-                                .submit(&features, tie_client::Priority::Normal, None)
-                                .unwrap();
-                            sent.push_back((id, features));
-                            next += 1;
-                        }
-                        let Some(r) = client.poll() else { continue };
-                        let (id, features) = sent.pop_front().unwrap();
-                        assert_eq!(r.request_id, id, "{name}, client {c}: answers out of order");
-                        assert!(r.status.is_ok(), "{name}, client {c}: {:?}", r.status);
-                        let mut expected = vec![0.0f32; io.output_width];
-                        cpu.run_batch(&features, 1, &mut expected).unwrap();
-                        let err = crate::conformance::rel_norm(r.outputs(), &expected);
-                        assert!(
-                            err <= 1e-5,
-                            "{name}, client {c}, request {answered}: error {err}"
-                        );
-                        answered += 1;
-                    }
+                    // Alternately one request at a time and bursts of 40.
+                    crate::common::stream_checked(
+                        &mut client,
+                        &format!("{name}, client {c}"),
+                        c,
+                        2000,
+                        &|next| {
+                            if (next / 200).is_multiple_of(2) {
+                                1
+                            } else {
+                                40
+                            }
+                        },
+                        cpu,
+                        1e-5,
+                    );
                 });
             }
         });

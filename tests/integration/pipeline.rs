@@ -316,38 +316,22 @@ fn a_model_split_by_batch_size_runs_each_batch_on_its_engine_and_answers_in_orde
                     ..ConnectOptions::default()
                 };
                 let mut client = Client::connect("split", "mlp64", options).unwrap();
-                let width = client.feature_count() as usize;
-                let mut sent = VecDeque::new();
-                let (mut next, mut answered) = (0usize, 0usize);
-                while answered < 2000 {
-                    // Alternately one request at a time and bursts of up to 60.
-                    let window = if (next / 100).is_multiple_of(2) {
-                        1
-                    } else {
-                        60
-                    };
-                    while next < 2000 && sent.len() < window {
-                        let features: Vec<f32> = (0..width)
-                            .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
-                            .collect();
-                        let id = client.submit(&features, Priority::Normal, None).unwrap();
-                        sent.push_back((id, features));
-                        next += 1;
-                    }
-                    let Some(r) = client.poll() else { continue };
-                    let (id, features) = sent.pop_front().unwrap();
-                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
-                    assert_eq!(r.status, Status::OK, "client {c}");
-                    let mut expected = [0.0f32];
-                    reference.run_batch(&features, 1, &mut expected).unwrap();
-                    assert!(
-                        rel_err(r.outputs()[0], expected[0]) <= 1e-5,
-                        "client {c}, request {answered}: {} vs {}",
-                        r.outputs()[0],
-                        expected[0]
-                    );
-                    answered += 1;
-                }
+                // Alternately one request at a time and bursts of up to 60.
+                crate::common::stream_checked(
+                    &mut client,
+                    &format!("client {c}"),
+                    c,
+                    2000,
+                    &|next| {
+                        if (next / 100).is_multiple_of(2) {
+                            1
+                        } else {
+                            60
+                        }
+                    },
+                    reference.as_ref(),
+                    1e-5,
+                );
             });
         }
     });

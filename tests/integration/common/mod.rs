@@ -518,3 +518,41 @@ pub fn post_empty(url: &str, token: Option<&str>) -> (u16, Value) {
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
     )
 }
+
+/// Sends `total` requests from client number `c` with up to `window(sent so far)` in flight,
+/// and checks every answer: its request's, in order, OK, within `tolerance` (relative norm) of
+/// what `reference` gives for its row alone. `label` names the client in failures.
+pub fn stream_checked(
+    client: &mut Client,
+    label: &str,
+    c: usize,
+    total: usize,
+    window: &dyn Fn(usize) -> usize,
+    reference: &dyn tie_engine::Backend,
+    tolerance: f64,
+) {
+    let io = &reference.info().io;
+    let mut sent = std::collections::VecDeque::new();
+    let (mut next, mut answered) = (0usize, 0usize);
+    while answered < total {
+        while next < total && sent.len() < window(next) {
+            let features: Vec<f32> = (0..io.input_width)
+                .map(|i| ((i * 7 + next * 13 + c * 101) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let id = client
+                .submit(&features, tie_client::Priority::Normal, None)
+                .unwrap();
+            sent.push_back((id, features));
+            next += 1;
+        }
+        let Some(r) = client.poll() else { continue };
+        let (id, features) = sent.pop_front().unwrap();
+        assert_eq!(r.request_id, id, "{label}: answers out of order");
+        assert_eq!(r.status, Status::OK, "{label}, request {answered}");
+        let mut expected = vec![0.0f32; io.output_width];
+        reference.run_batch(&features, 1, &mut expected).unwrap();
+        let err = crate::conformance::rel_norm(r.outputs(), &expected);
+        assert!(err <= tolerance, "{label}, request {answered}: error {err}");
+        answered += 1;
+    }
+}

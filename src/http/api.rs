@@ -458,7 +458,8 @@ pub struct ModelPlacement {
     pub cpu_engine: String,
     /// The GPU engine (`cuda`).
     pub gpu_engine: String,
-    /// Each batch size measured, both engines' medians.
+    /// Both engines' medians at each batch size timed: ascending, up to the first size the
+    /// CPU does not win (larger ones go to the GPU untimed).
     pub measured: Vec<PlacementTiming>,
 }
 

@@ -94,7 +94,8 @@ pub struct Placement {
     pub gpu_engine: &'static str,
     /// Its devices (`cuda:0`).
     pub gpu_device: String,
-    /// `(batch size, CPU median, GPU median)`, nanoseconds, ascending sizes.
+    /// `(batch size, CPU median, GPU median)`, nanoseconds, ascending sizes, up to the first
+    /// the CPU does not win (the larger ones are not timed).
     pub measured: Vec<(usize, u64, u64)>,
 }
 

@@ -743,9 +743,9 @@ impl Loading<'_> {
         }
     }
 
-    /// `auto` with a model on the GPU: also builds it on the CPU, measures both engines at
-    /// each batch size the batcher runs, and keeps the faster one per size (a
-    /// [`SplitBackend`] where each wins some sizes). Not with `deterministic = true` (the two
+    /// `auto` with a model on the GPU: also builds it on the CPU, times both engines at each
+    /// batch size the batcher runs (up to the first the CPU does not win), and keeps the
+    /// faster one per size (a [`SplitBackend`] where each wins some sizes). Not with `deterministic = true` (the two
     /// engines' bits differ), nor for a model the CPU cannot build.
     fn place(
         &self,
@@ -785,33 +785,42 @@ impl Loading<'_> {
                 gpu.info().io
             ));
         }
-        progress.show("measuring the CPU and the GPU per batch size", None);
-        let sizes = batch.run_sizes();
-        let measure = |b: &dyn Backend| {
-            warmup(b, self.options.warmup_requests.max(PLACEMENT_WARMUP))?;
-            ModelProfile::measure(b, &sizes, PLACEMENT_ITERATIONS)
-        };
-        let on_cpu = match measure(cpu.as_ref()) {
-            Ok(p) => p,
-            Err(e) => return gpu_only(format!("the CPU engine failed a timed batch: {e}")),
-        };
-        let on_gpu = measure(gpu.as_ref()).map_err(|e| {
+        progress.show("timing the CPU and the GPU per batch size", None);
+        let warm = self.options.warmup_requests.max(PLACEMENT_WARMUP);
+        if let Err(e) = warmup(cpu.as_ref(), warm) {
+            return gpu_only(format!("the CPU engine failed its warm-up: {e}"));
+        }
+        let gpu_failed = |e: tie_engine::BackendError| {
             self.backend_error(BackendLoadError::Tract(format!(
                 "timing the GPU per batch size failed: {e}"
             )))
-        })?;
-        let crossover = Crossover::from_profiles(&on_cpu, &on_gpu);
+        };
+        warmup(gpu.as_ref(), warm).map_err(gpu_failed)?;
+        let p50 = |b: &dyn Backend, size: usize| {
+            ModelProfile::measure(b, &[size], PLACEMENT_ITERATIONS).map(|p| p.timings[0].p50_ns)
+        };
+        // Sizes in ascending order, up to the first the CPU does not win: the larger ones go
+        // to the GPU whatever their times (a large model is timed on the CPU at batch 1 only).
+        let sizes = batch.run_sizes();
+        let mut measured = Vec::new();
+        for &size in &sizes {
+            let on_cpu = match p50(cpu.as_ref(), size) {
+                Ok(ns) => ns,
+                Err(e) => return gpu_only(format!("the CPU engine failed a timed batch: {e}")),
+            };
+            measured.push((size, on_cpu, p50(gpu.as_ref(), size).map_err(gpu_failed)?));
+            if Crossover::decided(&measured) {
+                break;
+            }
+        }
+        let crossover =
+            Crossover::from_timings(&measured, sizes.last().copied().unwrap_or_default());
         let placement = Placement {
             crossover,
             cpu_engine: cpu.info().engine,
             gpu_engine: gpu.info().engine,
             gpu_device: gpu.info().device.clone(),
-            measured: on_cpu
-                .timings
-                .iter()
-                .zip(&on_gpu.timings)
-                .map(|(c, g)| (c.batch_size, c.p50_ns, g.p50_ns))
-                .collect(),
+            measured,
         };
         tracing::info!(
             model = name,

@@ -1,11 +1,10 @@
 //! [`SplitBackend`]: one model on two engines, each batch on the one measured faster for its
 //! size (`backend = "auto"` on a GPU host: small batches on the CPU, larger ones on the GPU),
-//! and [`Crossover`], the rule that picks the split from both engines' load-time profiles.
+//! and [`Crossover`], the rule that picks the split from both engines' timings per size.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
-use crate::profile::ModelProfile;
 use crate::{Backend, BackendError, BackendHealth, BackendInfo, Pipeline};
 
 /// Where a model's batches run, from both engines' timings per batch size.
@@ -20,28 +19,31 @@ pub enum Crossover {
 }
 
 impl Crossover {
-    /// The split from the two engines' profiles (same sizes, ascending): the small-batch
-    /// engine keeps every size up to the first where its median is not below the other's.
-    /// Sizes past that point stay on the large-batch engine even where the small one is
-    /// measured faster again (a batch's engine then only changes once as batches grow).
-    ///
-    /// # Panics
-    /// When the profiles' sizes differ.
-    pub fn from_profiles(small: &ModelProfile, large: &ModelProfile) -> Self {
-        assert_eq!(small.timings.len(), large.timings.len(), "same sizes");
-        let mut up_to = 0;
-        for (s, l) in small.timings.iter().zip(&large.timings) {
-            assert_eq!(s.batch_size, l.batch_size, "same sizes");
-            if s.p50_ns >= l.p50_ns {
-                break;
-            }
-            up_to = s.batch_size;
+    /// The split from both engines' timings, `(batch size, small engine's median, large
+    /// engine's median)` in ascending sizes, out of `largest`, the largest size the batcher
+    /// runs: the small-batch engine keeps every size up to the first where its median is not
+    /// below the other's. Sizes past that point stay on the large-batch engine even where the
+    /// small one would be faster again (a batch's engine changes only once as batches grow),
+    /// so they need not be timed (see [`Crossover::decided`]).
+    pub fn from_timings(timings: &[(usize, u64, u64)], largest: usize) -> Self {
+        let up_to = timings
+            .iter()
+            .take_while(|(_, small, large)| small < large)
+            .last()
+            .map_or(0, |t| t.0);
+        match up_to {
+            0 => Self::LargeOnly,
+            n if n >= largest => Self::SmallOnly,
+            n => Self::UpTo(n),
         }
-        match small.timings.last() {
-            _ if up_to == 0 => Self::LargeOnly,
-            Some(last) if up_to == last.batch_size => Self::SmallOnly,
-            _ => Self::UpTo(up_to),
-        }
+    }
+
+    /// Whether timings so far decide the split: the last size timed is one the small-batch
+    /// engine does not win.
+    pub fn decided(timings: &[(usize, u64, u64)]) -> bool {
+        timings
+            .last()
+            .is_some_and(|(_, small, large)| small >= large)
     }
 }
 
@@ -130,50 +132,28 @@ impl Backend for SplitBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::BatchTiming;
     use crate::ModelIo;
-
-    fn profile(p50s: &[(usize, u64)]) -> ModelProfile {
-        ModelProfile {
-            timings: p50s
-                .iter()
-                .map(|&(batch_size, p50_ns)| BatchTiming {
-                    batch_size,
-                    p50_ns,
-                    p95_ns: p50_ns,
-                    p99_ns: p50_ns,
-                })
-                .collect(),
-            optimal_batch_size: 1,
-        }
-    }
 
     #[test]
     fn the_crossover_is_the_first_size_the_small_engine_does_not_win() {
-        let cpu = profile(&[(1, 2_000), (2, 3_000), (4, 6_000), (8, 12_000), (16, 9_000)]);
-        let gpu = profile(&[
-            (1, 10_000),
-            (2, 10_000),
-            (4, 10_000),
-            (8, 10_000),
-            (16, 10_000),
-        ]);
+        let timed = [(1, 2_000, 10_000), (2, 3_000, 10_000), (4, 6_000, 10_000)];
+        assert!(!Crossover::decided(&timed));
+        let lost_at_8 = [&timed[..], &[(8, 12_000, 10_000)]].concat();
+        assert!(Crossover::decided(&lost_at_8));
+        assert_eq!(Crossover::from_timings(&lost_at_8, 16), Crossover::UpTo(4));
         // Faster again at 16 (noise, or a better kernel): still after the crossover.
-        assert_eq!(Crossover::from_profiles(&cpu, &gpu), Crossover::UpTo(4));
-        let equal = profile(&[
-            (1, 10_000),
-            (2, 10_000),
-            (4, 10_000),
-            (8, 10_000),
-            (16, 10_000),
-        ]);
+        let again = [&lost_at_8[..], &[(16, 9_000, 10_000)]].concat();
+        assert_eq!(Crossover::from_timings(&again, 16), Crossover::UpTo(4));
+        let tie = [(1, 10_000, 10_000)];
+        assert!(Crossover::decided(&tie));
         assert_eq!(
-            Crossover::from_profiles(&equal, &gpu),
+            Crossover::from_timings(&tie, 16),
             Crossover::LargeOnly,
             "a tie goes to the large-batch engine"
         );
-        let fast = profile(&[(1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]);
-        assert_eq!(Crossover::from_profiles(&fast, &gpu), Crossover::SmallOnly);
+        let won_all = [&timed[..], &[(8, 1, 10_000), (16, 1, 10_000)]].concat();
+        assert!(!Crossover::decided(&won_all));
+        assert_eq!(Crossover::from_timings(&won_all, 16), Crossover::SmallOnly);
     }
 
     /// Answers each row with its engine's mark.

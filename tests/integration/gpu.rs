@@ -258,9 +258,14 @@ fn eager_execution_without_graphs_gives_the_same_results() {
     }
 }
 
-fn mlp256() -> (ModelIo, MlpPlan) {
-    let (io, plan) = read_mlp(&root().join("models/mlp256/1/model.onnx")).unwrap();
+/// The I/O and layers of example model `model` (version 1).
+fn example_mlp(model: &str) -> (ModelIo, MlpPlan) {
+    let (io, plan) = read_mlp(&root().join(format!("models/{model}/1/model.onnx"))).unwrap();
     (io, plan.unwrap())
+}
+
+fn mlp256() -> (ModelIo, MlpPlan) {
+    example_mlp("mlp256")
 }
 
 #[test]
@@ -387,12 +392,7 @@ fn a_gpu_model_is_served_through_the_rings() {
         ("fp32", "backend = \"cuda\"\n"),
         ("fp16", "backend = \"cuda\"\nprecision = \"fp16\"\n"),
     ] {
-        std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
-        std::fs::copy(
-            root().join("models/mlp64/1/model.onnx"),
-            repo.join(name).join("1/model.onnx"),
-        )
-        .unwrap();
+        crate::common::add_version(&repo, "mlp64", 1, name, 1);
         std::fs::write(repo.join(name).join("config.toml"), config).unwrap();
     }
     let server = TestServer::start_with(crate::common::TEST_CONFIG, &repo);
@@ -508,8 +508,7 @@ fn pipelines_keep_batches_in_flight_and_answer_each_in_launch_order() {
     let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
         return;
     };
-    let (small_io, small_plan) = read_mlp(&root().join("models/mlp64/1/model.onnx")).unwrap();
-    let small = (small_io, small_plan.unwrap());
+    let small = example_mlp("mlp64");
     for ((io, plan), what) in [(mlp256(), "mlp256"), (small, "mlp64")] {
         let cpu = MlpBackend::new(io.clone(), plan.clone());
         for precision in [Precision::Fp32, Precision::Fp16] {
@@ -609,12 +608,7 @@ fn a_gpu_model_answers_many_clients_in_flight_each_in_order() {
         return;
     }
     let repo = crate::common::scratch_dir("gpu-flight-repo");
-    std::fs::create_dir_all(repo.join("wide/1")).unwrap();
-    std::fs::copy(
-        root().join("models/mlp256/1/model.onnx"),
-        repo.join("wide/1/model.onnx"),
-    )
-    .unwrap();
+    crate::common::add_version(&repo, "mlp256", 1, "wide", 1);
     std::fs::write(
         repo.join("wide/config.toml"),
         "backend = \"cuda\"\nbatch_timeout_us = 20\nmax_batch_size = 64\npipeline_depth = 3\n",
@@ -655,9 +649,8 @@ fn the_fused_kernels_give_each_row_the_same_bits_in_every_batch() {
     let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
         return;
     };
-    let (small_io, small_plan) = read_mlp(&root().join("models/mlp64/1/model.onnx")).unwrap();
     let fused = |e: Engine| matches!(e, Engine::Fused(_) | Engine::FusedMapped(_));
-    for (io, plan) in [mlp256(), (small_io, small_plan.unwrap())] {
+    for (io, plan) in [mlp256(), example_mlp("mlp64")] {
         for precision in PRECISIONS {
             let sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256];
             let gpu =
@@ -703,12 +696,7 @@ fn auto_places_each_batch_on_the_engine_measured_faster_for_its_size() {
     }
     let repo = crate::common::scratch_dir("gpu-auto-repo");
     for (name, depth) in [("auto", 0), ("auto_flight", 3)] {
-        std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
-        std::fs::copy(
-            root().join("models/mlp64/1/model.onnx"),
-            repo.join(name).join("1/model.onnx"),
-        )
-        .unwrap();
+        crate::common::add_version(&repo, "mlp64", 1, name, 1);
         std::fs::write(
             repo.join(name).join("config.toml"),
             format!("backend = \"auto\"\nbatch_timeout_us = 20\nmax_batch_size = 64\npipeline_depth = {depth}\n"),
@@ -757,12 +745,8 @@ fn auto_places_each_batch_on_the_engine_measured_faster_for_its_size() {
     assert!(server.log().contains("batches placed by size"));
     // Lone requests and full batches, from clients in flight: every answer the model's, in
     // order, whichever engine ran it.
-    let (io, plan) = {
-        let file = root().join("models/mlp64/1/model.onnx");
-        let (io, plan) = tie_engine::read_mlp(&file).unwrap();
-        (io, plan.unwrap())
-    };
-    let cpu = MlpBackend::new(io.clone(), plan);
+    let (io, plan) = example_mlp("mlp64");
+    let cpu = MlpBackend::new(io, plan);
     for name in ["auto", "auto_flight"] {
         std::thread::scope(|s| {
             for c in 0..3usize {

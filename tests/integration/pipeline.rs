@@ -11,12 +11,7 @@ use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status};
 /// A repository with the example `model` (features named by position), two batches deep.
 fn repository(model: &str) -> std::path::PathBuf {
     let repo = scratch_dir("pipeline-repo");
-    std::fs::create_dir_all(repo.join(model).join("1")).unwrap();
-    std::fs::copy(
-        root().join(format!("models/{model}/1/model.onnx")),
-        repo.join(model).join("1/model.onnx"),
-    )
-    .unwrap();
+    crate::common::add_version(&repo, model, 1, model, 1);
     std::fs::write(repo.join(model).join("config.toml"), "pipeline_depth = 2\n").unwrap();
     repo
 }

@@ -53,6 +53,17 @@ pub use tract::TractBackend;
 /// Helpers of the unit tests that read the fixtures under `tests/fixtures`.
 #[cfg(test)]
 mod fixtures {
+    /// The I/O of a test model: `i` features named `x`, `o` outputs named `y`.
+    pub(crate) fn io(i: usize, o: usize) -> crate::ModelIo {
+        crate::ModelIo {
+            input_name: "x".into(),
+            input_width: i,
+            output_name: "y".into(),
+            output_width: o,
+            output_note: None,
+        }
+    }
+
     /// `tests/fixtures/<file>`, parsed as JSON.
     pub(crate) fn json<T: serde::de::DeserializeOwned>(file: &str) -> T {
         let path = format!("{}/../../tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));

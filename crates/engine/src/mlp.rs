@@ -403,15 +403,7 @@ impl Backend for MlpBackend {
 mod tests {
     use super::*;
 
-    fn io(i: usize, o: usize) -> ModelIo {
-        ModelIo {
-            input_name: "x".into(),
-            input_width: i,
-            output_name: "y".into(),
-            output_width: o,
-            output_note: None,
-        }
-    }
+    use crate::fixtures::io;
 
     #[test]
     fn two_layers_by_hand() {

@@ -205,7 +205,7 @@ impl Pipeline for ThreadPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackendInfo, ModelIo};
+    use crate::BackendInfo;
 
     /// Doubles each input; fails a batch whose first value is negative, panics on a NaN.
     struct Double(BackendInfo);
@@ -234,13 +234,7 @@ mod tests {
 
     fn double() -> Arc<dyn Backend> {
         Arc::new(Double(BackendInfo::cpu(
-            ModelIo {
-                input_name: "x".into(),
-                input_width: 1,
-                output_name: "y".into(),
-                output_width: 1,
-                output_note: None,
-            },
+            crate::fixtures::io(1, 1),
             "test",
             "test",
         )))

@@ -143,7 +143,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::{BackendInfo, ModelIo};
+    use crate::BackendInfo;
 
     /// Takes `ns` per run and counts the runs.
     struct Slow {
@@ -166,17 +166,7 @@ mod tests {
 
     fn slow(ns: u64) -> Slow {
         Slow {
-            info: BackendInfo::cpu(
-                ModelIo {
-                    input_name: "x".into(),
-                    input_width: 1,
-                    output_name: "y".into(),
-                    output_width: 1,
-                    output_note: None,
-                },
-                "test",
-                "test",
-            ),
+            info: BackendInfo::cpu(crate::fixtures::io(1, 1), "test", "test"),
             ns,
             runs: AtomicU32::new(0),
         }

@@ -132,7 +132,6 @@ impl Backend for SplitBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ModelIo;
 
     #[test]
     fn the_crossover_is_the_first_size_the_small_engine_does_not_win() {
@@ -179,13 +178,7 @@ mod tests {
 
     #[test]
     fn batches_run_on_the_engine_of_their_size() {
-        let io = ModelIo {
-            input_name: "x".into(),
-            input_width: 1,
-            output_name: "y".into(),
-            output_width: 1,
-            output_note: None,
-        };
+        let io = crate::fixtures::io(1, 1);
         let marked = |mark| -> Arc<dyn Backend> {
             Arc::new(Marked {
                 info: BackendInfo::cpu(io.clone(), "test", "test"),

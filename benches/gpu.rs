@@ -102,6 +102,8 @@ fn main() {
     }
     config.server.poller_cores = pollers;
     config.server.idle = IdleStrategy::Spin;
+    // Five GPU models, and auto64's GPU copy (held where its batches split between engines).
+    config.model_deployment.max_models_per_gpu = 8;
     let gpus = Gpus::probe(&config.gpu_options());
     if let Some(why) = gpus.unavailable() {
         println!("SKIPPED: no usable GPU: {why}");

@@ -8,11 +8,16 @@ use std::collections::VecDeque;
 use crate::common::{fixture, rel_err, responses, root, scratch_dir, TestServer};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status};
 
-/// A repository with the example `model` (features named by position), two batches deep.
+/// A repository with the example `model` (features named by position) on the CPU (on a GPU
+/// host too), two batches deep.
 fn repository(model: &str) -> std::path::PathBuf {
     let repo = scratch_dir("pipeline-repo");
     crate::common::add_version(&repo, model, 1, model, 1);
-    std::fs::write(repo.join(model).join("config.toml"), "pipeline_depth = 2\n").unwrap();
+    std::fs::write(
+        repo.join(model).join("config.toml"),
+        "backend = \"cpu\"\npipeline_depth = 2\n",
+    )
+    .unwrap();
     repo
 }
 
@@ -325,7 +330,7 @@ fn a_model_split_by_batch_size_runs_each_batch_on_its_engine_and_answers_in_orde
                         }
                     },
                     reference.as_ref(),
-                    1e-5,
+                    crate::conformance::Tolerance::Elementwise(1e-5),
                 );
             });
         }

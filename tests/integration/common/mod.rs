@@ -520,8 +520,8 @@ pub fn post_empty(url: &str, token: Option<&str>) -> (u16, Value) {
 }
 
 /// Sends `total` requests from client number `c` with up to `window(sent so far)` in flight,
-/// and checks every answer: its request's, in order, OK, within `tolerance` (relative norm) of
-/// what `reference` gives for its row alone. `label` names the client in failures.
+/// and checks every answer: its request's, in order, OK, within `tolerance` of what
+/// `reference` gives for its row alone. `label` names the client in failures.
 pub fn stream_checked(
     client: &mut Client,
     label: &str,
@@ -529,7 +529,7 @@ pub fn stream_checked(
     total: usize,
     window: &dyn Fn(usize) -> usize,
     reference: &dyn tie_engine::Backend,
-    tolerance: f64,
+    tolerance: crate::conformance::Tolerance,
 ) {
     let io = &reference.info().io;
     let mut sent = std::collections::VecDeque::new();
@@ -551,8 +551,9 @@ pub fn stream_checked(
         assert_eq!(r.status, Status::OK, "{label}, request {answered}");
         let mut expected = vec![0.0f32; io.output_width];
         reference.run_batch(&features, 1, &mut expected).unwrap();
-        let err = crate::conformance::rel_norm(r.outputs(), &expected);
-        assert!(err <= tolerance, "{label}, request {answered}: error {err}");
+        if let Err(why) = crate::conformance::compare(r.outputs(), &expected, tolerance) {
+            panic!("{label}, request {answered}: {why}");
+        }
         answered += 1;
     }
 }

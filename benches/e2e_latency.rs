@@ -6,7 +6,8 @@
 //! models measured, default `identity,mlp64`; `BATCHES`, the backend's batch sizes, default
 //! `1,4,16,64`; `IDLE_SESSIONS`, sessions connected to each model and left idle while its
 //! round trip is measured, default 0; `COLD_SAMPLES`, round trips each after 3 ms without a
-//! request, default 300). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute
+//! request, default 300; `JOURNAL`, a directory: every model journals every answer, features
+//! included, into it; unset: no journal). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute
 //! time of a batch (and rows per second) for comparison.
 //!
 //! Rows: feature `i` of row `r` is `2 sin(0.37 i + 1.7 r)`, 256 rows in turn (as
@@ -113,6 +114,8 @@ fn main() {
     config.server.socket_dir = Some(socket_dir.clone());
     config.server.poller_cores = vec![server_core];
     config.server.idle = IdleStrategy::Spin;
+    let journal = std::env::var_os("JOURNAL").map(std::path::PathBuf::from);
+    config.journal.dir = journal.clone();
     let options = LoadOptions {
         layouts_dir: root.join("layouts/features"),
         warmup_requests: 100,
@@ -134,11 +137,20 @@ fn main() {
         .split(',')
         .map(|b| b.parse().expect("BATCHES: sizes separated by commas"))
         .collect();
-    let models: Vec<_> = load_repository(&repo, &options)
+    let mut models: Vec<_> = load_repository(&repo, &options)
         .expect("load models")
         .into_iter()
         .filter(|m| names.contains(&m.name))
         .collect();
+    if let Some(dir) = &journal {
+        println!(
+            "journal: every answer of every model, into {}",
+            dir.display()
+        );
+        for m in &mut models {
+            m.config.journal = true;
+        }
+    }
     assert_eq!(models.len(), names.len(), "MODELS names models REPO lacks");
 
     // Bare compute on the backend, same thread, for reference: each batch size (per batch),
@@ -235,6 +247,17 @@ fn main() {
             let _ = child.wait();
         }
     }
+    let journal = server.monitor().journal.get().cloned();
     server.shutdown();
+    if let Some(j) = journal {
+        for (key, c) in j.all_counters() {
+            use std::sync::atomic::Ordering::Relaxed;
+            println!(
+                "journal {key}: {} rows written, {} dropped",
+                c.written.load(Relaxed),
+                c.dropped.load(Relaxed)
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&socket_dir);
 }

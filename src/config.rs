@@ -60,6 +60,44 @@ pub struct ServiceConfig {
     pub gpu_config: GpuConfigSection,
     /// tie's `[monitoring]`: monitor interval, interval logs, alert webhook.
     pub monitoring: MonitoringSection,
+    /// tie's `[journal]`: where answered requests of models with `journal = true` are
+    /// recorded.
+    pub journal: JournalSection,
+}
+
+/// `[journal]`: the prediction journal's files (see the `journal` module).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    /// Directory of the journal's Parquet files; unset: no journal (a model's
+    /// `journal = true` is then refused at load).
+    pub dir: Option<PathBuf>,
+    /// A file is closed (and becomes readable) once it holds this many MiB...
+    pub rotate_mb: u64,
+    /// ...or once it has been open this many seconds: a crash loses at most the rows of the
+    /// file being written, so at most this long of traffic.
+    pub rotate_seconds: u64,
+    /// Closed files older than this many hours are deleted; 0: kept whatever their age.
+    pub retain_hours: u64,
+    /// The oldest closed files are deleted while all of them together hold more than this
+    /// many MiB; 0: no limit.
+    pub retain_mb: u64,
+    /// Rows waiting for the writer, at most (in chunks of 256): past it, rows are dropped
+    /// and counted, never waited for.
+    pub queue_rows: usize,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            rotate_mb: 64,
+            rotate_seconds: 60,
+            retain_hours: 0,
+            retain_mb: 0,
+            queue_rows: 65_536,
+        }
+    }
 }
 
 /// `[monitoring]`: the performance monitor's settings.
@@ -505,6 +543,25 @@ impl ServiceConfig {
             "tensorrt_inference_engine.max_concurrent_requests",
             0,
             "max_concurrent_requests and worker_threads must be at least 1",
+        )?;
+        let journal = &self.journal;
+        require(
+            journal.rotate_mb > 0,
+            "journal.rotate_mb",
+            journal.rotate_mb,
+            "must be at least 1",
+        )?;
+        require(
+            journal.rotate_seconds > 0,
+            "journal.rotate_seconds",
+            journal.rotate_seconds,
+            "must be at least 1",
+        )?;
+        require(
+            (256..=1 << 24).contains(&journal.queue_rows),
+            "journal.queue_rows",
+            journal.queue_rows,
+            "must be in 256..=16777216",
         )?;
         let f = deployment.memory_fraction_per_model;
         require(

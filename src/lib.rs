@@ -23,6 +23,7 @@ pub mod config;
 pub mod dataplane;
 pub mod host;
 pub mod http;
+pub mod journal;
 pub mod logging;
 pub mod models;
 pub mod monitor;

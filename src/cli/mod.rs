@@ -1,11 +1,12 @@
-//! The `tie` command line: `tie serve`, `tie predict`, `tie report`, `tie devices` and
-//! `tie doctor`.
+//! The `tie` command line: `tie serve`, `tie predict`, `tie report`, `tie journal`,
+//! `tie devices` and `tie doctor`.
 #![forbid(unsafe_code)]
 
 mod control;
 mod devices;
 mod doctor;
 mod host_checks;
+mod journal;
 mod predict;
 mod report;
 mod serve;
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 use control::*;
 use devices::*;
 use doctor::*;
+use journal::*;
 use predict::*;
 use report::*;
 use serve::*;
@@ -45,6 +47,9 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Print percentile tables and distributions from HdrHistogram interval logs (`.hlog`).
     Report(ReportArgs),
+    /// List the prediction journal's files (time range, rows, models), or print their rows
+    /// as JSON lines (filtered by model, version, time, request id).
+    Journal(JournalArgs),
     /// Reload models from the repository on a running server (through its HTTP control
     /// plane): new versions are built and warmed before sessions switch; a failure changes
     /// nothing. Prints what changed as JSON.
@@ -74,5 +79,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Devices(args) => devices(args),
         Command::Doctor(args) => doctor(args),
         Command::Report(args) => report(args),
+        Command::Journal(args) => journal(args),
     }
 }

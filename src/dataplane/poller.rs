@@ -32,6 +32,7 @@ use tie_layouts::ring::PushError;
 use super::SessionLink;
 use crate::config::{IdleStrategy, ServerSection};
 use crate::dataplane::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
+use crate::journal::{Journal, LaneJournal};
 use crate::models::LoadedModel;
 use crate::models::{ModelSet, Models};
 use crate::monitor::{Monitor, Recorder, Stage};
@@ -193,6 +194,8 @@ pub(super) struct PollerContext {
     pub idle: IdlePolicy,
     pub shared: Arc<SharedStats>,
     pub monitor: Arc<Monitor>,
+    /// The server's journal, if it keeps one.
+    pub journal: Option<Arc<Journal>>,
 }
 
 struct WorkerSession {
@@ -259,6 +262,8 @@ struct Item {
     status: Status,
     detail_a: u32,
     detail_b: u32,
+    /// The client's send stamp (for the journal).
+    sent_ns: u64,
 }
 
 /// A batch launched on a lane's pipeline and not yet answered.
@@ -271,6 +276,8 @@ struct Flight {
     started_ns: u64,
     /// When its rows were gathered, on a batch whose stages are timed; else 0.
     gathered_ns: u64,
+    /// Its rows' features, kept for the journal (empty when the model keeps none).
+    features: Vec<f32>,
 }
 
 /// Per-model state of a poller.
@@ -295,10 +302,19 @@ struct ModelLane {
     spare: Vec<Vec<Taken<Item>>>,
     /// When the last flight answered was found done.
     last_done_ns: u64,
+    /// Where its answers are journaled (`journal = true`).
+    journal: Option<LaneJournal>,
+    /// Answered flights' feature copies, reused.
+    spare_features: Vec<Vec<f32>>,
 }
 
 impl ModelLane {
-    fn new(model: Arc<LoadedModel>, rec: Recorder, poller_cores: &[usize]) -> Self {
+    fn new(
+        model: Arc<LoadedModel>,
+        rec: Recorder,
+        poller_cores: &[usize],
+        journal: Option<&Arc<Journal>>,
+    ) -> Self {
         let largest = model.batch.largest_batch();
         let mut queue = BatchQueue::new(model.batch.clone(), model.input_width());
         if let Some(p) = &model.profile {
@@ -309,6 +325,7 @@ impl ModelLane {
             .as_ref()
             .map_or(0, |p| p.compute_ns(queue.full_size()));
         let pipeline = pipeline_for(&model, largest, poller_cores);
+        let journal = LaneJournal::for_model(journal, &model);
         Self {
             input: vec![0.0; largest * model.input_width()],
             output: vec![0.0; largest * model.output_width()],
@@ -321,6 +338,8 @@ impl ModelLane {
             flights: VecDeque::new(),
             spare: Vec::new(),
             last_done_ns: 0,
+            journal,
+            spare_features: Vec::new(),
         }
     }
 }
@@ -365,7 +384,7 @@ fn pipeline_for(
 /// Moves the thread that runs it off the pollers' cores: onto the CPUs the process's main
 /// thread may run on, but `poller_cores` (a thread started by a pinned poller inherits its one
 /// core). Where that leaves none it stays where it is.
-fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
+pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
     Box::new(move || {
         use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
         let Ok(mut cpus) = sched_getaffinity(Some(rustix::process::getpid())) else {
@@ -405,8 +424,14 @@ fn gather(
     staging: &mut [f32],
     taken: &mut Vec<Taken<Item>>,
     timed: bool,
+    keep: Option<&mut Vec<f32>>,
 ) -> (usize, u64, usize) {
     let (rows, padded) = queue.take(started_ns, staging, taken);
+    if let Some(keep) = keep {
+        // The journal's copy of the rows' features.
+        keep.clear();
+        keep.extend_from_slice(&staging[..rows * queue.width()]);
+    }
     let at = if timed { monotonic_ns() } else { 0 };
     (rows, at, if rows == 0 { 0 } else { padded })
 }
@@ -464,6 +489,7 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         cold: Vec::new(),
         cold_next: 0,
         touched: Vec::new(),
+        journal: ctx.journal.clone(),
     };
     let mut rounds = Rounds::default();
     loop {
@@ -572,7 +598,11 @@ impl Poller {
         // the wait.)
         if (ctx.idle.strategy != IdleStrategy::Spin || rounds.idle_rounds.is_multiple_of(256))
             && rounds.idle_since.is_some_and(|t| t.elapsed() >= IDLE_FLUSH)
-            && self.lanes.iter().flatten().any(|l| l.rec.is_dirty())
+            && self
+                .lanes
+                .iter()
+                .flatten()
+                .any(|l| l.rec.is_dirty() || l.journal.as_ref().is_some_and(|j| j.pending()))
         {
             self.flush_metrics(0);
         }
@@ -628,6 +658,7 @@ struct Poller {
     cold_next: usize,
     /// Slots of the sessions with responses not yet published this round.
     touched: Vec<usize>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Poller {
@@ -636,6 +667,9 @@ impl Poller {
         let now = monotonic_ns();
         for lane in self.lanes.iter_mut().flatten() {
             lane.rec.flush(now, min_age_ns);
+            if let Some(j) = lane.journal.as_mut() {
+                j.flush(now, min_age_ns.min(crate::journal::CHUNK_AGE_NS));
+            }
         }
     }
 
@@ -701,7 +735,12 @@ impl Poller {
         }
         if self.lanes[slot].is_none() {
             let rec = self.monitor.recorder(model.monitor_index);
-            self.lanes[slot] = Some(ModelLane::new(model.clone(), rec, &self.poller_cores));
+            self.lanes[slot] = Some(ModelLane::new(
+                model.clone(),
+                rec,
+                &self.poller_cores,
+                self.journal.as_ref(),
+            ));
         }
     }
 
@@ -1051,7 +1090,9 @@ impl Poller {
             lane.queue.take_resolved(now, &mut self.taken, |s| {
                 sessions[s].as_ref().is_some_and(|s| s.in_flight > 0)
             });
-            answered += self.respond(m, now, 0, now);
+            // Answers without a batch (errors, timeouts): no features, no outputs.
+            let engine = lane.model.backend.info().engine;
+            answered += self.respond(m, now, 0, now, engine);
             let lane = self.lanes[m].as_mut().expect("checked");
             // With every pipeline slot in flight the batch waits (and grows) until one frees.
             let room = lane.pipeline.as_ref().is_none_or(|p| p.has_room());
@@ -1098,8 +1139,13 @@ impl Poller {
             input,
             output,
             batches_run,
+            journal,
             ..
         } = lane;
+        let mut keep = journal
+            .as_mut()
+            .filter(|j| j.wants_features())
+            .map(|j| &mut j.gathered);
         let backend = model
             .backend
             .faster_engine_for(rows_next)
@@ -1113,16 +1159,28 @@ impl Poller {
         let result = backend.run_gathered(
             &mut |staging| {
                 gathered = true;
-                let (r, at, run) = gather(queue, started_ns, staging, taken, time_stages);
+                let (r, at, run) = gather(
+                    queue,
+                    started_ns,
+                    staging,
+                    taken,
+                    time_stages,
+                    keep.as_deref_mut(),
+                );
                 (rows, gathered_ns) = (r, at);
                 run
             },
             input,
             output,
         );
+        let engine = backend.info().engine;
         if result.is_err() && !gathered {
             // The backend failed before taking the batch: take it here, to answer it.
             rows = queue.take(started_ns, input, taken).0;
+            if let Some(keep) = keep {
+                keep.clear();
+                keep.extend_from_slice(&input[..rows * queue.width()]);
+            }
         }
         let mut compute_ns = 0;
         let mut done_ns = started_ns;
@@ -1146,7 +1204,7 @@ impl Poller {
                 batch_failed(model, &mut self.taken, rows, &e);
             }
         }
-        self.respond(m, started_ns, compute_ns, done_ns)
+        self.respond(m, started_ns, compute_ns, done_ns, engine)
     }
 
     /// Gathers a batch into a free slot of the lane's pipeline and launches it; its answers
@@ -1157,6 +1215,8 @@ impl Poller {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
         let mut taken = lane.spare.pop().unwrap_or_default();
         taken.clear();
+        let mut features = lane.spare_features.pop().unwrap_or_default();
+        let keep = lane.journal.as_ref().is_some_and(|j| j.wants_features());
         let time_stages = timed_batch(&mut lane.batches_run);
         let mut gathered_ns = 0;
         let mut rows = 0;
@@ -1165,12 +1225,20 @@ impl Poller {
         } = lane;
         let pipeline = pipeline.as_mut().expect("a lane with a pipeline");
         pipeline.launch(&mut |staging| {
-            let (r, at, run) = gather(queue, started_ns, staging, &mut taken, time_stages);
+            let (r, at, run) = gather(
+                queue,
+                started_ns,
+                staging,
+                &mut taken,
+                time_stages,
+                keep.then_some(&mut features),
+            );
             (rows, gathered_ns) = (r, at);
             run
         });
         if taken.is_empty() {
             lane.spare.push(taken);
+            lane.spare_features.push(features);
             return 0;
         }
         if rows > 0 {
@@ -1186,6 +1254,7 @@ impl Poller {
             rows,
             started_ns,
             gathered_ns,
+            features,
         });
         self.collect(m)
     }
@@ -1243,6 +1312,7 @@ impl Poller {
                 &mut self.stats,
                 &lane.model,
                 &mut lane.rec,
+                lane.journal.as_mut(),
                 Answers {
                     taken: &flight.taken,
                     output,
@@ -1250,29 +1320,45 @@ impl Poller {
                     compute_ns: if launched { compute_ns } else { 0 },
                     now_ns: done_ns,
                     in_flight: true,
+                    features: &flight.features,
+                    engine: lane.model.backend.info().engine,
                 },
             );
             if launched {
                 lane.pipeline.as_mut().expect("launched").retire();
             }
             lane.spare.push(flight.taken);
+            lane.spare_features.push(flight.features);
         }
         written
     }
 
     /// Writes a response for every request in `self.taken`, in order; `now_ns` is when their
     /// outputs (or errors) were ready.
-    fn respond(&mut self, m: usize, started_ns: u64, compute_ns: u64, now_ns: u64) -> usize {
+    fn respond(
+        &mut self,
+        m: usize,
+        started_ns: u64,
+        compute_ns: u64,
+        now_ns: u64,
+        engine: &'static str,
+    ) -> usize {
         if self.taken.is_empty() {
             return 0;
         }
         let lane = self.lanes[m].as_mut().expect("answered from a lane");
-        respond(
+        let features = lane
+            .journal
+            .as_mut()
+            .map(|j| std::mem::take(&mut j.gathered))
+            .unwrap_or_default();
+        let written = respond(
             &mut self.sessions,
             &mut self.touched,
             &mut self.stats,
             &lane.model,
             &mut lane.rec,
+            lane.journal.as_mut(),
             Answers {
                 taken: &self.taken,
                 output: &lane.output,
@@ -1280,8 +1366,14 @@ impl Poller {
                 compute_ns,
                 now_ns,
                 in_flight: false,
+                features: &features,
+                engine,
             },
-        )
+        );
+        if let Some(j) = lane.journal.as_mut() {
+            j.gathered = features;
+        }
+        written
     }
 
     /// Drops sessions that are dead (hung up or faulted) with their queued requests; their
@@ -1322,6 +1414,11 @@ struct Answers<'a> {
     now_ns: u64,
     /// They were counted in their sessions' `in_flight` (a pipeline's batch).
     in_flight: bool,
+    /// The batch's features, `input_width` per row, when the journal keeps them (else
+    /// empty).
+    features: &'a [f32],
+    /// The engine that ran the batch.
+    engine: &'static str,
 }
 
 /// Writes a response for every request in `a.taken`, in order, into its session's ring.
@@ -1332,6 +1429,7 @@ fn respond(
     stats: &mut WorkerStats,
     model: &LoadedModel,
     rec: &mut Recorder,
+    mut journal: Option<&mut LaneJournal>,
     a: Answers<'_>,
 ) -> usize {
     let Answers {
@@ -1341,7 +1439,10 @@ fn respond(
         compute_ns,
         now_ns,
         in_flight,
+        features,
+        engine,
     } = a;
+    let iw = model.input_width();
     let sample = rec.sample();
     let mut executed = 0;
     let ow = model.output_width();
@@ -1380,6 +1481,26 @@ fn respond(
                 if frame.status != Status::OK.0 {
                     s.errors += 1;
                     s.rings.segment().set_server_errors(s.errors);
+                }
+                if let Some(j) = journal.as_deref_mut() {
+                    let row = match t.outcome {
+                        Outcome::Execute { row } => Some(row),
+                        _ => None,
+                    };
+                    j.record(crate::journal::Row {
+                        session: &s.link.client,
+                        engine,
+                        request_id: item.request_id,
+                        priority: t.request.priority,
+                        status: frame.status,
+                        sent_ns: item.sent_ns,
+                        read_ns: t.request.arrival_ns,
+                        answered_ns: now_ns,
+                        features: row.and_then(|r| features.get(r * iw..(r + 1) * iw)),
+                        outputs: row
+                            .filter(|_| frame.status == Status::OK.0)
+                            .map(|r| (&output[r * ow..(r + 1) * ow], frame.confidence)),
+                    });
                 }
             }
             // Credits make this impossible for a client that follows the protocol.
@@ -1534,6 +1655,7 @@ fn validate<'f>(
             status: Status::OK,
             detail_a: 0,
             detail_b: 0,
+            sent_ns: header.send_ts_ns,
         },
         session: slot,
         priority: header.priority.min(3) as u8,

@@ -21,6 +21,8 @@ pub(crate) struct SessionLink {
     pub dead: AtomicBool,
     /// The hang-ups its poller was told of, counted (see `SessionLink::hang_up`).
     pub hangups: Arc<std::sync::atomic::AtomicU64>,
+    /// Who the client is, for the journal.
+    pub client: crate::journal::SessionInfo,
 }
 
 impl SessionLink {
@@ -78,6 +80,9 @@ pub enum ServerStartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// The journal could not start.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalStartError),
     /// `server.huge_pages` is set and no segment can be placed on huge pages.
     #[error("server.huge_pages = true but a session segment cannot be placed on 2 MB huge pages ({0}): reserve them with vm.nr_hugepages (one per session), or set huge_pages = false")]
     HugePages(tie_client::segment::SegmentOpenError),
@@ -174,6 +179,7 @@ pub struct Server {
     /// Stops the monitor and health threads.
     background_stopping: Arc<AtomicBool>,
     background: Vec<JoinHandle<()>>,
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl Server {
@@ -201,11 +207,15 @@ impl Server {
             config.performance_thresholds.clone(),
             config.monitoring.clone(),
         ));
+        let journal = crate::journal::Journal::start(&config.journal, &config.server.poller_cores)?;
+        if let Some(j) = &journal {
+            let _ = monitor.journal.set(j.clone());
+        }
         let models = Arc::new(Models::new(models, monitor.clone()));
         let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
 
-        let pollers = start_pollers(config, &models, &monitor, &stopping)?;
+        let pollers = start_pollers(config, &models, &monitor, &stopping, &journal)?;
         let listener_stopping = Arc::new(AtomicBool::new(false));
         let ctx = listener::ListenerContext {
             listener: listen,
@@ -242,6 +252,7 @@ impl Server {
             monitor,
             background_stopping,
             background,
+            journal,
         })
     }
 
@@ -334,6 +345,10 @@ impl Server {
         }
         // The sessions' sockets close here, after every response was written.
         drop(sessions);
+        // The pollers handed their last rows over: they reach the files.
+        if let Some(j) = &self.journal {
+            j.finish();
+        }
         self.background_stopping.store(true, Ordering::SeqCst);
         for b in self.background.drain(..) {
             let _ = b.join();
@@ -358,6 +373,7 @@ fn start_pollers(
     models: &Arc<Models>,
     monitor: &Arc<Monitor>,
     stopping: &Arc<AtomicBool>,
+    journal: &Option<Arc<crate::journal::Journal>>,
 ) -> Result<Pollers, ServerStartError> {
     let cores: Vec<Option<usize>> = if config.server.poller_cores.is_empty() {
         vec![None]
@@ -394,6 +410,7 @@ fn start_pollers(
             idle,
             shared,
             monitor: monitor.clone(),
+            journal: journal.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("tie-poller-{i}"))

@@ -351,10 +351,24 @@ fn register(
         let next = pollers.len() % ctx.workers.len();
         *pollers.entry(model.name.clone()).or_insert(next)
     };
+    let pid = cred.pid.as_raw_nonzero().get() as u32;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim_end();
     let link = Arc::new(SessionLink {
         id,
         dead: AtomicBool::new(false),
         hangups: ctx.hangups[poller].clone(),
+        client: crate::journal::SessionInfo {
+            id,
+            pid,
+            process: comm.into(),
+            // The control plane's predictions come through sessions of its own.
+            source: if pid == std::process::id() {
+                "http"
+            } else {
+                "ring"
+            },
+        },
     });
     let new = NewSession {
         link: link.clone(),
@@ -376,7 +390,7 @@ fn register(
         response_capacity = hello.response_capacity,
         "session opened"
     );
-    Ok((link, session_record(model, cred, id, geometry)))
+    Ok((link, session_record(model, cred, comm, id, geometry)))
 }
 
 /// The hello reply accepting a session on `model`.
@@ -408,6 +422,7 @@ fn accepted_reply(
 fn session_record(
     model: &LoadedModel,
     cred: &UCred,
+    comm: &str,
     id: u64,
     geometry: &SegmentGeometry,
 ) -> SessionRecord {
@@ -422,8 +437,6 @@ fn session_record(
     record.model_version = model.version;
     write_name(&mut record.model_name, &model.name);
     write_name(&mut record.layout_name, &model.layout.name);
-    let comm =
-        std::fs::read_to_string(format!("/proc/{}/comm", record.client_pid)).unwrap_or_default();
-    write_name(&mut record.process_name, comm.trim_end());
+    write_name(&mut record.process_name, comm);
     record
 }

@@ -65,12 +65,50 @@ pub struct ModelConfig {
     /// used; at load, rows alone are checked against the same rows in batches of sizes 1 to 20,
     /// each padded size and the largest less one, and a model that differs is refused.
     pub deterministic: bool,
+    /// Every answered request (or a sampled share) recorded in the server's journal
+    /// (`[journal] dir`): ids, process, times, status, outputs and (with `journal_features`)
+    /// features.
+    pub journal: bool,
+    /// The share of answered requests journaled, in (0, 1]; 1: every one.
+    pub journal_sample_rate: SampleRate,
+    /// Features journaled with each row (they are most of a row's size); default: true.
+    pub journal_features: Option<bool>,
+}
+
+/// A share in (0, 1] (`journal_sample_rate`).
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct SampleRate(pub f64);
+
+// Never NaN (refused when read), so equality is an equivalence.
+impl Eq for SampleRate {}
+
+impl Default for SampleRate {
+    fn default() -> Self {
+        Self(1.0)
+    }
+}
+
+impl TryFrom<f64> for SampleRate {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if v > 0.0 && v <= 1.0 {
+            Ok(Self(v))
+        } else {
+            Err(format!("journal_sample_rate = {v}: must be in (0, 1]"))
+        }
+    }
 }
 
 /// The deepest `pipeline_depth`.
 pub const MAX_PIPELINE_DEPTH: usize = 8;
 
 impl ModelConfig {
+    /// `journal_features`, or its default.
+    pub fn journal_features(&self) -> bool {
+        self.journal_features.unwrap_or(true)
+    }
+
     /// `max_tensor_mb` in bytes, or the default.
     pub fn max_tensor_bytes(&self) -> u64 {
         self.max_tensor_mb

@@ -165,6 +165,8 @@ pub struct LoadOptions {
     pub gpus: Gpus,
     /// Put a [`crate::models::fault::FaultSwitch`] in front of every backend.
     pub fault_injection: bool,
+    /// The server keeps a journal (`[journal] dir` is set): models may ask for `journal`.
+    pub journal: bool,
 }
 
 impl LoadOptions {
@@ -182,6 +184,7 @@ impl LoadOptions {
             warmup_requests: config.model_deployment.warmup_requests,
             profile_iterations: config.model_deployment.profile_iterations,
             fault_injection: config.server.fault_injection,
+            journal: config.journal.dir.is_some(),
         }
     }
 }
@@ -982,6 +985,12 @@ fn load_model(
         config,
         options,
     };
+    if config.journal && !options.journal {
+        return Err(loading.unsupported(
+            "journal = true, but the server keeps no journal: set [journal] dir in its config"
+                .into(),
+        ));
+    }
     let progress = Progress::new(name, version);
     progress.show("loading", None);
     let batch = BatchConfig::resolve(&options.batching, config).map_err(|error| {

@@ -323,7 +323,76 @@ impl Monitor {
             models,
             alert_events: self.alert_events(),
         }));
+        if let Some(j) = self.journal.get() {
+            register_journal(j, registry);
+        }
     }
+}
+
+/// A model version's journal counters: its labels, rows written, rows dropped.
+type JournalCounts = ([(&'static str, String); 2], u64, u64);
+
+/// The journal's counters as of one scrape.
+#[derive(Debug)]
+struct JournalFamilies {
+    models: Vec<JournalCounts>,
+    files: u64,
+    write_errors: u64,
+}
+
+impl Collector for JournalFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        family(
+            &mut e,
+            "tie_journal_rows",
+            "Answers written to the journal's files.",
+            MetricType::Counter,
+            &self.models,
+            |(labels, written, _), m| counter(m, labels, *written),
+        )?;
+        family(
+            &mut e,
+            "tie_journal_rows_dropped",
+            "Answers not journaled: the writer was behind, or a file could not be written.",
+            MetricType::Counter,
+            &self.models,
+            |(labels, _, dropped), m| counter(m, labels, *dropped),
+        )?;
+        let m = e.encode_descriptor(
+            "tie_journal_files",
+            "Journal files closed.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.files).encode(m)?;
+        let m = e.encode_descriptor(
+            "tie_journal_write_errors",
+            "Journal writes that failed (their rows are counted dropped).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.write_errors).encode(m)
+    }
+}
+
+/// Registers the journal's counters for one scrape.
+pub fn register_journal(journal: &crate::journal::Journal, registry: &mut Registry) {
+    use std::sync::atomic::Ordering::Relaxed;
+    registry.register_collector(Box::new(JournalFamilies {
+        models: journal
+            .all_counters()
+            .into_iter()
+            .map(|(key, c)| {
+                (
+                    model_labels(&key),
+                    c.written.load(Relaxed),
+                    c.dropped.load(Relaxed),
+                )
+            })
+            .collect(),
+        files: journal.files.load(Relaxed),
+        write_errors: journal.write_errors.load(Relaxed),
+    }));
 }
 
 /// The control plane's counters as of one scrape.

@@ -76,6 +76,8 @@ pub struct Monitor {
     pub(super) settings: MonitoringSection,
     /// Alert transitions so far (raised and cleared).
     pub(super) alert_events: AtomicU64,
+    /// The server's journal, for its counters.
+    pub journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
 }
 
 impl Monitor {
@@ -92,6 +94,7 @@ impl Monitor {
             thresholds,
             settings,
             alert_events: AtomicU64::new(0),
+            journal: std::sync::OnceLock::new(),
         };
         for entry in models {
             monitor.add(entry);

@@ -41,6 +41,22 @@ fn repository_with(config: &str) -> std::path::PathBuf {
 }
 
 #[test]
+fn a_model_asking_for_a_journal_on_a_server_without_one_is_refused_with_the_fix() {
+    let err = serve_fails("", &repository_with("journal = true\n"));
+    assert!(
+        err.contains("journal = true, but the server keeps no journal: set [journal] dir"),
+        "{err}"
+    );
+    let err = serve_fails("", &repository_with("journal_sample_rate = 0\n"));
+    assert!(
+        err.contains("journal_sample_rate = 0: must be in (0, 1]"),
+        "{err}"
+    );
+    let err = serve_fails("[journal]\nrotate_seconds = 0\n", &repository_with(""));
+    assert!(err.contains("journal.rotate_seconds"), "{err}");
+}
+
+#[test]
 fn unknown_service_config_keys_are_named() {
     let err = serve_fails(
         "[batch_processing]\nmax_batch_sise = 8\n",

@@ -15,6 +15,7 @@ mod exported;
 mod gpu;
 mod http;
 mod huge_pages;
+mod journal;
 mod load_failures;
 mod loadgen;
 mod models;

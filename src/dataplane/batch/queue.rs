@@ -159,6 +159,11 @@ pub struct BatchQueue<T> {
 }
 
 impl<T: Copy> BatchQueue<T> {
+    /// Features per request.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// An empty queue for rows of `width` features.
     pub fn new(config: BatchConfig, width: usize) -> Self {
         let rows: usize = config.max_queue_size.iter().sum();

@@ -1,0 +1,435 @@
+//! The prediction journal: answered requests of models with `journal = true`, recorded off
+//! the hot path in Parquet files that pandas, polars, DuckDB and ClickHouse read directly.
+//!
+//! - A poller copies each journaled answer (ids, session, times, status, outputs and
+//!   features) into a [`Chunk`] of its model's lane ([`LaneJournal`]): columns, cleared and
+//!   reused, so nothing is allocated once warm.
+//! - Full chunks, and chunks older than a few milliseconds, go to the writer thread through a
+//!   bounded lock-free queue; emptied chunks come back through another. A poller that finds
+//!   no empty chunk drops the row and counts it: it never waits for the writer. The writer
+//!   logs drops at most once a second.
+//! - The writer ([`writer`]) appends to a hidden `.partial` file and, once it holds
+//!   `[journal] rotate_mb` or has been open `rotate_seconds`, finishes it, syncs it and
+//!   renames it to `journal-<first answer, UTC>-<n>.parquet`: a reader sees whole files only.
+//!   A crash loses the rows of the file being written and those still queued.
+//! - [`read`] lists the files and reads their rows (`tie journal`).
+#![forbid(unsafe_code)]
+
+pub mod chunk;
+pub mod read;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_queue::ArrayQueue;
+
+pub use chunk::{Chunk, SessionInfo, CHUNK_ROWS};
+
+use crate::config::JournalSection;
+use crate::sync::Locked;
+
+/// A lane's chunk is handed to the writer once its first row is this old, full or not.
+pub const CHUNK_AGE_NS: u64 = 20_000_000;
+
+/// Rows written and dropped for one model version.
+#[derive(Debug, Default)]
+pub struct ModelCounters {
+    /// Rows written to files.
+    pub written: AtomicU64,
+    /// Rows dropped: the writer was behind (no empty chunk), or a file could not be written.
+    pub dropped: AtomicU64,
+}
+
+/// The journal shared by the pollers and its writer thread.
+#[derive(Debug)]
+pub struct Journal {
+    config: JournalSection,
+    /// Empty chunks, for the pollers.
+    free: ArrayQueue<Box<Chunk>>,
+    /// Filled chunks, for the writer.
+    filled: ArrayQueue<Box<Chunk>>,
+    /// Per model key (`name:version`).
+    counters: Mutex<HashMap<String, Arc<ModelCounters>>>,
+    /// Files closed.
+    pub files: AtomicU64,
+    /// Files that could not be written (their rows are counted dropped).
+    pub write_errors: AtomicU64,
+    stopping: AtomicBool,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Why the journal could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalStartError {
+    /// Its directory could not be made or is not writable.
+    #[error("journal directory {}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The writer thread could not start.
+    #[error("cannot start the journal's writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl Journal {
+    /// Starts the journal's writer on `config.dir`, on the process's CPUs but the pollers'
+    /// cores; `None` when no directory is set.
+    ///
+    /// # Errors
+    /// The directory cannot be made or written, or the thread cannot start.
+    pub fn start(
+        config: &JournalSection,
+        poller_cores: &[usize],
+    ) -> Result<Option<Arc<Self>>, JournalStartError> {
+        let Some(dir) = &config.dir else {
+            return Ok(None);
+        };
+        writer::prepare_dir(dir).map_err(|source| JournalStartError::Dir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let chunks = (config.queue_rows / CHUNK_ROWS).max(1);
+        let journal = Arc::new(Self {
+            config: config.clone(),
+            free: ArrayQueue::new(chunks),
+            filled: ArrayQueue::new(chunks),
+            counters: Mutex::default(),
+            files: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            writer: Mutex::new(None),
+        });
+        for _ in 0..chunks {
+            let _ = journal.free.push(Box::default());
+        }
+        let w = journal.clone();
+        let off_pollers = crate::dataplane::poller::off_poller_cores(poller_cores.to_vec());
+        let handle = std::thread::Builder::new()
+            .name("tie-journal".into())
+            .spawn(move || {
+                off_pollers();
+                writer::writer_task(&w)
+            })
+            .map_err(JournalStartError::Thread)?;
+        *journal.writer.locked() = Some(handle);
+        tracing::info!(dir = %dir.display(), rotate_mb = config.rotate_mb,
+            rotate_seconds = config.rotate_seconds, queue_rows = chunks * CHUNK_ROWS, "journal open");
+        Ok(Some(journal))
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &JournalSection {
+        &self.config
+    }
+
+    /// The counters of model version `key`, made on first use.
+    pub fn counters(&self, key: &str) -> Arc<ModelCounters> {
+        self.counters
+            .locked()
+            .entry(key.into())
+            .or_default()
+            .clone()
+    }
+
+    /// Every model version's counters, by key.
+    pub fn all_counters(&self) -> Vec<(String, Arc<ModelCounters>)> {
+        let mut all: Vec<_> = self
+            .counters
+            .locked()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Writes what is queued, closes the file being written (it becomes readable) and stops
+    /// the writer. Call once the pollers have stopped (their last chunks handed over).
+    pub fn finish(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(h) = self.writer.locked().take() {
+            if h.join().is_err() {
+                tracing::error!("the journal's writer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A poller's journal of one model version: its chunk being filled, and how rows are
+/// picked.
+pub(crate) struct LaneJournal {
+    journal: Arc<Journal>,
+    counters: Arc<ModelCounters>,
+    chunk: Option<Box<Chunk>>,
+    /// When the chunk got its first row.
+    chunk_started_ns: u64,
+    rate: f64,
+    /// Rows owed to the sample: a row is journaled each time it reaches 1.
+    owed: f64,
+    features: bool,
+    model: Arc<str>,
+    version: u32,
+    input_width: usize,
+    output_width: usize,
+    /// The lane's batch features, copied as they are gathered (rows in batch order).
+    pub gathered: Vec<f32>,
+}
+
+/// One answer to journal (see [`LaneJournal::record`]).
+pub(crate) struct Row<'a> {
+    pub session: &'a SessionInfo,
+    pub engine: &'static str,
+    pub request_id: u64,
+    pub priority: u8,
+    pub status: u32,
+    pub sent_ns: u64,
+    pub read_ns: u64,
+    pub answered_ns: u64,
+    /// Its features, when they were gathered into a batch.
+    pub features: Option<&'a [f32]>,
+    /// Its outputs and confidence, when it ran.
+    pub outputs: Option<(&'a [f32], f32)>,
+}
+
+impl LaneJournal {
+    /// The journal of `model` on a poller, when the model asks for one and the server keeps
+    /// one.
+    pub fn for_model(
+        journal: Option<&Arc<Journal>>,
+        model: &crate::models::LoadedModel,
+    ) -> Option<Self> {
+        let journal = journal?;
+        if !model.config.journal {
+            return None;
+        }
+        Some(Self {
+            counters: journal.counters(&model.key()),
+            journal: journal.clone(),
+            chunk: None,
+            chunk_started_ns: 0,
+            rate: model.config.journal_sample_rate.0,
+            owed: 0.0,
+            features: model.config.journal_features(),
+            model: model.name.as_str().into(),
+            version: model.version,
+            input_width: model.input_width(),
+            output_width: model.output_width(),
+            gathered: Vec::new(),
+        })
+    }
+
+    /// Whether the lane's batches should keep a copy of their features.
+    pub fn wants_features(&self) -> bool {
+        self.features
+    }
+
+    /// Journals `row` if the sample picks it: into the chunk being filled, handed to the
+    /// writer once full; dropped and counted when no empty chunk is to be had.
+    #[inline]
+    pub fn record(&mut self, row: Row<'_>) {
+        if self.rate < 1.0 {
+            self.owed += self.rate;
+            if self.owed < 1.0 {
+                return;
+            }
+            self.owed -= 1.0;
+        }
+        if self.chunk.is_none() {
+            match self.journal.free.pop() {
+                Some(mut c) => {
+                    c.model.push_str(&self.model);
+                    c.version = self.version;
+                    c.input_width = self.input_width;
+                    c.output_width = self.output_width;
+                    c.clock_offset_ns = chunk::clock_offset_ns();
+                    self.chunk = Some(c);
+                    self.chunk_started_ns = row.answered_ns;
+                }
+                None => {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let c = self.chunk.as_mut().expect("a chunk");
+        let session = c.session_index(row.session);
+        let engine = c.engine_index(row.engine);
+        c.session.push(session);
+        c.engine.push(engine);
+        c.request_id.push(row.request_id);
+        c.priority.push(row.priority);
+        c.status.push(row.status);
+        c.sent_ns.push(row.sent_ns);
+        c.read_ns.push(row.read_ns);
+        c.answered_ns.push(row.answered_ns);
+        match row.features.filter(|_| self.features) {
+            Some(f) => {
+                c.has_features.push(true);
+                c.features.extend_from_slice(f);
+            }
+            None => c.has_features.push(false),
+        }
+        match row.outputs {
+            Some((o, confidence)) => {
+                c.has_outputs.push(true);
+                c.outputs.extend_from_slice(o);
+                c.confidence.push(confidence);
+            }
+            None => c.has_outputs.push(false),
+        }
+        if c.is_full() {
+            self.hand_over();
+        }
+    }
+
+    /// Hands the chunk to the writer if it has rows and its first is `min_age_ns` old.
+    pub fn flush(&mut self, now_ns: u64, min_age_ns: u64) {
+        if self.chunk.as_ref().is_some_and(|c| !c.is_empty())
+            && now_ns.saturating_sub(self.chunk_started_ns) >= min_age_ns
+        {
+            self.hand_over();
+        }
+    }
+
+    /// Rows wait in the chunk being filled.
+    pub fn pending(&self) -> bool {
+        self.chunk.as_ref().is_some_and(|c| !c.is_empty())
+    }
+
+    fn hand_over(&mut self) {
+        if let Some(c) = self.chunk.take() {
+            if let Err(mut c) = self.journal.filled.push(c) {
+                // Both queues hold at most every chunk: not reached.
+                self.counters
+                    .dropped
+                    .fetch_add(c.len() as u64, Ordering::Relaxed);
+                c.clear();
+                let _ = self.journal.free.push(c);
+            }
+        }
+    }
+}
+
+impl Drop for LaneJournal {
+    /// A lane that goes (its model unloaded, its poller stopped) hands its rows over.
+    fn drop(&mut self) {
+        self.hand_over();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal of `chunks` chunks and no writer.
+    fn journal(chunks: usize) -> Arc<Journal> {
+        let j = Arc::new(Journal {
+            config: JournalSection::default(),
+            free: ArrayQueue::new(chunks),
+            filled: ArrayQueue::new(chunks),
+            counters: Mutex::default(),
+            files: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            writer: Mutex::new(None),
+        });
+        for _ in 0..chunks {
+            j.free.push(Box::default()).unwrap();
+        }
+        j
+    }
+
+    fn lane(j: &Arc<Journal>, rate: f64) -> LaneJournal {
+        LaneJournal {
+            journal: j.clone(),
+            counters: j.counters("m:1"),
+            chunk: None,
+            chunk_started_ns: 0,
+            rate,
+            owed: 0.0,
+            features: true,
+            model: "m".into(),
+            version: 1,
+            input_width: 2,
+            output_width: 1,
+            gathered: Vec::new(),
+        }
+    }
+
+    fn record(l: &mut LaneJournal, i: u64, session: &SessionInfo) {
+        l.record(Row {
+            session,
+            engine: "cpu-mlp",
+            request_id: i,
+            priority: 1,
+            status: 0,
+            sent_ns: 1,
+            read_ns: 2,
+            answered_ns: 3 + i,
+            features: Some(&[i as f32, 0.5]),
+            outputs: Some((&[i as f32 * 2.0], 0.9)),
+        });
+    }
+
+    fn session() -> SessionInfo {
+        SessionInfo {
+            id: 7,
+            pid: 1,
+            process: "p".into(),
+            source: "ring",
+        }
+    }
+
+    #[test]
+    fn a_writer_that_falls_behind_costs_rows_counted_never_a_wait() {
+        let j = journal(2);
+        let mut l = lane(&j, 1.0);
+        let s = session();
+        // Two chunks' worth fill both; nothing empties them (no writer): the rest is dropped.
+        for i in 0..(2 * CHUNK_ROWS as u64 + 10) {
+            record(&mut l, i, &s);
+        }
+        assert_eq!(j.filled.len(), 2);
+        assert_eq!(l.counters.dropped.load(Ordering::Relaxed), 10);
+        // A chunk handed back: rows are kept again, in a fresh chunk.
+        let mut c = j.filled.pop().unwrap();
+        assert_eq!(c.len(), CHUNK_ROWS);
+        assert_eq!(c.request_id[5], 5);
+        assert_eq!(&c.features[10..12], &[5.0, 0.5]);
+        assert_eq!(c.outputs[5], 10.0);
+        c.clear();
+        j.free.push(c).unwrap();
+        record(&mut l, 1000, &s);
+        assert!(l.pending());
+        // Handed over when old enough, and when the lane goes.
+        l.flush(1003 + CHUNK_AGE_NS - 1, CHUNK_AGE_NS);
+        assert!(l.pending());
+        l.flush(1003 + CHUNK_AGE_NS, CHUNK_AGE_NS);
+        assert!(!l.pending());
+        assert_eq!(j.filled.len(), 2);
+    }
+
+    #[test]
+    fn a_sample_rate_keeps_that_share_evenly() {
+        let j = journal(4);
+        let mut l = lane(&j, 0.25);
+        let s = session();
+        for i in 0..100 {
+            record(&mut l, i, &s);
+        }
+        let c = l.chunk.as_ref().unwrap();
+        assert_eq!(c.len(), 25);
+        assert!(c.request_id.windows(2).all(|w| w[1] - w[0] == 4));
+    }
+}

@@ -1,0 +1,327 @@
+//! The prediction journal through its public interface: a model's `journal` keys, the
+//! server's `[journal]` section, the Parquet files (read back by `tie journal`, and by pandas,
+//! polars and DuckDB from PyPI), the Prometheus counters, and a crash.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{
+    eventually, fixture, python_tools, root, scratch_dir, send, TestServer, TEST_CONFIG,
+};
+use serde_json::Value;
+use tie_client::{Client, ConnectOptions, Priority, Status};
+
+/// A repository of mlp64 (journaled, with `journal_keys`) and identity (not journaled).
+fn repository(journal_keys: &str) -> PathBuf {
+    let repo = scratch_dir("journal-repo");
+    crate::common::add_version(&repo, "mlp64", 1, "mlp64", 1);
+    crate::common::add_version(&repo, "identity", 1, "identity", 1);
+    std::fs::write(
+        repo.join("mlp64/config.toml"),
+        format!("backend = \"cpu\"\njournal = true\n{journal_keys}"),
+    )
+    .unwrap();
+    repo
+}
+
+/// A server journaling into `dir`, files closed every second.
+fn server(dir: &Path, repo: &Path, journal: &str) -> TestServer {
+    let config = format!("{TEST_CONFIG}\n[journal]\ndir = {dir:?}\nrotate_seconds = 1\n{journal}");
+    TestServer::start_with(&config, repo)
+}
+
+/// `tie journal ARGS`: its standard output, which must succeed.
+fn tie_journal(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("journal")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tie journal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The journal's rows as `tie journal DIR --rows` prints them.
+fn rows(dir: &Path, filters: &[&str]) -> Vec<Value> {
+    let mut args = vec![dir.to_str().unwrap(), "--rows"];
+    args.extend_from_slice(filters);
+    tie_journal(&args)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Closed journal files in `dir`, and whether anything else is there.
+fn closed_files(dir: &Path) -> (usize, Vec<String>) {
+    let mut closed = 0;
+    let mut other = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.starts_with("journal-") && name.ends_with(".parquet") {
+            closed += 1;
+        } else {
+            other.push(name);
+        }
+    }
+    (closed, other)
+}
+
+/// A sample of the server's `/metrics`, by its line's start.
+fn metric(server: &TestServer, line_start: &str) -> Option<f64> {
+    let (code, text) = send("GET", &format!("{}/metrics", server.http()), None);
+    assert_eq!(code, 200);
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// What a client was answered: per request id, its first output and first feature.
+type Answered = HashMap<u64, (f32, f32)>;
+
+/// Streams `n` fixture rows from one client (up to 32 in flight), then one row whose
+/// deadline has passed (answered `Timeout`); returns the client's session id and what it was
+/// answered.
+fn stream(server: &TestServer, c: usize, n: usize) -> (u64, Answered) {
+    let f = fixture("mlp64_v1");
+    let options = ConnectOptions {
+        request_capacity: 64,
+        response_capacity: 64,
+        ..server.options()
+    };
+    let mut client = Client::connect(&server.endpoint, "mlp64", options).unwrap();
+    let mut answered = Answered::new();
+    let mut sent = HashMap::new();
+    let (mut next, mut got) = (0, 0);
+    while got < n {
+        while next < n && client.in_flight() < 32 {
+            let row = &f.inputs[(next + c) % f.inputs.len()];
+            let id = client.submit(row, Priority::High, None).unwrap();
+            sent.insert(id, row[0]);
+            next += 1;
+        }
+        if let Some(r) = client.poll() {
+            assert_eq!(r.status, Status::OK);
+            answered.insert(r.request_id, (r.outputs()[0], sent[&r.request_id]));
+            got += 1;
+        }
+    }
+    let id = client
+        .submit(&f.inputs[0], Priority::Normal, Some(1))
+        .unwrap();
+    let r = crate::common::next_response(&mut client);
+    assert_eq!((r.request_id, r.status), (id, Status::TIMEOUT));
+    (client.session_id(), answered)
+}
+
+#[test]
+fn every_answer_is_journaled_once_and_read_back_by_tie_journal_pandas_polars_and_duckdb() {
+    let dir = scratch_dir("journal").join("files");
+    let mut server = server(&dir, &repository(""), "");
+    let per_client = 400;
+    let clients: Vec<(u64, Answered)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|c| {
+                let server = &server;
+                s.spawn(move || stream(server, c, per_client))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // The identity model is not journaled.
+    let mut other = Client::connect(&server.endpoint, "identity", server.options()).unwrap();
+    other
+        .predict(&[1.0; 8][..other.feature_count() as usize])
+        .unwrap();
+    let total = 2 * (per_client + 1);
+    // Files close every second while serving: the rows become readable without a stop.
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            &server,
+            "tie_journal_rows_total{model=\"mlp64\",version=\"1\"}"
+        ) == Some(total as f64)),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tie_journal_rows_dropped_total{model=\"mlp64\",version=\"1\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(server.stop());
+    let (closed, other_files) = closed_files(&dir);
+    assert!(closed >= 1);
+    assert!(other_files.is_empty(), "{other_files:?}");
+
+    // tie journal: the list, then every row once, each as answered.
+    let list = tie_journal(&[dir.to_str().unwrap()]);
+    assert!(
+        list.trim_end()
+            .ends_with(&format!("{closed} files, {total} rows")),
+        "{list}"
+    );
+    assert!(
+        list.contains("mlp64:1") && !list.contains("identity"),
+        "{list}"
+    );
+    let all = rows(&dir, &[]);
+    assert_eq!(all.len(), total);
+    let f = fixture("mlp64_v1");
+    for (session, answered) in &clients {
+        let mine: Vec<&Value> = all.iter().filter(|r| r["session_id"] == *session).collect();
+        assert_eq!(mine.len(), per_client + 1);
+        for r in &mine {
+            assert_eq!(r["model"], "mlp64");
+            assert_eq!(r["version"], 1);
+            assert_eq!(r["engine"], "cpu-mlp");
+            assert_eq!(r["source"], "ring");
+            assert_eq!(r["pid"], std::process::id());
+            let id = r["request_id"].as_u64().unwrap();
+            if r["status"] == "Timeout" {
+                assert!(r["outputs"].is_null() && r["features"].is_null(), "{r}");
+                assert!(r["confidence"].is_null());
+                continue;
+            }
+            assert_eq!(r["status"], "Ok");
+            assert_eq!(r["priority"], "high");
+            let (output, feature) = answered[&id];
+            // The bits the client was answered, and the features it sent.
+            assert_eq!(r["outputs"][0].as_f64().unwrap() as f32, output, "{r}");
+            let features: Vec<f32> = serde_json::from_value(r["features"].clone()).unwrap();
+            assert_eq!(features.len(), 64);
+            assert_eq!(features[0], feature);
+            assert!(f.inputs.contains(&features), "{r}");
+            // Stamps: sent and read (the start of the poller's round that read it, which
+            // may be a little before the send), then answered.
+            let (sent, read, time) = (
+                r["sent_ns"].as_i64().unwrap(),
+                r["read_ns"].as_i64().unwrap(),
+                r["time_ns"].as_i64().unwrap(),
+            );
+            assert!(sent <= time && read <= time, "{r}");
+            assert!((sent - read).abs() < 1_000_000_000, "{r}");
+        }
+    }
+    // Filters: one request of one session; a time range past the last row holds none.
+    let (session, answered) = &clients[0];
+    let id = *answered.keys().next().unwrap();
+    let one = rows(&dir, &["--model", "mlp64", "--request-id", &id.to_string()]);
+    assert!(one.iter().any(|r| r["session_id"] == *session), "{one:?}");
+    assert!(rows(&dir, &["--since", "2100-01-01T00:00:00Z"]).is_empty());
+    assert!(rows(&dir, &["--model", "identity"]).is_empty());
+
+    // The readers desks use.
+    let out = scratch_dir("journal-readers").join("seen.json");
+    let python = python_tools(&[
+        "pandas==3.1.1",
+        "pyarrow==26.0.1",
+        "polars==2.1.0",
+        "duckdb==2.0.1",
+    ])
+    .join("python");
+    let run = Command::new(python)
+        .arg(root().join("tests/python/journal_readers.py"))
+        .arg(&dir)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let seen: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ok = 2 * per_client;
+    let sum: f64 = clients
+        .iter()
+        .flat_map(|(_, a)| a.values().map(|v| f64::from(v.0)))
+        .sum();
+    for reader in ["pandas", "polars", "duckdb"] {
+        assert_eq!(seen[reader]["rows"], total, "{reader}: {seen}");
+        assert_eq!(seen[reader]["ok"], ok, "{reader}: {seen}");
+    }
+    for reader in ["polars", "duckdb"] {
+        let got = seen[reader]["sum_first_output"].as_f64().unwrap();
+        assert!(
+            (got - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+            "{reader}: {got} vs {sum}"
+        );
+    }
+    let pandas = &seen["pandas"];
+    assert_eq!(pandas["models"], serde_json::json!(["mlp64"]));
+    assert_eq!(pandas["statuses"], serde_json::json!(["Ok", "Timeout"]));
+    assert_eq!(pandas["time_tz"], "UTC");
+    assert_eq!(pandas["errors_without_outputs"], 2);
+    for (session, answered) in &clients {
+        for (id, (output, feature)) in answered {
+            let got = &pandas["answers"][format!("{session}/{id}")];
+            assert_eq!(got[0].as_f64().unwrap() as f32, *output);
+            assert_eq!(got[1].as_f64().unwrap() as f32, *feature);
+        }
+    }
+}
+
+#[test]
+fn a_sample_without_features_journals_about_its_share() {
+    let dir = scratch_dir("journal").join("files");
+    let repo = repository("journal_sample_rate = 0.25\njournal_features = false\n");
+    let mut server = server(&dir, &repo, "");
+    let (_, answered) = stream(&server, 0, 400);
+    assert_eq!(answered.len(), 400);
+    assert!(server.stop());
+    let all = rows(&dir, &[]);
+    // One row in four, evenly: 401 answers give 100.
+    assert_eq!(all.len(), 100, "{}", all.len());
+    assert!(all.iter().all(|r| r["features"].is_null()));
+    assert!(all
+        .iter()
+        .filter(|r| r["status"] == "Ok")
+        .all(|r| r["outputs"].is_array()));
+}
+
+#[test]
+fn a_crash_loses_only_the_file_being_written_and_the_restart_says_so() {
+    let dir = scratch_dir("journal").join("files");
+    let repo = repository("");
+    let mut server = server(&dir, &repo, "");
+    let (_, first) = stream(&server, 0, 100);
+    assert_eq!(first.len(), 100);
+    // Once the first rows are in a closed file, more rows go to a new one, then the server
+    // is killed while that one is open.
+    assert!(eventually(Duration::from_secs(10), || closed_files(&dir).0 >= 1));
+    let closed_before: Vec<Value> = rows(&dir, &[]);
+    assert_eq!(closed_before.len(), 101);
+    // Rows that stay in the open file: the file is closed only after a second.
+    let _ = stream(&server, 1, 50);
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::read_dir(&dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")
+        })
+    }));
+    server.signal(9);
+    let (_, others) = closed_files(&dir);
+    assert_eq!(others.len(), 1, "{others:?}");
+    server.restart();
+    assert!(
+        server.log().contains("left unfinished by an earlier run"),
+        "{}",
+        server.log()
+    );
+    let (closed, others) = closed_files(&dir);
+    assert!(others.is_empty(), "{others:?}");
+    assert!(closed >= 1);
+    // What was closed before the crash is all there and readable.
+    assert_eq!(rows(&dir, &[]), closed_before);
+    assert!(server.stop());
+}

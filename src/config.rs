@@ -85,6 +85,9 @@ pub struct JournalSection {
     /// Rows waiting for the writer, at most (in chunks of 256): past it, rows are dropped
     /// and counted, never waited for.
     pub queue_rows: usize,
+    /// Cores the writer thread runs on (a housekeeping core); empty: the process's CPUs but
+    /// the pollers' cores.
+    pub writer_cores: Vec<usize>,
 }
 
 impl Default for JournalSection {
@@ -96,6 +99,7 @@ impl Default for JournalSection {
             retain_hours: 0,
             retain_mb: 0,
             queue_rows: 65_536,
+            writer_cores: Vec::new(),
         }
     }
 }
@@ -513,6 +517,19 @@ impl ServiceConfig {
             require(
                 false,
                 "server.poller_cores",
+                core,
+                "no such core on this host",
+            )?;
+        }
+        if let Some(&core) = self
+            .journal
+            .writer_cores
+            .iter()
+            .find(|c| !online.contains(c))
+        {
+            require(
+                false,
+                "journal.writer_cores",
                 core,
                 "no such core on this host",
             )?;

@@ -77,8 +77,8 @@ pub enum JournalStartError {
 }
 
 impl Journal {
-    /// Starts the journal's writer on `config.dir`, on the process's CPUs but the pollers'
-    /// cores; `None` when no directory is set.
+    /// Starts the journal's writer on `config.dir`, on `config.writer_cores` or else the
+    /// process's CPUs but the pollers' cores; `None` when no directory is set.
     ///
     /// # Errors
     /// The directory cannot be made or written, or the thread cannot start.
@@ -108,11 +108,15 @@ impl Journal {
             let _ = journal.free.push(Box::default());
         }
         let w = journal.clone();
-        let off_pollers = crate::dataplane::poller::off_poller_cores(poller_cores.to_vec());
+        let place = if config.writer_cores.is_empty() {
+            crate::dataplane::poller::off_poller_cores(poller_cores.to_vec())
+        } else {
+            on_cores(config.writer_cores.clone())
+        };
         let handle = std::thread::Builder::new()
             .name("tie-journal".into())
             .spawn(move || {
-                off_pollers();
+                place();
                 writer::writer_task(&w)
             })
             .map_err(JournalStartError::Thread)?;
@@ -158,6 +162,20 @@ impl Journal {
             }
         }
     }
+}
+
+/// Pins the thread that runs it to `cores` (logged if it cannot).
+fn on_cores(cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        use rustix::thread::{sched_setaffinity, CpuSet};
+        let mut cpus = CpuSet::new();
+        for &core in cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+            cpus.set(core);
+        }
+        if let Err(e) = sched_setaffinity(None, &cpus) {
+            tracing::warn!(error = %e, ?cores, "the journal's writer is not on journal.writer_cores");
+        }
+    })
 }
 
 impl Drop for Journal {

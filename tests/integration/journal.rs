@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{
-    eventually, fixture, python_tools, root, scratch_dir, send, TestServer, TEST_CONFIG,
+    eventually, fixture, inference_request, post, python_tools, root, scratch_dir, send,
+    TestServer, TEST_CONFIG,
 };
 use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Priority, Status};
@@ -139,7 +140,15 @@ fn every_answer_is_journaled_once_and_read_back_by_tie_journal_pandas_polars_and
     other
         .predict(&[1.0; 8][..other.feature_count() as usize])
         .unwrap();
-    let total = 2 * (per_client + 1);
+    // A prediction through HTTP is, as the control plane's own session's.
+    let f = fixture("mlp64_v1");
+    let request = inference_request("h-1", "mlp64", None, &f.inputs[..2], Value::Null);
+    let (code, body) = post(
+        &format!("{}/api/v1/internal/inference/predict", server.http()),
+        &request,
+    );
+    assert_eq!(code, 200, "{body}");
+    let total = 2 * (per_client + 1) + 2;
     // Files close every second while serving: the rows become readable without a stop.
     assert!(
         eventually(Duration::from_secs(10), || metric(
@@ -174,7 +183,13 @@ fn every_answer_is_journaled_once_and_read_back_by_tie_journal_pandas_polars_and
     );
     let all = rows(&dir, &[]);
     assert_eq!(all.len(), total);
-    let f = fixture("mlp64_v1");
+    let http: Vec<&Value> = all.iter().filter(|r| r["source"] == "http").collect();
+    assert_eq!(http.len(), 2, "{http:?}");
+    assert_eq!(http[0]["pid"], server.pid());
+    for (r, row) in http.iter().zip(&f.inputs) {
+        let features: Vec<f32> = serde_json::from_value(r["features"].clone()).unwrap();
+        assert_eq!(&features, row);
+    }
     for (session, answered) in &clients {
         let mine: Vec<&Value> = all.iter().filter(|r| r["session_id"] == *session).collect();
         assert_eq!(mine.len(), per_client + 1);
@@ -239,10 +254,11 @@ fn every_answer_is_journaled_once_and_read_back_by_tie_journal_pandas_polars_and
         String::from_utf8_lossy(&run.stderr)
     );
     let seen: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let ok = 2 * per_client;
+    let ok = 2 * per_client + 2;
     let sum: f64 = clients
         .iter()
         .flat_map(|(_, a)| a.values().map(|v| f64::from(v.0)))
+        .chain(http.iter().map(|r| r["outputs"][0].as_f64().unwrap()))
         .sum();
     for reader in ["pandas", "polars", "duckdb"] {
         assert_eq!(seen[reader]["rows"], total, "{reader}: {seen}");

@@ -1,5 +1,5 @@
 //! The `tie` command line: `tie serve`, `tie predict`, `tie report`, `tie journal`,
-//! `tie devices` and `tie doctor`.
+//! `tie replay`, `tie devices` and `tie doctor`.
 #![forbid(unsafe_code)]
 
 mod control;
@@ -8,6 +8,7 @@ mod doctor;
 mod host_checks;
 mod journal;
 mod predict;
+mod replay;
 mod report;
 mod serve;
 
@@ -20,6 +21,7 @@ use devices::*;
 use doctor::*;
 use journal::*;
 use predict::*;
+use replay::*;
 use report::*;
 use serve::*;
 
@@ -50,6 +52,11 @@ pub enum Command {
     /// List the prediction journal's files (time range, rows, models), or print their rows
     /// as JSON lines (filtered by model, version, time, request id).
     Journal(JournalArgs),
+    /// Run the journal's recorded features through a model version (built here, or on a
+    /// running server) and compare with the recorded answers: identical, within tolerance,
+    /// different, per output, and the rows that differ most. Exits with 3 when the share of
+    /// different rows is over `--max-different-share`.
+    Replay(ReplayArgs),
     /// Reload models from the repository on a running server (through its HTTP control
     /// plane): new versions are built and warmed before sessions switch; a failure changes
     /// nothing. Prints what changed as JSON.
@@ -80,5 +87,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => doctor(args),
         Command::Report(args) => report(args),
         Command::Journal(args) => journal(args),
+        Command::Replay(args) => replay(args),
     }
 }

@@ -12,10 +12,12 @@
 //!   `[journal] rotate_mb` or has been open `rotate_seconds`, finishes it, syncs it and
 //!   renames it to `journal-<first answer, UTC>-<n>.parquet`: a reader sees whole files only.
 //!   A crash loses the rows of the file being written and those still queued.
-//! - [`read`] lists the files and reads their rows (`tie journal`).
+//! - [`read`] lists the files and reads their rows (`tie journal`); [`compare`] measures how
+//!   a replay's answers differ from the recorded ones (`tie replay`).
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+pub mod compare;
 pub mod read;
 pub mod writer;
 

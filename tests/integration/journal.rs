@@ -341,3 +341,117 @@ fn a_crash_loses_only_the_file_being_written_and_the_restart_says_so() {
     assert_eq!(rows(&dir, &[]), closed_before);
     assert!(server.stop());
 }
+
+/// `tie replay ARGS --json`: its exit code and report.
+fn replay(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .arg("replay")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap();
+    assert!(
+        code == 0 || code == 3,
+        "tie replay {args:?}: {code}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn a_replay_through_the_same_version_is_identical_and_through_another_is_reported_and_gated() {
+    let dir = scratch_dir("journal").join("files");
+    let repo = scratch_dir("journal-repo");
+    crate::common::add_version(&repo, "multi", 1, "multi", 1);
+    crate::common::add_version(&repo, "multi", 2, "multi", 2);
+    std::fs::write(
+        repo.join("multi/config.toml"),
+        "backend = \"cpu\"\njournal = true\n",
+    )
+    .unwrap();
+    let mut server = server(&dir, &repo, "");
+    let f = fixture("multi_v1");
+    let options = ConnectOptions {
+        version: Some(1),
+        ..server.options()
+    };
+    let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
+    let rows_sent = 200;
+    for i in 0..rows_sent {
+        // The fixture's rows, scaled: every row a different one.
+        let row: Vec<f32> = f.inputs[i % f.inputs.len()]
+            .iter()
+            .map(|v| v * (1.0 + i as f32 / 100.0))
+            .collect();
+        client.predict(&row).unwrap();
+    }
+    drop(client);
+    assert!(server.stop());
+    let (dir_s, repo_s) = (dir.to_str().unwrap(), repo.to_str().unwrap());
+
+    // The same version, built here: every row's bits again.
+    let (code, same) = replay(&[dir_s, "--model", "multi:1", "--model-repository", repo_s]);
+    assert_eq!(code, 0, "{same}");
+    let d = &same["divergence"];
+    assert_eq!(same["model"], "multi:1");
+    assert_eq!(
+        (d["rows"].as_u64(), d["identical"].as_u64()),
+        (Some(rows_sent as u64), Some(rows_sent as u64)),
+        "{same}"
+    );
+    assert_eq!(d["worst"], serde_json::json!([]));
+
+    // Another version: reported, and the exit status gates on the share.
+    let (code, other) = replay(&[
+        dir_s,
+        "--model",
+        "multi:2",
+        "--model-repository",
+        repo_s,
+        "--top",
+        "3",
+    ]);
+    assert_eq!(code, 3, "{other}");
+    let d = &other["divergence"];
+    assert_eq!(d["rows"], rows_sent);
+    assert!(d["different"].as_u64().unwrap() > 0, "{other}");
+    assert_eq!(d["outputs"].as_array().unwrap().len(), 4);
+    let worst = d["worst"].as_array().unwrap();
+    assert_eq!(worst.len(), 3);
+    assert!(worst[0]["max_abs_diff"].as_f64() >= worst[2]["max_abs_diff"].as_f64());
+    assert!(worst[0]["request_id"]
+        .as_u64()
+        .is_some_and(|id| id >= 1 && id <= rows_sent as u64));
+    let (code, _) = replay(&[
+        dir_s,
+        "--model",
+        "multi:2",
+        "--model-repository",
+        repo_s,
+        "--max-different-share",
+        "1",
+    ]);
+    assert_eq!(code, 0);
+
+    // The same through a running server: the same report.
+    server.restart();
+    let socket_dir = server.options().socket_dir.unwrap();
+    let (code, served) = replay(&[
+        dir_s,
+        "--model",
+        "multi:2",
+        "--from",
+        "multi:1",
+        "--endpoint",
+        "test",
+        "--socket-dir",
+        socket_dir.to_str().unwrap(),
+        "--top",
+        "3",
+    ]);
+    assert_eq!(code, 3);
+    assert_eq!(served["model"], "multi:2");
+    assert_eq!(served["divergence"], other["divergence"]);
+    assert!(server.stop());
+}

@@ -25,43 +25,61 @@ pub struct JournalArgs {
     /// Only rows of this version.
     #[arg(long)]
     pub version: Option<u32>,
+    #[command(flatten)]
+    pub times: TimeRange,
+    /// Only the answer to this request id.
+    #[arg(long)]
+    pub request_id: Option<u64>,
+}
+
+/// The journal commands' time range.
+#[derive(Debug, clap::Args)]
+pub struct TimeRange {
     /// Only answers at or after this time (RFC 3339, e.g. 2026-12-04T14:30:00Z).
     #[arg(long)]
     pub since: Option<String>,
     /// Only answers before this time (RFC 3339).
     #[arg(long)]
     pub until: Option<String>,
-    /// Only the answer to this request id.
-    #[arg(long)]
-    pub request_id: Option<u64>,
 }
 
-fn time_ns(flag: &str, t: &Option<String>) -> anyhow::Result<Option<i64>> {
-    t.as_deref()
-        .map(|t| {
-            chrono::DateTime::parse_from_rfc3339(t)
-                .ok()
-                .and_then(|t| t.timestamp_nanos_opt())
-                .with_context(|| {
-                    format!("--{flag} {t}: not an RFC 3339 time (2026-12-04T14:30:00Z)")
+impl TimeRange {
+    /// Whether either end is given.
+    pub fn is_set(&self) -> bool {
+        self.since.is_some() || self.until.is_some()
+    }
+
+    /// `since` and `until` in nanoseconds since the epoch.
+    pub fn ns(&self) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+        let ns = |flag: &str, t: &Option<String>| {
+            t.as_deref()
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(t)
+                        .ok()
+                        .and_then(|t| t.timestamp_nanos_opt())
+                        .with_context(|| {
+                            format!("--{flag} {t}: not an RFC 3339 time (2026-12-04T14:30:00Z)")
+                        })
                 })
-        })
-        .transpose()
+                .transpose()
+        };
+        Ok((ns("since", &self.since)?, ns("until", &self.until)?))
+    }
 }
 
 pub(super) fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
+    let (since_ns, until_ns) = args.times.ns()?;
     let filter = Filter {
         model: args.model.clone(),
         version: args.version,
-        since_ns: time_ns("since", &args.since)?,
-        until_ns: time_ns("until", &args.until)?,
+        since_ns,
+        until_ns,
         request_id: args.request_id,
     };
     let rows = args.rows
         || args.model.is_some()
         || args.version.is_some()
-        || args.since.is_some()
-        || args.until.is_some()
+        || args.times.is_set()
         || args.request_id.is_some();
     let files = expand(&args.paths)?;
     let stdout = std::io::stdout();

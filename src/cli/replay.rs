@@ -30,12 +30,8 @@ pub struct ReplayArgs {
     /// are skipped (counted).
     #[arg(long)]
     pub from: Option<String>,
-    /// Only rows answered at or after this time (RFC 3339).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Only rows answered before this time (RFC 3339).
-    #[arg(long)]
-    pub until: Option<String>,
+    #[command(flatten)]
+    pub times: super::journal::TimeRange,
     /// Service config (TOML) for the build: layouts directory, GPUs, batching.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -76,17 +72,6 @@ fn model_key(key: &str) -> anyhow::Result<(String, Option<u32>)> {
             ),
         )),
     }
-}
-
-fn time_ns(flag: &str, t: &Option<String>) -> anyhow::Result<Option<i64>> {
-    t.as_deref()
-        .map(|t| {
-            chrono::DateTime::parse_from_rfc3339(t)
-                .ok()
-                .and_then(|t| t.timestamp_nanos_opt())
-                .with_context(|| format!("--{flag} {t}: not an RFC 3339 time"))
-        })
-        .transpose()
 }
 
 /// Replays rows through a model version and compares.
@@ -243,6 +228,7 @@ fn replayer(args: &ReplayArgs) -> anyhow::Result<Box<dyn Replayer>> {
 
 pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (from_name, from_version) = model_key(args.from.as_deref().unwrap_or(&args.model))?;
+    let (since_ns, until_ns) = args.times.ns()?;
     let filter = Filter {
         model: Some(from_name),
         version: if args.from.is_some() {
@@ -250,8 +236,8 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         } else {
             None
         },
-        since_ns: time_ns("since", &args.since)?,
-        until_ns: time_ns("until", &args.until)?,
+        since_ns,
+        until_ns,
         request_id: None,
     };
     let files = expand(&args.paths)?;

@@ -96,19 +96,7 @@ impl Journal {
             source,
         })?;
         let chunks = (config.queue_rows / CHUNK_ROWS).max(1);
-        let journal = Arc::new(Self {
-            config: config.clone(),
-            free: ArrayQueue::new(chunks),
-            filled: ArrayQueue::new(chunks),
-            counters: Mutex::default(),
-            files: AtomicU64::new(0),
-            write_errors: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
-            writer: Mutex::new(None),
-        });
-        for _ in 0..chunks {
-            let _ = journal.free.push(Box::default());
-        }
+        let journal = Self::with_chunks(config, chunks);
         let w = journal.clone();
         let place = if config.writer_cores.is_empty() {
             crate::dataplane::poller::off_poller_cores(poller_cores.to_vec())
@@ -126,6 +114,24 @@ impl Journal {
         tracing::info!(dir = %dir.display(), rotate_mb = config.rotate_mb,
             rotate_seconds = config.rotate_seconds, queue_rows = chunks * CHUNK_ROWS, "journal open");
         Ok(Some(journal))
+    }
+
+    /// A journal of `chunks` empty chunks, its writer not started.
+    fn with_chunks(config: &JournalSection, chunks: usize) -> Arc<Self> {
+        let journal = Arc::new(Self {
+            config: config.clone(),
+            free: ArrayQueue::new(chunks),
+            filled: ArrayQueue::new(chunks),
+            counters: Mutex::default(),
+            files: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            writer: Mutex::new(None),
+        });
+        for _ in 0..chunks {
+            let _ = journal.free.push(Box::default());
+        }
+        journal
     }
 
     /// Its settings.
@@ -354,20 +360,7 @@ mod tests {
 
     /// A journal of `chunks` chunks and no writer.
     fn journal(chunks: usize) -> Arc<Journal> {
-        let j = Arc::new(Journal {
-            config: JournalSection::default(),
-            free: ArrayQueue::new(chunks),
-            filled: ArrayQueue::new(chunks),
-            counters: Mutex::default(),
-            files: AtomicU64::new(0),
-            write_errors: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
-            writer: Mutex::new(None),
-        });
-        for _ in 0..chunks {
-            j.free.push(Box::default()).unwrap();
-        }
-        j
+        Journal::with_chunks(&JournalSection::default(), chunks)
     }
 
     fn lane(j: &Arc<Journal>, rate: f64) -> LaneJournal {

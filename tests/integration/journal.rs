@@ -455,3 +455,26 @@ fn a_replay_through_the_same_version_is_identical_and_through_another_is_reporte
     assert_eq!(served["divergence"], other["divergence"]);
     assert!(server.stop());
 }
+
+#[test]
+fn batches_in_flight_journal_each_answer_with_its_own_features() {
+    // Batches computed on a batch thread while the poller reads on (pipeline_depth): each
+    // answer is journaled with the features of its own row.
+    let dir = scratch_dir("journal").join("files");
+    let repo = repository("pipeline_depth = 2\nmax_batch_size = 8\n");
+    let mut server = server(&dir, &repo, "");
+    let (session, answered) = stream(&server, 3, 600);
+    assert!(server.log().contains("batches computed on a batch thread"));
+    assert!(server.stop());
+    let all = rows(&dir, &["--model", "mlp64"]);
+    assert_eq!(all.len(), 601);
+    let f = fixture("mlp64_v1");
+    for r in all.iter().filter(|r| r["status"] == "Ok") {
+        assert_eq!(r["session_id"], session);
+        let (output, feature) = answered[&r["request_id"].as_u64().unwrap()];
+        let features: Vec<f32> = serde_json::from_value(r["features"].clone()).unwrap();
+        assert_eq!(features[0], feature, "{r}");
+        assert!(f.inputs.contains(&features), "{r}");
+        assert_eq!(r["outputs"][0].as_f64().unwrap() as f32, output, "{r}");
+    }
+}

@@ -60,6 +60,8 @@ pub struct Journal {
     pub write_errors: AtomicU64,
     stopping: AtomicBool,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The directory's lock, held while the journal lives.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 /// Why the journal could not start.
@@ -91,12 +93,13 @@ impl Journal {
         let Some(dir) = &config.dir else {
             return Ok(None);
         };
-        writer::prepare_dir(dir).map_err(|source| JournalStartError::Dir {
+        let lock = writer::prepare_dir(dir).map_err(|source| JournalStartError::Dir {
             dir: dir.clone(),
             source,
         })?;
         let chunks = (config.queue_rows / CHUNK_ROWS).max(1);
         let journal = Self::with_chunks(config, chunks);
+        *journal.lock.locked() = Some(lock);
         let w = journal.clone();
         let place = if config.writer_cores.is_empty() {
             crate::dataplane::poller::off_poller_cores(poller_cores.to_vec())
@@ -127,6 +130,7 @@ impl Journal {
             write_errors: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             writer: Mutex::new(None),
+            lock: Mutex::new(None),
         });
         for _ in 0..chunks {
             let _ = journal.free.push(Box::default());

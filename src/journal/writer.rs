@@ -200,17 +200,26 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
     RecordBatch::try_new(schema.clone(), columns).expect("columns match the schema")
 }
 
-/// Makes the journal's directory (owner-only when made here), checks it can be written and
+/// Makes the journal's directory (owner-only when made here), takes its lock (`.lock`, held
+/// while the returned file is open: a second server on the same directory is refused) and
 /// removes `.partial` files a crash left (their rows were lost with it; logged).
-pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+pub fn prepare_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let probe = dir.join(".tie-journal-probe");
-    std::fs::write(&probe, b"")?;
-    std::fs::remove_file(&probe)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(".lock"))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(std::io::Error::other(
+            "another tie server journals into it (its .lock is held): give each server a journal directory of its own",
+        ));
+    }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "partial") {
@@ -219,7 +228,7 @@ pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
             std::fs::remove_file(&path)?;
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The file being written.

@@ -58,7 +58,7 @@ fn rows(dir: &Path, filters: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// Closed journal files in `dir`, and whether anything else is there.
+/// Closed journal files in `dir`, and whatever else is there but the directory's lock.
 fn closed_files(dir: &Path) -> (usize, Vec<String>) {
     let mut closed = 0;
     let mut other = Vec::new();
@@ -66,7 +66,7 @@ fn closed_files(dir: &Path) -> (usize, Vec<String>) {
         let name = e.unwrap().file_name().into_string().unwrap();
         if name.starts_with("journal-") && name.ends_with(".parquet") {
             closed += 1;
-        } else {
+        } else if name != ".lock" {
             other.push(name);
         }
     }
@@ -334,6 +334,32 @@ fn a_crash_loses_only_the_file_being_written_and_the_restart_says_so() {
         "{}",
         server.log()
     );
+    // A second server on the same directory is refused: it would take the first one's file
+    // for a crash's.
+    let other = scratch_dir("journal-second");
+    std::fs::write(
+        other.join("tie.toml"),
+        format!("{TEST_CONFIG}\n[journal]\ndir = {dir:?}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["serve", "--config"])
+        .arg(other.join("tie.toml"))
+        .arg("--model-repository")
+        .arg(&repo)
+        .args([
+            "--endpoint",
+            "second",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--socket-dir",
+        ])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another tie server journals into it"), "{err}");
     let (closed, others) = closed_files(&dir);
     assert!(others.is_empty(), "{others:?}");
     assert!(closed >= 1);

@@ -563,16 +563,28 @@ impl ServiceConfig {
         )?;
         let journal = &self.journal;
         require(
-            journal.rotate_mb > 0,
+            (1..=1 << 20).contains(&journal.rotate_mb),
             "journal.rotate_mb",
             journal.rotate_mb,
-            "must be at least 1",
+            "must be in 1..=1048576",
         )?;
         require(
             journal.rotate_seconds > 0,
             "journal.rotate_seconds",
             journal.rotate_seconds,
             "must be at least 1",
+        )?;
+        require(
+            journal.retain_hours <= 1_000_000,
+            "journal.retain_hours",
+            journal.retain_hours,
+            "must be at most 1000000",
+        )?;
+        require(
+            journal.retain_mb <= 1 << 40,
+            "journal.retain_mb",
+            journal.retain_mb,
+            "must be at most 2^40",
         )?;
         require(
             (256..=1 << 24).contains(&journal.queue_rows),

@@ -88,7 +88,7 @@ pub(super) fn journal(args: JournalArgs) -> anyhow::Result<ExitCode> {
         let (mut total, mut n) = (0i64, 0usize);
         for f in &files {
             let s = summary(f)?;
-            total += s.rows;
+            total = total.saturating_add(s.rows);
             n += 1;
             writeln!(
                 out,

@@ -247,7 +247,7 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut target = replayer(&args)?;
     let (iw, ow) = (target.input_width(), target.output_width());
     let mut divergence = Divergence::new(args.tolerance, args.top);
-    let (mut skipped, mut files_read) = (0u64, 0usize);
+    let (mut skipped, mut mismatched, mut files_read) = (0u64, 0u64, 0usize);
     let mut pending = Vec::new();
     let mut failed = None;
     for f in &files {
@@ -256,14 +256,17 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         files_read += 1;
         for_each_row(f, &filter, &mut |row| {
-            let usable = row.status == "Ok"
-                && row.features.as_ref().is_some_and(|x| x.len() == iw)
-                && row.outputs.as_ref().is_some_and(|x| x.len() == ow);
-            if !usable {
+            let (Some(features), Some(outputs)) = (&row.features, &row.outputs) else {
                 skipped += 1;
                 return;
+            };
+            if row.status != "Ok" {
+                skipped += 1;
+            } else if features.len() != iw || outputs.len() != ow {
+                mismatched += 1;
+            } else {
+                pending.push(row);
             }
-            pending.push(row);
         })?;
         // A file's rows at a time: memory stays bounded by the largest file.
         if let Err(e) = target.run(&pending, &mut |row, out| {
@@ -278,6 +281,18 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(e) = failed {
         return Err(e);
+    }
+    // Nothing compared is no evidence: a gate must not pass on it.
+    if mismatched > 0 {
+        bail!(
+            "{mismatched} journaled rows do not fit {} ({iw} features, {ow} outputs): replay them through a version that reads the same",
+            target.key()
+        );
+    }
+    if divergence.rows == 0 {
+        bail!(
+            "no journaled row to compare ({skipped} skipped: not run, or without features); check --from and the time range"
+        );
     }
     let report = serde_json::json!({
         "model": target.key(),

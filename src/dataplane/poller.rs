@@ -436,6 +436,16 @@ fn gather(
     (rows, at, if rows == 0 { 0 } else { padded })
 }
 
+/// The engine name the journal records for a batch `backend` ran on the lane (empty, and not
+/// asked for, when the lane keeps no journal).
+fn journaled_engine(lane: &ModelLane, backend: &dyn tie_engine::Backend) -> &'static str {
+    if lane.journal.is_some() {
+        backend.info().engine
+    } else {
+        ""
+    }
+}
+
 /// Counts a batch of `rows` run: the poller's figures and the model's.
 fn count_batch(stats: &mut WorkerStats, rec: &mut Recorder, rows: usize) {
     stats.batches += 1;
@@ -1091,7 +1101,7 @@ impl Poller {
                 sessions[s].as_ref().is_some_and(|s| s.in_flight > 0)
             });
             // Answers without a batch (errors, timeouts): no features, no outputs.
-            let engine = lane.model.backend.info().engine;
+            let engine = journaled_engine(lane, lane.model.backend.as_ref());
             answered += self.respond(m, now, 0, now, engine);
             let lane = self.lanes[m].as_mut().expect("checked");
             // With every pipeline slot in flight the batch waits (and grows) until one frees.
@@ -1142,6 +1152,7 @@ impl Poller {
             journal,
             ..
         } = lane;
+        let journaled = journal.is_some();
         let mut keep = journal
             .as_mut()
             .filter(|j| j.wants_features())
@@ -1173,7 +1184,7 @@ impl Poller {
             input,
             output,
         );
-        let engine = backend.info().engine;
+        let engine = if journaled { backend.info().engine } else { "" };
         if result.is_err() && !gathered {
             // The backend failed before taking the batch: take it here, to answer it.
             rows = queue.take(started_ns, input, taken).0;
@@ -1266,6 +1277,7 @@ impl Poller {
             return 0;
         };
         let mut written = 0;
+        let engine = journaled_engine(lane, lane.model.backend.as_ref());
         while let Some(front) = lane.flights.front() {
             let launched = front.rows > 0;
             let outcome = if launched {
@@ -1321,7 +1333,7 @@ impl Poller {
                     now_ns: done_ns,
                     in_flight: true,
                     features: &flight.features,
-                    engine: lane.model.backend.info().engine,
+                    engine,
                 },
             );
             if launched {

@@ -211,6 +211,7 @@ impl Server {
         if let Some(j) = &journal {
             let _ = monitor.journal.set(j.clone());
         }
+        let mut started = crate::journal::FinishOnDrop(journal.clone());
         let models = Arc::new(Models::new(models, monitor.clone()));
         let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -240,6 +241,7 @@ impl Server {
         let workers = pollers.handles;
         let stats = pollers.stats;
         tracing::debug!(socket = %socket_path.display(), pollers = workers.len(), "rings accepting");
+        started.0 = None;
         Ok(Self {
             stopping,
             listener_stopping,

@@ -10,7 +10,8 @@
 //!   logs drops at most once a second.
 //! - The writer ([`writer`]) appends to a hidden `.partial` file and, once it holds
 //!   `[journal] rotate_mb` or has been open `rotate_seconds`, finishes it, syncs it and
-//!   renames it to `journal-<first answer, UTC>-<n>.parquet`: a reader sees whole files only.
+//!   renames it to `journal-<first answer, UTC>-<pid>-<n>.parquet`: a reader sees whole files
+//!   only.
 //!   A crash loses the rows of the file being written and those still queued.
 //! - [`read`] lists the files and reads their rows (`tie journal`); [`compare`] measures how
 //!   a replay's answers differ from the recorded ones (`tie replay`).
@@ -31,6 +32,9 @@ pub use chunk::{Chunk, SessionInfo, CHUNK_ROWS};
 
 use crate::config::JournalSection;
 use crate::sync::Locked;
+
+/// Chunks beyond `queue_rows`, for the lanes filling one each.
+pub const FILLING_CHUNKS: usize = 64;
 
 /// A lane's chunk is handed to the writer once its first row is this old, full or not.
 pub const CHUNK_AGE_NS: u64 = 20_000_000;
@@ -97,7 +101,8 @@ impl Journal {
             dir: dir.clone(),
             source,
         })?;
-        let chunks = (config.queue_rows / CHUNK_ROWS).max(1);
+        // Queued rows, and the chunks lanes are filling (one per journaled model and poller).
+        let chunks = (config.queue_rows / CHUNK_ROWS).max(1) + FILLING_CHUNKS;
         let journal = Self::with_chunks(config, chunks);
         *journal.lock.locked() = Some(lock);
         let w = journal.clone();
@@ -115,7 +120,7 @@ impl Journal {
             .map_err(JournalStartError::Thread)?;
         *journal.writer.locked() = Some(handle);
         tracing::info!(dir = %dir.display(), rotate_mb = config.rotate_mb,
-            rotate_seconds = config.rotate_seconds, queue_rows = chunks * CHUNK_ROWS, "journal open");
+            rotate_seconds = config.rotate_seconds, chunks, "journal open");
         Ok(Some(journal))
     }
 
@@ -173,6 +178,8 @@ impl Journal {
                 tracing::error!("the journal's writer panicked");
             }
         }
+        // The directory is free for the next server.
+        self.lock.locked().take();
     }
 }
 
@@ -188,6 +195,18 @@ fn on_cores(cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
             tracing::warn!(error = %e, ?cores, "the journal's writer is not on journal.writer_cores");
         }
     })
+}
+
+/// Finishes a journal when dropped, unless disarmed: a server that fails to start after its
+/// journal did stops the writer and frees the directory.
+pub struct FinishOnDrop(pub Option<Arc<Journal>>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(j) = self.0.take() {
+            j.finish();
+        }
+    }
 }
 
 impl Drop for Journal {

@@ -247,10 +247,14 @@ enum Strings<'a> {
 }
 
 impl Strings<'_> {
-    fn value(&self, i: usize) -> String {
+    /// Row `i`'s string; `None` for a null (or a key out of range: not tie's file).
+    fn value(&self, i: usize) -> Option<String> {
         match self {
-            Self::Plain(a) => a.value(i).into(),
-            Self::Dictionary(keys, values) => values.value(keys.value(i) as usize).into(),
+            Self::Plain(a) => a.is_valid(i).then(|| a.value(i).into()),
+            Self::Dictionary(keys, values) => {
+                let k = keys.is_valid(i).then(|| keys.value(i) as usize)?;
+                (k < values.len() && values.is_valid(k)).then(|| values.value(k).into())
+            }
         }
     }
 }
@@ -316,25 +320,31 @@ fn rows_of(
         .as_primitive_opt::<Float32Type>()
         .ok_or_else(|| wrong("confidence"))?;
     let (features, outputs) = (list("features")?, list("outputs")?);
+    for (name, l) in [("features", features), ("outputs", outputs)] {
+        if l.values().as_primitive_opt::<Float32Type>().is_none() {
+            return Err(wrong(name));
+        }
+    }
     let floats = |l: &arrow_array::ListArray, i: usize| -> Option<Vec<f32>> {
         (!l.is_null(i)).then(|| l.value(i).as_primitive::<Float32Type>().values().to_vec())
     };
+    let null = |name: &str| format!("column {name} has a null: not a journal file");
     for i in 0..batch.num_rows() {
         let time_ns = time.value(i);
         let row = JournalRow {
             time: chrono::DateTime::from_timestamp_nanos(time_ns)
                 .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             time_ns,
-            model: model.value(i),
+            model: model.value(i).ok_or_else(|| null("model"))?,
             version: version.value(i),
             request_id: request_id.value(i),
             session_id: session_id.value(i),
             pid: pid.value(i),
-            process: process.value(i),
-            source: source.value(i),
-            engine: engine.value(i),
-            priority: priority.value(i),
-            status: status.value(i),
+            process: process.value(i).ok_or_else(|| null("process"))?,
+            source: source.value(i).ok_or_else(|| null("source"))?,
+            engine: engine.value(i).ok_or_else(|| null("engine"))?,
+            priority: priority.value(i).ok_or_else(|| null("priority"))?,
+            status: status.value(i).ok_or_else(|| null("status"))?,
             sent_ns: (!sent.is_null(i)).then(|| sent.value(i)),
             read_ns: read.value(i),
             features: floats(features, i),

@@ -200,20 +200,33 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
     RecordBatch::try_new(schema.clone(), columns).expect("columns match the schema")
 }
 
-/// Makes the journal's directory (owner-only when made here), takes its lock (`.lock`, held
-/// while the returned file is open: a second server on the same directory is refused) and
-/// removes `.partial` files a crash left (their rows were lost with it; logged).
+/// Makes the journal's directory (owner-only when made here), checks that only this user can
+/// write there, takes its lock (`.lock`, held while the returned file is open: a second server
+/// on the same directory is refused) and removes the unfinished files a crash left (their rows
+/// were lost with it; logged).
 pub fn prepare_dir(dir: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    // Another user able to write here could swap files under the writer or hold the lock.
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "must be a directory of this user ({me}) that no one else can write to (it is {}, owner {}, mode {:o})",
+            if meta.is_dir() { "a directory" } else { "not a directory" },
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(dir.join(".lock"))?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(std::io::Error::other(
@@ -222,7 +235,8 @@ pub fn prepare_dir(dir: &Path) -> std::io::Result<std::fs::File> {
     }
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "partial") {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(&format!(".{FILE_PREFIX}")) && name.ends_with(".partial") {
             tracing::warn!(file = %path.display(),
                 "journal file left unfinished by an earlier run (its rows were lost): removed");
             std::fs::remove_file(&path)?;
@@ -255,6 +269,7 @@ struct Writer<'a> {
     /// Dropped counts already logged, per model key.
     logged_drops: std::collections::HashMap<String, u64>,
     last_drop_log: Instant,
+    last_error_log: Option<Instant>,
 }
 
 /// Runs the writer until the journal finishes: writes what the pollers hand over, rotates
@@ -267,23 +282,27 @@ pub fn writer_task(journal: &Arc<Journal>) {
         sequence: 0,
         logged_drops: Default::default(),
         last_drop_log: Instant::now(),
+        last_error_log: None,
     };
     w.prune();
     loop {
         let stopping = journal.stopping.load(Ordering::SeqCst);
         let mut wrote = false;
-        while let Some(mut chunk) = journal.filled.pop() {
+        // The chunks queued now, no more: under a load the writer cannot keep up with, the
+        // queue never empties, and the file must still rotate and drops still be logged.
+        for _ in 0..journal.filled.len() {
+            let Some(mut chunk) = journal.filled.pop() else {
+                break;
+            };
             w.write(&chunk);
             chunk.clear();
             let _ = journal.free.push(chunk);
             wrote = true;
+            if w.due() {
+                w.close();
+            }
         }
-        let config = journal.config();
-        if w.open.as_ref().is_some_and(|o| {
-            o.opened.elapsed() >= Duration::from_secs(config.rotate_seconds)
-                || o.writer.bytes_written() + o.writer.in_progress_size()
-                    >= (config.rotate_mb as usize) << 20
-        }) {
+        if w.due() {
             w.close();
         }
         w.log_drops();
@@ -299,6 +318,16 @@ pub fn writer_task(journal: &Arc<Journal>) {
 }
 
 impl Writer<'_> {
+    /// The open file is due to close: it holds `rotate_mb` or is `rotate_seconds` old.
+    fn due(&self) -> bool {
+        let config = self.journal.config();
+        self.open.as_ref().is_some_and(|o| {
+            o.opened.elapsed() >= Duration::from_secs(config.rotate_seconds)
+                || o.writer.bytes_written() + o.writer.in_progress_size()
+                    >= (config.rotate_mb as usize) << 20
+        })
+    }
+
     fn write(&mut self, chunk: &Chunk) {
         let key = format!("{}:{}", chunk.model, chunk.version);
         let batch = to_batch(chunk, &self.schema);
@@ -387,12 +416,13 @@ impl Writer<'_> {
             .and_then(|_| o.writer.inner().sync_all().map_err(|e| e.to_string()))
             .and_then(|()| {
                 std::fs::rename(&o.partial, dir.join(&o.name)).map_err(|e| e.to_string())
-            })
-            .and_then(|()| {
-                std::fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| e.to_string())
             });
+        if finished.is_ok() {
+            // The file is published; only the rename's durability is in doubt.
+            if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the journal directory");
+            }
+        }
         match finished {
             Ok(()) => {
                 self.journal.files.fetch_add(1, Ordering::Relaxed);
@@ -405,24 +435,24 @@ impl Writer<'_> {
                 tracing::debug!(file = %o.name, rows = o.rows, "journal file closed");
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&o.partial);
-                for (key, rows) in &o.by_model {
-                    self.lost(key, *rows as usize, &e);
-                }
+                self.open = Some(o);
+                self.lost("", 0, &e);
             }
         }
         self.prune();
     }
 
-    /// Rows that could not be written: counted dropped, the error logged.
+    /// A write failed: `rows` of model `key` (none when `key` is empty) and the rows of the
+    /// file being written are counted dropped, the file is abandoned (the next rows start a
+    /// new one), and the error is logged, at most once a second.
     fn lost(&mut self, key: &str, rows: usize, error: &str) {
         self.journal.write_errors.fetch_add(1, Ordering::Relaxed);
-        self.journal
-            .counters(key)
-            .dropped
-            .fetch_add(rows as u64, Ordering::Relaxed);
-        tracing::error!(model = key, rows, error, "journal rows not written");
-        // A file that failed mid-way is abandoned: the next rows start a new one.
+        if !key.is_empty() {
+            self.journal
+                .counters(key)
+                .dropped
+                .fetch_add(rows as u64, Ordering::Relaxed);
+        }
         if let Some(o) = self.open.take() {
             drop(o.writer);
             let _ = std::fs::remove_file(&o.partial);
@@ -432,6 +462,17 @@ impl Writer<'_> {
                     .dropped
                     .fetch_add(*r, Ordering::Relaxed);
             }
+        }
+        if self
+            .last_error_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_error_log = Some(Instant::now());
+            tracing::error!(
+                error,
+                total_errors = self.journal.write_errors.load(Ordering::Relaxed),
+                "journal rows not written (counted dropped)"
+            );
         }
     }
 

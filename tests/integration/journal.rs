@@ -459,6 +459,15 @@ fn a_replay_through_the_same_version_is_identical_and_through_another_is_reporte
         "1",
     ]);
     assert_eq!(code, 0);
+    // Nothing to compare is an error, not a pass.
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .args(["replay", dir_s, "--model", "multi:2", "--from", "nosuch"])
+        .args(["--model-repository", repo_s])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no journaled row to compare"), "{err}");
 
     // The same through a running server: the same report.
     server.restart();

@@ -2,7 +2,7 @@
 //! the hot path in Parquet files that pandas, polars, DuckDB and ClickHouse read directly.
 //!
 //! - A poller copies each journaled answer (ids, session, times, status, outputs and
-//!   features) into a [`Chunk`] of its model's lane ([`LaneJournal`]): columns, cleared and
+//!   features) into a [`Chunk`] of its model's lane (`LaneJournal`): columns, cleared and
 //!   reused, so nothing is allocated once warm.
 //! - Full chunks, and chunks older than a few milliseconds, go to the writer thread through a
 //!   bounded lock-free queue; emptied chunks come back through another. A poller that finds

@@ -12,18 +12,27 @@ use crate::common::{rel_err, Fixture};
 pub enum Tolerance {
     /// Every value: |a − b| / max(|b|, 1) at most this (the CPU engines, CUDA in fp32).
     Elementwise(f32),
-    /// Over a batch: ‖got − reference‖ / ‖reference‖ at most this (reduced precisions).
+    /// Over a batch: ‖got − reference‖ / max(‖reference‖, √n) at most this, n values
+    /// (reduced precisions). The floor is [`Tolerance::Elementwise`]'s: outputs of magnitude
+    /// below 1 are held to an absolute error, so a batch of one small output is not judged
+    /// by its relative rounding.
     RelNorm(f64),
 }
 
 /// ‖got − reference‖ / ‖reference‖.
 pub fn rel_norm(got: &[f32], reference: &[f32]) -> f64 {
+    let (num, den) = norms(got, reference);
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// ‖got − reference‖², ‖reference‖².
+fn norms(got: &[f32], reference: &[f32]) -> (f64, f64) {
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (g, r) in got.iter().zip(reference) {
         num += (f64::from(*g) - f64::from(*r)).powi(2);
         den += f64::from(*r).powi(2);
     }
-    (num / den.max(1e-30)).sqrt()
+    (num, den)
 }
 
 /// Whether `got` is within `tol` of `reference`, and if not, why.
@@ -48,7 +57,8 @@ pub fn compare(got: &[f32], reference: &[f32], tol: Tolerance) -> Result<(), Str
             None => Ok(()),
         },
         Tolerance::RelNorm(t) => {
-            let err = rel_norm(got, reference);
+            let (num, den) = norms(got, reference);
+            let err = (num / den.max(reference.len() as f64)).sqrt();
             if err <= t {
                 Ok(())
             } else {

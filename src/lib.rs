@@ -9,6 +9,8 @@
 //!   the manager that changes them while serving, health checks and routing.
 //! - [`monitor`]: per-model latency histograms and counters, alerts, Prometheus text and
 //!   interval logs.
+//! - [`journal`]: answered requests of the models that ask for it, handed off the hot path to
+//!   a writer of Parquet files; read back and replayed by `tie journal` and `tie replay`.
 //! - [`http`]: the control plane: the JSON API (predictions through the same rings, model
 //!   management, health, metrics) and its OpenAPI document.
 //! - the `tie` binary's commands (`src/cli/`) wire these together; [`config`] the service's TOML file; [`host`] what the host's

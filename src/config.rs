@@ -513,26 +513,13 @@ impl ServiceConfig {
             )?;
         }
         let online = online_cores();
-        if let Some(&core) = server.poller_cores.iter().find(|c| !online.contains(c)) {
-            require(
-                false,
-                "server.poller_cores",
-                core,
-                "no such core on this host",
-            )?;
-        }
-        if let Some(&core) = self
-            .journal
-            .writer_cores
-            .iter()
-            .find(|c| !online.contains(c))
-        {
-            require(
-                false,
-                "journal.writer_cores",
-                core,
-                "no such core on this host",
-            )?;
+        for (key, cores) in [
+            ("server.poller_cores", &server.poller_cores),
+            ("journal.writer_cores", &self.journal.writer_cores),
+        ] {
+            if let Some(&core) = cores.iter().find(|c| !online.contains(c)) {
+                require(false, key, core, "no such core on this host")?;
+            }
         }
         require(
             self.monitoring.interval_ms >= 10,

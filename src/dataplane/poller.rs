@@ -298,14 +298,15 @@ struct ModelLane {
     /// Batches launched on the pipeline (or taken with no row to launch) and not yet
     /// answered, oldest first: answered in this order.
     flights: VecDeque<Flight>,
-    /// Answered flights' lists, reused.
-    spare: Vec<Vec<Taken<Item>>>,
+    /// Answered flights' lists (taken requests, features), reused.
+    spare: Vec<(Vec<Taken<Item>>, Vec<f32>)>,
     /// When the last flight answered was found done.
     last_done_ns: u64,
     /// Where its answers are journaled (`journal = true`).
     journal: Option<LaneJournal>,
-    /// Answered flights' feature copies, reused.
-    spare_features: Vec<Vec<f32>>,
+    /// The features of the batch run last (not on the pipeline), kept for the journal when
+    /// it keeps them (else empty).
+    features: Vec<f32>,
 }
 
 impl ModelLane {
@@ -339,7 +340,7 @@ impl ModelLane {
             spare: Vec::new(),
             last_done_ns: 0,
             journal,
-            spare_features: Vec::new(),
+            features: Vec::new(),
         }
     }
 }
@@ -436,10 +437,10 @@ fn gather(
     (rows, at, if rows == 0 { 0 } else { padded })
 }
 
-/// The engine name the journal records for a batch `backend` ran on the lane (empty, and not
-/// asked for, when the lane keeps no journal).
-fn journaled_engine(lane: &ModelLane, backend: &dyn tie_engine::Backend) -> &'static str {
-    if lane.journal.is_some() {
+/// The engine name the journal records for a batch `backend` ran (empty, and not asked for,
+/// when the lane keeps no journal).
+fn journaled_engine(journaled: bool, backend: &dyn tie_engine::Backend) -> &'static str {
+    if journaled {
         backend.info().engine
     } else {
         ""
@@ -1101,7 +1102,7 @@ impl Poller {
                 sessions[s].as_ref().is_some_and(|s| s.in_flight > 0)
             });
             // Answers without a batch (errors, timeouts): no features, no outputs.
-            let engine = journaled_engine(lane, lane.model.backend.as_ref());
+            let engine = journaled_engine(lane.journal.is_some(), lane.model.backend.as_ref());
             answered += self.respond(m, now, 0, now, engine);
             let lane = self.lanes[m].as_mut().expect("checked");
             // With every pipeline slot in flight the batch waits (and grows) until one frees.
@@ -1150,13 +1151,14 @@ impl Poller {
             output,
             batches_run,
             journal,
+            features,
             ..
         } = lane;
         let journaled = journal.is_some();
         let mut keep = journal
-            .as_mut()
-            .filter(|j| j.wants_features())
-            .map(|j| &mut j.gathered);
+            .as_ref()
+            .is_some_and(|j| j.wants_features())
+            .then_some(features);
         let backend = model
             .backend
             .faster_engine_for(rows_next)
@@ -1184,14 +1186,10 @@ impl Poller {
             input,
             output,
         );
-        let engine = if journaled { backend.info().engine } else { "" };
+        let engine = journaled_engine(journaled, backend);
         if result.is_err() && !gathered {
             // The backend failed before taking the batch: take it here, to answer it.
-            rows = queue.take(started_ns, input, taken).0;
-            if let Some(keep) = keep {
-                keep.clear();
-                keep.extend_from_slice(&input[..rows * queue.width()]);
-            }
+            rows = gather(queue, started_ns, input, taken, false, keep).0;
         }
         let mut compute_ns = 0;
         let mut done_ns = started_ns;
@@ -1224,9 +1222,8 @@ impl Poller {
     /// or late requests.
     fn launch_batch(&mut self, m: usize, started_ns: u64) -> usize {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
-        let mut taken = lane.spare.pop().unwrap_or_default();
+        let (mut taken, mut features) = lane.spare.pop().unwrap_or_default();
         taken.clear();
-        let mut features = lane.spare_features.pop().unwrap_or_default();
         let keep = lane.journal.as_ref().is_some_and(|j| j.wants_features());
         let time_stages = timed_batch(&mut lane.batches_run);
         let mut gathered_ns = 0;
@@ -1248,8 +1245,7 @@ impl Poller {
             run
         });
         if taken.is_empty() {
-            lane.spare.push(taken);
-            lane.spare_features.push(features);
+            lane.spare.push((taken, features));
             return 0;
         }
         if rows > 0 {
@@ -1277,7 +1273,7 @@ impl Poller {
             return 0;
         };
         let mut written = 0;
-        let engine = journaled_engine(lane, lane.model.backend.as_ref());
+        let engine = journaled_engine(lane.journal.is_some(), lane.model.backend.as_ref());
         while let Some(front) = lane.flights.front() {
             let launched = front.rows > 0;
             let outcome = if launched {
@@ -1339,8 +1335,7 @@ impl Poller {
             if launched {
                 lane.pipeline.as_mut().expect("launched").retire();
             }
-            lane.spare.push(flight.taken);
-            lane.spare_features.push(flight.features);
+            lane.spare.push((flight.taken, flight.features));
         }
         written
     }
@@ -1359,12 +1354,7 @@ impl Poller {
             return 0;
         }
         let lane = self.lanes[m].as_mut().expect("answered from a lane");
-        let features = lane
-            .journal
-            .as_mut()
-            .map(|j| std::mem::take(&mut j.gathered))
-            .unwrap_or_default();
-        let written = respond(
+        respond(
             &mut self.sessions,
             &mut self.touched,
             &mut self.stats,
@@ -1378,14 +1368,10 @@ impl Poller {
                 compute_ns,
                 now_ns,
                 in_flight: false,
-                features: &features,
+                features: &lane.features,
                 engine,
             },
-        );
-        if let Some(j) = lane.journal.as_mut() {
-            j.gathered = features;
-        }
-        written
+        )
     }
 
     /// Drops sessions that are dead (hung up or faulted) with their queued requests; their

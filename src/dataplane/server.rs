@@ -179,7 +179,6 @@ pub struct Server {
     /// Stops the monitor and health threads.
     background_stopping: Arc<AtomicBool>,
     background: Vec<JoinHandle<()>>,
-    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl Server {
@@ -254,7 +253,6 @@ impl Server {
             monitor,
             background_stopping,
             background,
-            journal,
         })
     }
 
@@ -348,7 +346,7 @@ impl Server {
         // The sessions' sockets close here, after every response was written.
         drop(sessions);
         // The pollers handed their last rows over: they reach the files.
-        if let Some(j) = &self.journal {
+        if let Some(j) = self.monitor.journal.get() {
             j.finish();
         }
         self.background_stopping.store(true, Ordering::SeqCst);

@@ -77,6 +77,11 @@ impl Chunk {
         self.request_id.is_empty()
     }
 
+    /// A CLOCK_MONOTONIC stamp of its rows as wall-clock time (ns since the epoch).
+    pub fn wall_ns(&self, monotonic_ns: u64) -> i64 {
+        (monotonic_ns as i64).saturating_add(self.clock_offset_ns)
+    }
+
     /// Full: hand it to the writer.
     pub fn is_full(&self) -> bool {
         self.len() >= CHUNK_ROWS

@@ -231,8 +231,6 @@ pub(crate) struct LaneJournal {
     version: u32,
     input_width: usize,
     output_width: usize,
-    /// The lane's batch features, copied as they are gathered (rows in batch order).
-    pub gathered: Vec<f32>,
 }
 
 /// One answer to journal (see [`LaneJournal::record`]).
@@ -274,7 +272,6 @@ impl LaneJournal {
             version: model.version,
             input_width: model.input_width(),
             output_width: model.output_width(),
-            gathered: Vec::new(),
         })
     }
 
@@ -399,7 +396,6 @@ mod tests {
             version: 1,
             input_width: 2,
             output_width: 1,
-            gathered: Vec::new(),
         }
     }
 

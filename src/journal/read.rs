@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
+use arrow_array::types::ArrowPrimitiveType;
 use arrow_array::types::{
     Float32Type, TimestampNanosecondType, UInt16Type, UInt32Type, UInt64Type,
 };
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, PrimitiveArray, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::Serialize;
@@ -270,11 +271,18 @@ fn rows_of(
             .ok_or_else(|| format!("no column {name}: not a journal file"))
     };
     let wrong = |name: &str| format!("column {name} has another type: not a journal file");
-    let ts = |name: &str| {
-        column(name)?
-            .as_primitive_opt::<TimestampNanosecondType>()
-            .ok_or_else(|| wrong(name))
-    };
+    // A column of primitive type `T`, or why not.
+    fn primitive<'b, T: ArrowPrimitiveType>(
+        batch: &'b RecordBatch,
+        name: &str,
+    ) -> Result<&'b PrimitiveArray<T>, String> {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| format!("no column {name}: not a journal file"))?
+            .as_primitive_opt::<T>()
+            .ok_or_else(|| format!("column {name} has another type: not a journal file"))
+    }
+    let ts = |name: &str| primitive::<TimestampNanosecondType>(batch, name);
     // Strings are written as dictionaries; plain strings (another writer's) are read too.
     let string = |name: &str| -> Result<Strings<'_>, String> {
         let c = column(name)?;
@@ -304,21 +312,11 @@ fn rows_of(
         string("priority")?,
         string("status")?,
     );
-    let version = column("version")?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| wrong("version"))?;
-    let pid = column("pid")?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| wrong("pid"))?;
-    let request_id = column("request_id")?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| wrong("request_id"))?;
-    let session_id = column("session_id")?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| wrong("session_id"))?;
-    let confidence = column("confidence")?
-        .as_primitive_opt::<Float32Type>()
-        .ok_or_else(|| wrong("confidence"))?;
+    let version = primitive::<UInt32Type>(batch, "version")?;
+    let pid = primitive::<UInt32Type>(batch, "pid")?;
+    let request_id = primitive::<UInt64Type>(batch, "request_id")?;
+    let session_id = primitive::<UInt64Type>(batch, "session_id")?;
+    let confidence = primitive::<Float32Type>(batch, "confidence")?;
     let (features, outputs) = (list("features")?, list("outputs")?);
     for (name, l) in [("features", features), ("outputs", outputs)] {
         if l.values().as_primitive_opt::<Float32Type>().is_none() {

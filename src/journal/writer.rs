@@ -33,6 +33,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use tie_layouts::abi::Status;
 
 use super::{Chunk, Journal};
 
@@ -96,36 +97,21 @@ pub fn schema() -> SchemaRef {
 /// Priorities' names in the journal, by value.
 const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
 
-/// Statuses' names in the journal: codes 0 to 10, then `Disconnected` (100), then `Unknown`.
-const STATUSES: [&str; 13] = [
-    "Ok",
-    "ModelNotFound",
-    "InvalidInputShape",
-    "ExecutionFailed",
-    "OutOfMemory",
-    "BatchProcessingError",
-    "BackendError",
-    "Timeout",
-    "QueueFull",
-    "Rejected",
-    "NotReady",
-    "Disconnected",
-    "Unknown",
-];
+/// The status codes the ABI names (`Status::name`), in the order of the journal's status
+/// dictionary; any other code is written `Unknown`, the dictionary's last value.
+const STATUS_CODES: [u32; 12] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 100];
 
-/// A status code's index in [`STATUSES`].
+/// A status code's key in the journal's status dictionary.
 fn status_key(code: u32) -> u16 {
-    match code {
-        0..=10 => code as u16,
-        100 => 11,
-        _ => 12,
-    }
+    STATUS_CODES
+        .iter()
+        .position(|&c| c == code)
+        .unwrap_or(STATUS_CODES.len()) as u16
 }
 
 /// The chunk's rows as a record batch of [`schema`].
 pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
     let n = c.len();
-    let wall = |mono: u64| (mono as i64).saturating_add(c.clock_offset_ns);
     let ts = |values: &mut dyn Iterator<Item = Option<i64>>| {
         let mut b = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
         for v in values {
@@ -145,6 +131,11 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
     let session = |i: usize| &c.sessions[c.session[i] as usize];
     let processes: Vec<&str> = c.sessions.iter().map(|s| &*s.process).collect();
     let sources: Vec<&str> = c.sessions.iter().map(|s| s.source).collect();
+    let statuses: Vec<&str> = STATUS_CODES
+        .iter()
+        .map(|&code| Status(code).name().unwrap_or("Unknown"))
+        .chain(["Unknown"])
+        .collect();
     let mut version = UInt32Builder::with_capacity(n);
     let mut request_id = UInt64Builder::with_capacity(n);
     let mut session_id = UInt64Builder::with_capacity(n);
@@ -180,7 +171,7 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
         }
     }
     let columns: Vec<ArrayRef> = vec![
-        ts(&mut c.answered_ns.iter().map(|&t| Some(wall(t)))),
+        ts(&mut c.answered_ns.iter().map(|&t| Some(c.wall_ns(t)))),
         strings(&[&c.model], std::iter::repeat_n(0, n)),
         Arc::new(version.finish()),
         Arc::new(request_id.finish()),
@@ -190,9 +181,9 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
         strings(&sources, c.session.iter().map(|&s| s as u16)),
         strings(&c.engines, c.engine.iter().map(|&e| u16::from(e))),
         strings(&PRIORITIES, c.priority.iter().map(|&p| u16::from(p.min(3)))),
-        strings(&STATUSES, c.status.iter().map(|&s| status_key(s))),
-        ts(&mut c.sent_ns.iter().map(|&t| (t != 0).then(|| wall(t)))),
-        ts(&mut c.read_ns.iter().map(|&t| Some(wall(t)))),
+        strings(&statuses, c.status.iter().map(|&s| status_key(s))),
+        ts(&mut c.sent_ns.iter().map(|&t| (t != 0).then(|| c.wall_ns(t)))),
+        ts(&mut c.read_ns.iter().map(|&t| Some(c.wall_ns(t)))),
         list(&c.has_features, &c.features, c.input_width),
         list(&c.has_outputs, &c.outputs, c.output_width),
         Arc::new(confidence.finish()),
@@ -251,12 +242,11 @@ struct Open {
     partial: PathBuf,
     name: String,
     opened: Instant,
-    rows: u64,
     first_ns: i64,
     last_ns: i64,
-    models: std::collections::BTreeSet<String>,
-    /// Rows per model key, counted written once the file is closed.
-    by_model: std::collections::HashMap<String, u64>,
+    /// Rows per model key (in key order, as the footer lists them), counted written once the
+    /// file is closed.
+    by_model: std::collections::BTreeMap<String, u64>,
 }
 
 /// The writer's state.
@@ -331,9 +321,8 @@ impl Writer<'_> {
     fn write(&mut self, chunk: &Chunk) {
         let key = format!("{}:{}", chunk.model, chunk.version);
         let batch = to_batch(chunk, &self.schema);
-        let first = (chunk.answered_ns[0] as i64).saturating_add(chunk.clock_offset_ns);
-        let last =
-            (chunk.answered_ns[chunk.len() - 1] as i64).saturating_add(chunk.clock_offset_ns);
+        let first = chunk.wall_ns(chunk.answered_ns[0]);
+        let last = chunk.wall_ns(chunk.answered_ns[chunk.len() - 1]);
         if self.open.is_none() {
             match self.create(first) {
                 Ok(o) => self.open = Some(o),
@@ -345,12 +334,8 @@ impl Writer<'_> {
             let e = e.to_string();
             return self.lost(&key, chunk.len(), &e);
         }
-        o.rows += chunk.len() as u64;
         o.first_ns = o.first_ns.min(first);
         o.last_ns = o.last_ns.max(last);
-        if !o.models.contains(&key) {
-            o.models.insert(key.clone());
-        }
         *o.by_model.entry(key).or_default() += chunk.len() as u64;
     }
 
@@ -384,10 +369,8 @@ impl Writer<'_> {
             partial,
             name,
             opened: Instant::now(),
-            rows: 0,
             first_ns: i64::MAX,
             last_ns: i64::MIN,
-            models: Default::default(),
             by_model: Default::default(),
         })
     }
@@ -405,7 +388,7 @@ impl Writer<'_> {
             .append_key_value_metadata(KeyValue::new(META_FIRST.into(), rfc(o.first_ns)));
         o.writer
             .append_key_value_metadata(KeyValue::new(META_LAST.into(), rfc(o.last_ns)));
-        let models: Vec<&str> = o.models.iter().map(String::as_str).collect();
+        let models: Vec<&str> = o.by_model.keys().map(String::as_str).collect();
         o.writer
             .append_key_value_metadata(KeyValue::new(META_MODELS.into(), models.join(",")));
         let dir = self.journal.config().dir.clone().expect("a directory");
@@ -432,7 +415,7 @@ impl Writer<'_> {
                         .written
                         .fetch_add(*rows, Ordering::Relaxed);
                 }
-                tracing::debug!(file = %o.name, rows = o.rows, "journal file closed");
+                tracing::debug!(file = %o.name, rows = o.by_model.values().sum::<u64>(), "journal file closed");
             }
             Err(e) => {
                 self.open = Some(o);

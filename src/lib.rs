@@ -10,7 +10,8 @@
 //! - [`monitor`]: per-model latency histograms and counters, alerts, Prometheus text and
 //!   interval logs.
 //! - [`journal`]: answered requests of the models that ask for it, handed off the hot path to
-//!   a writer of Parquet files; read back and replayed by `tie journal` and `tie replay`.
+//!   a writer of Parquet files; read back and replayed by `tie journal` and `tie replay`; and
+//!   shadow models, whose answers to a primary's rows are compared off the hot path.
 //! - [`http`]: the control plane: the JSON API (predictions through the same rings, model
 //!   management, health, metrics) and its OpenAPI document.
 //! - the `tie` binary's commands (`src/cli/`) wire these together; [`config`] the service's TOML file; [`host`] what the host's

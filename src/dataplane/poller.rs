@@ -32,7 +32,7 @@ use tie_layouts::ring::PushError;
 use super::SessionLink;
 use crate::config::{IdleStrategy, ServerSection};
 use crate::dataplane::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
-use crate::journal::{Journal, LaneJournal};
+use crate::journal::{Journal, LaneJournal, Taps};
 use crate::models::LoadedModel;
 use crate::models::{ModelSet, Models};
 use crate::monitor::{Monitor, Recorder, Stage};
@@ -302,8 +302,9 @@ struct ModelLane {
     spare: Vec<(Vec<Taken<Item>>, Vec<f32>)>,
     /// When the last flight answered was found done.
     last_done_ns: u64,
-    /// Where its answers are journaled (`journal = true`).
-    journal: Option<LaneJournal>,
+    /// Where its answers are journaled (`journal = true`) and handed to its shadow (a rule in
+    /// `routing.toml`).
+    taps: Taps,
     /// The features of the batch run last (not on the pipeline), kept for the journal when
     /// it keeps them (else empty).
     features: Vec<f32>,
@@ -326,7 +327,10 @@ impl ModelLane {
             .as_ref()
             .map_or(0, |p| p.compute_ns(queue.full_size()));
         let pipeline = pipeline_for(&model, largest, poller_cores);
-        let journal = LaneJournal::for_model(journal, &model);
+        let taps = Taps {
+            journal: LaneJournal::for_model(journal, &model),
+            shadow: None,
+        };
         Self {
             input: vec![0.0; largest * model.input_width()],
             output: vec![0.0; largest * model.output_width()],
@@ -339,7 +343,7 @@ impl ModelLane {
             flights: VecDeque::new(),
             spare: Vec::new(),
             last_done_ns: 0,
-            journal,
+            taps,
             features: Vec::new(),
         }
     }
@@ -501,6 +505,7 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         cold_next: 0,
         touched: Vec::new(),
         journal: ctx.journal.clone(),
+        shadow_generation: u64::MAX,
     };
     let mut rounds = Rounds::default();
     loop {
@@ -577,9 +582,14 @@ struct Rounds {
 
 impl Poller {
     /// Applies a change of the model set (load, reload, unload: it moves or closes sessions)
-    /// and adopts the sessions the listener handed over.
+    /// or of the shadow rules, and adopts the sessions the listener handed over.
     fn pick_up(&mut self, new_sessions: &mpsc::Receiver<NewSession>) {
         self.refresh();
+        // A change of the shadow rules (they change before the reload that made it answers).
+        let shadows = self.monitor.shadows.get().map(|s| s.generation());
+        if shadows.is_some_and(|g| g != self.shadow_generation) {
+            self.tap_shadows();
+        }
         while let Ok(new) = new_sessions.try_recv() {
             self.adopt(new);
         }
@@ -613,7 +623,7 @@ impl Poller {
                 .lanes
                 .iter()
                 .flatten()
-                .any(|l| l.rec.is_dirty() || l.journal.as_ref().is_some_and(|j| j.pending()))
+                .any(|l| l.rec.is_dirty() || l.taps.pending())
         {
             self.flush_metrics(0);
         }
@@ -670,6 +680,8 @@ struct Poller {
     /// Slots of the sessions with responses not yet published this round.
     touched: Vec<usize>,
     journal: Option<Arc<Journal>>,
+    /// The shadow rules' generation the lanes' taps follow.
+    shadow_generation: u64,
 }
 
 impl Poller {
@@ -678,8 +690,22 @@ impl Poller {
         let now = monotonic_ns();
         for lane in self.lanes.iter_mut().flatten() {
             lane.rec.flush(now, min_age_ns);
-            if let Some(j) = lane.journal.as_mut() {
-                j.flush(now, min_age_ns.min(crate::journal::CHUNK_AGE_NS));
+            lane.taps
+                .flush(now, min_age_ns.min(crate::journal::CHUNK_AGE_NS));
+        }
+    }
+
+    /// Gives each lane the shadow tap the rules in effect ask for (none, the same, or another
+    /// rule's): after a change of the rules or of the model set.
+    fn tap_shadows(&mut self) {
+        let Some(shadows) = self.monitor.shadows.get() else {
+            return;
+        };
+        self.shadow_generation = shadows.generation();
+        for (slot, lane) in self.lanes.iter_mut().enumerate() {
+            if let Some(lane) = lane.as_mut() {
+                // The old tap, dropped, hands its rows over.
+                lane.taps.shadow = shadows.tap(&self.set, slot);
             }
         }
     }
@@ -711,6 +737,7 @@ impl Poller {
             false
         });
         self.retiring = true;
+        self.tap_shadows();
     }
 
     /// Where session `s` must go in the current set, if anywhere.
@@ -746,12 +773,16 @@ impl Poller {
         }
         if self.lanes[slot].is_none() {
             let rec = self.monitor.recorder(model.monitor_index);
-            self.lanes[slot] = Some(ModelLane::new(
+            let mut lane = ModelLane::new(
                 model.clone(),
                 rec,
                 &self.poller_cores,
                 self.journal.as_ref(),
-            ));
+            );
+            if let Some(shadows) = self.monitor.shadows.get() {
+                lane.taps.shadow = shadows.tap(&self.set, slot);
+            }
+            self.lanes[slot] = Some(lane);
         }
     }
 
@@ -1102,7 +1133,7 @@ impl Poller {
                 sessions[s].as_ref().is_some_and(|s| s.in_flight > 0)
             });
             // Answers without a batch (errors, timeouts): no features, no outputs.
-            let engine = journaled_engine(lane.journal.is_some(), lane.model.backend.as_ref());
+            let engine = journaled_engine(lane.taps.is_on(), lane.model.backend.as_ref());
             answered += self.respond(m, now, 0, now, engine);
             let lane = self.lanes[m].as_mut().expect("checked");
             // With every pipeline slot in flight the batch waits (and grows) until one frees.
@@ -1150,15 +1181,12 @@ impl Poller {
             input,
             output,
             batches_run,
-            journal,
+            taps,
             features,
             ..
         } = lane;
-        let journaled = journal.is_some();
-        let mut keep = journal
-            .as_ref()
-            .is_some_and(|j| j.wants_features())
-            .then_some(features);
+        let journaled = taps.is_on();
+        let mut keep = taps.wants_features().then_some(features);
         let backend = model
             .backend
             .faster_engine_for(rows_next)
@@ -1224,7 +1252,7 @@ impl Poller {
         let lane = self.lanes[m].as_mut().expect("run for a lane");
         let (mut taken, mut features) = lane.spare.pop().unwrap_or_default();
         taken.clear();
-        let keep = lane.journal.as_ref().is_some_and(|j| j.wants_features());
+        let keep = lane.taps.wants_features();
         let time_stages = timed_batch(&mut lane.batches_run);
         let mut gathered_ns = 0;
         let mut rows = 0;
@@ -1273,7 +1301,7 @@ impl Poller {
             return 0;
         };
         let mut written = 0;
-        let engine = journaled_engine(lane.journal.is_some(), lane.model.backend.as_ref());
+        let engine = journaled_engine(lane.taps.is_on(), lane.model.backend.as_ref());
         while let Some(front) = lane.flights.front() {
             let launched = front.rows > 0;
             let outcome = if launched {
@@ -1320,7 +1348,7 @@ impl Poller {
                 &mut self.stats,
                 &lane.model,
                 &mut lane.rec,
-                lane.journal.as_mut(),
+                &mut lane.taps,
                 Answers {
                     taken: &flight.taken,
                     output,
@@ -1360,7 +1388,7 @@ impl Poller {
             &mut self.stats,
             &lane.model,
             &mut lane.rec,
-            lane.journal.as_mut(),
+            &mut lane.taps,
             Answers {
                 taken: &self.taken,
                 output: &lane.output,
@@ -1427,7 +1455,7 @@ fn respond(
     stats: &mut WorkerStats,
     model: &LoadedModel,
     rec: &mut Recorder,
-    mut journal: Option<&mut LaneJournal>,
+    taps: &mut Taps,
     a: Answers<'_>,
 ) -> usize {
     let Answers {
@@ -1480,12 +1508,12 @@ fn respond(
                     s.errors += 1;
                     s.rings.segment().set_server_errors(s.errors);
                 }
-                if let Some(j) = journal.as_deref_mut() {
+                if taps.is_on() {
                     let row = match t.outcome {
                         Outcome::Execute { row } => Some(row),
                         _ => None,
                     };
-                    j.record(crate::journal::Row {
+                    taps.record(crate::journal::Row {
                         session: &s.link.client,
                         engine,
                         request_id: item.request_id,

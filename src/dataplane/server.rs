@@ -237,6 +237,14 @@ impl Server {
             .map_err(ServerStartError::Thread)?;
         let background_stopping = Arc::new(AtomicBool::new(false));
         let background = start_monitors(config, &monitor, &all_models, &background_stopping)?;
+        // The pollers' lanes tap the shadows at their next flush.
+        let shadows = crate::journal::shadow::Shadows::start(
+            all_models.clone(),
+            journal.clone(),
+            &config.server.poller_cores,
+        )
+        .map_err(ServerStartError::Thread)?;
+        let _ = monitor.shadows.set(shadows);
         let workers = pollers.handles;
         let stats = pollers.stats;
         tracing::debug!(socket = %socket_path.display(), pollers = workers.len(), "rings accepting");
@@ -345,7 +353,11 @@ impl Server {
         }
         // The sessions' sockets close here, after every response was written.
         drop(sessions);
-        // The pollers handed their last rows over: they reach the files.
+        // The pollers handed their last rows over: the shadow runs what is queued (its journal
+        // rows handed over in turn), and they reach the files.
+        if let Some(s) = self.monitor.shadows.get() {
+            s.finish();
+        }
         if let Some(j) = self.monitor.journal.get() {
             j.finish();
         }

@@ -136,6 +136,12 @@ impl Chunk {
     }
 }
 
+/// Wall-clock nanoseconds since the epoch as RFC 3339 (UTC, to the nanosecond).
+pub fn rfc3339(wall_ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(wall_ns)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, in nanoseconds.
 pub fn clock_offset_ns() -> i64 {
     let real = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);

@@ -15,11 +15,15 @@
 //!   A crash loses the rows of the file being written and those still queued.
 //! - [`read`] lists the files and reads their rows (`tie journal`); [`compare`] measures how
 //!   a replay's answers differ from the recorded ones (`tie replay`).
+//! - [`shadow`]: shadow models. The same chunks, through a [`Pipe`] of their own, carry a
+//!   primary version's answers to a runner that asks the shadow version too, off the hot
+//!   path, and measures how they differ.
 #![forbid(unsafe_code)]
 
 pub mod chunk;
 pub mod compare;
 pub mod read;
+pub mod shadow;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -48,14 +52,53 @@ pub struct ModelCounters {
     pub dropped: AtomicU64,
 }
 
+/// Chunks between the lanes that fill them and the one thread that empties them (the
+/// journal's writer, or the shadow runner): two bounded lock-free queues, every chunk in one
+/// of them or held by its user.
+#[derive(Debug)]
+pub struct Pipe {
+    /// Empty chunks, for the lanes.
+    free: ArrayQueue<Box<Chunk>>,
+    /// Filled chunks, for the thread that empties them.
+    filled: ArrayQueue<Box<Chunk>>,
+}
+
+impl Pipe {
+    /// A pipe of `chunks` empty chunks.
+    pub fn new(chunks: usize) -> Self {
+        let pipe = Self {
+            free: ArrayQueue::new(chunks),
+            filled: ArrayQueue::new(chunks),
+        };
+        for _ in 0..chunks {
+            let _ = pipe.free.push(Box::default());
+        }
+        pipe
+    }
+
+    /// The oldest filled chunk.
+    pub fn take_filled(&self) -> Option<Box<Chunk>> {
+        self.filled.pop()
+    }
+
+    /// Filled chunks waiting.
+    pub fn filled(&self) -> usize {
+        self.filled.len()
+    }
+
+    /// Clears a chunk and makes it free again.
+    pub fn give_back(&self, mut chunk: Box<Chunk>) {
+        chunk.clear();
+        let _ = self.free.push(chunk);
+    }
+}
+
 /// The journal shared by the pollers and its writer thread.
 #[derive(Debug)]
 pub struct Journal {
     config: JournalSection,
-    /// Empty chunks, for the pollers.
-    free: ArrayQueue<Box<Chunk>>,
-    /// Filled chunks, for the writer.
-    filled: ArrayQueue<Box<Chunk>>,
+    /// Chunks from the pollers to the writer.
+    pipe: Arc<Pipe>,
     /// Per model key (`name:version`).
     counters: Mutex<HashMap<String, Arc<ModelCounters>>>,
     /// Files closed.
@@ -126,21 +169,16 @@ impl Journal {
 
     /// A journal of `chunks` empty chunks, its writer not started.
     fn with_chunks(config: &JournalSection, chunks: usize) -> Arc<Self> {
-        let journal = Arc::new(Self {
+        Arc::new(Self {
             config: config.clone(),
-            free: ArrayQueue::new(chunks),
-            filled: ArrayQueue::new(chunks),
+            pipe: Arc::new(Pipe::new(chunks)),
             counters: Mutex::default(),
             files: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             writer: Mutex::new(None),
             lock: Mutex::new(None),
-        });
-        for _ in 0..chunks {
-            let _ = journal.free.push(Box::default());
-        }
-        journal
+        })
     }
 
     /// Its settings.
@@ -184,7 +222,7 @@ impl Journal {
 }
 
 /// Pins the thread that runs it to `cores` (logged if it cannot).
-fn on_cores(cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
+pub(crate) fn on_cores(cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
     Box::new(move || {
         use rustix::thread::{sched_setaffinity, CpuSet};
         let mut cpus = CpuSet::new();
@@ -215,10 +253,59 @@ impl Drop for Journal {
     }
 }
 
-/// A poller's journal of one model version: its chunk being filled, and how rows are
-/// picked.
+/// What a poller's lane records of its answers: rows for the journal (`journal = true`), and
+/// for the shadow runner the rows a shadow model gets (those that ran).
+#[derive(Default)]
+pub(crate) struct Taps {
+    pub journal: Option<LaneJournal>,
+    pub shadow: Option<LaneJournal>,
+}
+
+impl Taps {
+    /// Something is recorded.
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.journal.is_some() || self.shadow.is_some()
+    }
+
+    /// Whether the lane's batches should keep a copy of their features.
+    pub fn wants_features(&self) -> bool {
+        self.shadow.is_some() || self.journal.as_ref().is_some_and(|j| j.wants_features())
+    }
+
+    /// Records `row` where it goes: the journal's every answer, the shadow's those that ran.
+    #[inline]
+    pub fn record(&mut self, row: Row<'_>) {
+        if let Some(j) = self.journal.as_mut() {
+            j.record(row);
+        }
+        if let Some(s) = self.shadow.as_mut() {
+            if row.status == 0 && row.features.is_some() && row.outputs.is_some() {
+                s.record(row);
+            }
+        }
+    }
+
+    /// Hands over chunks whose first row is `min_age_ns` old.
+    pub fn flush(&mut self, now_ns: u64, min_age_ns: u64) {
+        for t in [&mut self.journal, &mut self.shadow].into_iter().flatten() {
+            t.flush(now_ns, min_age_ns);
+        }
+    }
+
+    /// Rows wait in a chunk being filled.
+    pub fn pending(&self) -> bool {
+        [&self.journal, &self.shadow]
+            .into_iter()
+            .flatten()
+            .any(LaneJournal::pending)
+    }
+}
+
+/// A lane's rows of one model version on their way through a [`Pipe`] (to the journal's
+/// writer, or to the shadow runner): the chunk being filled, and how rows are picked.
 pub(crate) struct LaneJournal {
-    journal: Arc<Journal>,
+    pipe: Arc<Pipe>,
     counters: Arc<ModelCounters>,
     chunk: Option<Box<Chunk>>,
     /// When the chunk got its first row.
@@ -234,6 +321,7 @@ pub(crate) struct LaneJournal {
 }
 
 /// One answer to journal (see [`LaneJournal::record`]).
+#[derive(Clone, Copy)]
 pub(crate) struct Row<'a> {
     pub session: &'a SessionInfo,
     pub engine: &'static str,
@@ -260,19 +348,37 @@ impl LaneJournal {
         if !model.config.journal {
             return None;
         }
-        Some(Self {
-            counters: journal.counters(&model.key()),
-            journal: journal.clone(),
+        Some(Self::new(
+            journal.pipe.clone(),
+            journal.counters(&model.key()),
+            model.config.journal_sample_rate.0,
+            model.config.journal_features(),
+            model,
+        ))
+    }
+
+    /// Rows of `model` into `pipe`, a share `rate` of them, with their features or not;
+    /// rows dropped for want of an empty chunk are counted in `counters`.
+    pub fn new(
+        pipe: Arc<Pipe>,
+        counters: Arc<ModelCounters>,
+        rate: f64,
+        features: bool,
+        model: &crate::models::LoadedModel,
+    ) -> Self {
+        Self {
+            pipe,
+            counters,
             chunk: None,
             chunk_started_ns: 0,
-            rate: model.config.journal_sample_rate.0,
+            rate,
             owed: 0.0,
-            features: model.config.journal_features(),
+            features,
             model: model.name.as_str().into(),
             version: model.version,
             input_width: model.input_width(),
             output_width: model.output_width(),
-        })
+        }
     }
 
     /// Whether the lane's batches should keep a copy of their features.
@@ -292,7 +398,7 @@ impl LaneJournal {
             self.owed -= 1.0;
         }
         if self.chunk.is_none() {
-            match self.journal.free.pop() {
+            match self.pipe.free.pop() {
                 Some(mut c) => {
                     c.model.push_str(&self.model);
                     c.version = self.version;
@@ -355,13 +461,13 @@ impl LaneJournal {
 
     fn hand_over(&mut self) {
         if let Some(c) = self.chunk.take() {
-            if let Err(mut c) = self.journal.filled.push(c) {
+            if let Err(mut c) = self.pipe.filled.push(c) {
                 // Both queues hold at most every chunk: not reached.
                 self.counters
                     .dropped
                     .fetch_add(c.len() as u64, Ordering::Relaxed);
                 c.clear();
-                let _ = self.journal.free.push(c);
+                let _ = self.pipe.free.push(c);
             }
         }
     }
@@ -385,7 +491,7 @@ mod tests {
 
     fn lane(j: &Arc<Journal>, rate: f64) -> LaneJournal {
         LaneJournal {
-            journal: j.clone(),
+            pipe: j.pipe.clone(),
             counters: j.counters("m:1"),
             chunk: None,
             chunk_started_ns: 0,
@@ -432,16 +538,16 @@ mod tests {
         for i in 0..(2 * CHUNK_ROWS as u64 + 10) {
             record(&mut l, i, &s);
         }
-        assert_eq!(j.filled.len(), 2);
+        assert_eq!(j.pipe.filled.len(), 2);
         assert_eq!(l.counters.dropped.load(Ordering::Relaxed), 10);
         // A chunk handed back: rows are kept again, in a fresh chunk.
-        let mut c = j.filled.pop().unwrap();
+        let mut c = j.pipe.filled.pop().unwrap();
         assert_eq!(c.len(), CHUNK_ROWS);
         assert_eq!(c.request_id[5], 5);
         assert_eq!(&c.features[10..12], &[5.0, 0.5]);
         assert_eq!(c.outputs[5], 10.0);
         c.clear();
-        j.free.push(c).unwrap();
+        j.pipe.free.push(c).unwrap();
         record(&mut l, 1000, &s);
         assert!(l.pending());
         // Handed over when old enough, and when the lane goes.
@@ -449,7 +555,7 @@ mod tests {
         assert!(l.pending());
         l.flush(1003 + CHUNK_AGE_NS, CHUNK_AGE_NS);
         assert!(!l.pending());
-        assert_eq!(j.filled.len(), 2);
+        assert_eq!(j.pipe.filled.len(), 2);
     }
 
     #[test]

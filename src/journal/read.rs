@@ -330,8 +330,7 @@ fn rows_of(
     for i in 0..batch.num_rows() {
         let time_ns = time.value(i);
         let row = JournalRow {
-            time: chrono::DateTime::from_timestamp_nanos(time_ns)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            time: super::chunk::rfc3339(time_ns),
             time_ns,
             model: model.value(i).ok_or_else(|| null("model"))?,
             version: version.value(i),

@@ -280,13 +280,12 @@ pub fn writer_task(journal: &Arc<Journal>) {
         let mut wrote = false;
         // The chunks queued now, no more: under a load the writer cannot keep up with, the
         // queue never empties, and the file must still rotate and drops still be logged.
-        for _ in 0..journal.filled.len() {
-            let Some(mut chunk) = journal.filled.pop() else {
+        for _ in 0..journal.pipe.filled() {
+            let Some(chunk) = journal.pipe.take_filled() else {
                 break;
             };
             w.write(&chunk);
-            chunk.clear();
-            let _ = journal.free.push(chunk);
+            journal.pipe.give_back(chunk);
             wrote = true;
             if w.due() {
                 w.close();
@@ -296,7 +295,7 @@ pub fn writer_task(journal: &Arc<Journal>) {
             w.close();
         }
         w.log_drops();
-        if stopping && journal.filled.is_empty() {
+        if stopping && journal.pipe.filled() == 0 {
             break;
         }
         if !wrote {
@@ -380,10 +379,7 @@ impl Writer<'_> {
         let Some(mut o) = self.open.take() else {
             return;
         };
-        let rfc = |ns: i64| {
-            chrono::DateTime::from_timestamp_nanos(ns)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-        };
+        let rfc = super::chunk::rfc3339;
         o.writer
             .append_key_value_metadata(KeyValue::new(META_FIRST.into(), rfc(o.first_ns)));
         o.writer

@@ -269,6 +269,9 @@ impl ModelManager {
             ensembles = ?routing.ensembles.keys().collect::<Vec<_>>(),
             "routing rules in effect"
         );
+        if let Some(shadows) = self.models.monitor().shadows.get() {
+            shadows.set_rules(routing.shadows.clone());
+        }
         *self.routing.write_locked() = Arc::new(routing);
     }
 

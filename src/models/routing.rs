@@ -18,6 +18,14 @@
 //!     { model = "multi", version = "1", weight = 0.7 },
 //!     { model = "multi", version = "2", weight = 0.3 },
 //! ]
+//!
+//! # A shadow: the rows version 1 answers (or a share of them) also go to version 2, off the
+//! # hot path, after version 1's answer is written; only version 1 answers. How the two differ
+//! # is reported in `performance/multi:1` and /metrics.
+//! [shadows."multi:1"]
+//! shadow = "multi:2"
+//! sample_rate = 1.0             # the share of rows shadowed, in (0, 1]
+//! tolerance = 1e-6              # |a − b| ≤ tolerance × max(1, |a|) counts as within
 //! ```
 #![forbid(unsafe_code)]
 
@@ -86,6 +94,30 @@ pub struct Strategy {
     pub targets: Vec<RouteTarget>,
 }
 
+/// A shadow of a primary version (`[shadows."name:version"]`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowRule {
+    /// The version that also runs the primary's rows: `name:version` (a number or a label),
+    /// or `name` for that model's default version.
+    pub shadow: String,
+    /// The share of the primary's answered rows it gets, in (0, 1], spread evenly.
+    #[serde(default = "full_share")]
+    pub sample_rate: f64,
+    /// An output within `tolerance × max(1, |primary's|)` of the primary's counts as within
+    /// tolerance.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+}
+
+fn full_share() -> f64 {
+    1.0
+}
+
+fn default_tolerance() -> f64 {
+    1e-6
+}
+
 /// `routing.toml`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -94,6 +126,8 @@ pub struct Routing {
     pub strategies: BTreeMap<String, Strategy>,
     /// By ensemble name.
     pub ensembles: BTreeMap<String, EnsembleConfig>,
+    /// By primary: `name:version` (a number or a label), or `name` for the model's default.
+    pub shadows: BTreeMap<String, ShadowRule>,
 }
 
 /// Why `routing.toml` was refused.
@@ -160,6 +194,9 @@ impl Routing {
         for (name, e) in &self.ensembles {
             check_ensemble(&format!("ensemble {name:?}"), e)?;
         }
+        for (primary, rule) in &self.shadows {
+            check_shadow(primary, rule)?;
+        }
         Ok(())
     }
 }
@@ -201,6 +238,47 @@ pub enum TargetsError {
         /// The strategy or ensemble.
         what: String,
     },
+    /// A shadow rule that cannot work.
+    #[error("shadow of {primary:?}: {why}")]
+    BadShadow {
+        /// The primary's key.
+        primary: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// A shadow rule: two different keys, a share in (0, 1], a finite tolerance ≥ 0.
+///
+/// # Errors
+/// [`TargetsError::BadShadow`] saying what is wrong.
+pub fn check_shadow(primary: &str, rule: &ShadowRule) -> Result<(), TargetsError> {
+    let bad = |why: String| {
+        Err(TargetsError::BadShadow {
+            primary: primary.into(),
+            why,
+        })
+    };
+    let empty = |key: &str| key.is_empty() || key.starts_with(':') || key.ends_with(':');
+    if empty(primary) || empty(&rule.shadow) {
+        return bad("a model is `name` or `name:version`".into());
+    }
+    if primary == rule.shadow {
+        return bad("a version cannot shadow itself".into());
+    }
+    if !(rule.sample_rate > 0.0 && rule.sample_rate <= 1.0) {
+        return bad(format!(
+            "sample_rate = {}: must be in (0, 1]",
+            rule.sample_rate
+        ));
+    }
+    if !(rule.tolerance.is_finite() && rule.tolerance >= 0.0) {
+        return bad(format!(
+            "tolerance = {}: must be finite and not negative",
+            rule.tolerance
+        ));
+    }
+    Ok(())
 }
 
 /// An ensemble's members: as [`check_targets`], at most [`MAX_ENSEMBLE_MEMBERS`].
@@ -360,5 +438,12 @@ mod tests {
             toml::from_str::<Routing>("[strategy.s]").is_err(),
             "unknown keys refused"
         );
+        assert!(bad("[shadows.\"m:1\"]\nshadow = \"m:1\"").contains("cannot shadow itself"));
+        assert!(bad("[shadows.m]\nshadow = \"m:2\"\nsample_rate = 0").contains("sample_rate = 0"));
+        assert!(bad("[shadows.m]\nshadow = \"m:2\"\ntolerance = -1").contains("tolerance = -1"));
+        assert!(bad("[shadows.m]\nshadow = \"m:\"").contains("`name` or `name:version`"));
+        let ok: Routing = toml::from_str("[shadows.\"m:1\"]\nshadow = \"m:2\"").unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.shadows["m:1"].sample_rate, 1.0);
     }
 }

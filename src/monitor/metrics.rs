@@ -104,6 +104,10 @@ pub struct ModelPerformanceMetrics {
     pub alerts: Vec<Alert>,
     /// When the figures were last merged.
     pub last_updated: DateTime<Utc>,
+    /// How its shadow's answers differ from its own, when a rule in `routing.toml` shadows
+    /// this version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::journal::shadow::ShadowReport>,
 }
 
 pub(super) fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
@@ -161,5 +165,6 @@ pub(super) fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
             .collect(),
         alerts: s.alerts.iter().flatten().cloned().collect(),
         last_updated: s.last_updated,
+        shadow: None,
     }
 }

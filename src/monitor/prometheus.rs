@@ -326,6 +326,126 @@ impl Monitor {
         if let Some(j) = self.journal.get() {
             register_journal(j, registry);
         }
+        if let Some(s) = self.shadows.get() {
+            let reports = s.reports();
+            if !reports.is_empty() {
+                registry.register_collector(Box::new(ShadowFamilies { reports }));
+            }
+        }
+    }
+}
+
+/// The shadows' figures as of one scrape, by primary key.
+#[derive(Debug)]
+struct ShadowFamilies {
+    reports: Vec<(String, crate::journal::shadow::ShadowReport)>,
+}
+
+impl ShadowFamilies {
+    /// A primary's labels: its model and version, and its shadow.
+    fn labels(key: &str, r: &crate::journal::shadow::ShadowReport) -> Vec<(&'static str, String)> {
+        let [m, v] = model_labels(key);
+        vec![m, v, ("shadow", r.shadow.clone())]
+    }
+
+    /// Per output: the labels with `output`, and `value` of that output.
+    fn per_output(
+        &self,
+        value: fn(&crate::journal::shadow::ShadowOutput) -> f64,
+    ) -> Vec<(Vec<(&'static str, String)>, f64)> {
+        self.reports
+            .iter()
+            .flat_map(|(key, r)| {
+                r.outputs.iter().enumerate().map(move |(i, o)| {
+                    let mut labels = Self::labels(key, r);
+                    labels.push(("output", i.to_string()));
+                    (labels, value(o))
+                })
+            })
+            .collect()
+    }
+}
+
+impl Collector for ShadowFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        type Count = fn(&crate::journal::shadow::ShadowReport) -> u64;
+        let counts: [(&str, &str, Count); 6] = [
+            (
+                "tie_shadow_rows",
+                "Rows both the primary and its shadow answered.",
+                |r| r.rows,
+            ),
+            (
+                "tie_shadow_rows_identical",
+                "Shadowed rows answered with the same bits.",
+                |r| r.identical,
+            ),
+            (
+                "tie_shadow_rows_different",
+                "Shadowed rows over the tolerance on some output.",
+                |r| r.different,
+            ),
+            (
+                "tie_shadow_rows_dropped",
+                "Rows not shadowed: the shadow runner was behind.",
+                |r| r.dropped,
+            ),
+            (
+                "tie_shadow_rows_unavailable",
+                "Rows not shadowed: the shadow version is not loaded or reads another shape.",
+                |r| r.unavailable,
+            ),
+            (
+                "tie_shadow_rows_failed",
+                "Rows whose shadow batch failed.",
+                |r| r.failed,
+            ),
+        ];
+        for (name, help, count) in counts {
+            family(
+                &mut e,
+                name,
+                help,
+                MetricType::Counter,
+                &self.reports,
+                |(key, r), m| counter(m, &Self::labels(key, r), count(r)),
+            )?;
+        }
+        type PerOutput = fn(&crate::journal::shadow::ShadowOutput) -> f64;
+        let gauges: [(&str, &str, PerOutput); 4] = [
+            (
+                "tie_shadow_abs_diff_max",
+                "Largest |primary − shadow| per output.",
+                |o| o.max_abs_diff,
+            ),
+            (
+                "tie_shadow_abs_diff_mean",
+                "Mean |primary − shadow| per output.",
+                |o| o.mean_abs_diff,
+            ),
+            (
+                "tie_shadow_over_tolerance_ratio",
+                "Share of shadowed rows over the tolerance, per output.",
+                |o| o.over_tolerance_share,
+            ),
+            (
+                "tie_shadow_sign_agreement_ratio",
+                "Share of shadowed rows where primary and shadow have the same sign, per output.",
+                |o| o.sign_agreement,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let samples = self.per_output(value);
+            family(
+                &mut e,
+                name,
+                help,
+                MetricType::Gauge,
+                &samples,
+                |(labels, v), m| gauge(m, labels, *v),
+            )?;
+        }
+        Ok(())
     }
 }
 

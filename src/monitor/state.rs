@@ -78,6 +78,8 @@ pub struct Monitor {
     pub(super) alert_events: AtomicU64,
     /// The server's journal, for its counters.
     pub journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
+    /// The server's shadow runner, for the rules' figures.
+    pub shadows: std::sync::OnceLock<Arc<crate::journal::shadow::Shadows>>,
 }
 
 impl Monitor {
@@ -95,6 +97,7 @@ impl Monitor {
             settings,
             alert_events: AtomicU64::new(0),
             journal: std::sync::OnceLock::new(),
+            shadows: std::sync::OnceLock::new(),
         };
         for entry in models {
             monitor.add(entry);
@@ -228,8 +231,12 @@ impl Monitor {
     pub fn metrics(&self, index: usize) -> ModelPerformanceMetrics {
         self.collect();
         let model = self.model(index);
-        let state = model.locked();
-        metrics_of(&state)
+        let mut metrics = metrics_of(&model.locked());
+        metrics.shadow = self
+            .shadows
+            .get()
+            .and_then(|s| s.report(&metrics.model_key));
+        metrics
     }
 
     /// Ends an interval of `elapsed`: updates rates and the EMA, evaluates the thresholds,

@@ -513,3 +513,204 @@ fn batches_in_flight_journal_each_answer_with_its_own_features() {
         assert_eq!(r["outputs"][0].as_f64().unwrap() as f32, output, "{r}");
     }
 }
+
+/// `performance/{key}`'s `shadow` object.
+fn shadow_report(server: &TestServer, key: &str) -> Value {
+    let url = format!(
+        "{}/api/v1/internal/inference/performance/{key}",
+        server.http()
+    );
+    let (code, text) = send("GET", &url, None);
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["shadow"].clone()
+}
+
+#[test]
+fn a_shadow_answers_nothing_and_its_divergence_and_answers_are_reported_and_journaled() {
+    let dir = scratch_dir("journal").join("files");
+    let repo = scratch_dir("journal-repo");
+    crate::common::add_version(&repo, "multi", 1, "multi", 1);
+    crate::common::add_version(&repo, "multi", 2, "multi", 2);
+    std::fs::write(
+        repo.join("multi/config.toml"),
+        "backend = \"cpu\"\njournal = true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("routing.toml"),
+        "[shadows.\"multi:1\"]\nshadow = \"multi:2\"\ntolerance = 1e-6\n",
+    )
+    .unwrap();
+    let mut server = server(&dir, &repo, "");
+    let f = fixture("multi_v1");
+    let options = ConnectOptions {
+        version: Some(1),
+        ..server.options()
+    };
+    let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
+    let rows_sent = 300u64;
+    let mut answered = HashMap::new();
+    for i in 0..rows_sent as usize {
+        let row: Vec<f32> = f.inputs[i % f.inputs.len()]
+            .iter()
+            .map(|v| v * (1.0 + i as f32 / 100.0))
+            .collect();
+        let r = client.predict(&row).unwrap();
+        answered.insert(r.response.request_id, r.outputs().to_vec());
+    }
+    // Only the primary answered: one answer per request, version 1's.
+    assert_eq!(answered.len(), rows_sent as usize);
+    assert!(client.poll().is_none());
+
+    // Every row reaches the shadow; versions 1 and 2 differ.
+    let mut report = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            report = shadow_report(&server, "multi:1");
+            report["rows"] == rows_sent
+        }),
+        "{report}"
+    );
+    assert_eq!(report["shadow"], "multi:2");
+    assert_eq!(report["dropped"], 0);
+    assert_eq!(report["unavailable"], 0);
+    assert!(report["different"].as_u64().unwrap() > 0, "{report}");
+    let outputs = report["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 4);
+    for o in outputs {
+        let share = o["sign_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&share), "{report}");
+        assert!(o["max_abs_diff"].as_f64() >= o["mean_abs_diff"].as_f64());
+    }
+    assert_eq!(
+        report["worst"][0]["primary"].as_array().unwrap().len(),
+        4,
+        "{report}"
+    );
+    let worst_id = report["worst"][0]["request_id"].as_u64().unwrap();
+    let primary: Vec<f32> = report["worst"][0]["primary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(
+        primary, answered[&worst_id],
+        "the primary's answer is the one the client got"
+    );
+    // Version 2's own figures carry no shadow.
+    assert_eq!(shadow_report(&server, "multi:2"), Value::Null);
+    // And /metrics.
+    let labels = "{model=\"multi\",version=\"1\",shadow=\"multi:2\"}";
+    assert_eq!(
+        metric(&server, &format!("tie_shadow_rows_total{labels}")),
+        Some(rows_sent as f64)
+    );
+    assert_eq!(
+        metric(&server, &format!("tie_shadow_rows_dropped_total{labels}")),
+        Some(0.0)
+    );
+    assert!(metric(
+        &server,
+        "tie_shadow_sign_agreement_ratio{model=\"multi\",version=\"1\",shadow=\"multi:2\",output=\"0\"}"
+    )
+    .is_some());
+
+    // A shadow that is not loaded: its rows are counted, the primary still answers.
+    std::fs::write(
+        repo.join("routing.toml"),
+        "[shadows.multi]\nshadow = \"multi:9\"\n",
+    )
+    .unwrap();
+    let (code, body) = crate::common::post_empty(
+        &format!("{}/api/v1/internal/inference/models/reload", server.http()),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    // `multi` is version 2 (the default): version 1 is no longer shadowed.
+    assert_eq!(shadow_report(&server, "multi:1"), Value::Null);
+    let options = ConnectOptions {
+        version: Some(2),
+        ..server.options()
+    };
+    let mut client2 = Client::connect(&server.endpoint, "multi", options).unwrap();
+    for row in &f.inputs {
+        client2.predict(row).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            report = shadow_report(&server, "multi:2");
+            report["unavailable"] == f.inputs.len()
+        }),
+        "{report}"
+    );
+    assert_eq!(
+        (report["rows"].as_u64(), report["shadow"].as_str()),
+        (Some(0), Some("multi:9"))
+    );
+    drop((client, client2));
+    assert!(server.stop());
+
+    // The shadow's answers are journaled beside the primary's: version 2, source `shadow`,
+    // the same request ids, and the answers `tie replay` gets from version 2 for those rows.
+    let shadowed = rows(&dir, &["--model", "multi", "--version", "2"]);
+    let shadowed: Vec<&Value> = shadowed
+        .iter()
+        .filter(|r| r["source"] == "shadow")
+        .collect();
+    assert_eq!(shadowed.len(), rows_sent as usize);
+    let primary = rows(&dir, &["--model", "multi", "--version", "1"]);
+    assert_eq!(primary.len(), rows_sent as usize);
+    let ids = |rows: &[&Value]| {
+        let mut ids: Vec<u64> = rows
+            .iter()
+            .map(|r| r["request_id"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(ids(&shadowed), ids(&primary.iter().collect::<Vec<_>>()));
+    let (dir_s, repo_s) = (dir.to_str().unwrap(), repo.to_str().unwrap());
+    let (_, replayed) = replay(&[
+        dir_s,
+        "--model",
+        "multi:2",
+        "--from",
+        "multi:1",
+        "--model-repository",
+        repo_s,
+    ]);
+    let d = &replayed["divergence"];
+    assert_eq!(d["rows"], rows_sent);
+    assert_eq!(d["different"], report_different(&dir));
+}
+
+/// Rows whose shadow answer (version 2, journaled) is over 1e-6 of the primary's (version 1),
+/// counted from the journal.
+fn report_different(dir: &Path) -> u64 {
+    let by_id = |version: &str, source: &str| -> HashMap<u64, Vec<f64>> {
+        rows(dir, &["--model", "multi", "--version", version])
+            .into_iter()
+            .filter(|r| r["source"] == source)
+            .map(|r| {
+                let outputs = r["outputs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                (r["request_id"].as_u64().unwrap(), outputs)
+            })
+            .collect()
+    };
+    let (primary, shadow) = (by_id("1", "ring"), by_id("2", "shadow"));
+    primary
+        .iter()
+        .filter(|(id, a)| {
+            a.iter()
+                .zip(&shadow[id])
+                .any(|(a, b)| (a - b).abs() > 1e-6 * a.abs().max(1.0))
+        })
+        .count() as u64
+}

@@ -714,3 +714,162 @@ fn report_different(dir: &Path) -> u64 {
         })
         .count() as u64
 }
+
+/// Pearson's correlation.
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx) * (a - mx)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my) * (b - my)).sum();
+    cov / (vx * vy).sqrt()
+}
+
+/// Average ranks (1-based; ties share the mean of their ranks).
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        for &k in &order[i..=j] {
+            r[k] = (i + j) as f64 / 2.0 + 1.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+#[test]
+fn the_outcomes_example_scores_each_version_by_request_id_and_by_time_with_duckdb_and_polars() {
+    // Version 1 answers, version 2 shadows it: both are journaled with the same request ids.
+    let dir = scratch_dir("journal").join("files");
+    let repo = scratch_dir("journal-repo");
+    crate::common::add_version(&repo, "multi", 1, "multi", 1);
+    crate::common::add_version(&repo, "multi", 2, "multi", 2);
+    std::fs::write(
+        repo.join("multi/config.toml"),
+        "backend = \"cpu\"\njournal = true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("routing.toml"),
+        "[shadows.\"multi:1\"]\nshadow = \"multi:2\"\n",
+    )
+    .unwrap();
+    let mut server = server(&dir, &repo, "");
+    let f = fixture("multi_v1");
+    let options = ConnectOptions {
+        version: Some(1),
+        ..server.options()
+    };
+    let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
+    let n = 200;
+    for i in 0..n {
+        let row: Vec<f32> = f.inputs[i % f.inputs.len()]
+            .iter()
+            .map(|v| v * (1.0 + i as f32 / 50.0))
+            .collect();
+        client.predict(&row).unwrap();
+        // Send stamps a few microseconds apart: the as-of join by time is then exact.
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    let session = client.session_id();
+    drop(client);
+    let mut report = Value::Null;
+    assert!(eventually(Duration::from_secs(10), || {
+        report = shadow_report(&server, "multi:1");
+        report["rows"] == n
+    }));
+    assert!(server.stop());
+
+    // The realised outcomes, generated: half the primary's first output, plus noise.
+    let journaled = rows(&dir, &["--model", "multi"]);
+    let primary: Vec<&Value> = journaled.iter().filter(|r| r["version"] == 1).collect();
+    assert_eq!(primary.len(), n);
+    let first = |r: &Value| r["outputs"][0].as_f64().unwrap() as f32 as f64;
+    let noise = |id: u64| (id.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0 - 0.5;
+    let mut outcome = HashMap::new();
+    let mut by_request = String::from("session_id,request_id,outcome\n");
+    let mut by_time = String::from("time,outcome\n");
+    for r in &primary {
+        let id = r["request_id"].as_u64().unwrap();
+        assert_eq!(r["session_id"], session);
+        let o = 0.5 * first(r) + 0.05 * noise(id);
+        outcome.insert(id, o);
+        by_request.push_str(&format!("{session},{id},{o}\n"));
+        // 5 µs after the send stamp (the next request is sent 20 µs later or more): the first
+        // outcome at or after it is its own.
+        let sent_us = r["sent_ns"].as_i64().unwrap() / 1000;
+        let time = chrono::DateTime::from_timestamp_micros(sent_us + 5)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        by_time.push_str(&format!("{time},{o}\n"));
+    }
+    let files = scratch_dir("outcomes");
+    std::fs::write(files.join("by_request.csv"), by_request).unwrap();
+    std::fs::write(files.join("by_time.csv"), by_time).unwrap();
+
+    // What the example must print, computed here.
+    let expected: Vec<(u32, [f64; 4])> = [1u32, 2]
+        .iter()
+        .map(|&v| {
+            let rows: Vec<&Value> = journaled.iter().filter(|r| r["version"] == v).collect();
+            assert_eq!(rows.len(), n, "version {v}");
+            let p: Vec<f64> = rows.iter().map(|r| first(r)).collect();
+            let o: Vec<f64> = rows
+                .iter()
+                .map(|r| outcome[&r["request_id"].as_u64().unwrap()])
+                .collect();
+            let d: Vec<f64> = p.iter().zip(&o).map(|(a, b)| a - b).collect();
+            let mae = d.iter().map(|x| x.abs()).sum::<f64>() / n as f64;
+            let rmse = (d.iter().map(|x| x * x).sum::<f64>() / n as f64).sqrt();
+            (
+                v,
+                [mae, rmse, pearson(&p, &o), pearson(&ranks(&p), &ranks(&o))],
+            )
+        })
+        .collect();
+    // Version 1's outcome follows its own answers: its IC is high; version 2's differs.
+    assert!(expected[0].1[2] > 0.9, "{expected:?}");
+    assert_ne!(expected[0].1, expected[1].1);
+
+    let python = python_tools(&["polars==2.1.0", "duckdb==2.0.1"]).join("python");
+    for (on, file) in [("request", "by_request.csv"), ("time", "by_time.csv")] {
+        let out = Command::new(&python)
+            .arg(root().join("examples/journal_outcomes.py"))
+            .arg(&dir)
+            .arg(files.join(file))
+            .args(["multi", "--on", on])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "--on {on}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for engine in ["duckdb", "polars"] {
+            let scores = printed[engine].as_array().unwrap();
+            assert_eq!(scores.len(), 2, "--on {on} {engine}: {printed}");
+            for (s, (v, want)) in scores.iter().zip(&expected) {
+                assert_eq!(
+                    (s["version"].as_u64(), s["rows"].as_u64()),
+                    (Some(u64::from(*v)), Some(n as u64)),
+                    "--on {on} {engine}: {printed}"
+                );
+                for (name, want) in ["mae", "rmse", "ic", "rank_ic"].iter().zip(want) {
+                    let got = s[name].as_f64().unwrap();
+                    assert!(
+                        (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                        "--on {on} {engine} version {v} {name}: {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -63,6 +63,69 @@ pub struct ServiceConfig {
     /// tie's `[journal]`: where answered requests of models with `journal = true` are
     /// recorded.
     pub journal: JournalSection,
+    /// tie's `[clickhouse]`: the monitor's figures (and optionally the journal's rows) pushed
+    /// to ClickHouse.
+    pub clickhouse: ClickHouseSection,
+}
+
+/// `[clickhouse]`: metric history in ClickHouse, through its HTTP interface (see
+/// `monitor::clickhouse`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseSection {
+    /// The HTTP interface, `http://host:8123`; unset: nothing is pushed.
+    pub url: Option<String>,
+    /// The database the tables are in (it must exist).
+    pub database: String,
+    /// The user; unset: ClickHouse's `default`.
+    pub user: Option<String>,
+    /// A file holding the user's password (first line), readable by the server's user only.
+    pub password_file: Option<PathBuf>,
+    /// The table of per-interval figures (made if absent).
+    pub metrics_table: String,
+    /// The table of journal rows (made if absent).
+    pub journal_table: String,
+    /// Also push the journal's rows (the models with `journal = true`).
+    pub journal: bool,
+    /// The name the rows carry in their `host` column; unset: the host's name.
+    pub host: Option<String>,
+    /// Rows held per table while ClickHouse is slow or away: past it, new rows are dropped
+    /// and counted.
+    pub buffer_rows: usize,
+    /// Most rows per insert.
+    pub batch_rows: usize,
+    /// Milliseconds between two inserts of a table that has rows (sooner once
+    /// `batch_rows` wait).
+    pub flush_ms: u64,
+    /// Milliseconds an insert may take.
+    pub timeout_ms: u64,
+}
+
+impl Default for ClickHouseSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            database: "default".into(),
+            user: None,
+            password_file: None,
+            metrics_table: "tie_metrics".into(),
+            journal_table: "tie_journal".into(),
+            journal: false,
+            host: None,
+            buffer_rows: 100_000,
+            batch_rows: 10_000,
+            flush_ms: 1000,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A ClickHouse identifier tie writes into its SQL: letters, digits and `_`, not starting
+/// with a digit.
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `[journal]`: the prediction journal's files (see the `journal` module).
@@ -578,6 +641,57 @@ impl ServiceConfig {
             "journal.queue_rows",
             journal.queue_rows,
             "must be in 256..=16777216",
+        )?;
+        let ch = &self.clickhouse;
+        if let Some(url) = &ch.url {
+            require(
+                url.starts_with("http://"),
+                "clickhouse.url",
+                url,
+                "must be an http:// URL (ClickHouse's HTTP interface; TLS is not offered)",
+            )?;
+        }
+        for (key, name) in [
+            ("clickhouse.database", &ch.database),
+            ("clickhouse.metrics_table", &ch.metrics_table),
+            ("clickhouse.journal_table", &ch.journal_table),
+        ] {
+            require(
+                is_identifier(name),
+                key,
+                name,
+                "must be letters, digits and _, not starting with a digit",
+            )?;
+        }
+        require(
+            !ch.journal || self.journal.dir.is_some(),
+            "clickhouse.journal",
+            ch.journal,
+            "the journal's rows need a journal: set [journal] dir",
+        )?;
+        require(
+            (1..=1 << 24).contains(&ch.buffer_rows),
+            "clickhouse.buffer_rows",
+            ch.buffer_rows,
+            "must be in 1..=16777216",
+        )?;
+        require(
+            (1..=1 << 20).contains(&ch.batch_rows),
+            "clickhouse.batch_rows",
+            ch.batch_rows,
+            "must be in 1..=1048576",
+        )?;
+        require(
+            (10..=3_600_000).contains(&ch.flush_ms),
+            "clickhouse.flush_ms",
+            ch.flush_ms,
+            "must be in 10..=3600000",
+        )?;
+        require(
+            (100..=600_000).contains(&ch.timeout_ms),
+            "clickhouse.timeout_ms",
+            ch.timeout_ms,
+            "must be in 100..=600000",
         )?;
         let f = deployment.memory_fraction_per_model;
         require(

@@ -80,6 +80,9 @@ pub enum ServerStartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// The ClickHouse sink could not start.
+    #[error(transparent)]
+    ClickHouse(#[from] crate::monitor::clickhouse::ClickHouseStartError),
     /// The journal could not start.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalStartError),
@@ -209,6 +212,13 @@ impl Server {
         let journal = crate::journal::Journal::start(&config.journal, &config.server.poller_cores)?;
         if let Some(j) = &journal {
             let _ = monitor.journal.set(j.clone());
+        }
+        let clickhouse = crate::monitor::clickhouse::ClickHouse::start(&config.clickhouse)?;
+        if let Some(ch) = clickhouse {
+            if let Some(j) = journal.as_ref().filter(|_| ch.wants_journal()) {
+                let _ = j.clickhouse.set(ch.clone());
+            }
+            let _ = monitor.clickhouse.set(ch);
         }
         let mut started = crate::journal::FinishOnDrop(journal.clone());
         let models = Arc::new(Models::new(models, monitor.clone()));
@@ -364,6 +374,10 @@ impl Server {
         self.background_stopping.store(true, Ordering::SeqCst);
         for b in self.background.drain(..) {
             let _ = b.join();
+        }
+        // The monitor's last interval and the journal's last rows are buffered: sent now.
+        if let Some(ch) = self.monitor.clickhouse.get() {
+            ch.finish();
         }
         tracing::info!("server stopped");
     }

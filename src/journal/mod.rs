@@ -109,6 +109,8 @@ pub struct Journal {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The directory's lock, held while the journal lives.
     lock: Mutex<Option<std::fs::File>>,
+    /// Where rows are pushed too, when `[clickhouse] journal = true`.
+    pub clickhouse: std::sync::OnceLock<Arc<crate::monitor::clickhouse::ClickHouse>>,
 }
 
 /// Why the journal could not start.
@@ -178,6 +180,7 @@ impl Journal {
             stopping: AtomicBool::new(false),
             writer: Mutex::new(None),
             lock: Mutex::new(None),
+            clickhouse: std::sync::OnceLock::new(),
         })
     }
 

@@ -95,7 +95,7 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Priorities' names in the journal, by value.
-const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
+pub(crate) const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
 
 /// The status codes the ABI names (`Status::name`), in the order of the journal's status
 /// dictionary; any other code is written `Unknown`, the dictionary's last value.
@@ -285,6 +285,12 @@ pub fn writer_task(journal: &Arc<Journal>) {
                 break;
             };
             w.write(&chunk);
+            if let Some(ch) = journal.clickhouse.get() {
+                ch.push(
+                    crate::monitor::clickhouse::Table::Journal,
+                    crate::monitor::clickhouse::journal_rows(ch.host(), &chunk),
+                );
+            }
             journal.pipe.give_back(chunk);
             wrote = true;
             if w.due() {

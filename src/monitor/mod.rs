@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod alerts;
+pub mod clickhouse;
 mod hlog_files;
 mod metrics;
 pub mod prometheus;

@@ -326,12 +326,92 @@ impl Monitor {
         if let Some(j) = self.journal.get() {
             register_journal(j, registry);
         }
+        if let Some(ch) = self.clickhouse.get() {
+            registry.register_collector(Box::new(ClickHouseFamilies::of(ch)));
+        }
         if let Some(s) = self.shadows.get() {
             let reports = s.reports();
             if !reports.is_empty() {
                 registry.register_collector(Box::new(ShadowFamilies { reports }));
             }
         }
+    }
+}
+
+/// The ClickHouse sink's counters as of one scrape: per table, rows sent, dropped by reason
+/// and buffered; inserts that failed.
+#[derive(Debug)]
+struct ClickHouseFamilies {
+    tables: Vec<(&'static str, [u64; 5])>,
+    errors: u64,
+}
+
+impl ClickHouseFamilies {
+    fn of(ch: &super::clickhouse::ClickHouse) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let tables = super::clickhouse::Table::ALL
+            .iter()
+            .map(|&t| {
+                let c = ch.counters(t);
+                (
+                    t.name(),
+                    [
+                        c.sent.load(Relaxed),
+                        c.dropped_full.load(Relaxed),
+                        c.dropped_rejected.load(Relaxed),
+                        c.dropped_shutdown.load(Relaxed),
+                        c.buffered.load(Relaxed),
+                    ],
+                )
+            })
+            .collect();
+        Self {
+            tables,
+            errors: ch.errors.load(Relaxed),
+        }
+    }
+}
+
+impl Collector for ClickHouseFamilies {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        family(
+            &mut e,
+            "tie_clickhouse_rows",
+            "Rows ClickHouse took, per table.",
+            MetricType::Counter,
+            &self.tables,
+            |(table, c), m| counter(m, &[("table", *table)], c[0]),
+        )?;
+        let mut m = e.encode_descriptor(
+            "tie_clickhouse_rows_dropped",
+            "Rows not sent to ClickHouse, per table and reason: buffer_full, rejected (refused 3 times), shutdown.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (table, c) in &self.tables {
+            for (reason, n) in [
+                ("buffer_full", c[1]),
+                ("rejected", c[2]),
+                ("shutdown", c[3]),
+            ] {
+                counter(&mut m, &[("table", *table), ("reason", reason)], n)?;
+            }
+        }
+        family(
+            &mut e,
+            "tie_clickhouse_buffered_rows",
+            "Rows waiting to be sent to ClickHouse, per table.",
+            MetricType::Gauge,
+            &self.tables,
+            |(table, c), m| gauge(m, &[("table", *table)], c[4] as f64),
+        )?;
+        let m = e.encode_descriptor(
+            "tie_clickhouse_insert_errors",
+            "ClickHouse inserts (or table creations) that failed.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.errors).encode(m)
     }
 }
 

@@ -80,6 +80,8 @@ pub struct Monitor {
     pub journal: std::sync::OnceLock<Arc<crate::journal::Journal>>,
     /// The server's shadow runner, for the rules' figures.
     pub shadows: std::sync::OnceLock<Arc<crate::journal::shadow::Shadows>>,
+    /// Where each interval's figures are pushed, when `[clickhouse] url` is set.
+    pub clickhouse: std::sync::OnceLock<Arc<super::clickhouse::ClickHouse>>,
 }
 
 impl Monitor {
@@ -98,6 +100,7 @@ impl Monitor {
             alert_events: AtomicU64::new(0),
             journal: std::sync::OnceLock::new(),
             shadows: std::sync::OnceLock::new(),
+            clickhouse: std::sync::OnceLock::new(),
         };
         for entry in models {
             monitor.add(entry);
@@ -240,13 +243,13 @@ impl Monitor {
     }
 
     /// Ends an interval of `elapsed`: updates rates and the EMA, evaluates the thresholds,
-    /// and passes each model's interval histograms to `log` before emptying them. Returns the
-    /// alert transitions.
+    /// and passes each model's interval figures (and its GPUs' utilisation) to `log` before
+    /// emptying them. Returns the alert transitions.
     pub fn tick(
         &self,
         elapsed: Duration,
         gpus: Option<&[tie_engine::devices::GpuFigures]>,
-        log: &mut dyn FnMut(usize, &Sample),
+        log: &mut dyn FnMut(usize, &Sample, Option<f32>),
     ) -> Vec<AlertEvent> {
         self.collect();
         let mut events = Vec::new();
@@ -259,7 +262,7 @@ impl Monitor {
             }
             s.update_rates(secs, gpus);
             s.update_alerts(&self.thresholds, &mut events);
-            log(index, &s.interval);
+            log(index, &s.interval, s.gpu_utilization);
             s.interval.reset_in_place();
         }
         self.alert_events

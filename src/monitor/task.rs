@@ -22,6 +22,7 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
     });
     let webhook = settings.alert_webhook.clone().and_then(webhook_sender);
     let mut last = Instant::now();
+    let mut last_end_ms = 0i64;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         if !stopping {
@@ -41,14 +42,34 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
         } else {
             None
         };
-        let events = monitor.tick(elapsed, gpus.as_deref(), &mut |i, sample| {
+        let clickhouse = monitor.clickhouse.get();
+        // Strictly increasing: a row's key in ClickHouse holds its interval's end, and two
+        // ticks in one millisecond (the last, at shutdown) must not collapse into one row.
+        let end_ms = chrono::Utc::now().timestamp_millis().max(last_end_ms + 1);
+        last_end_ms = end_ms;
+        let mut rows = Vec::new();
+        let events = monitor.tick(elapsed, gpus.as_deref(), &mut |i, sample, gpu| {
+            let Some(entry) = entries.get(i) else {
+                return;
+            };
             if let Some(h) = hlog.as_mut() {
-                let Some(entry) = entries.get(i) else {
-                    return;
-                };
                 h.write(&entry.key, sample, elapsed);
             }
+            if let Some(ch) = clickhouse {
+                rows.push(clickhouse::metrics_row(
+                    ch.host(),
+                    &entry.key,
+                    sample,
+                    elapsed,
+                    end_ms,
+                    gpu,
+                    entry.device_memory_bytes,
+                ));
+            }
         });
+        if let Some(ch) = clickhouse {
+            ch.push(clickhouse::Table::Metrics, rows);
+        }
         for e in events {
             report_alert(e, webhook.as_ref().map(|(tx, _)| tx));
         }

@@ -57,6 +57,43 @@ fn a_model_asking_for_a_journal_on_a_server_without_one_is_refused_with_the_fix(
 }
 
 #[test]
+fn clickhouse_settings_that_cannot_work_are_refused_with_the_key() {
+    let repo = repository_with("");
+    for (config, says) in [
+        (
+            "[clickhouse]\nurl = \"https://ch:8443\"\n",
+            "clickhouse.url = https://ch:8443: must be an http:// URL",
+        ),
+        (
+            "[clickhouse]\nurl = \"http://127.0.0.1:8123\"\nmetrics_table = \"m; DROP TABLE x\"\n",
+            "clickhouse.metrics_table",
+        ),
+        (
+            "[clickhouse]\nurl = \"http://127.0.0.1:8123\"\njournal = true\n",
+            "the journal's rows need a journal: set [journal] dir",
+        ),
+        (
+            "[clickhouse]\nbuffer_rows = 0\n",
+            "clickhouse.buffer_rows = 0",
+        ),
+    ] {
+        let err = serve_fails(config, &repo);
+        assert!(err.contains(says), "{config}: {err}");
+    }
+    // A password file others can read is refused.
+    let dir = scratch_dir("ch-secret");
+    let secret = dir.join("password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve_fails(
+        &format!("[clickhouse]\nurl = \"http://127.0.0.1:8123\"\npassword_file = {secret:?}\n"),
+        &repo,
+    );
+    assert!(err.contains("others may read it: chmod 600"), "{err}");
+}
+
+#[test]
 fn unknown_service_config_keys_are_named() {
     let err = serve_fails(
         "[batch_processing]\nmax_batch_sise = 8\n",

@@ -7,6 +7,7 @@ mod common;
 mod backends;
 mod batching;
 mod c_api;
+mod clickhouse;
 mod config_errors;
 mod conformance;
 mod doctor;

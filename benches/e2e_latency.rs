@@ -7,7 +7,8 @@
 //! `1,4,16,64`; `IDLE_SESSIONS`, sessions connected to each model and left idle while its
 //! round trip is measured, default 0; `COLD_SAMPLES`, round trips each after 3 ms without a
 //! request, default 300; `JOURNAL`, a directory: every model journals every answer, features
-//! included, into it; unset: no journal). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute
+//! included, into it; unset: no journal; `JOURNAL_CORE`, the journal writer's core, default:
+//! the process's CPUs but the poller's). Prints p50/p90/p99/p99.9/max per model, and the bare backend compute
 //! time of a batch (and rows per second) for comparison.
 //!
 //! Rows: feature `i` of row `r` is `2 sin(0.37 i + 1.7 r)`, 256 rows in turn (as
@@ -116,6 +117,9 @@ fn main() {
     config.server.idle = IdleStrategy::Spin;
     let journal = std::env::var_os("JOURNAL").map(std::path::PathBuf::from);
     config.journal.dir = journal.clone();
+    if let Ok(core) = std::env::var("JOURNAL_CORE") {
+        config.journal.writer_cores = vec![core.parse().expect("JOURNAL_CORE: a core number")];
+    }
     let options = LoadOptions {
         layouts_dir: root.join("layouts/features"),
         warmup_requests: 100,

@@ -650,6 +650,13 @@ impl ServiceConfig {
                 url,
                 "must be an http:// URL (ClickHouse's HTTP interface; TLS is not offered)",
             )?;
+            // The URL is logged: credentials go in `user` and `password_file`.
+            require(
+                !url.contains('@') && !url.contains('?'),
+                "clickhouse.url",
+                "(not shown: it may hold a password)",
+                "must hold no user, password or query: set clickhouse.user and clickhouse.password_file",
+            )?;
         }
         for (key, name) in [
             ("clickhouse.database", &ch.database),

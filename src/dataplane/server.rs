@@ -209,18 +209,21 @@ impl Server {
             config.performance_thresholds.clone(),
             config.monitoring.clone(),
         ));
+        // The sink first (its password file is the likelier mistake), stopped if what follows
+        // fails, as the journal is.
+        let clickhouse = crate::monitor::clickhouse::ClickHouse::start(&config.clickhouse)?;
+        let mut sink_started = crate::monitor::clickhouse::FinishOnDrop(clickhouse.clone());
         let journal = crate::journal::Journal::start(&config.journal, &config.server.poller_cores)?;
         if let Some(j) = &journal {
             let _ = monitor.journal.set(j.clone());
         }
-        let clickhouse = crate::monitor::clickhouse::ClickHouse::start(&config.clickhouse)?;
+        let mut started = crate::journal::FinishOnDrop(journal.clone());
         if let Some(ch) = clickhouse {
             if let Some(j) = journal.as_ref().filter(|_| ch.wants_journal()) {
                 let _ = j.clickhouse.set(ch.clone());
             }
             let _ = monitor.clickhouse.set(ch);
         }
-        let mut started = crate::journal::FinishOnDrop(journal.clone());
         let models = Arc::new(Models::new(models, monitor.clone()));
         let all_models = models.clone();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -259,6 +262,7 @@ impl Server {
         let stats = pollers.stats;
         tracing::debug!(socket = %socket_path.display(), pollers = workers.len(), "rings accepting");
         started.0 = None;
+        sink_started.0 = None;
         Ok(Self {
             stopping,
             listener_stopping,

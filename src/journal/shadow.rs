@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::compare::Divergence;
-use super::{Journal, LaneJournal, ModelCounters, Pipe, SessionInfo, CHUNK_AGE_NS, CHUNK_ROWS};
+use super::{Journal, LaneJournal, ModelCounters, Pipe, SessionInfo, CHUNK_AGE_NS};
 use crate::models::routing::ShadowRule;
 use crate::models::{LoadedModel, ModelSet, Models};
 use crate::sync::{Locked, RwLocked};
@@ -33,7 +33,7 @@ const FILLING_CHUNKS: usize = 32;
 /// Rows kept among those that differ most.
 const WORST_ROWS: usize = 5;
 /// How long the runner sleeps when nothing is queued (rules in effect / none).
-const IDLE_SLEEP: Duration = Duration::from_millis(1);
+const IDLE_SLEEP: Duration = Duration::from_millis(5);
 const IDLE_SLEEP_NO_RULES: Duration = Duration::from_millis(100);
 /// A shadow that cannot run is logged at most this often per primary.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -50,17 +50,20 @@ struct Evaluation {
     unavailable: u64,
     /// Rows whose shadow batch failed.
     failed: u64,
+    /// The primary's dropped rows when it started (its figures count those since).
+    dropped_base: u64,
     last_warning: Option<Instant>,
 }
 
 impl Evaluation {
-    fn new(rule: &ShadowRule) -> Self {
+    fn new(rule: &ShadowRule, dropped_base: u64) -> Self {
         Self {
             shadow: rule.shadow.clone(),
             rule: rule.clone(),
             divergence: Divergence::new(rule.tolerance, WORST_ROWS),
             unavailable: 0,
             failed: 0,
+            dropped_base,
             last_warning: None,
         }
     }
@@ -250,7 +253,7 @@ impl Shadows {
         let e = match evaluations.get(key) {
             Some(e) => e,
             None => {
-                fresh = Evaluation::new(rule);
+                fresh = Evaluation::new(rule, 0);
                 &fresh
             }
         };
@@ -307,11 +310,14 @@ impl Shadows {
         // Dropping the runner hands its journal rows over.
     }
 
-    /// Runs one chunk of a primary's rows through its shadow and compares.
+    /// Runs one chunk of a primary's rows through its shadow and compares. The figures' lock
+    /// is held only to count and compare, never while the shadow runs (readers of the figures
+    /// would wait on a slow shadow).
     fn evaluate(&self, chunk: &super::Chunk, runner: &mut Runner) {
         let set = self.models.snapshot();
         let primary_key = format!("{}:{}", chunk.model, chunk.version);
-        // The primary gone, or no longer shadowed: its last rows are not run.
+        // The primary gone, or no longer shadowed: its last rows are not run (not counted:
+        // nothing reports on a rule that is gone).
         let Some(slot) = set.resolve(&chunk.model, Some(chunk.version)) else {
             return;
         };
@@ -320,115 +326,131 @@ impl Shadows {
             return;
         };
         let primary = set.get(slot).expect("resolved").clone();
-        let mut evaluations = self.evaluations.locked();
-        let e = evaluations
-            .entry(primary_key.clone())
-            .or_insert_with(|| Evaluation::new(rule));
         let shadow = target(&set, &rule.shadow);
-        let shadow_key = shadow.as_ref().map(|s| s.key());
-        // A new rule or a new shadow version starts the comparison again.
-        if e.rule != *rule || shadow_key.as_ref().is_some_and(|k| *k != e.shadow) {
-            *e = Evaluation::new(rule);
-            if let Some(k) = &shadow_key {
-                e.shadow = k.clone();
+        let rows = chunk.len();
+        let (iw, ow) = (chunk.input_width, chunk.output_width);
+        let dropped_now = self.counters(&primary_key).dropped.load(Ordering::Relaxed);
+        {
+            let mut evaluations = self.evaluations.locked();
+            let e = evaluations
+                .entry(primary_key.clone())
+                .or_insert_with(|| Evaluation::new(rule, dropped_now));
+            // A new rule or a new shadow version starts the comparison again.
+            let shadow_key = shadow.as_ref().map(|s| s.key());
+            if e.rule != *rule || shadow_key.as_ref().is_some_and(|k| *k != e.shadow) {
+                *e = Evaluation::new(rule, dropped_now);
+                if let Some(k) = shadow_key {
+                    e.shadow = k;
+                }
+            }
+            let why = match &shadow {
+                None => Some("the shadow version is not loaded".to_string()),
+                Some(s) if s.input_width() != iw || s.output_width() != ow => Some(format!(
+                    "{} reads {} features and answers {} values; {primary_key} {iw} and {ow}",
+                    s.key(),
+                    s.input_width(),
+                    s.output_width(),
+                )),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                e.unavailable += rows as u64;
+                e.warn(&primary_key, &why);
+                return;
             }
         }
-        let rows = chunk.len();
-        let Some(shadow) = shadow else {
-            e.unavailable += rows as u64;
-            e.warn(&primary_key, "the shadow version is not loaded");
-            return;
-        };
-        if shadow.input_width() != chunk.input_width || shadow.output_width() != chunk.output_width
-        {
-            e.unavailable += rows as u64;
-            let why = format!(
-                "{} reads {} features and answers {} values; {primary_key} {} and {}",
-                shadow.key(),
-                shadow.input_width(),
-                shadow.output_width(),
-                chunk.input_width,
-                chunk.output_width
-            );
-            e.warn(&primary_key, &why);
-            return;
-        }
-        let (iw, ow) = (chunk.input_width, chunk.output_width);
+        let shadow = shadow.expect("checked");
+        // Run every row, batch by batch, with no lock held.
         let largest = shadow.batch.largest_batch().max(1);
-        runner.output.resize(largest.max(CHUNK_ROWS) * ow, 0.0);
-        let journal = self
-            .journal
-            .as_ref()
-            .filter(|_| primary.config.journal)
-            .map(|j| {
-                runner.journals.entry(shadow.key()).or_insert_with(|| {
-                    LaneJournal::new(
-                        j.pipe.clone(),
-                        j.counters(&shadow.key()),
-                        1.0,
-                        primary.config.journal_features(),
-                        &shadow,
-                    )
-                })
-            });
-        let mut journal = journal;
-        let sessions: Vec<SessionInfo> = chunk
-            .sessions
-            .iter()
-            .map(|s| SessionInfo {
-                source: "shadow",
-                ..s.clone()
-            })
-            .collect();
+        runner.output.resize(rows * ow, 0.0);
+        runner.answered_ns.clear();
+        let mut failures: Vec<(usize, usize, String)> = Vec::new();
+        let mut engine = "";
         let mut start = 0;
         while start < rows {
             let n = (rows - start).min(largest);
-            let input = &chunk.features[start * iw..(start + n) * iw];
             let backend = shadow
                 .backend
                 .faster_engine_for(n)
                 .unwrap_or(shadow.backend.as_ref());
-            let output = &mut runner.output[..n * ow];
-            if let Err(err) = backend.run_batch(input, n, output) {
-                e.failed += n as u64;
-                e.warn(&primary_key, &format!("its batch failed: {err}"));
-                start += n;
-                continue;
-            }
-            let answered_ns = tie_client::monotonic_ns();
-            for r in 0..n {
-                let row = start + r;
-                let recorded = &chunk.outputs[row * ow..(row + 1) * ow];
-                let replayed = &output[r * ow..(r + 1) * ow];
-                e.divergence.add(recorded, replayed, || {
-                    (
-                        chunk.request_id[row],
-                        chunk.sessions[chunk.session[row] as usize].id,
-                        super::chunk::rfc3339(chunk.wall_ns(chunk.answered_ns[row])),
-                    )
-                });
-                if let Some(j) = journal.as_deref_mut() {
-                    j.record(super::Row {
-                        session: &sessions[chunk.session[row] as usize],
-                        engine: backend.info().engine,
-                        request_id: chunk.request_id[row],
-                        priority: chunk.priority[row],
-                        status: 0,
-                        sent_ns: chunk.sent_ns[row],
-                        read_ns: chunk.read_ns[row],
-                        answered_ns,
-                        features: Some(&input[r * iw..(r + 1) * iw]),
-                        outputs: Some((
-                            replayed,
-                            crate::dataplane::poller::row_confidence(
-                                replayed,
-                                shadow.config.uncertainty_output,
-                            ),
-                        )),
-                    });
+            engine = backend.info().engine;
+            let input = &chunk.features[start * iw..(start + n) * iw];
+            let output = &mut runner.output[start * ow..(start + n) * ow];
+            let done = backend.run_batch(input, n, output);
+            let now = tie_client::monotonic_ns();
+            match done {
+                Ok(()) => runner.answered_ns.extend(std::iter::repeat_n(now, n)),
+                Err(err) => {
+                    runner.answered_ns.extend(std::iter::repeat_n(0, n));
+                    failures.push((start, n, err.to_string()));
                 }
             }
             start += n;
+        }
+        let ran = |row: usize| runner.answered_ns[row] != 0;
+        // The shadow's answers journaled beside the primary's, when it keeps a journal.
+        if let Some(j) = self.journal.as_ref().filter(|_| primary.config.journal) {
+            let features = primary.config.journal_features();
+            let tap = runner
+                .journals
+                .entry((shadow.key(), iw, ow, features))
+                .or_insert_with(|| {
+                    LaneJournal::new(
+                        j.pipe.clone(),
+                        j.counters(&shadow.key()),
+                        1.0,
+                        features,
+                        &shadow,
+                    )
+                });
+            let sessions: Vec<SessionInfo> = chunk
+                .sessions
+                .iter()
+                .map(|s| SessionInfo {
+                    source: "shadow",
+                    ..s.clone()
+                })
+                .collect();
+            for row in (0..rows).filter(|&r| ran(r)) {
+                let outputs = &runner.output[row * ow..(row + 1) * ow];
+                tap.record(super::Row {
+                    session: &sessions[chunk.session[row] as usize],
+                    engine,
+                    request_id: chunk.request_id[row],
+                    priority: chunk.priority[row],
+                    status: 0,
+                    sent_ns: chunk.sent_ns[row],
+                    read_ns: chunk.read_ns[row],
+                    answered_ns: runner.answered_ns[row],
+                    features: Some(&chunk.features[row * iw..(row + 1) * iw]),
+                    outputs: Some((
+                        outputs,
+                        crate::dataplane::poller::row_confidence(
+                            outputs,
+                            shadow.config.uncertainty_output,
+                        ),
+                    )),
+                });
+            }
+        }
+        let mut evaluations = self.evaluations.locked();
+        let Some(e) = evaluations.get_mut(&primary_key) else {
+            return;
+        };
+        for (_, n, err) in &failures {
+            e.failed += *n as u64;
+            e.warn(&primary_key, &format!("its batch failed: {err}"));
+        }
+        for row in (0..rows).filter(|&r| ran(r)) {
+            let recorded = &chunk.outputs[row * ow..(row + 1) * ow];
+            let replayed = &runner.output[row * ow..(row + 1) * ow];
+            e.divergence.add(recorded, replayed, || {
+                (
+                    chunk.request_id[row],
+                    chunk.sessions[chunk.session[row] as usize].id,
+                    super::chunk::rfc3339(chunk.wall_ns(chunk.answered_ns[row])),
+                )
+            });
         }
     }
 }
@@ -439,11 +461,15 @@ impl Drop for Shadows {
     }
 }
 
-/// The runner's reused buffers and its journal taps (per shadow version).
+/// The runner's reused buffers and its journal taps (per shadow version, shape and whether
+/// features are kept).
 #[derive(Default)]
 struct Runner {
+    /// A chunk's shadow answers.
     output: Vec<f32>,
-    journals: HashMap<String, LaneJournal>,
+    /// Per row of the chunk: when its shadow batch was done (0: it failed).
+    answered_ns: Vec<u64>,
+    journals: HashMap<(String, usize, usize, bool), LaneJournal>,
 }
 
 /// The rule that shadows the version in `slot`: one naming its version (number or label)
@@ -490,7 +516,7 @@ fn report_of(e: &Evaluation, rule: &ShadowRule, dropped: u64) -> ShadowReport {
         identical: d.identical,
         within_tolerance: d.within_tolerance,
         different: d.different,
-        dropped,
+        dropped: dropped.saturating_sub(e.dropped_base),
         unavailable: e.unavailable,
         failed: e.failed,
         outputs: d

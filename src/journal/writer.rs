@@ -286,10 +286,12 @@ pub fn writer_task(journal: &Arc<Journal>) {
             };
             w.write(&chunk);
             if let Some(ch) = journal.clickhouse.get() {
-                ch.push(
-                    crate::monitor::clickhouse::Table::Journal,
-                    crate::monitor::clickhouse::journal_rows(ch.host(), &chunk),
-                );
+                use crate::monitor::clickhouse::{journal_rows, Table};
+                if ch.is_full(Table::Journal) {
+                    ch.count_dropped(Table::Journal, chunk.len() as u64);
+                } else {
+                    ch.push(Table::Journal, journal_rows(ch.host(), &chunk));
+                }
             }
             journal.pipe.give_back(chunk);
             wrote = true;

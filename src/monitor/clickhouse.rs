@@ -6,15 +6,17 @@
 //!   (JSON lines) to a bounded buffer per table; one thread (`tie-clickhouse`) sends them in
 //!   batches. When a table's buffer is full, new rows are dropped and counted.
 //! - An insert that fails is tried again with backoff (0.25 s doubling to 30 s); its rows stay
-//!   buffered meanwhile. One that ClickHouse answers with an error three times in a row is
-//!   dropped, counted and logged with ClickHouse's message (a row it cannot read must not stop
-//!   the rest); one that reaches no server is tried until it goes through.
+//!   buffered meanwhile, however long ClickHouse is away or failing. Only a batch ClickHouse
+//!   refuses for its data ([`is_data_error`]: a row it cannot parse or convert) three times in
+//!   a row is dropped, counted and logged with ClickHouse's message, so one bad row does not
+//!   stop the rest.
 //! - The tables are made if absent ([`METRICS_TABLE`], [`JOURNAL_TABLE`]), again after any
-//!   error (a server started afresh). They are `ReplacingMergeTree`s keyed by what makes a row
-//!   unique: an insert that landed but whose answer was lost, sent again, collapses at merge
-//!   (`SELECT … FINAL` counts exactly).
-//! - At shutdown the thread sends what is buffered for up to `timeout_ms`; what is left is
-//!   counted dropped and logged.
+//!   failed insert (a server started afresh). A `CREATE` that fails (a user allowed to insert
+//!   only) is logged and the insert tried anyway. The tables are `ReplacingMergeTree`s keyed by
+//!   what makes a row unique: an insert that landed but whose answer was lost, sent again,
+//!   collapses at merge (`SELECT … FINAL` counts exactly).
+//! - At shutdown the thread sends what is buffered for up to `timeout_ms` (an insert under way
+//!   then may take up to `timeout_ms` more); what is left is counted dropped and logged.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -77,8 +79,37 @@ pub const JOURNAL_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table} (
     confidence Nullable(Float32)
 ) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMMDD(time) ORDER BY (host, model, version, time_ns, session_id, request_id)";
 
-/// Inserts answered with an error this many times in a row are dropped.
+/// Inserts refused for their data this many times in a row are dropped.
 const REJECTED_AFTER: u32 = 3;
+
+/// ClickHouse's exception codes for data it cannot read: a batch refused with one of these
+/// fails the same way every time. (Others, such as a memory limit or too many parts, pass.)
+const DATA_ERRORS: [u32; 12] = [
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+];
+
+/// Whether ClickHouse's error text (`Code: 27, e.displayText() = …` in ClickHouse 18,
+/// `Code: 27. DB::Exception: …` since) is one of [`DATA_ERRORS`].
+pub fn is_data_error(text: &str) -> bool {
+    text.split("Code: ")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>().ok()
+        })
+        .is_some_and(|code| DATA_ERRORS.contains(&code))
+}
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A failing ClickHouse is logged at most this often.
@@ -121,11 +152,20 @@ impl Table {
     }
 }
 
+/// A secret that `Debug` does not show.
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(secret)")
+    }
+}
+
 /// The sink: buffers, counters and the sending thread.
 #[derive(Debug)]
 pub struct ClickHouse {
     config: ClickHouseSection,
-    password: Option<String>,
+    password: Option<Secret>,
     /// The `host` column's value.
     host: String,
     buffers: Mutex<[VecDeque<String>; 2]>,
@@ -166,10 +206,12 @@ impl ClickHouse {
             .password_file
             .as_ref()
             .map(|path| {
-                read_secret(path).map_err(|source| ClickHouseStartError::Password {
-                    path: path.clone(),
-                    source,
-                })
+                read_secret(path)
+                    .map(Secret)
+                    .map_err(|source| ClickHouseStartError::Password {
+                        path: path.clone(),
+                        source,
+                    })
             })
             .transpose()?;
         let host = config.host.clone().unwrap_or_else(|| {
@@ -214,6 +256,19 @@ impl ClickHouse {
         &self.counters[table as usize]
     }
 
+    /// Whether `table`'s buffer is full: rows pushed now would be dropped.
+    pub fn is_full(&self, table: Table) -> bool {
+        self.buffers.locked()[table as usize].len() >= self.config.buffer_rows
+    }
+
+    /// Counts `rows` dropped for want of room (see [`ClickHouse::is_full`]), without making
+    /// them.
+    pub fn count_dropped(&self, table: Table, rows: u64) {
+        self.counters[table as usize]
+            .dropped_full
+            .fetch_add(rows, Ordering::Relaxed);
+    }
+
     /// Appends rows (JSON lines) to `table`'s buffer; those past `buffer_rows` are dropped
     /// and counted. Never waits on ClickHouse.
     pub fn push(&self, table: Table, rows: impl IntoIterator<Item = String>) {
@@ -242,8 +297,12 @@ impl ClickHouse {
     /// Sends what is buffered (for at most `timeout_ms`), counts the rest dropped and stops
     /// the thread. Call after the last rows were pushed.
     pub fn finish(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
+        {
+            // Under the lock: the thread checks `stopping` under it before it waits.
+            let _buffers = self.buffers.locked();
+            self.stopping.store(true, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
         if let Some(h) = self.thread.locked().take() {
             if h.join().is_err() {
                 tracing::error!("the ClickHouse thread panicked");
@@ -275,7 +334,8 @@ impl ClickHouse {
                 stop_by = Some(Instant::now() + Duration::from_millis(self.config.timeout_ms));
             }
             let now = Instant::now();
-            let waiting = s.retry_at.is_some_and(|t| now < t);
+            // A stopping server does not wait out a backoff: it tries until `stop_by`.
+            let waiting = !stopping && s.retry_at.is_some_and(|t| now < t);
             let mut sent_any = false;
             if !waiting {
                 for table in Table::ALL {
@@ -301,13 +361,21 @@ impl ClickHouse {
             }
             if !sent_any {
                 let buffers = self.buffers.locked();
-                let wait = match s.retry_at {
+                let mut wait = match s.retry_at {
                     Some(t) => t.saturating_duration_since(Instant::now()),
                     None => flush.min(Duration::from_millis(100)),
                 };
-                let _ = self
-                    .wake
-                    .wait_timeout(buffers, wait.max(Duration::from_millis(1)));
+                if let Some(t) = stop_by {
+                    // Stopping: a short pause between tries, never past `stop_by`.
+                    wait = wait
+                        .min(BACKOFF_FIRST)
+                        .min(t.saturating_duration_since(Instant::now()));
+                }
+                if self.stopping.load(Ordering::SeqCst) == stopping {
+                    let _ = self
+                        .wake
+                        .wait_timeout(buffers, wait.max(Duration::from_millis(1)));
+                }
             }
         }
         for table in Table::ALL {
@@ -351,14 +419,13 @@ impl ClickHouse {
         if rows == 0 {
             return Ok(());
         }
-        let outcome = self.make_tables(s).and_then(|()| {
-            let name = self.table_name(table);
-            self.query(
-                &s.agent,
-                &format!("INSERT INTO {name} FORMAT JSONEachRow"),
-                body.into_bytes(),
-            )
-        });
+        self.make_tables(s);
+        let name = self.table_name(table);
+        let outcome = self.query(
+            &s.agent,
+            &format!("INSERT INTO {name} FORMAT JSONEachRow"),
+            body.into_bytes(),
+        );
         let c = &self.counters[i];
         let done = match outcome {
             Ok(()) => {
@@ -370,15 +437,17 @@ impl ClickHouse {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 // The tables are made again before the next try (a server started afresh).
                 s.tables_made = false;
-                let refused = matches!(failure, Failure::Refused(_));
+                let refused = matches!(&failure, Failure::Refused(text) if is_data_error(text));
                 if refused {
                     s.refused[i] += 1;
+                } else {
+                    s.refused[i] = 0;
                 }
                 s.warn(table, &failure, rows);
                 if refused && s.refused[i] >= REJECTED_AFTER {
                     c.dropped_rejected.fetch_add(rows as u64, Ordering::Relaxed);
                     tracing::error!(table = table.name(), rows, error = %failure,
-                        "ClickHouse refused these rows {REJECTED_AFTER} times: dropped");
+                        "ClickHouse refused these rows for their data {REJECTED_AFTER} times: dropped");
                     s.refused[i] = 0;
                     true
                 } else {
@@ -409,25 +478,27 @@ impl ClickHouse {
         format!("{}.{name}", self.config.database)
     }
 
-    /// Makes the tables if absent, once per connection to a server.
-    fn make_tables(&self, s: &mut Sender) -> Result<(), Failure> {
+    /// Makes the tables if absent: before the first insert, and again after an insert
+    /// failed. A `CREATE` refused (a user allowed to insert only) is logged, and not tried
+    /// again until an insert fails; one that reaches no server is tried again next time.
+    fn make_tables(&self, s: &mut Sender) {
         if s.tables_made {
-            return Ok(());
+            return;
         }
-        self.query(
-            &s.agent,
-            &METRICS_TABLE.replace("{table}", &self.table_name(Table::Metrics)),
-            Vec::new(),
-        )?;
+        let mut ddl = vec![METRICS_TABLE.replace("{table}", &self.table_name(Table::Metrics))];
         if self.config.journal {
-            self.query(
-                &s.agent,
-                &JOURNAL_TABLE.replace("{table}", &self.table_name(Table::Journal)),
-                Vec::new(),
-            )?;
+            ddl.push(JOURNAL_TABLE.replace("{table}", &self.table_name(Table::Journal)));
+        }
+        for q in ddl {
+            match self.query(&s.agent, &q, Vec::new()) {
+                Ok(()) => {}
+                Err(Failure::Unreachable(_)) => return,
+                Err(e @ Failure::Refused(_)) => {
+                    tracing::warn!(error = %e, "cannot make a ClickHouse table (if it exists, inserts still work)");
+                }
+            }
         }
         s.tables_made = true;
-        Ok(())
     }
 
     /// Runs `query` with `body` as its data.
@@ -438,7 +509,7 @@ impl ClickHouse {
             request = request.header("X-ClickHouse-User", user);
         }
         if let Some(password) = &self.password {
-            request = request.header("X-ClickHouse-Key", password);
+            request = request.header("X-ClickHouse-Key", &password.0);
         }
         let mut response = request
             .send(&body[..])
@@ -456,6 +527,18 @@ impl ClickHouse {
             .take(500)
             .collect::<String>();
         Err(Failure::Refused(format!("HTTP {code}: {text}")))
+    }
+}
+
+/// Finishes a sink when dropped, unless disarmed: a server that fails to start after its sink
+/// did stops the sink's thread.
+pub struct FinishOnDrop(pub Option<Arc<ClickHouse>>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(ch) = self.0.take() {
+            ch.finish();
+        }
     }
 }
 
@@ -765,6 +848,28 @@ mod tests {
             .filter(|l| l.starts_with("    "))
             .count();
         assert_eq!(v.as_object().unwrap().len(), columns, "{row}");
+    }
+
+    #[test]
+    fn only_errors_in_the_data_drop_a_batch() {
+        // ClickHouse 18's form, and the newer one.
+        assert!(is_data_error(
+            "HTTP 500: Code: 27, e.displayText() = DB::Exception: Cannot parse input"
+        ));
+        assert!(is_data_error(
+            "HTTP 400: Code: 117. DB::Exception: Incorrect data"
+        ));
+        // A memory limit, too many parts, a missing table, no code at all: tried again.
+        assert!(!is_data_error(
+            "HTTP 500: Code: 241, e.displayText() = Memory limit"
+        ));
+        assert!(!is_data_error(
+            "HTTP 500: Code: 252. DB::Exception: Too many parts"
+        ));
+        assert!(!is_data_error(
+            "HTTP 404: Code: 60, e.displayText() = Table doesn't exist"
+        ));
+        assert!(!is_data_error("HTTP 503: Service Unavailable"));
     }
 
     #[test]

@@ -100,7 +100,8 @@ const DATA_ERRORS: [u32; 12] = [
 ];
 
 /// Whether ClickHouse's error text (`Code: 27, e.displayText() = …` in ClickHouse 18,
-/// `Code: 27. DB::Exception: …` since) is one of [`DATA_ERRORS`].
+/// `Code: 27. DB::Exception: …` since) names one of the data errors: parse and conversion
+/// failures, a row it cannot read.
 pub fn is_data_error(text: &str) -> bool {
     text.split("Code: ")
         .nth(1)

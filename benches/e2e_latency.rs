@@ -110,6 +110,8 @@ fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let socket_dir = std::env::temp_dir().join(format!("tie-bench-{}", std::process::id()));
 
+    // As `tie serve` does.
+    tie::memory::keep_freed_memory();
     let mut config = ServiceConfig::default();
     config.server.endpoint = "bench".into();
     config.server.socket_dir = Some(socket_dir.clone());

@@ -15,7 +15,7 @@
 //! - [`http`]: the control plane: the JSON API (predictions through the same rings, model
 //!   management, health, metrics) and its OpenAPI document.
 //! - the `tie` binary's commands (`src/cli/`) wire these together; [`config`] the service's TOML file; [`host`] what the host's
-//!   CPUs are; [`logging`] the log format.
+//!   CPUs are; [`logging`] the log format; [`memory`] the allocator's settings.
 //!
 //! The engines are the `tie-engine` crate, the interval-log codec `tie-hlog`, the load
 //! generator and its charts `tie-loadgen`; the shared-memory ABI is `tie-layouts`.
@@ -28,6 +28,7 @@ pub mod host;
 pub mod http;
 pub mod journal;
 pub mod logging;
+pub mod memory;
 pub mod models;
 pub mod monitor;
 mod sync;

@@ -91,6 +91,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.model_deployment.exit_on_error = e;
     }
     tie::logging::init(config.server.log_format);
+    // Before any thread starts: freeing memory must not interrupt the spinning pollers.
+    tie::memory::keep_freed_memory();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;

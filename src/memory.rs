@@ -1,0 +1,29 @@
+//! The allocator's settings for a process with spinning pollers: memory freed stays in the
+//! process instead of going back to the kernel.
+//!
+//! Giving memory back (glibc trims a heap's top, and unmaps a large block when it is freed)
+//! changes the process's page tables, and the kernel then interrupts every CPU running one of
+//! its threads to flush its TLB. A spinning poller takes every one of those interrupts. The
+//! journal's writer frees a row group's buffers (megabytes) every few thousand rows: with it
+//! writing 64-feature rows at 400,000 a second, the poller's CPU took 15,000–40,000 TLB
+//! shootdowns in a 12-second sweep, against about 100 without the journal or with these
+//! settings (BENCHMARKS.md).
+
+/// glibc: blocks of up to 32 MiB come from the heap instead of mappings of their own, and no
+/// heap is trimmed, so freeing memory never changes the page tables. The process's resident
+/// memory then stays at its peak. Logged when the allocator refuses; nothing to do on other C
+/// libraries.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallopt` only sets the allocator's thresholds (it takes the allocator's own
+        // lock); no memory is touched.
+        let set = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        };
+        if !set {
+            tracing::warn!("the allocator keeps its thresholds: freed memory may go back to the kernel, and spinning pollers take TLB shootdowns");
+        }
+    }
+}

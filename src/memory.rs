@@ -5,9 +5,9 @@
 //! changes the process's page tables, and the kernel then interrupts every CPU running one of
 //! its threads to flush its TLB. A spinning poller takes every one of those interrupts. The
 //! journal's writer frees a row group's buffers (megabytes) every few thousand rows: with it
-//! writing 64-feature rows at 400,000 a second, the poller's CPU took 15,000–40,000 TLB
-//! shootdowns in a 12-second sweep, against about 100 without the journal or with these
-//! settings (BENCHMARKS.md).
+//! writing 64-feature rows at up to 400,000 a second, the poller's CPU took 14,000–40,000 TLB
+//! shootdowns in a load sweep of 4–15 seconds, against 20–160 without the journal or with
+//! these settings (BENCHMARKS.md).
 
 /// glibc: blocks of up to 32 MiB come from the heap instead of mappings of their own, and no
 /// heap is trimmed, so freeing memory never changes the page tables. The process's resident

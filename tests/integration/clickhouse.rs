@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::common::{eventually, scratch_dir, send, TestServer, TEST_CONFIG};
+use crate::journal::metric;
 use serde_json::Value;
 
 /// The `clickhouse-server` binary, installed from Debian's packages when absent; `None`
@@ -212,20 +213,12 @@ impl Drop for ClickHouseServer {
 /// A tie server journaling mlp64 (into `journal_dir`) and pushing to `ch` with `extra` keys
 /// in `[clickhouse]`; figures every 200 ms.
 fn tie_server(ch: &ClickHouseServer, journal_dir: &std::path::Path, extra: &str) -> TestServer {
-    let repo = scratch_dir("clickhouse-repo");
-    crate::common::add_version(&repo, "mlp64", 1, "mlp64", 1);
-    crate::common::add_version(&repo, "identity", 1, "identity", 1);
-    std::fs::write(
-        repo.join("mlp64/config.toml"),
-        "backend = \"cpu\"\njournal = true\n",
-    )
-    .unwrap();
     let config = format!(
         "{TEST_CONFIG}\n[monitoring]\ninterval_ms = 200\n[journal]\ndir = {journal_dir:?}\n\
          rotate_seconds = 1\n[clickhouse]\nurl = \"{}\"\njournal = true\nflush_ms = 100\n{extra}",
         ch.url()
     );
-    TestServer::start_with(&config, &repo)
+    TestServer::start_with(&config, &crate::journal::repository(""))
 }
 
 /// Sends `n` mlp64 rows, one at a time.
@@ -236,16 +229,6 @@ fn predict(server: &TestServer, n: usize) {
     for i in 0..n {
         client.predict(&f.inputs[i % f.inputs.len()]).unwrap();
     }
-}
-
-/// A sample of the tie server's `/metrics`.
-fn metric(server: &TestServer, sample: &str) -> Option<f64> {
-    let (code, text) = send("GET", &format!("{}/metrics", server.http()), None);
-    assert_eq!(code, 200);
-    text.lines()
-        .find(|l| l.starts_with(sample))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tie_client::{Client, ConnectOptions, Priority, Status};
 
 /// A repository of mlp64 (journaled, with `journal_keys`) and identity (not journaled).
-fn repository(journal_keys: &str) -> PathBuf {
+pub(crate) fn repository(journal_keys: &str) -> PathBuf {
     let repo = scratch_dir("journal-repo");
     crate::common::add_version(&repo, "mlp64", 1, "mlp64", 1);
     crate::common::add_version(&repo, "identity", 1, "identity", 1);
@@ -74,7 +74,7 @@ fn closed_files(dir: &Path) -> (usize, Vec<String>) {
 }
 
 /// A sample of the server's `/metrics`, by its line's start.
-fn metric(server: &TestServer, line_start: &str) -> Option<f64> {
+pub(crate) fn metric(server: &TestServer, line_start: &str) -> Option<f64> {
     let (code, text) = send("GET", &format!("{}/metrics", server.http()), None);
     assert_eq!(code, 200);
     text.lines()
@@ -385,8 +385,10 @@ fn replay(args: &[&str]) -> (i32, Value) {
     (code, serde_json::from_slice(&out.stdout).unwrap())
 }
 
-#[test]
-fn a_replay_through_the_same_version_is_identical_and_through_another_is_reported_and_gated() {
+/// A server journaling into a fresh directory, serving versions 1 and 2 of `multi` on the CPU,
+/// both journaled, with `routing` as the repository's `routing.toml` (none when empty).
+/// Returns the journal's directory, the repository and the server.
+fn multi_server(routing: &str) -> (PathBuf, PathBuf, TestServer) {
     let dir = scratch_dir("journal").join("files");
     let repo = scratch_dir("journal-repo");
     crate::common::add_version(&repo, "multi", 1, "multi", 1);
@@ -396,23 +398,41 @@ fn a_replay_through_the_same_version_is_identical_and_through_another_is_reporte
         "backend = \"cpu\"\njournal = true\n",
     )
     .unwrap();
-    let mut server = server(&dir, &repo, "");
+    if !routing.is_empty() {
+        std::fs::write(repo.join("routing.toml"), routing).unwrap();
+    }
+    let server = server(&dir, &repo, "");
+    (dir, repo, server)
+}
+
+/// A client of `multi` version 1, and what it was answered to `n` rows sent one at a time
+/// (`pause` after each): the fixture's rows scaled, every row a different one. The answers
+/// are by request id.
+fn send_scaled(server: &TestServer, n: usize, pause: Duration) -> (Client, HashMap<u64, Vec<f32>>) {
     let f = fixture("multi_v1");
     let options = ConnectOptions {
         version: Some(1),
         ..server.options()
     };
     let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
-    let rows_sent = 200;
-    for i in 0..rows_sent {
-        // The fixture's rows, scaled: every row a different one.
+    let mut answered = HashMap::new();
+    for i in 0..n {
         let row: Vec<f32> = f.inputs[i % f.inputs.len()]
             .iter()
             .map(|v| v * (1.0 + i as f32 / 100.0))
             .collect();
-        client.predict(&row).unwrap();
+        let r = client.predict(&row).unwrap();
+        answered.insert(r.response.request_id, r.outputs().to_vec());
+        std::thread::sleep(pause);
     }
-    drop(client);
+    (client, answered)
+}
+
+#[test]
+fn a_replay_through_the_same_version_is_identical_and_through_another_is_reported_and_gated() {
+    let (dir, repo, mut server) = multi_server("");
+    let rows_sent = 200;
+    drop(send_scaled(&server, rows_sent, Duration::ZERO));
     assert!(server.stop());
     let (dir_s, repo_s) = (dir.to_str().unwrap(), repo.to_str().unwrap());
 
@@ -528,37 +548,11 @@ fn shadow_report(server: &TestServer, key: &str) -> Value {
 
 #[test]
 fn a_shadow_answers_nothing_and_its_divergence_and_answers_are_reported_and_journaled() {
-    let dir = scratch_dir("journal").join("files");
-    let repo = scratch_dir("journal-repo");
-    crate::common::add_version(&repo, "multi", 1, "multi", 1);
-    crate::common::add_version(&repo, "multi", 2, "multi", 2);
-    std::fs::write(
-        repo.join("multi/config.toml"),
-        "backend = \"cpu\"\njournal = true\n",
-    )
-    .unwrap();
-    std::fs::write(
-        repo.join("routing.toml"),
-        "[shadows.\"multi:1\"]\nshadow = \"multi:2\"\ntolerance = 1e-6\n",
-    )
-    .unwrap();
-    let mut server = server(&dir, &repo, "");
+    let (dir, repo, mut server) =
+        multi_server("[shadows.\"multi:1\"]\nshadow = \"multi:2\"\ntolerance = 1e-6\n");
     let f = fixture("multi_v1");
-    let options = ConnectOptions {
-        version: Some(1),
-        ..server.options()
-    };
-    let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
     let rows_sent = 300u64;
-    let mut answered = HashMap::new();
-    for i in 0..rows_sent as usize {
-        let row: Vec<f32> = f.inputs[i % f.inputs.len()]
-            .iter()
-            .map(|v| v * (1.0 + i as f32 / 100.0))
-            .collect();
-        let r = client.predict(&row).unwrap();
-        answered.insert(r.response.request_id, r.outputs().to_vec());
-    }
+    let (mut client, answered) = send_scaled(&server, rows_sent as usize, Duration::ZERO);
     // Only the primary answered: one answer per request, version 1's.
     assert_eq!(answered.len(), rows_sent as usize);
     assert!(client.poll().is_none());
@@ -747,37 +741,10 @@ fn ranks(x: &[f64]) -> Vec<f64> {
 #[test]
 fn the_outcomes_example_scores_each_version_by_request_id_and_by_time_with_duckdb_and_polars() {
     // Version 1 answers, version 2 shadows it: both are journaled with the same request ids.
-    let dir = scratch_dir("journal").join("files");
-    let repo = scratch_dir("journal-repo");
-    crate::common::add_version(&repo, "multi", 1, "multi", 1);
-    crate::common::add_version(&repo, "multi", 2, "multi", 2);
-    std::fs::write(
-        repo.join("multi/config.toml"),
-        "backend = \"cpu\"\njournal = true\n",
-    )
-    .unwrap();
-    std::fs::write(
-        repo.join("routing.toml"),
-        "[shadows.\"multi:1\"]\nshadow = \"multi:2\"\n",
-    )
-    .unwrap();
-    let mut server = server(&dir, &repo, "");
-    let f = fixture("multi_v1");
-    let options = ConnectOptions {
-        version: Some(1),
-        ..server.options()
-    };
-    let mut client = Client::connect(&server.endpoint, "multi", options).unwrap();
+    let (dir, _repo, mut server) = multi_server("[shadows.\"multi:1\"]\nshadow = \"multi:2\"\n");
     let n = 200;
-    for i in 0..n {
-        let row: Vec<f32> = f.inputs[i % f.inputs.len()]
-            .iter()
-            .map(|v| v * (1.0 + i as f32 / 50.0))
-            .collect();
-        client.predict(&row).unwrap();
-        // Send stamps a few microseconds apart: the as-of join by time is then exact.
-        std::thread::sleep(Duration::from_micros(20));
-    }
+    // Send stamps 20 µs apart or more: the as-of join by time is then exact.
+    let (client, _) = send_scaled(&server, n, Duration::from_micros(20));
     let session = client.session_id();
     drop(client);
     let mut report = Value::Null;

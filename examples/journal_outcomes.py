@@ -5,10 +5,12 @@ rank IC (Spearman), computed with DuckDB and again with polars.
 
     python journal_outcomes.py JOURNAL_DIR OUTCOMES.csv MODEL [--on request|time]
 
---on request (the default): OUTCOMES.csv has the columns session_id, request_id, outcome: the
-outcome of the request a client sent with that id on that session (the client knows both:
-`Client::session_id()` and the id `submit` returned). A shadow version's rows carry the
-primary's request ids, so they are scored on the same outcomes.
+--on request (the default): OUTCOMES.csv has the columns pid, session_id, request_id, outcome:
+the outcome of the request the client process `pid` sent with that id on that session (the
+client knows all three: its process id, `Client::session_id()` and the id `submit` returned).
+Session ids are unique within one run of the server only, and request ids within a session:
+the client's pid tells runs apart. A shadow version's rows carry the primary's ids, so they
+are scored on the same outcomes.
 
 --on time: OUTCOMES.csv has the columns time (RFC 3339, UTC), outcome: each prediction gets
 the first outcome at or after the time its client sent the request (an as-of join on the
@@ -30,7 +32,7 @@ def sql_string(s):
 
 def with_duckdb(journal, outcomes, model, on):
     predictions = f"""
-        select version, session_id, request_id, sent_time::timestamptz as sent_time,
+        select version, pid, session_id, request_id, sent_time::timestamptz as sent_time,
                outputs[1] as prediction
         from read_parquet({sql_string(journal + '/*.parquet')})
         where model = {sql_string(model)} and status = 'Ok'"""
@@ -39,9 +41,9 @@ def with_duckdb(journal, outcomes, model, on):
         select p.version, p.prediction, o.outcome
         from predictions p
         join read_csv({sql_string(outcomes)}, header = true,
-                      columns = {{'session_id': 'UBIGINT', 'request_id': 'UBIGINT',
-                                  'outcome': 'DOUBLE'}}) o
-          using (session_id, request_id)"""
+                      columns = {{'pid': 'UINTEGER', 'session_id': 'UBIGINT',
+                                  'request_id': 'UBIGINT', 'outcome': 'DOUBLE'}}) o
+          using (pid, session_id, request_id)"""
     else:
         joined = f"""
         select p.version, p.prediction, o.outcome
@@ -83,6 +85,7 @@ def with_polars(journal, outcomes, model, on):
         .filter((pl.col("model") == model) & (pl.col("status") == "Ok"))
         .select(
             "version",
+            "pid",
             "session_id",
             "request_id",
             pl.col("sent_time").dt.cast_time_unit("us"),
@@ -92,9 +95,14 @@ def with_polars(journal, outcomes, model, on):
     if on == "request":
         o = pl.scan_csv(
             outcomes,
-            schema={"session_id": pl.UInt64, "request_id": pl.UInt64, "outcome": pl.Float64},
+            schema={
+                "pid": pl.UInt32,
+                "session_id": pl.UInt64,
+                "request_id": pl.UInt64,
+                "outcome": pl.Float64,
+            },
         )
-        joined = predictions.join(o, on=["session_id", "request_id"], how="inner")
+        joined = predictions.join(o, on=["pid", "session_id", "request_id"], how="inner")
     else:
         o = pl.scan_csv(outcomes, schema={"time": pl.String, "outcome": pl.Float64}).select(
             pl.col("time").str.to_datetime(time_unit="us", time_zone="UTC"), "outcome"

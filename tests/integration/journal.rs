@@ -761,14 +761,15 @@ fn the_outcomes_example_scores_each_version_by_request_id_and_by_time_with_duckd
     let first = |r: &Value| r["outputs"][0].as_f64().unwrap() as f32 as f64;
     let noise = |id: u64| (id.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0 - 0.5;
     let mut outcome = HashMap::new();
-    let mut by_request = String::from("session_id,request_id,outcome\n");
+    let mut by_request = String::from("pid,session_id,request_id,outcome\n");
     let mut by_time = String::from("time,outcome\n");
     for r in &primary {
         let id = r["request_id"].as_u64().unwrap();
         assert_eq!(r["session_id"], session);
         let o = 0.5 * first(r) + 0.05 * noise(id);
         outcome.insert(id, o);
-        by_request.push_str(&format!("{session},{id},{o}\n"));
+        assert_eq!(r["pid"], std::process::id());
+        by_request.push_str(&format!("{},{session},{id},{o}\n", std::process::id()));
         // 5 µs after the send stamp (the next request is sent 20 µs later or more): the first
         // outcome at or after it is its own.
         let sent_us = r["sent_ns"].as_i64().unwrap() / 1000;

@@ -52,6 +52,34 @@ pub struct ModelCounters {
     pub dropped: AtomicU64,
 }
 
+/// Counters per model version (`name:version`), made on first use.
+#[derive(Debug, Default)]
+pub struct CountersByKey(Mutex<HashMap<String, Arc<ModelCounters>>>);
+
+impl CountersByKey {
+    /// The counters of `key`, made on first use.
+    pub fn of(&self, key: &str) -> Arc<ModelCounters> {
+        self.0.locked().entry(key.into()).or_default().clone()
+    }
+
+    /// The counters of `key`, if made.
+    pub fn get(&self, key: &str) -> Option<Arc<ModelCounters>> {
+        self.0.locked().get(key).cloned()
+    }
+
+    /// Every key's counters, by key.
+    pub fn all(&self) -> Vec<(String, Arc<ModelCounters>)> {
+        let mut all: Vec<_> = self
+            .0
+            .locked()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
 /// Chunks between the lanes that fill them and the one thread that empties them (the
 /// journal's writer, or the shadow runner): two bounded lock-free queues, every chunk in one
 /// of them or held by its user.
@@ -100,7 +128,7 @@ pub struct Journal {
     /// Chunks from the pollers to the writer.
     pipe: Arc<Pipe>,
     /// Per model key (`name:version`).
-    counters: Mutex<HashMap<String, Arc<ModelCounters>>>,
+    counters: CountersByKey,
     /// Files closed.
     pub files: AtomicU64,
     /// Files that could not be written (their rows are counted dropped).
@@ -174,7 +202,7 @@ impl Journal {
         Arc::new(Self {
             config: config.clone(),
             pipe: Arc::new(Pipe::new(chunks)),
-            counters: Mutex::default(),
+            counters: CountersByKey::default(),
             files: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -191,23 +219,12 @@ impl Journal {
 
     /// The counters of model version `key`, made on first use.
     pub fn counters(&self, key: &str) -> Arc<ModelCounters> {
-        self.counters
-            .locked()
-            .entry(key.into())
-            .or_default()
-            .clone()
+        self.counters.of(key)
     }
 
     /// Every model version's counters, by key.
     pub fn all_counters(&self) -> Vec<(String, Arc<ModelCounters>)> {
-        let mut all: Vec<_> = self
-            .counters
-            .locked()
-            .iter()
-            .map(|(k, c)| (k.clone(), c.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        self.counters.all()
     }
 
     /// Writes what is queued, closes the file being written (it becomes readable) and stops

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::compare::Divergence;
-use super::{Journal, LaneJournal, ModelCounters, Pipe, SessionInfo, CHUNK_AGE_NS};
+use super::{CountersByKey, Journal, LaneJournal, Pipe, SessionInfo, CHUNK_AGE_NS};
 use crate::models::routing::ShadowRule;
 use crate::models::{LoadedModel, ModelSet, Models};
 use crate::sync::{Locked, RwLocked};
@@ -89,7 +89,7 @@ pub struct Shadows {
     /// Bumped by every change of the rules (pollers compare it).
     generation: AtomicU64,
     /// Rows dropped by the lanes, per primary `name:version`.
-    counters: Mutex<HashMap<String, Arc<ModelCounters>>>,
+    counters: CountersByKey,
     /// Per primary `name:version`.
     evaluations: Mutex<BTreeMap<String, Evaluation>>,
     stopping: AtomicBool,
@@ -174,7 +174,7 @@ impl Shadows {
             journal,
             rules: RwLock::default(),
             generation: AtomicU64::new(0),
-            counters: Mutex::default(),
+            counters: CountersByKey::default(),
             evaluations: Mutex::default(),
             stopping: AtomicBool::new(false),
             runner: Mutex::new(None),
@@ -222,19 +222,11 @@ impl Shadows {
         let model = set.get(slot)?;
         Some(LaneJournal::new(
             self.pipe.clone(),
-            self.counters(&model.key()),
+            self.counters.of(&model.key()),
             rule.sample_rate,
             true,
             model,
         ))
-    }
-
-    fn counters(&self, key: &str) -> Arc<ModelCounters> {
-        self.counters
-            .locked()
-            .entry(key.into())
-            .or_default()
-            .clone()
     }
 
     /// The figures of primary `key` (`name:version`), when a rule shadows it.
@@ -245,7 +237,6 @@ impl Shadows {
         let (_, rule) = rule_of(&rules, &set, slot)?;
         let dropped = self
             .counters
-            .locked()
             .get(key)
             .map_or(0, |c| c.dropped.load(Ordering::Relaxed));
         let evaluations = self.evaluations.locked();
@@ -329,7 +320,11 @@ impl Shadows {
         let shadow = target(&set, &rule.shadow);
         let rows = chunk.len();
         let (iw, ow) = (chunk.input_width, chunk.output_width);
-        let dropped_now = self.counters(&primary_key).dropped.load(Ordering::Relaxed);
+        let dropped_now = self
+            .counters
+            .of(&primary_key)
+            .dropped
+            .load(Ordering::Relaxed);
         {
             let mut evaluations = self.evaluations.locked();
             let e = evaluations

@@ -341,7 +341,7 @@ impl ClickHouse {
             if !waiting {
                 for table in Table::ALL {
                     let i = table as usize;
-                    let (len, _) = self.lens(table);
+                    let len = self.buffered(table);
                     let due = len >= self.config.batch_rows
                         || (len > 0 && (stopping || now - s.last_table[i] >= flush));
                     if !due {
@@ -356,7 +356,7 @@ impl ClickHouse {
                     }
                 }
             }
-            let empty = Table::ALL.iter().all(|&t| self.lens(t).0 == 0);
+            let empty = Table::ALL.iter().all(|&t| self.buffered(t) == 0);
             if stopping && (empty || stop_by.is_some_and(|t| Instant::now() >= t)) {
                 break;
             }
@@ -397,10 +397,9 @@ impl ClickHouse {
         }
     }
 
-    /// Rows buffered for `table`, and its batch size.
-    fn lens(&self, table: Table) -> (usize, usize) {
-        let n = self.buffers.locked()[table as usize].len();
-        (n, n.min(self.config.batch_rows))
+    /// Rows buffered for `table`.
+    fn buffered(&self, table: Table) -> usize {
+        self.buffers.locked()[table as usize].len()
     }
 
     /// Sends one batch of `table`: its oldest rows, removed once ClickHouse took them (or
@@ -720,19 +719,11 @@ pub fn metrics_row(
     device_memory_bytes: Option<u64>,
 ) -> String {
     use super::Stage;
-    use tie_layouts::abi::Status;
     let (model, version) = key.rsplit_once(':').unwrap_or((key, ""));
     let total = &sample.hist[Stage::Total as usize];
     let q = |p: f64| (!total.is_empty()).then(|| total.value_at_quantile(p) as f64 / 1e6);
     let responses = sample.total_responses();
-    let mut kinds = Vec::new();
-    let mut counts = Vec::new();
-    for (code, &n) in sample.responses.iter().enumerate().skip(1) {
-        if n > 0 {
-            kinds.push(Status(code as u32).name().unwrap_or("Other"));
-            counts.push(n);
-        }
-    }
+    let (kinds, counts): (Vec<&str>, Vec<u64>) = sample.errors_by_kind().unzip();
     let secs = interval.as_secs_f64().max(1e-9);
     let mut o = String::with_capacity(512);
     let _ = write!(
@@ -757,9 +748,8 @@ pub fn metrics_row(
     let _ = write!(
         o,
         ",\"timeouts\":{},\"rejections\":{}",
-        sample.responses[Status::TIMEOUT.0 as usize],
-        sample.responses[Status::QUEUE_FULL.0 as usize]
-            + sample.responses[Status::REJECTED.0 as usize]
+        sample.timeouts(),
+        sample.rejections()
     );
     o.push_str(",\"error_kinds\":");
     o.push_str(&serde_json::to_string(&kinds).unwrap_or_default());

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tie_layouts::abi::Status;
 
 use super::*;
 
@@ -116,12 +115,8 @@ pub(super) fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
     let q = |p: f64| (!total.is_empty()).then(|| total.value_at_quantile(p) as f32 / 1e6);
     let answered = t.total_responses();
     let errors_by_kind = t
-        .responses
-        .iter()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, &n)| n > 0)
-        .map(|(code, &n)| (Status(code as u32).name().unwrap_or("Other").to_string(), n))
+        .errors_by_kind()
+        .map(|(kind, n)| (kind.to_string(), n))
         .collect();
     ModelPerformanceMetrics {
         model_key: s.entry.key.clone(),
@@ -129,9 +124,8 @@ pub(super) fn metrics_of(s: &ModelState) -> ModelPerformanceMetrics {
         total_requests: answered,
         successful_requests: t.responses[0],
         failed_requests: t.failures(),
-        timeouts: t.responses[Status::TIMEOUT.0 as usize],
-        rejections: t.responses[Status::QUEUE_FULL.0 as usize]
-            + t.responses[Status::REJECTED.0 as usize],
+        timeouts: t.timeouts(),
+        rejections: t.rejections(),
         errors_by_kind,
         avg_latency_ms: s.ema_ms.map(|v| v as f32),
         p50_latency_ms: q(0.5),

@@ -187,6 +187,27 @@ impl Sample {
     pub fn total_responses(&self) -> u64 {
         self.responses.iter().sum()
     }
+
+    /// Responses whose deadline passed before they ran.
+    pub fn timeouts(&self) -> u64 {
+        self.responses[Status::TIMEOUT.0 as usize]
+    }
+
+    /// Responses refused: queue full or malformed.
+    pub fn rejections(&self) -> u64 {
+        self.responses[Status::QUEUE_FULL.0 as usize] + self.responses[Status::REJECTED.0 as usize]
+    }
+
+    /// Error responses by kind (the ABI's status names; `Other` past them), kinds with none
+    /// left out, in status order.
+    pub fn errors_by_kind(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.responses
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, &n)| n > 0)
+            .map(|(code, &n)| (Status(code as u32).name().unwrap_or("Other"), n))
+    }
 }
 
 /// Where one poller hands one model's samples to the monitor.

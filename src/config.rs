@@ -66,6 +66,78 @@ pub struct ServiceConfig {
     /// tie's `[clickhouse]`: the monitor's figures (and optionally the journal's rows) pushed
     /// to ClickHouse.
     pub clickhouse: ClickHouseSection,
+    /// tie's `[registry]`: models served from MLflow's Model Registry.
+    pub registry: RegistrySection,
+    /// tie's `[model_cache]`: where models from an object store or a registry are kept.
+    pub model_cache: ModelCacheSection,
+    /// tie's `[object_store]`: options of the object store client (`endpoint`, `region`,
+    /// `allow_http`, … as the `object_store` crate names them), over the standard
+    /// credential chain (`AWS_*`, `GOOGLE_*`, `AZURE_*` variables, instance metadata).
+    pub object_store: std::collections::BTreeMap<String, String>,
+}
+
+/// Which model registry `[registry]` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    /// MLflow's Model Registry, through its REST API.
+    Mlflow,
+}
+
+/// `[registry]`: registered models to serve, resolved and fetched through the model cache.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// The registry; unset: none (models come from `server.model_repository`).
+    pub kind: Option<RegistryKind>,
+    /// The tracking server, `http://host:5000`.
+    pub uri: Option<String>,
+    /// The models: `"name@alias"`, `"name/3"`, or `"name"` (its highest version). A model
+    /// named more than once serves each version; the first is its default, aliases are
+    /// labels.
+    pub models: Vec<String>,
+    /// Seconds between checks of the aliases (a moved alias reloads its model); 0: only on
+    /// reload.
+    pub poll_interval_sec: u64,
+    /// A file holding a bearer token for the registry (first line); unset:
+    /// `MLFLOW_TRACKING_TOKEN`, else none.
+    pub token_file: Option<PathBuf>,
+    /// Seconds a registry request may take to connect or to answer.
+    pub timeout_sec: u64,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            uri: None,
+            models: Vec::new(),
+            poll_interval_sec: 30,
+            token_file: None,
+            timeout_sec: 30,
+        }
+    }
+}
+
+/// `[model_cache]`: the local cache of models fetched from an object store or a registry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelCacheSection {
+    /// The directory (made 0700; it must belong to the server's user and be writable by no
+    /// one else; one server per directory).
+    pub dir: PathBuf,
+    /// Most megabytes of cached model files not in use; past it, the least recently used
+    /// go.
+    pub max_size_mb: u64,
+}
+
+impl Default for ModelCacheSection {
+    fn default() -> Self {
+        Self {
+            dir: "model-cache".into(),
+            max_size_mb: 10_240,
+        }
+    }
 }
 
 /// `[clickhouse]`: metric history in ClickHouse, through its HTTP interface (see
@@ -359,6 +431,10 @@ pub struct ModelDeploymentSection {
     /// the others are served, and the failed one is listed as unavailable, with why, in
     /// `models/loaded` and `/health/ready` (which then says not ready).
     pub exit_on_error: bool,
+    /// A request (ring hello or HTTP) naming a version that is in the repository or the
+    /// registry but not loaded loads it (the hello is answered "loading" meanwhile, as after
+    /// an idle unload).
+    pub load_on_demand: bool,
 }
 
 impl Default for ModelDeploymentSection {
@@ -372,6 +448,7 @@ impl Default for ModelDeploymentSection {
             health_check_interval_sec: 30,
             profile_iterations: 20,
             exit_on_error: true,
+            load_on_demand: false,
         }
     }
 }

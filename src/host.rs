@@ -35,6 +35,43 @@ pub fn cpu_numa_node(cpu: usize) -> Option<i64> {
         .find_map(|n| n.strip_prefix("node").and_then(|v| v.parse().ok()))
 }
 
+/// Makes directory `dir` (owner-only when made here), checks that only this user can write
+/// there (another user able to would swap files under the server), and takes its lock
+/// (`.lock`, held while the returned file is open); `held` says why when another process holds
+/// it.
+///
+/// # Errors
+/// The directory cannot be made or belongs to another user or is writable by others (the
+/// message says which), or its lock is held.
+pub fn private_dir(dir: &Path, held: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "must be a directory of this user ({me}) that no one else can write to (it is {}, owner {}, mode {:o})",
+            if meta.is_dir() { "a directory" } else { "not a directory" },
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(dir.join(".lock"))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(std::io::Error::other(held.to_string()));
+    }
+    Ok(lock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,11 @@ pub const REPLY_ALLOW_NON_FINITE: u32 = 1;
 /// Bytes of the message in a reply.
 pub const MESSAGE_LEN: usize = 192;
 
+/// [`Hello::model_version`] asking for the model's highest version (`latest`): the highest
+/// loaded, or with the server's `load_on_demand` the highest the repository holds (loaded
+/// first if it is not).
+pub const VERSION_LATEST: u32 = u32::MAX;
+
 /// What a client asks for when it opens a session.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -34,7 +39,8 @@ pub struct Hello {
     pub flags: u32,
     /// Hash of the layout the client writes; 0 to take the model's layout as it is.
     pub layout_hash: u64,
-    /// Model version to pin; 0 for the repository's default.
+    /// Model version to pin; 0 for the repository's default; [`VERSION_LATEST`] for the
+    /// highest.
     pub model_version: u32,
     /// Request ring slots wanted (a power of two).
     pub request_capacity: u32,

@@ -19,8 +19,8 @@ pub struct PredictArgs {
     /// Model name.
     #[arg(long)]
     pub model: String,
-    /// Model version (default: the server's default for the model).
-    #[arg(long)]
+    /// Model version: a number, or `latest` (default: the server's default for the model).
+    #[arg(long, value_parser = version_value)]
     pub version: Option<u32>,
     /// Feature values, comma-separated (`0.1,-0.2,3`, spaces allowed around values) or
     /// repeated (`--features 0.1 --features -0.2`); `NaN` and `inf` are passed on (a layout
@@ -140,6 +140,17 @@ pub(super) fn to_inference_error(e: &PredictError, model: &str) -> InferenceErro
         PredictError::Server(s) => {
             InferenceError::from_server(s, model, || "it failed its last health check".into())
         }
+    }
+}
+
+/// A `--version`: a number from 1, or `latest` (the hello's `VERSION_LATEST`).
+fn version_value(s: &str) -> Result<u32, String> {
+    match s {
+        "latest" => Ok(tie_layouts::hello::VERSION_LATEST),
+        _ => match s.parse::<u32>() {
+            Ok(v) if v > 0 && v != tie_layouts::hello::VERSION_LATEST => Ok(v),
+            _ => Err(format!("{s:?}: a version number from 1, or latest")),
+        },
     }
 }
 

@@ -117,6 +117,23 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // A socket directory the server cannot use is said before the models load.
     tie::dataplane::check_socket_dir(&config)?;
+    // An object store or registry is read into the model cache's mirror, which is then the
+    // repository (at start: from the cache when the source cannot be reached).
+    let remote = tie::models::remote::Remote::open(&config)
+        .context("cannot use the model source")?
+        .map(Arc::new);
+    if let Some(remote) = &remote {
+        tracing::info!(source = %remote.describe(), cache = %config.model_cache.dir.display(), "reading the model source");
+        match remote.start().context("cannot read the model source")? {
+            tie::models::remote::Started::Fresh => {}
+            tie::models::remote::Started::FromCache { why, synced_at } => tracing::warn!(
+                reason = %why,
+                synced_at = %synced_at,
+                "started from the model cache: the source is unreachable; models are as they were when last read"
+            ),
+        }
+        config.server.model_repository = remote.mirror_dir().to_path_buf();
+    }
     // So is a model repository it cannot read.
     std::fs::read_dir(&config.server.model_repository).with_context(|| {
         format!(
@@ -139,11 +156,20 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = LoadOptions::from_config(&config);
     options.gpus.log();
     warn_far_pollers(&config, &options.gpus);
-    let (models, failures) = load_repository_with(
+    let loaded = load_repository_with(
         &config.server.model_repository,
         &options,
         config.model_deployment.exit_on_error,
-    )?;
+    );
+    if let Some(remote) = &remote {
+        // The mirror holds what serves, for the next start: what this one read, or (when it
+        // cannot serve) what the last one left.
+        match &loaded {
+            Ok(_) => remote.commit(),
+            Err(_) => remote.roll_back(),
+        }
+    }
+    let (models, failures) = loaded?;
     let server = Server::start(&config, models)?;
     let manager = tie::models::ModelManager::new(
         server.models().clone(),
@@ -151,6 +177,21 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         options,
     );
     manager.record_failures(failures);
+    manager.set_load_on_demand(config.model_deployment.load_on_demand);
+    let poller = match &remote {
+        Some(remote) => {
+            manager.set_remote(remote.clone());
+            remote.poll_interval.map(|interval| {
+                let (manager, stop) = (manager.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name("tie-registry-poll".into())
+                    .spawn(move || manager.poll_remote_task(interval, &stop))
+                    .context("cannot start the registry poller")
+            })
+        }
+        None => None,
+    }
+    .transpose()?;
     manager.load_routing()?;
     http.serve(manager.clone());
     // Said once both planes serve the models (scripts and tests wait for it).
@@ -171,6 +212,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // No model change once stopping (the unloader ends with a change in progress).
     if let Some(u) = unloader {
         let _ = u.join();
+    }
+    if let Some(p) = poller {
+        let _ = p.join();
     }
     // No new HTTP request, and its sessions close, before the data plane stops.
     http.shutdown();

@@ -190,11 +190,26 @@ fn resolve(
     name: &str,
     hello: &Hello,
 ) -> Result<usize, Refusal> {
-    let version = (hello.model_version != 0).then_some(hello.model_version);
-    if let Some(slot) = set.resolve(name, version) {
+    let latest = hello.model_version == tie_layouts::hello::VERSION_LATEST;
+    let version = match hello.model_version {
+        0 => None,
+        tie_layouts::hello::VERSION_LATEST => ctx.models.latest(name),
+        v => Some(v),
+    };
+    // `latest` resolves once, at connect: the session is pinned to that version.
+    let found = match (version, latest) {
+        (Some(v), _) => set.resolve(name, Some(v)),
+        (None, false) => set.resolve(name, None),
+        (None, true) => None,
+    };
+    if let Some(slot) = found {
         return Ok(slot);
     }
-    let asked = version.map(|v| v.to_string());
+    let asked = if latest {
+        Some(crate::models::set::LATEST.to_string())
+    } else {
+        version.map(|v| v.to_string())
+    };
     let (status, message) = match ctx.models.missing(name, asked.as_deref()) {
         Some(Missing::Loading(why)) => (HelloStatus::Loading, why),
         Some(Missing::Failed(why)) => (HelloStatus::ModelNotFound, why),

@@ -42,16 +42,57 @@ pub(super) fn all_models(serving: &Serving) -> Vec<LoadedModelInfo> {
         .map(|(i, m)| model_info(serving, &set, i, m))
         .collect();
     list.extend(serving.manager.failures().iter().map(unavailable_info));
+    if let Some(remote) = serving.manager.remote() {
+        for (key, d) in remote.downloads() {
+            let (name, version) = key.rsplit_once(':').unwrap_or((key.as_str(), ""));
+            let mut info = pending_info(
+                &key,
+                name,
+                version.to_string(),
+                format!(
+                    "downloading: {} of {} bytes, {:.1} MB/s",
+                    d.bytes,
+                    d.total.map_or_else(|| "?".to_string(), |t| t.to_string()),
+                    d.bytes_per_sec / 1e6
+                ),
+                chrono::Utc::now(),
+            );
+            info.download = Some(crate::http::api::DownloadProgress {
+                bytes: d.bytes,
+                total_bytes: d.total,
+                bytes_per_sec: d.bytes_per_sec,
+            });
+            list.push(info);
+        }
+    }
     list
 }
 
 /// The entry of a model or version that failed to load: not ready, `available` false, the
 /// reason in `not_ready_reason`; the figures it never had are empty.
 fn unavailable_info(f: &crate::models::FailedVersion) -> LoadedModelInfo {
+    pending_info(
+        &f.key(),
+        &f.name,
+        f.version.map_or_else(String::new, |v| v.to_string()),
+        format!("failed to load: {}", f.reason),
+        f.at,
+    )
+}
+
+/// The entry of a version not loaded: not ready, `available` false, `why` in
+/// `not_ready_reason`; the figures it does not have are empty.
+fn pending_info(
+    key: &str,
+    name: &str,
+    version: String,
+    why: String,
+    at: chrono::DateTime<chrono::Utc>,
+) -> LoadedModelInfo {
     LoadedModelInfo {
-        model_key: f.key(),
-        model_name: f.name.clone(),
-        version: f.version.map_or_else(String::new, |v| v.to_string()),
+        model_key: key.to_string(),
+        model_name: name.to_string(),
+        version,
         is_default: false,
         architecture: String::new(),
         inference_device: String::new(),
@@ -73,17 +114,18 @@ fn unavailable_info(f: &crate::models::FailedVersion) -> LoadedModelInfo {
             throughput_samples_per_sec: None,
         },
         placement: None,
-        load_timestamp: f.at,
+        load_timestamp: at,
         last_used: None,
         usage_count: 0,
         available: false,
         ready: false,
-        not_ready_reason: Some(format!("failed to load: {}", f.reason)),
+        not_ready_reason: Some(why),
         health_checks: 0,
         health_check_failures: 0,
         labels: Vec::new(),
         checksum: String::new(),
         load_time_ms: 0.0,
+        download: None,
     }
 }
 
@@ -170,6 +212,7 @@ pub(super) fn model_info(
         labels: set.labels_of(&m.name, m.version),
         checksum: m.checksum.clone(),
         load_time_ms: m.load_time.as_secs_f64() * 1e3,
+        download: None,
     }
 }
 

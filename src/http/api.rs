@@ -529,6 +529,20 @@ pub struct LoadedModelInfo {
     pub checksum: String,
     /// How long loading took (build, warmup, canary, profile), in milliseconds.
     pub load_time_ms: f64,
+    /// For a version still downloading from an object store or a registry: how far along
+    /// (`available` is false meanwhile); absent otherwise.
+    pub download: Option<DownloadProgress>,
+}
+
+/// A model file downloading into the model cache.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DownloadProgress {
+    /// Bytes so far.
+    pub bytes: u64,
+    /// The file's size, when the source says.
+    pub total_bytes: Option<u64>,
+    /// Bytes per second since it started.
+    pub bytes_per_sec: f64,
 }
 
 /// An error answer of the control plane.

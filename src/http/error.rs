@@ -104,5 +104,15 @@ pub(super) fn change_error(e: ChangeError, model: &str) -> InferenceError {
             model_name: "routing.toml".into(),
             message: e.to_string(),
         },
+        ChangeError::Remote(crate::models::remote::RemoteError::Unreachable(why)) => {
+            InferenceError::NotReady {
+                model_name: model.into(),
+                reason: format!("the model source is unreachable: {why}"),
+            }
+        }
+        ChangeError::Remote(e) => InferenceError::LoadFailed {
+            model_name: model.into(),
+            message: format!("the model source: {e}"),
+        },
     }
 }

@@ -87,6 +87,10 @@ impl Serving {
         };
         let pinned = match version {
             None => None,
+            // The repository's highest with `load_on_demand` (loaded first when it is not).
+            Some(v) if v.trim() == crate::models::set::LATEST => {
+                Some(self.models.latest(name).ok_or_else(not_found)?)
+            }
             Some(v) => Some(set.version_named(name, v.trim()).ok_or_else(|| {
                 if v.trim().chars().all(|c| c.is_ascii_digit()) {
                     not_found()
@@ -321,7 +325,7 @@ pub(super) async fn resolve_loading(
                     if Instant::now() >= deadline {
                         return Err(InferenceError::NotReady {
                             model_name: name.into(),
-                            reason: "loading again after going unused, for longer than a minute"
+                            reason: "loading (on demand, or again after going unused) for longer than a minute"
                                 .into(),
                         });
                     }
@@ -335,17 +339,21 @@ pub(super) async fn resolve_loading(
                 );
                 // `None`: another caller started that load first; the loop waits for it. A
                 // failure (fresh, or one a moment ago) is this request's answer.
-                loaded = tokio::task::spawn_blocking(move || m.restore(&owned, v.as_deref()))
+                let fresh = tokio::task::spawn_blocking(move || m.restore(&owned, v.as_deref()))
                     .await
                     .map_err(|e| InferenceError::BatchProcessingError {
                         operation: format!("model load task failed: {e}"),
                     })?
-                    .map_err(|e| change_error(e, name))?
-                    .or(loaded);
-                if loaded.is_none() && !manager.is_restoring(name) {
-                    // Loaded by another caller between the two looks.
-                    return Ok((serving.resolve(name, version)?, None));
+                    .map_err(|e| change_error(e, name))?;
+                if fresh.is_none() && !manager.is_restoring(name) {
+                    // Loaded by another caller between the two looks, or nothing to load: the
+                    // request's answer either way (never another round).
+                    return Ok((
+                        serving.resolve(name, version)?,
+                        loaded.map(|ms: f64| ms as f32),
+                    ));
                 }
+                loaded = fresh.or(loaded);
             }
             other => return Ok((other?, loaded.map(|ms| ms as f32))),
         }

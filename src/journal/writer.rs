@@ -196,34 +196,10 @@ pub fn to_batch(c: &Chunk, schema: &SchemaRef) -> RecordBatch {
 /// on the same directory is refused) and removes the unfinished files a crash left (their rows
 /// were lost with it; logged).
 pub fn prepare_dir(dir: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    // Another user able to write here could swap files under the writer or hold the lock.
-    let meta = std::fs::symlink_metadata(dir)?;
-    let me = rustix::process::geteuid().as_raw();
-    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
-        return Err(std::io::Error::other(format!(
-            "must be a directory of this user ({me}) that no one else can write to (it is {}, owner {}, mode {:o})",
-            if meta.is_dir() { "a directory" } else { "not a directory" },
-            meta.uid(),
-            meta.mode() & 0o7777
-        )));
-    }
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(dir.join(".lock"))?;
-    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        return Err(std::io::Error::other(
-            "another tie server journals into it (its .lock is held): give each server a journal directory of its own",
-        ));
-    }
+    let lock = crate::host::private_dir(
+        dir,
+        "another tie server journals into it (its .lock is held): give each server a journal directory of its own",
+    )?;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");

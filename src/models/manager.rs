@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::loaded::LoadedModel;
+use super::remote::Remote;
 use super::repository::{self, LoadOptions, ModelPlan, RepositoryLoadError};
 use super::routing::{Routing, RoutingError};
 use super::set::{compatible, describe, Missing, ModelSet, Models};
@@ -129,6 +130,9 @@ pub enum ChangeError {
     /// No such loaded model or version.
     #[error("{0} is not loaded")]
     NotLoaded(String),
+    /// The object store or registry could not be read (nothing changed).
+    #[error("the model source: {0}")]
+    Remote(#[from] super::remote::RemoteError),
     /// The new default is not compatible with the one it replaces (see [`compatible`]), which
     /// connected sessions were set up for.
     #[error("model {model}: version {new} ({new_layout}, {new_hash:#018x}) cannot replace version {old} ({old_layout}, {old_hash:#018x}) as the default: sessions set up for one would be sent to the other (layout, feature or output count, non-finite rule or uncertainty column differ). Serve it under a new model name, or unload {model} first")]
@@ -172,6 +176,13 @@ pub struct ModelManager {
     /// Models and versions that failed to load at start (`exit_on_error = false`) or in a
     /// later load, by key; dropped once the version serves.
     failed: Mutex<BTreeMap<String, repository::FailedVersion>>,
+    /// The object store or registry the repository mirrors, if any: read before each reload.
+    remote: std::sync::OnceLock<Arc<Remote>>,
+    /// `model_deployment.load_on_demand`.
+    load_on_demand: std::sync::atomic::AtomicBool,
+    /// Versions that failed to load on demand (`name:version`), when and why: requests for
+    /// them get the same error for [`RESTORE_RETRY`].
+    on_demand_failed: Mutex<BTreeMap<String, (Instant, String)>>,
 }
 
 /// The `(name, version)` pairs of `plans`.
@@ -196,6 +207,9 @@ impl ModelManager {
             ensembles: Mutex::new(BTreeMap::new()),
             planned: Mutex::new(Default::default()),
             failed: Mutex::new(BTreeMap::new()),
+            remote: std::sync::OnceLock::new(),
+            load_on_demand: std::sync::atomic::AtomicBool::new(false),
+            on_demand_failed: Mutex::new(BTreeMap::new()),
         });
         // What the repository asked for when it was loaded (versions refused then included).
         match repository::plan_each(&manager.repository, repository::Skipped::Quiet) {
@@ -211,7 +225,89 @@ impl ModelManager {
         let _ = models.missing.set(Box::new(move |name, version| {
             weak.upgrade()?.wake(name, version)
         }));
+        let weak = Arc::downgrade(&manager);
+        let _ = models.latest.set(Box::new(move |name| {
+            weak.upgrade()?.latest_in_repository(name)
+        }));
         manager
+    }
+
+    /// The object store or registry whose mirror is the repository: read before every
+    /// reload (see [`super::remote`]).
+    pub fn set_remote(&self, remote: Arc<Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// The object store or registry whose mirror is the repository, if any.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.get()
+    }
+
+    /// `model_deployment.load_on_demand`: a request naming a version that is in the
+    /// repository (or the registry) but not loaded loads it.
+    pub fn set_load_on_demand(&self, on: bool) {
+        self.load_on_demand.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs `change` after reading the remote source into the mirror (when there is one);
+    /// when the change fails, the mirror is put back as it was.
+    fn with_remote_synced<T>(
+        &self,
+        change: impl FnOnce() -> Result<T, ChangeError>,
+    ) -> Result<T, ChangeError> {
+        let Some(remote) = self.remote.get() else {
+            return change();
+        };
+        remote.sync()?;
+        let result = change();
+        match &result {
+            Ok(_) => remote.commit(),
+            Err(_) => remote.roll_back(),
+        }
+        result
+    }
+
+    /// Checks the registry every `interval` until `stop`: an alias that names another version
+    /// than the one served reloads the models (the new version fetched, verified, warmed and
+    /// switched to; the old one drains). A failure is logged, and tried again next time.
+    pub fn poll_remote_task(&self, interval: Duration, stop: &std::sync::atomic::AtomicBool) {
+        let Some(remote) = self.remote.get() else {
+            return;
+        };
+        let mut last_error: Option<String> = None;
+        loop {
+            let started = Instant::now();
+            while started.elapsed() < interval {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50).min(interval));
+            }
+            let outcome = match remote.moved() {
+                Ok(false) => Ok(None),
+                Ok(true) => self.reload_all().map(Some),
+                Err(e) => Err(ChangeError::Remote(e)),
+            };
+            match outcome {
+                Ok(Some(report)) => {
+                    last_error = None;
+                    tracing::info!(
+                        loaded = ?report.loaded.iter().map(|l| &l.model_key).collect::<Vec<_>>(),
+                        unloaded = ?report.unloaded,
+                        "the registry's aliases moved: models reloaded"
+                    );
+                }
+                Ok(None) => last_error = None,
+                Err(e) => {
+                    let e = e.to_string();
+                    // Said once per distinct failure, not every interval.
+                    if last_error.as_ref() != Some(&e) {
+                        tracing::error!(error = %e, "the registry's versions could not be read or served: the versions serving go on");
+                        last_error = Some(e);
+                    }
+                }
+            }
+        }
     }
 
     /// The routing rules in effect.
@@ -280,10 +376,10 @@ impl ModelManager {
     fn wake(self: Arc<Self>, name: &str, version: Option<&str>) -> Option<Missing> {
         let (idle, failed) = {
             let all = self.idle.locked();
-            let entry = all.get(name)?;
-            if select(entry, version).is_empty() {
-                return None;
-            }
+            let Some(entry) = all.get(name).filter(|e| !select(e, version).is_empty()) else {
+                drop(all);
+                return self.wake_on_demand(name, version);
+            };
             let failed = entry
                 .failed
                 .as_ref()
@@ -322,12 +418,227 @@ impl ModelManager {
     }
 
     /// Whether a request for `name` (`version`: a number or label; `None`: the default) would
-    /// load a version unloaded for going unused ([`ModelManager::restore`]).
+    /// load a version unloaded for going unused, or (`load_on_demand`) one the repository or
+    /// registry holds ([`ModelManager::restore`]).
     pub fn can_restore(&self, name: &str, version: Option<&str>) -> bool {
         self.idle
             .locked()
             .get(name)
             .is_some_and(|e| !select(e, version).is_empty())
+            || self.on_demand_candidate(name, version)
+    }
+
+    /// With `load_on_demand`, the highest version of `name` the repository (the mirror, for a
+    /// registry or an object store) holds.
+    fn latest_in_repository(&self, name: &str) -> Option<u32> {
+        if !self.load_on_demand.load(Ordering::Relaxed) || !repository::is_model_name(name) {
+            return None;
+        }
+        repository::present_versions(&self.repository.join(name), repository::Skipped::Quiet)
+            .ok()?
+            .last()
+            .map(|(v, _)| *v)
+    }
+
+    /// Whether a request for `name` (`version`) that found nothing loaded would load a
+    /// version on demand: with `load_on_demand`, a version the repository holds (a number,
+    /// `latest`, or the default when nothing of the model is loaded), or for a registry any
+    /// version or alias (the registry says whether it has it).
+    fn on_demand_candidate(&self, name: &str, version: Option<&str>) -> bool {
+        if !self.load_on_demand.load(Ordering::Relaxed) || !repository::is_model_name(name) {
+            return false;
+        }
+        if self.remote.get().is_some_and(|r| r.names(name)) && version.is_some() {
+            return true;
+        }
+        let present =
+            repository::present_versions(&self.repository.join(name), repository::Skipped::Quiet)
+                .unwrap_or_default();
+        match version {
+            None => !present.is_empty() && self.models.snapshot().highest(name).is_none(),
+            Some(super::set::LATEST) => !present.is_empty(),
+            Some(v) => v
+                .parse::<u32>()
+                .is_ok_and(|v| present.iter().any(|(p, _)| *p == v)),
+        }
+    }
+
+    /// [`ModelManager::wake`] for a version not unloaded as unused: with `load_on_demand`,
+    /// starts loading it in the background.
+    fn wake_on_demand(self: Arc<Self>, name: &str, version: Option<&str>) -> Option<Missing> {
+        if !self.on_demand_candidate(name, version) {
+            return None;
+        }
+        let key = format!("{name}:{}", version.unwrap_or("default"));
+        if let Some((_, why)) = self
+            .on_demand_failed
+            .locked()
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
+        {
+            return Some(Missing::Failed(format!(
+                "model {key} could not be loaded on demand: {why}"
+            )));
+        }
+        let message =
+            format!("model {key} is not loaded; it is loading on demand: retry in a moment");
+        if self.restoring.locked().contains(name) {
+            return Some(Missing::Loading(message));
+        }
+        let (this, owned, version) = (self.clone(), name.to_string(), version.map(str::to_string));
+        let spawned = std::thread::Builder::new()
+            .name("tie-model-demand".into())
+            .spawn(move || {
+                if let Err(e) = this.restore(&owned, version.as_deref()) {
+                    tracing::error!(model = %owned, error = %e, "cannot load a model on demand");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread to load a model on demand");
+        }
+        Some(Missing::Loading(message))
+    }
+
+    /// Loads on demand the version of `name` that `version` names (see
+    /// [`ModelManager::on_demand_candidate`]); a failure is remembered for
+    /// [`RESTORE_RETRY`]. `None`: nothing to load (off, already loaded, or a label the
+    /// repository cannot name).
+    fn load_on_demand_locked(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<f64>, ChangeError> {
+        if !self.on_demand_candidate(name, version) {
+            return Ok(None);
+        }
+        let key = format!("{name}:{}", version.unwrap_or("default"));
+        if let Some((_, why)) = self
+            .on_demand_failed
+            .locked()
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
+        {
+            return Err(ChangeError::Restore(why.clone()));
+        }
+        let result = self.load_on_demand_inner(name, version);
+        match &result {
+            Err(e) => {
+                let mut failed = self.on_demand_failed.locked();
+                failed.retain(|_, (at, _)| at.elapsed() < RESTORE_RETRY);
+                failed.insert(key, (Instant::now(), e.to_string()));
+            }
+            Ok(_) => {
+                self.on_demand_failed.locked().remove(&key);
+            }
+        }
+        result
+    }
+
+    fn load_on_demand_inner(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<f64>, ChangeError> {
+        let remote = self.remote.get();
+        let fetched = match (remote, version) {
+            (Some(r), Some(v)) if r.names(name) => r.fetch_on_demand(name, v)?,
+            _ => None,
+        };
+        let result = self.load_fetched(name, version, fetched);
+        if let (Err(_), Some(r), Some(v)) = (&result, remote, fetched) {
+            // Not served after all: out of the mirror again.
+            r.drop_on_demand(name, v);
+        }
+        result
+    }
+
+    /// [`ModelManager::load_on_demand_inner`] once the version is in the repository (when
+    /// `fetched` from a registry, that version).
+    fn load_fetched(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        fetched: Option<u32>,
+    ) -> Result<Option<f64>, ChangeError> {
+        let dir = self.repository.join(name);
+        let present = repository::present_versions(&dir, repository::Skipped::Quiet)?;
+        let config = repository::read_model_config(&dir)?;
+        let wanted = match (fetched, version) {
+            (Some(v), _) => Some(v),
+            // The model's default as its config names it, else its highest.
+            (None, None) => config
+                .default_version
+                .filter(|d| present.iter().any(|(p, _)| p == d))
+                .or_else(|| present.last().map(|(v, _)| *v)),
+            (None, Some(super::set::LATEST)) => present.last().map(|(v, _)| *v),
+            (None, Some(v)) => v.parse::<u32>().ok(),
+        };
+        let Some(v) = wanted else {
+            return Ok(None);
+        };
+        let current = self.models.snapshot();
+        if current.resolve(name, Some(v)).is_some() {
+            // Loaded already; a registry alias asked for names it from now on.
+            if let Some(label) = version.filter(|l| config.labels.get(*l) == Some(&v)) {
+                self.models.publish(|_, set| {
+                    set.labels
+                        .entry(name.to_string())
+                        .or_default()
+                        .insert(label.to_string(), v);
+                });
+            }
+            return Ok(None);
+        }
+        let Some((_, file)) = present.iter().find(|(p, _)| *p == v) else {
+            return Err(ChangeError::NotLoaded(format!(
+                "{name}:{v} (nor is it in the repository)"
+            )));
+        };
+        let was_default = current.resolve(name, None).is_none();
+        drop(current);
+        let plan = ModelPlan {
+            name: name.into(),
+            config,
+            versions: vec![(v, file.clone())],
+            default_version: v,
+        };
+        let m = repository::load_version(&plan, v, &self.options)?;
+        let ms = m.load_time.as_secs_f64() * 1e3;
+        self.publish_loaded(name, vec![(m, was_default)]);
+        tracing::info!(
+            model = name,
+            version = v,
+            load_ms = super::repository::log_ms(ms),
+            "loaded on demand"
+        );
+        Ok(Some(ms))
+    }
+
+    /// Puts `fresh` versions of `name` in the set (each a default when marked), with the
+    /// labels of their configs that name a loaded version.
+    fn publish_loaded(&self, name: &str, fresh: Vec<(LoadedModel, bool)>) {
+        self.models.publish(|models, set| {
+            for (m, was_default) in fresh {
+                let labels = m.config.labels.clone();
+                let slot = models.add_slot(set, m);
+                if was_default {
+                    set.defaults.insert(name.to_string(), slot);
+                }
+                let loaded: Vec<u32> = set
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|s| s.name == name)
+                    .map(|s| s.version)
+                    .collect();
+                let entry = set.labels.entry(name.to_string()).or_default();
+                for (label, v) in labels {
+                    if loaded.contains(&v) {
+                        entry.insert(label, v);
+                    }
+                }
+            }
+        });
     }
 
     /// Whether model `name` is being loaded again (by [`ModelManager::restore`]) now.
@@ -422,7 +733,7 @@ impl ModelManager {
     ) -> Result<Option<f64>, ChangeError> {
         let _one = self.changing.locked();
         let wanted: Vec<Unused> = match self.idle.locked().get(name) {
-            None => return Ok(None),
+            None => return self.load_on_demand_locked(name, version),
             Some(Idle {
                 failed: Some((at, why)),
                 ..
@@ -435,7 +746,7 @@ impl ModelManager {
                 .collect(),
         };
         if wanted.is_empty() {
-            return Ok(None);
+            return self.load_on_demand_locked(name, version);
         }
         let fail = |e: RepositoryLoadError| {
             if let Some(idle) = self.idle.locked().get_mut(name) {
@@ -448,28 +759,7 @@ impl ModelManager {
             .iter()
             .map(|(m, _)| m.load_time.as_secs_f64() * 1e3)
             .sum();
-        self.models.publish(|models, set| {
-            for (m, was_default) in fresh {
-                let labels = m.config.labels.clone();
-                let slot = models.add_slot(set, m);
-                if was_default {
-                    set.defaults.insert(name.to_string(), slot);
-                }
-                let loaded: Vec<u32> = set
-                    .slots
-                    .iter()
-                    .flatten()
-                    .filter(|s| s.name == name)
-                    .map(|s| s.version)
-                    .collect();
-                let entry = set.labels.entry(name.to_string()).or_default();
-                for (label, v) in labels {
-                    if loaded.contains(&v) {
-                        entry.insert(label, v);
-                    }
-                }
-            }
-        });
+        self.publish_loaded(name, fresh);
         self.forget_unused(name, &wanted);
         tracing::info!(
             model = name,
@@ -661,6 +951,10 @@ impl ModelManager {
     /// [`ChangeError`]: nothing changed.
     pub fn reload_all(&self) -> Result<ChangeReport, ChangeError> {
         let _one = self.changing.locked();
+        self.with_remote_synced(|| self.reload_all_locked())
+    }
+
+    fn reload_all_locked(&self) -> Result<ChangeReport, ChangeError> {
         let plans = repository::plan_repository(&self.repository, repository::Skipped::Warn)?;
         let routing = Routing::load(&self.repository)?;
         // Models whose directory is gone (not one caught between two files of a deploy).
@@ -695,6 +989,20 @@ impl ModelManager {
     /// [`ChangeError`]: nothing changed.
     pub fn reload(&self, name: &str, version: Option<u32>) -> Result<ChangeReport, ChangeError> {
         let _one = self.changing.locked();
+        if self.remote.get().is_some() {
+            // The mirror holds the whole source as read now: every model that changed in it
+            // reloads, so that the mirror stays what serves.
+            let mut report = self.with_remote_synced(|| self.reload_all_locked())?;
+            let one = self.reload_locked(name, version)?;
+            report.loaded.extend(one.loaded);
+            report.unloaded.extend(one.unloaded);
+            report.defaults = one.defaults;
+            return Ok(report);
+        }
+        self.reload_locked(name, version)
+    }
+
+    fn reload_locked(&self, name: &str, version: Option<u32>) -> Result<ChangeReport, ChangeError> {
         let plan = repository::plan_model(&self.repository, name)?;
         if let Some(v) = version {
             if plan.file(v).is_none() {
@@ -759,6 +1067,13 @@ impl ModelManager {
         };
         if slots.is_empty() && forgotten.is_empty() {
             return Err(ChangeError::NotLoaded(key.into()));
+        }
+        if let Some(remote) = self.remote.get() {
+            // A version fetched on demand leaves the mirror with it.
+            let set = self.models.snapshot();
+            for m in slots.iter().filter_map(|s| set.get(*s)) {
+                remote.drop_on_demand(&m.name, m.version);
+            }
         }
         let mut report = self.unload_slots(&slots, true)?;
         report.unloaded.extend(forgotten);

@@ -11,6 +11,8 @@
 //!   unloading unused versions and loading them again on demand) and holds the routing.
 //! - [`health`]: each version's readiness and the health monitor's canary checks;
 //!   [`fault`]: injected faults for drills.
+//! - [`remote`]: repositories in object storage and MLflow's Model Registry, fetched through
+//!   a local artifact cache into a mirror the manager loads from.
 //! - [`routing`]: strategies (weighted splits, hints) and ensembles over versions.
 
 pub mod batching;
@@ -19,6 +21,7 @@ pub mod fault;
 pub mod health;
 mod loaded;
 pub mod manager;
+pub mod remote;
 pub mod repository;
 pub mod routing;
 pub mod set;

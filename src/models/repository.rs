@@ -237,7 +237,7 @@ pub enum Skipped {
 
 /// The version number a version directory's name stands for: canonical decimal from 1
 /// (`1`, `12`; not `01`, `+1`, `0` or past `u32`), else why not.
-fn version_number(name: &str) -> Result<u32, &'static str> {
+pub(crate) fn version_number(name: &str) -> Result<u32, &'static str> {
     let canonical = name.bytes().all(|b| b.is_ascii_digit()) && !name.starts_with('0');
     match name.parse::<u32>() {
         Ok(v) if canonical && v > 0 => Ok(v),
@@ -255,7 +255,7 @@ pub const MODEL_FILES: [&str; 3] = ["model.onnx", "model.txt", "model.json"];
 
 /// The versions of model directory `dir` with one model file ([`MODEL_FILES`]); every other
 /// entry is skipped (with a WARN naming it and why, unless `skipped` is quiet).
-fn present_versions(
+pub(crate) fn present_versions(
     dir: &Path,
     skipped: Skipped,
 ) -> Result<Vec<(u32, PathBuf)>, RepositoryLoadError> {
@@ -303,6 +303,11 @@ fn present_versions(
     Ok(present)
 }
 
+/// Whether `name` can be a model's name: one directory of the repository, never a path.
+pub(crate) fn is_model_name(name: &str) -> bool {
+    !(name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']))
+}
+
 /// Reads model `name` of `repo`: its versions, its config, which versions it loads.
 ///
 /// # Errors
@@ -321,8 +326,7 @@ fn plan_model_with(
         model: name.into(),
         path: repo.into(),
     };
-    // A name is one directory of the repository, never a path.
-    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+    if !is_model_name(name) {
         return Err(unknown());
     }
     let dir = repo.join(name);
@@ -675,7 +679,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, RepositoryLoadError> {
     Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn read_model_config(dir: &Path) -> Result<ModelConfig, RepositoryLoadError> {
+pub(crate) fn read_model_config(dir: &Path) -> Result<ModelConfig, RepositoryLoadError> {
     let path = dir.join("config.toml");
     if !path.exists() {
         return Ok(ModelConfig::default());

@@ -96,8 +96,22 @@ impl ModelSet {
         }
     }
 
-    /// The version a request's `model_version` names: a number or one of the model's labels.
+    /// The highest version of `name` loaded.
+    pub fn highest(&self, name: &str) -> Option<u32> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|m| m.name == name)
+            .map(|m| m.version)
+            .max()
+    }
+
+    /// The version a request's `model_version` names: a number, `latest` (the highest
+    /// loaded; see [`Models::latest`] for the repository's), or one of the model's labels.
     pub fn version_named(&self, name: &str, version: &str) -> Option<u32> {
+        if version == LATEST {
+            return self.highest(name);
+        }
         version.parse::<u32>().ok().or_else(|| {
             self.labels
                 .get(name)
@@ -140,6 +154,14 @@ impl ModelSet {
     }
 }
 
+/// The version name that stands for a model's highest version (HTTP, CLI; the hello's
+/// [`tie_layouts::hello::VERSION_LATEST`]).
+pub const LATEST: &str = "latest";
+
+/// The highest version of a model the repository holds, when versions not loaded count
+/// (`load_on_demand`).
+pub(super) type LatestHook = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
+
 /// What the listener is told of a model (and version; `None`: its default) it cannot find.
 pub(super) type MissingHook = Box<dyn Fn(&str, Option<&str>) -> Option<Missing> + Send + Sync>;
 
@@ -158,6 +180,7 @@ pub struct Models {
     pub(super) generation: AtomicU64,
     pub(super) monitor: Arc<Monitor>,
     pub(super) missing: std::sync::OnceLock<MissingHook>,
+    pub(super) latest: std::sync::OnceLock<LatestHook>,
 }
 
 impl std::fmt::Debug for Models {
@@ -177,6 +200,7 @@ impl Models {
             generation: AtomicU64::new(0),
             monitor,
             missing: std::sync::OnceLock::new(),
+            latest: std::sync::OnceLock::new(),
         };
         let mut set = ModelSet::default();
         for m in models {
@@ -219,6 +243,15 @@ impl Models {
     /// when it was unloaded for going unused, it starts loading again and the answer says so.
     pub fn missing(&self, name: &str, version: Option<&str>) -> Option<Missing> {
         self.missing.get().and_then(|hook| hook(name, version))
+    }
+
+    /// The version `latest` names for model `name`: the highest the repository holds when
+    /// versions not loaded can load on demand, else the highest loaded.
+    pub fn latest(&self, name: &str) -> Option<u32> {
+        self.latest
+            .get()
+            .and_then(|hook| hook(name))
+            .or_else(|| self.snapshot().highest(name))
     }
 
     /// Bumped by every change (pollers compare it between rounds).

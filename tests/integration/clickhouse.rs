@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::common::{eventually, scratch_dir, send, TestServer, TEST_CONFIG};
+use crate::common::{eventually, free_port, scratch_dir, send, TestServer, TEST_CONFIG};
 use crate::journal::metric;
 use serde_json::Value;
 
@@ -49,15 +49,6 @@ fn clickhouse_binary() -> Option<&'static PathBuf> {
         Some(found().expect("clickhouse-server installed"))
     });
     binary.as_ref()
-}
-
-/// A free TCP port on loopback (free when asked; the server binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `s` percent-encoded for a URL's query.

@@ -24,5 +24,6 @@ mod oip;
 mod pipeline;
 mod python_client;
 mod reliability;
+mod remote;
 mod routing;
 mod security;

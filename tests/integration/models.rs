@@ -12,7 +12,7 @@ use crate::conformance::{compare, Tolerance};
 use serde_json::{json, Value};
 use tie_client::{Client, ConnectOptions, Priority, Status};
 
-const API: &str = "api/v1/internal/inference";
+pub(crate) const API: &str = "api/v1/internal/inference";
 
 /// Copies version `version` of example model `model` into `repo` as version `as_version`.
 fn add(repo: &Path, model: &str, version: u32, as_version: u32) -> PathBuf {
@@ -20,7 +20,7 @@ fn add(repo: &Path, model: &str, version: u32, as_version: u32) -> PathBuf {
 }
 
 /// Whether `outputs` are the fixture's outputs for row `row`.
-fn matches(f: &Fixture, row: usize, outputs: &[f32]) -> bool {
+pub(crate) fn matches(f: &Fixture, row: usize, outputs: &[f32]) -> bool {
     let expected = &f.outputs[row % f.outputs.len()];
     outputs.len() == expected.len()
         && outputs
@@ -46,13 +46,13 @@ fn control(server: &TestServer, api: &str, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn loaded(api: &str) -> Vec<Value> {
+pub(crate) fn loaded(api: &str) -> Vec<Value> {
     let (code, list) = get(&format!("{api}/models/loaded"));
     assert_eq!(code, 200, "{list}");
     list.as_array().unwrap().clone()
 }
 
-fn keys(api: &str) -> Vec<String> {
+pub(crate) fn keys(api: &str) -> Vec<String> {
     loaded(api)
         .iter()
         .map(|m| m["model_key"].as_str().unwrap().to_string())
@@ -61,14 +61,14 @@ fn keys(api: &str) -> Vec<String> {
 
 /// What one client thread saw.
 #[derive(Debug, Default)]
-struct Seen {
-    submitted: u64,
-    ok: u64,
+pub(crate) struct Seen {
+    pub(crate) submitted: u64,
+    pub(crate) ok: u64,
     /// Responses of each version, in the order the versions answered.
-    runs: Vec<(u32, u64)>,
+    pub(crate) runs: Vec<(u32, u64)>,
     /// Version 2's answer to each fixture row (checked against a version 2 session after).
     v2_answers: std::collections::BTreeMap<usize, Vec<f32>>,
-    failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 impl Seen {
@@ -83,7 +83,7 @@ impl Seen {
 /// Sends multi version 1's fixture rows, pipelined 8 deep, until `stop`; checks that answers
 /// come in order, version 1's against the fixture, version 2's for consistency (each row the
 /// same answer).
-fn client_loop(mut client: Client, stop: Arc<AtomicBool>) -> Seen {
+pub(crate) fn client_loop(mut client: Client, stop: Arc<AtomicBool>) -> Seen {
     let f = fixture("multi_v1");
     let mut seen = Seen::default();
     let mut sent = std::collections::VecDeque::new();

@@ -126,6 +126,10 @@ pub enum CacheError {
     /// The download failed (the source's error).
     #[error("{0}")]
     Download(String),
+    /// Refused for its digest before (the same artifact and digest file): not downloaded
+    /// again.
+    #[error("{0} (refused before: not downloaded again)")]
+    Refused(String),
     /// What arrived is not what the source said it is.
     #[error("{what}: SHA-256 {got} differs from {expected}, which the source gives: refused (a corrupt or tampered artifact)")]
     Mismatch {
@@ -144,6 +148,9 @@ pub struct ArtifactCache {
     index_path: PathBuf,
     max_bytes: u64,
     index: Mutex<BTreeMap<String, Known>>,
+    /// Artifacts refused for their digest, by key and the digest expected: not downloaded
+    /// again (a new upload or version has another key).
+    refused: Mutex<BTreeMap<(String, String), String>>,
     /// Downloads in progress.
     pub downloads: Downloads,
 }
@@ -195,6 +202,7 @@ impl ArtifactCache {
             index_path,
             max_bytes,
             index: Mutex::new(index),
+            refused: Mutex::new(BTreeMap::new()),
             downloads: Downloads::default(),
         })
     }
@@ -238,6 +246,11 @@ impl ArtifactCache {
                 return Ok(sha);
             }
         }
+        if let Some(e) = expected {
+            if let Some(why) = self.refused.locked().get(&(key.to_string(), e.to_string())) {
+                return Err(CacheError::Refused(why.clone()));
+            }
+        }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.blobs.join(format!(
             ".download-{}-{}",
@@ -246,8 +259,13 @@ impl ArtifactCache {
         ));
         let result = self.download(&tmp, key, what, total, expected, fill);
         self.downloads.done(what);
-        if result.is_err() {
+        if let Err(e) = &result {
             let _ = std::fs::remove_file(&tmp);
+            if let (CacheError::Mismatch { .. }, Some(expected)) = (e, expected) {
+                self.refused
+                    .locked()
+                    .insert((key.to_string(), expected.to_string()), e.to_string());
+            }
         }
         result
     }
@@ -469,6 +487,13 @@ mod tests {
         assert!(e.to_string().contains("connection reset"), "{e}");
         assert_eq!(std::fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
         assert_eq!(c.lookup("k"), None);
+        // The refused artifact is not fetched again.
+        let e = c
+            .fetch("k", "m:1", None, Some(&wrong), |_| {
+                Err("fetched again".into())
+            })
+            .unwrap_err();
+        assert!(matches!(e, CacheError::Refused(_)), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

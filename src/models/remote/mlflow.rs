@@ -354,9 +354,15 @@ impl Mlflow {
         cache: &ArtifactCache,
     ) -> Result<VersionFiles, RemoteError> {
         let what = format!("{name}:{version}");
-        // A registered version's artifacts do not change: known by name and number.
-        let key = |file: &str| format!("mlflow:{}/{name}/{version}/{file}", self.uri);
-        match self.artifacts(name, version)? {
+        let artifacts = self.artifacts(name, version)?;
+        // A registered version's artifacts do not change; a model deleted and registered
+        // again numbers its versions from 1 again, with artifacts elsewhere.
+        let at = match &artifacts {
+            Artifacts::Proxy(dir) => format!("mlflow-artifacts:/{dir}"),
+            Artifacts::Store(url) => url.clone(),
+        };
+        let key = |file: &str| format!("mlflow:{}/{name}/{version}@{at}/{file}", self.uri);
+        match artifacts {
             Artifacts::Proxy(dir) => {
                 let (dir, files) = self.proxy_model_dir(&dir, &what)?;
                 let small = |file: &str| -> Result<Option<Vec<u8>>, RemoteError> {

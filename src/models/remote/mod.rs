@@ -57,7 +57,9 @@ impl RemoteError {
     fn from_cache(e: CacheError, source: &str) -> Self {
         match e {
             CacheError::Download(why) => RemoteError::Unreachable(format!("{source}: {why}")),
-            CacheError::Mismatch { .. } => RemoteError::Artifact(e.to_string()),
+            CacheError::Mismatch { .. } | CacheError::Refused(_) => {
+                RemoteError::Artifact(e.to_string())
+            }
             CacheError::Io { .. } => RemoteError::Local(e.to_string()),
         }
     }

@@ -501,3 +501,137 @@ fn a_local_repository_loads_versions_on_demand_and_latest_names_the_highest() {
     let (code, body) = post(&format!("{api}/predict"), &request);
     assert_eq!(code, 404, "{body}");
 }
+
+/// A TCP proxy in front of a server that, while `cut` is set, ends every artifact download
+/// part-way (a registry that goes away mid-download), and passes everything else.
+struct CutProxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl CutProxy {
+    fn start(upstream: u16) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cutting = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let download = Arc::new(AtomicBool::new(false));
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (seen, cutting) = (download.clone(), cutting.clone());
+                // Client to server: notes a download request.
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut from, mut to) = (client, server);
+                    let mut buf = [0u8; 16 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let head = String::from_utf8_lossy(&buf[..n.min(200)]).into_owned();
+                        if head.starts_with("GET /api/2.0/mlflow-artifacts/artifacts/")
+                            && !head.lines().next().unwrap_or_default().contains('?')
+                        {
+                            seen.store(cutting.load(Ordering::Relaxed), Ordering::Relaxed);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                // Server to client: a cut download stops after part of its answer.
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut from, mut to) = (s2, c2);
+                    let mut buf = [0u8; 16 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if download.load(Ordering::Relaxed) {
+                            let _ = to.write_all(&buf[..n.min(400)]);
+                            break;
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+#[test]
+fn a_registry_gone_mid_download_changes_nothing_and_a_later_poll_gets_the_version() {
+    let mlflow = Service::mlflow();
+    let models = root().join("models/multi");
+    let register = Command::new(python_tools(MLFLOW).join("python"))
+        .arg(root().join("tests/python/mlflow_register.py"))
+        .arg(mlflow.url())
+        .arg("multi")
+        .arg(models.join("1/model.onnx"))
+        .arg(models.join("2/model.onnx"))
+        .args(["--alias", "champion=1"])
+        .output()
+        .unwrap();
+    assert!(
+        register.status.success(),
+        "{}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    let proxy = CutProxy::start(mlflow.port);
+    let cache = scratch_dir("model-cache").join("cache");
+    let config = format!(
+        "{TEST_CONFIG}\n[model_cache]\ndir = {cache:?}\n[registry]\nkind = \"mlflow\"\n\
+         uri = \"{}\"\nmodels = [\"multi@champion\"]\npoll_interval_sec = 1\n",
+        proxy.url()
+    );
+    let server = TestServer::start_with(&config, &scratch_dir("registry-configs"));
+    let api = format!("{}/{API}", server.http());
+    assert_eq!(keys(&api), ["multi:1"]);
+
+    // The alias moves while downloads are cut: each poll fails, and nothing changes.
+    proxy.cut.store(true, Ordering::Relaxed);
+    set_alias(&mlflow, "multi", "champion", 2);
+    assert!(
+        eventually(Duration::from_secs(30), || server
+            .log()
+            .contains("could not be read or served")),
+        "{}",
+        server.log()
+    );
+    assert_eq!(keys(&api), ["multi:1"]);
+    assert_eq!(predict_version(&api, None), "1");
+    assert!(!cache.join("mirror/multi/2").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(cache.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Back: the next poll fetches version 2 and switches to it.
+    proxy.cut.store(false, Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(30), || default_version(&api, "multi")
+            .as_deref()
+            == Some("2")),
+        "{}",
+        server.log()
+    );
+    assert_eq!(predict_version(&api, None), "2");
+}

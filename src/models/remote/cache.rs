@@ -297,7 +297,8 @@ impl ArtifactCache {
             started,
             logged: started,
         };
-        fill(&mut sink).map_err(CacheError::Download)?;
+        fill(&mut sink)
+            .map_err(|e| CacheError::Download(format!("{what}: download cut off: {e}")))?;
         let Sink {
             file,
             hasher,

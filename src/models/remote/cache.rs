@@ -471,6 +471,22 @@ mod tests {
     }
 
     #[test]
+    fn a_download_in_progress_is_listed_with_its_bytes_and_size() {
+        let (dir, c) = cache(1 << 20);
+        let downloads = &c.downloads;
+        c.fetch("k", "m:7", Some(8), None, |s| {
+            s.write_all(b"abcd").map_err(|e| e.to_string())?;
+            let now = downloads.now();
+            let d = &now["m:7"];
+            assert_eq!((d.bytes, d.total), (4, Some(8)));
+            s.write_all(b"efgh").map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert!(c.downloads.now().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_digest_mismatch_or_a_cut_download_leaves_nothing() {
         let (dir, c) = cache(1 << 20);
         let wrong = "0".repeat(64);

@@ -20,6 +20,19 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Feature `j` of row `i`: 1,000 distinct values, or with `RANDOM=1` floats that rarely
+/// repeat (market data: compression finds little in them).
+fn feature(i: usize, j: usize) -> f32 {
+    if std::env::var_os("RANDOM").is_some_and(|v| v == "1") {
+        let mut x = (i as u64) << 32 | j as u64;
+        x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 29;
+        (x % 1_000_003) as f32 * 1.3e-6 - 0.6
+    } else {
+        ((i * 31 + j * 7) % 1000) as f32 * 1e-3
+    }
+}
+
 /// A full chunk of answers with `width` features each (none kept when 0) and one output.
 fn chunk(width: usize) -> Chunk {
     let mut c = Chunk::default();
@@ -45,7 +58,7 @@ fn chunk(width: usize) -> Chunk {
         c.answered_ns.push(1_000 * i + 900);
         c.has_features.push(width > 0);
         c.features
-            .extend((0..width).map(|j| ((i as usize * 31 + j * 7) % 1000) as f32 * 1e-3));
+            .extend((0..width).map(|j| feature(i as usize, j)));
         c.has_outputs.push(true);
         c.outputs.push(i as f32 * 0.5);
         c.confidence.push(0.75);
@@ -70,7 +83,37 @@ fn main() {
         let chunks = rows.div_ceil(CHUNK_ROWS);
         let n = (chunks * CHUNK_ROWS) as f64;
         let file = std::fs::File::create(&path).unwrap();
-        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(properties())).unwrap();
+        let mut props = properties().into_builder();
+        match std::env::var("VARIANT").as_deref() {
+            Ok("none") => props = props.set_compression(parquet::basic::Compression::UNCOMPRESSED),
+            Ok("none-nostats") => {
+                props = props
+                    .set_compression(parquet::basic::Compression::UNCOMPRESSED)
+                    .set_statistics_enabled(parquet::file::properties::EnabledStatistics::None)
+            }
+            Ok("before") => {
+                // The settings before the lists went uncompressed and without statistics.
+                for list in ["features", "outputs"] {
+                    let values = parquet::schema::types::ColumnPath::new(vec![
+                        list.into(),
+                        "list".into(),
+                        "item".into(),
+                    ]);
+                    props = props
+                        .set_column_compression(values.clone(), parquet::basic::Compression::SNAPPY)
+                        .set_column_statistics_enabled(
+                            values,
+                            parquet::file::properties::EnabledStatistics::Page,
+                        );
+                }
+            }
+            Ok("nostats") => {
+                props =
+                    props.set_statistics_enabled(parquet::file::properties::EnabledStatistics::None)
+            }
+            _ => {}
+        }
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props.build())).unwrap();
         let (mut build_ns, mut write_ns) = (0u128, 0u128);
         for _ in 0..chunks {
             let t = Instant::now();

@@ -56,8 +56,13 @@ pub const META_LAST: &str = "tie.journal.last";
 pub const META_MODELS: &str = "tie.journal.models";
 
 /// How the files are written: Snappy; dictionary encoding for the string columns only (the
-/// floats and stamps rarely repeat, and hashing each costs more than it saves).
+/// floats and stamps rarely repeat, and hashing each costs more than it saves). The feature and
+/// output lists, most of a row, are stored uncompressed and without page statistics: on
+/// market data Snappy saves about a sixth of their bytes for a third of the writer's time, and
+/// a list's minimum and maximum select nothing (BENCHMARKS.md, the journal writer).
 pub fn properties() -> WriterProperties {
+    use parquet::file::properties::EnabledStatistics;
+    use parquet::schema::types::ColumnPath;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -65,6 +70,12 @@ pub fn properties() -> WriterProperties {
         .set_created_by(format!("tie {}", env!("CARGO_PKG_VERSION")));
     for column in ["model", "process", "source", "engine", "priority", "status"] {
         b = b.set_column_dictionary_enabled(column.into(), true);
+    }
+    for list in ["features", "outputs"] {
+        let values = ColumnPath::new(vec![list.into(), "list".into(), "item".into()]);
+        b = b
+            .set_column_compression(values.clone(), Compression::UNCOMPRESSED)
+            .set_column_statistics_enabled(values, EnabledStatistics::None);
     }
     b.build()
 }

@@ -223,6 +223,26 @@ fn predict_version(api: &str, version: Option<&str>) -> String {
     v
 }
 
+/// Waits (up to 30 s) until the server's log says `text`.
+fn wait_for_log(server: &TestServer, text: &str) {
+    assert!(
+        eventually(Duration::from_secs(30), || server.log().contains(text)),
+        "no {text:?} in the log:\n{}",
+        server.log()
+    );
+}
+
+/// Waits (up to 30 s) until `multi`'s default version is `version`.
+fn wait_for_default(server: &TestServer, api: &str, version: &str) {
+    assert!(
+        eventually(Duration::from_secs(30), || default_version(api, "multi")
+            .as_deref()
+            == Some(version)),
+        "{}",
+        server.log()
+    );
+}
+
 /// Blobs in the model cache, and how many of them the mirror links.
 fn blobs(cache: &Path) -> (usize, usize) {
     use std::os::unix::fs::MetadataExt;
@@ -313,6 +333,30 @@ fn a_repository_in_s3_serves_reloads_new_versions_refuses_a_bad_digest_and_start
     assert_eq!(predict_version(&api, None), "2");
 }
 
+/// Registers `files` (`FILE[:HOW]`, see `tests/python/mlflow_register.py`) as versions 1, 2, …
+/// of `multi` through MLflow's Python API, `champion` on version 1; the script's lines.
+fn register(mlflow: &Service, files: &[String]) -> Vec<String> {
+    let out = Command::new(python_tools(MLFLOW).join("python"))
+        .arg(root().join("tests/python/mlflow_register.py"))
+        .arg(mlflow.url())
+        .arg("multi")
+        .args(files)
+        .args(["--alias", "champion=1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // MLflow prints its own lines (links to the runs) among the script's.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("multi "))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Moves `alias` of registered model `name` to `version` through MLflow's REST API.
 fn set_alias(mlflow: &Service, name: &str, alias: &str, version: u32) {
     let (code, body) = post(
@@ -326,30 +370,14 @@ fn set_alias(mlflow: &Service, name: &str, alias: &str, version: u32) {
 fn mlflow_models_follow_a_moving_alias_under_load_load_on_demand_and_start_from_the_cache() {
     let mut mlflow = Service::mlflow();
     let models = root().join("models/multi");
-    let register = Command::new(python_tools(MLFLOW).join("python"))
-        .arg(root().join("tests/python/mlflow_register.py"))
-        .arg(mlflow.url())
-        .arg("multi")
-        .arg(models.join("1/model.onnx"))
-        .arg(format!("{}:sha256", models.join("2/model.onnx").display()))
-        .arg(format!(
-            "{}:bad-sha256",
-            models.join("1/model.onnx").display()
-        ))
-        .args(["--alias", "champion=1"])
-        .output()
-        .unwrap();
-    assert!(
-        register.status.success(),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
+    let registered = register(
+        &mlflow,
+        &[
+            models.join("1/model.onnx").display().to_string(),
+            format!("{}:sha256", models.join("2/model.onnx").display()),
+            format!("{}:bad-sha256", models.join("1/model.onnx").display()),
+        ],
     );
-    // MLflow prints its own lines (links to the runs) among the script's.
-    let registered: Vec<String> = String::from_utf8_lossy(&register.stdout)
-        .lines()
-        .filter(|l| l.starts_with("multi "))
-        .map(str::to_string)
-        .collect();
     assert_eq!(registered, ["multi 1", "multi 2", "multi 3"]);
     // The local repository holds the model's config (and nothing else).
     let local = scratch_dir("registry-configs");
@@ -380,13 +408,7 @@ fn mlflow_models_follow_a_moving_alias_under_load_load_on_demand_and_start_from_
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     set_alias(&mlflow, "multi", "champion", 2);
-    assert!(
-        eventually(Duration::from_secs(30), || default_version(&api, "multi")
-            .as_deref()
-            == Some("2")),
-        "{}",
-        server.log()
-    );
+    wait_for_default(&server, &api, "2");
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -400,13 +422,7 @@ fn mlflow_models_follow_a_moving_alias_under_load_load_on_demand_and_start_from_
 
     // An alias moved to a corrupt artifact: refused, version 2 keeps serving.
     set_alias(&mlflow, "multi", "champion", 3);
-    assert!(
-        eventually(Duration::from_secs(30), || server
-            .log()
-            .contains("refused (a corrupt or tampered artifact)")),
-        "{}",
-        server.log()
-    );
+    wait_for_log(&server, "refused (a corrupt or tampered artifact)");
     assert_eq!(keys(&api), ["multi:2"]);
     assert_eq!(predict_version(&api, None), "2");
     set_alias(&mlflow, "multi", "champion", 2);
@@ -471,21 +487,7 @@ fn a_local_repository_loads_versions_on_demand_and_latest_names_the_highest() {
     assert_eq!(keys(&api), ["multi:1"]);
     // `tie predict --version latest`: the hello names the highest version, loaded on demand
     // while the client waits.
-    let features: Vec<String> = f2.inputs[0].iter().map(|v| v.to_string()).collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
-        .args([
-            "predict",
-            "--endpoint",
-            &server.endpoint,
-            "--model",
-            "multi",
-        ])
-        .args(["--version", "latest"])
-        .arg(format!("--features={}", features.join(",")))
-        .arg("--socket-dir")
-        .arg(&server.dir)
-        .output()
-        .unwrap();
+    let out = server.predict_cli_with("multi", &["--version", "latest"], &f2.inputs[0]);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -579,19 +581,12 @@ impl CutProxy {
 fn a_registry_gone_mid_download_changes_nothing_and_a_later_poll_gets_the_version() {
     let mlflow = Service::mlflow();
     let models = root().join("models/multi");
-    let register = Command::new(python_tools(MLFLOW).join("python"))
-        .arg(root().join("tests/python/mlflow_register.py"))
-        .arg(mlflow.url())
-        .arg("multi")
-        .arg(models.join("1/model.onnx"))
-        .arg(models.join("2/model.onnx"))
-        .args(["--alias", "champion=1"])
-        .output()
-        .unwrap();
-    assert!(
-        register.status.success(),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
+    register(
+        &mlflow,
+        &[
+            models.join("1/model.onnx").display().to_string(),
+            models.join("2/model.onnx").display().to_string(),
+        ],
     );
     let proxy = CutProxy::start(mlflow.port);
     let cache = scratch_dir("model-cache").join("cache");
@@ -607,13 +602,7 @@ fn a_registry_gone_mid_download_changes_nothing_and_a_later_poll_gets_the_versio
     // The alias moves while downloads are cut: each poll fails, and nothing changes.
     proxy.cut.store(true, Ordering::Relaxed);
     set_alias(&mlflow, "multi", "champion", 2);
-    assert!(
-        eventually(Duration::from_secs(30), || server
-            .log()
-            .contains("could not be read or served")),
-        "{}",
-        server.log()
-    );
+    wait_for_log(&server, "could not be read or served");
     assert_eq!(keys(&api), ["multi:1"]);
     assert_eq!(predict_version(&api, None), "1");
     assert!(!cache.join("mirror/multi/2").exists());
@@ -626,12 +615,6 @@ fn a_registry_gone_mid_download_changes_nothing_and_a_later_poll_gets_the_versio
 
     // Back: the next poll fetches version 2 and switches to it.
     proxy.cut.store(false, Ordering::Relaxed);
-    assert!(
-        eventually(Duration::from_secs(30), || default_version(&api, "multi")
-            .as_deref()
-            == Some("2")),
-        "{}",
-        server.log()
-    );
+    wait_for_default(&server, &api, "2");
     assert_eq!(predict_version(&api, None), "2");
 }

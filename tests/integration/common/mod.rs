@@ -210,9 +210,20 @@ impl TestServer {
     /// `tie predict` of one row of `model` against this server (its output, whatever its
     /// status).
     pub fn predict_cli(&self, model: &str, features: &[f32]) -> std::process::Output {
+        self.predict_cli_with(model, &[], features)
+    }
+
+    /// [`TestServer::predict_cli`] with more arguments (`--version latest`).
+    pub fn predict_cli_with(
+        &self,
+        model: &str,
+        args: &[&str],
+        features: &[f32],
+    ) -> std::process::Output {
         let features: Vec<String> = features.iter().map(|v| v.to_string()).collect();
         Command::new(env!("CARGO_BIN_EXE_tie"))
             .args(["predict", "--endpoint", &self.endpoint, "--model", model])
+            .args(args)
             // `=`: a first value that starts with `-` is not taken for a flag.
             .arg(format!("--features={}", features.join(",")))
             .arg("--socket-dir")

@@ -185,6 +185,11 @@ pub struct ModelManager {
     on_demand_failed: Mutex<BTreeMap<String, (Instant, String)>>,
 }
 
+/// What a load on demand is remembered by: `name:version`, `name:default`.
+fn on_demand_key(name: &str, version: Option<&str>) -> String {
+    format!("{name}:{}", version.unwrap_or("default"))
+}
+
 /// The `(name, version)` pairs of `plans`.
 fn planned_versions(plans: &[ModelPlan]) -> impl Iterator<Item = (String, u32)> + '_ {
     plans
@@ -399,22 +404,39 @@ impl ModelManager {
         if self.restoring.locked().contains(name) {
             return Some(Missing::Loading(message));
         }
-        let (this, owned, version) = (self.clone(), name.to_string(), version.map(str::to_string));
+        self.restore_in_background(
+            name,
+            version,
+            Some("loaded again for a session"),
+            "cannot load again a model unloaded as unused",
+        );
+        Some(Missing::Loading(message))
+    }
+
+    /// Runs [`ModelManager::restore`] on a thread of its own (a session's hello does not wait
+    /// for it), logging `loaded` (when given) or `failed` with the outcome.
+    fn restore_in_background(
+        self: Arc<Self>,
+        name: &str,
+        version: Option<&str>,
+        loaded: Option<&'static str>,
+        failed: &'static str,
+    ) {
+        let (owned, version) = (name.to_string(), version.map(str::to_string));
         let spawned = std::thread::Builder::new()
-            .name("tie-model-wake".into())
-            .spawn(move || match this.restore(&owned, version.as_deref()) {
+            .name("tie-model-load".into())
+            .spawn(move || match self.restore(&owned, version.as_deref()) {
                 Ok(Some(ms)) => {
-                    tracing::info!(model = %owned, load_ms = super::repository::log_ms(ms), "loaded again for a session")
+                    if let Some(loaded) = loaded {
+                        tracing::info!(model = %owned, load_ms = super::repository::log_ms(ms), "{loaded}");
+                    }
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(model = %owned, error = %e, "cannot load again a model unloaded as unused")
-                }
+                Err(e) => tracing::error!(model = %owned, error = %e, "{failed}"),
             });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread to load a model again");
+            tracing::error!(error = %e, "cannot start a thread to load a model");
         }
-        Some(Missing::Loading(message))
     }
 
     /// Whether a request for `name` (`version`: a number or label; `None`: the default) would
@@ -469,13 +491,8 @@ impl ModelManager {
         if !self.on_demand_candidate(name, version) {
             return None;
         }
-        let key = format!("{name}:{}", version.unwrap_or("default"));
-        if let Some((_, why)) = self
-            .on_demand_failed
-            .locked()
-            .get(&key)
-            .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
-        {
+        let key = on_demand_key(name, version);
+        if let Some(why) = self.recent_on_demand_failure(&key) {
             return Some(Missing::Failed(format!(
                 "model {key} could not be loaded on demand: {why}"
             )));
@@ -485,18 +502,19 @@ impl ModelManager {
         if self.restoring.locked().contains(name) {
             return Some(Missing::Loading(message));
         }
-        let (this, owned, version) = (self.clone(), name.to_string(), version.map(str::to_string));
-        let spawned = std::thread::Builder::new()
-            .name("tie-model-demand".into())
-            .spawn(move || {
-                if let Err(e) = this.restore(&owned, version.as_deref()) {
-                    tracing::error!(model = %owned, error = %e, "cannot load a model on demand");
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread to load a model on demand");
-        }
+        // Its load logs "loaded on demand" itself.
+        self.restore_in_background(name, version, None, "cannot load a model on demand");
         Some(Missing::Loading(message))
+    }
+
+    /// Why the load on demand of `key` ([`on_demand_key`]) failed, when it failed less than
+    /// [`RESTORE_RETRY`] ago.
+    fn recent_on_demand_failure(&self, key: &str) -> Option<String> {
+        self.on_demand_failed
+            .locked()
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
+            .map(|(_, why)| why.clone())
     }
 
     /// Loads on demand the version of `name` that `version` names (see
@@ -511,14 +529,9 @@ impl ModelManager {
         if !self.on_demand_candidate(name, version) {
             return Ok(None);
         }
-        let key = format!("{name}:{}", version.unwrap_or("default"));
-        if let Some((_, why)) = self
-            .on_demand_failed
-            .locked()
-            .get(&key)
-            .filter(|(at, _)| at.elapsed() < RESTORE_RETRY)
-        {
-            return Err(ChangeError::Restore(why.clone()));
+        let key = on_demand_key(name, version);
+        if let Some(why) = self.recent_on_demand_failure(&key) {
+            return Err(ChangeError::Restore(why));
         }
         let result = self.load_on_demand_inner(name, version);
         match &result {

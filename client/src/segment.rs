@@ -482,6 +482,22 @@ impl RingEnds {
         self.consumer.try_pop_stamped(stamp, out)
     }
 
+    /// See [`Consumer::try_pop_stamped_with`].
+    ///
+    /// # Errors
+    /// As [`Consumer::try_pop_stamped_with`].
+    #[inline]
+    pub fn try_pop_stamped_with(
+        &mut self,
+        stamp: u64,
+        out: &mut [u64],
+        head_words: usize,
+        rest: impl FnOnce(&[u64]) -> bool,
+    ) -> Result<usize, RingCorrupt> {
+        self.consumer
+            .try_pop_stamped_with(stamp, out, head_words, rest)
+    }
+
     /// See [`Consumer::available`].
     ///
     /// # Errors

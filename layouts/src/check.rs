@@ -30,12 +30,64 @@ pub fn decode_request(
     feature_count: usize,
     allow_non_finite: bool,
 ) -> Decoded<'_> {
+    let header = read_header(frame);
+    let body: &[f32] = bytemuck::cast_slice(frame.get(REQUEST_HEADER_WORDS..).unwrap_or(&[]));
+    let features = check_header(&header, expected_seq, feature_count).and_then(|()| {
+        if frame.len() < REQUEST_HEADER_WORDS || body.len() < feature_count {
+            return Err((
+                Status::INVALID_INPUT_SHAPE,
+                feature_count as u32,
+                header.feature_count,
+            ));
+        }
+        let features = &body[..feature_count];
+        match first_non_finite(features) {
+            Some(i) if !allow_non_finite => {
+                Err((Status::REJECTED, RejectReason::NonFinite as u32, i as u32))
+            }
+            _ => Ok(features),
+        }
+    });
+    Decoded { header, features }
+}
+
+/// The index of the first NaN or infinite value in `values`, if any. The common case (none) is
+/// checked a chunk at a time with no early exit, which the compiler vectorises; only a chunk
+/// that holds one is searched value by value.
+#[inline]
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    const CHUNK: usize = 64;
+    values.chunks(CHUNK).enumerate().find_map(|(i, chunk)| {
+        let any = chunk
+            .iter()
+            .fold(false, |any, v| any | (v.to_bits() & EXPONENT == EXPONENT));
+        any.then(|| i * CHUNK + chunk.iter().position(|v| !v.is_finite()).expect("one is"))
+    })
+}
+
+/// The header at the start of `frame` (fields past a short frame's end are zero).
+#[inline]
+pub fn read_header(frame: &[u64]) -> RequestHeader {
     let mut header = RequestHeader::default();
     let head = frame.len().min(REQUEST_HEADER_WORDS);
     bytemuck::cast_slice_mut::<RequestHeader, u64>(core::slice::from_mut(&mut header))[..head]
         .copy_from_slice(&frame[..head]);
-    let body: &[f32] = bytemuck::cast_slice(frame.get(REQUEST_HEADER_WORDS..).unwrap_or(&[]));
-    let features = if header.seq != expected_seq {
+    header
+}
+
+/// The checks of [`decode_request`] that need only the header, in its order: sequence, model
+/// slot, feature count, priority. `Err`: the refusal's status and its two details.
+///
+/// # Errors
+/// The first check the header fails.
+#[inline]
+pub fn check_header(
+    header: &RequestHeader,
+    expected_seq: u64,
+    feature_count: usize,
+) -> Result<(), (Status, u32, u32)> {
+    if header.seq != expected_seq {
         Err((
             Status::REJECTED,
             RejectReason::BadSequence as u32,
@@ -43,10 +95,7 @@ pub fn decode_request(
         ))
     } else if header.model_slot != 0 {
         Err((Status::MODEL_NOT_FOUND, header.model_slot, 0))
-    } else if header.feature_count as usize != feature_count
-        || frame.len() < REQUEST_HEADER_WORDS
-        || body.len() < feature_count
-    {
+    } else if header.feature_count as usize != feature_count {
         Err((
             Status::INVALID_INPUT_SHAPE,
             feature_count as u32,
@@ -59,15 +108,8 @@ pub fn decode_request(
             header.priority,
         ))
     } else {
-        let features = &body[..feature_count];
-        match features.iter().position(|f| !f.is_finite()) {
-            Some(i) if !allow_non_finite => {
-                Err((Status::REJECTED, RejectReason::NonFinite as u32, i as u32))
-            }
-            _ => Ok(features),
-        }
-    };
-    Decoded { header, features }
+        Ok(())
+    }
 }
 
 /// What a well-formed hello asks for.
@@ -153,6 +195,30 @@ pub fn session_geometry(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_non_finite_finds_the_first_in_any_chunk() {
+        extern crate std;
+        use std::vec;
+        for len in [0usize, 1, 63, 64, 65, 200, 256] {
+            let mut v = vec![1.5f32; len];
+            assert_eq!(super::first_non_finite(&v), None, "len {len}");
+            for at in (0..len).step_by(7).chain(len.checked_sub(1)) {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    v[at] = bad;
+                    if at + 3 < len {
+                        v[at + 3] = f32::NAN;
+                    }
+                    assert_eq!(super::first_non_finite(&v), Some(at), "len {len} at {at}");
+                    v[at] = -0.0;
+                    if at + 3 < len {
+                        v[at + 3] = f32::MAX;
+                    }
+                    assert_eq!(super::first_non_finite(&v), None, "len {len} at {at}");
+                }
+            }
+        }
+    }
+
     use super::*;
     use bytemuck::Zeroable;
 

@@ -127,9 +127,21 @@ impl<'a> RingView<'a> {
 
     /// Copies slot `index & mask` out, word by word, into `out` (at most one slot).
     pub fn read_slot(&self, index: u64, out: &mut [u64]) {
+        self.read_slot_from(index, 0, out);
+    }
+
+    /// Copies words `from..` of slot `index & mask` into `out[from..]` (at most to the slot's
+    /// end); `out[..from]` is left as it is.
+    pub fn read_slot_from(&self, index: u64, from: usize, out: &mut [u64]) {
         let start = self.slot_start(index);
         let n = out.len().min(self.slot_words);
-        for (dst, src) in out[..n].iter_mut().zip(&self.slots[start..start + n]) {
+        if from >= n {
+            return;
+        }
+        for (dst, src) in out[from..n]
+            .iter_mut()
+            .zip(&self.slots[start + from..start + n])
+        {
             // Relaxed: the Acquire load of the index that made this slot readable orders it.
             *dst = src.load(Ordering::Relaxed);
         }
@@ -428,6 +440,48 @@ impl<'a> Consumer<'a> {
     /// # Errors
     /// [`RingCorrupt`] when the producer's index is out of range.
     pub fn try_pop_stamped(&mut self, stamp: u64, out: &mut [u64]) -> Result<bool, RingCorrupt> {
+        if !self.next_ready_stamped(stamp)? {
+            return Ok(false);
+        }
+        self.ring.read_slot(self.head, out);
+        self.head = self.head.wrapping_add(1);
+        Ok(true)
+    }
+
+    /// As [`Consumer::try_pop_stamped`], in two steps: the frame's first `head_words` words are
+    /// copied into `out`, then the rest (up to `out`'s length) only if `rest` says so when
+    /// given those words. Either way the frame is popped. Returns the words copied (0: the
+    /// ring is empty).
+    ///
+    /// # Errors
+    /// [`RingCorrupt`] when the producer's index is out of range.
+    pub fn try_pop_stamped_with(
+        &mut self,
+        stamp: u64,
+        out: &mut [u64],
+        head_words: usize,
+        rest: impl FnOnce(&[u64]) -> bool,
+    ) -> Result<usize, RingCorrupt> {
+        if !self.next_ready_stamped(stamp)? {
+            return Ok(0);
+        }
+        let whole = out.len().min(self.ring.slot_words);
+        let head = head_words.min(whole);
+        self.ring.read_slot(self.head, &mut out[..head]);
+        let words = if rest(&out[..head]) {
+            self.ring.read_slot_from(self.head, head, &mut out[..whole]);
+            whole
+        } else {
+            head
+        };
+        self.head = self.head.wrapping_add(1);
+        Ok(words)
+    }
+
+    /// Whether the next frame is ready: by the cached tail, or else by its stamp (the tail
+    /// loaded every [`STAMP_MISSES_PER_TAIL_LOAD`] misses).
+    #[inline]
+    fn next_ready_stamped(&mut self, stamp: u64) -> Result<bool, RingCorrupt> {
         if self.cached_ready() == 0 {
             let start = self.ring.slot_start(self.head);
             // SYNC(stamp): Acquire pairs with the producer's Release in `RingView::write_slot`.
@@ -443,8 +497,6 @@ impl<'a> Consumer<'a> {
                 }
             }
         }
-        self.ring.read_slot(self.head, out);
-        self.head = self.head.wrapping_add(1);
         Ok(true)
     }
 
@@ -600,6 +652,38 @@ mod tests {
         // A tail behind the last one loaded is corrupt.
         m.tail_word().store(1, Ordering::Relaxed);
         assert!(c.available().is_err());
+    }
+
+    #[test]
+    fn a_frame_is_popped_whole_or_by_its_head_as_asked() {
+        let m = mem(4, 4);
+        let ring = m.view();
+        ring.clear_stamps(u64::MAX);
+        let (mut p, mut c) = (Producer::new(ring), Consumer::new(ring));
+        let mut out = [0u64; 4];
+        assert_eq!(c.try_pop_stamped_with(0, &mut out, 2, |_| true).unwrap(), 0);
+        p.push(&[0, 7, 1, 2]).unwrap();
+        p.push(&[1, 8, 3, 4]).unwrap();
+        // The head alone: the rest of `out` is left as it was.
+        let mut seen = [0u64; 2];
+        let words = c
+            .try_pop_stamped_with(0, &mut out, 2, |head| {
+                seen.copy_from_slice(head);
+                false
+            })
+            .unwrap();
+        assert_eq!((words, seen, out), (2, [0, 7], [0, 7, 0, 0]));
+        // The whole frame.
+        assert_eq!(c.try_pop_stamped_with(1, &mut out, 2, |_| true).unwrap(), 4);
+        assert_eq!(out, [1, 8, 3, 4]);
+        // A head longer than the frame is the frame.
+        p.push(&[2, 9, 5, 6]).unwrap();
+        assert_eq!(
+            c.try_pop_stamped_with(2, &mut out, 9, |_| false).unwrap(),
+            4
+        );
+        assert_eq!(out, [2, 9, 5, 6]);
+        assert_eq!(c.try_pop_stamped_with(3, &mut out, 2, |_| true).unwrap(), 0);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tie_client::segment::{RingEnds, Segment, Side};
 use tie_layouts::abi::{
     self, FaultReason, ResponseFrame, ServerState, Status, MAX_OUTPUTS, RESPONSE_WORDS,
 };
+use tie_layouts::check::read_header;
 use tie_layouts::ring::PushError;
 
 use super::SessionLink;
@@ -514,7 +515,7 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
         // keeping the channel off the polling path, and on every round of a poller that yields
         // or parks when idle. A stopping poller takes them all first, so that what their
         // clients already sent is answered.
-        let parked = ctx.idle.strategy != IdleStrategy::Spin && rounds.idle_since.is_some();
+        let parked = ctx.idle.strategy != IdleStrategy::Spin && rounds.idle;
         if stopping || parked || rounds.round.is_multiple_of(64) {
             p.pick_up(&ctx.new_sessions);
         }
@@ -535,6 +536,7 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
                 p.flush_metrics(crate::monitor::FLUSH_NS);
             }
             rounds.idle_rounds = 0;
+            rounds.idle = false;
             rounds.idle_since = None;
             continue;
         }
@@ -555,8 +557,12 @@ pub(super) fn poller_task(ctx: PollerContext) -> WorkerStats {
             // its responses (no credit to read more) for the whole grace period.
             break;
         }
-        ctx.idle
-            .pause(*rounds.idle_since.get_or_insert_with(Instant::now), wake_ns);
+        // A spinning poller does not wait, so it reads no clock here: under load it goes idle
+        // between most frames, and a clock read each time would be a share of every request.
+        if ctx.idle.strategy != IdleStrategy::Spin {
+            ctx.idle
+                .pause(*rounds.idle_since.get_or_insert_with(Instant::now), wake_ns);
+        }
     }
     for s in p.sessions.iter().flatten() {
         s.rings.segment().set_server_state(ServerState::Closing, 0);
@@ -574,8 +580,11 @@ struct Rounds {
     round: u32,
     /// Rounds in a row with nothing accepted or answered.
     idle_rounds: u32,
-    /// Since when nothing was accepted or answered (`None`: busy).
+    /// Since when nothing was accepted or answered, as read at the first look after the
+    /// poller went idle (`None`: busy, or idle and not looked yet).
     idle_since: Option<Instant>,
+    /// Whether the last round was idle.
+    idle: bool,
     /// When the stop found frames its clients had not read the answers of.
     stop_started: Option<Instant>,
 }
@@ -601,7 +610,8 @@ impl Poller {
     /// A round with nothing accepted or answered: the figures of a poller going idle, or idle
     /// for a while, reach the readers and the monitor.
     fn idle_round(&mut self, ctx: &PollerContext, rounds: &mut Rounds) {
-        if rounds.idle_since.is_none() {
+        if !rounds.idle {
+            rounds.idle = true;
             // Going idle: the batch counters are current for readers, and the latencies
             // kept during the busy rounds go into their histograms (off the path of the
             // requests just answered).
@@ -618,7 +628,7 @@ impl Poller {
         // (A poller that yields or sleeps checks every round: the clock costs nothing next to
         // the wait.)
         if (ctx.idle.strategy != IdleStrategy::Spin || rounds.idle_rounds.is_multiple_of(256))
-            && rounds.idle_since.is_some_and(|t| t.elapsed() >= IDLE_FLUSH)
+            && rounds.idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_FLUSH
             && self
                 .lanes
                 .iter()
@@ -962,8 +972,10 @@ impl Poller {
     /// (at most `cold sessions / COLD_PER_ROUND` rounds).
     fn scan(&mut self) -> usize {
         let mut accepted = 0;
+        // The round's arrival time: read once, at the first frame.
+        let mut now = 0;
         for i in 0..self.hot.len() {
-            accepted += self.drain_session(self.hot[i]);
+            accepted += self.drain_session(self.hot[i], &mut now);
         }
         for _ in 0..self.cold.len().min(COLD_PER_ROUND) {
             if self.cold_next >= self.cold.len() {
@@ -980,7 +992,7 @@ impl Poller {
                 .expect("cold sessions live")
                 .cold = false;
             self.hot.push(slot);
-            accepted += self.drain_session(slot);
+            accepted += self.drain_session(slot, &mut now);
         }
         if !self.cold.is_empty() {
             // SYNC(hangups): Acquire pairs with `SessionLink::hang_up`'s Release: the flags of
@@ -1045,7 +1057,10 @@ impl Poller {
         }
     }
 
-    fn drain_session(&mut self, slot: usize) -> usize {
+    /// Reads the frames of session `slot` its credits allow, checks each and queues it for its
+    /// batch (or its answer). `now` is the round's arrival time: read at the round's first
+    /// frame, shared by every session read in the round. Returns the frames read.
+    fn drain_session(&mut self, slot: usize, now: &mut u64) -> usize {
         if !self.settle_switch(slot) {
             return 0;
         }
@@ -1064,23 +1079,38 @@ impl Poller {
         let allow_non_finite = lane.model.layout.allow_non_finite;
         let ready = lane.model.health.is_ready();
         let mut taken = 0;
-        let mut now = 0;
         let frame = &mut self.frame[..s.slot_words];
         while credits > 0 {
-            // The next frame's first word is its sequence number: take it by its stamp.
-            match s.rings.try_pop_stamped(s.expected_seq, frame) {
-                Ok(true) => {}
-                Ok(false) => break,
+            // The next frame's first word is its sequence number: take it by its stamp. Its
+            // features are read only if its priority's queue has room: under overload a
+            // refusal costs one cache line of the ring, not the whole frame.
+            let queue = &lane.queue;
+            let words = match s.rings.try_pop_stamped_with(
+                s.expected_seq,
+                frame,
+                abi::REQUEST_HEADER_WORDS,
+                |head| !ready || queue.has_room(priority_of(&read_header(head))),
+            ) {
+                Ok(0) => break,
+                Ok(words) => words,
                 Err(_) => {
                     fault(s, FaultReason::RequestIndexCorrupt);
                     return taken;
                 }
+            };
+            if *now == 0 {
+                *now = monotonic_ns();
             }
-            if now == 0 {
-                now = monotonic_ns();
-            }
-            let (mut request, features, reported_ns) =
-                validate(s, frame, slot, now, allow_non_finite);
+            let now = *now;
+            let (mut request, features, reported_ns) = if words < frame.len() {
+                let (mut request, reported_ns) = validate_header(s, &frame[..words], slot, now);
+                if request.item.status == Status::OK {
+                    refuse_full(&mut lane.queue, &mut request);
+                }
+                (request, None, reported_ns)
+            } else {
+                validate(s, frame, slot, now, allow_non_finite)
+            };
             let sample = lane.rec.sample();
             sample.requests += 1;
             if reported_ns > 0 {
@@ -1101,7 +1131,7 @@ impl Poller {
         }
         if taken > 0 {
             s.rings.release();
-            s.last_frame_ns = now;
+            s.last_frame_ns = *now;
             self.stats.requests += taken as u64;
         }
         taken
@@ -1594,6 +1624,20 @@ fn enqueue(queue: &mut BatchQueue<Item>, request: Request<Item>, features: &[f32
     }
 }
 
+/// Answers `request` `QueueFull` with its priority's limit (its features were not read: the
+/// queue had no room), counted as the queue's rejection.
+fn refuse_full(queue: &mut BatchQueue<Item>, request: &mut Request<Item>) {
+    queue.count_rejection(request.priority);
+    request.item.status = Status::QUEUE_FULL;
+    request.item.detail_a = queue.limit(request.priority).min(u32::MAX as usize) as u32;
+}
+
+/// A header's priority as the queue takes it (a bad one is refused by the header's checks).
+#[inline]
+fn priority_of(header: &abi::RequestHeader) -> u8 {
+    header.priority.min(3) as u8
+}
+
 /// The response to one taken request: its outputs (from `output`, the batch's) and figures
 /// when it ran, its timeout when it missed its deadline, else the status it was read with.
 #[inline]
@@ -1666,14 +1710,49 @@ fn validate<'f>(
     now: u64,
     allow_non_finite: bool,
 ) -> (Request<Item>, Option<&'f [f32]>, u32) {
+    let expected_seq = next_seq(s);
+    let decoded =
+        tie_layouts::check::decode_request(frame, expected_seq, s.feature_count, allow_non_finite);
+    let header = decoded.header;
+    let mut request = request_of(&header, slot, now);
+    match decoded.features {
+        Ok(features) => (request, Some(features), header.reported_round_trip_ns),
+        Err(refusal) => {
+            refused(&mut request, refusal);
+            (request, None, header.reported_round_trip_ns)
+        }
+    }
+}
+
+/// As [`validate`], for a frame whose header only was read: the request with the error its
+/// header earns, or `OK` when the header passes (the caller answers it).
+fn validate_header(
+    s: &mut WorkerSession,
+    head: &[u64],
+    slot: usize,
+    now: u64,
+) -> (Request<Item>, u32) {
+    let expected_seq = next_seq(s);
+    let header = read_header(head);
+    let mut request = request_of(&header, slot, now);
+    if let Err(refusal) = tie_layouts::check::check_header(&header, expected_seq, s.feature_count) {
+        refused(&mut request, refusal);
+    }
+    (request, header.reported_round_trip_ns)
+}
+
+/// The sequence number the session's next frame must carry; counts the frame.
+fn next_seq(s: &mut WorkerSession) -> u64 {
     let expected_seq = s.expected_seq;
     // The expected number counts frames: a client's bad number is not adopted, so it cannot
     // steer the stamp the next frame is taken by.
     s.expected_seq = expected_seq.wrapping_add(1);
-    let decoded =
-        tie_layouts::check::decode_request(frame, expected_seq, s.feature_count, allow_non_finite);
-    let header = decoded.header;
-    let mut request = Request {
+    expected_seq
+}
+
+/// The request a frame with `header` makes, answered `OK` unless refused.
+fn request_of(header: &abi::RequestHeader, slot: usize, now: u64) -> Request<Item> {
+    Request {
         item: Item {
             session: slot,
             request_id: header.request_id,
@@ -1684,19 +1763,17 @@ fn validate<'f>(
             sent_ns: header.send_ts_ns,
         },
         session: slot,
-        priority: header.priority.min(3) as u8,
+        priority: priority_of(header),
         arrival_ns: now,
         deadline_ns: header.deadline_ns,
-    };
-    match decoded.features {
-        Ok(features) => (request, Some(features), header.reported_round_trip_ns),
-        Err((status, a, b)) => {
-            request.item.status = status;
-            request.item.detail_a = a;
-            request.item.detail_b = b;
-            (request, None, header.reported_round_trip_ns)
-        }
     }
+}
+
+/// Marks `request` refused with `(status, detail_a, detail_b)`.
+fn refused(request: &mut Request<Item>, (status, a, b): (Status, u32, u32)) {
+    request.item.status = status;
+    request.item.detail_a = a;
+    request.item.detail_b = b;
 }
 
 fn saturate_u32(ns: u64) -> u32 {

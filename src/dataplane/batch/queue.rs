@@ -153,6 +153,8 @@ pub struct BatchQueue<T> {
     queued: [usize; PRIORITIES],
     /// Resolved requests queued.
     resolved: usize,
+    /// Executable requests queued with a deadline (`decide` looks at every one only then).
+    with_deadline: usize,
     /// The model's optimal batch size, once profiled.
     optimal_batch_size: Option<usize>,
     stats: BatchStats,
@@ -176,6 +178,7 @@ impl<T: Copy> BatchQueue<T> {
             waiting: Vec::new(),
             queued: [0; PRIORITIES],
             resolved: 0,
+            with_deadline: 0,
             optimal_batch_size: None,
             stats: BatchStats::default(),
         }
@@ -228,6 +231,25 @@ impl<T: Copy> BatchQueue<T> {
         fifo.queue.push_back(queued);
     }
 
+    /// Whether a request of `priority` would be queued now (else [`BatchQueue::push`] refuses
+    /// it with [`BatchQueue::limit`]).
+    #[inline]
+    pub fn has_room(&self, priority: u8) -> bool {
+        let p = usize::from(priority.min(3));
+        self.queued[p] < self.config.max_queue_size[p] && !self.free_rows.is_empty()
+    }
+
+    /// The most requests of `priority` queued at once.
+    pub fn limit(&self, priority: u8) -> usize {
+        self.config.max_queue_size[usize::from(priority.min(3))]
+    }
+
+    /// Counts a request of `priority` refused for a full queue without being offered to
+    /// [`BatchQueue::push`] (its features were never read).
+    pub fn count_rejection(&mut self, priority: u8) {
+        self.stats.rejections[usize::from(priority.min(3))] += 1;
+    }
+
     /// Queues an executable request with its features.
     ///
     /// # Errors
@@ -251,6 +273,7 @@ impl<T: Copy> BatchQueue<T> {
         let w = self.width;
         self.arena[row as usize * w..(row as usize + 1) * w].copy_from_slice(features);
         self.queued[p] += 1;
+        self.with_deadline += usize::from(request.deadline_ns != 0);
         self.push_queued(
             request.session,
             Queued {
@@ -343,6 +366,7 @@ impl<T: Copy> BatchQueue<T> {
             Some(row) => {
                 let p = q.request.priority as usize;
                 self.queued[p] -= 1;
+                self.with_deadline -= usize::from(q.request.deadline_ns != 0);
                 self.sessions[s].counts[p] -= 1;
                 self.free_rows.push(row);
             }
@@ -383,10 +407,17 @@ impl<T: Copy> BatchQueue<T> {
         let mut oldest = u64::MAX;
         let mut earliest_deadline = u64::MAX;
         for &s in &self.waiting {
-            for q in self.sessions[s].queue.iter().filter(|q| q.row.is_some()) {
-                oldest = oldest.min(q.request.arrival_ns);
-                if q.request.deadline_ns != 0 {
-                    earliest_deadline = earliest_deadline.min(q.request.deadline_ns);
+            let mut executable = self.sessions[s].queue.iter().filter(|q| q.row.is_some());
+            // A session's requests arrived in its order: its first executable one is its oldest.
+            if let Some(first) = executable.next() {
+                oldest = oldest.min(first.request.arrival_ns);
+            }
+            // Every one, but only while some have deadlines (a walk over all that is queued).
+            if self.with_deadline > 0 {
+                for q in self.sessions[s].queue.iter().filter(|q| q.row.is_some()) {
+                    if q.request.deadline_ns != 0 {
+                        earliest_deadline = earliest_deadline.min(q.request.deadline_ns);
+                    }
                 }
             }
         }

@@ -42,12 +42,53 @@ pub(super) struct ListenerContext {
     pub inspectors: Arc<std::sync::atomic::AtomicUsize>,
     /// Place segments on 2 MB huge pages (`server.huge_pages`).
     pub huge_pages: bool,
-    /// The poller of each model name.
-    pub pollers_by_model: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The pollers of each model name.
+    pub pollers_by_model: std::sync::Mutex<PollerPlacement>,
     /// The socket file, checked every [`SOCKET_CHECK_INTERVAL`] while serving.
     pub socket_file: Arc<SocketFile>,
     /// Each poller's count of its sessions' hang-ups (given to each session's link).
     pub hangups: Vec<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// Which pollers serve each model name: a model's sessions share its pollers across versions
+/// and reloads (one lane per poller, batches filled from its sessions); models get their
+/// pollers in turn, in the order they are first asked for; a model's sessions go to its
+/// pollers in turn.
+#[derive(Debug, Default)]
+pub(super) struct PollerPlacement {
+    /// Per model name: its pollers and the one its next session goes to.
+    models: std::collections::HashMap<String, (Vec<usize>, usize)>,
+    /// The poller the next group starts at.
+    next: usize,
+}
+
+impl PollerPlacement {
+    /// The poller of a new session of `model`, which asks for `wanted` pollers, of `pollers`.
+    /// A model asking for more than there are gets them all (logged once per change); one
+    /// whose count changed (a reload) gets a new group, its open sessions staying where they
+    /// are.
+    pub fn place(&mut self, model: &str, wanted: usize, pollers: usize) -> usize {
+        let n = wanted.clamp(1, pollers.max(1));
+        let stale = self.models.get(model).is_none_or(|(g, _)| g.len() != n);
+        if stale {
+            if wanted > n {
+                tracing::warn!(
+                    model,
+                    pollers = wanted,
+                    server_pollers = pollers,
+                    "the model asks for more pollers than the server has: its sessions go to all {n}"
+                );
+            }
+            let start = self.next;
+            self.next = (start + n) % pollers.max(1);
+            let group = (0..n).map(|k| (start + k) % pollers.max(1)).collect();
+            self.models.insert(model.to_string(), (group, 0));
+        }
+        let (group, turn) = self.models.get_mut(model).expect("placed above");
+        let poller = group[*turn % group.len()];
+        *turn = (*turn + 1) % group.len();
+        poller
+    }
 }
 
 /// An open session as the listener keeps it: its socket (closed when dropped), its segment
@@ -589,4 +630,28 @@ fn peer_in_group(pid: rustix::process::Pid, gid: u32) -> bool {
             .find_map(|l| l.strip_prefix("Groups:"))
             .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PollerPlacement;
+
+    #[test]
+    fn models_get_pollers_in_turn_and_their_sessions_go_round_their_group() {
+        let mut p = PollerPlacement::default();
+        // One poller each: the models in the order first asked for.
+        assert_eq!(p.place("a", 1, 4), 0);
+        assert_eq!(p.place("b", 1, 4), 1);
+        assert_eq!(p.place("a", 1, 4), 0);
+        // Two pollers: the next two, its sessions in turn.
+        let wide: Vec<usize> = (0..5).map(|_| p.place("w", 2, 4)).collect();
+        assert_eq!(wide, [2, 3, 2, 3, 2]);
+        // More than there are: all of them, wrapping.
+        let all: Vec<usize> = (0..4).map(|_| p.place("x", 9, 4)).collect();
+        assert_eq!(all, [0, 1, 2, 3]);
+        // A changed count (a reload) makes a new group; a model asking for 0 gets one.
+        assert_eq!(p.place("a", 3, 4), 0);
+        assert_eq!(p.place("a", 3, 4), 1);
+        assert_eq!(p.place("z", 0, 4), 3);
+    }
 }

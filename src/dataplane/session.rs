@@ -358,14 +358,12 @@ fn register(
         tracing::warn!(session = id, "client left during the handshake");
         return Err(Refusal::Dropped);
     }
-    // By model name: a model's sessions share one poller (one lane, full batches) across
-    // versions and reloads; models are spread over the pollers in the order they are first
-    // asked for.
-    let poller = {
-        let mut pollers = ctx.pollers_by_model.locked();
-        let next = pollers.len() % ctx.workers.len();
-        *pollers.entry(model.name.clone()).or_insert(next)
-    };
+    // By model name: a model's sessions share its pollers (`pollers`, default one: one lane,
+    // full batches) across versions and reloads.
+    let poller =
+        ctx.pollers_by_model
+            .locked()
+            .place(&model.name, model.config.pollers(), ctx.workers.len());
     let pid = cred.pid.as_raw_nonzero().get() as u32;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let comm = comm.trim_end();
@@ -401,6 +399,7 @@ fn register(
         pid = cred.pid.as_raw_nonzero().get(),
         uid = cred.uid.as_raw(),
         model = %model.key(),
+        poller,
         request_capacity = hello.request_capacity,
         response_capacity = hello.response_capacity,
         "session opened"

@@ -59,6 +59,12 @@ pub struct ModelConfig {
     /// [`MAX_PIPELINE_DEPTH`]): on the GPU, in CUDA streams of its own; on the CPU, computed
     /// on a thread of its own. 0 (the default): the poller runs each batch and waits for it.
     pub pipeline_depth: usize,
+    /// Pollers the model's sessions are spread over, each forming batches of its own sessions
+    /// (on the GPU, each with its own stream and pipeline on the model's instances): for a
+    /// model whose load one poller cannot read, batch and answer alone. Default 1 (one poller
+    /// batches all of the model's sessions: the fullest batches). At most the server's
+    /// poller count (`[server] poller_cores`); more is used as that many, logged.
+    pub pollers: Option<usize>,
     /// Every row's answer bitwise the same whatever batch it is in and whatever its place
     /// there, on the engine the model loaded on (and on any of its GPUs, which run the same
     /// kernels): on the GPU only the fused kernels (one fixed summation order per row) are
@@ -104,6 +110,11 @@ impl TryFrom<f64> for SampleRate {
 pub const MAX_PIPELINE_DEPTH: usize = 8;
 
 impl ModelConfig {
+    /// `pollers`, or its default (1).
+    pub fn pollers(&self) -> usize {
+        self.pollers.unwrap_or(1)
+    }
+
     /// `journal_features`, or its default.
     pub fn journal_features(&self) -> bool {
         self.journal_features.unwrap_or(true)

@@ -880,6 +880,11 @@ impl Loading<'_> {
                 super::config::MAX_PIPELINE_DEPTH
             )));
         }
+        if self.config.pollers == Some(0) {
+            return Err(
+                self.unsupported("pollers = 0: a model's sessions need at least one poller".into())
+            );
+        }
         if io.output_width == 0 || io.output_width > MAX_OUTPUTS {
             return Err(RepositoryLoadError::TooManyOutputs {
                 model: self.name.into(),

@@ -349,3 +349,77 @@ fn a_model_split_by_batch_size_runs_each_batch_on_its_engine_and_answers_in_orde
     assert!(large.batches.load(Relaxed) > 0);
     assert!(large.most.load(Relaxed) > 4, "{}", large.most.load(Relaxed));
 }
+
+#[test]
+fn a_model_spread_over_two_pollers_answers_each_session_in_order_from_both() {
+    let repo = scratch_dir("pollers-repo");
+    crate::common::add_version(&repo, "mlp64", 1, "mlp64", 1);
+    std::fs::write(
+        repo.join("mlp64").join("config.toml"),
+        "backend = \"cpu\"\npipeline_depth = 2\npollers = 2\n",
+    )
+    .unwrap();
+    crate::common::add_version(&repo, "multi", 1, "multi", 1);
+    // More pollers than the server has: all of them, logged.
+    std::fs::write(repo.join("multi").join("config.toml"), "pollers = 5\n").unwrap();
+    let config = format!(
+        "{}\n[batch_processing]\nmax_batch_size = 16\nbatch_timeout_us = 20\n",
+        crate::common::TEST_CONFIG.replace("[server]\n", "[server]\npoller_cores = [0, 1]\n")
+    );
+    let server = TestServer::start_with(&config, &repo);
+    let f = fixture("mlp64_v1");
+    std::thread::scope(|s| {
+        for c in 0..4usize {
+            let (server, f) = (&server, &f);
+            s.spawn(move || {
+                let mut client = connect(server);
+                let mut sent = VecDeque::new();
+                let (mut next, mut answered) = (0usize, 0usize);
+                while answered < 2000 {
+                    while next < 2000 && sent.len() < 32 {
+                        let row = (next + c) % f.inputs.len();
+                        let id = client
+                            .submit(&f.inputs[row], Priority::Normal, None)
+                            .unwrap();
+                        sent.push_back((id, row));
+                        next += 1;
+                    }
+                    let Some(r) = client.poll() else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    let (id, row) = sent.pop_front().expect("an answer per request");
+                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
+                    assert_eq!(r.status, Status::OK, "client {c}");
+                    assert!(
+                        rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
+                        "client {c}: row {row}"
+                    );
+                    answered += 1;
+                }
+                assert_eq!(client.poll(), None, "an extra response");
+            });
+        }
+    });
+    let mut multi = connect_to(&server, "multi");
+    let m = fixture("multi_v1");
+    let r = multi.predict(&m.inputs[0]).unwrap();
+    assert!(rel_err(r.outputs()[0], m.outputs[0][0]) <= 1e-5);
+    let log = server.log();
+    let opened: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session opened") && l.contains("mlp64"))
+        .collect();
+    assert_eq!(opened.len(), 4, "{log}");
+    for poller in ["poller=0", "poller=1"] {
+        assert_eq!(
+            opened.iter().filter(|l| l.contains(poller)).count(),
+            2,
+            "two sessions on {poller}: {log}"
+        );
+    }
+    assert!(
+        log.contains("the model asks for more pollers than the server has"),
+        "{log}"
+    );
+}

@@ -79,7 +79,7 @@ impl Drop for LayerMatmuls {
     fn drop(&mut self) {
         self.plans.clear();
         // SAFETY: created by `create_handle`, destroyed once, after its descriptors.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
+        let _ = super::device_change(|| unsafe { lt::destroy_handle(self.handle) });
     }
 }
 
@@ -122,7 +122,7 @@ impl LayerMatmuls {
         if plan.layers.is_empty() {
             return Err(BlasltPlanError::NoLayer);
         }
-        let handle = lt::create_handle().map_err(lt_err("handle"))?;
+        let handle = super::device_change(lt::create_handle).map_err(lt_err("handle"))?;
         let mut me = Self {
             handle,
             plans: Vec::new(),

@@ -79,6 +79,36 @@ impl std::fmt::Display for Engine {
     }
 }
 
+/// Changes to what the process holds on its GPUs (allocations, frees, synchronous copies,
+/// modules, cuBLASLt handles, graph captures and their teardown), one at a time across the
+/// process. A free or a synchronous copy may wait for the whole device, and a graph captured
+/// in another thread meanwhile fails (seen on an H100 as "unspecified launch failure" or an
+/// invalidated capture when models loaded while others were dropped). None of these is on the
+/// path of a batch.
+static DEVICE_CHANGES: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Whether this thread holds [`DEVICE_CHANGES`] (a change made inside another, as a drop
+    /// that frees buffers, does not take it again).
+    static HOLDS_DEVICE_CHANGES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one change to the process's GPU state (see [`DEVICE_CHANGES`]).
+pub(crate) fn device_change<R>(f: impl FnOnce() -> R) -> R {
+    if HOLDS_DEVICE_CHANGES.get() {
+        return f();
+    }
+    struct Held<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, ()>);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            HOLDS_DEVICE_CHANGES.set(false);
+        }
+    }
+    let _held = Held(DEVICE_CHANGES.lock().unwrap_or_else(|e| e.into_inner()));
+    HOLDS_DEVICE_CHANGES.set(true);
+    f()
+}
+
 /// Device memory owned by an instance.
 struct DeviceBuffer {
     ptr: CUdeviceptr,
@@ -87,7 +117,7 @@ struct DeviceBuffer {
 impl DeviceBuffer {
     fn new(bytes: usize) -> Result<Self, DriverError> {
         // SAFETY: a plain allocation in the current context (bound by the caller).
-        let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }?;
+        let ptr = device_change(|| unsafe { cu::malloc_sync(bytes.max(1)) })?;
         Ok(Self { ptr })
     }
 }
@@ -97,14 +127,14 @@ impl Drop for DeviceBuffer {
         // SAFETY: allocated by `malloc_sync`, freed once; owners drop buffers with their
         // context bound and nothing in flight (`InstanceState::drop` synchronises first; a
         // failed build never launched anything).
-        let _ = unsafe { cu::free_sync(self.ptr) };
+        let _ = device_change(|| unsafe { cu::free_sync(self.ptr) });
     }
 }
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         // SAFETY: allocated by `malloc_host`, freed once, no copy or kernel in flight (as above).
-        let _ = unsafe { cu::free_host(self.ptr as *mut c_void) };
+        let _ = device_change(|| unsafe { cu::free_host(self.ptr as *mut c_void) });
     }
 }
 
@@ -118,6 +148,10 @@ struct HostBuffer {
 
 impl HostBuffer {
     fn new(len: usize, flags: u32) -> Result<Self, DriverError> {
+        device_change(|| Self::allocate(len, flags))
+    }
+
+    fn allocate(len: usize, flags: u32) -> Result<Self, DriverError> {
         let flags = flags | cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: a plain allocation in the current context (bound by the caller).
         let ptr = unsafe { cu::malloc_host(len.max(1) * 4, flags) }? as *mut f32;
@@ -257,11 +291,14 @@ unsafe impl Send for InstanceState {}
 
 impl Drop for InstanceState {
     fn drop(&mut self) {
-        let _ = self.stream.context().bind_to_thread();
-        let _ = self.stream.synchronize();
-        // Graphs first: they reference the buffers, which the fields' drops free after this.
-        self.buckets.clear();
-        self.matmuls = None;
+        device_change(|| {
+            let _ = self.stream.context().bind_to_thread();
+            let _ = self.stream.synchronize();
+            // Graphs first: they reference the buffers, which the fields' drops free after
+            // this.
+            self.buckets.clear();
+            self.matmuls = None;
+        });
     }
 }
 
@@ -758,16 +795,18 @@ impl InstanceState {
         size: usize,
         engine: Engine,
     ) -> Result<CudaGraph, DriverError> {
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let enqueued = self.enqueue(io, stream.cu_stream(), size, engine);
-        // End the capture whatever happened, so the stream is usable again.
-        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        enqueued?;
-        let graph = graph?.ok_or(DriverError(
-            cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
-        ))?;
-        graph.upload()?;
-        Ok(graph)
+        device_change(|| {
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let enqueued = self.enqueue(io, stream.cu_stream(), size, engine);
+            // End the capture whatever happened, so the stream is usable again.
+            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            enqueued?;
+            let graph = graph?.ok_or(DriverError(
+                cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+            ))?;
+            graph.upload()?;
+            Ok(graph)
+        })
     }
 
     /// Median time of `CHOICE_RUNS` runs of an engine at `size` rows (replays of its graph,
@@ -840,7 +879,7 @@ fn stored_bytes(values: &[f32], precision: Precision) -> Vec<u8> {
 
 fn upload(ptr: CUdeviceptr, bytes: &[u8]) -> Result<(), DriverError> {
     // SAFETY: `ptr` is an allocation of at least `bytes.len()` bytes (sized by the caller).
-    unsafe { cu::memcpy_htod_sync(ptr, bytes) }
+    device_change(|| unsafe { cu::memcpy_htod_sync(ptr, bytes) })
 }
 
 /// What one GPU instance of a model is built from.
@@ -896,9 +935,7 @@ fn compile_kernels(spec: &InstanceSpec<'_>) -> Result<Kernels, CudaLoadError> {
     .map_err(|e| {
         CudaLoadError::Cuda(format!("NVRTC could not compile the model's kernels: {e}"))
     })?;
-    let module = ctx
-        .load_module(ptx)
-        .map_err(cuda_err("loading the kernels"))?;
+    let module = device_change(|| ctx.load_module(ptx)).map_err(cuda_err("loading the kernels"))?;
     let mut functions = Vec::new();
     let mut function = |name: &str| -> Result<CUfunction, CudaLoadError> {
         let f = module

@@ -73,9 +73,11 @@ unsafe impl Send for CudaPipeline {}
 impl Drop for CudaPipeline {
     fn drop(&mut self) {
         // Nothing may run into the buffers once they are freed.
-        let _ = self.stream.context().bind_to_thread();
-        let _ = self.stream.synchronize();
-        self.slots.clear();
+        super::device_change(|| {
+            let _ = self.stream.context().bind_to_thread();
+            let _ = self.stream.synchronize();
+            self.slots.clear();
+        });
         self.instance.pipelines.fetch_sub(1, Ordering::Relaxed);
         self.instance
             .outstanding

@@ -9,20 +9,21 @@
 #                                              # (../shared/tools/gpu-bundle --features cuda;
 #                                              #  carry [".gpu-bundle", ".anchors"])
 #
-# Environment: POLLER_CORES (default 2,3), WORKER_CORES (default 6-13, one worker each),
-# RATES (requests per second, all workers together; default 1000000,2000000,4000000),
-# SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default 3; 0: the
-# poller waits for each batch), BACKEND (the model's backend, default cuda; auto: each batch on
-# the engine measured faster for its size), ANCHORS (default .anchors).
+# Environment: POLLER_CORES (default 2,3,4,5), POLLERS (the model's `pollers`: how many of them
+# its sessions are spread over; default 4), WORKER_CORES (default 8-15, one worker each),
+# RATES (requests per second, all workers together; default 2000000,4000000,5000000,6000000,
+# 7000000), SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default
+# 3; 0: the poller waits for each batch), BACKEND (the model's backend, default cuda; auto: each
+# batch on the engine measured faster for its size), ANCHORS (default .anchors).
 set -u
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-throughput-out}")
 mkdir -p "$out"
 anchors=$(realpath -m "${ANCHORS:-.anchors}")
-poller_cores=${POLLER_CORES:-2,3}
-worker_cores=${WORKER_CORES:-6,7,8,9,10,11,12,13}
+poller_cores=${POLLER_CORES:-2,3,4,5}
+worker_cores=${WORKER_CORES:-8,9,10,11,12,13,14,15}
 workers=$(echo "$worker_cores" | tr ',' '\n' | wc -l)
-rates=${RATES:-1000000,2000000,4000000}
+rates=${RATES:-2000000,4000000,5000000,6000000,7000000}
 seconds=${SECONDS_PER_RATE:-4}
 
 if [ -d .gpu-bundle ]; then
@@ -39,8 +40,8 @@ fi
 work=$(mktemp -d)
 mkdir -p "$work/models/wide16/1"
 cp "$root/models/mlp256/1/model.onnx" "$work/models/wide16/1/model.onnx"
-printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = 20\nmax_batch_size = 256\npipeline_depth = %s\n' \
-  "${BACKEND:-cuda}" "${PIPELINE_DEPTH:-3}" > "$work/models/wide16/config.toml"
+printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = 20\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\n' \
+  "${BACKEND:-cuda}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" > "$work/models/wide16/config.toml"
 printf '[server]\npoller_cores = [%s]\nidle = "spin"\n' "$poller_cores" > "$out/serve.toml"
 "$tie_bin" serve --config "$out/serve.toml" --model-repository "$work/models" --socket-dir "$work" \
   --endpoint gpu --http-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
@@ -51,7 +52,7 @@ if [ ! -S "$work/gpu.sock" ]; then
 fi
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
-echo "pollers on cores $poller_cores (spinning); backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
+echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/nvml-$rate.txt" 2>/dev/null &
@@ -74,7 +75,8 @@ util = [float(l) for l in open(nvml) if l.strip().replace('.', '', 1).isdigit()]
 mid = util[10:-10] if len(util) > 30 else util
 mean = sum(mid) / len(mid) if mid else float('nan')
 print(f"rate {int(rate):>9}/s: achieved {s['achieved_rps']/1e6:.3f} M/s, p50 {s['p50_us']:.1f} us, "
-      f"p99 {s['p99_us']:.1f} us, p99.9 {s['p99_9_us']:.1f} us, errors {sum(s['errors'].values())}, "
+      f"p99 {s['p99_us']:.1f} us, p99.9 {s['p99_9_us']:.1f} us, errors {dict(s['errors']) or 0}, "
+      f"unanswered {s['unanswered']}, send lag p99 {s['send_lag_p99_us']:.1f} us, "
       f"GPU utilisation (NVML) mean {mean:.0f}% max {max(mid) if mid else float('nan'):.0f}%; exit {status}")
 PY
 done

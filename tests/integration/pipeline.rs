@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use crate::common::{fixture, rel_err, responses, root, scratch_dir, TestServer};
+use crate::common::{fixture, rel_err, responses, root, scratch_dir, Fixture, TestServer};
 use tie_client::{monotonic_ns, Client, ConnectOptions, Priority, Status};
 
 /// A repository with the example `model` (features named by position) on the CPU (on a GPU
@@ -46,6 +46,39 @@ fn connect(server: &TestServer) -> Client {
     connect_to(server, "mlp64")
 }
 
+/// Client number `c` sends `total` of the fixture's rows in turn with up to `window` in flight,
+/// and checks every answer: its request's, in order, OK, the fixture's output; then that no
+/// answer is left over.
+fn stream_fixture(client: &mut Client, f: &Fixture, c: usize, total: usize, window: usize) {
+    let mut sent = VecDeque::new();
+    let (mut next, mut answered) = (0usize, 0usize);
+    while answered < total {
+        while next < total && sent.len() < window {
+            let row = (next + c) % f.inputs.len();
+            let id = client
+                .submit(&f.inputs[row], Priority::Normal, None)
+                .unwrap();
+            sent.push_back((id, row));
+            next += 1;
+        }
+        let Some(r) = client.poll() else {
+            std::thread::yield_now();
+            continue;
+        };
+        let (id, row) = sent.pop_front().expect("an answer per request");
+        assert_eq!(r.request_id, id, "client {c}: answers out of order");
+        assert_eq!(r.status, Status::OK, "client {c}");
+        assert!(
+            rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
+            "client {c}: row {row}: {} vs {}",
+            r.outputs()[0],
+            f.outputs[row][0]
+        );
+        answered += 1;
+    }
+    assert_eq!(client.poll(), None, "an extra response");
+}
+
 #[test]
 fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
     let server = server("max_batch_size = 16\nbatch_timeout_us = 20");
@@ -53,36 +86,7 @@ fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
     std::thread::scope(|s| {
         for c in 0..3usize {
             let (server, f) = (&server, &f);
-            s.spawn(move || {
-                let mut client = connect(server);
-                let mut sent = VecDeque::new();
-                let (mut next, mut answered) = (0usize, 0usize);
-                while answered < 3000 {
-                    while next < 3000 && sent.len() < 48 {
-                        let row = (next + c) % f.inputs.len();
-                        let id = client
-                            .submit(&f.inputs[row], Priority::Normal, None)
-                            .unwrap();
-                        sent.push_back((id, row));
-                        next += 1;
-                    }
-                    let Some(r) = client.poll() else {
-                        std::thread::yield_now();
-                        continue;
-                    };
-                    let (id, row) = sent.pop_front().expect("an answer per request");
-                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
-                    assert_eq!(r.status, Status::OK, "client {c}");
-                    assert!(
-                        rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
-                        "client {c}: row {row}: {} vs {}",
-                        r.outputs()[0],
-                        f.outputs[row][0]
-                    );
-                    answered += 1;
-                }
-                assert_eq!(client.poll(), None, "an extra response");
-            });
+            s.spawn(move || stream_fixture(&mut connect(server), f, c, 3000, 48));
         }
     });
     let log = server.log();
@@ -371,34 +375,7 @@ fn a_model_spread_over_two_pollers_answers_each_session_in_order_from_both() {
     std::thread::scope(|s| {
         for c in 0..4usize {
             let (server, f) = (&server, &f);
-            s.spawn(move || {
-                let mut client = connect(server);
-                let mut sent = VecDeque::new();
-                let (mut next, mut answered) = (0usize, 0usize);
-                while answered < 2000 {
-                    while next < 2000 && sent.len() < 32 {
-                        let row = (next + c) % f.inputs.len();
-                        let id = client
-                            .submit(&f.inputs[row], Priority::Normal, None)
-                            .unwrap();
-                        sent.push_back((id, row));
-                        next += 1;
-                    }
-                    let Some(r) = client.poll() else {
-                        std::thread::yield_now();
-                        continue;
-                    };
-                    let (id, row) = sent.pop_front().expect("an answer per request");
-                    assert_eq!(r.request_id, id, "client {c}: answers out of order");
-                    assert_eq!(r.status, Status::OK, "client {c}");
-                    assert!(
-                        rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
-                        "client {c}: row {row}"
-                    );
-                    answered += 1;
-                }
-                assert_eq!(client.poll(), None, "an extra response");
-            });
+            s.spawn(move || stream_fixture(&mut connect(server), f, c, 2000, 32));
         }
     });
     let mut multi = connect_to(&server, "multi");

@@ -731,6 +731,29 @@ mod tests {
     }
 
     #[test]
+    fn a_deadline_behind_a_session_head_bounds_the_wait_until_its_request_is_taken() {
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                batch_timeout_ns: 1_000 * US,
+                ..config()
+            },
+            1,
+        );
+        push(&mut q, req(1, 0, 1, 0));
+        let mut r = req(2, 0, 1, 5 * US);
+        r.deadline_ns = 100 * US;
+        push(&mut q, r);
+        push(&mut q, req(3, 1, 1, 2 * US));
+        assert_eq!(q.decide(10 * US, 30 * US), Decision::WaitUntil(70 * US));
+        let (mut input, mut out) = (vec![0.0; 4], Vec::new());
+        assert_eq!(q.take(10 * US, &mut input, &mut out).0, 3);
+        // Only the timeout bounds the next wait, from the oldest request still queued.
+        push(&mut q, req(4, 1, 1, 20 * US));
+        push(&mut q, req(5, 0, 1, 25 * US));
+        assert_eq!(q.decide(30 * US, 30 * US), Decision::WaitUntil(1_020 * US));
+    }
+
+    #[test]
     fn batches_are_padded_to_the_next_allowed_size() {
         let cfg = BatchConfig {
             max_batch_size: 8,

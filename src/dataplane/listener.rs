@@ -56,21 +56,22 @@ pub(super) struct ListenerContext {
 /// pollers in turn.
 #[derive(Debug, Default)]
 pub(super) struct PollerPlacement {
-    /// Per model name: its pollers and the one its next session goes to.
-    models: std::collections::HashMap<String, (Vec<usize>, usize)>,
+    /// Per model name and poller count (versions of one name may ask for different counts
+    /// while a reload replaces one): its pollers and the one its next session goes to.
+    models: std::collections::HashMap<(String, usize), (Vec<usize>, usize)>,
     /// The poller the next group starts at.
     next: usize,
 }
 
 impl PollerPlacement {
     /// The poller of a new session of `model`, which asks for `wanted` pollers, of `pollers`.
-    /// A model asking for more than there are gets them all (logged once per change); one
-    /// whose count changed (a reload) gets a new group, its open sessions staying where they
-    /// are.
+    /// A model asking for more than there are gets them all (logged when its group is made);
+    /// a count it did not ask for before (a reload) gets a group of its own, its open
+    /// sessions staying where they are.
     pub fn place(&mut self, model: &str, wanted: usize, pollers: usize) -> usize {
         let n = wanted.clamp(1, pollers.max(1));
-        let stale = self.models.get(model).is_none_or(|(g, _)| g.len() != n);
-        if stale {
+        let key = (model.to_string(), n);
+        if !self.models.contains_key(&key) {
             if wanted > n {
                 tracing::warn!(
                     model,
@@ -82,9 +83,9 @@ impl PollerPlacement {
             let start = self.next;
             self.next = (start + n) % pollers.max(1);
             let group = (0..n).map(|k| (start + k) % pollers.max(1)).collect();
-            self.models.insert(model.to_string(), (group, 0));
+            self.models.insert(key.clone(), (group, 0));
         }
-        let (group, turn) = self.models.get_mut(model).expect("placed above");
+        let (group, turn) = self.models.get_mut(&key).expect("placed above");
         let poller = group[*turn % group.len()];
         *turn = (*turn + 1) % group.len();
         poller
@@ -649,9 +650,12 @@ mod tests {
         // More than there are: all of them, wrapping.
         let all: Vec<usize> = (0..4).map(|_| p.place("x", 9, 4)).collect();
         assert_eq!(all, [0, 1, 2, 3]);
-        // A changed count (a reload) makes a new group; a model asking for 0 gets one.
+        // A changed count (a reload) makes a new group; the old one stays for versions that
+        // still ask for it, each going on in its own turn; a model asking for 0 gets one.
         assert_eq!(p.place("a", 3, 4), 0);
+        assert_eq!(p.place("a", 1, 4), 0);
         assert_eq!(p.place("a", 3, 4), 1);
+        assert_eq!(p.place("a", 3, 4), 2);
         assert_eq!(p.place("z", 0, 4), 3);
     }
 }

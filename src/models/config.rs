@@ -60,10 +60,12 @@ pub struct ModelConfig {
     /// on a thread of its own. 0 (the default): the poller runs each batch and waits for it.
     pub pipeline_depth: usize,
     /// Pollers the model's sessions are spread over, each forming batches of its own sessions
-    /// (on the GPU, each with its own stream and pipeline on the model's instances): for a
-    /// model whose load one poller cannot read, batch and answer alone. Default 1 (one poller
-    /// batches all of the model's sessions: the fullest batches). At most the server's
-    /// poller count (`[server] poller_cores`); more is used as that many, logged.
+    /// (with `pipeline_depth` ≥ 1, each with its own pipeline: on the GPU its own stream on
+    /// the model's instance with the fewest; at 0 the pollers take turns on the instance, one
+    /// batch at a time): for a model whose load one poller cannot read, batch and answer
+    /// alone. Default 1 (one poller batches all of the model's sessions: the fullest batches).
+    /// At most the server's poller count (`[server] poller_cores`); more is used as that many,
+    /// logged. Each poller queues up to `max_queue_size` of the model's requests.
     pub pollers: Option<usize>,
     /// Every row's answer bitwise the same whatever batch it is in and whatever its place
     /// there, on the engine the model loaded on (and on any of its GPUs, which run the same

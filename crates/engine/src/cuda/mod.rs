@@ -1171,9 +1171,13 @@ fn choose_engines(
                 .time(size, engine, graph.as_ref())
                 .map_err(cuda_err("timing an engine"))?;
             tracing::debug!(device = device.ordinal(), size, %engine, ns, "engine timed");
-            if best.as_ref().is_none_or(|(b, _, _)| ns < *b) {
-                best = Some((ns, engine, graph));
-            }
+            // The graph that loses is destroyed as a change to the device's state.
+            let loser = if best.as_ref().is_none_or(|(b, _, _)| ns < *b) {
+                best.replace((ns, engine, graph)).and_then(|(_, _, g)| g)
+            } else {
+                graph
+            };
+            device_change(|| drop(loser));
         }
         let (ns, engine, graph) = best.expect("at least one candidate");
         tracing::debug!(device = device.ordinal(), size, %engine, ns, "engine chosen");

@@ -101,7 +101,9 @@ impl CudaPipeline {
             .min_by_key(|i| i.pipelines.load(Ordering::Relaxed))?
             .clone();
         let started = Instant::now();
-        match Self::build_on(shared, &instance, depth) {
+        // One change to the device's state: a failed build's buffers and graphs are freed
+        // under it too.
+        match super::device_change(|| Self::build_on(shared, &instance, depth)) {
             Ok(p) => {
                 tracing::info!(
                     device = instance.device.ordinal(),

@@ -69,7 +69,8 @@ impl PollerPlacement {
     /// a count it did not ask for before (a reload) gets a group of its own, its open
     /// sessions staying where they are.
     pub fn place(&mut self, model: &str, wanted: usize, pollers: usize) -> usize {
-        let n = wanted.clamp(1, pollers.max(1));
+        let pollers = pollers.max(1);
+        let n = wanted.clamp(1, pollers);
         let key = (model.to_string(), n);
         if !self.models.contains_key(&key) {
             if wanted > n {
@@ -81,8 +82,8 @@ impl PollerPlacement {
                 );
             }
             let start = self.next;
-            self.next = (start + n) % pollers.max(1);
-            let group = (0..n).map(|k| (start + k) % pollers.max(1)).collect();
+            self.next = (start + n) % pollers;
+            let group = (0..n).map(|k| (start + k) % pollers).collect();
             self.models.insert(key.clone(), (group, 0));
         }
         let (group, turn) = self.models.get_mut(&key).expect("placed above");

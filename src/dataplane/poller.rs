@@ -1618,18 +1618,22 @@ fn credits(s: &mut WorkerSession) -> Option<u64> {
 fn enqueue(queue: &mut BatchQueue<Item>, request: Request<Item>, features: &[f32]) {
     if let Err(full) = queue.push(request, features) {
         let mut request = request;
-        request.item.status = Status::QUEUE_FULL;
-        request.item.detail_a = full.limit.min(u32::MAX as usize) as u32;
+        mark_queue_full(&mut request, full.limit);
         queue.push_resolved(request);
     }
+}
+
+/// Marks `request` answered `QueueFull` with the limit its priority hit.
+fn mark_queue_full(request: &mut Request<Item>, limit: usize) {
+    request.item.status = Status::QUEUE_FULL;
+    request.item.detail_a = limit.min(u32::MAX as usize) as u32;
 }
 
 /// Answers `request` `QueueFull` with its priority's limit (its features were not read: the
 /// queue had no room), counted as the queue's rejection.
 fn refuse_full(queue: &mut BatchQueue<Item>, request: &mut Request<Item>) {
     queue.count_rejection(request.priority);
-    request.item.status = Status::QUEUE_FULL;
-    request.item.detail_a = queue.limit(request.priority).min(u32::MAX as usize) as u32;
+    mark_queue_full(request, queue.limit(request.priority));
 }
 
 /// A header's priority as the queue takes it (a bad one is refused by the header's checks).

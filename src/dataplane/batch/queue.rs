@@ -262,14 +262,11 @@ impl<T: Copy> BatchQueue<T> {
         assert_eq!(features.len(), self.width);
         let p = request.priority as usize;
         let limit = self.config.max_queue_size[p];
-        if self.queued[p] >= limit {
-            self.stats.rejections[p] += 1;
+        if !self.has_room(request.priority) {
+            self.count_rejection(request.priority);
             return Err(QueueFull { limit });
         }
-        let Some(row) = self.free_rows.pop() else {
-            self.stats.rejections[p] += 1;
-            return Err(QueueFull { limit });
-        };
+        let row = self.free_rows.pop().expect("room: a free row");
         let w = self.width;
         self.arena[row as usize * w..(row as usize + 1) * w].copy_from_slice(features);
         self.queued[p] += 1;
@@ -409,12 +406,13 @@ impl<T: Copy> BatchQueue<T> {
         for &s in &self.waiting {
             let mut executable = self.sessions[s].queue.iter().filter(|q| q.row.is_some());
             // A session's requests arrived in its order: its first executable one is its oldest.
-            if let Some(first) = executable.next() {
-                oldest = oldest.min(first.request.arrival_ns);
-            }
+            let Some(first) = executable.next() else {
+                continue;
+            };
+            oldest = oldest.min(first.request.arrival_ns);
             // Every one, but only while some have deadlines (a walk over all that is queued).
             if self.with_deadline > 0 {
-                for q in self.sessions[s].queue.iter().filter(|q| q.row.is_some()) {
+                for q in std::iter::once(first).chain(executable) {
                     if q.request.deadline_ns != 0 {
                         earliest_deadline = earliest_deadline.min(q.request.deadline_ns);
                     }

@@ -487,15 +487,13 @@ impl RingEnds {
     /// # Errors
     /// As [`Consumer::try_pop_stamped_with`].
     #[inline]
-    pub fn try_pop_stamped_with(
+    pub fn try_pop_stamped_with<'d>(
         &mut self,
         stamp: u64,
-        out: &mut [u64],
-        head_words: usize,
-        rest: impl FnOnce(&[u64]) -> bool,
+        head: &mut [u64],
+        rest: impl FnOnce(&[u64]) -> Option<&'d mut [u64]>,
     ) -> Result<usize, RingCorrupt> {
-        self.consumer
-            .try_pop_stamped_with(stamp, out, head_words, rest)
+        self.consumer.try_pop_stamped_with(stamp, head, rest)
     }
 
     /// See [`Consumer::available`].

@@ -127,24 +127,25 @@ impl<'a> RingView<'a> {
 
     /// Copies slot `index & mask` out, word by word, into `out` (at most one slot).
     pub fn read_slot(&self, index: u64, out: &mut [u64]) {
-        self.read_slot_from(index, 0, out);
+        self.read_slot_at(index, 0, out);
     }
 
-    /// Copies words `from..` of slot `index & mask` into `out[from..]` (at most to the slot's
-    /// end); `out[..from]` is left as it is.
-    pub fn read_slot_from(&self, index: u64, from: usize, out: &mut [u64]) {
+    /// Copies words `from..` of slot `index & mask` into `out` (as many as both hold); returns
+    /// how many.
+    pub fn read_slot_at(&self, index: u64, from: usize, out: &mut [u64]) -> usize {
         let start = self.slot_start(index);
-        let n = out.len().min(self.slot_words);
-        if from >= n {
-            return;
+        let n = out.len().min(self.slot_words.saturating_sub(from));
+        if n == 0 {
+            return 0;
         }
-        for (dst, src) in out[from..n]
+        for (dst, src) in out[..n]
             .iter_mut()
-            .zip(&self.slots[start + from..start + n])
+            .zip(&self.slots[start + from..start + from + n])
         {
             // Relaxed: the Acquire load of the index that made this slot readable orders it.
             *dst = src.load(Ordering::Relaxed);
         }
+        n
     }
 
     fn write_slot(&self, index: u64, words: &[u64]) {
@@ -448,32 +449,26 @@ impl<'a> Consumer<'a> {
         Ok(true)
     }
 
-    /// As [`Consumer::try_pop_stamped`], in two steps: the frame's first `head_words` words are
-    /// copied into `out`, then the rest (up to `out`'s length) only if `rest` says so when
-    /// given those words. Either way the frame is popped. Returns the words copied (0: the
-    /// ring is empty).
+    /// As [`Consumer::try_pop_stamped`], in two steps: the frame's first `head.len()` words are
+    /// copied into `head`; given them, `rest` says where the words after them go (as many as
+    /// the slot and that place hold), or `None` to leave them unread. Either way the frame is
+    /// popped. Returns the words copied in all (0: the ring is empty).
     ///
     /// # Errors
     /// [`RingCorrupt`] when the producer's index is out of range.
-    pub fn try_pop_stamped_with(
+    pub fn try_pop_stamped_with<'d>(
         &mut self,
         stamp: u64,
-        out: &mut [u64],
-        head_words: usize,
-        rest: impl FnOnce(&[u64]) -> bool,
+        head: &mut [u64],
+        rest: impl FnOnce(&[u64]) -> Option<&'d mut [u64]>,
     ) -> Result<usize, RingCorrupt> {
         if !self.next_ready_stamped(stamp)? {
             return Ok(0);
         }
-        let whole = out.len().min(self.ring.slot_words);
-        let head = head_words.min(whole);
-        self.ring.read_slot(self.head, &mut out[..head]);
-        let words = if rest(&out[..head]) {
-            self.ring.read_slot_from(self.head, head, &mut out[..whole]);
-            whole
-        } else {
-            head
-        };
+        let mut words = self.ring.read_slot_at(self.head, 0, head);
+        if let Some(out) = rest(&head[..words]) {
+            words += self.ring.read_slot_at(self.head, words, out);
+        }
         self.head = self.head.wrapping_add(1);
         Ok(words)
     }
@@ -655,35 +650,50 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_is_popped_whole_or_by_its_head_as_asked() {
+    fn a_frame_is_popped_by_its_head_and_its_rest_read_where_asked() {
         let m = mem(4, 4);
         let ring = m.view();
         ring.clear_stamps(u64::MAX);
         let (mut p, mut c) = (Producer::new(ring), Consumer::new(ring));
-        let mut out = [0u64; 4];
-        assert_eq!(c.try_pop_stamped_with(0, &mut out, 2, |_| true).unwrap(), 0);
+        let mut head = [0u64; 2];
+        let mut rest = [0u64; 3];
+        assert_eq!(c.try_pop_stamped_with(0, &mut head, |_| None).unwrap(), 0);
         p.push(&[0, 7, 1, 2]).unwrap();
         p.push(&[1, 8, 3, 4]).unwrap();
-        // The head alone: the rest of `out` is left as it was.
+        // The head alone: the rest is not read.
         let mut seen = [0u64; 2];
         let words = c
-            .try_pop_stamped_with(0, &mut out, 2, |head| {
-                seen.copy_from_slice(head);
-                false
+            .try_pop_stamped_with(0, &mut head, |h| {
+                seen.copy_from_slice(h);
+                None
             })
             .unwrap();
-        assert_eq!((words, seen, out), (2, [0, 7], [0, 7, 0, 0]));
-        // The whole frame.
-        assert_eq!(c.try_pop_stamped_with(1, &mut out, 2, |_| true).unwrap(), 4);
-        assert_eq!(out, [1, 8, 3, 4]);
-        // A head longer than the frame is the frame.
-        p.push(&[2, 9, 5, 6]).unwrap();
+        assert_eq!((words, seen, rest), (2, [0, 7], [0, 0, 0]));
+        // The rest where asked, as much of it as the slot holds.
         assert_eq!(
-            c.try_pop_stamped_with(2, &mut out, 9, |_| false).unwrap(),
+            c.try_pop_stamped_with(1, &mut head, |_| Some(&mut rest[..]))
+                .unwrap(),
             4
         );
-        assert_eq!(out, [2, 9, 5, 6]);
-        assert_eq!(c.try_pop_stamped_with(3, &mut out, 2, |_| true).unwrap(), 0);
+        assert_eq!((head, rest), ([1, 8], [3, 4, 0]));
+        // A place shorter than the rest gets what fits.
+        p.push(&[2, 9, 5, 6]).unwrap();
+        assert_eq!(
+            c.try_pop_stamped_with(2, &mut head, |_| Some(&mut rest[..1]))
+                .unwrap(),
+            3
+        );
+        assert_eq!(rest, [5, 4, 0]);
+        // A head longer than the frame is the frame.
+        p.push(&[3, 10, 11, 12]).unwrap();
+        let mut long = [0u64; 9];
+        assert_eq!(
+            c.try_pop_stamped_with(3, &mut long, |_| Some(&mut rest[..]))
+                .unwrap(),
+            4
+        );
+        assert_eq!(long[..4], [3, 10, 11, 12]);
+        assert_eq!(c.try_pop_stamped_with(4, &mut head, |_| None).unwrap(), 0);
     }
 
     #[test]

@@ -32,7 +32,9 @@ use tie_layouts::ring::PushError;
 
 use super::SessionLink;
 use crate::config::{IdleStrategy, ServerSection};
-use crate::dataplane::batch::{BatchQueue, BatchStats, Decision, Outcome, Request, Taken};
+use crate::dataplane::batch::{
+    ArenaRow, BatchQueue, BatchStats, Decision, Outcome, Request, Taken,
+};
 use crate::journal::{Journal, LaneJournal, Taps};
 use crate::models::LoadedModel;
 use crate::models::{ModelSet, Models};
@@ -1080,19 +1082,29 @@ impl Poller {
         let ready = lane.model.health.is_ready();
         let mut taken = 0;
         let frame = &mut self.frame[..s.slot_words];
+        let (head, body) = frame.split_at_mut(abi::REQUEST_HEADER_WORDS.min(frame.len()));
         while credits > 0 {
             // The next frame's first word is its sequence number: take it by its stamp. Its
-            // features are read only if its priority's queue has room: under overload a
-            // refusal costs one cache line of the ring, not the whole frame.
-            let queue = &lane.queue;
-            let words = match s.rings.try_pop_stamped_with(
-                s.expected_seq,
-                frame,
-                abi::REQUEST_HEADER_WORDS,
-                |head| !ready || queue.has_room(priority_of(&read_header(head))),
-            ) {
+            // features are read only if its priority's queue has room, straight into a row of
+            // the queue: under overload a refusal costs one cache line of the ring, not the
+            // whole frame. A model not ready reads its frames whole, to check them first.
+            let queue = &mut lane.queue;
+            let mut read = Read::Header;
+            let words = match s.rings.try_pop_stamped_with(s.expected_seq, head, |h| {
+                if !ready {
+                    read = Read::Frame;
+                    return Some(&mut *body);
+                }
+                if !queue.has_room(priority_of(&read_header(h))) {
+                    return None;
+                }
+                let (row, words) = queue.reserve_row();
+                read = Read::Row(row);
+                Some(words)
+            }) {
                 Ok(0) => break,
                 Ok(words) => words,
+                // Found before a frame is read: no row was taken.
                 Err(_) => {
                     fault(s, FaultReason::RequestIndexCorrupt);
                     return taken;
@@ -1102,28 +1114,45 @@ impl Poller {
                 *now = monotonic_ns();
             }
             let now = *now;
-            let (mut request, features, reported_ns) = if words < frame.len() {
-                let (mut request, reported_ns) = validate_header(s, &frame[..words], slot, now);
-                if request.item.status == Status::OK {
-                    refuse_full(&mut lane.queue, &mut request);
+            let body_words = words.saturating_sub(head.len());
+            let reported_ns = match read {
+                Read::Header => {
+                    let (mut request, reported_ns) = validate_header(s, head, slot, now);
+                    if request.item.status == Status::OK {
+                        refuse_full(&mut lane.queue, &mut request);
+                    }
+                    lane.queue.push_resolved(request);
+                    reported_ns
                 }
-                (request, None, reported_ns)
-            } else {
-                validate(s, frame, slot, now, allow_non_finite)
+                Read::Frame => {
+                    let features = bytemuck::cast_slice(&body[..body_words]);
+                    let (mut request, reported_ns) =
+                        validate(s, (head, words), features, slot, now, allow_non_finite);
+                    if request.item.status == Status::OK {
+                        // A model that failed its health check executes nothing until it
+                        // passes.
+                        request.item.status = Status::NOT_READY;
+                    }
+                    lane.queue.push_resolved(request);
+                    reported_ns
+                }
+                Read::Row(row) => {
+                    let features = lane.queue.row_features(&row, body_words);
+                    let (request, reported_ns) =
+                        validate(s, (head, words), features, slot, now, allow_non_finite);
+                    if request.item.status == Status::OK {
+                        lane.queue.push_reserved(request, row);
+                    } else {
+                        lane.queue.release_row(row);
+                        lane.queue.push_resolved(request);
+                    }
+                    reported_ns
+                }
             };
             let sample = lane.rec.sample();
             sample.requests += 1;
             if reported_ns > 0 {
                 sample.later(Stage::EndToEnd, u64::from(reported_ns), 1);
-            }
-            match features {
-                // A model that failed its health check executes nothing until it passes.
-                Some(_) if !ready => {
-                    request.item.status = Status::NOT_READY;
-                    lane.queue.push_resolved(request);
-                }
-                Some(features) => enqueue(&mut lane.queue, request, features),
-                None => lane.queue.push_resolved(request),
             }
             s.accepted += 1;
             credits -= 1;
@@ -1613,27 +1642,22 @@ fn credits(s: &mut WorkerSession) -> Option<u64> {
     })
 }
 
-/// Queues a valid request for its batch, or answers it `QueueFull` with the limit it hit.
-#[inline]
-fn enqueue(queue: &mut BatchQueue<Item>, request: Request<Item>, features: &[f32]) {
-    if let Err(full) = queue.push(request, features) {
-        let mut request = request;
-        mark_queue_full(&mut request, full.limit);
-        queue.push_resolved(request);
-    }
-}
-
-/// Marks `request` answered `QueueFull` with the limit its priority hit.
-fn mark_queue_full(request: &mut Request<Item>, limit: usize) {
-    request.item.status = Status::QUEUE_FULL;
-    request.item.detail_a = limit.min(u32::MAX as usize) as u32;
+/// How much of a frame the poller read, and where its features went.
+enum Read {
+    /// Its header only: its queue had no room.
+    Header,
+    /// Whole, into the poller's frame buffer: its model is not ready.
+    Frame,
+    /// Its features straight into a row of its model's queue.
+    Row(ArenaRow),
 }
 
 /// Answers `request` `QueueFull` with its priority's limit (its features were not read: the
 /// queue had no room), counted as the queue's rejection.
 fn refuse_full(queue: &mut BatchQueue<Item>, request: &mut Request<Item>) {
     queue.count_rejection(request.priority);
-    mark_queue_full(request, queue.limit(request.priority));
+    request.item.status = Status::QUEUE_FULL;
+    request.item.detail_a = queue.limit(request.priority).min(u32::MAX as usize) as u32;
 }
 
 /// A header's priority as the queue takes it (a bad one is refused by the header's checks).
@@ -1704,28 +1728,35 @@ fn fault(s: &mut WorkerSession, reason: FaultReason) {
     }
 }
 
-/// Checks a frame: the request to queue, with its features when it is to be executed (else
-/// its item carries the error it is answered with).
-/// Also returns the round trip the client reported in the frame (0: none).
-fn validate<'f>(
+/// Checks a frame read in two parts: its header (`head`, of the `words` read in all) and
+/// `features`, what was read after it. The request, answered `OK` when it is to be executed,
+/// else with the error it is answered with; and the round trip the client reported in the
+/// frame (0: none). The same checks as [`tie_layouts::check::decode_request`].
+fn validate(
     s: &mut WorkerSession,
-    frame: &'f [u64],
+    (head, words): (&[u64], usize),
+    features: &[f32],
     slot: usize,
     now: u64,
     allow_non_finite: bool,
-) -> (Request<Item>, Option<&'f [f32]>, u32) {
-    let expected_seq = next_seq(s);
-    let decoded =
-        tie_layouts::check::decode_request(frame, expected_seq, s.feature_count, allow_non_finite);
-    let header = decoded.header;
-    let mut request = request_of(&header, slot, now);
-    match decoded.features {
-        Ok(features) => (request, Some(features), header.reported_round_trip_ns),
-        Err(refusal) => {
-            refused(&mut request, refusal);
-            (request, None, header.reported_round_trip_ns)
-        }
+) -> (Request<Item>, u32) {
+    let (mut request, reported_ns) = validate_header(s, head, slot, now);
+    if request.item.status != Status::OK {
+        return (request, reported_ns);
     }
+    let checked = if words < abi::REQUEST_HEADER_WORDS {
+        Err((
+            Status::INVALID_INPUT_SHAPE,
+            s.feature_count as u32,
+            s.feature_count as u32,
+        ))
+    } else {
+        tie_layouts::check::check_body(features, s.feature_count, allow_non_finite).map(|_| ())
+    };
+    if let Err(refusal) = checked {
+        refused(&mut request, refusal);
+    }
+    (request, reported_ns)
 }
 
 /// As [`validate`], for a frame whose header only was read: the request with the error its

@@ -6,4 +6,4 @@
 
 pub mod queue;
 
-pub use queue::{BatchQueue, BatchStats, Decision, Outcome, QueueFull, Request, Taken};
+pub use queue::{ArenaRow, BatchQueue, BatchStats, Decision, Outcome, QueueFull, Request, Taken};

@@ -114,6 +114,11 @@ pub struct BatchStats {
     pub padded_rows: u64,
 }
 
+/// A row of a queue's feature arena taken by [`BatchQueue::reserve_row`]: queued with its
+/// request or given back, never both.
+#[derive(Debug)]
+pub struct ArenaRow(u32);
+
 struct Queued<T> {
     request: Request<T>,
     /// Row in the feature arena; `None` for a resolved request.
@@ -142,8 +147,11 @@ impl<T> Default for SessionFifo<T> {
 pub struct BatchQueue<T> {
     config: BatchConfig,
     width: usize,
-    /// Features of queued executable requests, `width` per row.
-    arena: Vec<f32>,
+    /// Features of queued executable requests: a row of `row_words` words per request, its
+    /// first `width` `f32`s the features. Words, so that a frame's features are read from its
+    /// ring straight into a row ([`BatchQueue::reserve_row`]).
+    arena: Vec<u64>,
+    row_words: usize,
     free_rows: Vec<u32>,
     sessions: Vec<SessionFifo<T>>,
     /// The sessions holding requests, in no order: what every scan of the sessions walks, so
@@ -170,7 +178,8 @@ impl<T: Copy> BatchQueue<T> {
     pub fn new(config: BatchConfig, width: usize) -> Self {
         let rows: usize = config.max_queue_size.iter().sum();
         Self {
-            arena: vec![0.0; rows * width],
+            arena: vec![0; rows * width.div_ceil(2)],
+            row_words: width.div_ceil(2),
             free_rows: (0..rows as u32).rev().collect(),
             config,
             width,
@@ -260,26 +269,72 @@ impl<T: Copy> BatchQueue<T> {
     /// When `features` is not `width` long or the priority is above Critical.
     pub fn push(&mut self, request: Request<T>, features: &[f32]) -> Result<(), QueueFull> {
         assert_eq!(features.len(), self.width);
-        let p = request.priority as usize;
-        let limit = self.config.max_queue_size[p];
         if !self.has_room(request.priority) {
             self.count_rejection(request.priority);
-            return Err(QueueFull { limit });
+            return Err(QueueFull {
+                limit: self.limit(request.priority),
+            });
         }
-        let row = self.free_rows.pop().expect("room: a free row");
+        let (row, _) = self.reserve_row();
         let w = self.width;
-        self.arena[row as usize * w..(row as usize + 1) * w].copy_from_slice(features);
+        self.row_mut(&row)[..w].copy_from_slice(features);
+        self.push_reserved(request, row);
+        Ok(())
+    }
+
+    /// Takes a free row of the arena for a request's features, to be written in place: the
+    /// row and its words (`width` features, the last word's upper half spare when `width` is
+    /// odd). The row goes back with [`BatchQueue::release_row`] or is queued with
+    /// [`BatchQueue::push_reserved`].
+    ///
+    /// # Panics
+    /// When no row is free (checked by [`BatchQueue::has_room`]).
+    pub fn reserve_row(&mut self) -> (ArenaRow, &mut [u64]) {
+        let row = self
+            .free_rows
+            .pop()
+            .expect("reserved with room: a free row");
+        let words = self.row_words;
+        let start = row as usize * words;
+        (ArenaRow(row), &mut self.arena[start..start + words])
+    }
+
+    /// The features in `row`, as far as `words` of it were written (at most `width`).
+    pub fn row_features(&self, row: &ArenaRow, words: usize) -> &[f32] {
+        let start = row.0 as usize * self.row_words;
+        let written = &self.arena[start..start + words.min(self.row_words)];
+        let values: &[f32] = bytemuck::cast_slice(written);
+        &values[..values.len().min(self.width)]
+    }
+
+    fn row_mut(&mut self, row: &ArenaRow) -> &mut [f32] {
+        let start = row.0 as usize * self.row_words;
+        bytemuck::cast_slice_mut(&mut self.arena[start..start + self.row_words])
+    }
+
+    /// Gives back a row taken by [`BatchQueue::reserve_row`] for a request not queued.
+    pub fn release_row(&mut self, row: ArenaRow) {
+        self.free_rows.push(row.0);
+    }
+
+    /// Queues an executable request whose features were written into `row`; the room was
+    /// checked by [`BatchQueue::has_room`] before the row was taken.
+    ///
+    /// # Panics
+    /// When the priority is above Critical.
+    pub fn push_reserved(&mut self, request: Request<T>, row: ArenaRow) {
+        let p = request.priority as usize;
+        debug_assert!(self.queued[p] < self.config.max_queue_size[p]);
         self.queued[p] += 1;
         self.with_deadline += usize::from(request.deadline_ns != 0);
         self.push_queued(
             request.session,
             Queued {
                 request,
-                row: Some(row),
+                row: Some(row.0),
             },
         );
         self.sessions[request.session].counts[p] += 1;
-        Ok(())
     }
 
     /// Queues a request already answered (an error found when it was read), so its answer
@@ -468,8 +523,9 @@ impl<T: Copy> BatchQueue<T> {
                 continue;
             }
             let q = self.pop_head(s);
-            let row = q.row.expect("executable") as usize;
-            input[rows * w..(rows + 1) * w].copy_from_slice(&self.arena[row * w..(row + 1) * w]);
+            let row = ArenaRow(q.row.expect("executable"));
+            input[rows * w..(rows + 1) * w]
+                .copy_from_slice(self.row_features(&row, self.row_words));
             let p = q.request.priority as usize;
             self.stats.executed[p] += 1;
             self.stats.queue_ns[p] += now_ns.saturating_sub(q.request.arrival_ns);

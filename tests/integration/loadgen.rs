@@ -408,8 +408,18 @@ fn a_sweep_stops_at_the_first_rate_over_the_bound() {
         "0.1",
     ];
     let mut with_bound = args.to_vec();
-    with_bound.extend(["--p99-bound-us", "1000000"]);
-    loadgen(&server, &out, &with_bound);
+    // Among 5 idle sessions of this process's, held through both rates.
+    with_bound.extend(["--p99-bound-us", "1000000", "--idle-sessions", "5"]);
+    let output = loadgen(&server, &out, &with_bound);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("5 idle sessions connected"), "{stderr}");
+    let opened = server.log().matches("session opened").count();
+    assert_eq!(
+        opened,
+        5 + 2,
+        "5 idle and one worker per rate:\n{}",
+        server.log()
+    );
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
     assert_eq!(report["knee_rps"], 400.0, "{report}");

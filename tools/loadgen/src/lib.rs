@@ -23,6 +23,6 @@ mod run;
 mod text;
 
 pub use run::{
-    read_rows, run, run_worker, shortfalls, sweep, RunSpec, Summary, SweepPoint, SweepReport,
-    WorkerResult, WorkerSpec,
+    read_rows, run, run_worker, shortfalls, sweep, IdleSessions, RunSpec, Summary, SweepPoint,
+    SweepReport, WorkerResult, WorkerSpec,
 };

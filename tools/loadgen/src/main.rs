@@ -107,6 +107,10 @@ struct Load {
     /// Progress (elapsed, rate, p99 so far) on stderr once a second.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Progress,
+    /// Sessions to the model that this process holds open and silent through the run (or
+    /// every rate of a sweep): the workers' sessions are then served among that many others.
+    #[arg(long, default_value_t = 0)]
+    idle_sessions: usize,
     /// Ring slots of each worker's session (default: 2 s of its rate, or its concurrency);
     /// fewer make sends wait for answers, still timed from their schedule.
     #[arg(long, hide = true)]
@@ -114,6 +118,16 @@ struct Load {
 }
 
 impl Load {
+    /// The idle sessions asked for, connected (none: `None`).
+    fn idle(&self, spec: &RunSpec) -> anyhow::Result<Option<loadgen::IdleSessions>> {
+        if self.idle_sessions == 0 {
+            return Ok(None);
+        }
+        let idle = loadgen::IdleSessions::connect(&spec.worker, self.idle_sessions)?;
+        eprintln!("tie-loadgen: {} idle sessions connected", idle.len());
+        Ok(Some(idle))
+    }
+
     /// The spec of a run at `rate` (open loop) or `concurrency` (closed loop).
     fn spec(&self, rate: Option<f64>, concurrency: Option<u32>) -> anyhow::Result<RunSpec> {
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
@@ -185,7 +199,9 @@ fn run() -> anyhow::Result<ExitCode> {
             rate,
             concurrency,
         } => {
-            let s = loadgen::run(&exe, &load.spec(rate, concurrency)?)?;
+            let spec = load.spec(rate, concurrency)?;
+            let _idle = load.idle(&spec)?;
+            let s = loadgen::run(&exe, &spec)?;
             let mut line = String::new();
             loadgen::report::write_summary(&mut line, "run", &s);
             print!("{line}");
@@ -202,6 +218,7 @@ fn run() -> anyhow::Result<ExitCode> {
             p99_bound_us,
         } => {
             let spec = load.spec(Some(1.0), None)?;
+            let _idle = load.idle(&spec)?;
             let report = loadgen::sweep(&exe, &spec, &rates, p99_bound_us)?;
             let mut text = String::new();
             loadgen::report::write_sweep(&mut text, "sweep", &report);

@@ -497,6 +497,43 @@ pub fn run_worker(spec: &WorkerSpec) -> anyhow::Result<WorkerResult> {
     Ok(result)
 }
 
+/// Sessions to a run's model held open and silent while this lives (`--idle-sessions`): the
+/// server then serves the workers among that many other connected sessions, as a host with
+/// many strategy processes has.
+pub struct IdleSessions(Vec<Client>);
+
+impl IdleSessions {
+    /// Connects `n` sessions to `worker`'s endpoint, model and version, with the client's
+    /// default options otherwise.
+    ///
+    /// # Errors
+    /// A session is refused (e.g. over the server's `max_sessions`) or cannot connect.
+    pub fn connect(worker: &WorkerSpec, n: usize) -> anyhow::Result<Self> {
+        let mut sessions = Vec::with_capacity(n);
+        for i in 0..n {
+            let options = ConnectOptions {
+                version: worker.version,
+                socket_dir: worker.socket_dir.clone(),
+                ..ConnectOptions::default()
+            };
+            let client = Client::connect(&worker.endpoint, &worker.model, options)
+                .with_context(|| format!("idle session {} of {n}", i + 1))?;
+            sessions.push(client);
+        }
+        Ok(Self(sessions))
+    }
+
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A run: its workers' specs without `index`, `core` and `start_ns`.
 #[derive(Clone, Debug)]
 pub struct RunSpec {

@@ -119,6 +119,7 @@ impl MlpPlan {
     /// which computes a layer's rows of `y` from those of `x` (`tail`: the layer's
     /// [`tail_columns`]): the rows go into `a` (with the input activation), `widest()` apart,
     /// then from buffer to buffer, then into `output`.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn run_layers(
         &self,
@@ -303,30 +304,23 @@ fn last_columns<const FMA: bool>(
 const DOT_LANES: usize = 32;
 
 /// `x · w` (equal lengths) in a fixed order whatever the batch: value `i` goes into partial
-/// sum `i % 32` (32 independent sums, which the compiler keeps in vector registers), and the
-/// partial sums are then added pairwise (16 + 16, 8 + 8, ... ).
+/// sum `i % 32` (32 independent sums, which the compiler keeps in vector registers; the last
+/// values padded with zeros to 32), and the partial sums are then added pairwise (16 + 16,
+/// 8 + 8, ...).
 #[inline(always)]
 fn dot<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
+    let (xc, wc) = (x.chunks_exact(DOT_LANES), w.chunks_exact(DOT_LANES));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    let lanes = |c: &[f32]| -> [f32; DOT_LANES] { c.try_into().expect("chunks of DOT_LANES") };
     let mut p = [0.0f32; DOT_LANES];
-    let whole = x.len() / DOT_LANES * DOT_LANES;
-    let add = |p: &mut [f32; DOT_LANES], k: usize, a: f32, b: f32| {
-        // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
-        p[k] = if FMA {
-            a.mul_add(b, p[k])
-        } else {
-            a * b + p[k]
-        };
-    };
-    for (xc, wc) in x[..whole]
-        .chunks_exact(DOT_LANES)
-        .zip(w[..whole].chunks_exact(DOT_LANES))
-    {
-        for k in 0..DOT_LANES {
-            add(&mut p, k, xc[k], wc[k]);
-        }
+    for (xa, wa) in xc.zip(wc) {
+        fma_lanes::<FMA>(&mut p, &lanes(xa), &lanes(wa));
     }
-    for (k, (&a, &b)) in x[whole..].iter().zip(&w[whole..]).enumerate() {
-        add(&mut p, k, a, b);
+    if !xr.is_empty() {
+        let (mut xa, mut wa) = ([0.0f32; DOT_LANES], [0.0f32; DOT_LANES]);
+        xa[..xr.len()].copy_from_slice(xr);
+        wa[..wr.len()].copy_from_slice(wr);
+        fma_lanes::<FMA>(&mut p, &xa, &wa);
     }
     let mut half = DOT_LANES / 2;
     while half > 0 {
@@ -336,6 +330,23 @@ fn dot<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
         half /= 2;
     }
     p[0]
+}
+
+/// `p[k] += x[k] * w[k]` for every lane.
+#[inline(always)]
+fn fma_lanes<const FMA: bool>(
+    p: &mut [f32; DOT_LANES],
+    x: &[f32; DOT_LANES],
+    w: &[f32; DOT_LANES],
+) {
+    for k in 0..DOT_LANES {
+        // Fused only where the CPU has FMA: elsewhere `mul_add` is a slow libm call.
+        p[k] = if FMA {
+            x[k].mul_add(w[k], p[k])
+        } else {
+            x[k] * w[k] + p[k]
+        };
+    }
 }
 
 /// A layer's columns past its last whole 16-column panel (fewer than 16), transposed: column

@@ -896,4 +896,32 @@ mod tests {
         assert!(q.is_empty());
         push(&mut q, req(3, 0, 0, 0));
     }
+
+    #[test]
+    fn features_written_into_a_reserved_row_are_what_the_batch_takes() {
+        let cfg = BatchConfig {
+            max_queue_size: [1, 1, 0, 0],
+            ..config()
+        };
+        // Three features: two words a row, the second's upper half spare.
+        let mut q = BatchQueue::new(cfg, 3);
+        let (row, words) = q.reserve_row();
+        assert_eq!(words.len(), 2);
+        let values = [1.5f32, -2.0, 3.25, 99.0];
+        words.copy_from_slice(bytemuck::cast_slice(&values));
+        assert_eq!(q.row_features(&row, 2), &values[..3]);
+        // What was read of a short frame only.
+        assert_eq!(q.row_features(&row, 1), &values[..2]);
+        q.push_reserved(req(7, 0, 1, 0), row);
+        assert!(!q.has_room(1), "Normal is at its limit");
+        // A row given back is free again: Low still has room for one.
+        let (row, _) = q.reserve_row();
+        q.release_row(row);
+        assert!(q.has_room(0));
+        let mut input = vec![0.0f32; 4 * 3];
+        let mut out = Vec::new();
+        assert_eq!(q.take(0, &mut input, &mut out), (1, 1));
+        assert_eq!(out[0].request.item, 7);
+        assert_eq!(&input[..3], &values[..3]);
+    }
 }

@@ -13,7 +13,8 @@
 # its sessions are spread over; default 4), WORKER_CORES (default 8-15, one worker each),
 # RATES (requests per second, all workers together; default 2000000,4000000,5000000,6000000,
 # 7000000), SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default
-# 3; 0: the poller waits for each batch), BACKEND (the model's backend, default cuda; auto: each
+# 3; 0: the poller waits for each batch), BATCH_TIMEOUT_US (the model's batch_timeout_us, default
+# 20), BACKEND (the model's backend, default cuda; auto: each
 # batch on the engine measured faster for its size), ANCHORS (default .anchors).
 set -u
 cd "$(dirname "$0")/.."
@@ -40,8 +41,8 @@ fi
 work=$(mktemp -d)
 mkdir -p "$work/models/wide16/1"
 cp "$root/models/mlp256/1/model.onnx" "$work/models/wide16/1/model.onnx"
-printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = 20\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\n' \
-  "${BACKEND:-cuda}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" > "$work/models/wide16/config.toml"
+printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = %s\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\n' \
+  "${BACKEND:-cuda}" "${BATCH_TIMEOUT_US:-20}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" > "$work/models/wide16/config.toml"
 printf '[server]\npoller_cores = [%s]\nidle = "spin"\n' "$poller_cores" > "$out/serve.toml"
 "$tie_bin" serve --config "$out/serve.toml" --model-repository "$work/models" --socket-dir "$work" \
   --endpoint gpu --http-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
@@ -52,7 +53,7 @@ if [ ! -S "$work/gpu.sock" ]; then
 fi
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
-echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
+echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/nvml-$rate.txt" 2>/dev/null &

@@ -32,26 +32,28 @@ pub fn decode_request(
 ) -> Decoded<'_> {
     let header = read_header(frame);
     let body: &[f32] = bytemuck::cast_slice(frame.get(REQUEST_HEADER_WORDS..).unwrap_or(&[]));
-    let features = check_header(&header, expected_seq, feature_count).and_then(|()| {
-        if frame.len() < REQUEST_HEADER_WORDS {
-            return Err(wrong_shape(feature_count));
-        }
-        check_body(body, feature_count, allow_non_finite)
-    });
+    let features = check_header(&header, expected_seq, feature_count)
+        .and_then(|()| check_body(frame.len(), body, feature_count, allow_non_finite));
     Decoded { header, features }
 }
 
 /// The checks of a request's features read apart from its header (which passed
-/// [`check_header`]): `body` is what was read of the frame after its header. The first
-/// `feature_count` values, or the refusal [`decode_request`] gives.
+/// [`check_header`]): `words` is how much of the frame was read in all, `body` what was read
+/// after its header. The first `feature_count` values, or the refusal [`decode_request`]
+/// gives (a frame shorter than its header, or than its features, is a wrong shape).
 #[inline]
 pub fn check_body(
+    words: usize,
     body: &[f32],
     feature_count: usize,
     allow_non_finite: bool,
 ) -> Result<&[f32], (Status, u32, u32)> {
-    let Some(features) = body.get(..feature_count) else {
-        return Err(wrong_shape(feature_count));
+    let features = body
+        .get(..feature_count)
+        .filter(|_| words >= REQUEST_HEADER_WORDS);
+    let Some(features) = features else {
+        let n = feature_count as u32;
+        return Err((Status::INVALID_INPUT_SHAPE, n, n));
     };
     match first_non_finite(features) {
         Some(i) if !allow_non_finite => {
@@ -59,13 +61,6 @@ pub fn check_body(
         }
         _ => Ok(features),
     }
-}
-
-/// The refusal of a frame too short for the session's `feature_count` features (its header
-/// said that count: it passed [`check_header`]).
-fn wrong_shape(feature_count: usize) -> (Status, u32, u32) {
-    let n = feature_count as u32;
-    (Status::INVALID_INPUT_SHAPE, n, n)
 }
 
 /// The index of the first NaN or infinite value in `values`, if any. The common case (none) is

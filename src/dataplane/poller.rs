@@ -1744,15 +1744,8 @@ fn validate(
     if request.item.status != Status::OK {
         return (request, reported_ns);
     }
-    let checked = if words < abi::REQUEST_HEADER_WORDS {
-        Err((
-            Status::INVALID_INPUT_SHAPE,
-            s.feature_count as u32,
-            s.feature_count as u32,
-        ))
-    } else {
-        tie_layouts::check::check_body(features, s.feature_count, allow_non_finite).map(|_| ())
-    };
+    let checked =
+        tie_layouts::check::check_body(words, features, s.feature_count, allow_non_finite);
     if let Err(refusal) = checked {
         refused(&mut request, refusal);
     }

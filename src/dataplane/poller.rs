@@ -269,6 +269,13 @@ struct Item {
     sent_ns: u64,
 }
 
+/// Batches of a lane in flight on its pipeline at which a batch that is not full waits for
+/// them, past its timeout ([`BatchQueue::decide`]'s `held`): one running and one queued behind
+/// it keep the device busy, and the rows that arrive meanwhile join the next batch instead of
+/// queueing on the device in small ones. Measured against never holding and holding behind
+/// one (BENCHMARKS.md, seventh session): behind one left the device idle between batches.
+const HOLD_BEHIND: usize = 2;
+
 /// A batch launched on a lane's pipeline and not yet answered.
 struct Flight {
     /// Every request it answers, in answer order (its rows, and the resolved or late heads
@@ -1195,10 +1202,16 @@ impl Poller {
             let engine = journaled_engine(lane.taps.is_on(), lane.model.backend.as_ref());
             answered += self.respond(m, now, 0, now, engine);
             let lane = self.lanes[m].as_mut().expect("checked");
-            // With every pipeline slot in flight the batch waits (and grows) until one frees.
+            // With every pipeline slot in flight the batch waits (and grows) until one frees;
+            // with `HOLD_BEHIND` in flight, a batch that is not full waits too.
             let room = lane.pipeline.as_ref().is_none_or(|p| p.has_room());
-            match lane.queue.decide(now, lane.batch_compute_ns) {
-                Decision::Idle => {}
+            let held = lane
+                .pipeline
+                .as_ref()
+                .is_some_and(|p| p.in_flight() >= HOLD_BEHIND);
+            match lane.queue.decide(now, lane.batch_compute_ns, held) {
+                // The poller stays busy while batches are in flight: it looks again at once.
+                Decision::Idle | Decision::Hold => {}
                 // A stopping server does not wait for batches to fill.
                 Decision::WaitUntil(t) if !stopping => wake = Some(wake.map_or(t, |w| w.min(t))),
                 Decision::WaitUntil(_) | Decision::Run if room => {

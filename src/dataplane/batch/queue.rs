@@ -95,6 +95,9 @@ pub enum Decision {
     Run,
     /// Wait; decide again by this time.
     WaitUntil(u64),
+    /// Wait for the batches in flight: nothing but one of them ending starts this one (see
+    /// [`BatchQueue::decide`]'s `held`).
+    Hold,
 }
 
 /// Counters for monitoring, per priority.
@@ -445,7 +448,13 @@ impl<T: Copy> BatchQueue<T> {
 
     /// Whether to run a batch now. `batch_compute_ns` is the caller's estimate of how long a
     /// full batch computes (for deadlines).
-    pub fn decide(&self, now_ns: u64, batch_compute_ns: u64) -> Decision {
+    ///
+    /// `held`: earlier batches of this queue are still running (on a pipeline), enough to keep
+    /// its device busy. A batch that is not full then waits for them past its timeout
+    /// ([`Decision::Hold`]): it goes on growing while the device is busy, so under load
+    /// batches grow with it instead of many small ones queueing on the device. A full batch, a
+    /// critical request, a zero timeout and a deadline still start it as when not held.
+    pub fn decide(&self, now_ns: u64, batch_compute_ns: u64, held: bool) -> Decision {
         let n = self.executable();
         if n == 0 {
             return Decision::Idle;
@@ -476,6 +485,13 @@ impl<T: Copy> BatchQueue<T> {
         }
         let timeout_at = oldest.saturating_add(self.config.batch_timeout_ns);
         let latest_start = earliest_deadline.saturating_sub(batch_compute_ns);
+        if held && now_ns < latest_start {
+            return if latest_start == u64::MAX {
+                Decision::Hold
+            } else {
+                Decision::WaitUntil(latest_start)
+            };
+        }
         let start_by = timeout_at.min(latest_start);
         if now_ns >= start_by {
             Decision::Run
@@ -603,10 +619,53 @@ mod tests {
     #[test]
     fn waits_for_the_timeout_then_runs() {
         let mut q = BatchQueue::new(config(), 1);
-        assert_eq!(q.decide(0, 0), Decision::Idle);
+        assert_eq!(q.decide(0, 0, false), Decision::Idle);
         push(&mut q, req(1, 0, 1, 10 * US));
-        assert_eq!(q.decide(20 * US, 0), Decision::WaitUntil(110 * US));
-        assert_eq!(q.decide(110 * US, 0), Decision::Run);
+        assert_eq!(q.decide(20 * US, 0, false), Decision::WaitUntil(110 * US));
+        assert_eq!(q.decide(110 * US, 0, false), Decision::Run);
+    }
+
+    #[test]
+    fn a_batch_in_flight_holds_a_partial_one_past_its_timeout_but_not_a_full_one() {
+        let mut q = BatchQueue::new(config(), 1);
+        push(&mut q, req(1, 0, 1, 10 * US));
+        // Past the timeout: it runs alone, and waits while an earlier batch runs.
+        assert_eq!(q.decide(110 * US, 0, false), Decision::Run);
+        assert_eq!(q.decide(110 * US, 0, true), Decision::Hold);
+        assert_eq!(q.decide(5_000 * US, 0, true), Decision::Hold);
+        // Before the timeout it waits either way.
+        assert_eq!(q.decide(20 * US, 0, true), Decision::Hold);
+        for i in 2..5 {
+            push(&mut q, req(i, i as usize, 1, 20 * US));
+        }
+        assert_eq!(q.decide(20 * US, 0, true), Decision::Run);
+    }
+
+    #[test]
+    fn a_batch_in_flight_holds_neither_critical_nor_a_deadline_nor_a_zero_timeout() {
+        let mut q = BatchQueue::new(config(), 1);
+        push(&mut q, req(1, 0, 3, 0));
+        assert_eq!(q.decide(1, 0, true), Decision::Run);
+
+        let mut q = BatchQueue::new(config(), 1);
+        let mut r = req(1, 0, 1, 0);
+        r.deadline_ns = 100 * US;
+        push(&mut q, r);
+        assert_eq!(
+            q.decide(10 * US, 30 * US, true),
+            Decision::WaitUntil(70 * US)
+        );
+        assert_eq!(q.decide(70 * US, 30 * US, true), Decision::Run);
+
+        let mut q = BatchQueue::new(
+            BatchConfig {
+                batch_timeout_ns: 0,
+                ..config()
+            },
+            1,
+        );
+        push(&mut q, req(1, 0, 1, 0));
+        assert_eq!(q.decide(0, 0, true), Decision::Run);
     }
 
     #[test]
@@ -615,7 +674,7 @@ mod tests {
         for i in 0..4 {
             push(&mut q, req(i, i as usize, 1, 0));
         }
-        assert_eq!(q.decide(1, 0), Decision::Run);
+        assert_eq!(q.decide(1, 0, false), Decision::Run);
         let (executed, _) = take(&mut q, 1);
         assert_eq!(executed, [0, 1, 2, 3]);
     }
@@ -630,7 +689,7 @@ mod tests {
             1,
         );
         push(&mut q, req(1, 0, 0, 0));
-        assert_eq!(q.decide(0, 0), Decision::Run);
+        assert_eq!(q.decide(0, 0, false), Decision::Run);
     }
 
     #[test]
@@ -638,7 +697,7 @@ mod tests {
         let mut q = BatchQueue::new(config(), 1);
         push(&mut q, req(1, 0, 1, 0));
         push(&mut q, req(2, 1, 3, 0));
-        assert_eq!(q.decide(1, 0), Decision::Run);
+        assert_eq!(q.decide(1, 0, false), Decision::Run);
     }
 
     #[test]
@@ -780,8 +839,11 @@ mod tests {
         r.deadline_ns = 100 * US;
         push(&mut q, r);
         // A batch takes 30 us: it must start by 70 us.
-        assert_eq!(q.decide(10 * US, 30 * US), Decision::WaitUntil(70 * US));
-        assert_eq!(q.decide(70 * US, 30 * US), Decision::Run);
+        assert_eq!(
+            q.decide(10 * US, 30 * US, false),
+            Decision::WaitUntil(70 * US)
+        );
+        assert_eq!(q.decide(70 * US, 30 * US, false), Decision::Run);
     }
 
     #[test]
@@ -798,13 +860,19 @@ mod tests {
         r.deadline_ns = 100 * US;
         push(&mut q, r);
         push(&mut q, req(3, 1, 1, 2 * US));
-        assert_eq!(q.decide(10 * US, 30 * US), Decision::WaitUntil(70 * US));
+        assert_eq!(
+            q.decide(10 * US, 30 * US, false),
+            Decision::WaitUntil(70 * US)
+        );
         let (mut input, mut out) = (vec![0.0; 4], Vec::new());
         assert_eq!(q.take(10 * US, &mut input, &mut out).0, 3);
         // Only the timeout bounds the next wait, from the oldest request still queued.
         push(&mut q, req(4, 1, 1, 20 * US));
         push(&mut q, req(5, 0, 1, 25 * US));
-        assert_eq!(q.decide(30 * US, 30 * US), Decision::WaitUntil(1_020 * US));
+        assert_eq!(
+            q.decide(30 * US, 30 * US, false),
+            Decision::WaitUntil(1_020 * US)
+        );
     }
 
     #[test]
@@ -855,7 +923,7 @@ mod tests {
         for i in 0..3 {
             push(&mut q, req(i, i as usize, 1, 0));
         }
-        assert_eq!(q.decide(0, 0), Decision::Run);
+        assert_eq!(q.decide(0, 0, false), Decision::Run);
         assert_eq!(take(&mut q, 0).0.len(), 2);
     }
 

@@ -95,8 +95,8 @@ pub enum Decision {
     Run,
     /// Wait; decide again by this time.
     WaitUntil(u64),
-    /// Wait for the batches in flight: nothing but one of them ending starts this one (see
-    /// [`BatchQueue::decide`]'s `held`).
+    /// Wait for the batches in flight: the batch starts once one of them ends, or once it is
+    /// full (see [`BatchQueue::decide`]'s `held`).
     Hold,
 }
 

@@ -2,8 +2,9 @@
 # GPU throughput under load, end to end: `wide16` (models/mlp256, 256→512→512→256→8, fp16 on
 # the GPU, batch_timeout_us = 20, max_batch_size = 256) served by `tie serve` with pinned,
 # spinning pollers; tie-loadgen open loop from several worker processes at each rate; NVML's GPU
-# utilisation sampled by nvidia-smi during each run; PyTorch's CUDA-graph anchor in the same
-# call. Prints one line per rate and the anchor.
+# utilisation sampled by nvidia-smi during each run; the server's own figures for each rate
+# (from /metrics before and after it: batches, mean rows per batch, mean time per stage);
+# PyTorch's CUDA-graph anchor in the same call. Prints two lines per rate and the anchor.
 #
 #   bash benches/gpu_throughput.sh OUT_DIR     # on the lent GPU machine, from the bundle
 #                                              # (../shared/tools/gpu-bundle --features cuda;
@@ -52,20 +53,48 @@ if [ ! -S "$work/gpu.sock" ]; then
   echo "the server did not start: see $out/serve.log"; tail -20 "$out/serve.log"; exit 1
 fi
 
+# The control plane's address, for /metrics (the server logs it once listening).
+http_addr=
+for _ in $(seq 1 50); do
+  http_addr=$(grep -o 'addr=[0-9.]*:[0-9]*' "$out/serve.log" | head -1 | cut -d= -f2)
+  [ -n "$http_addr" ] && break; sleep 0.1
+done
+scrape() { [ -n "$http_addr" ] && curl -s --max-time 2 "http://$http_addr/metrics" > "$1"; }
+
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
 echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/nvml-$rate.txt" 2>/dev/null &
   smi=$!
+  scrape "$out/metrics-before-$rate.txt"
   "$loadgen" run --endpoint gpu --socket-dir "$work" --model wide16 --rate "$rate" --workers "$workers" \
     --cores "$worker_cores" --duration "$seconds" --warmup 1 --progress never --out "$out/run-$rate" \
     > "$out/run-$rate.txt" 2>&1
   status=$?
+  # The monitor publishes its figures once a second: wait for the run's last ones.
+  sleep 1.2
+  scrape "$out/metrics-after-$rate.txt"
   kill $smi 2>/dev/null; wait $smi 2>/dev/null
-  python3 - "$out/run-$rate/summary.json" "$out/nvml-$rate.txt" "$rate" "$status" <<'PY'
-import json, sys
-summary, nvml, rate, status = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+  python3 - "$out/run-$rate/summary.json" "$out/nvml-$rate.txt" "$rate" "$status" \
+    "$out/metrics-before-$rate.txt" "$out/metrics-after-$rate.txt" <<'PY'
+import json, re, sys
+summary, nvml, rate, status, before, after = sys.argv[1:7]
+
+def server_figures(path):
+    # Sums over the model's series: batches, rows, and each stage's latency sum and count.
+    d = {}
+    try:
+        for line in open(path):
+            m = re.match(r'(tie_batches_total|tie_batch_rows_total|tie_latency_seconds_sum'
+                         r'|tie_latency_seconds_count)\{([^}]*)\} (\S+)', line)
+            if m:
+                stage = re.search(r'stage="([a-z_]+)"', m.group(2))
+                key = (m.group(1), stage.group(1) if stage else '')
+                d[key] = d.get(key, 0.0) + float(m.group(3))
+    except OSError:
+        pass
+    return d
 try:
     s = json.load(open(summary))
 except Exception as e:
@@ -79,6 +108,19 @@ print(f"rate {int(rate):>9}/s: achieved {s['achieved_rps']/1e6:.3f} M/s, p50 {s[
       f"p99 {s['p99_us']:.1f} us, p99.9 {s['p99_9_us']:.1f} us, errors {dict(s['errors']) or 0}, "
       f"unanswered {s['unanswered']}, send lag p99 {s['send_lag_p99_us']:.1f} us, "
       f"GPU utilisation (NVML) mean {mean:.0f}% max {max(mid) if mid else float('nan'):.0f}%; exit {status}")
+b, a = server_figures(before), server_figures(after)
+delta = lambda k: a.get(k, 0.0) - b.get(k, 0.0)
+batches, rows = delta(('tie_batches_total', '')), delta(('tie_batch_rows_total', ''))
+if batches > 0:
+    stages = []
+    for stage in ('queue', 'gather', 'execute', 'compute', 'total'):
+        n = delta(('tie_latency_seconds_count', stage))
+        if n > 0:
+            stages.append(f"{stage} {delta(('tie_latency_seconds_sum', stage)) / n * 1e6:.1f} us")
+    print(f"    server: {batches:.0f} batches, mean {rows / batches:.1f} rows; mean per stage: "
+          + ', '.join(stages))
+else:
+    print("    server: no figures (/metrics not read)")
 PY
 done
 kill -TERM $serve_pid; wait $serve_pid 2>/dev/null

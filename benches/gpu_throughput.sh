@@ -59,7 +59,8 @@ for _ in $(seq 1 50); do
   http_addr=$(grep -o 'addr=[0-9.]*:[0-9]*' "$out/serve.log" | head -1 | cut -d= -f2)
   [ -n "$http_addr" ] && break; sleep 0.1
 done
-scrape() { [ -n "$http_addr" ] && curl -s --max-time 2 "http://$http_addr/metrics" > "$1"; }
+[ -n "$http_addr" ] || echo "warning: the server's HTTP address is not in $out/serve.log: no server figures"
+scrape() { : > "$1"; [ -n "$http_addr" ] && curl -sf --max-time 2 "http://$http_addr/metrics" > "$1"; }
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
 echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
@@ -72,10 +73,11 @@ for rate in "${rate_list[@]}"; do
     --cores "$worker_cores" --duration "$seconds" --warmup 1 --progress never --out "$out/run-$rate" \
     > "$out/run-$rate.txt" 2>&1
   status=$?
-  # The monitor publishes its figures once a second: wait for the run's last ones.
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  # The monitor publishes its figures once a second: wait for the run's last ones. They
+  # include the warm-up second, which the load generator's figures leave out.
   sleep 1.2
   scrape "$out/metrics-after-$rate.txt"
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null
   python3 - "$out/run-$rate/summary.json" "$out/nvml-$rate.txt" "$rate" "$status" \
     "$out/metrics-before-$rate.txt" "$out/metrics-after-$rate.txt" <<'PY'
 import json, re, sys

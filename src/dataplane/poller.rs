@@ -1205,10 +1205,12 @@ impl Poller {
             // With every pipeline slot in flight the batch waits (and grows) until one frees;
             // with `HOLD_BEHIND` in flight, a batch that is not full waits too.
             let room = lane.pipeline.as_ref().is_none_or(|p| p.has_room());
-            let held = lane
-                .pipeline
-                .as_ref()
-                .is_some_and(|p| p.in_flight() >= HOLD_BEHIND);
+            // A stopping server does not hold batches back either.
+            let held = !stopping
+                && lane
+                    .pipeline
+                    .as_ref()
+                    .is_some_and(|p| p.in_flight() >= HOLD_BEHIND);
             match lane.queue.decide(now, lane.batch_compute_ns, held) {
                 // The poller stays busy while batches are in flight: it looks again at once.
                 Decision::Idle | Decision::Hold => {}

@@ -22,6 +22,11 @@
 //!   waiting longer would make the earliest deadline late (given the caller's estimate of a
 //!   batch's compute time); the timeout is 0 (greedy: whatever is queued runs as soon as the
 //!   poller gets to it, so batches grow with load and a lone request never waits).
+//! - **Held.** While the caller says enough of this queue's batches are still in flight to keep
+//!   its device busy (`held`), the timeout alone does not start a batch: it waits, and grows,
+//!   until fewer are in flight. Every other reason above still starts it, and a queued request
+//!   with a deadline turns the hold off (a batch started at its latest start would still wait
+//!   behind those in flight).
 //! - **Size.** Up to the full size: the model's optimal batch size once profiled (with
 //!   `enable_dynamic_batching`), else `max_batch_size`, never above the largest allowed size. The
 //!   spec's heuristic (`calculate_optimal_batch_size`) takes `min(queued, max_batch_size)` for
@@ -95,8 +100,8 @@ pub enum Decision {
     Run,
     /// Wait; decide again by this time.
     WaitUntil(u64),
-    /// Wait for the batches in flight: the batch starts once one of them ends, or once it is
-    /// full (see [`BatchQueue::decide`]'s `held`).
+    /// Wait for the batches in flight: the batch starts once the caller no longer holds it,
+    /// or once it is full (see [`BatchQueue::decide`]'s `held`).
     Hold,
 }
 
@@ -453,7 +458,8 @@ impl<T: Copy> BatchQueue<T> {
     /// its device busy. A batch that is not full then waits for them past its timeout
     /// ([`Decision::Hold`]): it goes on growing while the device is busy, so under load
     /// batches grow with it instead of many small ones queueing on the device. A full batch, a
-    /// critical request, a zero timeout and a deadline still start it as when not held.
+    /// critical request and a zero timeout still start it as when not held; while any queued
+    /// request has a deadline it is not held at all.
     pub fn decide(&self, now_ns: u64, batch_compute_ns: u64, held: bool) -> Decision {
         let n = self.executable();
         if n == 0 {
@@ -485,12 +491,10 @@ impl<T: Copy> BatchQueue<T> {
         }
         let timeout_at = oldest.saturating_add(self.config.batch_timeout_ns);
         let latest_start = earliest_deadline.saturating_sub(batch_compute_ns);
-        if held && now_ns < latest_start {
-            return if latest_start == u64::MAX {
-                Decision::Hold
-            } else {
-                Decision::WaitUntil(latest_start)
-            };
+        // With a deadline queued the hold is off: started at its latest start, the batch would
+        // still wait behind those in flight and answer late.
+        if held && earliest_deadline == u64::MAX {
+            return Decision::Hold;
         }
         let start_by = timeout_at.min(latest_start);
         if now_ns >= start_by {
@@ -647,15 +651,17 @@ mod tests {
         push(&mut q, req(1, 0, 3, 0));
         assert_eq!(q.decide(1, 0, true), Decision::Run);
 
+        // A deadline turns the hold off: the timeout (100 us from 0) starts the batch even
+        // though its latest start (1,000 - 30 us) is later.
         let mut q = BatchQueue::new(config(), 1);
         let mut r = req(1, 0, 1, 0);
-        r.deadline_ns = 100 * US;
+        r.deadline_ns = 1_000 * US;
         push(&mut q, r);
         assert_eq!(
             q.decide(10 * US, 30 * US, true),
-            Decision::WaitUntil(70 * US)
+            Decision::WaitUntil(100 * US)
         );
-        assert_eq!(q.decide(70 * US, 30 * US, true), Decision::Run);
+        assert_eq!(q.decide(100 * US, 30 * US, true), Decision::Run);
 
         let mut q = BatchQueue::new(
             BatchConfig {

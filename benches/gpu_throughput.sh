@@ -16,7 +16,9 @@
 # 7000000), SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default
 # 3; 0: the poller waits for each batch), BATCH_TIMEOUT_US (the model's batch_timeout_us, default
 # 20), BACKEND (the model's backend, default cuda; auto: each
-# batch on the engine measured faster for its size), ANCHORS (default .anchors).
+# batch on the engine measured faster for its size), ANCHORS (default .anchors), NVML_SAMPLE_MS
+# (how often nvidia-smi samples the GPU's utilisation during a rate, default 100; 0: not at all,
+# to see whether the sampling itself disturbs the run).
 set -u
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-throughput-out}")
@@ -27,6 +29,7 @@ worker_cores=${WORKER_CORES:-8,9,10,11,12,13,14,15}
 workers=$(echo "$worker_cores" | tr ',' '\n' | wc -l)
 rates=${RATES:-2000000,4000000,5000000,6000000,7000000}
 seconds=${SECONDS_PER_RATE:-4}
+nvml_ms=${NVML_SAMPLE_MS:-100}
 
 if [ -d .gpu-bundle ]; then
   bash .gpu-bundle/run.sh exec true >/dev/null
@@ -63,25 +66,29 @@ done
 scrape() { : > "$1"; [ -n "$http_addr" ] && curl -sf --max-time 2 "http://$http_addr/metrics" > "$1"; }
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
-echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, 1 s warm-up"
+echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, the first a warm-up; NVML sampled every ${nvml_ms} ms (0: not sampled)"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
-  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/nvml-$rate.txt" 2>/dev/null &
-  smi=$!
+  : > "$out/nvml-$rate.txt"
+  smi=
+  if [ "$nvml_ms" -gt 0 ]; then
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms "$nvml_ms" > "$out/nvml-$rate.txt" 2>/dev/null &
+    smi=$!
+  fi
   scrape "$out/metrics-before-$rate.txt"
   "$loadgen" run --endpoint gpu --socket-dir "$work" --model wide16 --rate "$rate" --workers "$workers" \
     --cores "$worker_cores" --duration "$seconds" --warmup 1 --progress never --out "$out/run-$rate" \
     > "$out/run-$rate.txt" 2>&1
   status=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  [ -n "$smi" ] && { kill $smi 2>/dev/null; wait $smi 2>/dev/null; }
   # The monitor publishes its figures once a second: wait for the run's last ones. They
   # include the warm-up second, which the load generator's figures leave out.
   sleep 1.2
   scrape "$out/metrics-after-$rate.txt"
   python3 - "$out/run-$rate/summary.json" "$out/nvml-$rate.txt" "$rate" "$status" \
-    "$out/metrics-before-$rate.txt" "$out/metrics-after-$rate.txt" <<'PY'
+    "$out/metrics-before-$rate.txt" "$out/metrics-after-$rate.txt" "$nvml_ms" <<'PY'
 import json, re, sys
-summary, nvml, rate, status, before, after = sys.argv[1:7]
+summary, nvml, rate, status, before, after, nvml_ms = sys.argv[1:8]
 
 def server_figures(path):
     # Sums over the model's series: batches, rows, and each stage's latency sum and count.
@@ -104,12 +111,13 @@ except Exception as e:
     sys.exit(0)
 util = [float(l) for l in open(nvml) if l.strip().replace('.', '', 1).isdigit()]
 # The middle of the run (the first and last second are warm-up and drain).
-mid = util[10:-10] if len(util) > 30 else util
-mean = sum(mid) / len(mid) if mid else float('nan')
+per_second = 1000 // max(int(nvml_ms), 1)
+mid = util[per_second:-per_second] if len(util) > 3 * per_second else util
+nvml_text = (f"mean {sum(mid) / len(mid):.0f}% max {max(mid):.0f}%" if mid else "not sampled")
 print(f"rate {int(rate):>9}/s: achieved {s['achieved_rps']/1e6:.3f} M/s, p50 {s['p50_us']:.1f} us, "
       f"p99 {s['p99_us']:.1f} us, p99.9 {s['p99_9_us']:.1f} us, errors {dict(s['errors']) or 0}, "
       f"unanswered {s['unanswered']}, send lag p99 {s['send_lag_p99_us']:.1f} us, "
-      f"GPU utilisation (NVML) mean {mean:.0f}% max {max(mid) if mid else float('nan'):.0f}%; exit {status}")
+      f"GPU utilisation (NVML) {nvml_text}; exit {status}")
 b, a = server_figures(before), server_figures(after)
 delta = lambda k: a.get(k, 0.0) - b.get(k, 0.0)
 batches, rows = delta(('tie_batches_total', '')), delta(('tie_batch_rows_total', ''))

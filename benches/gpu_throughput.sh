@@ -15,10 +15,10 @@
 # RATES (requests per second, all workers together; default 2000000,4000000,5000000,6000000,
 # 7000000), SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default
 # 3; 0: the poller waits for each batch), BATCH_TIMEOUT_US (the model's batch_timeout_us, default
-# 20), BACKEND (the model's backend, default cuda; auto: each
-# batch on the engine measured faster for its size), ANCHORS (default .anchors), NVML_SAMPLE_MS
-# (how often nvidia-smi samples the GPU's utilisation during a rate, default 100; 0: not at all,
-# to see whether the sampling itself disturbs the run).
+# 20), BACKEND (the model's backend, default cuda; auto: each batch on the engine measured
+# faster for its size), ANCHORS (default .anchors), NVML_SAMPLE_MS (how often nvidia-smi samples
+# the GPU's utilisation during a rate, default 100; 0: not at all, to see whether the sampling
+# itself disturbs the run).
 set -u
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-throughput-out}")

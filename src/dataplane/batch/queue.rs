@@ -646,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_in_flight_holds_neither_critical_nor_a_deadline_nor_a_zero_timeout() {
+    fn a_batch_in_flight_holds_neither_critical_nor_a_deadline() {
         let mut q = BatchQueue::new(config(), 1);
         push(&mut q, req(1, 0, 3, 0));
         assert_eq!(q.decide(1, 0, true), Decision::Run);
@@ -662,16 +662,6 @@ mod tests {
             Decision::WaitUntil(100 * US)
         );
         assert_eq!(q.decide(100 * US, 30 * US, true), Decision::Run);
-
-        let mut q = BatchQueue::new(
-            BatchConfig {
-                batch_timeout_ns: 0,
-                ..config()
-            },
-            1,
-        );
-        push(&mut q, req(1, 0, 1, 0));
-        assert_eq!(q.decide(0, 0, true), Decision::Run);
     }
 
     #[test]
@@ -696,6 +686,8 @@ mod tests {
         );
         push(&mut q, req(1, 0, 0, 0));
         assert_eq!(q.decide(0, 0, false), Decision::Run);
+        // Nor for batches in flight.
+        assert_eq!(q.decide(0, 0, true), Decision::Run);
     }
 
     #[test]

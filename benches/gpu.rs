@@ -38,17 +38,21 @@ fn report(name: &str, h: &Histogram<u64>, rows: usize) {
     );
 }
 
-/// A repository of GPU models: mlp64 in fp32 and fp16, mlp256 in fp16 and fp32; and mlp64 on
-/// the CPU and with `backend = "auto"` (each batch on the engine measured faster for its size).
+/// A repository of GPU models: mlp64 in fp32 and fp16, mlp256 in fp16 and fp32; mlp64 on the
+/// CPU and with `backend = "auto"` (each batch on the engine measured faster for its size); and
+/// `deterministic = true` copies of gpu64 and wide16 (`…d`: the fused kernels only), whose
+/// figures beside the others' are what determinism costs.
 fn repository(root: &std::path::Path, dir: &std::path::Path) {
     // Batch-1 models never wait for a batch to fill; wide16 (the throughput run) waits 20 us.
-    for (name, source, backend, precision, timeout_us) in [
-        ("cpu64", "mlp64", "cpu", "fp32", 0),
-        ("auto64", "mlp64", "auto", "fp32", 0),
-        ("gpu64", "mlp64", "cuda", "fp32", 0),
-        ("gpu64h", "mlp64", "cuda", "fp16", 0),
-        ("wide16", "mlp256", "cuda", "fp16", 20),
-        ("wide32", "mlp256", "cuda", "fp32", 0),
+    for (name, source, backend, precision, timeout_us, deterministic) in [
+        ("cpu64", "mlp64", "cpu", "fp32", 0, false),
+        ("auto64", "mlp64", "auto", "fp32", 0, false),
+        ("gpu64", "mlp64", "cuda", "fp32", 0, false),
+        ("gpu64d", "mlp64", "cuda", "fp32", 0, true),
+        ("gpu64h", "mlp64", "cuda", "fp16", 0, false),
+        ("wide16", "mlp256", "cuda", "fp16", 20, false),
+        ("wide16d", "mlp256", "cuda", "fp16", 0, true),
+        ("wide32", "mlp256", "cuda", "fp32", 0, false),
     ] {
         let d = dir.join(name);
         std::fs::create_dir_all(d.join("1")).unwrap();
@@ -66,7 +70,7 @@ fn repository(root: &std::path::Path, dir: &std::path::Path) {
         std::fs::write(
             d.join("config.toml"),
             format!(
-                "backend = \"{backend}\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\npipeline_depth = {depth}\n"
+                "backend = \"{backend}\"\nprecision = \"{precision}\"\nbatch_timeout_us = {timeout_us}\npipeline_depth = {depth}\ndeterministic = {deterministic}\n"
             ),
         )
         .unwrap();
@@ -102,7 +106,7 @@ fn main() {
     }
     config.server.poller_cores = pollers;
     config.server.idle = IdleStrategy::Spin;
-    // Five GPU models, and auto64's GPU copy (held where its batches split between engines).
+    // Seven GPU models, and auto64's GPU copy (held where its batches split between engines).
     config.model_deployment.max_models_per_gpu = 8;
     let gpus = Gpus::probe(&config.gpu_options());
     if let Some(why) = gpus.unavailable() {
@@ -173,7 +177,7 @@ fn main() {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: client_core }) {
                 eprintln!("warning: cannot pin the client to core {client_core}");
             }
-            for model in ["cpu64", "auto64", "gpu64", "gpu64h", "wide32"] {
+            for model in ["cpu64", "auto64", "gpu64", "gpu64d", "gpu64h", "wide32"] {
                 let mut client = connect(model);
                 let sets: Vec<Vec<f32>> = (0..8)
                     .map(|s| {

@@ -16,7 +16,9 @@
 # 7000000), SECONDS_PER_RATE (default 4), PIPELINE_DEPTH (the model's pipeline_depth, default
 # 3; 0: the poller waits for each batch), BATCH_TIMEOUT_US (the model's batch_timeout_us, default
 # 20), BACKEND (the model's backend, default cuda; auto: each batch on the engine measured
-# faster for its size), ANCHORS (default .anchors), NVML_SAMPLE_MS (how often nvidia-smi samples
+# faster for its size), DETERMINISTIC (the model's `deterministic`, default false; true: the
+# fused kernels only), MAX_QUEUE_SIZE (the model's `max_queue_size`, default the server's 1024),
+# ANCHORS (default .anchors), NVML_SAMPLE_MS (how often nvidia-smi samples
 # the GPU's utilisation during a rate, default 100; 0: not at all, to see whether the sampling
 # itself disturbs the run).
 set -u
@@ -45,8 +47,9 @@ fi
 work=$(mktemp -d)
 mkdir -p "$work/models/wide16/1"
 cp "$root/models/mlp256/1/model.onnx" "$work/models/wide16/1/model.onnx"
-printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = %s\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\n' \
-  "${BACKEND:-cuda}" "${BATCH_TIMEOUT_US:-20}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" > "$work/models/wide16/config.toml"
+printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = %s\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\ndeterministic = %s\n' \
+  "${BACKEND:-cuda}" "${BATCH_TIMEOUT_US:-20}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" "${DETERMINISTIC:-false}" > "$work/models/wide16/config.toml"
+[ -n "${MAX_QUEUE_SIZE:-}" ] && printf 'max_queue_size = %s\n' "$MAX_QUEUE_SIZE" >> "$work/models/wide16/config.toml"
 printf '[server]\npoller_cores = [%s]\nidle = "spin"\n' "$poller_cores" > "$out/serve.toml"
 "$tie_bin" serve --config "$out/serve.toml" --model-repository "$work/models" --socket-dir "$work" \
   --endpoint gpu --http-addr 127.0.0.1:0 > "$out/serve.log" 2>&1 &
@@ -66,7 +69,7 @@ done
 scrape() { : > "$1"; [ -n "$http_addr" ] && curl -sf --max-time 2 "http://$http_addr/metrics" > "$1"; }
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
-echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, the first a warm-up; NVML sampled every ${nvml_ms} ms (0: not sampled)"
+echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; deterministic ${DETERMINISTIC:-false}; max_queue_size ${MAX_QUEUE_SIZE:-1024}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, the first a warm-up; NVML sampled every ${nvml_ms} ms (0: not sampled)"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
   : > "$out/nvml-$rate.txt"

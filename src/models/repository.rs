@@ -11,8 +11,10 @@ use tie_layouts::abi::{MAX_FEATURES, MAX_OUTPUTS};
 use tie_layouts::FeatureLayout;
 
 use tie_engine::devices::Gpus;
-use tie_engine::profile::ModelProfile;
-use tie_engine::{Backend, BackendLoadError, Crossover, SplitBackend};
+use tie_engine::profile::{self, ModelProfile};
+use tie_engine::{
+    time_in_rounds, Backend, BackendLoadError, Crossover, SplitBackend, PLACEMENT_ROUNDS,
+};
 
 use super::config::{BackendChoice, ModelConfig};
 use super::fault::FaultSwitch;
@@ -806,16 +808,31 @@ impl Loading<'_> {
         let p50 = |b: &dyn Backend, size: usize| {
             ModelProfile::measure(b, &[size], PLACEMENT_ITERATIONS).map(|p| p.timings[0].p50_ns)
         };
+        enum Failed {
+            Cpu(tie_engine::BackendError),
+            Gpu(tie_engine::BackendError),
+        }
         // Sizes in ascending order, up to the first the CPU does not win: the larger ones go
         // to the GPU whatever their times (a large model is timed on the CPU at batch 1 only).
+        // Each size in rounds, each engine keeping its best (see `time_in_rounds`).
         let sizes = batch.run_sizes();
         let mut measured = Vec::new();
         for &size in &sizes {
-            let on_cpu = match p50(cpu.as_ref(), size) {
-                Ok(ns) => ns,
-                Err(e) => return gpu_only(format!("the CPU engine failed a timed batch: {e}")),
+            let timed = time_in_rounds(
+                PLACEMENT_ROUNDS,
+                PLACEMENT_ROUND_GAP,
+                profile::SIZE_BUDGET,
+                || p50(cpu.as_ref(), size).map_err(Failed::Cpu),
+                || p50(gpu.as_ref(), size).map_err(Failed::Gpu),
+            );
+            let (on_cpu, on_gpu) = match timed {
+                Ok(both) => both,
+                Err(Failed::Cpu(e)) => {
+                    return gpu_only(format!("the CPU engine failed a timed batch: {e}"))
+                }
+                Err(Failed::Gpu(e)) => return Err(gpu_failed(e)),
             };
-            measured.push((size, on_cpu, p50(gpu.as_ref(), size).map_err(gpu_failed)?));
+            measured.push((size, on_cpu, on_gpu));
             if Crossover::decided(&measured) {
                 break;
             }
@@ -1232,6 +1249,9 @@ const DETERMINISM_ROWS: usize = 8;
 const PLACEMENT_ITERATIONS: u32 = 30;
 /// Runs of one row on each engine before they are timed.
 const PLACEMENT_WARMUP: u32 = 20;
+/// Pause between two rounds of timing one batch size on both engines, so that a burst of
+/// other work on the host is less likely to cover every round.
+const PLACEMENT_ROUND_GAP: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// For `deterministic = true`: runs [`DETERMINISM_ROWS`] varied rows alone, then batches of
 /// every size in `sizes` made of those rows in turn, and compares every row's bits with its

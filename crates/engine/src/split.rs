@@ -47,6 +47,43 @@ impl Crossover {
     }
 }
 
+/// Rounds in which [`time_in_rounds`] times a batch size on both engines when `auto` places a
+/// model's batches.
+pub const PLACEMENT_ROUNDS: u32 = 3;
+
+/// One batch size timed on both engines in up to `rounds` rounds, `gap` apart: each round times
+/// the small-batch engine, then the large-batch one (`small()` and `large()` each give a median
+/// in ns), and each engine keeps its lowest median. Other work on the host during one round
+/// (another model loading, a burst of interrupts) then slows that round only, instead of moving
+/// the model's batches to the slower engine for as long as it is loaded. A round that takes
+/// `budget` or more is the last: a large model is timed once, and its load is not tripled.
+///
+/// Returns `(small, large)`, the lowest medians.
+///
+/// # Errors
+/// The first error of either closure.
+pub fn time_in_rounds<E>(
+    rounds: u32,
+    gap: std::time::Duration,
+    budget: std::time::Duration,
+    mut small: impl FnMut() -> Result<u64, E>,
+    mut large: impl FnMut() -> Result<u64, E>,
+) -> Result<(u64, u64), E> {
+    let (mut on_small, mut on_large) = (u64::MAX, u64::MAX);
+    for round in 0..rounds.max(1) {
+        if round > 0 {
+            std::thread::sleep(gap);
+        }
+        let started = std::time::Instant::now();
+        on_small = on_small.min(small()?);
+        on_large = on_large.min(large()?);
+        if started.elapsed() >= budget {
+            break;
+        }
+    }
+    Ok((on_small, on_large))
+}
+
 /// A model loaded on two engines: batches of up to `up_to` rows run on `small`, larger ones on
 /// `large`. What it reports ([`Backend::info`]), its pipeline and [`Backend::run_gathered`]
 /// are the large-batch engine's; [`Backend::run_batch`] picks by the batch's rows, and a
@@ -153,6 +190,55 @@ mod tests {
         let won_all = [&timed[..], &[(8, 1, 10_000), (16, 1, 10_000)]].concat();
         assert!(!Crossover::decided(&won_all));
         assert_eq!(Crossover::from_timings(&won_all, 16), Crossover::SmallOnly);
+    }
+
+    #[test]
+    fn each_engine_keeps_its_lowest_median_over_the_rounds() {
+        use std::time::Duration;
+        // The small-batch engine was slowed in the first round only (other work on the host):
+        // it still wins, as it does once the host is quiet.
+        let mut cpu = [13_200u64, 1_100, 1_050].into_iter();
+        let mut gpu = [9_600u64, 9_900, 9_700].into_iter();
+        let mut rounds = 0;
+        let timed = time_in_rounds(
+            PLACEMENT_ROUNDS,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            || {
+                rounds += 1;
+                Ok::<_, ()>(cpu.next().unwrap())
+            },
+            || Ok(gpu.next().unwrap()),
+        );
+        assert_eq!(timed, Ok((1_050, 9_600)));
+        assert_eq!(rounds, PLACEMENT_ROUNDS);
+        let placed = Crossover::from_timings(&[(1, 1_050, 9_600), (2, 12_000, 9_800)], 256);
+        assert_eq!(placed, Crossover::UpTo(1));
+
+        // A round that takes the budget is the last (a large model is timed once).
+        let mut rounds = 0;
+        let timed = time_in_rounds(
+            PLACEMENT_ROUNDS,
+            Duration::ZERO,
+            Duration::ZERO,
+            || {
+                rounds += 1;
+                Ok::<_, ()>(191_800_000)
+            },
+            || Ok(288_000),
+        );
+        assert_eq!(timed, Ok((191_800_000, 288_000)));
+        assert_eq!(rounds, 1);
+
+        // An error ends the timing.
+        let failed = time_in_rounds(
+            3,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            || Ok(1),
+            || Err("the GPU failed"),
+        );
+        assert_eq!(failed, Err("the GPU failed"));
     }
 
     /// Answers each row with its engine's mark.

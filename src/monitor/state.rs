@@ -248,7 +248,7 @@ impl Monitor {
     pub fn tick(
         &self,
         elapsed: Duration,
-        gpus: Option<&[tie_engine::devices::GpuFigures]>,
+        gpus: Option<&[tie_engine::devices::GpuUtilization]>,
         log: &mut dyn FnMut(usize, &Sample, Option<f32>),
     ) -> Vec<AlertEvent> {
         self.collect();
@@ -301,7 +301,7 @@ impl ModelState {
     pub(super) fn update_rates(
         &mut self,
         secs: f64,
-        gpus: Option<&[tie_engine::devices::GpuFigures]>,
+        gpus: Option<&[tie_engine::devices::GpuUtilization]>,
     ) {
         let answered = self.interval.total_responses();
         let ok = self.interval.responses[0];
@@ -428,16 +428,14 @@ pub(super) fn pci_key(id: &str) -> Option<(u32, u32, u32, u32)> {
 /// Mean NVML utilisation (0..1) of the GPUs with these bus ids; `None` when none is known.
 pub(super) fn gpu_utilization(
     bus_ids: &[String],
-    gpus: &[tie_engine::devices::GpuFigures],
+    gpus: &[tie_engine::devices::GpuUtilization],
 ) -> Option<f32> {
     let values: Vec<f32> = bus_ids
         .iter()
         .filter_map(|id| {
             let key = pci_key(id)?;
-            gpus.iter()
-                .find(|g| g.pci_bus_id.as_deref().and_then(pci_key) == Some(key))?
-                .utilization_pct
-                .map(|u| u as f32 / 100.0)
+            let gpu = gpus.iter().find(|g| pci_key(&g.pci_bus_id) == Some(key))?;
+            Some(gpu.utilization_pct as f32 / 100.0)
         })
         .collect();
     (!values.is_empty()).then(|| values.iter().sum::<f32>() / values.len() as f32)

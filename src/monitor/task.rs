@@ -38,7 +38,7 @@ pub fn monitor_task(monitor: Arc<Monitor>, stop: Arc<std::sync::atomic::AtomicBo
         let entries = monitor.entries();
         let on_gpu = entries.iter().any(|e| !e.pci_bus_ids.is_empty());
         let gpus = if on_gpu {
-            tie_engine::devices::figures().ok()
+            tie_engine::devices::utilizations().ok()
         } else {
             None
         };

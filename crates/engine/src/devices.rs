@@ -105,6 +105,15 @@ impl Gpus {
     }
 }
 
+/// NVML's busy share of one GPU: the one figure the monitor reads every tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuUtilization {
+    /// PCI bus id (`domain:bus:device.function`).
+    pub pci_bus_id: String,
+    /// Percent of the last sample period a kernel ran.
+    pub utilization_pct: u32,
+}
+
 /// What NVML reports of one GPU now.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct GpuFigures {
@@ -159,16 +168,7 @@ pub fn figures() -> Result<Vec<GpuFigures>, NvmlError> {
     #[cfg(feature = "cuda")]
     {
         use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
-        static NVML: std::sync::OnceLock<Result<nvml_wrapper::Nvml, NvmlError>> =
-            std::sync::OnceLock::new();
-        let nvml = NVML
-            .get_or_init(|| {
-                nvml_wrapper::Nvml::init().map_err(|e| NvmlError::Init {
-                    reason: e.to_string(),
-                })
-            })
-            .as_ref()
-            .map_err(Clone::clone)?;
+        let nvml = nvml()?;
         let count = nvml.device_count().map_err(|e| NvmlError::DeviceCount {
             reason: e.to_string(),
         })?;
@@ -200,4 +200,65 @@ pub fn figures() -> Result<Vec<GpuFigures>, NvmlError> {
     {
         Err(NvmlError::NotBuilt)
     }
+}
+
+/// The utilisation of every GPU NVML can read it of, with one NVML call per GPU: the handles
+/// and bus ids are looked up once per process. For a server's periodic sampling, where
+/// [`figures`] would make eight calls per GPU, each a call into the driver beside the
+/// pollers' launches and completion checks. A GPU whose figure NVML does not give is left
+/// out.
+///
+/// # Errors
+/// Why NVML is not usable here.
+pub fn utilizations() -> Result<Vec<GpuUtilization>, NvmlError> {
+    #[cfg(feature = "cuda")]
+    {
+        static DEVICES: std::sync::OnceLock<Vec<(nvml_wrapper::Device<'static>, String)>> =
+            std::sync::OnceLock::new();
+        let nvml = nvml()?;
+        let devices = match DEVICES.get() {
+            Some(devices) => devices,
+            None => {
+                let count = nvml.device_count().map_err(|e| NvmlError::DeviceCount {
+                    reason: e.to_string(),
+                })?;
+                DEVICES.get_or_init(|| {
+                    (0..count)
+                        .filter_map(|index| {
+                            let device = nvml.device_by_index(index).ok()?;
+                            let bus_id = device.pci_info().ok()?.bus_id;
+                            Some((device, bus_id))
+                        })
+                        .collect()
+                })
+            }
+        };
+        Ok(devices
+            .iter()
+            .filter_map(|(device, bus_id)| {
+                Some(GpuUtilization {
+                    pci_bus_id: bus_id.clone(),
+                    utilization_pct: device.utilization_rates().ok()?.gpu,
+                })
+            })
+            .collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(NvmlError::NotBuilt)
+    }
+}
+
+/// The process's NVML, initialised at the first use.
+#[cfg(feature = "cuda")]
+fn nvml() -> Result<&'static nvml_wrapper::Nvml, NvmlError> {
+    static NVML: std::sync::OnceLock<Result<nvml_wrapper::Nvml, NvmlError>> =
+        std::sync::OnceLock::new();
+    NVML.get_or_init(|| {
+        nvml_wrapper::Nvml::init().map_err(|e| NvmlError::Init {
+            reason: e.to_string(),
+        })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }

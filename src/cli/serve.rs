@@ -91,8 +91,20 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.model_deployment.exit_on_error = e;
     }
     tie::logging::init(config.server.log_format);
-    // Before any thread starts: freeing memory must not interrupt the spinning pollers.
+    // Before any thread starts: freeing memory must not interrupt the spinning pollers, and
+    // no thread but a poller may run on a poller's core (every thread inherits this one's
+    // CPUs; the pollers pin themselves).
     tie::memory::keep_freed_memory();
+    let cores = &config.server.poller_cores;
+    match tie::dataplane::move_off_poller_cores(cores) {
+        Ok(true) => {
+            tracing::info!(poller_cores = ?cores, "the server's other threads run off the poller cores")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, poller_cores = ?cores, "the server's other threads may run on the poller cores: cannot set their CPUs")
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;

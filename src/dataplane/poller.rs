@@ -401,19 +401,34 @@ fn pipeline_for(
 /// core). Where that leaves none it stays where it is.
 pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
     Box::new(move || {
-        use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
-        let Ok(mut cpus) = sched_getaffinity(Some(rustix::process::getpid())) else {
-            return;
-        };
-        for &core in poller_cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
-            cpus.unset(core);
-        }
-        if cpus.count() > 0 {
-            if let Err(e) = sched_setaffinity(None, &cpus) {
-                tracing::warn!(error = %e, "a batch thread stays on its poller's core");
-            }
+        if let Err(e) = move_off_poller_cores(&poller_cores) {
+            tracing::warn!(error = %e, "a batch thread stays on its poller's core");
         }
     })
+}
+
+/// Moves the calling thread off `poller_cores`: onto the CPUs the process's main thread may
+/// run on, but those. Threads it starts afterwards inherit that, so `tie serve` calls it
+/// before it starts any: its control plane, monitor, listener and model loading then never
+/// run on a core where a poller spins. (A thread woken onto a poller's core takes it from the
+/// poller for as long as it runs, and the scheduler puts a woken thread there when the cores
+/// it would rather use are busy.) The pollers pin themselves to their cores. `Ok(false)` where
+/// it stays where it is: already there (isolated cores, for one, are outside the process's
+/// CPUs), or no other CPU left.
+///
+/// # Errors
+/// The kernel's refusal to read or set the affinity.
+pub fn move_off_poller_cores(poller_cores: &[usize]) -> rustix::io::Result<bool> {
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let mut cpus = sched_getaffinity(Some(rustix::process::getpid()))?;
+    for &core in poller_cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
+        cpus.unset(core);
+    }
+    if cpus.count() == 0 || sched_getaffinity(None)? == cpus {
+        return Ok(false);
+    }
+    sched_setaffinity(None, &cpus)?;
+    Ok(true)
 }
 
 /// The deadline estimate (a lane's `batch_compute_ns`) follows what batches really take (EMA,

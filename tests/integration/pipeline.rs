@@ -400,3 +400,53 @@ fn a_model_spread_over_two_pollers_answers_each_session_in_order_from_both() {
         "{log}"
     );
 }
+
+/// Every thread of `tie serve` but the pollers (control plane, monitor, listener, the lane's
+/// batch thread) runs off the poller cores, so that none is woken onto a poller's core; each
+/// poller runs on its own.
+#[test]
+fn the_servers_other_threads_run_off_the_poller_cores() {
+    let config = format!(
+        "{}\n[batch_processing]\nbatch_timeout_us = 20\n",
+        crate::common::TEST_CONFIG.replace("[server]\n", "[server]\npoller_cores = [1]\n")
+    );
+    let server = TestServer::start_with(&config, &repository("mlp64"));
+    // A request, so that the lane and its batch thread exist.
+    let f = fixture("mlp64_v1");
+    let r = connect(&server).predict(&f.inputs[0]).unwrap();
+    assert!(rel_err(r.outputs()[0], f.outputs[0][0]) <= 1e-5);
+    let process = procfs::process::Process::new(server.pid()).unwrap();
+    let (mut pollers, mut others) = (Vec::new(), Vec::new());
+    for task in process.tasks().unwrap().flatten() {
+        let status = task.status().unwrap();
+        let cpus: Vec<u32> = status
+            .cpus_allowed_list
+            .expect("Cpus_allowed_list")
+            .into_iter()
+            .flat_map(|(first, last)| first..=last)
+            .collect();
+        if status.name.starts_with("tie-poller") {
+            pollers.push((status.name, cpus));
+        } else {
+            others.push((status.name, cpus));
+        }
+    }
+    assert_eq!(pollers, [("tie-poller-0".to_string(), vec![1])]);
+    assert!(
+        others.iter().any(|(name, _)| name.starts_with("tie-batch")),
+        "{others:?}"
+    );
+    for (name, cpus) in &others {
+        assert!(
+            !cpus.contains(&1),
+            "{name} may run on the poller's core: {cpus:?}"
+        );
+    }
+    assert!(
+        server
+            .log()
+            .contains("the server's other threads run off the poller cores"),
+        "{}",
+        server.log()
+    );
+}

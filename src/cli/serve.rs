@@ -67,6 +67,27 @@ pub(super) fn warn_far_pollers(config: &ServiceConfig, gpus: &tie_engine::device
     let _ = (config, gpus);
 }
 
+/// Moves this thread, and so every thread it starts, off the poller cores (see
+/// [`tie::dataplane::move_off_poller_cores`]), saying where it cannot.
+fn keep_off_poller_cores(cores: &[usize]) {
+    use tie::dataplane::OffPollerCores;
+    match tie::dataplane::move_off_poller_cores(cores) {
+        Ok(OffPollerCores::Moved) => {
+            tracing::info!(poller_cores = ?cores, "the server's other threads run off the poller cores")
+        }
+        Ok(OffPollerCores::AlreadyOff) => {}
+        Ok(OffPollerCores::NoOtherCpu) => tracing::warn!(
+            poller_cores = ?cores,
+            "the server's other threads share the poller cores: the process may run on no other CPU (widen its CPU affinity, e.g. CPUAffinity= in the unit)"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            poller_cores = ?cores,
+            "the server's other threads may run on the poller cores: cannot set their CPUs"
+        ),
+    }
+}
+
 pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = args.log_format {
         tie::logging::announce(f);
@@ -95,16 +116,7 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // no thread but a poller may run on a poller's core (every thread inherits this one's
     // CPUs; the pollers pin themselves).
     tie::memory::keep_freed_memory();
-    let cores = &config.server.poller_cores;
-    match tie::dataplane::move_off_poller_cores(cores) {
-        Ok(true) => {
-            tracing::info!(poller_cores = ?cores, "the server's other threads run off the poller cores")
-        }
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, poller_cores = ?cores, "the server's other threads may run on the poller cores: cannot set their CPUs")
-        }
-    }
+    keep_off_poller_cores(&config.server.poller_cores);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;

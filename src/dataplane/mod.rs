@@ -27,7 +27,7 @@ mod socket_file;
 pub(crate) use listener::peer_allowed;
 pub use poller::{
     confidence, confidence_from_uncertainty, move_off_poller_cores, row_confidence, IdlePolicy,
-    SharedStats, WorkerStats,
+    OffPollerCores, SharedStats, WorkerStats,
 };
 pub(crate) use server::SessionLink;
 pub use server::{check_socket_dir, Server, ServerStartError};

@@ -398,13 +398,27 @@ fn pipeline_for(
 
 /// Moves the thread that runs it off the pollers' cores: onto the CPUs the process's main
 /// thread may run on, but `poller_cores` (a thread started by a pinned poller inherits its one
-/// core). Where that leaves none it stays where it is.
+/// core). Where that leaves none it stays where it is, and says so.
 pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
-    Box::new(move || {
-        if let Err(e) = move_off_poller_cores(&poller_cores) {
-            tracing::warn!(error = %e, "a batch thread stays on its poller's core");
-        }
+    Box::new(move || match move_off_poller_cores(&poller_cores) {
+        Ok(OffPollerCores::Moved | OffPollerCores::AlreadyOff) => {}
+        Ok(OffPollerCores::NoOtherCpu) => tracing::warn!(
+            poller_cores = ?poller_cores,
+            "a thread stays on a poller's core: the process may run on no other CPU"
+        ),
+        Err(e) => tracing::warn!(error = %e, "a thread stays on its poller's core"),
     })
+}
+
+/// What [`move_off_poller_cores`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffPollerCores {
+    /// The thread now runs off the poller cores.
+    Moved,
+    /// It did already (isolated cores, for one, are outside the process's CPUs).
+    AlreadyOff,
+    /// Every CPU the process may run on is a poller core: the thread stays where it is.
+    NoOtherCpu,
 }
 
 /// Moves the calling thread off `poller_cores`: onto the CPUs the process's main thread may
@@ -412,23 +426,24 @@ pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + S
 /// before it starts any: its control plane, monitor, listener and model loading then never
 /// run on a core where a poller spins. (A thread woken onto a poller's core takes it from the
 /// poller for as long as it runs, and the scheduler puts a woken thread there when the cores
-/// it would rather use are busy.) The pollers pin themselves to their cores. `Ok(false)` where
-/// it stays where it is: already there (isolated cores, for one, are outside the process's
-/// CPUs), or no other CPU left.
+/// it would rather use are busy.) The pollers pin themselves to their cores.
 ///
 /// # Errors
 /// The kernel's refusal to read or set the affinity.
-pub fn move_off_poller_cores(poller_cores: &[usize]) -> rustix::io::Result<bool> {
+pub fn move_off_poller_cores(poller_cores: &[usize]) -> rustix::io::Result<OffPollerCores> {
     use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
     let mut cpus = sched_getaffinity(Some(rustix::process::getpid()))?;
     for &core in poller_cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
         cpus.unset(core);
     }
-    if cpus.count() == 0 || sched_getaffinity(None)? == cpus {
-        return Ok(false);
+    if cpus.count() == 0 {
+        return Ok(OffPollerCores::NoOtherCpu);
+    }
+    if sched_getaffinity(None)? == cpus {
+        return Ok(OffPollerCores::AlreadyOff);
     }
     sched_setaffinity(None, &cpus)?;
-    Ok(true)
+    Ok(OffPollerCores::Moved)
 }
 
 /// The deadline estimate (a lane's `batch_compute_ns`) follows what batches really take (EMA,

@@ -121,6 +121,28 @@ mod tests {
     }
 
     #[test]
+    fn a_models_gpu_utilisation_is_the_mean_of_its_gpus_as_nvml_spells_them() {
+        use tie_engine::devices::GpuUtilization;
+        let gpus = [
+            GpuUtilization {
+                pci_bus_id: "00000000:19:00.0".into(),
+                utilization_pct: 90,
+            },
+            GpuUtilization {
+                pci_bus_id: "00000000:3B:00.0".into(),
+                utilization_pct: 50,
+            },
+        ];
+        let on = |ids: &[&str]| {
+            let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+            super::state::gpu_utilization(&ids, &gpus)
+        };
+        assert_eq!(on(&["0000:19:00.0"]), Some(0.9));
+        assert_eq!(on(&["0000:19:00.0", "0000:3b:00.0"]), Some(0.7));
+        assert_eq!(on(&["0000:5e:00.0"]), None, "a GPU NVML does not list");
+    }
+
+    #[test]
     fn an_interval_log_is_never_written_through_a_symlink_and_one_failing_file_spares_the_others() {
         let dir = std::env::temp_dir().join(format!("tie-hlog-link-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

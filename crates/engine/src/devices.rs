@@ -203,45 +203,48 @@ pub fn figures() -> Result<Vec<GpuFigures>, NvmlError> {
 }
 
 /// The utilisation of every GPU NVML can read it of, with one NVML call per GPU: the handles
-/// and bus ids are looked up once per process. For a server's periodic sampling, where
-/// [`figures`] would make eight calls per GPU, each a call into the driver beside the
-/// pollers' launches and completion checks. A GPU whose figure NVML does not give is left
-/// out.
+/// and bus ids are looked up once per process (again at each call until every GPU's were
+/// read). For a server's periodic sampling, where [`figures`] would make eight calls per GPU,
+/// each a call into the driver beside the pollers' launches and completion checks. A GPU
+/// whose figure NVML does not give is left out.
 ///
 /// # Errors
 /// Why NVML is not usable here.
 pub fn utilizations() -> Result<Vec<GpuUtilization>, NvmlError> {
     #[cfg(feature = "cuda")]
     {
-        static DEVICES: std::sync::OnceLock<Vec<(nvml_wrapper::Device<'static>, String)>> =
-            std::sync::OnceLock::new();
-        let nvml = nvml()?;
-        let devices = match DEVICES.get() {
-            Some(devices) => devices,
-            None => {
-                let count = nvml.device_count().map_err(|e| NvmlError::DeviceCount {
-                    reason: e.to_string(),
-                })?;
-                DEVICES.get_or_init(|| {
-                    (0..count)
-                        .filter_map(|index| {
-                            let device = nvml.device_by_index(index).ok()?;
-                            let bus_id = device.pci_info().ok()?.bus_id;
-                            Some((device, bus_id))
-                        })
-                        .collect()
+        type Handles = Vec<(nvml_wrapper::Device<'static>, String)>;
+        static DEVICES: std::sync::OnceLock<Handles> = std::sync::OnceLock::new();
+        let read = |devices: &Handles| -> Vec<GpuUtilization> {
+            devices
+                .iter()
+                .filter_map(|(device, bus_id)| {
+                    Some(GpuUtilization {
+                        pci_bus_id: bus_id.clone(),
+                        utilization_pct: device.utilization_rates().ok()?.gpu,
+                    })
                 })
-            }
+                .collect()
         };
-        Ok(devices
-            .iter()
-            .filter_map(|(device, bus_id)| {
-                Some(GpuUtilization {
-                    pci_bus_id: bus_id.clone(),
-                    utilization_pct: device.utilization_rates().ok()?.gpu,
-                })
+        if let Some(devices) = DEVICES.get() {
+            return Ok(read(devices));
+        }
+        let nvml = nvml()?;
+        let count = nvml.device_count().map_err(|e| NvmlError::DeviceCount {
+            reason: e.to_string(),
+        })?;
+        let devices: Handles = (0..count)
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                let bus_id = device.pci_info().ok()?.bus_id;
+                Some((device, bus_id))
             })
-            .collect())
+            .collect();
+        // Kept only when complete: a GPU NVML could not name this time is looked up again.
+        if count > 0 && devices.len() == count as usize {
+            return Ok(read(DEVICES.get_or_init(|| devices)));
+        }
+        Ok(read(&devices))
     }
     #[cfg(not(feature = "cuda"))]
     {

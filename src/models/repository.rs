@@ -12,9 +12,7 @@ use tie_layouts::FeatureLayout;
 
 use tie_engine::devices::Gpus;
 use tie_engine::profile::{self, ModelProfile};
-use tie_engine::{
-    time_in_rounds, Backend, BackendLoadError, Crossover, SplitBackend, PLACEMENT_ROUNDS,
-};
+use tie_engine::{time_in_rounds, Backend, BackendLoadError, Crossover, SplitBackend};
 
 use super::config::{BackendChoice, ModelConfig};
 use super::fault::FaultSwitch;
@@ -1249,6 +1247,8 @@ const DETERMINISM_ROWS: usize = 8;
 const PLACEMENT_ITERATIONS: u32 = 30;
 /// Runs of one row on each engine before they are timed.
 const PLACEMENT_WARMUP: u32 = 20;
+/// Rounds in which each batch size is timed on both engines (each keeping its best).
+const PLACEMENT_ROUNDS: u32 = 3;
 /// Pause between two rounds of timing one batch size on both engines, so that a burst of
 /// other work on the host is less likely to cover every round.
 const PLACEMENT_ROUND_GAP: std::time::Duration = std::time::Duration::from_millis(10);

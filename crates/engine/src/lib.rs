@@ -47,7 +47,7 @@ pub use cpu::{load_cpu, load_cpu_with, read_mlp, BackendLoadError, CpuEngine};
 pub use lower::{lower_mlp, LowerError};
 pub use mlp::{Activation, Dense, MlpBackend, MlpPlan};
 pub use pipeline::ThreadPipeline;
-pub use split::{time_in_rounds, Crossover, SplitBackend, PLACEMENT_ROUNDS};
+pub use split::{time_in_rounds, Crossover, SplitBackend};
 pub use tract::TractBackend;
 
 /// Helpers of the unit tests that read the fixtures under `tests/fixtures`.

@@ -47,10 +47,6 @@ impl Crossover {
     }
 }
 
-/// Rounds in which [`time_in_rounds`] times a batch size on both engines when `auto` places a
-/// model's batches.
-pub const PLACEMENT_ROUNDS: u32 = 3;
-
 /// One batch size timed on both engines in up to `rounds` rounds, `gap` apart: each round times
 /// the small-batch engine, then the large-batch one (`small()` and `large()` each give a median
 /// in ns), and each engine keeps its lowest median. Other work on the host during one round
@@ -198,6 +194,9 @@ mod tests {
         assert_eq!(Crossover::from_timings(&won_all, 16), Crossover::SmallOnly);
     }
 
+    /// Rounds as `auto` placement times them.
+    const ROUNDS: u32 = 3;
+
     #[test]
     fn each_engine_keeps_its_lowest_median_over_the_rounds() {
         use std::time::Duration;
@@ -207,7 +206,7 @@ mod tests {
         let mut gpu = [9_600u64, 9_900, 9_700].into_iter();
         let mut rounds = 0;
         let timed = time_in_rounds(
-            PLACEMENT_ROUNDS,
+            ROUNDS,
             Duration::ZERO,
             Duration::from_secs(60),
             || {
@@ -217,7 +216,7 @@ mod tests {
             || Ok(gpu.next().unwrap()),
         );
         assert_eq!(timed, Ok((1_050, 9_600)));
-        assert_eq!(rounds, PLACEMENT_ROUNDS);
+        assert_eq!(rounds, ROUNDS);
     }
 
     #[test]
@@ -225,7 +224,7 @@ mod tests {
         use std::time::Duration;
         let mut rounds = 0;
         let timed = time_in_rounds(
-            PLACEMENT_ROUNDS,
+            ROUNDS,
             Duration::ZERO,
             Duration::ZERO,
             || {
@@ -245,7 +244,7 @@ mod tests {
         // past three's.
         let mut rounds = 0;
         time_in_rounds(
-            PLACEMENT_ROUNDS,
+            ROUNDS,
             Duration::ZERO,
             Duration::from_millis(100),
             || {
@@ -258,13 +257,13 @@ mod tests {
             || Ok(10_000),
         )
         .unwrap();
-        assert_eq!(rounds, PLACEMENT_ROUNDS);
+        assert_eq!(rounds, ROUNDS);
     }
 
     #[test]
     fn an_error_ends_the_timing() {
         let failed = time_in_rounds(
-            PLACEMENT_ROUNDS,
+            ROUNDS,
             std::time::Duration::ZERO,
             std::time::Duration::from_secs(60),
             || Ok(1),

@@ -111,29 +111,38 @@ impl Snapshot {
     /// A plain-text table, one line per session.
     pub fn table(&self) -> String {
         let mut t = format!(
-            "{:>7} {:>8} {:<16} {:<14} {:<9} {:>11} {:>11} {:>9} {:>7} {:>9} {:>10}\n",
+            "{:>7} {:>8} {:<16} {:<14} {:<14} {:>7} {:<9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}\n",
             "session",
             "pid",
             "process",
             "model",
+            "layout",
+            "since",
             "state",
             "req q/cap",
             "resp q/cap",
+            "req/s",
+            "resp/s",
             "unanswered",
             "errors",
             "ring-full",
             "lag us"
         );
+        let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}"));
         for s in &self.sessions {
             t.push_str(&format!(
-                "{:>7} {:>8} {:<16} {:<14} {:<9} {:>11} {:>11} {:>9} {:>7} {:>9} {:>10}\n",
+                "{:>7} {:>8} {:<16} {:<14} {:<14} {:>7} {:<9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>7} {:>9} {:>10}\n",
                 s.session_id,
                 s.client_pid,
                 s.process,
                 format!("{}:{}", s.model, s.model_version),
+                s.layout,
+                crate::view::age(self.taken_unix_s - s.connected_unix_s),
                 s.state,
                 format!("{}/{}", s.requests.occupancy, s.requests.capacity),
                 format!("{}/{}", s.responses.occupancy, s.responses.capacity),
+                rate(s.request_rate),
+                rate(s.response_rate),
                 s.unanswered,
                 s.errors,
                 s.ring_full,

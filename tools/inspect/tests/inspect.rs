@@ -140,6 +140,12 @@ fn json_snapshot_shows_sessions_in_known_states() {
         table.contains("mlp64:1") && table.contains("4/4"),
         "{table}"
     );
+    // With the live view's columns: the layout, the age and the rates.
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["layout", "since", "req/s", "resp/s"] {
+        assert!(header.contains(column), "{column}: {table}");
+    }
+    assert!(table.contains("mlp64 "), "the layout's name: {table}");
     drop((idle, stalled));
     server.shutdown();
 }

@@ -20,7 +20,8 @@ pub enum Verdict {
     Warn,
     /// Cannot be read on this host.
     Unknown,
-    /// `tie serve` would refuse to start (an invalid config).
+    /// `tie serve` would refuse to start (an invalid config, or a setting this host cannot
+    /// honour).
     Fail,
 }
 
@@ -88,6 +89,9 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
     ];
     if !pinned.is_empty() {
         out.push(smt_siblings(pinned));
+    }
+    if config.server.api_token_file.is_some() {
+        out.push(api_token(config));
     }
     out.push(gpus(config));
     out
@@ -207,38 +211,73 @@ fn transparent_huge_pages() -> Check {
 }
 
 /// 2 MB huge pages for session segments (`server.huge_pages`): one free page per session.
+/// With them asked for, a segment is placed on one as `tie serve` does at start: when none can
+/// be, the server would refuse to start.
 fn segment_huge_pages(used: bool) -> Check {
-    let huge = Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
-    let free = read(huge.join("free_hugepages")).and_then(|v| v.parse::<u64>().ok());
-    let total = read(huge.join("nr_hugepages")).and_then(|v| v.parse::<u64>().ok());
-    match (used, free, total) {
-        (false, _, _) => check(
-            "huge pages for segments",
+    let name = "huge pages for segments";
+    let fix = "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)";
+    if !used {
+        return check(
+            name,
             Verdict::Ok,
             "not used (server.huge_pages = false)",
             "",
-        ),
-        (true, Some(free), Some(total)) => check(
-            "huge pages for segments",
-            if free >= 1 { Verdict::Ok } else { Verdict::Warn },
-            format!("{free} of {total} 2 MB pages free"),
-            "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)",
-        ),
-        (true, _, _) => check("huge pages for segments", Verdict::Unknown, "unreadable", ""),
+        );
+    }
+    let huge = Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
+    let free = read(huge.join("free_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    let total = read(huge.join("nr_hugepages")).and_then(|v| v.parse::<u64>().ok());
+    let pages = match (free, total) {
+        (Some(free), Some(total)) => format!("{free} of {total} 2 MB pages free"),
+        _ => "free pages unreadable".to_string(),
+    };
+    match tie::dataplane::check_huge_pages() {
+        Ok(()) => check(name, Verdict::Ok, pages, fix),
+        Err(e) => check(name, Verdict::Fail, format!("{pages}; {e}"), fix),
     }
 }
 
 /// Locked-memory limit of this process (the unit's LimitMEMLOCK applies to the server):
-/// `server.lock_memory` needs it unlimited.
+/// `server.lock_memory` needs it unlimited, unless the process has CAP_IPC_LOCK (root's, say),
+/// which locks memory past the limit.
 fn memlock() -> Check {
+    let name = "memlock limit (this process)";
     let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+    let ipc_lock = rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::IPC_LOCK)
+    });
     match memlock.current {
-        None => check("memlock limit (this process)", Verdict::Ok, "unlimited", ""),
+        None => check(name, Verdict::Ok, "unlimited", ""),
+        Some(bytes) if ipc_lock => check(
+            name,
+            Verdict::Ok,
+            format!(
+                "{} MB, which does not bind this process (it has CAP_IPC_LOCK; a server run as another user may not)",
+                bytes >> 20
+            ),
+            "",
+        ),
         Some(bytes) => check(
-            "memlock limit (this process)",
+            name,
             Verdict::Warn,
             format!("{} MB", bytes >> 20),
             "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited",
+        ),
+    }
+}
+
+/// `server.api_token_file`: `tie serve` refuses to start when it cannot read a token from it.
+/// Read as this process's user, which may not be the server's.
+fn api_token(config: &ServiceConfig) -> Check {
+    let name = "API token file";
+    match tie::http::read_api_token(config) {
+        Ok(_) => check(name, Verdict::Ok, "readable, not empty (as this user)", ""),
+        Err(e) => check(
+            name,
+            Verdict::Fail,
+            e.to_string(),
+            "write the token into the file, readable by the server's user only (chmod 600)",
         ),
     }
 }

@@ -166,7 +166,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     // The control plane first: /health/live answers while the models load.
-    let http = tie::http::HttpServer::start(&config).with_context(|| {
+    let api_token =
+        tie::http::read_api_token(&config).context("cannot read the control plane's API token")?;
+    let http = tie::http::HttpServer::start(&config, api_token).with_context(|| {
         if config.server.http_unix_socket {
             "cannot serve the HTTP control plane on its Unix socket (server.http_unix_socket)"
                 .to_string()

@@ -181,38 +181,46 @@ pub struct HttpServer {
     pub(super) grpc_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// The control plane's bearer token: `server.api_token_file`'s contents, trimmed (`None` when
+/// no file is set).
+///
+/// # Errors
+/// The file cannot be read, or holds only white space; the message names the setting and the
+/// file.
+pub fn read_api_token(config: &ServiceConfig) -> std::io::Result<Option<String>> {
+    let Some(path) = &config.server.api_token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("server.api_token_file {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("server.api_token_file {} is empty", path.display()),
+        ));
+    }
+    Ok(Some(token))
+}
+
 impl HttpServer {
     /// Binds `config.http_addr()` and serves the control plane on a runtime of
-    /// `tensorrt_inference_engine.worker_threads` threads.
+    /// `tensorrt_inference_engine.worker_threads` threads, the state-changing endpoints behind
+    /// `api_token` (see [`read_api_token`]).
     ///
     /// # Errors
     /// The address cannot be bound, or the runtime cannot start.
-    pub fn start(config: &ServiceConfig) -> std::io::Result<Self> {
+    pub fn start(config: &ServiceConfig, api_token: Option<String>) -> std::io::Result<Self> {
         let engine = &config.tensorrt_inference_engine;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(engine.worker_threads as usize)
             .thread_name("tie-http")
             .enable_all()
             .build()?;
-        let api_token = match &config.server.api_token_file {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("server.api_token_file {}: {e}", path.display()),
-                    )
-                })?;
-                let token = text.trim().to_string();
-                if token.is_empty() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("server.api_token_file {} is empty", path.display()),
-                    ));
-                }
-                Some(token)
-            }
-        };
         let (listener, endpoint) = {
             let _guard = runtime.enter();
             bind(config)?

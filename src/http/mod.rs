@@ -42,8 +42,8 @@ mod v2;
 
 pub use admin::{FaultRequest, LoadQuery};
 pub use app::{
-    ApiDoc, HttpServer, HttpState, API, DEFAULT_WAIT, MAX_BATCH_REQUESTS, MAX_BODY_BYTES, MAX_ROWS,
-    MAX_TIMEOUT_MS, SESSIONS_PER_MODEL,
+    read_api_token, ApiDoc, HttpServer, HttpState, API, DEFAULT_WAIT, MAX_BATCH_REQUESTS,
+    MAX_BODY_BYTES, MAX_ROWS, MAX_TIMEOUT_MS, SESSIONS_PER_MODEL,
 };
 pub use error::{ApiError, ApiJson};
 pub use health::{Liveness, ModelReadiness, ReadyReport};

@@ -41,6 +41,23 @@ fn repository_with(config: &str) -> std::path::PathBuf {
 }
 
 #[test]
+fn an_api_token_file_it_cannot_read_is_named_not_the_http_address() {
+    let dir = scratch_dir("token-missing");
+    let missing = dir.join("no-such-token");
+    let err = serve_fails(
+        &format!("[server]\napi_token_file = {missing:?}\n"),
+        &repository_with(""),
+    );
+    assert!(
+        err.contains("cannot read the control plane's API token")
+            && err.contains("server.api_token_file")
+            && err.contains("no-such-token"),
+        "{err}"
+    );
+    assert!(!err.contains("http_addr"), "{err}");
+}
+
+#[test]
 fn a_model_asking_for_a_journal_on_a_server_without_one_is_refused_with_the_fix() {
     let err = serve_fails("", &repository_with("journal = true\n"));
     assert!(

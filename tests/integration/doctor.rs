@@ -111,22 +111,32 @@ fn doctor_reports_the_hosts_real_values() {
         get("huge pages for segments")["value"],
         "not used (server.huge_pages = false)"
     );
-    let out = doctor("[server]\nhuge_pages = true\n", true);
+    // Huge pages asked for: a segment is placed on one as `tie serve` does, and a host with
+    // none free fails the check (serve would refuse to start).
+    let out = doctor_status("[server]\nhuge_pages = true\n", &["--json"]);
     let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let c = checks
         .iter()
         .find(|c| c["name"] == "huge pages for segments")
         .unwrap();
+    let failed = c["verdict"] == "fail";
+    assert_eq!(out.status.code(), Some(i32::from(failed)), "{c}");
     if let (Some(free), Some(total)) = (
         read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"),
         read("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
     ) {
-        assert_eq!(
-            c["value"],
-            format!("{free} of {total} 2 MB pages free"),
-            "{c}"
-        );
-        assert_eq!(c["verdict"] == "ok", free != "0", "{c}");
+        let pages = format!("{free} of {total} 2 MB pages free");
+        if free == "0" {
+            assert!(failed, "{c}");
+            let value = c["value"].as_str().unwrap();
+            assert!(
+                value.starts_with(&format!("{pages}; ")) && value.contains("huge_pages = false"),
+                "{c}"
+            );
+        } else {
+            assert_eq!(c["value"], pages, "{c}");
+            assert_eq!(c["verdict"], "ok", "{c}");
+        }
     }
     if let Some(source) = read("/sys/devices/system/clocksource/clocksource0/current_clocksource") {
         let c = get("clock source");
@@ -160,7 +170,14 @@ fn doctor_reports_the_hosts_real_values() {
         assert_eq!(c["value"], "unlimited");
     } else {
         let kb: u64 = ulimit.parse().unwrap();
-        assert_eq!(c["value"], format!("{} MB", kb >> 10));
+        let value = c["value"].as_str().unwrap();
+        // Root's CAP_IPC_LOCK lifts the limit: said, and not a warning.
+        let ipc_lock = value.contains("CAP_IPC_LOCK");
+        assert!(value.starts_with(&format!("{} MB", kb >> 10)), "{c}");
+        assert_eq!(c["verdict"] == "ok", ipc_lock, "{c}");
+        if ipc_lock {
+            assert!(has_cap_ipc_lock(), "{c}");
+        }
     }
     if let Some(siblings) = read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") {
         let shared = tie::host::parse_cpu_list(&siblings).len() > 1;
@@ -184,4 +201,57 @@ fn doctor_text_output_gives_the_fix_under_each_warning() {
             assert!(lines[i + 1].trim_start().starts_with("fix: "), "{text}");
         }
     }
+}
+
+/// Whether this process has CAP_IPC_LOCK (bit 14 of its effective capabilities).
+fn has_cap_ipc_lock() -> bool {
+    let status = procfs::process::Process::myself()
+        .unwrap()
+        .status()
+        .unwrap();
+    status.capeff & (1 << 14) != 0
+}
+
+#[test]
+fn an_api_token_file_tie_serve_cannot_read_fails_the_check() {
+    let dir = scratch_dir("doctor-token");
+    let missing = dir.join("no-such-token");
+    let out = doctor_status(
+        &format!("[server]\napi_token_file = {missing:?}\n"),
+        &["--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(checks[0]["verdict"], "ok", "the config itself is valid");
+    let c = checks
+        .iter()
+        .find(|c| c["name"] == "API token file")
+        .unwrap();
+    assert_eq!(c["verdict"], "fail");
+    let value = c["value"].as_str().unwrap();
+    assert!(
+        value.contains("server.api_token_file") && value.contains("no-such-token"),
+        "{c}"
+    );
+    // Empty: refused too. With a token: fine.
+    let file = dir.join("token");
+    std::fs::write(&file, "  \n").unwrap();
+    let config = format!("[server]\napi_token_file = {file:?}\n");
+    assert_eq!(doctor_status(&config, &[]).status.code(), Some(1));
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let out = doctor_status(&config, &["--json"]);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let c = checks
+        .iter()
+        .find(|c| c["name"] == "API token file")
+        .unwrap();
+    assert_eq!(c["verdict"], "ok", "{c}");
+    assert!(
+        !out.stdout.windows(6).any(|w| w == b"s3cret"),
+        "the token is never shown"
+    );
+    // No file configured: no check.
+    let out = doctor_status("", &["--json"]);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(checks.iter().all(|c| c["name"] != "API token file"));
 }

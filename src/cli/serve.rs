@@ -92,7 +92,12 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(f) = args.log_format {
         tie::logging::announce(f);
     }
-    let mut config = ServiceConfig::load(args.config.as_deref())?;
+    let mut config = ServiceConfig::read(args.config.as_deref())?;
+    // A config that parses says how the process logs, its own values' errors included.
+    if args.log_format.is_none() {
+        tie::logging::announce(config.server.log_format);
+    }
+    config.validate()?;
     if let Some(f) = args.log_format {
         config.server.log_format = f;
     }

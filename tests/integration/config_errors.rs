@@ -197,6 +197,37 @@ fn logs_are_json_when_configured() {
 }
 
 #[test]
+fn a_config_that_parses_but_is_invalid_is_reported_in_its_own_log_format() {
+    let dir = scratch_dir("json-invalid");
+    let config = dir.join("tie.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlog_format = \"json\"\npoller_cores = [100000]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
+        .current_dir(root())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
+        .arg(&dir)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("TIE_LOG_FORMAT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("server.poller_cores = 100000")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn settings_from_the_environment_and_fatal_errors_in_the_log_format() {
     // TIE_CONFIG names the config (its bad key is reported), TIE_LOG_FORMAT makes the fatal
     // error a JSON line like the log's, even one before the config is read.

@@ -196,6 +196,17 @@ fn logs_are_json_when_configured() {
     assert!(lines.iter().any(|l| l["level"] == "INFO"), "{log}");
 }
 
+/// The message of `stderr`'s last line, which must be a JSON log line at level ERROR.
+fn json_fatal_message(stderr: &str) -> String {
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    last["fields"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message: {stderr}"))
+        .to_string()
+}
+
 #[test]
 fn a_config_that_parses_but_is_invalid_is_reported_in_its_own_log_format() {
     let dir = scratch_dir("json-invalid");
@@ -205,26 +216,18 @@ fn a_config_that_parses_but_is_invalid_is_reported_in_its_own_log_format() {
         "[server]\nlog_format = \"json\"\npoller_cores = [100000]\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tie"))
-        .current_dir(root())
-        .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
-        .arg(&dir)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("TIE_LOG_FORMAT")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    assert_eq!(last["level"], "ERROR", "{stderr}");
-    assert!(
-        last["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("server.poller_cores = 100000")),
-        "{stderr}"
+    let (status, stderr) = crate::common::fails_within(
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(root())
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
+            .arg(&dir)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("TIE_LOG_FORMAT"),
     );
+    assert_eq!(status.code(), Some(1));
+    let message = json_fatal_message(&stderr);
+    assert!(message.contains("server.poller_cores = 100000"), "{stderr}");
 }
 
 #[test]
@@ -249,15 +252,7 @@ endpiont = \"x\"\n",
             .env("TIE_LOG_FORMAT", "json"),
     );
     assert_eq!(status.code(), Some(1));
-    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    assert_eq!(last["level"], "ERROR", "{stderr}");
-    assert!(
-        last["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("endpiont")),
-        "{stderr}"
-    );
+    assert!(json_fatal_message(&stderr).contains("endpiont"), "{stderr}");
     // TIE_HTTP_ADDR is read as --http-addr is.
     let (_, stderr) = crate::common::fails_within(
         Command::new(env!("CARGO_BIN_EXE_tie"))

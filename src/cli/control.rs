@@ -48,15 +48,7 @@ pub struct UnloadArgs {
 /// goes over the server's HTTP socket, checked like a ring client checks its server.
 pub(super) fn control(args: &ControlArgs, path: &str) -> anyhow::Result<ExitCode> {
     let mut config = ServiceConfig::load(args.config.as_deref())?;
-    let token = match &config.server.api_token_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("server.api_token_file {}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = tie::http::read_api_token(&config).context("cannot read the API token")?;
     let (code, body) = if let Some(a) = args.http_addr {
         config.server.http_addr = Some(a);
         post_tcp(&config, path, token.as_deref())?

@@ -84,7 +84,7 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
         governor(pinned),
         transparent_huge_pages(),
         segment_huge_pages(config.server.huge_pages),
-        memlock(),
+        memlock(config.server.lock_memory),
         clock_source(),
     ];
     if !pinned.is_empty() {
@@ -211,11 +211,10 @@ fn transparent_huge_pages() -> Check {
 }
 
 /// 2 MB huge pages for session segments (`server.huge_pages`): one free page per session.
-/// With them asked for, a segment is placed on one as `tie serve` does at start: when none can
-/// be, the server would refuse to start.
+/// With them asked for and none free, `tie serve` refuses to start (read, not tried: a page
+/// taken here would be one a session could not have).
 fn segment_huge_pages(used: bool) -> Check {
     let name = "huge pages for segments";
-    let fix = "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)";
     if !used {
         return check(
             name,
@@ -227,50 +226,61 @@ fn segment_huge_pages(used: bool) -> Check {
     let huge = Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
     let free = read(huge.join("free_hugepages")).and_then(|v| v.parse::<u64>().ok());
     let total = read(huge.join("nr_hugepages")).and_then(|v| v.parse::<u64>().ok());
-    let pages = match (free, total) {
-        (Some(free), Some(total)) => format!("{free} of {total} 2 MB pages free"),
-        _ => "free pages unreadable".to_string(),
-    };
-    match tie::dataplane::check_huge_pages() {
-        Ok(()) => check(name, Verdict::Ok, pages, fix),
-        Err(e) => check(name, Verdict::Fail, format!("{pages}; {e}"), fix),
+    let fix = "reserve one 2 MB page per session: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N on the kernel command line)";
+    match (free, total) {
+        (Some(0), Some(total)) => check(
+            name,
+            Verdict::Fail,
+            format!("0 of {total} 2 MB pages free: tie serve refuses to start with server.huge_pages = true"),
+            fix,
+        ),
+        (Some(free), Some(total)) => check(
+            name,
+            Verdict::Ok,
+            format!("{free} of {total} 2 MB pages free"),
+            fix,
+        ),
+        _ => check(name, Verdict::Unknown, "unreadable", ""),
     }
 }
 
 /// Locked-memory limit of this process (the unit's LimitMEMLOCK applies to the server):
-/// `server.lock_memory` needs it unlimited, unless the process has CAP_IPC_LOCK (root's, say),
-/// which locks memory past the limit.
-fn memlock() -> Check {
+/// `server.lock_memory` needs it unlimited, and `tie serve` refuses to start under a finite one
+/// unless it runs as root. Root's exemption is said but does not lift the warning: the server
+/// usually runs as another user.
+fn memlock(lock_memory: bool) -> Check {
     let name = "memlock limit (this process)";
+    let fix = "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited";
     let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
-    let ipc_lock = rustix::thread::capabilities(None).is_ok_and(|c| {
-        c.effective
-            .contains(rustix::thread::CapabilitySet::IPC_LOCK)
-    });
+    let root = rustix::process::geteuid().is_root();
     match memlock.current {
         None => check(name, Verdict::Ok, "unlimited", ""),
-        Some(bytes) if ipc_lock => check(
+        Some(bytes) if lock_memory && !root => check(
             name,
-            Verdict::Ok,
+            Verdict::Fail,
             format!(
-                "{} MB, which does not bind this process (it has CAP_IPC_LOCK; a server run as another user may not)",
+                "{} MB: tie serve refuses server.lock_memory = true under it",
                 bytes >> 20
             ),
-            "",
+            fix,
         ),
-        Some(bytes) => check(
+        Some(bytes) if root => check(
             name,
             Verdict::Warn,
-            format!("{} MB", bytes >> 20),
-            "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited",
+            format!(
+                "{} MB (root, as this process runs, is exempt; a server run as another user is not)",
+                bytes >> 20
+            ),
+            fix,
         ),
+        Some(bytes) => check(name, Verdict::Warn, format!("{} MB", bytes >> 20), fix),
     }
 }
 
 /// `server.api_token_file`: `tie serve` refuses to start when it cannot read a token from it.
 /// Read as this process's user, which may not be the server's.
 fn api_token(config: &ServiceConfig) -> Check {
-    let name = "API token file";
+    let name = "api token file";
     match tie::http::read_api_token(config) {
         Ok(_) => check(name, Verdict::Ok, "readable, not empty (as this user)", ""),
         Err(e) => check(

@@ -144,8 +144,11 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })?;
         tracing::info!("all memory locked (mlockall)");
     }
-    // A socket directory the server cannot use is said before the models load.
+    // A socket directory the server cannot use is said before the models load, as is a token
+    // file it cannot read.
     tie::dataplane::check_socket_dir(&config)?;
+    let api_token =
+        tie::http::read_api_token(&config).context("cannot read the control plane's API token")?;
     // An object store or registry is read into the model cache's mirror, which is then the
     // repository (at start: from the cache when the source cannot be reached).
     let remote = tie::models::remote::Remote::open(&config)
@@ -171,19 +174,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     // The control plane first: /health/live answers while the models load.
-    let api_token =
-        tie::http::read_api_token(&config).context("cannot read the control plane's API token")?;
-    let http = tie::http::HttpServer::start(&config, api_token).with_context(|| {
-        if config.server.http_unix_socket {
-            "cannot serve the HTTP control plane on its Unix socket (server.http_unix_socket)"
-                .to_string()
-        } else {
-            format!(
-                "cannot serve the HTTP control plane on {} (set server.http_addr or --http-addr)",
-                config.http_addr()
-            )
-        }
-    })?;
+    // Each listener's error names its setting.
+    let http = tie::http::HttpServer::start(&config, api_token)
+        .context("cannot serve the control plane")?;
     let options = LoadOptions::from_config(&config);
     options.gpus.log();
     warn_far_pollers(&config, &options.gpus);

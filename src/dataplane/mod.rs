@@ -30,5 +30,5 @@ pub use poller::{
     OffPollerCores, SharedStats, WorkerStats,
 };
 pub(crate) use server::SessionLink;
-pub use server::{check_huge_pages, check_socket_dir, Server, ServerStartError};
+pub use server::{check_socket_dir, Server, ServerStartError};
 pub(crate) use socket_file::{bind as bind_socket, SocketFile};

@@ -156,15 +156,6 @@ pub fn check_socket_dir(config: &ServiceConfig) -> Result<(), ServerStartError> 
     Ok(())
 }
 
-/// Whether a session segment can be placed on huge pages (`server.huge_pages`), as `tie serve`
-/// checks at start: one is made and dropped.
-///
-/// # Errors
-/// [`ServerStartError::HugePages`], naming why none could be made.
-pub fn check_huge_pages() -> Result<(), ServerStartError> {
-    huge_pages_usable().map_err(ServerStartError::HugePages)
-}
-
 /// Whether a segment can be made on huge pages: one is made and dropped.
 fn huge_pages_usable() -> Result<(), tie_client::segment::SegmentOpenError> {
     use tie_client::layouts::abi::{SegmentGeometry, HUGE_PAGE_SIZE};
@@ -209,7 +200,7 @@ impl Server {
         )?;
         ensure_fd_limit(&config.server)?;
         if config.server.huge_pages {
-            check_huge_pages()?;
+            huge_pages_usable().map_err(ServerStartError::HugePages)?;
         }
         let (listen, socket_file) = socket_file::bind(&socket_path, config.server.allowed_gid)?;
         let socket_file = Arc::new(socket_file);

@@ -213,7 +213,8 @@ impl HttpServer {
     /// `api_token` (see [`read_api_token`]).
     ///
     /// # Errors
-    /// The address cannot be bound, or the runtime cannot start.
+    /// The HTTP listener (or the gRPC one, with `server.grpc_addr`) cannot be bound, the error
+    /// naming its setting; or the runtime cannot start.
     pub fn start(config: &ServiceConfig, api_token: Option<String>) -> std::io::Result<Self> {
         let engine = &config.tensorrt_inference_engine;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -343,7 +344,9 @@ fn bind(config: &ServiceConfig) -> std::io::Result<(Listener, HttpEndpoint)> {
         )
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let (listener, file) = crate::dataplane::bind_socket(&path, config.server.allowed_gid)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(|e| {
+                std::io::Error::other(format!("server.http_unix_socket {}: {e}", path.display()))
+            })?;
         let listener = tokio::net::UnixListener::from_std(listener)?;
         return Ok((
             Listener::Unix {
@@ -354,7 +357,13 @@ fn bind(config: &ServiceConfig) -> std::io::Result<(Listener, HttpEndpoint)> {
             HttpEndpoint::Unix(path),
         ));
     }
-    let listener = std::net::TcpListener::bind(config.http_addr())?;
+    let addr = config.http_addr();
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("server.http_addr {addr} (or --http-addr): {e}"),
+        )
+    })?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     Ok((

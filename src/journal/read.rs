@@ -143,7 +143,7 @@ pub struct JournalRow {
     pub pid: u32,
     /// The client's process name.
     pub process: String,
-    /// `ring` or `http`.
+    /// `ring`, `http`, or `shadow` for a shadow's answers.
     pub source: String,
     /// The engine that ran its batch.
     pub engine: String,

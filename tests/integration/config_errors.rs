@@ -58,6 +58,20 @@ fn an_api_token_file_it_cannot_read_is_named_not_the_http_address() {
 }
 
 #[test]
+fn a_listener_that_cannot_bind_is_named_by_its_setting() {
+    // 192.0.2.0/24 is TEST-NET-1: no interface of this host has it.
+    let err = serve_fails(
+        "[server]\ngrpc_addr = \"192.0.2.1:8001\"\n",
+        &repository_with(""),
+    );
+    assert!(
+        err.contains("cannot serve the control plane: server.grpc_addr 192.0.2.1:8001"),
+        "{err}"
+    );
+    assert!(!err.contains("http_addr"), "{err}");
+}
+
+#[test]
 fn a_model_asking_for_a_journal_on_a_server_without_one_is_refused_with_the_fix() {
     let err = serve_fails("", &repository_with("journal = true\n"));
     assert!(

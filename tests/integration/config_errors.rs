@@ -210,6 +210,16 @@ fn logs_are_json_when_configured() {
     assert!(lines.iter().any(|l| l["level"] == "INFO"), "{log}");
 }
 
+/// `tie serve` on a free HTTP port with `dir` as its socket directory, from the project's root.
+fn serve_in(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tie"));
+    command
+        .current_dir(root())
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
+        .arg(dir);
+    command
+}
+
 /// The message of `stderr`'s last line, which must be a JSON log line at level ERROR.
 fn json_fatal_message(stderr: &str) -> String {
     let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or(""))
@@ -231,10 +241,7 @@ fn a_config_that_parses_but_is_invalid_is_reported_in_its_own_log_format() {
     )
     .unwrap();
     let (status, stderr) = crate::common::fails_within(
-        Command::new(env!("CARGO_BIN_EXE_tie"))
-            .current_dir(root())
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
-            .arg(&dir)
+        serve_in(&dir)
             .arg("--config")
             .arg(&config)
             .env_remove("TIE_LOG_FORMAT"),
@@ -258,10 +265,7 @@ endpiont = \"x\"\n",
     .unwrap();
     // (Were a variable not read, the server would start: `fails_within` ends it, failing.)
     let (status, stderr) = crate::common::fails_within(
-        Command::new(env!("CARGO_BIN_EXE_tie"))
-            .current_dir(root())
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--socket-dir"])
-            .arg(&dir)
+        serve_in(&dir)
             .env("TIE_CONFIG", &config)
             .env("TIE_LOG_FORMAT", "json"),
     );

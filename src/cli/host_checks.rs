@@ -93,6 +93,7 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
     if config.server.api_token_file.is_some() {
         out.push(api_token(config));
     }
+    out.push(model_repository(config));
     out.push(gpus(config));
     out
 }
@@ -275,6 +276,101 @@ fn memlock(lock_memory: bool) -> Check {
         ),
         Some(bytes) => check(name, Verdict::Warn, format!("{} MB", bytes >> 20), fix),
     }
+}
+
+/// `server.model_repository`, when it is a local directory: each model's directory,
+/// `config.toml`, version policy, labels and layout file, read as `tie serve` reads them before
+/// it loads (the model files themselves are not built). A model `tie serve` would refuse fails
+/// the check, unless `model_deployment.exit_on_error = false` and another model would load.
+fn model_repository(config: &ServiceConfig) -> Check {
+    use tie::models::repository::Skipped;
+    use tie::models::{plan_each, RepositoryLoadError};
+    let name = "model repository";
+    let repo = &config.server.model_repository;
+    let shown = repo.display();
+    let remote = tie::models::remote::store::is_store_url(&repo.to_string_lossy());
+    if remote || config.registry.kind.is_some() {
+        return check(
+            name,
+            Verdict::Unknown,
+            format!("{shown}: read from the object store or registry by tie serve, not here"),
+            "",
+        );
+    }
+    let fix = "correct the model's directory or config.toml (tie serve refuses the model)";
+    let plans = match plan_each(repo, Skipped::Quiet) {
+        Ok(plans) => plans,
+        Err(e) => {
+            return check(
+                name,
+                Verdict::Fail,
+                e.to_string(),
+                "set server.model_repository to the repository tie serve reads (a relative path is from the working directory)",
+            )
+        }
+    };
+    let (mut ready, mut refused, mut unavailable) = (0, Vec::new(), Vec::new());
+    for (_, planned) in plans {
+        match planned {
+            Ok(plan) => {
+                let Some(layout) = &plan.config.layout else {
+                    ready += 1;
+                    continue;
+                };
+                let path = config.server.layouts_dir.join(format!("{layout}.toml"));
+                match tie_layouts::FeatureLayout::from_file(&path) {
+                    Ok(_) => ready += 1,
+                    Err(source) => refused.push(
+                        RepositoryLoadError::Layout {
+                            model: plan.name,
+                            layout: layout.clone(),
+                            source,
+                        }
+                        .to_string(),
+                    ),
+                }
+            }
+            Err(e @ RepositoryLoadError::NoVersion { .. }) => unavailable.push(e.to_string()),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    let found = format!(
+        "{shown}: {ready} model{} to load (configs and layouts read, model files not built)",
+        if ready == 1 { "" } else { "s" }
+    );
+    if ready == 0 && refused.is_empty() {
+        let why = unavailable
+            .first()
+            .map_or(String::new(), |e| format!("; {e}"));
+        return check(
+            name,
+            Verdict::Fail,
+            format!("{shown}: no model to serve{why}"),
+            "put each model at <model_repository>/<name>/<version>/model.onnx",
+        );
+    }
+    if !refused.is_empty() {
+        let verdict = if config.model_deployment.exit_on_error || ready == 0 {
+            Verdict::Fail
+        } else {
+            Verdict::Warn
+        };
+        return check(
+            name,
+            verdict,
+            format!("{found}; {}", refused.join("; ")),
+            fix,
+        );
+    }
+    if !unavailable.is_empty() {
+        return check(
+            name,
+            Verdict::Warn,
+            format!("{found}; {}", unavailable.join("; ")),
+            "a directory without a version is listed unavailable: remove it or add a version",
+        );
+    }
+    check(name, Verdict::Ok, found, "")
 }
 
 /// `server.api_token_file`: `tie serve` refuses to start when it cannot read a token from it.

@@ -254,3 +254,82 @@ fn an_api_token_file_tie_serve_cannot_read_fails_the_check() {
     let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(checks.iter().all(|c| c["name"] != "api token file"));
 }
+
+#[test]
+fn a_model_tie_serve_would_refuse_fails_the_repository_check() {
+    let repo = scratch_dir("doctor-repo");
+    for model in ["good", "bad"] {
+        std::fs::create_dir_all(repo.join(model).join("1")).unwrap();
+        std::fs::copy(
+            crate::common::root().join("models/mlp64/1/model.onnx"),
+            repo.join(model).join("1/model.onnx"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        repo.join("bad/config.toml"),
+        "layout = \"no-such-layout\"\n",
+    )
+    .unwrap();
+    let config = |extra: &str| format!("[server]\nmodel_repository = {repo:?}\n{extra}");
+    let repository_check = |config: &str| {
+        let out = doctor_status(config, &["--json"]);
+        let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let c = checks
+            .into_iter()
+            .find(|c| c["name"] == "model repository")
+            .unwrap();
+        (out.status.code(), c)
+    };
+    // A layout file that is not there: tie serve refuses the model, and so the start.
+    let (code, c) = repository_check(&config(""));
+    assert_eq!(code, Some(1), "{c}");
+    assert_eq!(c["verdict"], "fail", "{c}");
+    let value = c["value"].as_str().unwrap();
+    assert!(
+        value.contains("1 model to load") && value.contains("no-such-layout"),
+        "{c}"
+    );
+    let dir = scratch_dir("doctor-serve");
+    std::fs::write(dir.join("tie.toml"), config("")).unwrap();
+    let (status, stderr) = crate::common::fails_within(
+        Command::new(env!("CARGO_BIN_EXE_tie"))
+            .current_dir(crate::common::root())
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--config"])
+            .arg(dir.join("tie.toml"))
+            .arg("--socket-dir")
+            .arg(&dir),
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("no-such-layout"), "{stderr}");
+    // Served without it when a failed model does not stop the start: a warning.
+    let lenient = config("[model_deployment]\nexit_on_error = false\n");
+    let (code, c) = repository_check(&lenient);
+    assert_eq!(
+        (code, c["verdict"].as_str()),
+        (Some(0), Some("warn")),
+        "{c}"
+    );
+    // Nothing else to serve: a failure again.
+    std::fs::remove_dir_all(repo.join("good")).unwrap();
+    let (code, c) = repository_check(&lenient);
+    assert_eq!(
+        (code, c["verdict"].as_str()),
+        (Some(1), Some("fail")),
+        "{c}"
+    );
+    // Both models correct: fine, each counted.
+    std::fs::write(repo.join("bad/config.toml"), "").unwrap();
+    std::fs::create_dir_all(repo.join("other/1")).unwrap();
+    std::fs::copy(
+        crate::common::root().join("models/mlp64/1/model.onnx"),
+        repo.join("other/1/model.onnx"),
+    )
+    .unwrap();
+    let (code, c) = repository_check(&config(""));
+    assert_eq!((code, c["verdict"].as_str()), (Some(0), Some("ok")), "{c}");
+    assert!(
+        c["value"].as_str().unwrap().contains("2 models to load"),
+        "{c}"
+    );
+}

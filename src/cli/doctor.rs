@@ -22,9 +22,12 @@ pub struct DoctorArgs {
 /// `--strict` warned.
 pub(super) fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     use super::host_checks::Verdict;
-    let (config_check, config) = super::host_checks::config_check(args.config.as_deref());
+    let (config_check, config, read) = super::host_checks::config_check(args.config.as_deref());
     let mut checks = vec![config_check];
     checks.extend(super::host_checks::run(&config));
+    checks.push(super::host_checks::model_repository(
+        read.then_some(&config),
+    ));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {

@@ -53,8 +53,8 @@ fn check(name: &'static str, verdict: Verdict, value: impl Into<String>, fix: &s
 
 /// The config check: `Ok` naming what was read, or `Fail` with why `tie serve` would refuse
 /// it; with the config to check the host against (the defaults when the file could not be
-/// parsed, the file's values when only a value is out of range).
-pub fn config_check(path: Option<&Path>) -> (Check, ServiceConfig) {
+/// parsed, the file's values when only a value is out of range) and whether it is the file's.
+pub fn config_check(path: Option<&Path>) -> (Check, ServiceConfig, bool) {
     let name = "config";
     let shown = path.map_or("the defaults (no --config)".to_string(), |p| {
         p.display().to_string()
@@ -64,13 +64,14 @@ pub fn config_check(path: Option<&Path>) -> (Check, ServiceConfig) {
         check(name, Verdict::Fail, e.to_string().trim_end(), fix)
     };
     match ServiceConfig::read(path) {
-        Err(e) => (fail(e), ServiceConfig::default()),
+        Err(e) => (fail(e), ServiceConfig::default(), false),
         Ok(config) => match config.validate() {
             Ok(()) => (
                 check(name, Verdict::Ok, format!("{shown}: valid"), ""),
                 config,
+                true,
             ),
-            Err(e) => (fail(e), config),
+            Err(e) => (fail(e), config, true),
         },
     }
 }
@@ -93,7 +94,6 @@ pub fn run(config: &ServiceConfig) -> Vec<Check> {
     if config.server.api_token_file.is_some() {
         out.push(api_token(config));
     }
-    out.push(model_repository(config));
     out.push(gpus(config));
     out
 }
@@ -279,13 +279,24 @@ fn memlock(lock_memory: bool) -> Check {
 }
 
 /// `server.model_repository`, when it is a local directory: each model's directory,
-/// `config.toml`, version policy, labels and layout file, read as `tie serve` reads them before
-/// it loads (the model files themselves are not built). A model `tie serve` would refuse fails
-/// the check, unless `model_deployment.exit_on_error = false` and another model would load.
-fn model_repository(config: &ServiceConfig) -> Check {
+/// `config.toml`, version policy, labels and layout file, and `routing.toml`, read as
+/// `tie serve` reads them before it loads (the model files themselves are not built, so what
+/// only building finds, an input width the layout does not match, say, is not seen). A model
+/// refused on what was read fails the check, unless `model_deployment.exit_on_error = false`
+/// and another model would load. Read as this process's user, from its working directory.
+/// `None`: the config could not be read, and the repository it names is not known.
+pub fn model_repository(config: Option<&ServiceConfig>) -> Check {
     use tie::models::repository::Skipped;
     use tie::models::{plan_each, RepositoryLoadError};
     let name = "model repository";
+    let Some(config) = config else {
+        return check(
+            name,
+            Verdict::Unknown,
+            "not read: the config that names it could not be read",
+            "",
+        );
+    };
     let repo = &config.server.model_repository;
     let shown = repo.display();
     let remote = tie::models::remote::store::is_store_url(&repo.to_string_lossy());
@@ -334,8 +345,13 @@ fn model_repository(config: &ServiceConfig) -> Check {
             Err(e) => refused.push(e.to_string()),
         }
     }
+    let relative = if repo.is_relative() || config.server.layouts_dir.is_relative() {
+        ", paths relative to this working directory"
+    } else {
+        ""
+    };
     let found = format!(
-        "{shown}: {ready} model{} to load (configs and layouts read, model files not built)",
+        "{shown}: {ready} model{} to load (configs, layouts and routing read as this user{relative}; model files not built)",
         if ready == 1 { "" } else { "s" }
     );
     if ready == 0 && refused.is_empty() {
@@ -347,6 +363,15 @@ fn model_repository(config: &ServiceConfig) -> Check {
             Verdict::Fail,
             format!("{shown}: no model to serve{why}"),
             "put each model at <model_repository>/<name>/<version>/model.onnx",
+        );
+    }
+    // The routing is read at start too: a bad routing.toml stops it, whatever exit_on_error says.
+    if let Err(e) = tie::models::routing::Routing::load(repo) {
+        return check(
+            name,
+            Verdict::Fail,
+            format!("{found}; {e}"),
+            "correct routing.toml (tie serve refuses to start with it)",
         );
     }
     if !refused.is_empty() {

@@ -60,6 +60,12 @@ fn an_invalid_config_is_a_failed_check_and_the_others_still_run() {
     let out = doctor_status("[server]\nidle = \"park\"\n", &["--json"]);
     assert_eq!(out.status.code(), Some(1));
     let all = checks(&out);
+    // Which repository it names is not known then.
+    let repository = all
+        .iter()
+        .find(|c| c["name"] == "model repository")
+        .unwrap();
+    assert_eq!(repository["verdict"], "unknown", "{repository}");
     assert!(
         all[0]["value"]
             .as_str()
@@ -326,10 +332,23 @@ fn a_model_tie_serve_would_refuse_fails_the_repository_check() {
         repo.join("other/1/model.onnx"),
     )
     .unwrap();
-    let (code, c) = repository_check(&config(""));
+    // One with a layout that is there, found in the configured layouts directory.
+    std::fs::write(repo.join("other/config.toml"), "layout = \"mlp64\"\n").unwrap();
+    let layouts = crate::common::root().join("layouts/features");
+    let with_layouts = config(&format!("layouts_dir = {layouts:?}\n"));
+    let (code, c) = repository_check(&with_layouts);
     assert_eq!((code, c["verdict"].as_str()), (Some(0), Some("ok")), "{c}");
     assert!(
         c["value"].as_str().unwrap().contains("2 models to load"),
         "{c}"
     );
+    // A routing.toml tie serve cannot read stops its start.
+    std::fs::write(repo.join("routing.toml"), "[routes\n").unwrap();
+    let (code, c) = repository_check(&with_layouts);
+    assert_eq!(
+        (code, c["verdict"].as_str()),
+        (Some(1), Some("fail")),
+        "{c}"
+    );
+    assert!(c["value"].as_str().unwrap().contains("routing"), "{c}");
 }

@@ -287,7 +287,7 @@ fn memlock(lock_memory: bool) -> Check {
 /// `None`: the config could not be read, and the repository it names is not known.
 pub fn model_repository(config: Option<&ServiceConfig>) -> Check {
     use tie::models::repository::Skipped;
-    use tie::models::{plan_each, RepositoryLoadError};
+    use tie::models::{plan_each, read_layout, RepositoryLoadError};
     let name = "model repository";
     let Some(config) = config else {
         return check(
@@ -323,24 +323,13 @@ pub fn model_repository(config: Option<&ServiceConfig>) -> Check {
     let (mut ready, mut refused, mut unavailable) = (0, Vec::new(), Vec::new());
     for (_, planned) in plans {
         match planned {
-            Ok(plan) => {
-                let Some(layout) = &plan.config.layout else {
-                    ready += 1;
-                    continue;
-                };
-                let path = config.server.layouts_dir.join(format!("{layout}.toml"));
-                match tie_layouts::FeatureLayout::from_file(&path) {
+            Ok(plan) => match &plan.config.layout {
+                Some(layout) => match read_layout(&config.server.layouts_dir, &plan.name, layout) {
                     Ok(_) => ready += 1,
-                    Err(source) => refused.push(
-                        RepositoryLoadError::Layout {
-                            model: plan.name,
-                            layout: layout.clone(),
-                            source,
-                        }
-                        .to_string(),
-                    ),
-                }
-            }
+                    Err(e) => refused.push(e.to_string()),
+                },
+                None => ready += 1,
+            },
             Err(e @ RepositoryLoadError::NoVersion { .. }) => unavailable.push(e.to_string()),
             Err(e) => refused.push(e.to_string()),
         }

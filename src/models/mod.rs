@@ -32,6 +32,6 @@ pub use loaded::{LoadedModel, Placement};
 pub use manager::{ChangeError, ChangeReport, LoadedVersion, ModelManager, RESTORE_RETRY};
 pub use repository::{
     load_repository, load_repository_with, load_version, plan_each, plan_model, plan_repository,
-    FailedVersion, LoadOptions, ModelPlan, Planned, RepositoryLoadError,
+    read_layout, FailedVersion, LoadOptions, ModelPlan, Planned, RepositoryLoadError,
 };
 pub use set::{compatible, Missing, ModelSet, Models};

@@ -447,6 +447,24 @@ fn holds(dir: &Path) -> String {
     )
 }
 
+/// The layout file a model's config names (`layout`), read from `layouts_dir`.
+///
+/// # Errors
+/// [`RepositoryLoadError::Layout`]: it cannot be read or is not a valid layout.
+pub fn read_layout(
+    layouts_dir: &Path,
+    model: &str,
+    layout: &str,
+) -> Result<FeatureLayout, RepositoryLoadError> {
+    FeatureLayout::from_file(&layouts_dir.join(format!("{layout}.toml"))).map_err(|source| {
+        RepositoryLoadError::Layout {
+            model: model.into(),
+            layout: layout.into(),
+            source,
+        }
+    })
+}
+
 /// A model's name and its plan, or why it has none.
 pub type Planned = (String, Result<ModelPlan, RepositoryLoadError>);
 
@@ -915,12 +933,7 @@ impl Loading<'_> {
         let Some(layout) = &self.config.layout else {
             return Ok(FeatureLayout::positional(self.name, input_width as u32));
         };
-        let path = self.options.layouts_dir.join(format!("{layout}.toml"));
-        let l = FeatureLayout::from_file(&path).map_err(|source| RepositoryLoadError::Layout {
-            model: self.name.into(),
-            layout: layout.clone(),
-            source,
-        })?;
+        let l = read_layout(&self.options.layouts_dir, self.name, layout)?;
         if l.features.len() != input_width {
             return Err(RepositoryLoadError::LayoutWidth {
                 model: self.name.into(),

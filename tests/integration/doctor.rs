@@ -30,6 +30,21 @@ fn doctor(config: &str, json: bool) -> std::process::Output {
     out
 }
 
+/// The check named `name` in the output `out` of `tie doctor --json`.
+fn check_named(out: &std::process::Output, name: &str) -> serde_json::Value {
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    checks
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no check {name:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+}
+
 #[test]
 fn an_invalid_config_is_a_failed_check_and_the_others_still_run() {
     let checks = |out: &std::process::Output| -> Vec<serde_json::Value> {
@@ -61,10 +76,7 @@ fn an_invalid_config_is_a_failed_check_and_the_others_still_run() {
     assert_eq!(out.status.code(), Some(1));
     let all = checks(&out);
     // Which repository it names is not known then.
-    let repository = all
-        .iter()
-        .find(|c| c["name"] == "model repository")
-        .unwrap();
+    let repository = check_named(&out, "model repository");
     assert_eq!(repository["verdict"], "unknown", "{repository}");
     assert!(
         all[0]["value"]
@@ -123,11 +135,7 @@ fn doctor_reports_the_hosts_real_values() {
     let before = read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
     let out = doctor_status("[server]\nhuge_pages = true\n", &["--json"]);
     let after = read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
-    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let c = checks
-        .iter()
-        .find(|c| c["name"] == "huge pages for segments")
-        .unwrap();
+    let c = check_named(&out, "huge pages for segments");
     let value = c["value"].as_str().unwrap();
     let free = value.split(' ').next().unwrap();
     if c["verdict"] != "unknown" {
@@ -182,11 +190,7 @@ fn doctor_reports_the_hosts_real_values() {
         assert_eq!(c["verdict"], "warn", "{c}");
         // With lock_memory, a limit tie serve would refuse (not root) fails the check.
         let out = doctor_status("[server]\nlock_memory = true\n", &["--json"]);
-        let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let c = checks
-            .iter()
-            .find(|c| c["name"] == "memlock limit (this process)")
-            .unwrap();
+        let c = check_named(&out, "memlock limit (this process)");
         let refused = !rustix::process::geteuid().is_root();
         assert_eq!(c["verdict"] == "fail", refused, "{c}");
         if refused {
@@ -228,10 +232,7 @@ fn an_api_token_file_tie_serve_cannot_read_fails_the_check() {
     assert_eq!(out.status.code(), Some(1));
     let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(checks[0]["verdict"], "ok", "the config itself is valid");
-    let c = checks
-        .iter()
-        .find(|c| c["name"] == "api token file")
-        .unwrap();
+    let c = check_named(&out, "api token file");
     assert_eq!(c["verdict"], "fail");
     let value = c["value"].as_str().unwrap();
     assert!(
@@ -245,11 +246,7 @@ fn an_api_token_file_tie_serve_cannot_read_fails_the_check() {
     assert_eq!(doctor_status(&config, &[]).status.code(), Some(1));
     std::fs::write(&file, "s3cret\n").unwrap();
     let out = doctor_status(&config, &["--json"]);
-    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let c = checks
-        .iter()
-        .find(|c| c["name"] == "api token file")
-        .unwrap();
+    let c = check_named(&out, "api token file");
     assert_eq!(c["verdict"], "ok", "{c}");
     assert!(
         !out.stdout.windows(6).any(|w| w == b"s3cret"),
@@ -280,12 +277,7 @@ fn a_model_tie_serve_would_refuse_fails_the_repository_check() {
     let config = |extra: &str| format!("[server]\nmodel_repository = {repo:?}\n{extra}");
     let repository_check = |config: &str| {
         let out = doctor_status(config, &["--json"]);
-        let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        let c = checks
-            .into_iter()
-            .find(|c| c["name"] == "model repository")
-            .unwrap();
-        (out.status.code(), c)
+        (out.status.code(), check_named(&out, "model repository"))
     };
     // A layout file that is not there: tie serve refuses the model, and so the start.
     let (code, c) = repository_check(&config(""));

@@ -299,8 +299,7 @@ pub fn model_repository(config: Option<&ServiceConfig>) -> Check {
     };
     let repo = &config.server.model_repository;
     let shown = repo.display();
-    let remote = tie::models::remote::store::is_store_url(&repo.to_string_lossy());
-    if remote || config.registry.kind.is_some() {
+    if tie::models::remote::Remote::configured(config) {
         return check(
             name,
             Verdict::Unknown,

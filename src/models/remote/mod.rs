@@ -107,6 +107,14 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// Whether `config` names a remote source (a registry, or an object store as the model
+    /// repository), which [`Remote::open`] opens, rather than a local repository.
+    #[must_use]
+    pub fn configured(config: &ServiceConfig) -> bool {
+        config.registry.kind.is_some()
+            || store::is_store_url(&config.server.model_repository.to_string_lossy())
+    }
+
     /// The remote source `config` names, with its cache opened: `None` for a local
     /// repository and no registry.
     ///
@@ -120,7 +128,7 @@ impl Remote {
             .to_string_lossy()
             .into_owned();
         let registry = &config.registry;
-        if registry.kind.is_some() || store::is_store_url(&repository) {
+        if Self::configured(config) {
             // reqwest's TLS (object stores over https) needs a crypto provider chosen before
             // its first client: ring's (aws-lc-rs, which adds post-quantum key exchange, needs
             // a C toolchain with cmake to build).

@@ -27,6 +27,19 @@ pub fn parse_cpu_list(list: &str) -> Vec<usize> {
     cpus
 }
 
+/// The other hardware threads of `cpu`'s core (its SMT siblings), from sysfs; empty when SMT is
+/// off, the topology is not exposed (as in many virtual machines) or it cannot be read.
+pub fn smt_siblings(cpu: usize) -> Vec<usize> {
+    read_trimmed(format!(
+        "/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+    ))
+    .map(|l| parse_cpu_list(&l))
+    .unwrap_or_default()
+    .into_iter()
+    .filter(|&s| s != cpu)
+    .collect()
+}
+
 /// The NUMA node of a CPU, from sysfs.
 pub fn cpu_numa_node(cpu: usize) -> Option<i64> {
     let dir = std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}")).ok()?;

@@ -420,14 +420,9 @@ fn clock_source() -> Check {
 fn smt_siblings(pinned: &[usize]) -> Check {
     let mut shared = Vec::new();
     for &c in pinned {
-        if let Some(list) = read(cpu_dir().join(format!("cpu{c}/topology/thread_siblings_list"))) {
-            let siblings: Vec<usize> = parse_cpu_list(&list)
-                .into_iter()
-                .filter(|s| *s != c)
-                .collect();
-            if !siblings.is_empty() {
-                shared.push(format!("{c}:{siblings:?}"));
-            }
+        let siblings = tie::host::smt_siblings(c);
+        if !siblings.is_empty() {
+            shared.push(format!("{c}:{siblings:?}"));
         }
     }
     if shared.is_empty() {
@@ -437,7 +432,7 @@ fn smt_siblings(pinned: &[usize]) -> Check {
             "SMT siblings of poller cores",
             Verdict::Warn,
             shared.join(" "),
-            "keep the siblings idle (isolate them too and pin nothing there) or turn SMT off",
+            "keep the siblings idle (tie serve keeps its own threads off them where other CPUs remain; isolate them too and pin nothing else there) or turn SMT off",
         )
     }
 }

@@ -73,9 +73,13 @@ fn keep_off_poller_cores(cores: &[usize]) {
     use tie::dataplane::OffPollerCores;
     match tie::dataplane::move_off_poller_cores(cores) {
         Ok(OffPollerCores::Moved) => {
-            tracing::info!(poller_cores = ?cores, "the server's other threads run off the poller cores")
+            tracing::info!(poller_cores = ?cores, "the server's other threads run off the poller cores (and their SMT siblings)")
         }
         Ok(OffPollerCores::AlreadyOff) => {}
+        Ok(OffPollerCores::OnSiblings) => tracing::warn!(
+            poller_cores = ?cores,
+            "the server's other threads run on SMT siblings of the poller cores, sharing their pipelines: the process may run on no other CPU (widen its CPU affinity, e.g. CPUAffinity= in the unit, or turn SMT off)"
+        ),
         Ok(OffPollerCores::NoOtherCpu) => tracing::warn!(
             poller_cores = ?cores,
             "the server's other threads share the poller cores: the process may run on no other CPU (widen its CPU affinity, e.g. CPUAffinity= in the unit)"

@@ -397,11 +397,12 @@ fn pipeline_for(
 }
 
 /// Moves the thread that runs it off the pollers' cores: onto the CPUs the process's main
-/// thread may run on, but `poller_cores` (a thread started by a pinned poller inherits its one
-/// core). Where that leaves none it stays where it is, and says so.
+/// thread may run on, but `poller_cores` and their SMT siblings (a thread started by a pinned
+/// poller inherits its one core). Where that leaves none it stays where it is, and says so.
 pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + Send> {
     Box::new(move || match move_off_poller_cores(&poller_cores) {
-        Ok(OffPollerCores::Moved | OffPollerCores::AlreadyOff) => {}
+        // `tie serve` said so at start, for its main thread: every later thread is placed alike.
+        Ok(OffPollerCores::Moved | OffPollerCores::AlreadyOff | OffPollerCores::OnSiblings) => {}
         Ok(OffPollerCores::NoOtherCpu) => tracing::warn!(
             poller_cores = ?poller_cores,
             "a thread stays on a poller's core: the process may run on no other CPU"
@@ -413,37 +414,78 @@ pub(crate) fn off_poller_cores(poller_cores: Vec<usize>) -> Box<dyn FnOnce() + S
 /// What [`move_off_poller_cores`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OffPollerCores {
-    /// The thread now runs off the poller cores.
+    /// The thread now runs off the poller cores and their SMT siblings.
     Moved,
     /// It did already (isolated cores, for one, are outside the process's CPUs).
     AlreadyOff,
+    /// It runs off the poller cores, but on SMT siblings of theirs: the process may run on no
+    /// other CPU.
+    OnSiblings,
     /// Every CPU the process may run on is a poller core: the thread stays where it is.
     NoOtherCpu,
 }
 
-/// Moves the calling thread off `poller_cores`: onto the CPUs the process's main thread may
-/// run on, but those. Threads it starts afterwards inherit that, so `tie serve` calls it
-/// before it starts any: its control plane, monitor, listener and model loading then never
-/// run on a core where a poller spins. (A thread woken onto a poller's core takes it from the
-/// poller for as long as it runs, and the scheduler puts a woken thread there when the cores
-/// it would rather use are busy.) The pollers pin themselves to their cores.
+/// Moves the calling thread off `poller_cores` and their SMT siblings: onto the CPUs the
+/// process's main thread may run on, but those (where none remains but siblings, onto the
+/// siblings). Threads it starts afterwards inherit that, so `tie serve` calls it before it
+/// starts any: its control plane, monitor, listener, model loading, batch threads and journal
+/// writer then never run on a core where a poller spins, nor on the other hardware thread of
+/// one. (A thread woken onto a poller's core takes it from the poller for as long as it runs,
+/// and the scheduler puts a woken thread there when the cores it would rather use are busy; a
+/// busy sibling shares the core's pipeline and caches with the poller.) The pollers pin
+/// themselves to their cores.
 ///
 /// # Errors
 /// The kernel's refusal to read or set the affinity.
 pub fn move_off_poller_cores(poller_cores: &[usize]) -> rustix::io::Result<OffPollerCores> {
     use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
-    let mut cpus = sched_getaffinity(Some(rustix::process::getpid()))?;
-    for &core in poller_cores.iter().filter(|&&c| c < CpuSet::MAX_CPU) {
-        cpus.unset(core);
-    }
-    if cpus.count() == 0 {
+    let allowed = sched_getaffinity(Some(rustix::process::getpid()))?;
+    let allowed: Vec<usize> = (0..CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect();
+    let Some((cpus, on_siblings)) =
+        cpus_off_pollers(&allowed, poller_cores, crate::host::smt_siblings)
+    else {
         return Ok(OffPollerCores::NoOtherCpu);
+    };
+    let mut set = CpuSet::new();
+    for &c in &cpus {
+        set.set(c);
     }
-    if sched_getaffinity(None)? == cpus {
+    let done = if on_siblings {
+        OffPollerCores::OnSiblings
+    } else if sched_getaffinity(None)? == set {
         return Ok(OffPollerCores::AlreadyOff);
+    } else {
+        OffPollerCores::Moved
+    };
+    sched_setaffinity(None, &set)?;
+    Ok(done)
+}
+
+/// The CPUs of `allowed` for the threads that are not pollers: those neither in `pollers` nor
+/// a sibling of one (`siblings` gives a CPU's), else, where that leaves none, those not in
+/// `pollers`, with `true` (siblings used); `None` when every allowed CPU is a poller's.
+fn cpus_off_pollers(
+    allowed: &[usize],
+    pollers: &[usize],
+    siblings: impl Fn(usize) -> Vec<usize>,
+) -> Option<(Vec<usize>, bool)> {
+    let off: Vec<usize> = allowed
+        .iter()
+        .copied()
+        .filter(|c| !pollers.contains(c))
+        .collect();
+    if off.is_empty() {
+        return None;
     }
-    sched_setaffinity(None, &cpus)?;
-    Ok(OffPollerCores::Moved)
+    let near: Vec<usize> = pollers.iter().flat_map(|&p| siblings(p)).collect();
+    let apart: Vec<usize> = off.iter().copied().filter(|c| !near.contains(c)).collect();
+    Some(if apart.is_empty() {
+        (off, true)
+    } else {
+        (apart, false)
+    })
 }
 
 /// The deadline estimate (a lane's `batch_compute_ns`) follows what batches really take (EMA,
@@ -1851,4 +1893,35 @@ fn refused(request: &mut Request<Item>, (status, a, b): (Status, u32, u32)) {
 
 fn saturate_u32(ns: u64) -> u32 {
     ns.min(u64::from(u32::MAX)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpus_off_pollers;
+
+    /// Hardware threads paired as on a host with SMT: CPU n and n + 4 share a core.
+    fn pairs(cpu: usize) -> Vec<usize> {
+        vec![(cpu + 4) % 8]
+    }
+
+    #[test]
+    fn other_threads_keep_off_the_pollers_siblings_while_other_cpus_remain() {
+        let all: Vec<usize> = (0..8).collect();
+        assert_eq!(
+            cpus_off_pollers(&all, &[2, 3], pairs),
+            Some((vec![0, 1, 4, 5], false))
+        );
+        // No sibling known (SMT off, or a virtual machine's flat topology): every other CPU.
+        assert_eq!(
+            cpus_off_pollers(&all, &[2, 3], |_| Vec::new()),
+            Some((vec![0, 1, 4, 5, 6, 7], false))
+        );
+        // Only the siblings remain: used, and said.
+        assert_eq!(
+            cpus_off_pollers(&[2, 3, 6], &[2, 3], pairs),
+            Some((vec![6], true))
+        );
+        // Only poller cores: nowhere to go.
+        assert_eq!(cpus_off_pollers(&[2, 3], &[2, 3], pairs), None);
+    }
 }

@@ -221,7 +221,7 @@ pub struct JournalSection {
     /// and counted, never waited for.
     pub queue_rows: usize,
     /// Cores the writer thread runs on (a housekeeping core); empty: the process's CPUs but
-    /// the pollers' cores and their SMT siblings.
+    /// the pollers' cores and their SMT siblings (while other CPUs remain).
     pub writer_cores: Vec<usize>,
 }
 

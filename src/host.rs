@@ -40,6 +40,19 @@ pub fn smt_siblings(cpu: usize) -> Vec<usize> {
     .collect()
 }
 
+/// [`smt_siblings`], read once per CPU in the process's life: `tie serve` reads its poller
+/// cores' at start, so a batch thread that moves off its poller's core later reads no file
+/// there.
+pub fn smt_siblings_cached(cpu: usize) -> Vec<usize> {
+    use crate::sync::Locked;
+    static READ: std::sync::Mutex<std::collections::BTreeMap<usize, Vec<usize>>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    READ.locked()
+        .entry(cpu)
+        .or_insert_with(|| smt_siblings(cpu))
+        .clone()
+}
+
 /// The NUMA node of a CPU, from sysfs.
 pub fn cpu_numa_node(cpu: usize) -> Option<i64> {
     let dir = std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{cpu}")).ok()?;

@@ -444,7 +444,7 @@ pub fn move_off_poller_cores(poller_cores: &[usize]) -> rustix::io::Result<OffPo
         .filter(|&c| allowed.is_set(c))
         .collect();
     let Some((cpus, on_siblings)) =
-        cpus_off_pollers(&allowed, poller_cores, crate::host::smt_siblings)
+        cpus_off_pollers(&allowed, poller_cores, crate::host::smt_siblings_cached)
     else {
         return Ok(OffPollerCores::NoOtherCpu);
     };
@@ -1923,5 +1923,15 @@ mod tests {
         );
         // Only poller cores: nowhere to go.
         assert_eq!(cpus_off_pollers(&[2, 3], &[2, 3], pairs), None);
+        // Pollers on isolated cores, outside the process's CPUs: their siblings still kept off.
+        assert_eq!(
+            cpus_off_pollers(&[0, 1, 4, 5, 6, 7], &[2, 3], pairs),
+            Some((vec![0, 1, 4, 5], false))
+        );
+        // Pollers that are each other's siblings.
+        assert_eq!(
+            cpus_off_pollers(&all, &[1, 5], pairs),
+            Some((vec![0, 2, 3, 4, 6, 7], false))
+        );
     }
 }

@@ -159,7 +159,8 @@ pub enum JournalStartError {
 
 impl Journal {
     /// Starts the journal's writer on `config.dir`, on `config.writer_cores` or else the
-    /// process's CPUs but the pollers' cores and their SMT siblings; `None` when no directory is set.
+    /// process's CPUs but the pollers' cores and their SMT siblings (see
+    /// [`crate::dataplane::move_off_poller_cores`]); `None` when no directory is set.
     ///
     /// # Errors
     /// The directory cannot be made or written, or the thread cannot start.

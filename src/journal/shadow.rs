@@ -6,7 +6,8 @@
 //!   answer is written, as it records journal rows: into a reused chunk of its lane, handed to
 //!   the runner through a bounded lock-free [`Pipe`]. When the runner is behind, no empty chunk
 //!   is free and the row is dropped and counted: the poller never waits.
-//! - The runner is one thread at the lowest priority (nice 19), off the pollers' cores. It
+//! - The runner is one thread at the lowest priority (nice 19), off the pollers' cores and
+//!   their SMT siblings. It
 //!   runs each chunk's rows through the shadow version's engine, in batches, compares the
 //!   outputs ([`Divergence`]) and, when the primary keeps a journal, journals the shadow's
 //!   answers beside the primary's (source `shadow`, the same request ids).
@@ -158,8 +159,8 @@ pub struct ShadowReport {
 
 impl Shadows {
     /// The shadows of `models`' versions, journaling shadow answers into `journal`; its
-    /// runner starts on the process's CPUs but `poller_cores`, with no rule until
-    /// [`Shadows::set_rules`].
+    /// runner starts on the process's CPUs but `poller_cores` and their SMT siblings, with no
+    /// rule until [`Shadows::set_rules`].
     ///
     /// # Errors
     /// The runner thread cannot start.

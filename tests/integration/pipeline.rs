@@ -402,8 +402,8 @@ fn a_model_spread_over_two_pollers_answers_each_session_in_order_from_both() {
 }
 
 /// Every thread of `tie serve` but the pollers (control plane, monitor, listener, the lane's
-/// batch thread) runs off the poller cores, so that none is woken onto a poller's core; each
-/// poller runs on its own.
+/// batch thread) runs off the poller cores, so that none is woken onto a poller's core, and
+/// off their SMT siblings while other CPUs remain; each poller runs on its own.
 #[test]
 fn the_servers_other_threads_run_off_the_poller_cores() {
     let config = format!(
@@ -445,11 +445,42 @@ fn the_servers_other_threads_run_off_the_poller_cores() {
             "{name} may run on the poller's core: {cpus:?}"
         );
     }
-    assert!(
-        server
-            .log()
-            .contains("the server's other threads run off the poller cores"),
-        "{}",
-        server.log()
-    );
+    // The poller's SMT siblings (none where SMT is off or the topology is not exposed) are
+    // kept off too, unless the process may run on nothing else.
+    let siblings = tie::host::smt_siblings(1);
+    let allowed: Vec<u32> = procfs::process::Process::myself()
+        .unwrap()
+        .status()
+        .unwrap()
+        .cpus_allowed_list
+        .expect("Cpus_allowed_list")
+        .into_iter()
+        .flat_map(|(first, last)| first..=last)
+        .collect();
+    let elsewhere = allowed
+        .iter()
+        .any(|&c| c != 1 && !siblings.contains(&(c as usize)));
+    if elsewhere {
+        for (name, cpus) in &others {
+            assert!(
+                !cpus.iter().any(|&c| siblings.contains(&(c as usize))),
+                "{name} may run on a sibling {siblings:?} of the poller's core: {cpus:?}"
+            );
+        }
+        assert!(
+            server
+                .log()
+                .contains("the server's other threads run off the poller cores"),
+            "{}",
+            server.log()
+        );
+    } else {
+        assert!(
+            server
+                .log()
+                .contains("the server's other threads run on SMT siblings of the poller cores"),
+            "{}",
+            server.log()
+        );
+    }
 }

@@ -27,3 +27,12 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// The finite locked-memory limit, in bytes, under which `tie serve` refuses
+/// `server.lock_memory = true`: every later mapping (session segments, stacks, GPU staging)
+/// counts against it and would fail mid-service. `None` when the limit is unlimited or the
+/// process runs as root (exempt: it holds CAP_IPC_LOCK). `tie doctor` reads the same rule.
+pub fn lock_memory_refused_under() -> Option<u64> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    limit.filter(|_| !rustix::process::geteuid().is_root())
+}

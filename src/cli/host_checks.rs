@@ -252,11 +252,12 @@ fn segment_huge_pages(used: bool) -> Check {
 fn memlock(lock_memory: bool) -> Check {
     let name = "memlock limit (this process)";
     let fix = "LimitMEMLOCK=infinity in the unit (deploy/tie.service), or ulimit -l unlimited";
-    let memlock = rustix::process::getrlimit(rustix::process::Resource::Memlock);
-    let root = rustix::process::geteuid().is_root();
-    match memlock.current {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    // tie serve's own rule: refused under a finite limit, unless root.
+    let refused = tie::memory::lock_memory_refused_under().is_some();
+    match limit {
         None => check(name, Verdict::Ok, "unlimited", ""),
-        Some(bytes) if lock_memory && !root => check(
+        Some(bytes) if lock_memory && refused => check(
             name,
             Verdict::Fail,
             format!(
@@ -265,7 +266,7 @@ fn memlock(lock_memory: bool) -> Check {
             ),
             fix,
         ),
-        Some(bytes) if root => check(
+        Some(bytes) if !refused => check(
             name,
             Verdict::Warn,
             format!(

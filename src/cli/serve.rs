@@ -132,10 +132,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if config.server.lock_memory {
         use rustix::mm::{mlockall, MlockAllFlags};
-        // Every later mapping (segments, stacks, GPU staging) counts against a finite limit and
-        // would fail mid-service: refuse to start instead (root is exempt: CAP_IPC_LOCK).
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
-        if let (Some(bytes), false) = (limit, rustix::process::geteuid().is_root()) {
+        // Every later mapping would fail mid-service under a finite limit: refuse to start.
+        if let Some(bytes) = tie::memory::lock_memory_refused_under() {
             anyhow::bail!(
                 "server.lock_memory = true needs an unlimited locked-memory limit, this one is {} MB \
                  (LimitMEMLOCK=infinity in the unit, or ulimit -l unlimited)",

@@ -7,10 +7,10 @@
 //!   the runner through a bounded lock-free [`Pipe`]. When the runner is behind, no empty chunk
 //!   is free and the row is dropped and counted: the poller never waits.
 //! - The runner is one thread at the lowest priority (nice 19), off the pollers' cores and
-//!   their SMT siblings. It
-//!   runs each chunk's rows through the shadow version's engine, in batches, compares the
-//!   outputs ([`Divergence`]) and, when the primary keeps a journal, journals the shadow's
-//!   answers beside the primary's (source `shadow`, the same request ids).
+//!   their SMT siblings. It runs each chunk's rows through the shadow version's engine, in
+//!   batches, compares the outputs ([`Divergence`]) and, when the primary keeps a journal,
+//!   journals the shadow's answers beside the primary's (source `shadow`, the same request
+//!   ids).
 //! - Figures per primary: in `performance/{model_key}` ([`ShadowReport`]) and `/metrics`
 //!   (`tie_shadow_*`).
 

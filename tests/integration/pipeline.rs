@@ -422,12 +422,7 @@ fn the_servers_other_threads_run_off_the_poller_cores() {
         let Ok(status) = task.status() else {
             continue;
         };
-        let cpus: Vec<u32> = status
-            .cpus_allowed_list
-            .expect("Cpus_allowed_list")
-            .into_iter()
-            .flat_map(|(first, last)| first..=last)
-            .collect();
+        let cpus = cpu_list(status.cpus_allowed_list);
         if status.name.starts_with("tie-poller") {
             pollers.push((status.name, cpus));
         } else {
@@ -448,15 +443,13 @@ fn the_servers_other_threads_run_off_the_poller_cores() {
     // The poller's SMT siblings (none where SMT is off or the topology is not exposed) are
     // kept off too, unless the process may run on nothing else.
     let siblings = tie::host::smt_siblings(1);
-    let allowed: Vec<u32> = procfs::process::Process::myself()
-        .unwrap()
-        .status()
-        .unwrap()
-        .cpus_allowed_list
-        .expect("Cpus_allowed_list")
-        .into_iter()
-        .flat_map(|(first, last)| first..=last)
-        .collect();
+    let allowed = cpu_list(
+        procfs::process::Process::myself()
+            .unwrap()
+            .status()
+            .unwrap()
+            .cpus_allowed_list,
+    );
     let elsewhere = allowed
         .iter()
         .any(|&c| c != 1 && !siblings.contains(&(c as usize)));
@@ -483,4 +476,13 @@ fn the_servers_other_threads_run_off_the_poller_cores() {
             server.log()
         );
     }
+}
+
+/// The CPUs of a `Cpus_allowed_list` (ranges, as procfs reads them), one by one.
+fn cpu_list(ranges: Option<Vec<(u32, u32)>>) -> Vec<u32> {
+    ranges
+        .expect("Cpus_allowed_list")
+        .into_iter()
+        .flat_map(|(first, last)| first..=last)
+        .collect()
 }

@@ -261,14 +261,17 @@ fn an_api_token_file_tie_serve_cannot_read_fails_the_check() {
 #[test]
 fn a_model_tie_serve_would_refuse_fails_the_repository_check() {
     let repo = scratch_dir("doctor-repo");
-    for model in ["good", "bad"] {
-        std::fs::create_dir_all(repo.join(model).join("1")).unwrap();
+    // Model `name`, version 1: mlp64's file.
+    let add_model = |name: &str| {
+        std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
         std::fs::copy(
             crate::common::root().join("models/mlp64/1/model.onnx"),
-            repo.join(model).join("1/model.onnx"),
+            repo.join(name).join("1/model.onnx"),
         )
         .unwrap();
-    }
+    };
+    add_model("good");
+    add_model("bad");
     std::fs::write(
         repo.join("bad/config.toml"),
         "layout = \"no-such-layout\"\n",
@@ -318,12 +321,7 @@ fn a_model_tie_serve_would_refuse_fails_the_repository_check() {
     );
     // Both models correct: fine, each counted.
     std::fs::write(repo.join("bad/config.toml"), "").unwrap();
-    std::fs::create_dir_all(repo.join("other/1")).unwrap();
-    std::fs::copy(
-        crate::common::root().join("models/mlp64/1/model.onnx"),
-        repo.join("other/1/model.onnx"),
-    )
-    .unwrap();
+    add_model("other");
     // One with a layout that is there, found in the configured layouts directory.
     std::fs::write(repo.join("other/config.toml"), "layout = \"mlp64\"\n").unwrap();
     let layouts = crate::common::root().join("layouts/features");

@@ -5,6 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::common::Need;
 use crate::common::{fixtures, rel_err, root, TestServer};
@@ -532,8 +533,31 @@ fn pipelines_keep_batches_in_flight_and_answer_each_in_launch_order() {
                     s.spawn(|| drive_pipeline(&gpu, &cpu, &[256, 200], 100, bound(precision)));
                 }
             });
+            // Each batch above was seen done by the flag its graph wrote, not by the driver
+            // (CUDA 12's drivers capture that write).
+            assert_eq!(gpu.pipelines_by_flag(), 3, "{what} {precision:?}");
         }
     }
+}
+
+#[test]
+fn a_pipeline_batch_whose_flag_is_never_seen_is_found_done_by_the_stream() {
+    let Some(rt) = runtime(&[0], true, NO_LIMITS) else {
+        return;
+    };
+    let (io, plan) = mlp256();
+    let cpu = MlpBackend::new(io.clone(), plan.clone());
+    let gpu = CudaBackend::load(&rt, io, &plan, Precision::Fp32, &[1, 8, 64]).unwrap();
+    // As a device that stopped writing the flags: only the stream's queries see batches done.
+    assert!(gpu.hide_completion_flags(0, true));
+    let started = Instant::now();
+    drive_pipeline(&gpu, &cpu, &[8, 64, 1], 12, bound(Precision::Fp32));
+    // Each of the 12 batches was found done by a query, made 1 ms after its first check, not
+    // by its flag (which would take microseconds).
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(12), "{waited:?}");
+    assert_eq!(gpu.pipelines_by_flag(), 1);
+    assert_eq!(gpu.health(), BackendHealth::Healthy);
 }
 
 #[test]

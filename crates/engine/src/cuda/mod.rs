@@ -197,6 +197,9 @@ struct Io {
     output: CUdeviceptr,
     act: [CUdeviceptr; 2],
     workspace: CUdeviceptr,
+    /// Where the execution writes 1 once its outputs are in `host_out` (a pipeline slot's
+    /// completion flag, in mapped host memory; 0: none).
+    done_flag: CUdeviceptr,
 }
 
 impl Io {
@@ -218,6 +221,15 @@ impl Io {
             output,
             act,
             workspace,
+            done_flag: 0,
+        }
+    }
+
+    /// The same buffers, the execution writing 1 to `flag` (device address) when done.
+    fn with_done_flag(self, flag: CUdeviceptr) -> Self {
+        Self {
+            done_flag: flag,
+            ..self
         }
     }
 }
@@ -311,6 +323,9 @@ struct Instance {
     healthy: AtomicBool,
     /// Fail the next batch as a broken device would (tests of the failover).
     inject_failure: AtomicBool,
+    /// Pipelines on it do not see their batches' completion flags (tests of the driver
+    /// queries that find a failed device's batches).
+    hide_flags: AtomicBool,
     state: Mutex<InstanceState>,
     /// Device memory booked for this instance; released when the instance goes.
     _reservation: Reservation,
@@ -332,6 +347,8 @@ struct Shared {
     limits: MemoryLimits,
     /// Executions are captured as CUDA graphs (pipelines need them).
     graphs: bool,
+    /// Pipelines built whose batches' completion is read from their flags (see `pipeline`).
+    pipelines_by_flag: AtomicUsize,
 }
 
 impl CudaBackend {
@@ -406,6 +423,7 @@ impl CudaBackend {
                 pipelines: AtomicUsize::new(0),
                 healthy: AtomicBool::new(true),
                 inject_failure: AtomicBool::new(false),
+                hide_flags: AtomicBool::new(false),
                 state: Mutex::new(state),
                 _reservation: reservation,
             }));
@@ -442,8 +460,15 @@ impl CudaBackend {
                 instances,
                 limits: runtime.limits(),
                 graphs: runtime.graphs(),
+                pipelines_by_flag: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// How many of the pipelines built so far read their batches' completion from a flag the
+    /// graph writes (the others query the driver: where it cannot capture that write).
+    pub fn pipelines_by_flag(&self) -> usize {
+        self.shared.pipelines_by_flag.load(Ordering::Relaxed)
     }
 
     /// The precision the model runs in.
@@ -486,6 +511,15 @@ impl CudaBackend {
     #[doc(hidden)]
     pub fn inject_failure(&self, ordinal: usize) -> bool {
         self.set_on_device(ordinal, |i| &i.inject_failure, true)
+    }
+
+    /// Makes the pipelines on a device's instance blind to their batches' completion flags,
+    /// as if the device never wrote them (a failed device's do not): each batch is then found
+    /// done by the stream's query, at least `QUERY_AFTER` after its first check (tests of that
+    /// query). Returns whether the model had an instance there.
+    #[doc(hidden)]
+    pub fn hide_completion_flags(&self, ordinal: usize, hidden: bool) -> bool {
+        self.set_on_device(ordinal, |i| &i.hide_flags, hidden)
     }
 
     /// Stores `value` into the `flag` of every instance on device `ordinal`; whether there was
@@ -702,7 +736,7 @@ impl InstanceState {
     }
 
     /// Puts one batch of `size` rows on `stream`, reading and writing `io`: H2D, the engine's
-    /// kernels, D2H.
+    /// kernels, D2H, then the write of `io.done_flag` where it has one.
     fn enqueue(
         &self,
         io: &Io,
@@ -782,6 +816,18 @@ impl InstanceState {
             unsafe {
                 let out = std::slice::from_raw_parts_mut(io.host_out, size * ow);
                 cu::memcpy_dtoh_async(out, io.output, stream)?;
+            }
+        }
+        if io.done_flag != 0 {
+            // The default flags fence the stream's earlier work first (as `__threadfence_system`
+            // does for a thread): the outputs are visible to the host before the flag is.
+            // SAFETY: a live stream; `done_flag` is the device address of mapped host memory
+            // that outlives every graph capturing this write (the pipeline drops its graphs
+            // first).
+            unsafe {
+                use cudarc::driver::sys::{cuStreamWriteValue32_v2, CUstreamWriteValue_flags};
+                let flags = CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+                cuStreamWriteValue32_v2(stream, io.done_flag, 1, flags).result()?;
             }
         }
         Ok(())

@@ -6,10 +6,19 @@
 //! share them). A batch is gathered into a free slot and its bucket's graph launched; the
 //! caller goes on and polls for completion, never waits.
 //!
-//! Completion: the last batch launched is done when the stream is idle (`cuStreamQuery`, as the
-//! synchronous path waits); a batch with another launched behind it has its slot's event
-//! recorded just before that launch, and is done when the event is. A lone batch therefore
-//! costs what it costs on the synchronous path: one graph launch, no event.
+//! Completion: each slot's graph ends by writing 1 to the slot's flag, a word of mapped host
+//! memory the poller cleared before the launch (a stream memory write, fenced behind the
+//! outputs: see `enqueue`). A batch is done when its flag reads 1: a load from the poller's own
+//! cache until the device writes it, with no call into the driver. Pollers launching into one
+//! device at once therefore do not also contend in the driver for their completion checks.
+//! A batch not done after [`QUERY_AFTER`] has its stream queried as well, and again each
+//! `QUERY_AFTER`, so a device that failed (and will never write the flag) is found.
+//!
+//! Where the driver cannot capture the flag's write into a graph, completion falls back to the
+//! driver's queries, logged when the pipeline is built: the last batch launched is done when
+//! the stream is idle (`cuStreamQuery`, as the synchronous path waits); a batch with another
+//! launched behind it has its slot's event recorded just before that launch, and is done when
+//! the event is.
 //!
 //! When the device fails a batch, its instance leaves rotation and the batch runs again on
 //! another instance through the backend's synchronous failover; so do the pipeline's later
@@ -17,7 +26,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{result as cu, CudaEvent, CudaGraph, CudaStream, DriverError};
@@ -27,6 +36,11 @@ use super::{
     WORKSPACE_BYTES,
 };
 use crate::{BackendError, Pipeline};
+
+/// How long a batch's flag is checked alone before its stream is queried too, and then between
+/// two queries (see the module's notes): a failed device is found within about this, while a
+/// batch done sooner costs the driver no call at all.
+const QUERY_AFTER: Duration = Duration::from_millis(1);
 
 enum SlotState {
     Free,
@@ -40,11 +54,14 @@ enum SlotState {
 
 struct Slot {
     // The graphs first: they are dropped before the buffers they read and write.
-    /// One per bucket, reading `host_in` and writing `host_out`.
+    /// One per bucket, reading `host_in`, writing `host_out`, then 1 to `flag`.
     graphs: Vec<CudaGraph>,
     event: CudaEvent,
     host_in: HostBuffer,
     host_out: HostBuffer,
+    /// Its completion flag: the first word, 0 from the launch until the graph is done (by
+    /// flag only).
+    flag: HostBuffer,
     rows: usize,
     state: SlotState,
 }
@@ -60,6 +77,11 @@ pub(super) struct CudaPipeline {
     head: usize,
     /// Batches in flight.
     len: usize,
+    /// Completion is read from the slots' flags (else from the driver's queries).
+    by_flag: bool,
+    /// When the stream is next queried, while the oldest batch's flag is not set (by flag
+    /// only; `None`: set at its first check).
+    query_at: Option<Instant>,
     /// Device input, output, activations and workspace the slots' graphs share.
     _device: Vec<DeviceBuffer>,
     stream: Arc<CudaStream>,
@@ -105,10 +127,14 @@ impl CudaPipeline {
         // under it too.
         match super::device_change(|| Self::build_on(shared, &instance, depth)) {
             Ok(p) => {
+                if p.by_flag {
+                    shared.pipelines_by_flag.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::info!(
                     device = instance.device.ordinal(),
                     depth,
                     graphs = p.buckets.len() * depth,
+                    completion = if p.by_flag { "flag" } else { "driver queries" },
                     ms = started.elapsed().as_millis() as u64,
                     "GPU pipeline built"
                 );
@@ -156,6 +182,7 @@ impl CudaPipeline {
             .map_err(err("allocating device buffers"))?;
         let stream = ctx.new_stream().map_err(err("creating a stream"))?;
         let mut slots = Vec::with_capacity(depth);
+        let mut by_flag = true;
         for _ in 0..depth {
             let host_in = HostBuffer::new(
                 largest * iw,
@@ -164,6 +191,8 @@ impl CudaPipeline {
             .map_err(err("allocating pinned input"))?;
             let host_out =
                 HostBuffer::new(largest * ow, 0).map_err(err("allocating pinned output"))?;
+            // One cache line, read by the poller only.
+            let flag = HostBuffer::new(16, 0).map_err(err("allocating a completion flag"))?;
             let io = Io::new(
                 &host_in,
                 &host_out,
@@ -171,18 +200,39 @@ impl CudaPipeline {
                 [device[2].ptr, device[3].ptr],
                 if blaslt { device[4].ptr } else { 0 },
             );
-            let graphs = state
-                .buckets
-                .iter()
-                .map(|b| state.capture(&io, &stream, b.size, b.engine))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(err("capturing a CUDA graph"))?;
+            let capture = |io: &Io| {
+                state
+                    .buckets
+                    .iter()
+                    .map(|b| state.capture(io, &stream, b.size, b.engine))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let graphs = if by_flag {
+                match capture(&io.with_done_flag(flag.device)) {
+                    Ok(graphs) => Ok(graphs),
+                    // Only the first slot tries: a later one fails as it does.
+                    Err(e) if slots.is_empty() => {
+                        tracing::info!(
+                            device = instance.device.ordinal(),
+                            error = %e,
+                            "a graph cannot write a completion flag: batches' completion is queried from the driver"
+                        );
+                        by_flag = false;
+                        capture(&io)
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                capture(&io)
+            }
+            .map_err(err("capturing a CUDA graph"))?;
             let event = ctx.new_event(None).map_err(err("creating an event"))?;
             slots.push(Slot {
                 graphs,
                 event,
                 host_in,
                 host_out,
+                flag,
                 rows: 0,
                 state: SlotState::Free,
             });
@@ -195,20 +245,29 @@ impl CudaPipeline {
             slots,
             head: 0,
             len: 0,
+            by_flag,
+            query_at: None,
             _device: device,
             stream,
             _reservation: reservation,
         })
     }
 
-    /// Launches slot `i`'s batch: records the event of the batch launched before it (it is no
-    /// longer the last on the stream), then replays the bucket's graph.
+    /// Launches slot `i`'s batch: clears its flag (by flag), or records the event of the batch
+    /// launched before it (it is no longer the last on the stream), then replays the bucket's
+    /// graph.
     fn start(&mut self, i: usize) -> Result<(), DriverError> {
-        // The input was written through write-combining buffers: drain them before the GPU
-        // reads it (a kernel reading mapped memory gets no fence from a copy call).
+        if self.by_flag {
+            // SAFETY: the flag's first word, allocated and aligned for it; the device writes it
+            // only from the graph launched below (this slot's earlier batch was retired).
+            unsafe { std::ptr::write_volatile(self.slots[i].flag.ptr.cast::<u32>(), 0) };
+        }
+        // The input was written through write-combining buffers: drain them (and the flag's
+        // store) before the GPU reads them (a kernel reading mapped memory gets no fence from
+        // a copy call).
         std::sync::atomic::fence(Ordering::SeqCst);
         self.stream.context().bind_to_thread()?;
-        if self.len > 1 {
+        if self.len > 1 && !self.by_flag {
             let prev = (i + self.slots.len() - 1) % self.slots.len();
             if let SlotState::Running { event: false } = self.slots[prev].state {
                 // SAFETY: a live event and stream of the bound context.
@@ -248,9 +307,37 @@ impl CudaPipeline {
         SlotState::Done(result.map_err(|e| e.to_string()))
     }
 
-    /// Whether the batch in slot `i` is done: by its event, or, as the last on the stream,
-    /// by the stream going idle.
-    fn query(&self, i: usize, event: bool) -> Result<bool, DriverError> {
+    /// Whether the batch in slot `i` is done: by its flag; else by its event, or, as the last
+    /// on the stream, by the stream going idle.
+    fn query(&mut self, i: usize, event: bool) -> Result<bool, DriverError> {
+        if self.by_flag {
+            // SAFETY: the flag's first word (see `start`); the device writes it concurrently,
+            // hence a volatile load.
+            let flag = unsafe { std::ptr::read_volatile(self.slots[i].flag.ptr.cast::<u32>()) };
+            if flag == 1 && !self.instance.hide_flags.load(Ordering::Relaxed) {
+                // The outputs are read after the flag (the device wrote them first).
+                std::sync::atomic::fence(Ordering::Acquire);
+                self.query_at = None;
+                return Ok(true);
+            }
+            let now = Instant::now();
+            match self.query_at {
+                Some(at) if now >= at => {}
+                Some(_) => return Ok(false),
+                None => {
+                    self.query_at = Some(now + QUERY_AFTER);
+                    return Ok(false);
+                }
+            }
+            self.query_at = Some(now + QUERY_AFTER);
+            // A failed device never writes the flag: the stream says so. An idle stream has
+            // done this batch too.
+            let idle = done(query_stream(&self.stream))?;
+            if idle {
+                self.query_at = None;
+            }
+            return Ok(idle);
+        }
         done(if event {
             // SAFETY: a live event (owned by the slot).
             unsafe { cudarc::driver::sys::cuEventQuery(self.slots[i].event.cu_event()) }

@@ -94,6 +94,54 @@ fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
 }
 
 #[test]
+fn a_burst_read_in_one_scan_is_batched_while_it_is_read_and_answered_once_in_order() {
+    // The poller parks 20 ms at a time when idle: what two clients send meanwhile is in their
+    // rings at its next scan, which reads it 256 frames of a session at a time and launches
+    // the full batches and answers those done in between.
+    let config = format!(
+        "{}\n[batch_processing]\nmax_batch_size = 64\nbatch_timeout_us = 20\nmax_queue_size = 8192\n",
+        crate::common::TEST_CONFIG.replace("idle_park_us = 20", "idle_park_us = 20000")
+    );
+    let server = TestServer::start_with(&config, &repository("mlp64"));
+    let f = fixture("mlp64_v1");
+    let options = ConnectOptions {
+        request_capacity: 4096,
+        response_capacity: 4096,
+        ..server.options()
+    };
+    let mut clients: Vec<Client> = (0..2)
+        .map(|_| Client::connect(&server.endpoint, "mlp64", options.clone()).unwrap())
+        .collect();
+    for round in 0..3 {
+        // Idle long enough for the poller to park.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut sent: Vec<VecDeque<(u64, usize)>> = vec![VecDeque::new(); clients.len()];
+        for i in 0..3000 {
+            for (c, client) in clients.iter_mut().enumerate() {
+                let row = (i + c + round) % f.inputs.len();
+                let id = client
+                    .submit(&f.inputs[row], Priority::Normal, None)
+                    .unwrap();
+                sent[c].push_back((id, row));
+            }
+        }
+        for (c, client) in clients.iter_mut().enumerate() {
+            for r in responses(client, 3000) {
+                let (id, row) = sent[c].pop_front().expect("an answer per request");
+                assert_eq!(r.request_id, id, "client {c}: answers out of order");
+                assert_eq!(r.status, Status::OK, "client {c}");
+                assert!(
+                    rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
+                    "client {c}: row {row}: {} vs {}",
+                    r.outputs()[0],
+                    f.outputs[row][0]
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn late_and_refused_requests_wait_for_the_batches_in_flight_before_them() {
     // Batches of 2 with two in flight: while they compute, the session's late and refused
     // requests behind them are ready to answer at once, and must still come after them.

@@ -5,7 +5,7 @@
 //! path: scan every session's request ring and validate each frame (a bad one is queued as an
 //! answered request, so responses stay in order), ask each model's [`BatchQueue`] for answers
 //! that need no batch and for a batch to run, run it, write the responses and publish each
-//! touched ring once.
+//! touched ring once (a long scan also publishes between its passes: see `Poller::scan`).
 //!
 //! A model with `pipeline_depth > 0` has its batches launched on a [`Pipeline`] (the GPU's
 //! streams, or a batch thread) instead: the loop goes on while they run and answers each, in
@@ -776,7 +776,7 @@ struct Poller {
     cold: Vec<Cold>,
     /// The cold session the next round looks at first.
     cold_next: usize,
-    /// Slots of the sessions with responses not yet published this round.
+    /// Slots of the sessions with responses not yet published.
     touched: Vec<usize>,
     journal: Option<Arc<Journal>>,
     /// The shadow rules' generation the lanes' taps follow.
@@ -1272,8 +1272,10 @@ impl Poller {
     }
 
     /// Between two passes of a scan: answers the batches done on the lanes' pipelines and
-    /// launches each lane's full batch where its pipeline has a slot free (what
-    /// [`Poller::run_lanes`] would do with them), then publishes the answers.
+    /// runs each lane's full batches while its pipeline has a slot free (what
+    /// [`Poller::run_lanes`] would do with them: launched, or, for a model split by batch
+    /// size with nothing in flight, run on its faster engine here), then publishes the
+    /// answers.
     fn launch_full(&mut self) {
         let mut now = 0;
         for m in 0..self.lanes.len() {
@@ -1286,13 +1288,22 @@ impl Poller {
             if !lane.flights.is_empty() {
                 self.collect(m);
             }
-            let lane = self.lanes[m].as_ref().expect("checked");
-            let full = lane.queue.executable() >= lane.queue.full_size();
-            if full && lane.pipeline.as_ref().is_some_and(|p| p.has_room()) {
+            loop {
+                let lane = self.lanes[m].as_ref().expect("checked");
+                let queued = lane.queue.executable();
+                if queued < lane.queue.full_size()
+                    || !lane.pipeline.as_ref().is_some_and(|p| p.has_room())
+                {
+                    break;
+                }
                 if now == 0 {
                     now = monotonic_ns();
                 }
                 self.run_batch(m, now);
+                if self.lanes[m].as_ref().expect("checked").queue.executable() >= queued {
+                    // Nothing was taken: not looked at again before the next pass.
+                    break;
+                }
             }
         }
         self.publish_answers();

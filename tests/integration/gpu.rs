@@ -533,8 +533,8 @@ fn pipelines_keep_batches_in_flight_and_answer_each_in_launch_order() {
                     s.spawn(|| drive_pipeline(&gpu, &cpu, &[256, 200], 100, bound(precision)));
                 }
             });
-            // Each batch above was seen done by the flag its graph wrote, not by the driver
-            // (CUDA 12's drivers capture that write).
+            // Every pipeline above read its batches' completion from the flag its graphs
+            // write (CUDA 12's drivers capture that write), not from the driver's queries.
             assert_eq!(gpu.pipelines_by_flag(), 3, "{what} {precision:?}");
         }
     }

@@ -94,12 +94,15 @@ fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
 }
 
 #[test]
-fn a_burst_read_in_one_scan_is_batched_while_it_is_read_and_answered_once_in_order() {
-    // The poller parks 20 ms at a time when idle: what two clients send meanwhile is in their
-    // rings at its next scan, which reads it 256 frames of a session at a time and launches
-    // the full batches and answers those done in between.
+fn a_burst_read_in_one_scan_has_its_full_batches_launched_while_it_is_read() {
+    // The poller parks 20 ms at a time when idle: what the client sends meanwhile is in its
+    // ring at the poller's next scan, which reads it 256 frames at a time and, between those,
+    // launches the full batches (64 rows: `max_batch_size`, dynamic batching off) its
+    // pipeline has room for (2) and answers those done. Read whole before any batch was launched, a burst of 3,000 would fill the queue
+    // (512) and have the other 2,488 refused; launched while it is read, at least 2 batches
+    // leave the queue before it fills, so at most 3,000 - 512 - 128 are refused.
     let config = format!(
-        "{}\n[batch_processing]\nmax_batch_size = 64\nbatch_timeout_us = 20\nmax_queue_size = 8192\n",
+        "{}\n[batch_processing]\nmax_batch_size = 64\nenable_dynamic_batching = false\nbatch_timeout_us = 20\nmax_queue_size = 512\n",
         crate::common::TEST_CONFIG.replace("idle_park_us = 20", "idle_park_us = 20000")
     );
     let server = TestServer::start_with(&config, &repository("mlp64"));
@@ -109,36 +112,41 @@ fn a_burst_read_in_one_scan_is_batched_while_it_is_read_and_answered_once_in_ord
         response_capacity: 4096,
         ..server.options()
     };
-    let mut clients: Vec<Client> = (0..2)
-        .map(|_| Client::connect(&server.endpoint, "mlp64", options.clone()).unwrap())
-        .collect();
+    let mut client = Client::connect(&server.endpoint, "mlp64", options).unwrap();
+    let mut refused = Vec::new();
     for round in 0..3 {
         // Idle long enough for the poller to park.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut sent: Vec<VecDeque<(u64, usize)>> = vec![VecDeque::new(); clients.len()];
+        let mut sent = VecDeque::new();
         for i in 0..3000 {
-            for (c, client) in clients.iter_mut().enumerate() {
-                let row = (i + c + round) % f.inputs.len();
-                let id = client
-                    .submit(&f.inputs[row], Priority::Normal, None)
-                    .unwrap();
-                sent[c].push_back((id, row));
-            }
+            let row = (i + round) % f.inputs.len();
+            let id = client
+                .submit(&f.inputs[row], Priority::Normal, None)
+                .unwrap();
+            sent.push_back((id, row));
         }
-        for (c, client) in clients.iter_mut().enumerate() {
-            for r in responses(client, 3000) {
-                let (id, row) = sent[c].pop_front().expect("an answer per request");
-                assert_eq!(r.request_id, id, "client {c}: answers out of order");
-                assert_eq!(r.status, Status::OK, "client {c}");
-                assert!(
-                    rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
-                    "client {c}: row {row}: {} vs {}",
-                    r.outputs()[0],
-                    f.outputs[row][0]
-                );
+        let mut full = 0;
+        for r in responses(&mut client, 3000) {
+            let (id, row) = sent.pop_front().expect("an answer per request");
+            assert_eq!(r.request_id, id, "answers out of order");
+            if r.status == Status::QUEUE_FULL {
+                full += 1;
+                continue;
             }
+            assert_eq!(r.status, Status::OK);
+            assert!(
+                rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
+                "row {row}: {} vs {}",
+                r.outputs()[0],
+                f.outputs[row][0]
+            );
         }
+        refused.push(full);
     }
+    // The poller may wake while the client is still sending (the burst then comes over
+    // several rounds, and fewer are refused): the fewest of three rounds.
+    let fewest = *refused.iter().min().unwrap();
+    assert!(fewest <= 3000 - 512 - 128, "refused per round: {refused:?}");
 }
 
 #[test]

@@ -514,9 +514,10 @@ impl CudaBackend {
     }
 
     /// Makes the pipelines on a device's instance blind to their batches' completion flags,
-    /// as if the device never wrote them (a failed device's do not): each batch is then found
-    /// done by the stream's query, at least `QUERY_AFTER` after its first check (tests of that
-    /// query). Returns whether the model had an instance there.
+    /// as if the device never wrote them (a failed device's do not): a batch is then found
+    /// done only by the stream's query once the whole stream is idle, at least `QUERY_AFTER`
+    /// after its first check (tests of that query). Returns whether the model had an instance
+    /// there.
     #[doc(hidden)]
     pub fn hide_completion_flags(&self, ordinal: usize, hidden: bool) -> bool {
         self.set_on_device(ordinal, |i| &i.hide_flags, hidden)

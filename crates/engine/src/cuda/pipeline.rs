@@ -1,9 +1,9 @@
 //! [`CudaPipeline`]: batches in flight on one GPU instance for one caller (a poller's lane).
 //!
-//! A pipeline owns a stream, `depth` slots (pinned input and output staging buffers, an
-//! event, and one captured graph per bucket that reads and writes that slot's buffers) and the
-//! device buffers its graphs share (its one stream runs them in launch order, so the slots can
-//! share them). A batch is gathered into a free slot and its bucket's graph launched; the
+//! A pipeline owns a stream, `depth` slots (pinned input and output staging buffers, a
+//! completion flag, an event, and one captured graph per bucket that reads and writes that
+//! slot's buffers) and the device buffers its graphs share (its one stream runs them in launch
+//! order, so the slots can share them). A batch is gathered into a free slot and its bucket's graph launched; the
 //! caller goes on and polls for completion, never waits.
 //!
 //! Completion: each slot's graph ends by writing 1 to the slot's flag, a word of mapped host
@@ -11,8 +11,9 @@
 //! outputs: see `enqueue`). A batch is done when its flag reads 1: a load from the poller's own
 //! cache until the device writes it, with no call into the driver. Pollers launching into one
 //! device at once therefore do not also contend in the driver for their completion checks.
-//! A batch not done after [`QUERY_AFTER`] has its stream queried as well, and again each
-//! `QUERY_AFTER`, so a device that failed (and will never write the flag) is found.
+//! A batch whose flag is still 0 [`QUERY_AFTER`] after its first check has its stream queried
+//! as well, and again each `QUERY_AFTER`, so a device that failed (and will never write the
+//! flag) is found; on an instance out of rotation the stream is queried at every check.
 //!
 //! Where the driver cannot capture the flag's write into a graph, completion falls back to the
 //! driver's queries, logged when the pipeline is built: the last batch launched is done when
@@ -24,7 +25,7 @@
 //! another instance through the backend's synchronous failover; so do the pipeline's later
 //! batches.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -258,9 +259,9 @@ impl CudaPipeline {
     /// graph.
     fn start(&mut self, i: usize) -> Result<(), DriverError> {
         if self.by_flag {
-            // SAFETY: the flag's first word, allocated and aligned for it; the device writes it
-            // only from the graph launched below (this slot's earlier batch was retired).
-            unsafe { std::ptr::write_volatile(self.slots[i].flag.ptr.cast::<u32>(), 0) };
+            // The device writes it only from the graph launched below (this slot's earlier
+            // batch was retired).
+            self.slots[i].flag().store(0, Ordering::Relaxed);
         }
         // The input was written through write-combining buffers: drain them (and the flag's
         // store) before the GPU reads them (a kernel reading mapped memory gets no fence from
@@ -311,32 +312,35 @@ impl CudaPipeline {
     /// on the stream, by the stream going idle.
     fn query(&mut self, i: usize, event: bool) -> Result<bool, DriverError> {
         if self.by_flag {
-            // SAFETY: the flag's first word (see `start`); the device writes it concurrently,
-            // hence a volatile load.
-            let flag = unsafe { std::ptr::read_volatile(self.slots[i].flag.ptr.cast::<u32>()) };
-            if flag == 1 && !self.instance.hide_flags.load(Ordering::Relaxed) {
-                // The outputs are read after the flag (the device wrote them first).
-                std::sync::atomic::fence(Ordering::Acquire);
+            // The outputs are read after the flag (Acquire): the device wrote them first.
+            if self.slots[i].flag().load(Ordering::Acquire) == 1
+                && !self.instance.hide_flags.load(Ordering::Relaxed)
+            {
                 self.query_at = None;
                 return Ok(true);
             }
+            // An instance out of rotation (its device failed under another batch, or it was
+            // drained) is queried at once: a failed device never writes the flag.
             let now = Instant::now();
-            match self.query_at {
-                Some(at) if now >= at => {}
-                Some(_) => return Ok(false),
-                None => {
-                    self.query_at = Some(now + QUERY_AFTER);
-                    return Ok(false);
+            if self.instance.healthy.load(Ordering::Relaxed) {
+                match self.query_at {
+                    Some(at) if now >= at => {}
+                    Some(_) => return Ok(false),
+                    None => {
+                        self.query_at = Some(now + QUERY_AFTER);
+                        return Ok(false);
+                    }
                 }
             }
-            self.query_at = Some(now + QUERY_AFTER);
-            // A failed device never writes the flag: the stream says so. An idle stream has
-            // done this batch too.
-            let idle = done(query_stream(&self.stream))?;
-            if idle {
-                self.query_at = None;
-            }
-            return Ok(idle);
+            // The stream says whether the device failed; an idle one has done this batch too.
+            let answer = done(query_stream(&self.stream));
+            self.query_at = match answer {
+                Ok(false) => Some(now + QUERY_AFTER),
+                // The next batch is checked afresh; after a failure, its device is out of
+                // rotation, so it is queried at its first check.
+                Ok(true) | Err(_) => None,
+            };
+            return answer;
         }
         done(if event {
             // SAFETY: a live event (owned by the slot).
@@ -344,6 +348,16 @@ impl CudaPipeline {
         } else {
             query_stream(&self.stream)
         })
+    }
+}
+
+impl Slot {
+    /// Its completion flag's word, which the device writes (see the module's notes).
+    fn flag(&self) -> &AtomicU32 {
+        // SAFETY: the buffer's first word: pinned memory allocated for 16 values, aligned for
+        // a u32 and alive as long as `self`; the host reaches it only through atomics, the
+        // device writes it with a stream memory write.
+        unsafe { AtomicU32::from_ptr(self.flag.ptr.cast::<u32>()) }
     }
 }
 

@@ -5,7 +5,7 @@
 //! path: scan every session's request ring and validate each frame (a bad one is queued as an
 //! answered request, so responses stay in order), ask each model's [`BatchQueue`] for answers
 //! that need no batch and for a batch to run, run it, write the responses and publish each
-//! touched ring once (a long scan also publishes between its passes: see `Poller::scan`).
+//! touched ring once.
 //!
 //! A model with `pipeline_depth > 0` has its batches launched on a [`Pipeline`] (the GPU's
 //! streams, or a batch thread) instead: the loop goes on while they run and answers each, in
@@ -121,14 +121,6 @@ const COLD_PER_ROUND: usize = 8;
 
 /// Rounds between two looks for hot sessions that went quiet.
 const COOLING_ROUNDS: u32 = 1024;
-
-/// Frames a scan reads from one session before it looks at the batches again (see `scan`).
-const SCAN_CHUNK: u64 = 256;
-
-/// Passes over the hot sessions one scan makes at most (`SCAN_CHUNK` frames each from each):
-/// what is left waits in its ring for the next round, behind the answers and batches of this
-/// one.
-const SCAN_PASSES: usize = 16;
 
 /// Counters of one poller, reported when it stops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -776,7 +768,7 @@ struct Poller {
     cold: Vec<Cold>,
     /// The cold session the next round looks at first.
     cold_next: usize,
-    /// Slots of the sessions with responses not yet published.
+    /// Slots of the sessions with responses not yet published this round.
     touched: Vec<usize>,
     journal: Option<Arc<Journal>>,
     /// The shadow rules' generation the lanes' taps follow.
@@ -1051,13 +1043,7 @@ impl Poller {
 
     /// Reads frames from the sessions into the queues; returns how many were accepted.
     ///
-    /// Hot sessions are read every round, [`SCAN_CHUNK`] frames of each at a time: while some
-    /// session had that many to read, the full batches are launched where their pipeline has
-    /// a slot free, and the batches done are answered ([`Poller::launch_full`]), before the
-    /// next pass. So a burst (a client that was paused and sends what it owes at once) keeps
-    /// the device fed, and its rows go to the device while still in this core's cache,
-    /// instead of the whole burst being read before any of it is batched. A scan makes
-    /// [`SCAN_PASSES`] passes at most. A session that sent nothing for [`COLD_AFTER_NS`]
+    /// Hot sessions are read every round. A session that sent nothing for [`COLD_AFTER_NS`]
     /// and is owed nothing goes cold ([`Poller::cool`]): cold ones are looked at
     /// [`COLD_PER_ROUND`] a round, in turn, by their request ring's tail alone (one cache line
     /// that stays in this core's cache while the client sends nothing); one whose tail moved is
@@ -1067,20 +1053,10 @@ impl Poller {
     /// (at most `cold sessions / COLD_PER_ROUND` rounds).
     fn scan(&mut self) -> usize {
         let mut accepted = 0;
-        // The arrival time: read once a pass, at its first frame.
+        // The round's arrival time: read once, at the first frame.
         let mut now = 0;
-        for pass in 0..SCAN_PASSES {
-            now = 0;
-            let mut more = false;
-            for i in 0..self.hot.len() {
-                let read = self.drain_session(self.hot[i], &mut now, SCAN_CHUNK);
-                accepted += read;
-                more |= read as u64 == SCAN_CHUNK;
-            }
-            if !more || pass + 1 == SCAN_PASSES {
-                break;
-            }
-            self.launch_full();
+        for i in 0..self.hot.len() {
+            accepted += self.drain_session(self.hot[i], &mut now);
         }
         for _ in 0..self.cold.len().min(COLD_PER_ROUND) {
             if self.cold_next >= self.cold.len() {
@@ -1097,7 +1073,7 @@ impl Poller {
                 .expect("cold sessions live")
                 .cold = false;
             self.hot.push(slot);
-            accepted += self.drain_session(slot, &mut now, SCAN_CHUNK);
+            accepted += self.drain_session(slot, &mut now);
         }
         if !self.cold.is_empty() {
             // SYNC(hangups): Acquire pairs with `SessionLink::hang_up`'s Release: the flags of
@@ -1162,11 +1138,10 @@ impl Poller {
         }
     }
 
-    /// Reads the frames of session `slot` its credits allow, `limit` at most, checks each and
-    /// queues it for its batch (or its answer). `now` is the arrival time of the scan's pass:
-    /// read at the pass's first frame, shared by every session read in it. Returns the frames
-    /// read.
-    fn drain_session(&mut self, slot: usize, now: &mut u64, limit: u64) -> usize {
+    /// Reads the frames of session `slot` its credits allow, checks each and queues it for its
+    /// batch (or its answer). `now` is the round's arrival time: read at the round's first
+    /// frame, shared by every session read in the round. Returns the frames read.
+    fn drain_session(&mut self, slot: usize, now: &mut u64) -> usize {
         if !self.settle_switch(slot) {
             return 0;
         }
@@ -1176,10 +1151,9 @@ impl Poller {
         if s.link.dead.load(Ordering::Relaxed) {
             return 0;
         }
-        let Some(credits) = credits(s) else {
+        let Some(mut credits) = credits(s) else {
             return 0;
         };
-        let mut credits = credits.min(limit);
         let lane = self.lanes[s.model]
             .as_mut()
             .expect("a bound session has a lane");
@@ -1271,54 +1245,6 @@ impl Poller {
         taken
     }
 
-    /// Between two passes of a scan: answers the batches done on the lanes' pipelines and
-    /// runs each lane's full batches while its pipeline has a slot free (what
-    /// [`Poller::run_lanes`] would do with them: launched, or, for a model split by batch
-    /// size with nothing in flight, run on its faster engine here), then publishes the
-    /// answers.
-    fn launch_full(&mut self) {
-        let mut now = 0;
-        for m in 0..self.lanes.len() {
-            let Some(lane) = self.lanes[m].as_mut() else {
-                continue;
-            };
-            if lane.pipeline.is_none() {
-                continue;
-            }
-            if !lane.flights.is_empty() {
-                self.collect(m);
-            }
-            loop {
-                let lane = self.lanes[m].as_ref().expect("checked");
-                let queued = lane.queue.executable();
-                if queued < lane.queue.full_size()
-                    || !lane.pipeline.as_ref().is_some_and(|p| p.has_room())
-                {
-                    break;
-                }
-                if now == 0 {
-                    now = monotonic_ns();
-                }
-                self.run_batch(m, now);
-                if self.lanes[m].as_ref().expect("checked").queue.executable() >= queued {
-                    // Nothing was taken: not looked at again before the next pass.
-                    break;
-                }
-            }
-        }
-        self.publish_answers();
-    }
-
-    /// Publishes the answers written since the last publication.
-    fn publish_answers(&mut self) {
-        for slot in self.touched.drain(..) {
-            if let Some(s) = self.sessions[slot].as_mut() {
-                s.rings.publish();
-                s.unpublished = false;
-            }
-        }
-    }
-
     /// Answers what needs no batch and runs the batches the policy asks for. Returns the
     /// responses written, the earliest time a waiting batch must be looked at again, and
     /// whether batches are in flight (the poller then stays busy: it looks again at once).
@@ -1369,7 +1295,12 @@ impl Poller {
             }
             flying |= !self.lanes[m].as_ref().expect("checked").flights.is_empty();
         }
-        self.publish_answers();
+        for slot in self.touched.drain(..) {
+            if let Some(s) = self.sessions[slot].as_mut() {
+                s.rings.publish();
+                s.unpublished = false;
+            }
+        }
         // Under sustained load the poller never goes idle: kept latencies are recorded here,
         // after the answers are published.
         for lane in self.lanes.iter_mut().flatten() {

@@ -94,62 +94,6 @@ fn clients_streaming_through_a_pipeline_get_each_answer_once_in_order() {
 }
 
 #[test]
-fn a_burst_read_in_one_scan_has_its_full_batches_launched_while_it_is_read() {
-    // The poller parks 20 ms at a time when idle: what the client sends meanwhile is in its
-    // ring at the poller's next scan, which reads it 256 frames at a time and, between those,
-    // launches the full batches (64 rows: `max_batch_size`, dynamic batching off) its
-    // pipeline has room for (2) and answers those done. Read whole before any batch was launched, a burst of 3,000 would fill the queue
-    // (512) and have the other 2,488 refused; launched while it is read, at least 2 batches
-    // leave the queue before it fills, so at most 3,000 - 512 - 128 are refused.
-    let config = format!(
-        "{}\n[batch_processing]\nmax_batch_size = 64\nenable_dynamic_batching = false\nbatch_timeout_us = 20\nmax_queue_size = 512\n",
-        crate::common::TEST_CONFIG.replace("idle_park_us = 20", "idle_park_us = 20000")
-    );
-    let server = TestServer::start_with(&config, &repository("mlp64"));
-    let f = fixture("mlp64_v1");
-    let options = ConnectOptions {
-        request_capacity: 4096,
-        response_capacity: 4096,
-        ..server.options()
-    };
-    let mut client = Client::connect(&server.endpoint, "mlp64", options).unwrap();
-    let mut refused = Vec::new();
-    for round in 0..3 {
-        // Idle long enough for the poller to park.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut sent = VecDeque::new();
-        for i in 0..3000 {
-            let row = (i + round) % f.inputs.len();
-            let id = client
-                .submit(&f.inputs[row], Priority::Normal, None)
-                .unwrap();
-            sent.push_back((id, row));
-        }
-        let mut full = 0;
-        for r in responses(&mut client, 3000) {
-            let (id, row) = sent.pop_front().expect("an answer per request");
-            assert_eq!(r.request_id, id, "answers out of order");
-            if r.status == Status::QUEUE_FULL {
-                full += 1;
-                continue;
-            }
-            assert_eq!(r.status, Status::OK);
-            assert!(
-                rel_err(r.outputs()[0], f.outputs[row][0]) <= 1e-5,
-                "row {row}: {} vs {}",
-                r.outputs()[0],
-                f.outputs[row][0]
-            );
-        }
-        refused.push(full);
-    }
-    // The poller may wake while the client is still sending (the burst then comes over
-    // several rounds, and fewer are refused): the fewest of three rounds.
-    let fewest = *refused.iter().min().unwrap();
-    assert!(fewest <= 3000 - 512 - 128, "refused per round: {refused:?}");
-}
-
-#[test]
 fn late_and_refused_requests_wait_for_the_batches_in_flight_before_them() {
     // Batches of 2 with two in flight: while they compute, the session's late and refused
     // requests behind them are ready to answer at once, and must still come after them.

@@ -3,14 +3,14 @@
 //! A pipeline owns a stream, `depth` slots (pinned input and output staging buffers, a
 //! completion flag, an event, and one captured graph per bucket that reads and writes that
 //! slot's buffers) and the device buffers its graphs share (its one stream runs them in launch
-//! order, so the slots can share them). A batch is gathered into a free slot and its bucket's graph launched; the
-//! caller goes on and polls for completion, never waits.
+//! order, so the slots can share them). A batch is gathered into a free slot and its bucket's
+//! graph launched; the caller goes on and polls for completion, never waits.
 //!
 //! Completion: each slot's graph ends by writing 1 to the slot's flag, a word of mapped host
 //! memory the poller cleared before the launch (a stream memory write, fenced behind the
 //! outputs: see `enqueue`). A batch is done when its flag reads 1: a load from the poller's own
-//! cache until the device writes it, with no call into the driver. Pollers launching into one
-//! device at once therefore do not also contend in the driver for their completion checks.
+//! cache until the device writes it, with no call into the driver, so a poller checking its
+//! batches makes no driver call while other pollers launch theirs.
 //! A batch whose flag is still 0 [`QUERY_AFTER`] after its first check has its stream queried
 //! as well, and again each `QUERY_AFTER`, so a device that failed (and will never write the
 //! flag) is found; on an instance out of rotation the stream is queried at every check.

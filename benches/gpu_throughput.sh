@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU throughput under load, end to end: `wide16` (models/mlp256, 256→512→512→256→8, fp16 on
-# the GPU, batch_timeout_us = 20, max_batch_size = 256) served by `tie serve` with pinned,
-# spinning pollers; tie-loadgen open loop from several worker processes at each rate; NVML's GPU
-# utilisation sampled by nvidia-smi during each run; the server's own figures for each rate
-# (from /metrics before and after it: batches, mean rows per batch, mean time per stage);
+# the GPU, batch_timeout_us = 20, max_batch_size = 256 by default) served by `tie serve` with
+# pinned, spinning pollers; tie-loadgen open loop from several worker processes at each rate;
+# NVML's GPU utilisation sampled by nvidia-smi during each run; the server's own figures for each
+# rate (from /metrics before and after it: batches, mean rows per batch, mean time per stage);
 # PyTorch's CUDA-graph anchor in the same call. Prints two lines per rate and the anchor.
 #
 #   bash benches/gpu_throughput.sh OUT_DIR     # on the lent GPU machine, from the bundle
@@ -17,10 +17,12 @@
 # 3; 0: the poller waits for each batch), BATCH_TIMEOUT_US (the model's batch_timeout_us, default
 # 20), BACKEND (the model's backend, default cuda; auto: each batch on the engine measured
 # faster for its size), DETERMINISTIC (the model's `deterministic`, default false; true: the
-# fused kernels only), MAX_QUEUE_SIZE (the model's `max_queue_size`, default the server's 1024),
-# ANCHORS (default .anchors), NVML_SAMPLE_MS (how often nvidia-smi samples
+# fused kernels only), MAX_BATCH_SIZE (the model's `max_batch_size`, default 256: the largest
+# batch, and so the largest graph bucket), MAX_QUEUE_SIZE (the model's `max_queue_size`, default
+# the server's 1024), ANCHORS (default .anchors), NVML_SAMPLE_MS (how often nvidia-smi samples
 # the GPU's utilisation during a rate, default 100; 0: not at all, to see whether the sampling
-# itself disturbs the run).
+# itself disturbs the run), BIN_DIR (a folder holding release builds of tie and tie-loadgen made
+# with --features cuda, used instead of the bundle or a build here).
 set -u
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-throughput-out}")
@@ -33,7 +35,10 @@ rates=${RATES:-2000000,4000000,5000000,6000000,7000000}
 seconds=${SECONDS_PER_RATE:-4}
 nvml_ms=${NVML_SAMPLE_MS:-100}
 
-if [ -d .gpu-bundle ]; then
+if [ -n "${BIN_DIR:-}" ]; then
+  root=$(pwd)
+  tie_bin=$(realpath "$BIN_DIR/tie"); loadgen=$(realpath "$BIN_DIR/tie-loadgen")
+elif [ -d .gpu-bundle ]; then
   bash .gpu-bundle/run.sh exec true >/dev/null
   root=$(cat .gpu-bundle/ROOT)
   tie_bin=$root/$(grep '^bin tie ' .gpu-bundle/manifest | awk '{print $3}')
@@ -47,8 +52,8 @@ fi
 work=$(mktemp -d)
 mkdir -p "$work/models/wide16/1"
 cp "$root/models/mlp256/1/model.onnx" "$work/models/wide16/1/model.onnx"
-printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = %s\nmax_batch_size = 256\npipeline_depth = %s\npollers = %s\ndeterministic = %s\n' \
-  "${BACKEND:-cuda}" "${BATCH_TIMEOUT_US:-20}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" "${DETERMINISTIC:-false}" > "$work/models/wide16/config.toml"
+printf 'backend = "%s"\nprecision = "fp16"\nbatch_timeout_us = %s\nmax_batch_size = %s\npipeline_depth = %s\npollers = %s\ndeterministic = %s\n' \
+  "${BACKEND:-cuda}" "${BATCH_TIMEOUT_US:-20}" "${MAX_BATCH_SIZE:-256}" "${PIPELINE_DEPTH:-3}" "${POLLERS:-4}" "${DETERMINISTIC:-false}" > "$work/models/wide16/config.toml"
 [ -n "${MAX_QUEUE_SIZE:-}" ] && printf 'max_queue_size = %s\n' "$MAX_QUEUE_SIZE" >> "$work/models/wide16/config.toml"
 printf '[server]\npoller_cores = [%s]\nidle = "spin"\n' "$poller_cores" > "$out/serve.toml"
 "$tie_bin" serve --config "$out/serve.toml" --model-repository "$work/models" --socket-dir "$work" \
@@ -69,7 +74,7 @@ done
 scrape() { : > "$1"; [ -n "$http_addr" ] && curl -sf --max-time 2 "http://$http_addr/metrics" > "$1"; }
 
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); card: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
-echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; deterministic ${DETERMINISTIC:-false}; max_queue_size ${MAX_QUEUE_SIZE:-1024}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, the first a warm-up; NVML sampled every ${nvml_ms} ms (0: not sampled)"
+echo "pollers on cores $poller_cores (spinning), the model's sessions over ${POLLERS:-4} of them; backend ${BACKEND:-cuda}; deterministic ${DETERMINISTIC:-false}; max_batch_size ${MAX_BATCH_SIZE:-256}; max_queue_size ${MAX_QUEUE_SIZE:-1024}; pipeline_depth ${PIPELINE_DEPTH:-3}; batch_timeout_us ${BATCH_TIMEOUT_US:-20}; $workers loadgen workers on cores $worker_cores; $seconds s per rate, the first a warm-up; NVML sampled every ${nvml_ms} ms (0: not sampled)"
 IFS=',' read -r -a rate_list <<< "$rates"
 for rate in "${rate_list[@]}"; do
   : > "$out/nvml-$rate.txt"

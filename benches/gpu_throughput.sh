@@ -37,7 +37,8 @@ nvml_ms=${NVML_SAMPLE_MS:-100}
 
 if [ -n "${BIN_DIR:-}" ]; then
   root=$(pwd)
-  tie_bin=$(realpath "$BIN_DIR/tie"); loadgen=$(realpath "$BIN_DIR/tie-loadgen")
+  tie_bin=$(realpath -m "$BIN_DIR/tie"); loadgen=$(realpath -m "$BIN_DIR/tie-loadgen")
+  [ -x "$tie_bin" ] && [ -x "$loadgen" ] || { echo "BIN_DIR=$BIN_DIR holds no executable tie and tie-loadgen"; exit 1; }
 elif [ -d .gpu-bundle ]; then
   bash .gpu-bundle/run.sh exec true >/dev/null
   root=$(cat .gpu-bundle/ROOT)
